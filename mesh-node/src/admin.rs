@@ -1,0 +1,108 @@
+//! The agent's local API on the admin port (a config dump, and enrolment for the
+//! CLI, a CNI hook or the controller) and its readiness endpoint.
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, Ordering},
+};
+
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::pods::{EnrollError, PodSpec, Pods};
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub pods: Arc<Mutex<Pods>>,
+    pub instance: String,
+}
+
+pub fn admin_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/config_dump", get(config_dump))
+        .route("/pods", get(list_pods).post(enroll).delete(unenroll))
+        .with_state(state)
+}
+
+/// `GET /healthz/ready`: 200 once every listener of the agent is bound.
+pub fn readiness_router(ready: Arc<AtomicBool>) -> Router {
+    Router::new().route(
+        "/healthz/ready",
+        get(move || async move {
+            if ready.load(Ordering::Acquire) {
+                (StatusCode::OK, "ready\n")
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+            }
+        }),
+    )
+}
+
+async fn config_dump(State(s): State<AdminState>) -> Response {
+    let pods = lock(&s.pods);
+    Json(json!({
+        "instance": s.instance,
+        "pods": pods.list(),
+        "dataplane": pods.dataplane_status(),
+    }))
+    .into_response()
+}
+
+async fn list_pods(State(s): State<AdminState>) -> Response {
+    Json(lock(&s.pods).list()).into_response()
+}
+
+async fn enroll(State(s): State<AdminState>, body: axum::body::Bytes) -> Response {
+    let spec: PodSpec = match serde_json::from_slice(&body) {
+        Ok(spec) => spec,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+    };
+    // Enrolment makes a few syscalls and waits on the pod's netns thread.
+    let pods = s.pods.clone();
+    let result = tokio::task::spawn_blocking(move || lock(&pods).enroll(spec)).await;
+    match result {
+        Ok(Ok(view)) => (StatusCode::CREATED, Json(view)).into_response(),
+        Ok(Err(e)) => enroll_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct NameQuery {
+    name: String,
+}
+
+async fn unenroll(State(s): State<AdminState>, Query(q): Query<NameQuery>) -> Response {
+    let pods = s.pods.clone();
+    match tokio::task::spawn_blocking(move || lock(&pods).unenroll(&q.name)).await {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => enroll_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn enroll_error(e: EnrollError) -> Response {
+    let status = match e {
+        EnrollError::AlreadyEnrolled(_) | EnrollError::NetnsTaken { .. } => StatusCode::CONFLICT,
+        EnrollError::NotEnrolled(_) => StatusCode::NOT_FOUND,
+        EnrollError::InvalidName(_) | EnrollError::NoAddresses(_) | EnrollError::Netns(_) => {
+            StatusCode::BAD_REQUEST
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+fn lock(pods: &Mutex<Pods>) -> std::sync::MutexGuard<'_, Pods> {
+    pods.lock().unwrap_or_else(|e| e.into_inner())
+}

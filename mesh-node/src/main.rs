@@ -1,0 +1,230 @@
+//! `mesh-node`: the per-node agent. It loads mesh's eBPF programs, enrolls pods
+//! (redirecting their TCP traffic to itself) and proxies that traffic.
+//! See ARCHITECTURE.md for the path of one connection.
+mod admin;
+mod dataplane;
+mod netns;
+mod pods;
+mod proxy;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info};
+
+use crate::{
+    admin::AdminState,
+    dataplane::{Dataplane, DataplaneConfig, DataplaneError},
+    pods::Pods,
+    proxy::{Ports, ProxyContext},
+};
+
+/// Exit code when the kernel lacks an eBPF feature the agent needs.
+const EXIT_UNSUPPORTED: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mesh-node",
+    version,
+    about = "mesh node agent: eBPF redirection and the node proxy"
+)]
+struct Args {
+    /// Name of this agent; several agents on one kernel need distinct names.
+    /// Pins live in <bpffs>/mesh/<instance>, state in <state-dir>/<instance>.
+    #[arg(long, default_value = "default")]
+    instance: String,
+    /// Where bpffs is (or will be) mounted.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// The cgroup v2 directory whose sockets are redirected; its root sees every
+    /// pod. Default: /sys/fs/cgroup when that is cgroup2, else /sys/fs/cgroup/unified.
+    #[arg(long)]
+    cgroup_path: Option<PathBuf>,
+    /// Directory for the list of enrolled pods, so a restart takes them back.
+    #[arg(long, default_value = "/run/mesh-node")]
+    state_dir: PathBuf,
+    /// The local API and config dump.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// `GET /healthz/ready` answers 200 once every listener is bound.
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Mark set on the proxy's own sockets (the redirect skips marked sockets).
+    #[arg(long, default_value_t = mesh_common::DEFAULT_PROXY_MARK, value_parser = parse_u32)]
+    proxy_mark: u32,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// On exit, detach every program and remove every pin and state file.
+    /// Without it the programs stay attached, so enrolled pods fail closed
+    /// until the agent is back.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing(args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let unsupported = e
+                .downcast_ref::<DataplaneError>()
+                .is_some_and(|d| matches!(d, DataplaneError::Unsupported { .. }));
+            error!("{}", error_chain(&e));
+            if unsupported {
+                ExitCode::from(EXIT_UNSUPPORTED)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let cgroup = args.cgroup_path.clone().unwrap_or_else(default_cgroup_path);
+    let dataplane = Dataplane::start(DataplaneConfig {
+        pin_dir: args.bpffs.join("mesh").join(&args.instance),
+        cgroup,
+        proxy_mark: args.proxy_mark,
+        outbound_port: mesh_common::OUTBOUND_PORT,
+        inbound_bypass_port: mesh_common::HBONE_PORT,
+    })?;
+    let ctx = Arc::new(ProxyContext {
+        mark: args.proxy_mark,
+        orig_dst: dataplane.orig_dst_table(),
+    });
+    let ports = Ports {
+        outbound: mesh_common::OUTBOUND_PORT,
+        inbound: mesh_common::INBOUND_PORT,
+    };
+    let state_dir = args.state_dir.join(&args.instance);
+    let mut pods = Pods::new(dataplane, ctx, ports, &state_dir)
+        .with_context(|| format!("state directory {}", state_dir.display()))?;
+    pods.restore();
+    let pods = Arc::new(Mutex::new(pods));
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the admin port {} (another agent there? use --admin-addr)",
+                args.admin_addr
+            )
+        })?;
+    let readiness = tokio::net::TcpListener::bind(args.readiness_addr)
+        .await
+        .with_context(|| format!("binding the readiness port {}", args.readiness_addr))?;
+    let admin_state = AdminState {
+        pods: pods.clone(),
+        instance: args.instance.clone(),
+    };
+    tokio::spawn(async move { axum::serve(admin, admin::admin_router(admin_state)).await });
+    tokio::spawn({
+        let ready = ready.clone();
+        async move { axum::serve(readiness, admin::readiness_router(ready)).await }
+    });
+    ready.store(true, Ordering::Release);
+    info!(instance = %args.instance, admin = %args.admin_addr, readiness = %args.readiness_addr, "mesh-node ready");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    ready.store(false, Ordering::Release);
+    if args.cleanup {
+        let pods = Arc::try_unwrap(pods)
+            .ok()
+            .context("admin requests still running at shutdown")?;
+        let pods = pods.into_inner().unwrap_or_else(|e| e.into_inner());
+        tokio::task::spawn_blocking(move || pods.cleanup()).await??;
+        info!("cleaned up: no programs, links, pins or state of this instance remain");
+    } else {
+        info!(
+            "exiting; programs stay attached so enrolled pods fail closed until an agent is back"
+        );
+    }
+    Ok(())
+}
+
+/// The error and its causes on one line, skipping a cause whose text the
+/// message before it already includes.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+/// The cgroup v2 root: /sys/fs/cgroup on unified hosts (Kubernetes nodes), or
+/// /sys/fs/cgroup/unified on hybrid ones (this project's CI machines).
+fn default_cgroup_path() -> PathBuf {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let root = PathBuf::from("/sys/fs/cgroup");
+    let is_cgroup2 = nix::sys::statfs::statfs(&root)
+        .is_ok_and(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC);
+    if is_cgroup2 {
+        root
+    } else {
+        root.join("unified")
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
+}

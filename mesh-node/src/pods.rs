@@ -1,0 +1,288 @@
+//! The set of pods this agent has enrolled: enrolment and removal at runtime,
+//! persisted so a restarted agent takes its pods back.
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs, io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::{
+    dataplane::{Dataplane, DataplaneError},
+    netns::{Netns, NetnsError},
+    proxy::{PodContext, PodListeners, Ports, ProxyContext},
+};
+
+/// What a caller (the CLI, a CNI hook, later the controller) asks to enroll.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSpec {
+    /// `namespace/name` of the pod.
+    pub name: String,
+    /// Path of the pod's network namespace: `/run/netns/NAME` or `/proc/PID/ns/net`.
+    pub netns: PathBuf,
+}
+
+/// An enrolled pod as the admin API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PodView {
+    pub name: String,
+    pub netns: PathBuf,
+    pub netns_cookie: u64,
+    pub addresses: Vec<IpAddr>,
+    pub enrolled_at_unix: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("invalid pod name {0:?}: expected namespace/name")]
+    InvalidName(String),
+    #[error("pod {0} is already enrolled")]
+    AlreadyEnrolled(String),
+    #[error("pod {0} is not enrolled")]
+    NotEnrolled(String),
+    #[error("network namespace {netns} is already enrolled as pod {pod}")]
+    NetnsTaken { netns: PathBuf, pod: String },
+    #[error("network namespace {0} has no address besides loopback: add the pod's address first")]
+    NoAddresses(PathBuf),
+    #[error(
+        "pod {pod}: binding the proxy's listeners: {source} (is loopback up in the pod, and the port free?)"
+    )]
+    Listen { pod: String, source: NetnsError },
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("pod {pod}: {source}")]
+    Dataplane { pod: String, source: DataplaneError },
+    #[error("pod {pod}: starting the proxy: {source}")]
+    Proxy { pod: String, source: io::Error },
+}
+
+struct EnrolledPod {
+    view: PodView,
+    spec: PodSpec,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub struct Pods {
+    dataplane: Dataplane,
+    ctx: Arc<ProxyContext>,
+    ports: Ports,
+    state_file: PathBuf,
+    pods: BTreeMap<String, EnrolledPod>,
+}
+
+impl Pods {
+    pub fn new(
+        dataplane: Dataplane,
+        ctx: Arc<ProxyContext>,
+        ports: Ports,
+        state_dir: &Path,
+    ) -> io::Result<Self> {
+        fs::create_dir_all(state_dir)?;
+        Ok(Self {
+            dataplane,
+            ctx,
+            ports,
+            state_file: state_dir.join("pods.json"),
+            pods: BTreeMap::new(),
+        })
+    }
+
+    /// Re-enrolls the pods a previous agent of this instance had, and drops
+    /// kernel state for those that are gone. Must run inside the tokio runtime.
+    pub fn restore(&mut self) {
+        let specs: Vec<PodSpec> = match fs::read(&self.state_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                warn!(file = %self.state_file.display(), error = %e, "ignoring unreadable pod state");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
+        for spec in specs {
+            let name = spec.name.clone();
+            match self.enroll(spec) {
+                Ok(_) => info!(pod = %name, "pod restored"),
+                Err(e) => {
+                    warn!(pod = %name, error = %e, "could not restore pod; it is no longer enrolled")
+                }
+            }
+        }
+        let keep: HashSet<u64> = self.pods.values().map(|p| p.view.netns_cookie).collect();
+        self.dataplane.retain(&keep);
+        self.persist();
+    }
+
+    /// Enrolls a pod: binds the proxy's listeners in its namespace, then points
+    /// the kernel at them. Must run inside the tokio runtime.
+    pub fn enroll(&mut self, spec: PodSpec) -> Result<PodView, EnrollError> {
+        validate_name(&spec.name)?;
+        if self.pods.contains_key(&spec.name) {
+            return Err(EnrollError::AlreadyEnrolled(spec.name));
+        }
+        let netns = Arc::new(Netns::open(&spec.netns)?);
+        if let Some(other) = self
+            .pods
+            .values()
+            .find(|p| p.view.netns_cookie == netns.cookie())
+        {
+            return Err(EnrollError::NetnsTaken {
+                netns: spec.netns,
+                pod: other.view.name.clone(),
+            });
+        }
+        let addresses = netns.addresses()?;
+        if addresses.is_empty() {
+            return Err(EnrollError::NoAddresses(spec.netns));
+        }
+        let listeners =
+            PodListeners::bind(&netns, self.ports).map_err(|source| EnrollError::Listen {
+                pod: spec.name.clone(),
+                source,
+            })?;
+        self.dataplane
+            .enroll(&spec.netns, netns.cookie(), &addresses, listeners.inbound())
+            .map_err(|source| EnrollError::Dataplane {
+                pod: spec.name.clone(),
+                source,
+            })?;
+        let pod = Arc::new(PodContext {
+            name: spec.name.clone(),
+            netns: netns.clone(),
+        });
+        let tasks = match listeners.spawn(pod, self.ctx.clone()) {
+            Ok(tasks) => tasks,
+            Err(source) => {
+                let _ = self.dataplane.unenroll(netns.cookie(), &addresses);
+                return Err(EnrollError::Proxy {
+                    pod: spec.name,
+                    source,
+                });
+            }
+        };
+        let view = PodView {
+            name: spec.name.clone(),
+            netns: spec.netns.clone(),
+            netns_cookie: netns.cookie(),
+            addresses,
+            enrolled_at_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        info!(pod = %view.name, netns = %view.netns.display(), addresses = ?view.addresses, "pod enrolled");
+        self.pods.insert(
+            spec.name.clone(),
+            EnrolledPod {
+                view: view.clone(),
+                spec,
+                tasks,
+            },
+        );
+        self.persist();
+        Ok(view)
+    }
+
+    /// Stops redirecting a pod and closes its listeners. Connections already
+    /// proxied run to their end; new ones go direct.
+    pub fn unenroll(&mut self, name: &str) -> Result<(), EnrollError> {
+        let pod = self
+            .pods
+            .remove(name)
+            .ok_or_else(|| EnrollError::NotEnrolled(name.into()))?;
+        let result = self
+            .dataplane
+            .unenroll(pod.view.netns_cookie, &pod.view.addresses);
+        for task in &pod.tasks {
+            task.abort();
+        }
+        self.persist();
+        info!(pod = name, "pod unenrolled");
+        result.map_err(|source| EnrollError::Dataplane {
+            pod: name.into(),
+            source,
+        })
+    }
+
+    pub fn list(&self) -> Vec<PodView> {
+        self.pods.values().map(|p| p.view.clone()).collect()
+    }
+
+    pub fn dataplane_status(&self) -> crate::dataplane::DataplaneStatus {
+        self.dataplane.status()
+    }
+
+    /// Removes every pod and all kernel state, and forgets the persisted pods.
+    pub fn cleanup(mut self) -> Result<(), EnrollError> {
+        for name in self.pods.keys().cloned().collect::<Vec<_>>() {
+            self.unenroll(&name)?;
+        }
+        let _ = fs::remove_file(&self.state_file);
+        if let Some(dir) = self.state_file.parent() {
+            let _ = fs::remove_dir(dir);
+        }
+        self.dataplane
+            .cleanup()
+            .map_err(|source| EnrollError::Dataplane {
+                pod: "*".into(),
+                source,
+            })
+    }
+
+    fn persist(&self) {
+        let specs: Vec<&PodSpec> = self.pods.values().map(|p| &p.spec).collect();
+        let tmp = self.state_file.with_extension("json.tmp");
+        let write = serde_json::to_vec_pretty(&specs)
+            .map_err(io::Error::other)
+            .and_then(|bytes| fs::write(&tmp, bytes))
+            .and_then(|()| fs::rename(&tmp, &self.state_file));
+        if let Err(e) = write {
+            warn!(file = %self.state_file.display(), error = %e, "could not persist enrolled pods");
+        }
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), EnrollError> {
+    let valid_part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    };
+    match name.split_once('/') {
+        Some((ns, pod)) if valid_part(ns) && valid_part(pod) => Ok(()),
+        _ => Err(EnrollError::InvalidName(name.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_names() {
+        for (name, ok) in [
+            ("default/web-1", true),
+            ("ns.a/b", true),
+            ("web", false),
+            ("/web", false),
+            ("ns/", false),
+            ("ns/a/b", false),
+            ("ns/we b", false),
+        ] {
+            assert_eq!(validate_name(name).is_ok(), ok, "{name}");
+        }
+    }
+
+    #[test]
+    fn pod_spec_rejects_unknown_fields() {
+        let err =
+            serde_json::from_str::<PodSpec>(r#"{"name":"a/b","netns":"/x","ip":"1"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `ip`"), "{err}");
+    }
+}
