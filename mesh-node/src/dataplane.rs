@@ -363,12 +363,12 @@ impl Dataplane {
     }
 
     /// Detaches everything and removes every pin: nothing of this agent stays in the kernel.
-    pub fn cleanup(mut self) -> Result<(), DataplaneError> {
+    /// The maps' pins go too; the maps themselves live until the agent exits.
+    pub fn cleanup(&mut self) -> Result<(), DataplaneError> {
         for name in self.links.keys().cloned().collect::<Vec<String>>() {
             self.remove_link(&name);
         }
         let dir = self.config.pin_dir.clone();
-        drop(self);
         fs::remove_dir_all(&dir)
             .or_else(|e| {
                 if e.kind() == io::ErrorKind::NotFound {

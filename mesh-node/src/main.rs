@@ -169,11 +169,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     ready.store(false, Ordering::Release);
     if args.cleanup {
-        let pods = Arc::try_unwrap(pods)
-            .ok()
-            .context("admin requests still running at shutdown")?;
-        let pods = pods.into_inner().unwrap_or_else(|e| e.into_inner());
-        tokio::task::spawn_blocking(move || pods.cleanup()).await??;
+        tokio::task::spawn_blocking(move || {
+            pods.lock().unwrap_or_else(|e| e.into_inner()).cleanup()
+        })
+        .await??;
         info!("cleaned up: no programs, links, pins or state of this instance remain");
     } else {
         info!(

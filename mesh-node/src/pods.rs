@@ -218,7 +218,7 @@ impl Pods {
     }
 
     /// Removes every pod and all kernel state, and forgets the persisted pods.
-    pub fn cleanup(mut self) -> Result<(), EnrollError> {
+    pub fn cleanup(&mut self) -> Result<(), EnrollError> {
         for name in self.pods.keys().cloned().collect::<Vec<_>>() {
             self.unenroll(&name)?;
         }

@@ -1,0 +1,30 @@
+//! The namespace test harness: a bridge standing for the network, pods as
+//! network namespaces on it, agents as `mesh-node` processes in their own
+//! "node" namespaces, and real clients and servers run inside pods.
+//!
+//! Every name is unique to one [`Topology`] (prefix, process id, counter), the
+//! bridge lives in a namespace of its own so nothing touches the host's
+//! network, and dropping the topology (also on panic) kills its processes and
+//! removes its namespaces, pins, state and cgroups. Leftovers of a run that was
+//! killed outright are swept by the next one.
+pub mod cgroup_prog;
+mod process;
+mod topology;
+
+pub use process::{Proc, run_in, run_in_ok};
+pub use topology::{Agent, AgentStart, Pod, Topology, http_clients};
+
+/// These tests change the kernel's state (namespaces, eBPF programs): they need root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!(
+            "mesh's kernel tests need root (CI runs them as root): run `sudo -E cargo xtask test`"
+        );
+    }
+}
+
+/// Says loudly that a test did not run, and why; the caller then returns.
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("\n*** SKIPPED {test}: {reason} ***\n");
+}

@@ -1,0 +1,532 @@
+//! Bridge, pods and nodes in network namespaces, and the agents that run there.
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::{
+        Mutex, Once,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::process::{Proc, run_in, run_in_ok};
+
+const PREFIX: &str = "mt-";
+const BPFFS: &str = "/sys/fs/bpf";
+const STATE_ROOT: &str = "/run/mesh-tests";
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+static SWEEP: Once = Once::new();
+
+/// One test's private network: a bridge in its own namespace, and the pods and
+/// nodes attached to it. Dropping it removes everything it made.
+pub struct Topology {
+    pub id: String,
+    /// Where process logs go (kept after the test for post-mortems).
+    pub dir: PathBuf,
+    net: PathBuf,
+    created: Mutex<Created>,
+}
+
+#[derive(Default)]
+struct Created {
+    netns: Vec<String>,
+    pods: u8,
+    instances: Vec<String>,
+    cgroups: Vec<PathBuf>,
+}
+
+/// A pod: a network namespace with one veth on the bridge, an IPv4 and an IPv6 address.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// `default/<name>`, as enrolled.
+    pub name: String,
+    pub netns: PathBuf,
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+}
+
+impl Topology {
+    pub fn new(test: &str) -> Topology {
+        crate::require_root();
+        SWEEP.call_once(sweep_leftovers);
+        let id = format!(
+            "{PREFIX}{}-{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir()
+            .join("mesh-tests")
+            .join(format!("{test}-{id}"));
+        fs::create_dir_all(&dir).expect("creating the log directory");
+        let t = Topology {
+            net: netns_path(&format!("{id}-net")),
+            id,
+            dir,
+            created: Mutex::default(),
+        };
+        let net = t.add_netns("net");
+        ip(&["-n", &ns_name(&net), "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &ns_name(&net), "link", "set", "br0", "up"]);
+        t
+    }
+
+    fn add_netns(&self, suffix: &str) -> PathBuf {
+        let name = format!("{}-{suffix}", self.id);
+        ip(&["netns", "add", &name]);
+        self.created.lock().unwrap().netns.push(name.clone());
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        netns_path(&name)
+    }
+
+    /// A pod on the bridge, with addresses 10.200.0.N/24 and fd00:200::N/64.
+    pub fn pod(&self, name: &str) -> Pod {
+        let n = {
+            let mut c = self.created.lock().unwrap();
+            c.pods += 1;
+            c.pods + 1
+        };
+        let netns = self.add_netns(name);
+        let (pod_ns, net_ns) = (ns_name(&netns), ns_name(&self.net));
+        let veth = format!("v{n}");
+        ip(&[
+            "-n", &net_ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
+            &pod_ns,
+        ]);
+        ip(&["-n", &net_ns, "link", "set", &veth, "master", "br0", "up"]);
+        let ip4 = Ipv4Addr::new(10, 200, 0, n);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, u16::from(n));
+        ip(&[
+            "-n",
+            &pod_ns,
+            "addr",
+            "add",
+            &format!("{ip4}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&[
+            "-n",
+            &pod_ns,
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ip(&["-n", &pod_ns, "link", "set", "eth0", "up"]);
+        Pod {
+            name: format!("default/{name}"),
+            netns,
+            ip4,
+            ip6,
+        }
+    }
+
+    /// A node: an empty namespace (loopback only) where an agent runs, so each
+    /// agent has the standard ports to itself.
+    pub fn node(&self, name: &str) -> PathBuf {
+        self.add_netns(name)
+    }
+
+    /// Starts `mesh-node` in `node` as instance `<id>-<name>` and waits until it
+    /// is ready. `Err` carries the reason when the kernel lacks a feature.
+    pub fn start_agent(&self, node: &Path, name: &str, extra: &[&str]) -> AgentStart {
+        let instance = format!("{}-{name}", self.id);
+        {
+            let mut c = self.created.lock().unwrap();
+            if !c.instances.contains(&instance) {
+                c.instances.push(instance.clone());
+            }
+        }
+        let bin = mesh_node_bin();
+        let state_dir = format!("{STATE_ROOT}/{}", self.id);
+        let log = self.dir.join(format!("agent-{name}-{}.log", now_millis()));
+        let mut args = vec![
+            bin.to_str().unwrap(),
+            "--instance",
+            &instance,
+            "--state-dir",
+            &state_dir,
+            "--log-format",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::spawn_in(&format!("agent {name}"), node, &args, &log);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if !proc.is_running() {
+                let code = proc.wait_exit(Duration::from_secs(1));
+                let text = proc.log_text();
+                if code == Some(3) {
+                    return Err(text
+                        .lines()
+                        .last()
+                        .unwrap_or("kernel feature missing")
+                        .to_string());
+                }
+                panic!("agent {name} exited ({code:?}) before it was ready:\n{text}");
+            }
+            let ready = run_in(
+                node,
+                &[
+                    "curl",
+                    "-sf",
+                    "-m",
+                    "1",
+                    "http://127.0.0.1:15021/healthz/ready",
+                ],
+            );
+            if ready.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {name} not ready after 30 s:\n{}",
+                proc.log_text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        let pin_dir = Path::new(BPFFS).join("mesh").join(&instance);
+        Ok(Agent {
+            proc,
+            node: node.into(),
+            instance,
+            pin_dir,
+        })
+    }
+
+    /// Like [`Self::start_agent`], but says SKIPPED and returns `None` where the
+    /// kernel lacks a feature.
+    pub fn agent_or_skip(
+        &self,
+        test: &str,
+        node: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> Option<Agent> {
+        match self.start_agent(node, name, extra) {
+            Ok(agent) => Some(agent),
+            Err(reason) => {
+                crate::skip(test, &reason);
+                None
+            }
+        }
+    }
+
+    /// `python3 -m http.server` on `[::]:port` in `pod` (dual-stack), once it answers.
+    pub fn http_server(&self, pod: &Pod, port: u16) -> Proc {
+        let log = self
+            .dir
+            .join(format!("http-{}-{port}.log", pod.name.replace('/', "_")));
+        let port_s = port.to_string();
+        let proc = Proc::spawn_in(
+            &format!("http server {}", pod.name),
+            &pod.netns,
+            &[
+                "python3",
+                "-u",
+                "-m",
+                "http.server",
+                &port_s,
+                "--bind",
+                "::",
+                "--directory",
+                self.dir.to_str().unwrap(),
+            ],
+            &log,
+        );
+        let url = format!("http://127.0.0.1:{port}/");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !run_in(
+            &pod.netns,
+            &["curl", "-sf", "-o", "/dev/null", "-m", "1", &url],
+        )
+        .status
+        .success()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "http server in {} did not start:\n{}",
+                pod.name,
+                proc.log_text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        proc
+    }
+
+    /// A cgroup v2 child of the root, removed with the topology.
+    pub fn cgroup(&self, name: &str) -> PathBuf {
+        let path = cgroup_root().join(format!("{}-{name}", self.id));
+        fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        self.created.lock().unwrap().cgroups.push(path.clone());
+        path
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let c = std::mem::take(&mut *self.created.lock().unwrap_or_else(|e| e.into_inner()));
+        if thread::panicking() {
+            eprintln!(
+                "test topology {} failed; logs are in {}",
+                self.id,
+                self.dir.display()
+            );
+        }
+        for name in c.netns.iter().rev() {
+            kill_netns_processes(name);
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+        for instance in &c.instances {
+            // Unlinking the pins detaches links a killed agent left behind.
+            let _ = fs::remove_dir_all(Path::new(BPFFS).join("mesh").join(instance));
+        }
+        let _ = fs::remove_dir_all(Path::new(STATE_ROOT).join(&self.id));
+        for cg in &c.cgroups {
+            let _ = fs::remove_dir(cg);
+        }
+    }
+}
+
+/// Result of starting an agent: `Err` is the reason the kernel cannot run it.
+pub type AgentStart = Result<Agent, String>;
+
+/// A running `mesh-node` and its admin API.
+pub struct Agent {
+    pub proc: Proc,
+    pub node: PathBuf,
+    pub instance: String,
+    pub pin_dir: PathBuf,
+}
+
+impl Agent {
+    fn admin(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let url = format!("http://127.0.0.1:15000{path}");
+        let mut args = vec![
+            "curl",
+            "-s",
+            "-m",
+            "10",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ];
+        if let Some(body) = body {
+            args.extend_from_slice(&["-H", "content-type: application/json", "-d", body]);
+        }
+        let out = run_in_ok(&self.node, &args);
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    pub fn enroll(&self, pod: &Pod) {
+        let body = format!(
+            r#"{{"name":"{}","netns":"{}"}}"#,
+            pod.name,
+            pod.netns.display()
+        );
+        let (code, text) = self.admin("POST", "/pods", Some(&body));
+        assert_eq!(code, 201, "enrolling {}: {text}", pod.name);
+    }
+
+    pub fn unenroll(&self, pod: &Pod) {
+        let (code, text) = self.admin("DELETE", &format!("/pods?name={}", pod.name), None);
+        assert_eq!(code, 204, "unenrolling {}: {text}", pod.name);
+    }
+
+    pub fn config_dump(&self) -> Value {
+        let (code, text) = self.admin("GET", "/config_dump", None);
+        assert_eq!(code, 200, "config dump: {text}");
+        serde_json::from_str(&text).expect("config dump is JSON")
+    }
+
+    /// Every access-log line (one per proxied connection) so far.
+    pub fn access_log(&self) -> Vec<Value> {
+        self.proc
+            .log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"] == "access")
+            .collect()
+    }
+
+    /// Waits up to 5 s for an access-log line matching `pred`.
+    pub fn wait_access(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(v) = self.access_log().into_iter().find(|v| pred(v)) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no access-log line for {what}; log:\n{}",
+                self.proc.log_text()
+            );
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Stops the agent with SIGTERM and returns its exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        self.proc.signal(libc::SIGTERM);
+        self.proc.wait_exit(Duration::from_secs(15))
+    }
+}
+
+impl Pod {
+    /// curl from this pod; returns the output (check `status`).
+    pub fn curl(&self, url: &str) -> Output {
+        run_in(
+            &self.netns,
+            &[
+                "curl",
+                "-sS",
+                "-m",
+                "3",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                url,
+            ],
+        )
+    }
+
+    pub fn ip(&self, v6: bool) -> IpAddr {
+        if v6 {
+            IpAddr::V6(self.ip6)
+        } else {
+            IpAddr::V4(self.ip4)
+        }
+    }
+}
+
+/// The client addresses an `http.server` log shows, IPv4-mapped ones as IPv4,
+/// leaving out loopback (the harness's own readiness probe).
+pub fn http_clients(server: &Proc) -> Vec<IpAddr> {
+    server
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("\"GET "))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
+        .filter(|ip| !ip.is_loopback())
+        .collect()
+}
+
+fn mesh_node_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("MESH_NODE_BIN") {
+        return bin.into();
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/mesh-node
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("mesh-node"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build` first (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+pub(crate) fn cgroup_root() -> PathBuf {
+    let unified = PathBuf::from("/sys/fs/cgroup/unified");
+    if unified.join("cgroup.procs").exists() {
+        unified
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn netns_path(name: &str) -> PathBuf {
+    Path::new("/run/netns").join(name)
+}
+
+fn ns_name(path: &Path) -> String {
+    path.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+fn kill_netns_processes(name: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn now_millis() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// Removes what test runs that were killed outright (their pid is gone) left.
+fn sweep_leftovers() {
+    let dead = |name: &str| -> bool {
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            return false;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        pid.is_some_and(|pid| {
+            pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+        })
+    };
+    let entries = |dir: &str| -> Vec<String> {
+        fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for name in entries("/run/netns").into_iter().filter(|n| dead(n)) {
+        kill_netns_processes(&name);
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+    }
+    for name in entries(&format!("{BPFFS}/mesh"))
+        .into_iter()
+        .filter(|n| dead(n))
+    {
+        let _ = fs::remove_dir_all(Path::new(BPFFS).join("mesh").join(name));
+    }
+    for name in entries(STATE_ROOT).into_iter().filter(|n| dead(n)) {
+        let _ = fs::remove_dir_all(Path::new(STATE_ROOT).join(name));
+    }
+    let root = cgroup_root();
+    for name in entries(root.to_str().unwrap())
+        .into_iter()
+        .filter(|n| dead(n))
+    {
+        let _ = fs::remove_dir(root.join(name));
+    }
+}
