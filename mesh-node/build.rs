@@ -12,19 +12,13 @@ const TOOLS_DIRS: &[&str] = &["/var/tmp/mesh-tools/bin", "/usr/local/bin"];
 
 fn main() -> anyhow::Result<()> {
     println!("cargo::rerun-if-env-changed=MESH_EBPF_TOOLCHAIN");
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
+    let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
     let ebpf = metadata
         .packages
         .into_iter()
         .find(|p| p.name.as_str() == "mesh-ebpf")
         .ok_or_else(|| anyhow!("mesh-ebpf package not found in the workspace"))?;
-    let root_dir = ebpf
-        .manifest_path
-        .parent()
-        .context("mesh-ebpf manifest has no parent")?;
+    let root_dir = ebpf.manifest_path.parent().context("mesh-ebpf manifest has no parent")?;
 
     // bpf-linker must be on PATH for the nested cargo; add the places xtask installs it.
     let mut path: Vec<PathBuf> = TOOLS_DIRS.iter().map(PathBuf::from).collect();
@@ -42,11 +36,7 @@ fn main() -> anyhow::Result<()> {
     // toolchain linked to Debian's rustc-web, which ships core for BPF.
     let toolchain = env::var("MESH_EBPF_TOOLCHAIN").unwrap_or_else(|_| "debian-web".into());
     aya_build::build_ebpf(
-        [Package {
-            name: ebpf.name.as_str(),
-            root_dir: root_dir.as_str(),
-            ..Default::default()
-        }],
+        [Package { name: ebpf.name.as_str(), root_dir: root_dir.as_str(), ..Default::default() }],
         Toolchain::Custom(&toolchain),
     )
 }

@@ -59,27 +59,17 @@ pub struct IpKey {
 
 impl IpKey {
     pub const fn v4(addr_be: u32) -> Self {
-        Self {
-            family: AF_INET,
-            addr: [addr_be, 0, 0, 0],
-        }
+        Self { family: AF_INET, addr: [addr_be, 0, 0, 0] }
     }
 
     pub const fn v6(addr_be: [u32; 4]) -> Self {
-        Self {
-            family: AF_INET6,
-            addr: addr_be,
-        }
+        Self { family: AF_INET6, addr: addr_be }
     }
 
     /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as the IPv4 address it
     /// stands for, so a dual-stack socket and an IPv4 one produce the same key.
     pub const fn canonical(self) -> Self {
-        if self.family == AF_INET6
-            && self.addr[0] == 0
-            && self.addr[1] == 0
-            && self.addr[2] == 0xffffu32.to_be()
-        {
+        if self.family == AF_INET6 && self.addr[0] == 0 && self.addr[1] == 0 && self.addr[2] == 0xffffu32.to_be() {
             Self::v4(self.addr[3])
         } else {
             self
@@ -93,10 +83,7 @@ impl IpKey {
             // First byte in memory is the first octet (network order).
             (self.addr[0].to_ne_bytes()[0]) == 127
         } else {
-            self.addr[0] == 0
-                && self.addr[1] == 0
-                && self.addr[2] == 0
-                && self.addr[3] == 1u32.to_be()
+            self.addr[0] == 0 && self.addr[1] == 0 && self.addr[2] == 0 && self.addr[3] == 1u32.to_be()
         }
     }
 }
@@ -144,10 +131,7 @@ mod tests {
     #[test]
     fn v4_mapped_addresses_become_v4() {
         let ten = u32::from_be_bytes([10, 1, 2, 3]).to_be();
-        assert_eq!(
-            IpKey::v6([0, 0, 0xffffu32.to_be(), ten]).canonical(),
-            IpKey::v4(ten)
-        );
+        assert_eq!(IpKey::v6([0, 0, 0xffffu32.to_be(), ten]).canonical(), IpKey::v4(ten));
         let v6 = IpKey::v6([0xfd00u32.to_be(), 0, 0xffffu32.to_be(), ten]);
         assert_eq!(v6.canonical(), v6);
     }
@@ -157,23 +141,11 @@ mod tests {
         let cases = [
             (IpKey::v4(u32::from_be_bytes([127, 0, 0, 1]).to_be()), true),
             (IpKey::v4(u32::from_be_bytes([127, 9, 8, 7]).to_be()), true),
-            (
-                IpKey::v4(u32::from_be_bytes([10, 0, 0, 127]).to_be()),
-                false,
-            ),
+            (IpKey::v4(u32::from_be_bytes([10, 0, 0, 127]).to_be()), false),
             (IpKey::v6([0, 0, 0, 1u32.to_be()]), true),
             (IpKey::v6([0, 0, 0, 1]), false),
             (IpKey::v6([0xfd00u32.to_be(), 0, 0, 1u32.to_be()]), false),
-            (
-                IpKey::v6([
-                    0,
-                    0,
-                    0xffffu32.to_be(),
-                    u32::from_be_bytes([127, 0, 0, 1]).to_be(),
-                ])
-                .canonical(),
-                true,
-            ),
+            (IpKey::v6([0, 0, 0xffffu32.to_be(), u32::from_be_bytes([127, 0, 0, 1]).to_be()]).canonical(), true),
         ];
         for (ip, want) in cases {
             assert_eq!(ip.is_loopback(), want, "{ip:?}");

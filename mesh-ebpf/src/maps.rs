@@ -5,9 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, SockHash},
 };
-use mesh_common::{
-    DEFAULT_PROXY_MARK, HBONE_PORT, IpKey, OUTBOUND_PORT as DEFAULT_OUTBOUND, OrigDst, PeerKey,
-};
+use mesh_common::{DEFAULT_PROXY_MARK, HBONE_PORT, IpKey, OUTBOUND_PORT as DEFAULT_OUTBOUND, OrigDst, PeerKey};
 
 /// netns cookie -> `enroll_flags`: which namespaces belong to this agent.
 #[map]

@@ -21,10 +21,7 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     let (local, remote) = if l.family == AF_INET {
         (IpKey::v4(l.local_ip4), IpKey::v4(l.remote_ip4))
     } else {
-        (
-            IpKey::v6(l.local_ip6).canonical(),
-            IpKey::v6(l.remote_ip6).canonical(),
-        )
+        (IpKey::v6(l.local_ip6).canonical(), IpKey::v6(l.remote_ip6).canonical())
     };
     // Inside the pod (loopback, or the pod calling itself, as the proxy does
     // when it delivers to the app): the normal lookup applies.

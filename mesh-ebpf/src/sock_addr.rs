@@ -53,33 +53,21 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
     if mark != 0 && unsafe { (*sk).mark } & mark == mark {
         return; // the proxy's own socket
     }
-    let dst = if v6 {
-        IpKey::v6(sa.user_ip6).canonical()
-    } else {
-        IpKey::v4(sa.user_ip4)
-    };
+    let dst = if v6 { IpKey::v6(sa.user_ip6).canonical() } else { IpKey::v4(sa.user_ip4) };
     if dst.is_loopback() {
         return; // never leaves the pod: not the mesh's business
     }
     let port = u32::from(u16::from_be(sa.user_port as u16));
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ORIG_BY_COOKIE
-        .insert(&cookie, &OrigDst { ip: dst, port }, 0)
-        .is_err()
-    {
+    if ORIG_BY_COOKIE.insert(&cookie, &OrigDst { ip: dst, port }, 0).is_err() {
         return; // without a record the proxy could not forward: leave it alone
     }
     let proxy_port = u32::from((OUTBOUND_PORT.load() as u16).to_be());
     if v6 {
         sa.user_ip6 = if dst.family == mesh_common::AF_INET {
             // A dual-stack socket going to an IPv4 peer: keep it IPv4 (::ffff:127.0.0.1).
-            [
-                0,
-                0,
-                0xffffu32.to_be(),
-                u32::from_be_bytes([127, 0, 0, 1]).to_be(),
-            ]
+            [0, 0, 0xffffu32.to_be(), u32::from_be_bytes([127, 0, 0, 1]).to_be()]
         } else {
             [0, 0, 0, 1u32.to_be()]
         };

@@ -32,16 +32,8 @@ fn record_peer(ctx: &SockOpsContext) {
     };
     // SAFETY: helper valid for sock_ops programs (kernel >= 5.15).
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let ip = if ctx.family() == AF_INET {
-        IpKey::v4(ctx.local_ip4())
-    } else {
-        IpKey::v6(ctx.local_ip6()).canonical()
-    };
-    let key = PeerKey {
-        netns_cookie: netns,
-        ip,
-        port: ctx.local_port(),
-    };
+    let ip = if ctx.family() == AF_INET { IpKey::v4(ctx.local_ip4()) } else { IpKey::v6(ctx.local_ip6()).canonical() };
+    let key = PeerKey { netns_cookie: netns, ip, port: ctx.local_port() };
     let _ = ORIG_BY_PEER.insert(&key, &orig, 0);
     let _ = ORIG_BY_COOKIE.remove(&cookie);
 }

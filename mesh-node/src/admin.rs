@@ -91,9 +91,7 @@ fn enroll_error(e: EnrollError) -> Response {
     let status = match e {
         EnrollError::AlreadyEnrolled(_) | EnrollError::NetnsTaken { .. } => StatusCode::CONFLICT,
         EnrollError::NotEnrolled(_) => StatusCode::NOT_FOUND,
-        EnrollError::InvalidName(_) | EnrollError::NoAddresses(_) | EnrollError::Netns(_) => {
-            StatusCode::BAD_REQUEST
-        }
+        EnrollError::InvalidName(_) | EnrollError::NoAddresses(_) | EnrollError::Netns(_) => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string())

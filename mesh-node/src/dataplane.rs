@@ -35,11 +35,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error("this kernel lacks {feature} (needs {needs}): {detail}")]
-    Unsupported {
-        feature: &'static str,
-        needs: &'static str,
-        detail: String,
-    },
+    Unsupported { feature: &'static str, needs: &'static str, detail: String },
     #[error("bpffs at {path}: {source}")]
     Bpffs { path: PathBuf, source: io::Error },
     #[error("cgroup v2 at {path}: {source} (set --cgroup-path to where cgroup2 is mounted)")]
@@ -106,31 +102,17 @@ impl Dataplane {
     /// Loads the programs, reusing this instance's pinned maps if an earlier
     /// agent left them, and attaches the cgroup programs.
     pub fn start(config: DataplaneConfig) -> Result<Self, DataplaneError> {
-        let bpffs = config
-            .pin_dir
-            .parent()
-            .and_then(Path::parent)
-            .unwrap_or(Path::new("/sys/fs/bpf"));
+        let bpffs = config.pin_dir.parent().and_then(Path::parent).unwrap_or(Path::new("/sys/fs/bpf"));
         ensure_bpffs(bpffs)?;
         let maps_dir = config.pin_dir.join("maps");
         let links_dir = config.pin_dir.join("links");
         for dir in [&maps_dir, &links_dir] {
-            fs::create_dir_all(dir).map_err(|source| DataplaneError::Bpffs {
-                path: dir.clone(),
-                source,
-            })?;
+            fs::create_dir_all(dir).map_err(|source| DataplaneError::Bpffs { path: dir.clone(), source })?;
         }
-        let cgroup = File::open(&config.cgroup).map_err(|source| DataplaneError::Cgroup {
-            path: config.cgroup.clone(),
-            source,
-        })?;
+        let cgroup = File::open(&config.cgroup)
+            .map_err(|source| DataplaneError::Cgroup { path: config.cgroup.clone(), source })?;
 
-        let map_names = [
-            names::ENROLLED_NETNS,
-            names::ORIG_BY_COOKIE,
-            names::ORIG_BY_PEER,
-            names::INBOUND_LISTENERS,
-        ];
+        let map_names = [names::ENROLLED_NETNS, names::ORIG_BY_COOKIE, names::ORIG_BY_PEER, names::INBOUND_LISTENERS];
         let map_paths: Vec<PathBuf> = map_names.iter().map(|n| maps_dir.join(n)).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in map_names.iter().zip(&map_paths) {
@@ -144,90 +126,41 @@ impl Dataplane {
             .override_global(names::GLOBAL_INBOUND_BYPASS_PORT, &bypass_port, true);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
-        let mut status = DataplaneStatus {
-            pin_dir: config.pin_dir.clone(),
-            cgroup: config.cgroup.clone(),
-            ..Default::default()
-        };
+        let mut status =
+            DataplaneStatus { pin_dir: config.pin_dir.clone(), cgroup: config.cgroup.clone(), ..Default::default() };
         let mut links = BTreeMap::new();
         for (prog, feature, needs) in [
-            (
-                names::PROG_CONNECT4,
-                "cgroup/connect4 programs with bpf_get_netns_cookie",
-                "Linux 5.7",
-            ),
-            (
-                names::PROG_CONNECT6,
-                "cgroup/connect6 programs with bpf_get_netns_cookie",
-                "Linux 5.7",
-            ),
+            (names::PROG_CONNECT4, "cgroup/connect4 programs with bpf_get_netns_cookie", "Linux 5.7"),
+            (names::PROG_CONNECT6, "cgroup/connect6 programs with bpf_get_netns_cookie", "Linux 5.7"),
         ] {
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, prog)?;
             program.load().map_err(|e| unsupported(feature, needs, e))?;
-            let id = program
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| unsupported(feature, needs, e))?;
-            let link = FdLink::try_from(
-                program
-                    .take_link(id)
-                    .map_err(|source| prog_err(prog, source))?,
-            )
-            .map_err(|source| DataplaneError::Link {
-                what: format!("{prog}: not a bpf link"),
-                source,
-            })?;
-            links.insert(
-                prog.to_string(),
-                pin_link(&mut status, &links_dir, prog, link)?,
-            );
+            let id = program.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| unsupported(feature, needs, e))?;
+            let link = FdLink::try_from(program.take_link(id).map_err(|source| prog_err(prog, source))?)
+                .map_err(|source| DataplaneError::Link { what: format!("{prog}: not a bpf link"), source })?;
+            links.insert(prog.to_string(), pin_link(&mut status, &links_dir, prog, link)?);
         }
         {
             let (feature, needs) = ("sock_ops programs with bpf_get_netns_cookie", "Linux 5.15");
             let program: &mut SockOps = program_mut(&mut ebpf, names::PROG_SOCKOPS)?;
             program.load().map_err(|e| unsupported(feature, needs, e))?;
-            let id = program
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| unsupported(feature, needs, e))?;
-            let link = FdLink::try_from(
-                program
-                    .take_link(id)
-                    .map_err(|s| prog_err(names::PROG_SOCKOPS, s))?,
-            )
-            .map_err(|source| DataplaneError::Link {
-                what: "sockops: not a bpf link".into(),
-                source,
-            })?;
-            links.insert(
-                names::PROG_SOCKOPS.to_string(),
-                pin_link(&mut status, &links_dir, names::PROG_SOCKOPS, link)?,
-            );
+            let id = program.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| unsupported(feature, needs, e))?;
+            let link = FdLink::try_from(program.take_link(id).map_err(|s| prog_err(names::PROG_SOCKOPS, s))?)
+                .map_err(|source| DataplaneError::Link { what: "sockops: not a bpf link".into(), source })?;
+            links
+                .insert(names::PROG_SOCKOPS.to_string(), pin_link(&mut status, &links_dir, names::PROG_SOCKOPS, link)?);
         }
         {
             let program: &mut SkLookup = program_mut(&mut ebpf, names::PROG_SK_LOOKUP)?;
-            program
-                .load()
-                .map_err(|e| unsupported("sk_lookup programs", "Linux 5.9", e))?;
+            program.load().map_err(|e| unsupported("sk_lookup programs", "Linux 5.9", e))?;
         }
 
-        let enrolled = BpfHashMap::try_from(take_map(&mut ebpf, names::ENROLLED_NETNS)?).map_err(
-            |source| DataplaneError::Map {
-                what: names::ENROLLED_NETNS.into(),
-                source,
-            },
-        )?;
-        let inbound = SockHash::try_from(take_map(&mut ebpf, names::INBOUND_LISTENERS)?).map_err(
-            |source| DataplaneError::Map {
-                what: names::INBOUND_LISTENERS.into(),
-                source,
-            },
-        )?;
-        let orig =
-            BpfHashMap::try_from(take_map(&mut ebpf, names::ORIG_BY_PEER)?).map_err(|source| {
-                DataplaneError::Map {
-                    what: names::ORIG_BY_PEER.into(),
-                    source,
-                }
-            })?;
+        let enrolled = BpfHashMap::try_from(take_map(&mut ebpf, names::ENROLLED_NETNS)?)
+            .map_err(|source| DataplaneError::Map { what: names::ENROLLED_NETNS.into(), source })?;
+        let inbound = SockHash::try_from(take_map(&mut ebpf, names::INBOUND_LISTENERS)?)
+            .map_err(|source| DataplaneError::Map { what: names::INBOUND_LISTENERS.into(), source })?;
+        let orig = BpfHashMap::try_from(take_map(&mut ebpf, names::ORIG_BY_PEER)?)
+            .map_err(|source| DataplaneError::Map { what: names::ORIG_BY_PEER.into(), source })?;
         info!(pin_dir = %config.pin_dir.display(), cgroup = %config.cgroup.display(), "eBPF programs attached");
         Ok(Self {
             config,
@@ -259,64 +192,34 @@ impl Dataplane {
         inbound_listener: &impl AsRawFd,
     ) -> Result<(), DataplaneError> {
         for ip in addresses {
-            self.inbound
-                .insert(ip_key(*ip), inbound_listener.as_raw_fd(), 0)
-                .map_err(|e| match e {
-                    MapError::SyscallError(s)
-                        if s.io_error.raw_os_error() == Some(libc::EOPNOTSUPP) =>
-                    {
-                        unsupported("listening sockets in SOCKHASH maps", "Linux 5.10", s)
-                    }
-                    source => DataplaneError::Map {
-                        what: format!("adding the inbound listener for {ip}"),
-                        source,
-                    },
-                })?;
+            self.inbound.insert(ip_key(*ip), inbound_listener.as_raw_fd(), 0).map_err(|e| match e {
+                MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    unsupported("listening sockets in SOCKHASH maps", "Linux 5.10", s)
+                }
+                source => DataplaneError::Map { what: format!("adding the inbound listener for {ip}"), source },
+            })?;
         }
-        let netns = File::open(netns_path).map_err(|source| DataplaneError::Io {
-            what: format!("opening {}", netns_path.display()),
-            source,
-        })?;
+        let netns = File::open(netns_path)
+            .map_err(|source| DataplaneError::Io { what: format!("opening {}", netns_path.display()), source })?;
         let program: &mut SkLookup = program_mut(&mut self.ebpf, names::PROG_SK_LOOKUP)?;
-        let id = program
-            .attach(&netns)
-            .map_err(|e| unsupported("sk_lookup programs", "Linux 5.9", e))?;
-        let link = FdLink::from(
-            program
-                .take_link(id)
-                .map_err(|s| prog_err(names::PROG_SK_LOOKUP, s))?,
-        );
+        let id = program.attach(&netns).map_err(|e| unsupported("sk_lookup programs", "Linux 5.9", e))?;
+        let link = FdLink::from(program.take_link(id).map_err(|s| prog_err(names::PROG_SK_LOOKUP, s))?);
         let pin = sk_lookup_pin(netns_cookie);
-        let pinned = pin_link(
-            &mut self.status,
-            &self.config.pin_dir.join("links"),
-            &pin,
-            link,
-        )?;
+        let pinned = pin_link(&mut self.status, &self.config.pin_dir.join("links"), &pin, link)?;
         self.links.insert(pin, pinned);
         self.enrolled
             .insert(netns_cookie, enroll_flags::OUTBOUND, 0)
-            .map_err(|source| DataplaneError::Map {
-                what: format!("enrolling netns cookie {netns_cookie}"),
-                source,
-            })?;
+            .map_err(|source| DataplaneError::Map { what: format!("enrolling netns cookie {netns_cookie}"), source })?;
         debug!(netns = %netns_path.display(), netns_cookie, "netns enrolled");
         Ok(())
     }
 
     /// Undoes [`Self::enroll`], outbound first.
-    pub fn unenroll(
-        &mut self,
-        netns_cookie: u64,
-        addresses: &[IpAddr],
-    ) -> Result<(), DataplaneError> {
+    pub fn unenroll(&mut self, netns_cookie: u64, addresses: &[IpAddr]) -> Result<(), DataplaneError> {
         match self.enrolled.remove(&netns_cookie) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(source) => {
-                return Err(DataplaneError::Map {
-                    what: format!("unenrolling netns cookie {netns_cookie}"),
-                    source,
-                });
+                return Err(DataplaneError::Map { what: format!("unenrolling netns cookie {netns_cookie}"), source });
             }
         }
         let pin = sk_lookup_pin(netns_cookie);
@@ -330,33 +233,23 @@ impl Dataplane {
     /// Forgets every enrolled namespace not in `keep`: what a previous agent
     /// enrolled and this one did not restore (the pod went away meanwhile).
     pub fn retain(&mut self, keep: &HashSet<u64>) {
-        let stale: Vec<u64> = self
-            .enrolled
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|c| !keep.contains(c))
-            .collect();
+        let stale: Vec<u64> = self.enrolled.keys().filter_map(Result::ok).filter(|c| !keep.contains(c)).collect();
         for cookie in stale {
-            warn!(
-                netns_cookie = cookie,
-                "removing a namespace enrolled by an earlier agent that was not restored"
-            );
+            warn!(netns_cookie = cookie, "removing a namespace enrolled by an earlier agent that was not restored");
             let _ = self.enrolled.remove(&cookie);
         }
         let links_dir = self.config.pin_dir.join("links");
         if let Ok(entries) = fs::read_dir(&links_dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let Some(cookie) = name
-                    .strip_prefix("sk_lookup-")
-                    .and_then(|c| c.parse::<u64>().ok())
-                else {
+                let Some(cookie) = name.strip_prefix("sk_lookup-").and_then(|c| c.parse::<u64>().ok()) else {
                     continue;
                 };
-                if !keep.contains(&cookie) && !self.links.contains_key(&name) {
-                    if let Ok(old) = PinnedLink::from_pin(entry.path()) {
-                        let _ = old.unpin();
-                    }
+                if !keep.contains(&cookie)
+                    && !self.links.contains_key(&name)
+                    && let Ok(old) = PinnedLink::from_pin(entry.path())
+                {
+                    let _ = old.unpin();
                 }
             }
         }
@@ -370,17 +263,8 @@ impl Dataplane {
         }
         let dir = self.config.pin_dir.clone();
         fs::remove_dir_all(&dir)
-            .or_else(|e| {
-                if e.kind() == io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-            .map_err(|source| DataplaneError::Io {
-                what: format!("removing {}", dir.display()),
-                source,
-            })?;
+            .or_else(|e| if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+            .map_err(|source| DataplaneError::Io { what: format!("removing {}", dir.display()), source })?;
         if let Some(parent) = dir.parent() {
             let _ = fs::remove_dir(parent); // only if no other instance is left
         }
@@ -390,36 +274,22 @@ impl Dataplane {
 
     fn remove_link(&mut self, name: &str) {
         self.status.links.remove(name);
-        if let Some(link) = self.links.remove(name) {
-            if let Err(e) = link.unpin() {
-                warn!(link = name, error = %e, "could not unpin link");
-            }
+        if let Some(link) = self.links.remove(name)
+            && let Err(e) = link.unpin()
+        {
+            warn!(link = name, error = %e, "could not unpin link");
         }
     }
 }
 
 fn ensure_bpffs(path: &Path) -> Result<(), DataplaneError> {
-    let is_bpffs = nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-        .unwrap_or(false);
+    let is_bpffs = nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 == BPF_FS_MAGIC).unwrap_or(false);
     if is_bpffs {
         return Ok(());
     }
-    fs::create_dir_all(path).map_err(|source| DataplaneError::Bpffs {
-        path: path.into(),
-        source,
-    })?;
-    nix::mount::mount(
-        Some("bpf"),
-        path,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|e| DataplaneError::Bpffs {
-        path: path.into(),
-        source: io::Error::from(e),
-    })?;
+    fs::create_dir_all(path).map_err(|source| DataplaneError::Bpffs { path: path.into(), source })?;
+    nix::mount::mount(Some("bpf"), path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| DataplaneError::Bpffs { path: path.into(), source: io::Error::from(e) })?;
     info!(path = %path.display(), "mounted bpffs");
     Ok(())
 }
@@ -446,23 +316,12 @@ fn replace_pinned(dir: &Path, name: &str, link: FdLink) -> Result<PinnedLink, Da
 }
 
 /// Pins `link` (see [`replace_pinned`]) and records its ids for the status dump.
-fn pin_link(
-    status: &mut DataplaneStatus,
-    dir: &Path,
-    name: &str,
-    link: FdLink,
-) -> Result<PinnedLink, DataplaneError> {
+fn pin_link(status: &mut DataplaneStatus, dir: &Path, name: &str, link: FdLink) -> Result<PinnedLink, DataplaneError> {
     if let Ok(info) = link.info() {
         status.links.insert(name.to_string(), info.id());
         let program = name.split('-').next().unwrap_or(name);
-        let program = if program == "sk_lookup" {
-            names::PROG_SK_LOOKUP
-        } else {
-            program
-        };
-        status
-            .programs
-            .insert(program.to_string(), info.program_id());
+        let program = if program == "sk_lookup" { names::PROG_SK_LOOKUP } else { program };
+        status.programs.insert(program.to_string(), info.program_id());
     }
     replace_pinned(dir, name, link)
 }
@@ -498,12 +357,10 @@ fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, Datap
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let program = ebpf
-        .program_mut(name)
-        .ok_or_else(|| DataplaneError::Program {
-            what: format!("program {name} missing from the eBPF object"),
-            source: ProgramError::UnexpectedProgramType,
-        })?;
+    let program = ebpf.program_mut(name).ok_or_else(|| DataplaneError::Program {
+        what: format!("program {name} missing from the eBPF object"),
+        source: ProgramError::UnexpectedProgramType,
+    })?;
     program.try_into().map_err(|source| prog_err(name, source))
 }
 
@@ -515,33 +372,20 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, DataplaneErro
 }
 
 fn prog_err(name: &str, source: ProgramError) -> DataplaneError {
-    DataplaneError::Program {
-        what: name.to_string(),
-        source,
-    }
+    DataplaneError::Program { what: name.to_string(), source }
 }
 
 /// A failure to load or attach a program: the kernel lacks the feature, unless
 /// the error says the agent lacks the privilege.
-fn unsupported(
-    feature: &'static str,
-    needs: &'static str,
-    e: impl std::fmt::Display,
-) -> DataplaneError {
+fn unsupported(feature: &'static str, needs: &'static str, e: impl std::fmt::Display) -> DataplaneError {
     let detail = e.to_string();
     if detail.contains("Operation not permitted") || detail.contains("Permission denied") {
         return DataplaneError::Io {
-            what: format!(
-                "loading {feature}: run mesh-node as root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
-            ),
+            what: format!("loading {feature}: run mesh-node as root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"),
             source: io::Error::from(io::ErrorKind::PermissionDenied),
         };
     }
-    DataplaneError::Unsupported {
-        feature,
-        needs,
-        detail,
-    }
+    DataplaneError::Unsupported { feature, needs, detail }
 }
 
 #[cfg(test)]
@@ -555,14 +399,8 @@ mod tests {
             assert_eq!(ip_from_key(&ip_key(ip)), ip);
         }
         // The kernel stores 10.1.2.3 as bytes 0a 01 02 03 in memory.
-        assert_eq!(
-            ip_key("10.1.2.3".parse().unwrap()).addr[0].to_ne_bytes(),
-            [10, 1, 2, 3]
-        );
+        assert_eq!(ip_key("10.1.2.3".parse().unwrap()).addr[0].to_ne_bytes(), [10, 1, 2, 3]);
         // A v4-mapped address keys the same as the IPv4 address.
-        assert_eq!(
-            ip_key("::ffff:10.1.2.3".parse().unwrap()),
-            ip_key("10.1.2.3".parse().unwrap())
-        );
+        assert_eq!(ip_key("::ffff:10.1.2.3".parse().unwrap()), ip_key("10.1.2.3".parse().unwrap()));
     }
 }

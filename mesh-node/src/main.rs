@@ -33,11 +33,7 @@ use crate::{
 const EXIT_UNSUPPORTED: u8 = 3;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "mesh-node",
-    version,
-    about = "mesh node agent: eBPF redirection and the node proxy"
-)]
+#[command(name = "mesh-node", version, about = "mesh node agent: eBPF redirection and the node proxy")]
 struct Args {
     /// Name of this agent; several agents on one kernel need distinct names.
     /// Pins live in <bpffs>/mesh/<instance>, state in <state-dir>/<instance>.
@@ -88,10 +84,7 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_tracing(args.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "cannot start the async runtime");
@@ -101,15 +94,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let unsupported = e
-                .downcast_ref::<DataplaneError>()
-                .is_some_and(|d| matches!(d, DataplaneError::Unsupported { .. }));
+            let unsupported =
+                e.downcast_ref::<DataplaneError>().is_some_and(|d| matches!(d, DataplaneError::Unsupported { .. }));
             error!("{}", error_chain(&e));
-            if unsupported {
-                ExitCode::from(EXIT_UNSUPPORTED)
-            } else {
-                ExitCode::FAILURE
-            }
+            if unsupported { ExitCode::from(EXIT_UNSUPPORTED) } else { ExitCode::FAILURE }
         }
     }
 }
@@ -123,14 +111,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         outbound_port: mesh_common::OUTBOUND_PORT,
         inbound_bypass_port: mesh_common::HBONE_PORT,
     })?;
-    let ctx = Arc::new(ProxyContext {
-        mark: args.proxy_mark,
-        orig_dst: dataplane.orig_dst_table(),
-    });
-    let ports = Ports {
-        outbound: mesh_common::OUTBOUND_PORT,
-        inbound: mesh_common::INBOUND_PORT,
-    };
+    let ctx = Arc::new(ProxyContext { mark: args.proxy_mark, orig_dst: dataplane.orig_dst_table() });
+    let ports = Ports { outbound: mesh_common::OUTBOUND_PORT, inbound: mesh_common::INBOUND_PORT };
     let state_dir = args.state_dir.join(&args.instance);
     let mut pods = Pods::new(dataplane, ctx, ports, &state_dir)
         .with_context(|| format!("state directory {}", state_dir.display()))?;
@@ -138,21 +120,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let pods = Arc::new(Mutex::new(pods));
 
     let ready = Arc::new(AtomicBool::new(false));
-    let admin = tokio::net::TcpListener::bind(args.admin_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the admin port {} (another agent there? use --admin-addr)",
-                args.admin_addr
-            )
-        })?;
+    let admin = tokio::net::TcpListener::bind(args.admin_addr).await.with_context(|| {
+        format!("binding the admin port {} (another agent there? use --admin-addr)", args.admin_addr)
+    })?;
     let readiness = tokio::net::TcpListener::bind(args.readiness_addr)
         .await
         .with_context(|| format!("binding the readiness port {}", args.readiness_addr))?;
-    let admin_state = AdminState {
-        pods: pods.clone(),
-        instance: args.instance.clone(),
-    };
+    let admin_state = AdminState { pods: pods.clone(), instance: args.instance.clone() };
     tokio::spawn(async move { axum::serve(admin, admin::admin_router(admin_state)).await });
     tokio::spawn({
         let ready = ready.clone();
@@ -169,15 +143,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     ready.store(false, Ordering::Release);
     if args.cleanup {
-        tokio::task::spawn_blocking(move || {
-            pods.lock().unwrap_or_else(|e| e.into_inner()).cleanup()
-        })
-        .await??;
+        tokio::task::spawn_blocking(move || pods.lock().unwrap_or_else(|e| e.into_inner()).cleanup()).await??;
         info!("cleaned up: no programs, links, pins or state of this instance remain");
     } else {
-        info!(
-            "exiting; programs stay attached so enrolled pods fail closed until an agent is back"
-        );
+        info!("exiting; programs stay attached so enrolled pods fail closed until an agent is back");
     }
     Ok(())
 }
@@ -203,27 +172,15 @@ fn error_chain(e: &anyhow::Error) -> String {
 fn default_cgroup_path() -> PathBuf {
     const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
     let root = PathBuf::from("/sys/fs/cgroup");
-    let is_cgroup2 = nix::sys::statfs::statfs(&root)
-        .is_ok_and(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC);
-    if is_cgroup2 {
-        root
-    } else {
-        root.join("unified")
-    }
+    let is_cgroup2 = nix::sys::statfs::statfs(&root).is_ok_and(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC);
+    if is_cgroup2 { root } else { root.join("unified") }
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
     }
 }

@@ -25,11 +25,7 @@ pub enum NetnsError {
     #[error("cannot enter network namespace {path}: {source}")]
     Enter { path: PathBuf, source: nix::Error },
     #[error("network namespace {path}: {what}: {source}")]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        source: io::Error,
-    },
+    Io { path: PathBuf, what: &'static str, source: io::Error },
     #[error("the worker thread of network namespace {0} has stopped")]
     WorkerGone(PathBuf),
 }
@@ -48,10 +44,7 @@ impl Netns {
     /// Opens the namespace at `path` (`/run/netns/NAME` or `/proc/PID/ns/net`)
     /// and starts its worker thread.
     pub fn open(path: &Path) -> Result<Self, NetnsError> {
-        let file = File::open(path).map_err(|source| NetnsError::Open {
-            path: path.into(),
-            source,
-        })?;
+        let file = File::open(path).map_err(|source| NetnsError::Open { path: path.into(), source })?;
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_path = path.to_path_buf();
@@ -60,10 +53,7 @@ impl Netns {
             .spawn(move || {
                 // setns affects only this thread: the rest of the process stays put.
                 if let Err(source) = setns(file.as_fd(), CloneFlags::CLONE_NEWNET) {
-                    let _ = ready_tx.send(Err(NetnsError::Enter {
-                        path: thread_path,
-                        source,
-                    }));
+                    let _ = ready_tx.send(Err(NetnsError::Enter { path: thread_path, source }));
                     return;
                 }
                 let _ = ready_tx.send(netns_cookie().map_err(|source| NetnsError::Io {
@@ -75,19 +65,9 @@ impl Netns {
                     job();
                 }
             })
-            .map_err(|source| NetnsError::Io {
-                path: path.into(),
-                what: "spawning its worker",
-                source,
-            })?;
-        let cookie = ready_rx
-            .recv()
-            .map_err(|_| NetnsError::WorkerGone(path.into()))??;
-        Ok(Self {
-            path: path.into(),
-            cookie,
-            jobs,
-        })
+            .map_err(|source| NetnsError::Io { path: path.into(), what: "spawning its worker", source })?;
+        let cookie = ready_rx.recv().map_err(|_| NetnsError::WorkerGone(path.into()))??;
+        Ok(Self { path: path.into(), cookie, jobs })
     }
 
     pub fn path(&self) -> &Path {
@@ -100,58 +80,39 @@ impl Netns {
     }
 
     /// Runs `f` inside the namespace, on its worker thread.
-    pub fn run_blocking<R: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> R + Send + 'static,
-    ) -> Result<R, NetnsError> {
+    pub fn run_blocking<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R, NetnsError> {
         let (tx, rx) = mpsc::channel();
         self.jobs
             .send(Box::new(move || {
                 let _ = tx.send(f());
             }))
             .map_err(|_| NetnsError::WorkerGone(self.path.clone()))?;
-        rx.recv()
-            .map_err(|_| NetnsError::WorkerGone(self.path.clone()))
+        rx.recv().map_err(|_| NetnsError::WorkerGone(self.path.clone()))
     }
 
     /// Runs `f` inside the namespace without blocking the async runtime.
-    pub async fn run<R: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> R + Send + 'static,
-    ) -> Result<R, NetnsError> {
+    pub async fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R, NetnsError> {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send(Box::new(move || {
                 let _ = tx.send(f());
             }))
             .map_err(|_| NetnsError::WorkerGone(self.path.clone()))?;
-        rx.await
-            .map_err(|_| NetnsError::WorkerGone(self.path.clone()))
+        rx.await.map_err(|_| NetnsError::WorkerGone(self.path.clone()))
     }
 
     /// A TCP socket of the namespace for `peer`'s family, carrying `mark`.
-    pub async fn tcp_socket(
-        &self,
-        peer: SocketAddr,
-        mark: u32,
-    ) -> Result<tokio::net::TcpSocket, NetnsError> {
+    pub async fn tcp_socket(&self, peer: SocketAddr, mark: u32) -> Result<tokio::net::TcpSocket, NetnsError> {
         let socket = self
             .run(move || -> io::Result<Socket> {
-                let socket = Socket::new(
-                    Domain::for_address(peer),
-                    Type::STREAM.nonblocking().cloexec(),
-                    Some(Protocol::TCP),
-                )?;
+                let socket =
+                    Socket::new(Domain::for_address(peer), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
                 socket.set_mark(mark)?;
                 socket.set_tcp_nodelay(true)?;
                 Ok(socket)
             })
             .await?
-            .map_err(|source| NetnsError::Io {
-                path: self.path.clone(),
-                what: "creating a socket",
-                source,
-            })?;
+            .map_err(|source| NetnsError::Io { path: self.path.clone(), what: "creating a socket", source })?;
         let std: std::net::TcpStream = socket.into();
         Ok(tokio::net::TcpSocket::from_std_stream(std))
     }
@@ -160,11 +121,7 @@ impl Netns {
     /// IPv6 address makes a dual-stack listener.
     pub fn listen(&self, addr: SocketAddr) -> Result<std::net::TcpListener, NetnsError> {
         self.run_blocking(move || -> io::Result<std::net::TcpListener> {
-            let socket = Socket::new(
-                Domain::for_address(addr),
-                Type::STREAM.cloexec(),
-                Some(Protocol::TCP),
-            )?;
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
             socket.set_reuse_address(true)?;
             if addr.is_ipv6() {
                 socket.set_only_v6(!addr.ip().is_unspecified())?;
@@ -174,11 +131,7 @@ impl Netns {
             socket.set_nonblocking(true)?;
             Ok(socket.into())
         })?
-        .map_err(|source| NetnsError::Io {
-            path: self.path.clone(),
-            what: "binding a listener",
-            source,
-        })
+        .map_err(|source| NetnsError::Io { path: self.path.clone(), what: "binding a listener", source })
     }
 
     /// The namespace's own addresses: every address on an interface that is up,
@@ -195,19 +148,14 @@ impl Netns {
                 } else {
                     continue;
                 };
-                let link_local =
-                    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+                let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
                 if !ip.is_loopback() && !link_local && !out.contains(&ip) {
                     out.push(ip);
                 }
             }
             Ok(out)
         })?
-        .map_err(|source| NetnsError::Io {
-            path: self.path.clone(),
-            what: "listing addresses",
-            source,
-        })
+        .map_err(|source| NetnsError::Io { path: self.path.clone(), what: "listing addresses", source })
     }
 }
 

@@ -51,14 +51,12 @@ pub enum EnrollError {
     NetnsTaken { netns: PathBuf, pod: String },
     #[error("network namespace {0} has no address besides loopback: add the pod's address first")]
     NoAddresses(PathBuf),
-    #[error(
-        "pod {pod}: binding the proxy's listeners: {source} (is loopback up in the pod, and the port free?)"
-    )]
+    #[error("pod {pod}: binding the proxy's listeners: {source} (is loopback up in the pod, and the port free?)")]
     Listen { pod: String, source: NetnsError },
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error("pod {pod}: {source}")]
-    Dataplane { pod: String, source: DataplaneError },
+    Dataplane { pod: String, source: Box<DataplaneError> },
     #[error("pod {pod}: starting the proxy: {source}")]
     Proxy { pod: String, source: io::Error },
 }
@@ -78,20 +76,9 @@ pub struct Pods {
 }
 
 impl Pods {
-    pub fn new(
-        dataplane: Dataplane,
-        ctx: Arc<ProxyContext>,
-        ports: Ports,
-        state_dir: &Path,
-    ) -> io::Result<Self> {
+    pub fn new(dataplane: Dataplane, ctx: Arc<ProxyContext>, ports: Ports, state_dir: &Path) -> io::Result<Self> {
         fs::create_dir_all(state_dir)?;
-        Ok(Self {
-            dataplane,
-            ctx,
-            ports,
-            state_file: state_dir.join("pods.json"),
-            pods: BTreeMap::new(),
-        })
+        Ok(Self { dataplane, ctx, ports, state_file: state_dir.join("pods.json"), pods: BTreeMap::new() })
     }
 
     /// Re-enrolls the pods a previous agent of this instance had, and drops
@@ -126,43 +113,24 @@ impl Pods {
             return Err(EnrollError::AlreadyEnrolled(spec.name));
         }
         let netns = Arc::new(Netns::open(&spec.netns)?);
-        if let Some(other) = self
-            .pods
-            .values()
-            .find(|p| p.view.netns_cookie == netns.cookie())
-        {
-            return Err(EnrollError::NetnsTaken {
-                netns: spec.netns,
-                pod: other.view.name.clone(),
-            });
+        if let Some(other) = self.pods.values().find(|p| p.view.netns_cookie == netns.cookie()) {
+            return Err(EnrollError::NetnsTaken { netns: spec.netns, pod: other.view.name.clone() });
         }
         let addresses = netns.addresses()?;
         if addresses.is_empty() {
             return Err(EnrollError::NoAddresses(spec.netns));
         }
-        let listeners =
-            PodListeners::bind(&netns, self.ports).map_err(|source| EnrollError::Listen {
-                pod: spec.name.clone(),
-                source,
-            })?;
+        let listeners = PodListeners::bind(&netns, self.ports)
+            .map_err(|source| EnrollError::Listen { pod: spec.name.clone(), source })?;
         self.dataplane
             .enroll(&spec.netns, netns.cookie(), &addresses, listeners.inbound())
-            .map_err(|source| EnrollError::Dataplane {
-                pod: spec.name.clone(),
-                source,
-            })?;
-        let pod = Arc::new(PodContext {
-            name: spec.name.clone(),
-            netns: netns.clone(),
-        });
+            .map_err(|source| EnrollError::Dataplane { pod: spec.name.clone(), source: Box::new(source) })?;
+        let pod = Arc::new(PodContext { name: spec.name.clone(), netns: netns.clone() });
         let tasks = match listeners.spawn(pod, self.ctx.clone()) {
             Ok(tasks) => tasks,
             Err(source) => {
                 let _ = self.dataplane.unenroll(netns.cookie(), &addresses);
-                return Err(EnrollError::Proxy {
-                    pod: spec.name,
-                    source,
-                });
+                return Err(EnrollError::Proxy { pod: spec.name, source });
             }
         };
         let view = PodView {
@@ -176,14 +144,7 @@ impl Pods {
                 .unwrap_or(0),
         };
         info!(pod = %view.name, netns = %view.netns.display(), addresses = ?view.addresses, "pod enrolled");
-        self.pods.insert(
-            spec.name.clone(),
-            EnrolledPod {
-                view: view.clone(),
-                spec,
-                tasks,
-            },
-        );
+        self.pods.insert(spec.name.clone(), EnrolledPod { view: view.clone(), spec, tasks });
         self.persist();
         Ok(view)
     }
@@ -191,22 +152,14 @@ impl Pods {
     /// Stops redirecting a pod and closes its listeners. Connections already
     /// proxied run to their end; new ones go direct.
     pub fn unenroll(&mut self, name: &str) -> Result<(), EnrollError> {
-        let pod = self
-            .pods
-            .remove(name)
-            .ok_or_else(|| EnrollError::NotEnrolled(name.into()))?;
-        let result = self
-            .dataplane
-            .unenroll(pod.view.netns_cookie, &pod.view.addresses);
+        let pod = self.pods.remove(name).ok_or_else(|| EnrollError::NotEnrolled(name.into()))?;
+        let result = self.dataplane.unenroll(pod.view.netns_cookie, &pod.view.addresses);
         for task in &pod.tasks {
             task.abort();
         }
         self.persist();
         info!(pod = name, "pod unenrolled");
-        result.map_err(|source| EnrollError::Dataplane {
-            pod: name.into(),
-            source,
-        })
+        result.map_err(|source| EnrollError::Dataplane { pod: name.into(), source: Box::new(source) })
     }
 
     pub fn list(&self) -> Vec<PodView> {
@@ -226,12 +179,7 @@ impl Pods {
         if let Some(dir) = self.state_file.parent() {
             let _ = fs::remove_dir(dir);
         }
-        self.dataplane
-            .cleanup()
-            .map_err(|source| EnrollError::Dataplane {
-                pod: "*".into(),
-                source,
-            })
+        self.dataplane.cleanup().map_err(|source| EnrollError::Dataplane { pod: "*".into(), source: Box::new(source) })
     }
 
     fn persist(&self) {
@@ -249,10 +197,7 @@ impl Pods {
 
 fn validate_name(name: &str) -> Result<(), EnrollError> {
     let valid_part = |p: &str| {
-        !p.is_empty()
-            && p.len() <= 253
-            && p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        !p.is_empty() && p.len() <= 253 && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
     };
     match name.split_once('/') {
         Some((ns, pod)) if valid_part(ns) && valid_part(pod) => Ok(()),
@@ -281,8 +226,7 @@ mod tests {
 
     #[test]
     fn pod_spec_rejects_unknown_fields() {
-        let err =
-            serde_json::from_str::<PodSpec>(r#"{"name":"a/b","netns":"/x","ip":"1"}"#).unwrap_err();
+        let err = serde_json::from_str::<PodSpec>(r#"{"name":"a/b","netns":"/x","ip":"1"}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field `ip`"), "{err}");
     }
 }

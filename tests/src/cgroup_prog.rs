@@ -16,10 +16,7 @@ const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 
 /// One eBPF instruction: opcode, dst/src registers, offset, immediate.
 const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
-    (code as u64)
-        | (((dst | (src << 4)) as u64) << 8)
-        | ((off as u16 as u64) << 16)
-        | ((imm as u32 as u64) << 32)
+    (code as u64) | (((dst | (src << 4)) as u64) << 8) | ((off as u16 as u64) << 16) | ((imm as u32 as u64) << 32)
 }
 
 /// `bpf_sock_addr.user_port` (network byte order in the low 16 bits).
@@ -60,10 +57,7 @@ impl DenyPort9 {
         attr[4..8].copy_from_slice(&(cg.as_raw_fd() as u32).to_ne_bytes());
         attr[8..12].copy_from_slice(&BPF_CGROUP_INET4_CONNECT.to_ne_bytes());
         let link = bpf(BPF_LINK_CREATE, &mut attr)?;
-        Ok(DenyPort9 {
-            _link: link,
-            _prog: prog,
-        })
+        Ok(DenyPort9 { _link: link, _prog: prog })
     }
 }
 

@@ -12,15 +12,13 @@ mod process;
 mod topology;
 
 pub use process::{Proc, run_in, run_in_ok};
-pub use topology::{Agent, AgentStart, Pod, Topology, http_clients};
+pub use topology::{Agent, AgentStart, Pod, Topology, http_clients, remove_named};
 
 /// These tests change the kernel's state (namespaces, eBPF programs): they need root.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        panic!(
-            "mesh's kernel tests need root (CI runs them as root): run `sudo -E cargo xtask test`"
-        );
+        panic!("mesh's kernel tests need root (CI runs them as root): run `sudo -E cargo xtask test`");
     }
 }
 

@@ -13,11 +13,8 @@ use std::{
 /// A command run to completion inside `netns` (a path under /run/netns).
 pub fn run_in(netns: &Path, args: &[&str]) -> Output {
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", netns.display()))
-        .arg("--")
-        .args(args);
-    cmd.output()
-        .unwrap_or_else(|e| panic!("running {args:?} in {}: {e}", netns.display()))
+    cmd.arg(format!("--net={}", netns.display())).arg("--").args(args);
+    cmd.output().unwrap_or_else(|e| panic!("running {args:?} in {}: {e}", netns.display()))
 }
 
 /// Like [`run_in`], and fails the test unless the command succeeds. Returns stdout.
@@ -54,14 +51,8 @@ impl Proc {
             .stdout(out)
             .stderr(err)
             .process_group(0);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name} ({args:?}): {e}"));
-        Proc {
-            name: name.into(),
-            child: Some(child),
-            log: log.into(),
-        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name} ({args:?}): {e}"));
+        Proc { name: name.into(), child: Some(child), log: log.into() }
     }
 
     pub fn pid(&self) -> i32 {
@@ -101,9 +92,12 @@ impl Proc {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Lets the process outlive this guard (the quickstart leaves its mesh running).
+    pub fn leave_running(mut self) {
+        self.child = None;
     }
 
     pub fn log_text(&self) -> String {

@@ -30,6 +30,8 @@ pub struct Topology {
     pub dir: PathBuf,
     net: PathBuf,
     created: Mutex<Created>,
+    /// Set by [`Topology::keep`]: dropping leaves everything running.
+    kept: bool,
 }
 
 #[derive(Default)]
@@ -51,23 +53,26 @@ pub struct Pod {
 }
 
 impl Topology {
+    /// A topology for one test, named uniquely.
     pub fn new(test: &str) -> Topology {
         crate::require_root();
         SWEEP.call_once(sweep_leftovers);
-        let id = format!(
-            "{PREFIX}{}-{}",
-            std::process::id(),
-            NEXT_ID.fetch_add(1, Ordering::Relaxed)
-        );
-        let dir = std::env::temp_dir()
-            .join("mesh-tests")
-            .join(format!("{test}-{id}"));
-        fs::create_dir_all(&dir).expect("creating the log directory");
+        let id = format!("{PREFIX}{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let dir = std::env::temp_dir().join("mesh-tests").join(format!("{test}-{id}"));
+        Topology::named(&id, &dir)
+    }
+
+    /// A topology with a fixed name (the quickstart's), logs in `dir`. Remove
+    /// an earlier one of the same name with [`remove_named`] first.
+    pub fn named(id: &str, dir: &Path) -> Topology {
+        crate::require_root();
+        fs::create_dir_all(dir).expect("creating the log directory");
         let t = Topology {
             net: netns_path(&format!("{id}-net")),
-            id,
-            dir,
+            id: id.into(),
+            dir: dir.into(),
             created: Mutex::default(),
+            kept: false,
         };
         let net = t.add_netns("net");
         ip(&["-n", &ns_name(&net), "link", "add", "br0", "type", "bridge"]);
@@ -93,39 +98,14 @@ impl Topology {
         let netns = self.add_netns(name);
         let (pod_ns, net_ns) = (ns_name(&netns), ns_name(&self.net));
         let veth = format!("v{n}");
-        ip(&[
-            "-n", &net_ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
-            &pod_ns,
-        ]);
+        ip(&["-n", &net_ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod_ns]);
         ip(&["-n", &net_ns, "link", "set", &veth, "master", "br0", "up"]);
         let ip4 = Ipv4Addr::new(10, 200, 0, n);
         let ip6 = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, u16::from(n));
-        ip(&[
-            "-n",
-            &pod_ns,
-            "addr",
-            "add",
-            &format!("{ip4}/24"),
-            "dev",
-            "eth0",
-        ]);
-        ip(&[
-            "-n",
-            &pod_ns,
-            "addr",
-            "add",
-            &format!("{ip6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
+        ip(&["-n", &pod_ns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
+        ip(&["-n", &pod_ns, "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
         ip(&["-n", &pod_ns, "link", "set", "eth0", "up"]);
-        Pod {
-            name: format!("default/{name}"),
-            netns,
-            ip4,
-            ip6,
-        }
+        Pod { name: format!("default/{name}"), netns, ip4, ip6 }
     }
 
     /// A node: an empty namespace (loopback only) where an agent runs, so each
@@ -147,15 +127,8 @@ impl Topology {
         let bin = mesh_node_bin();
         let state_dir = format!("{STATE_ROOT}/{}", self.id);
         let log = self.dir.join(format!("agent-{name}-{}.log", now_millis()));
-        let mut args = vec![
-            bin.to_str().unwrap(),
-            "--instance",
-            &instance,
-            "--state-dir",
-            &state_dir,
-            "--log-format",
-            "json",
-        ];
+        let mut args =
+            vec![bin.to_str().unwrap(), "--instance", &instance, "--state-dir", &state_dir, "--log-format", "json"];
         args.extend_from_slice(extra);
         let mut proc = Proc::spawn_in(&format!("agent {name}"), node, &args, &log);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -164,52 +137,24 @@ impl Topology {
                 let code = proc.wait_exit(Duration::from_secs(1));
                 let text = proc.log_text();
                 if code == Some(3) {
-                    return Err(text
-                        .lines()
-                        .last()
-                        .unwrap_or("kernel feature missing")
-                        .to_string());
+                    return Err(text.lines().last().unwrap_or("kernel feature missing").to_string());
                 }
                 panic!("agent {name} exited ({code:?}) before it was ready:\n{text}");
             }
-            let ready = run_in(
-                node,
-                &[
-                    "curl",
-                    "-sf",
-                    "-m",
-                    "1",
-                    "http://127.0.0.1:15021/healthz/ready",
-                ],
-            );
+            let ready = run_in(node, &["curl", "-sf", "-m", "1", "http://127.0.0.1:15021/healthz/ready"]);
             if ready.status.success() {
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "agent {name} not ready after 30 s:\n{}",
-                proc.log_text()
-            );
+            assert!(Instant::now() < deadline, "agent {name} not ready after 30 s:\n{}", proc.log_text());
             thread::sleep(Duration::from_millis(50));
         }
         let pin_dir = Path::new(BPFFS).join("mesh").join(&instance);
-        Ok(Agent {
-            proc,
-            node: node.into(),
-            instance,
-            pin_dir,
-        })
+        Ok(Agent { proc, node: node.into(), instance, pin_dir })
     }
 
     /// Like [`Self::start_agent`], but says SKIPPED and returns `None` where the
     /// kernel lacks a feature.
-    pub fn agent_or_skip(
-        &self,
-        test: &str,
-        node: &Path,
-        name: &str,
-        extra: &[&str],
-    ) -> Option<Agent> {
+    pub fn agent_or_skip(&self, test: &str, node: &Path, name: &str, extra: &[&str]) -> Option<Agent> {
         match self.start_agent(node, name, extra) {
             Ok(agent) => Some(agent),
             Err(reason) => {
@@ -221,41 +166,18 @@ impl Topology {
 
     /// `python3 -m http.server` on `[::]:port` in `pod` (dual-stack), once it answers.
     pub fn http_server(&self, pod: &Pod, port: u16) -> Proc {
-        let log = self
-            .dir
-            .join(format!("http-{}-{port}.log", pod.name.replace('/', "_")));
+        let log = self.dir.join(format!("http-{}-{port}.log", pod.name.replace('/', "_")));
         let port_s = port.to_string();
         let proc = Proc::spawn_in(
             &format!("http server {}", pod.name),
             &pod.netns,
-            &[
-                "python3",
-                "-u",
-                "-m",
-                "http.server",
-                &port_s,
-                "--bind",
-                "::",
-                "--directory",
-                self.dir.to_str().unwrap(),
-            ],
+            &["python3", "-u", "-m", "http.server", &port_s, "--bind", "::", "--directory", self.dir.to_str().unwrap()],
             &log,
         );
         let url = format!("http://127.0.0.1:{port}/");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !run_in(
-            &pod.netns,
-            &["curl", "-sf", "-o", "/dev/null", "-m", "1", &url],
-        )
-        .status
-        .success()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "http server in {} did not start:\n{}",
-                pod.name,
-                proc.log_text()
-            );
+        while !run_in(&pod.netns, &["curl", "-sf", "-o", "/dev/null", "-m", "1", &url]).status.success() {
+            assert!(Instant::now() < deadline, "http server in {} did not start:\n{}", pod.name, proc.log_text());
             thread::sleep(Duration::from_millis(50));
         }
         proc
@@ -264,22 +186,28 @@ impl Topology {
     /// A cgroup v2 child of the root, removed with the topology.
     pub fn cgroup(&self, name: &str) -> PathBuf {
         let path = cgroup_root().join(format!("{}-{name}", self.id));
-        fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
         self.created.lock().unwrap().cgroups.push(path.clone());
         path
     }
 }
 
+impl Topology {
+    /// Leaves the topology and its processes in place when dropped (the
+    /// quickstart's mesh keeps running; [`remove_named`] takes it down).
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         let c = std::mem::take(&mut *self.created.lock().unwrap_or_else(|e| e.into_inner()));
         if thread::panicking() {
-            eprintln!(
-                "test topology {} failed; logs are in {}",
-                self.id,
-                self.dir.display()
-            );
+            eprintln!("test topology {} failed; logs are in {}", self.id, self.dir.display());
         }
         for name in c.netns.iter().rev() {
             kill_netns_processes(name);
@@ -310,17 +238,7 @@ pub struct Agent {
 impl Agent {
     fn admin(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
         let url = format!("http://127.0.0.1:15000{path}");
-        let mut args = vec![
-            "curl",
-            "-s",
-            "-m",
-            "10",
-            "-X",
-            method,
-            "-w",
-            "\n%{http_code}",
-            &url,
-        ];
+        let mut args = vec!["curl", "-s", "-m", "10", "-X", method, "-w", "\n%{http_code}", &url];
         if let Some(body) = body {
             args.extend_from_slice(&["-H", "content-type: application/json", "-d", body]);
         }
@@ -330,11 +248,7 @@ impl Agent {
     }
 
     pub fn enroll(&self, pod: &Pod) {
-        let body = format!(
-            r#"{{"name":"{}","netns":"{}"}}"#,
-            pod.name,
-            pod.netns.display()
-        );
+        let body = format!(r#"{{"name":"{}","netns":"{}"}}"#, pod.name, pod.netns.display());
         let (code, text) = self.admin("POST", "/pods", Some(&body));
         assert_eq!(code, 201, "enrolling {}: {text}", pod.name);
     }
@@ -367,11 +281,7 @@ impl Agent {
             if let Some(v) = self.access_log().into_iter().find(|v| pred(v)) {
                 return v;
             }
-            assert!(
-                Instant::now() < deadline,
-                "no access-log line for {what}; log:\n{}",
-                self.proc.log_text()
-            );
+            assert!(Instant::now() < deadline, "no access-log line for {what}; log:\n{}", self.proc.log_text());
             thread::sleep(Duration::from_millis(25));
         }
     }
@@ -386,28 +296,11 @@ impl Agent {
 impl Pod {
     /// curl from this pod; returns the output (check `status`).
     pub fn curl(&self, url: &str) -> Output {
-        run_in(
-            &self.netns,
-            &[
-                "curl",
-                "-sS",
-                "-m",
-                "3",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                url,
-            ],
-        )
+        run_in(&self.netns, &["curl", "-sS", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}", url])
     }
 
     pub fn ip(&self, v6: bool) -> IpAddr {
-        if v6 {
-            IpAddr::V6(self.ip6)
-        } else {
-            IpAddr::V4(self.ip4)
-        }
+        if v6 { IpAddr::V6(self.ip6) } else { IpAddr::V4(self.ip4) }
     }
 }
 
@@ -430,36 +323,19 @@ fn mesh_node_bin() -> PathBuf {
     }
     // target/<profile>/deps/<test> -> target/<profile>/mesh-node
     let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|p| p.join("mesh-node"))
-        .expect("target dir");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo build` first (cargo xtask test does)",
-        bin.display()
-    );
+    let bin = exe.parent().and_then(Path::parent).map(|p| p.join("mesh-node")).expect("target dir");
+    assert!(bin.exists(), "{} not built: run `cargo build` first (cargo xtask test does)", bin.display());
     bin
 }
 
 pub(crate) fn cgroup_root() -> PathBuf {
     let unified = PathBuf::from("/sys/fs/cgroup/unified");
-    if unified.join("cgroup.procs").exists() {
-        unified
-    } else {
-        PathBuf::from("/sys/fs/cgroup")
-    }
+    if unified.join("cgroup.procs").exists() { unified } else { PathBuf::from("/sys/fs/cgroup") }
 }
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
 fn netns_path(name: &str) -> PathBuf {
@@ -472,10 +348,7 @@ fn ns_name(path: &Path) -> String {
 
 fn kill_netns_processes(name: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
-        for pid in String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
-        {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
             // SAFETY: kill has no memory preconditions.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
@@ -483,50 +356,73 @@ fn kill_netns_processes(name: &str) {
 }
 
 fn now_millis() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+/// Removes every trace of topologies whose id `matches`: processes (agents get
+/// SIGTERM first, so one started with --cleanup detaches its programs itself),
+/// namespaces, pins, state and cgroups. Returns what it removed.
+fn remove_matching(matches: impl Fn(&str) -> bool) -> Vec<String> {
+    let entries = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    };
+    let netns: Vec<String> = entries(Path::new("/run/netns")).into_iter().filter(|n| matches(n)).collect();
+    for name in &netns {
+        terminate_netns_processes(name);
+    }
+    for name in &netns {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+    }
+    let mut removed = netns;
+    let remove_dir: fn(&Path) -> std::io::Result<()> = |p| fs::remove_dir(p);
+    let remove_all: fn(&Path) -> std::io::Result<()> = |p| fs::remove_dir_all(p);
+    for (dir, remove) in [
+        (Path::new(BPFFS).join("mesh"), remove_all),
+        (PathBuf::from(STATE_ROOT), remove_all),
+        (cgroup_root(), remove_dir),
+    ] {
+        for name in entries(&dir).into_iter().filter(|n| matches(n)) {
+            if remove(&dir.join(&name)).is_ok() {
+                removed.push(dir.join(name).display().to_string());
+            }
+        }
+    }
+    removed
+}
+
+/// Takes down the topology named `id` (see [`Topology::named`]).
+pub fn remove_named(id: &str) -> Vec<String> {
+    let prefix = format!("{id}-");
+    remove_matching(|name| name == id || name.starts_with(&prefix))
 }
 
 /// Removes what test runs that were killed outright (their pid is gone) left.
 fn sweep_leftovers() {
-    let dead = |name: &str| -> bool {
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            return false;
-        };
+    remove_matching(|name| {
+        let Some(rest) = name.strip_prefix(PREFIX) else { return false };
         let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        pid.is_some_and(|pid| {
-            pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
-        })
-    };
-    let entries = |dir: &str| -> Vec<String> {
-        fs::read_dir(dir)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
+        pid.is_some_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists())
+    });
+}
+
+/// SIGTERM to every process in the namespace, then SIGKILL to what is left after 5 s.
+fn terminate_netns_processes(name: &str) {
+    let pids = || -> Vec<i32> {
+        Command::new("ip")
+            .args(["netns", "pids", name])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
             .unwrap_or_default()
     };
-    for name in entries("/run/netns").into_iter().filter(|n| dead(n)) {
-        kill_netns_processes(&name);
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+    for pid in pids() {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
     }
-    for name in entries(&format!("{BPFFS}/mesh"))
-        .into_iter()
-        .filter(|n| dead(n))
-    {
-        let _ = fs::remove_dir_all(Path::new(BPFFS).join("mesh").join(name));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pids().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
     }
-    for name in entries(STATE_ROOT).into_iter().filter(|n| dead(n)) {
-        let _ = fs::remove_dir_all(Path::new(STATE_ROOT).join(name));
-    }
-    let root = cgroup_root();
-    for name in entries(root.to_str().unwrap())
-        .into_iter()
-        .filter(|n| dead(n))
-    {
-        let _ = fs::remove_dir(root.join(name));
-    }
+    kill_netns_processes(name);
 }

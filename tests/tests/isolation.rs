@@ -34,17 +34,11 @@ fn two_agents_on_one_kernel_see_only_their_own_pods() {
     });
     assert_eq!(out["direction"], "outbound");
     agent2.wait_access("a1 -> b2 inbound", |v| {
-        v["pod"] == b2.name.as_str()
-            && v["src"]
-                .as_str()
-                .unwrap()
-                .starts_with(&format!("{}:", a1.ip4))
+        v["pod"] == b2.name.as_str() && v["src"].as_str().unwrap().starts_with(&format!("{}:", a1.ip4))
     });
 
-    let mine = |pods: &[&str], log: Vec<serde_json::Value>| {
-        log.iter()
-            .all(|v| pods.contains(&v["pod"].as_str().unwrap()))
-    };
+    let mine =
+        |pods: &[&str], log: Vec<serde_json::Value>| log.iter().all(|v| pods.contains(&v["pod"].as_str().unwrap()));
     assert!(
         mine(&[&a1.name, &b1.name], agent1.access_log()),
         "agent 1 saw another agent's pods: {:?}",
@@ -92,18 +86,9 @@ fn another_program_on_the_same_cgroup_hook_keeps_working() {
         "EPERM",
         "the other program did not refuse port 9: {refused:?}"
     );
-    let fine = in_cgroup(&format!(
-        "curl -sS -m 3 -o /dev/null -w '%{{http_code}}' http://{}:8080/",
-        b.ip4
-    ));
+    let fine = in_cgroup(&format!("curl -sS -m 3 -o /dev/null -w '%{{http_code}}' http://{}:8080/", b.ip4));
     assert!(ok(&fine), "{fine:?}");
     let dst = format!("{}:8080", b.ip4);
-    agent.wait_access("redirect beside the other program", |v| {
-        v["original_dst"] == dst.as_str()
-    });
-    assert_eq!(
-        agent.access_log().len(),
-        seen_before + 1,
-        "only the allowed connection reached the proxy"
-    );
+    agent.wait_access("redirect beside the other program", |v| v["original_dst"] == dst.as_str());
+    assert_eq!(agent.access_log().len(), seen_before + 1, "only the allowed connection reached the proxy");
 }

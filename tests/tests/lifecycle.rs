@@ -21,30 +21,20 @@ fn ids(dump: &Value, key: &str) -> BTreeMap<String, u64> {
 }
 
 fn kernel_has(kind: &str, id: u64) -> bool {
-    Command::new("bpftool")
-        .args([kind, "show", "id", &id.to_string()])
-        .output()
-        .unwrap()
-        .status
-        .success()
+    Command::new("bpftool").args([kind, "show", "id", &id.to_string()]).output().unwrap().status.success()
 }
 
 /// The kernel frees links and programs after an RCU grace period: poll.
 fn assert_gone(kind: &str, id: u64, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while kernel_has(kind, id) {
-        assert!(
-            Instant::now() < deadline,
-            "{kind} {id} ({what}) is still in the kernel"
-        );
+        assert!(Instant::now() < deadline, "{kind} {id} ({what}) is still in the kernel");
         thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn pinned_links(agent: &Agent) -> usize {
-    fs::read_dir(agent.pin_dir.join("links"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    fs::read_dir(agent.pin_dir.join("links")).map(|d| d.count()).unwrap_or(0)
 }
 
 fn curl_ok(out: &std::process::Output) -> bool {
@@ -66,60 +56,27 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_takes_over_cleanly() {
     assert!(curl_ok(&a.curl(&url)));
     let before = ids(&agent.config_dump(), "links");
     let programs_before = ids(&agent.config_dump(), "programs");
-    assert_eq!(
-        before.len(),
-        5,
-        "connect4, connect6, sockops and one sk_lookup per pod: {before:?}"
-    );
+    assert_eq!(before.len(), 5, "connect4, connect6, sockops and one sk_lookup per pod: {before:?}");
 
     agent.proc.kill();
     let served = http_clients(&server).len();
     let out = a.curl(&url);
-    assert!(
-        !out.status.success(),
-        "a's outbound connection went around the dead proxy: {out:?}"
-    );
+    assert!(!out.status.success(), "a's outbound connection went around the dead proxy: {out:?}");
     let out = c.curl(&url);
-    assert!(
-        !out.status.success(),
-        "plaintext reached b's app around the dead proxy: {out:?}"
-    );
-    assert_eq!(
-        http_clients(&server).len(),
-        served,
-        "the server was reached while the agent was down"
-    );
-    assert_eq!(
-        pinned_links(&agent),
-        5,
-        "the links stay pinned while the agent is down"
-    );
+    assert!(!out.status.success(), "plaintext reached b's app around the dead proxy: {out:?}");
+    assert_eq!(http_clients(&server).len(), served, "the server was reached while the agent was down");
+    assert_eq!(pinned_links(&agent), 5, "the links stay pinned while the agent is down");
 
     let agent = t.start_agent(&node, "n1", &[]).expect("restart");
     let dump = agent.config_dump();
-    let names: Vec<&str> = dump["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        names,
-        vec![a.name.as_str(), b.name.as_str()],
-        "pods restored"
-    );
+    let names: Vec<&str> = dump["pods"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec![a.name.as_str(), b.name.as_str()], "pods restored");
     assert!(curl_ok(&a.curl(&url)), "a works again after the restart");
-    assert!(
-        curl_ok(&c.curl(&url)),
-        "inbound to b works again after the restart"
-    );
+    assert!(curl_ok(&c.curl(&url)), "inbound to b works again after the restart");
     agent.wait_access("outbound after restart", |v| v["pod"] == a.name.as_str());
 
     let after = ids(&dump, "links");
-    assert_eq!(
-        after.keys().collect::<Vec<_>>(),
-        before.keys().collect::<Vec<_>>()
-    );
+    assert_eq!(after.keys().collect::<Vec<_>>(), before.keys().collect::<Vec<_>>());
     assert_eq!(pinned_links(&agent), 5, "no duplicate pins");
     for (name, id) in &before {
         assert_ne!(after[name], *id, "{name} was re-attached");
@@ -149,17 +106,8 @@ fn cleanup_leaves_nothing_behind() {
     let dump = agent.config_dump();
     let (links, programs) = (ids(&dump, "links"), ids(&dump, "programs"));
 
-    assert_eq!(
-        agent.terminate(),
-        Some(0),
-        "clean exit:\n{}",
-        agent.proc.log_text()
-    );
-    assert!(
-        !agent.pin_dir.exists(),
-        "{} remains",
-        agent.pin_dir.display()
-    );
+    assert_eq!(agent.terminate(), Some(0), "clean exit:\n{}", agent.proc.log_text());
+    assert!(!agent.pin_dir.exists(), "{} remains", agent.pin_dir.display());
     for (name, id) in &links {
         assert_gone("link", *id, name);
     }
@@ -171,16 +119,8 @@ fn cleanup_leaves_nothing_behind() {
     for pod in [&a, &b] {
         let listening = run_in(&pod.netns, &["ss", "-Hltn"]);
         let text = String::from_utf8_lossy(&listening.stdout);
-        assert!(
-            !text.contains(":15001") && !text.contains(":15006"),
-            "listeners remain in {}: {text}",
-            pod.name
-        );
+        assert!(!text.contains(":15001") && !text.contains(":15006"), "listeners remain in {}: {text}", pod.name);
     }
     assert!(curl_ok(&a.curl(&url)));
-    assert_eq!(
-        http_clients(&server).last(),
-        Some(&a.ip(false)),
-        "a now reaches b directly"
-    );
+    assert_eq!(http_clients(&server).last(), Some(&a.ip(false)), "a now reaches b directly");
 }

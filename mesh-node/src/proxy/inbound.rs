@@ -14,9 +14,7 @@ pub async fn handle(
     ctx: &ProxyContext,
 ) {
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-    let local = client
-        .local_addr()
-        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()));
+    let local = client.local_addr().map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()));
     let mut record = ConnectionRecord {
         direction: Direction::Inbound,
         pod: &pod.name,
@@ -33,18 +31,9 @@ pub async fn handle(
     let outcome = async {
         // Connecting to the pod's own address from inside the pod: the kernel's
         // steering leaves self-connections alone, so this reaches the app.
-        let socket = pod
-            .netns
-            .tcp_socket(dst, ctx.mark)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut app = socket
-            .connect(dst)
-            .await
-            .map_err(|e| format!("connect to app {dst}: {e}"))?;
-        tokio::io::copy_bidirectional(&mut client, &mut app)
-            .await
-            .map_err(|e| format!("relay: {e}"))
+        let socket = pod.netns.tcp_socket(dst, ctx.mark).await.map_err(|e| e.to_string())?;
+        let mut app = socket.connect(dst).await.map_err(|e| format!("connect to app {dst}: {e}"))?;
+        tokio::io::copy_bidirectional(&mut client, &mut app).await.map_err(|e| format!("relay: {e}"))
     }
     .await;
     record.finish(outcome);

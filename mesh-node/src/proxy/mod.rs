@@ -50,8 +50,7 @@ impl PodListeners {
     /// Binds the outbound listener on the pod's loopback (IPv4 and, where the
     /// pod has IPv6, IPv6) and the dual-stack inbound listener.
     pub fn bind(netns: &Netns, ports: Ports) -> Result<Self, crate::netns::NetnsError> {
-        let mut outbound =
-            vec![netns.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, ports.outbound)))?];
+        let mut outbound = vec![netns.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, ports.outbound)))?];
         match netns.listen(SocketAddr::from((Ipv6Addr::LOCALHOST, ports.outbound))) {
             Ok(l) => outbound.push(l),
             Err(e) => {
@@ -71,20 +70,11 @@ impl PodListeners {
 
     /// Starts accepting. Aborting the returned tasks closes the listeners;
     /// connections already accepted run to their end.
-    pub fn spawn(
-        self,
-        pod: Arc<PodContext>,
-        ctx: Arc<ProxyContext>,
-    ) -> std::io::Result<Vec<JoinHandle<()>>> {
+    pub fn spawn(self, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) -> std::io::Result<Vec<JoinHandle<()>>> {
         let mut tasks = Vec::new();
         for l in self.outbound {
             let l = TcpListener::from_std(l)?;
-            tasks.push(tokio::spawn(accept_loop(
-                l,
-                pod.clone(),
-                ctx.clone(),
-                Direction::Outbound,
-            )));
+            tasks.push(tokio::spawn(accept_loop(l, pod.clone(), ctx.clone(), Direction::Outbound)));
         }
         let l = TcpListener::from_std(self.inbound)?;
         tasks.push(tokio::spawn(accept_loop(l, pod, ctx, Direction::Inbound)));
@@ -92,12 +82,7 @@ impl PodListeners {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    pod: Arc<PodContext>,
-    ctx: Arc<ProxyContext>,
-    direction: Direction,
-) {
+async fn accept_loop(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>, direction: Direction) {
     let Ok(bound) = listener.local_addr() else {
         return;
     };
@@ -107,12 +92,8 @@ async fn accept_loop(
                 let (pod, ctx) = (pod.clone(), ctx.clone());
                 tokio::spawn(async move {
                     match direction {
-                        Direction::Outbound => {
-                            outbound::handle(stream, peer, bound, &pod, &ctx).await
-                        }
-                        Direction::Inbound => {
-                            inbound::handle(stream, peer, bound, &pod, &ctx).await
-                        }
+                        Direction::Outbound => outbound::handle(stream, peer, bound, &pod, &ctx).await,
+                        Direction::Inbound => inbound::handle(stream, peer, bound, &pod, &ctx).await,
                     }
                 });
             }

@@ -24,33 +24,18 @@ pub async fn handle(
         original_dst: None,
         started: Instant::now(),
     };
-    let key = PeerKey {
-        netns_cookie: pod.netns.cookie(),
-        ip: ip_key(peer.ip()),
-        port: u32::from(peer.port()),
-    };
+    let key = PeerKey { netns_cookie: pod.netns.cookie(), ip: ip_key(peer.ip()), port: u32::from(peer.port()) };
     let Some(orig) = ctx.orig_dst.take(&key) else {
         // Only a client that connected to the listener directly gets here.
-        record.finish(Err(
-            "no original destination recorded for this client".into()
-        ));
+        record.finish(Err("no original destination recorded for this client".into()));
         return;
     };
     let dst = SocketAddr::new(ip_from_key(&orig.ip), orig.port as u16);
     record.original_dst = Some(dst);
     let outcome = async {
-        let socket = pod
-            .netns
-            .tcp_socket(dst, ctx.mark)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut upstream = socket
-            .connect(dst)
-            .await
-            .map_err(|e| format!("connect {dst}: {e}"))?;
-        tokio::io::copy_bidirectional(&mut client, &mut upstream)
-            .await
-            .map_err(|e| format!("relay: {e}"))
+        let socket = pod.netns.tcp_socket(dst, ctx.mark).await.map_err(|e| e.to_string())?;
+        let mut upstream = socket.connect(dst).await.map_err(|e| format!("connect {dst}: {e}"))?;
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await.map_err(|e| format!("relay: {e}"))
     }
     .await;
     record.finish(outcome);

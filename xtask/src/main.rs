@@ -1,0 +1,76 @@
+//! `cargo xtask`: the project's two set-up commands and their helpers.
+//!
+//! - `cargo xtask test`: installs what is missing, builds, runs every test
+//!   (the kernel tests need root).
+//! - `cargo xtask quickstart [--down]`: runs the mesh on this host.
+mod prereqs;
+mod quickstart;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install missing prerequisites, build, and run every test (as root).
+    Test {
+        /// Passed to `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Bring up a local mesh on this host, drive traffic through it, and show what happened.
+    Quickstart {
+        /// Remove everything a previous quickstart created.
+        #[arg(long)]
+        down: bool,
+    },
+    /// Only install the prerequisites (Debian packages, bpf-linker, toolchain link).
+    Setup,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Test { args } => test(&args),
+        Cmd::Quickstart { down: false } => quickstart::up(),
+        Cmd::Quickstart { down: true } => quickstart::down(),
+        Cmd::Setup => prereqs::ensure(),
+    }
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    prereqs::require_root("cargo xtask test")?;
+    prereqs::ensure()?;
+    step("building the workspace");
+    cargo(&["build"])?;
+    step("running every test (unit tests, then the kernel tests in network namespaces)");
+    let mut test_args = vec!["test"];
+    test_args.extend(args.iter().map(String::as_str));
+    cargo(&test_args)
+}
+
+/// Runs cargo with this workspace's default members (mesh-ebpf is built by
+/// mesh-node's build script, never for the host).
+pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .env("PATH", prereqs::path_with_tools())
+        .status()
+        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+pub(crate) fn step(what: &str) {
+    eprintln!("\n==> {what}");
+}

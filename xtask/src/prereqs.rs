@@ -1,0 +1,121 @@
+//! What the build and the tests need beyond a Rust toolchain, installed only
+//! where missing (so a repeat run costs a few `dpkg-query` calls).
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::step;
+
+/// Debian packages: the BPF-capable Rust toolchain and LLVM (the recipe in
+/// ARCHITECTURE.md), and the tools the tests drive.
+const PACKAGES: &[&str] = &[
+    "rustc-web",               // rustc 1.96 with LLVM 22, the same LLVM as bpf-linker's
+    "cargo-web",               //
+    "libstd-rust-web-dev-bpf", // prebuilt core for bpfel-unknown-none
+    "llvm-22-dev",             // bpf-linker links against it
+    "iproute2",                // ip, ss
+    "util-linux",              // nsenter
+    "bpftool",                 // tests check links and programs in the kernel
+    "curl",
+    "python3", // http.server in test pods
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Outside the clone, so it survives fresh checkouts (CI) and is built once.
+pub const TOOLS_ROOT: &str = "/var/tmp/mesh-tools";
+const EBPF_TOOLCHAIN: &str = "debian-web";
+
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "{what} needs root: it installs packages, loads eBPF programs and creates network namespaces.\n\
+             Run: sudo -E env \"PATH=$PATH\" {what}"
+        );
+    }
+    Ok(())
+}
+
+pub fn ensure() -> anyhow::Result<()> {
+    require_root("cargo xtask")?;
+    ensure_packages()?;
+    ensure_bpf_linker()?;
+    ensure_toolchain_link()?;
+    Ok(())
+}
+
+/// PATH with the tools directory first (bpf-linker).
+pub fn path_with_tools() -> OsString {
+    let mut dirs = vec![Path::new(TOOLS_ROOT).join("bin")];
+    dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    for extra in ["/usr/sbin", "/sbin"] {
+        if !dirs.iter().any(|d| d == Path::new(extra)) {
+            dirs.push(PathBuf::from(extra));
+        }
+    }
+    std::env::join_paths(dirs).unwrap_or_default()
+}
+
+fn ensure_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    run(Command::new("apt-get").arg("update"), "apt-get update")?;
+    run(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get install",
+    )
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    let bin = Path::new(TOOLS_ROOT).join("bin/bpf-linker");
+    let version = Command::new(&bin).arg("--version").output();
+    if version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    step(&format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 4 minutes on 2 cores; once)"));
+    run(
+        Command::new("cargo")
+            .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--no-default-features"])
+            .args(["--features", "llvm-22", "--root", TOOLS_ROOT])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        "cargo install bpf-linker",
+    )
+}
+
+/// With rustup on PATH, aya-build runs `rustup run debian-web cargo` for the
+/// eBPF crate: link that name to Debian's rustc-web, which ships core for BPF.
+fn ensure_toolchain_link() -> anyhow::Result<()> {
+    let Ok(list) = Command::new("rustup").args(["toolchain", "list"]).output() else {
+        return Ok(()); // no rustup: aya-build uses the rustc on PATH
+    };
+    if String::from_utf8_lossy(&list.stdout).lines().any(|l| l.starts_with(EBPF_TOOLCHAIN)) {
+        return Ok(());
+    }
+    step(&format!("linking rustup toolchain {EBPF_TOOLCHAIN} to /usr (Debian's rustc-web)"));
+    run(Command::new("rustup").args(["toolchain", "link", EBPF_TOOLCHAIN, "/usr"]), "rustup toolchain link")
+}
+
+fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
