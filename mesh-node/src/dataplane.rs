@@ -393,6 +393,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn load_failures_name_the_missing_feature_or_the_missing_privilege() {
+        let cases = [
+            ("the BPF_PROG_LOAD syscall failed. Verifier output: unknown func bpf_get_netns_cookie#122", true),
+            ("`bpf_link_create` failed: Invalid argument (os error 22)", true),
+            ("the BPF_PROG_LOAD syscall failed: Operation not permitted (os error 1)", false),
+            ("open: Permission denied (os error 13)", false),
+        ];
+        for (detail, is_unsupported) in cases {
+            let e = unsupported("sk_lookup programs", "Linux 5.9", detail);
+            assert_eq!(matches!(e, DataplaneError::Unsupported { .. }), is_unsupported, "{detail}");
+            let text = e.to_string();
+            if is_unsupported {
+                assert!(text.contains("lacks sk_lookup programs (needs Linux 5.9)") && text.contains(detail), "{text}");
+            } else {
+                assert!(text.contains("run mesh-node as root"), "{text}");
+            }
+        }
+    }
+
+    #[test]
     fn ip_keys_round_trip_and_match_the_kernel_layout() {
         for ip in ["10.1.2.3", "fd00::7", "::1", "127.0.0.1"] {
             let ip: IpAddr = ip.parse().unwrap();

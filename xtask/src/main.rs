@@ -51,9 +51,59 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     step("building the workspace");
     cargo(&["build"])?;
     step("running every test (unit tests, then the kernel tests in network namespaces)");
+    let skipped_file = mesh_tests::skipped_file();
+    let _ = std::fs::remove_file(&skipped_file);
     let mut test_args = vec!["test"];
     test_args.extend(args.iter().map(String::as_str));
-    cargo(&test_args)
+    let outcome = cargo_test(&test_args)?;
+    let skipped: Vec<String> =
+        std::fs::read_to_string(&skipped_file).unwrap_or_default().lines().map(str::to_owned).collect();
+    for line in &skipped {
+        eprintln!("*** {line}");
+    }
+    println!("tests: {} passed, {} failed, {} skipped", outcome.passed, outcome.failed, skipped.len());
+    if !outcome.success {
+        bail!("some tests failed");
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct TestOutcome {
+    passed: u64,
+    failed: u64,
+    success: bool,
+}
+
+/// `cargo test`, its output passed through, its `test result:` lines added up.
+fn cargo_test(args: &[&str]) -> anyhow::Result<TestOutcome> {
+    use std::io::{BufRead as _, BufReader};
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(&cargo)
+        .args(args)
+        .env("PATH", prereqs::path_with_tools())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
+    let mut outcome = TestOutcome::default();
+    for line in BufReader::new(child.stdout.take().context("cargo test stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            for part in result.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+                let n: u64 = n.parse().unwrap_or(0);
+                match what {
+                    "passed" => outcome.passed += n,
+                    "failed" => outcome.failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    outcome.success = child.wait()?.success();
+    Ok(outcome)
 }
 
 /// Runs cargo with this workspace's default members (mesh-ebpf is built by
