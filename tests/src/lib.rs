@@ -22,6 +22,11 @@ pub fn require_root() {
     }
 }
 
+/// Whether a [`Pod::curl`] got HTTP 200.
+pub fn http_ok(out: &std::process::Output) -> bool {
+    out.status.success() && out.stdout == b"200"
+}
+
 /// Where skipped tests are recorded: libtest hides the output of tests that
 /// pass, so `cargo xtask test` reads this file and reports every skip.
 pub fn skipped_file() -> std::path::PathBuf {

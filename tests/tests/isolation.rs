@@ -1,10 +1,6 @@
 //! Agents share the kernel with each other and with other programs on the
 //! same hooks (points 5 and 6).
-use mesh_tests::{Topology, cgroup_prog::DenyPort9, run_in};
-
-fn ok(out: &std::process::Output) -> bool {
-    out.status.success() && out.stdout == b"200"
-}
+use mesh_tests::{Topology, cgroup_prog::DenyPort9, http_ok, run_in};
 
 #[test]
 fn two_agents_on_one_kernel_see_only_their_own_pods() {
@@ -24,11 +20,11 @@ fn two_agents_on_one_kernel_see_only_their_own_pods() {
     agent2.enroll(&a2);
     agent2.enroll(&b2);
 
-    assert!(ok(&a1.curl(&format!("http://{}:8080/", b1.ip4))));
+    assert!(http_ok(&a1.curl(&format!("http://{}:8080/", b1.ip4))));
     agent1.wait_access("a1 -> b1 inbound", |v| v["pod"] == b1.name.as_str());
-    assert!(ok(&a2.curl(&format!("http://{}:8080/", b2.ip4))));
+    assert!(http_ok(&a2.curl(&format!("http://{}:8080/", b2.ip4))));
     agent2.wait_access("a2 -> b2 inbound", |v| v["pod"] == b2.name.as_str());
-    assert!(ok(&a1.curl(&format!("http://{}:8080/", b2.ip4))));
+    assert!(http_ok(&a1.curl(&format!("http://{}:8080/", b2.ip4))));
     let out = agent1.wait_access("a1 -> b2 outbound", |v| {
         v["pod"] == a1.name.as_str() && v["original_dst"] == format!("{}:8080", b2.ip4).as_str()
     });
@@ -87,7 +83,7 @@ fn another_program_on_the_same_cgroup_hook_keeps_working() {
         "the other program did not refuse port 9: {refused:?}"
     );
     let fine = in_cgroup(&format!("curl -sS -m 3 -o /dev/null -w '%{{http_code}}' http://{}:8080/", b.ip4));
-    assert!(ok(&fine), "{fine:?}");
+    assert!(http_ok(&fine), "{fine:?}");
     let dst = format!("{}:8080", b.ip4);
     agent.wait_access("redirect beside the other program", |v| v["original_dst"] == dst.as_str());
     assert_eq!(agent.access_log().len(), seen_before + 1, "only the allowed connection reached the proxy");

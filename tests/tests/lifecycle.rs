@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_tests::{Agent, Topology, http_clients, run_in};
+use mesh_tests::{Agent, Topology, http_clients, http_ok, run_in};
 use serde_json::Value;
 
 fn ids(dump: &Value, key: &str) -> BTreeMap<String, u64> {
@@ -37,10 +37,6 @@ fn pinned_links(agent: &Agent) -> usize {
     fs::read_dir(agent.pin_dir.join("links")).map(|d| d.count()).unwrap_or(0)
 }
 
-fn curl_ok(out: &std::process::Output) -> bool {
-    out.status.success() && out.stdout == b"200"
-}
-
 #[test]
 fn a_killed_agent_fails_closed_and_a_restarted_one_takes_over_cleanly() {
     let t = Topology::new("fail-closed");
@@ -53,7 +49,7 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_takes_over_cleanly() {
     agent.enroll(&a);
     agent.enroll(&b);
     let url = format!("http://{}:8080/", b.ip4);
-    assert!(curl_ok(&a.curl(&url)));
+    assert!(http_ok(&a.curl(&url)));
     let before = ids(&agent.config_dump(), "links");
     let programs_before = ids(&agent.config_dump(), "programs");
     assert_eq!(before.len(), 5, "connect4, connect6, sockops and one sk_lookup per pod: {before:?}");
@@ -71,8 +67,8 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_takes_over_cleanly() {
     let dump = agent.config_dump();
     let names: Vec<&str> = dump["pods"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(names, vec![a.name.as_str(), b.name.as_str()], "pods restored");
-    assert!(curl_ok(&a.curl(&url)), "a works again after the restart");
-    assert!(curl_ok(&c.curl(&url)), "inbound to b works again after the restart");
+    assert!(http_ok(&a.curl(&url)), "a works again after the restart");
+    assert!(http_ok(&c.curl(&url)), "inbound to b works again after the restart");
     agent.wait_access("outbound after restart", |v| v["pod"] == a.name.as_str());
 
     let after = ids(&dump, "links");
@@ -102,7 +98,7 @@ fn cleanup_leaves_nothing_behind() {
     agent.enroll(&a);
     agent.enroll(&b);
     let url = format!("http://{}:8080/", b.ip4);
-    assert!(curl_ok(&a.curl(&url)));
+    assert!(http_ok(&a.curl(&url)));
     let dump = agent.config_dump();
     let (links, programs) = (ids(&dump, "links"), ids(&dump, "programs"));
 
@@ -121,6 +117,6 @@ fn cleanup_leaves_nothing_behind() {
         let text = String::from_utf8_lossy(&listening.stdout);
         assert!(!text.contains(":15001") && !text.contains(":15006"), "listeners remain in {}: {text}", pod.name);
     }
-    assert!(curl_ok(&a.curl(&url)));
+    assert!(http_ok(&a.curl(&url)));
     assert_eq!(http_clients(&server).last(), Some(&a.ip(false)), "a now reaches b directly");
 }

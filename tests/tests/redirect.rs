@@ -2,11 +2,11 @@
 //! anyone else (issue points 1, 2, 3 and 8).
 use std::{thread, time::Duration};
 
-use mesh_tests::{Topology, http_clients, run_in};
+use mesh_tests::{Topology, http_clients, http_ok, run_in};
 
 fn ok(out: std::process::Output) {
     assert!(
-        out.status.success() && out.stdout == b"200",
+        http_ok(&out),
         "request failed: {} {}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)

@@ -28,13 +28,7 @@ pub async fn handle(
         Err(e) => return record.finish(Err(format!("no local address: {e}"))),
     };
     record.original_dst = Some(dst);
-    let outcome = async {
-        // Connecting to the pod's own address from inside the pod: the kernel's
-        // steering leaves self-connections alone, so this reaches the app.
-        let socket = pod.netns.tcp_socket(dst, ctx.mark).await.map_err(|e| e.to_string())?;
-        let mut app = socket.connect(dst).await.map_err(|e| format!("connect to app {dst}: {e}"))?;
-        tokio::io::copy_bidirectional(&mut client, &mut app).await.map_err(|e| format!("relay: {e}"))
-    }
-    .await;
-    record.finish(outcome);
+    // Connecting to the pod's own address from inside the pod: the kernel's
+    // steering leaves self-connections alone, so this reaches the app.
+    record.finish(super::connect_and_relay(&mut client, dst, pod, ctx).await);
 }

@@ -82,6 +82,19 @@ impl PodListeners {
     }
 }
 
+/// Connects to `dst` from a marked socket in the pod's namespace and relays
+/// bytes both ways until both sides close. Returns (client->dst, dst->client).
+async fn connect_and_relay(
+    client: &mut tokio::net::TcpStream,
+    dst: SocketAddr,
+    pod: &PodContext,
+    ctx: &ProxyContext,
+) -> Result<(u64, u64), String> {
+    let socket = pod.netns.tcp_socket(dst, ctx.mark).await.map_err(|e| e.to_string())?;
+    let mut upstream = socket.connect(dst).await.map_err(|e| format!("connect {dst}: {e}"))?;
+    tokio::io::copy_bidirectional(client, &mut upstream).await.map_err(|e| format!("relay: {e}"))
+}
+
 async fn accept_loop(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>, direction: Direction) {
     let Ok(bound) = listener.local_addr() else {
         return;

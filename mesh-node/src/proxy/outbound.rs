@@ -32,11 +32,5 @@ pub async fn handle(
     };
     let dst = SocketAddr::new(ip_from_key(&orig.ip), orig.port as u16);
     record.original_dst = Some(dst);
-    let outcome = async {
-        let socket = pod.netns.tcp_socket(dst, ctx.mark).await.map_err(|e| e.to_string())?;
-        let mut upstream = socket.connect(dst).await.map_err(|e| format!("connect {dst}: {e}"))?;
-        tokio::io::copy_bidirectional(&mut client, &mut upstream).await.map_err(|e| format!("relay: {e}"))
-    }
-    .await;
-    record.finish(outcome);
+    record.finish(super::connect_and_relay(&mut client, dst, pod, ctx).await);
 }
