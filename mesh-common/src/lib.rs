@@ -4,7 +4,10 @@
 //! `#[repr(C)]`, `Copy`, and laid out without implicit padding (`u32` where a
 //! `bool` or `u16` would leave holes). Addresses are stored as the kernel hands
 //! them to the programs: network byte order, IPv4 in the first word.
-#![no_std]
+#![cfg_attr(not(feature = "std"), no_std)]
+
+#[cfg(feature = "std")]
+pub mod identity;
 
 /// Port of the node proxy's outbound listener, bound to loopback inside each enrolled pod.
 pub const OUTBOUND_PORT: u16 = 15001;

@@ -1,0 +1,459 @@
+//! The configuration kinds, as users write them: Kubernetes objects and Istio's
+//! security/networking resources. Unknown fields are rejected everywhere
+//! except in `metadata`'s bookkeeping fields, which Kubernetes tools add.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_yaml_ng::Value;
+
+pub type Labels = BTreeMap<String, String>;
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub annotations: Labels,
+    // Bookkeeping that `kubectl get -o yaml` adds; accepted and ignored.
+    #[serde(default, skip_serializing)]
+    pub uid: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub resource_version: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub generation: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub creation_timestamp: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub managed_fields: Option<Value>,
+}
+
+/// `v1/Namespace`. The label `istio.io/dataplane-mode: ambient` enrolls its pods.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub spec: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub status: Option<Value>,
+}
+
+/// `v1/ServiceAccount`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAccount {
+    pub metadata: ObjectMeta,
+}
+
+/// `v1/Pod`. In local mode `spec.nodeName` names the mesh node and the
+/// annotation [`NETNS_ANNOTATION`] the pod's network namespace.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pod {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PodSpec,
+    #[serde(default)]
+    pub status: PodStatus,
+}
+
+/// Annotation naming a local-mode pod's network namespace (a path).
+pub const NETNS_ANNOTATION: &str = "mesh.io/netns";
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodSpec {
+    #[serde(default)]
+    pub service_account_name: Option<String>,
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// Not used by the mesh; accepted so real pod manifests load.
+    #[serde(default, skip_serializing)]
+    pub containers: Option<Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodStatus {
+    #[serde(default, rename = "podIP")]
+    pub pod_ip: Option<String>,
+    #[serde(default, rename = "podIPs")]
+    pub pod_ips: Vec<PodIp>,
+    #[serde(default, skip_serializing)]
+    pub phase: Option<Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodIp {
+    pub ip: String,
+}
+
+/// `v1/Service`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub metadata: ObjectMeta,
+    pub spec: ServiceSpec,
+    #[serde(default, skip_serializing)]
+    pub status: Option<Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    #[serde(default)]
+    pub selector: Option<Labels>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    #[serde(default, rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    #[serde(default, rename = "clusterIPs")]
+    pub cluster_ips: Vec<String>,
+    #[serde(default, rename = "type")]
+    pub type_: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: i64,
+    #[serde(default)]
+    pub target_port: Option<IntOrString>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(i64),
+    String(String),
+}
+
+/// `security.istio.io/v1` `PeerAuthentication`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerAuthentication {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PeerAuthenticationSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub mtls: Option<MutualTls>,
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<String, MutualTls>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MutualTls {
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: Labels,
+}
+
+/// `security.istio.io/v1` `AuthorizationPolicy`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationPolicy {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: AuthorizationPolicySpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub target_ref: Option<PolicyTargetReference>,
+    #[serde(default)]
+    pub target_refs: Vec<PolicyTargetReference>,
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub provider: Option<Value>,
+    /// `None` and `Some([])` differ: no rules at all is Istio's allow-nothing.
+    #[serde(default)]
+    pub rules: Option<Vec<Rule>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyTargetReference {
+    #[serde(default)]
+    pub group: Option<String>,
+    pub kind: String,
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default)]
+    pub from: Vec<From>,
+    #[serde(default)]
+    pub to: Vec<To>,
+    #[serde(default)]
+    pub when: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct From {
+    #[serde(default)]
+    pub source: Source,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Source {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct To {
+    #[serde(default)]
+    pub operation: Operation,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Operation {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub not_ports: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
+}
+
+/// `networking.istio.io/v1` `ServiceEntry`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceEntry {
+    pub metadata: ObjectMeta,
+    pub spec: ServiceEntrySpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceEntrySpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<ServiceEntryPort>,
+    #[serde(default)]
+    pub location: Option<String>,
+    #[serde(default)]
+    pub resolution: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<WorkloadEntrySpec>,
+    #[serde(default)]
+    pub workload_selector: Option<EntrySelector>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceEntryPort {
+    pub number: i64,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub target_port: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntrySelector {
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+/// `networking.istio.io/v1` `WorkloadEntry`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadEntry {
+    pub metadata: ObjectMeta,
+    pub spec: WorkloadEntrySpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadEntrySpec {
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub ports: BTreeMap<String, i64>,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub locality: Option<String>,
+    #[serde(default)]
+    pub weight: Option<i64>,
+    #[serde(default)]
+    pub service_account: Option<String>,
+}
+
+/// Every kind the controller understands.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind")]
+pub enum Resource {
+    Namespace(Namespace),
+    ServiceAccount(ServiceAccount),
+    Pod(Pod),
+    Service(Service),
+    PeerAuthentication(PeerAuthentication),
+    AuthorizationPolicy(AuthorizationPolicy),
+    ServiceEntry(ServiceEntry),
+    WorkloadEntry(WorkloadEntry),
+}
+
+impl Resource {
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Self::Namespace(o) => &o.metadata,
+            Self::ServiceAccount(o) => &o.metadata,
+            Self::Pod(o) => &o.metadata,
+            Self::Service(o) => &o.metadata,
+            Self::PeerAuthentication(o) => &o.metadata,
+            Self::AuthorizationPolicy(o) => &o.metadata,
+            Self::ServiceEntry(o) => &o.metadata,
+            Self::WorkloadEntry(o) => &o.metadata,
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Namespace(_) => Kind::Namespace,
+            Self::ServiceAccount(_) => Kind::ServiceAccount,
+            Self::Pod(_) => Kind::Pod,
+            Self::Service(_) => Kind::Service,
+            Self::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Self::ServiceEntry(_) => Kind::ServiceEntry,
+            Self::WorkloadEntry(_) => Kind::WorkloadEntry,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Kind {
+    Namespace,
+    ServiceAccount,
+    Pod,
+    Service,
+    PeerAuthentication,
+    AuthorizationPolicy,
+    ServiceEntry,
+    WorkloadEntry,
+}
+
+impl Kind {
+    /// The kind for an `apiVersion` and `kind` pair, or what was expected.
+    pub fn from_type(api_version: &str, kind: &str) -> Result<Kind, String> {
+        let (want, k) = match kind {
+            "Namespace" => ("v1", Kind::Namespace),
+            "ServiceAccount" => ("v1", Kind::ServiceAccount),
+            "Pod" => ("v1", Kind::Pod),
+            "Service" => ("v1", Kind::Service),
+            "PeerAuthentication" => ("security.istio.io/v1", Kind::PeerAuthentication),
+            "AuthorizationPolicy" => ("security.istio.io/v1", Kind::AuthorizationPolicy),
+            "ServiceEntry" => ("networking.istio.io/v1", Kind::ServiceEntry),
+            "WorkloadEntry" => ("networking.istio.io/v1", Kind::WorkloadEntry),
+            other => {
+                return Err(format!(
+                    "unknown kind {other:?}; supported: Namespace, ServiceAccount, Pod, Service (v1), \
+                     PeerAuthentication, AuthorizationPolicy (security.istio.io/v1), \
+                     ServiceEntry, WorkloadEntry (networking.istio.io/v1)"
+                ));
+            }
+        };
+        // Istio still serves v1beta1 of the same schemas.
+        let beta = want.replace("/v1", "/v1beta1");
+        if api_version == want || (want != "v1" && api_version == beta) {
+            Ok(k)
+        } else {
+            Err(format!("apiVersion {api_version:?} for kind {kind}: expected {want:?}"))
+        }
+    }
+
+    /// Whether objects of this kind live in a namespace.
+    pub fn namespaced(self) -> bool {
+        !matches!(self, Kind::Namespace)
+    }
+}

@@ -1,0 +1,105 @@
+//! One document → one typed, validated object, or the problems that stop it.
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::Value;
+
+use super::{Problem, Resource, locate::line_of, objects::Kind, store::ObjectKey, validate};
+use crate::config::Document;
+
+/// The outcome for one document: the object, or its key (when readable) and
+/// everything wrong with it.
+pub type Parsed = Result<(ObjectKey, Resource), (Option<ObjectKey>, Vec<Problem>)>;
+
+pub fn parse_document(doc: &Document) -> Parsed {
+    let problem = |line: usize, object: Option<String>, field: Option<&str>, message: String| Problem {
+        file: doc.file.clone(),
+        line,
+        object,
+        field: field.map(str::to_owned),
+        message,
+    };
+    // 1. YAML syntax, and the type fields every object has.
+    let value: Value = serde_yaml_ng::from_str(&doc.text).map_err(|e| {
+        let line = doc.line + e.location().map_or(0, |l| l.line().saturating_sub(1));
+        (None, vec![problem(line, None, None, format!("invalid YAML: {}", strip_location(&e.to_string())))])
+    })?;
+    let text = |key: &str| value.get(key).and_then(Value::as_str).map(str::to_owned);
+    let (Some(api_version), Some(kind_name)) = (text("apiVersion"), text("kind")) else {
+        return Err((None, vec![problem(doc.line, None, None, "not an object: needs apiVersion and kind".into())]));
+    };
+    let name = value.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).map(str::to_owned);
+    let kind = Kind::from_type(&api_version, &kind_name).map_err(|m| {
+        let field = if m.starts_with("apiVersion") { "apiVersion" } else { "kind" };
+        let line = line_of(&doc.text, field).map_or(doc.line, |l| doc.line + l - 1);
+        (None, vec![problem(line, None, Some(field), m)])
+    })?;
+    let Some(name) = name else {
+        return Err((None, vec![problem(doc.line, Some(kind_name), Some("metadata.name"), "is required".into())]));
+    };
+    let namespace = if kind.namespaced() {
+        value.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default").to_owned()
+    } else {
+        String::new()
+    };
+    let key = ObjectKey { kind, namespace, name };
+    let object = Some(key.to_string());
+
+    // 2. The schema: types and unknown fields, with the exact line.
+    let resource = typed(kind, &doc.text).map_err(|(path, message, line)| {
+        let line = doc.line + line.unwrap_or(1) - 1;
+        let path = (!path.is_empty() && path != ".").then_some(path);
+        (Some(key.clone()), vec![problem(line, object.clone(), path.as_deref(), message)])
+    })?;
+
+    // 3. Meaning: names, addresses, selectors, principals, L4-vs-L7.
+    let issues = validate::validate(&resource);
+    if issues.is_empty() {
+        return Ok((key, resource));
+    }
+    let problems = issues
+        .into_iter()
+        .map(|(field, message)| {
+            let line = line_of(&doc.text, &field).map_or(doc.line, |l| doc.line + l - 1);
+            problem(line, object.clone(), Some(&field), message)
+        })
+        .collect();
+    Err((Some(key), problems))
+}
+
+fn typed(kind: Kind, text: &str) -> Result<Resource, (String, String, Option<usize>)> {
+    Ok(match kind {
+        Kind::Namespace => Resource::Namespace(de(text)?),
+        Kind::ServiceAccount => Resource::ServiceAccount(de(text)?),
+        Kind::Pod => Resource::Pod(de(text)?),
+        Kind::Service => Resource::Service(de(text)?),
+        Kind::PeerAuthentication => Resource::PeerAuthentication(de(text)?),
+        Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(de(text)?),
+        Kind::ServiceEntry => Resource::ServiceEntry(de(text)?),
+        Kind::WorkloadEntry => Resource::WorkloadEntry(de(text)?),
+    })
+}
+
+/// The typed object without `apiVersion`/`kind` (already checked).
+fn de<T: DeserializeOwned>(text: &str) -> Result<T, (String, String, Option<usize>)> {
+    // deny_unknown_fields would reject these two; they were checked already.
+    let mut value: Value = serde_yaml_ng::from_str(text).map_err(|e| (String::new(), e.to_string(), None))?;
+    if let Some(map) = value.as_mapping_mut() {
+        map.remove("apiVersion");
+        map.remove("kind");
+    }
+    let result: Result<T, _> = serde_path_to_error::deserialize(value);
+    result.map_err(|e| {
+        let path = e.path().to_string();
+        let message = strip_location(&e.inner().to_string());
+        let line = line_of(text, &path);
+        (path, message, line)
+    })
+}
+
+/// serde_yaml's messages carry " at line N column M" (relative to the
+/// document); we print our own location, relative to the file.
+fn strip_location(message: &str) -> String {
+    let Some(start) = message.find(" at line ") else { return message.to_string() };
+    let rest = &message[start + 9..];
+    let end = rest.find(',').map_or(message.len(), |i| start + 9 + i);
+    format!("{}{}", &message[..start], &message[end..])
+}

@@ -1,0 +1,6 @@
+//! mesh's control plane. `config` turns a directory of Kubernetes-style YAML
+//! into validated objects (keeping the last good version of anything that
+//! breaks); `model` turns those into what nodes need: workloads with
+//! identities, services, and compiled L4 authorization.
+pub mod config;
+pub mod model;

@@ -1,0 +1,1 @@
+//! The node-facing model, built from the configuration in force.
