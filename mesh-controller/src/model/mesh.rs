@@ -1,0 +1,456 @@
+//! The mesh as nodes see it: workloads with identities, services with their
+//! endpoints, the policies that apply to each workload, and each workload's
+//! PeerAuthentication mode. Built from the configuration in force; pure.
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use mesh_common::identity::SpiffeId;
+use serde::Serialize;
+
+use super::authz::{CompiledPolicy, Connection, Decision, evaluate};
+use crate::config::{
+    ConfigStore, MeshSettings, Resource,
+    objects::{IntOrString, Labels, NETNS_ANNOTATION, PeerAuthentication},
+};
+
+const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Workload {
+    /// `Pod/<ns>/<name>` or `WorkloadEntry/<ns>/<name>`.
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    #[serde(serialize_with = "super::as_display")]
+    pub identity: SpiffeId,
+    pub ips: Vec<IpAddr>,
+    /// The node whose agent serves it (pods only).
+    pub node: Option<String>,
+    /// Local mode: the pod's network namespace.
+    pub netns: Option<PathBuf>,
+    pub labels: Labels,
+    /// In the ambient mesh: its node proxy captures its traffic and it speaks HBONE.
+    pub captured: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServicePort {
+    pub port: u16,
+    /// Resolved per endpoint when the service names the port.
+    pub target: Option<IntOrString>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Endpoint {
+    pub workload: String,
+    pub ip: IpAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// `name.namespace.svc.cluster.local`, or a ServiceEntry's hosts.
+    pub hosts: Vec<String>,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum MtlsMode {
+    /// HBONE or captured plaintext.
+    Permissive,
+    /// HBONE only.
+    Strict,
+    /// Plaintext accepted, no mTLS required.
+    Disable,
+}
+
+/// Everything the controller knows, derived from the configuration in force.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MeshModel {
+    pub workloads: BTreeMap<String, Workload>,
+    pub services: BTreeMap<String, Service>,
+    /// Policies the node proxy enforces, by `namespace/name`, with their scope.
+    pub policies: BTreeMap<String, ScopedPolicy>,
+    peer_authentications: Vec<PeerAuthentication>,
+    root_namespace: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ScopedPolicy {
+    /// `None`: every workload of the namespace (or of the mesh, in the root namespace).
+    pub selector: Option<Labels>,
+    pub policy: CompiledPolicy,
+}
+
+impl MeshModel {
+    pub fn build(store: &ConfigStore, settings: &MeshSettings) -> MeshModel {
+        let mut model = MeshModel { root_namespace: settings.root_namespace.clone(), ..Default::default() };
+        let mut ambient_namespaces = Vec::new();
+        for stored in store.objects().values() {
+            if let Resource::Namespace(ns) = stored.resource.as_ref()
+                && ns.metadata.labels.get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
+            {
+                ambient_namespaces.push(ns.metadata.name.clone());
+            }
+        }
+        for stored in store.objects().values() {
+            match stored.resource.as_ref() {
+                Resource::Pod(pod) => {
+                    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                    let sa = pod.spec.service_account_name.clone().unwrap_or_else(|| "default".into());
+                    let Ok(identity) = SpiffeId::new(&settings.trust_domain, &namespace, &sa) else { continue };
+                    let mut ips: Vec<IpAddr> = pod.status.pod_ips.iter().filter_map(|i| i.ip.parse().ok()).collect();
+                    if let Some(ip) = pod.status.pod_ip.as_ref().and_then(|i| i.parse().ok())
+                        && !ips.contains(&ip)
+                    {
+                        ips.insert(0, ip);
+                    }
+                    let opted_out = pod.metadata.labels.get(DATAPLANE_MODE).map(String::as_str) == Some("none");
+                    let uid = format!("Pod/{namespace}/{}", pod.metadata.name);
+                    model.workloads.insert(
+                        uid.clone(),
+                        Workload {
+                            uid,
+                            name: pod.metadata.name.clone(),
+                            captured: ambient_namespaces.contains(&namespace) && !opted_out,
+                            namespace,
+                            service_account: sa,
+                            identity,
+                            ips,
+                            node: pod.spec.node_name.clone(),
+                            netns: pod.metadata.annotations.get(NETNS_ANNOTATION).map(PathBuf::from),
+                            labels: pod.metadata.labels.clone(),
+                        },
+                    );
+                }
+                Resource::WorkloadEntry(we) => {
+                    let namespace = we.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                    let sa = we.spec.service_account.clone().unwrap_or_else(|| "default".into());
+                    let Ok(identity) = SpiffeId::new(&settings.trust_domain, &namespace, &sa) else { continue };
+                    let uid = format!("WorkloadEntry/{namespace}/{}", we.metadata.name);
+                    let mut labels = we.metadata.labels.clone();
+                    labels.extend(we.spec.labels.clone());
+                    model.workloads.insert(
+                        uid.clone(),
+                        Workload {
+                            uid,
+                            name: we.metadata.name.clone(),
+                            namespace,
+                            service_account: sa,
+                            identity,
+                            ips: we.spec.address.iter().filter_map(|a| a.parse().ok()).collect(),
+                            node: None,
+                            netns: None,
+                            labels,
+                            captured: false,
+                        },
+                    );
+                }
+                Resource::AuthorizationPolicy(ap) => {
+                    // Policies with targetRefs belong to waypoints (L7), not to the node proxy.
+                    if ap.spec.target_ref.is_some() || !ap.spec.target_refs.is_empty() {
+                        continue;
+                    }
+                    let policy = CompiledPolicy::compile(ap);
+                    let selector = ap.spec.selector.as_ref().map(|s| s.match_labels.clone()).filter(|l| !l.is_empty());
+                    model
+                        .policies
+                        .insert(format!("{}/{}", policy.namespace, policy.name), ScopedPolicy { selector, policy });
+                }
+                Resource::PeerAuthentication(pa) => model.peer_authentications.push(pa.clone()),
+                _ => {}
+            }
+        }
+        for stored in store.objects().values() {
+            match stored.resource.as_ref() {
+                Resource::Service(svc) => {
+                    let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                    let vips = svc
+                        .spec
+                        .cluster_ips
+                        .iter()
+                        .chain(svc.spec.cluster_ip.iter())
+                        .filter_map(|ip| ip.parse().ok())
+                        .fold(Vec::new(), |mut v, ip| {
+                            if !v.contains(&ip) {
+                                v.push(ip);
+                            }
+                            v
+                        });
+                    let endpoints = match &svc.spec.selector {
+                        Some(sel) if !sel.is_empty() => model.endpoints(&namespace, sel),
+                        _ => Vec::new(),
+                    };
+                    let ports = svc
+                        .spec
+                        .ports
+                        .iter()
+                        .map(|p| ServicePort { port: p.port as u16, target: p.target_port.clone() })
+                        .collect();
+                    let hosts = vec![format!("{}.{namespace}.svc.{}", svc.metadata.name, settings.trust_domain)];
+                    let key = format!("{namespace}/{}", svc.metadata.name);
+                    let name = svc.metadata.name.clone();
+                    model.services.insert(key, Service { namespace, name, hosts, vips, ports, endpoints });
+                }
+                Resource::ServiceEntry(se) => {
+                    let namespace = se.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                    let vips = se.spec.addresses.iter().filter_map(|a| a.split('/').next()?.parse().ok()).collect();
+                    let endpoints = match &se.spec.workload_selector {
+                        Some(sel) => model.endpoints(&namespace, &sel.labels),
+                        None => se
+                            .spec
+                            .endpoints
+                            .iter()
+                            .filter_map(|e| e.address.as_ref()?.parse().ok())
+                            .map(|ip| Endpoint { workload: String::new(), ip })
+                            .collect(),
+                    };
+                    let ports = se
+                        .spec
+                        .ports
+                        .iter()
+                        .map(|p| ServicePort { port: p.number as u16, target: p.target_port.map(IntOrString::Int) })
+                        .collect();
+                    let key = format!("{namespace}/{}", se.metadata.name);
+                    let name = se.metadata.name.clone();
+                    model
+                        .services
+                        .insert(key, Service { namespace, name, hosts: se.spec.hosts.clone(), vips, ports, endpoints });
+                }
+                _ => {}
+            }
+        }
+        model
+    }
+
+    /// Endpoints of the workloads in `namespace` whose labels match `selector`.
+    fn endpoints(&self, namespace: &str, selector: &Labels) -> Vec<Endpoint> {
+        self.workloads
+            .values()
+            .filter(|w| w.namespace == namespace && selector_matches(selector, &w.labels))
+            .flat_map(|w| w.ips.iter().map(|ip| Endpoint { workload: w.uid.clone(), ip: *ip }))
+            .collect()
+    }
+
+    /// The workload that owns `ip`, if any.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workloads.values().find(|w| w.ips.contains(&ip))
+    }
+
+    /// Workloads a node's agent must serve: its captured pods.
+    pub fn workloads_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads.values().filter(move |w| w.captured && w.node.as_deref() == Some(node))
+    }
+
+    /// Policies that apply to `w`: mesh-wide ones in the root namespace, and
+    /// those of its namespace, unless their selector does not match it.
+    pub fn policies_for<'a>(&'a self, w: &'a Workload) -> impl Iterator<Item = &'a CompiledPolicy> + Clone + 'a {
+        self.policies
+            .values()
+            .filter(move |p| {
+                (p.policy.namespace == self.root_namespace || p.policy.namespace == w.namespace)
+                    && p.selector.as_ref().is_none_or(|s| selector_matches(s, &w.labels))
+            })
+            .map(|p| &p.policy)
+    }
+
+    /// The decision for a connection to `destination`.
+    pub fn authorize(&self, destination: &Workload, conn: &Connection) -> Decision {
+        evaluate(self.policies_for(destination), conn)
+    }
+
+    /// PeerAuthentication for `w` on `port`. The most specific setting wins:
+    /// workload port-level, then workload, namespace, mesh (root namespace);
+    /// UNSET defers to the next. The default is PERMISSIVE, as in Istio.
+    pub fn mtls_mode(&self, w: &Workload, port: u16) -> MtlsMode {
+        let scoped = |ns: &str, with_selector: bool| {
+            let mut matching: Vec<&PeerAuthentication> = self
+                .peer_authentications
+                .iter()
+                .filter(|pa| pa.metadata.namespace.as_deref().unwrap_or("default") == ns)
+                .filter(|pa| match (&pa.spec.selector, with_selector) {
+                    (Some(s), true) => !s.match_labels.is_empty() && selector_matches(&s.match_labels, &w.labels),
+                    (None, false) => true,
+                    (Some(s), false) => s.match_labels.is_empty(),
+                    (None, true) => false,
+                })
+                .collect();
+            matching.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name)); // deterministic on conflicts
+            matching.into_iter().next()
+        };
+        let mode = |m: Option<&String>| match m.map(String::as_str) {
+            Some("STRICT") => Some(MtlsMode::Strict),
+            Some("PERMISSIVE") => Some(MtlsMode::Permissive),
+            Some("DISABLE") => Some(MtlsMode::Disable),
+            _ => None, // UNSET or absent: inherit
+        };
+        let workload = scoped(&w.namespace, true);
+        workload
+            .and_then(|pa| pa.spec.port_level_mtls.get(&port.to_string()).and_then(|m| mode(m.mode.as_ref())))
+            .or_else(|| workload.and_then(|pa| mode(pa.spec.mtls.as_ref()?.mode.as_ref())))
+            .or_else(|| scoped(&w.namespace, false).and_then(|pa| mode(pa.spec.mtls.as_ref()?.mode.as_ref())))
+            .or_else(|| scoped(&self.root_namespace, false).and_then(|pa| mode(pa.spec.mtls.as_ref()?.mode.as_ref())))
+            .unwrap_or(MtlsMode::Permissive)
+    }
+}
+
+/// Kubernetes `matchLabels`: every selector label present with the same value.
+/// An empty selector selects everything.
+pub fn selector_matches(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Snapshot, split_documents};
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn selectors() {
+        let pod = labels(&[("app", "web"), ("version", "v1")]);
+        for (selector, want) in [
+            (labels(&[]), true),
+            (labels(&[("app", "web")]), true),
+            (labels(&[("app", "web"), ("version", "v1")]), true),
+            (labels(&[("app", "web"), ("version", "v2")]), false),
+            (labels(&[("tier", "web")]), false),
+        ] {
+            assert_eq!(selector_matches(&selector, &pod), want, "{selector:?}");
+        }
+    }
+
+    fn model(yaml: &str) -> MeshModel {
+        let docs = split_documents(std::path::Path::new("test.yaml"), yaml);
+        let snap = Snapshot::from_documents(&docs, vec![]);
+        assert!(snap.problems.is_empty(), "{:?}", snap.problems);
+        let mut store = ConfigStore::default();
+        store.apply(snap);
+        MeshModel::build(&store, &MeshSettings::default())
+    }
+
+    const MESH: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {serviceAccountName: web, nodeName: node1}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec: {serviceAccountName: web, nodeName: node2}
+status: {podIP: 10.0.0.2, podIPs: [{ip: 10.0.0.2}, {ip: 'fd00::2'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db, istio.io/dataplane-mode: none}}
+spec: {nodeName: node1}
+status: {podIP: 10.0.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy, labels: {app: web}}
+spec: {nodeName: node1}
+status: {podIP: 10.0.1.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: mesh-deny, namespace: istio-system}
+spec: {action: DENY, rules: [{from: [{source: {namespaces: [evil]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-only, namespace: shop}
+spec: {selector: {matchLabels: {app: web}}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: waypoint-policy, namespace: shop}
+spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}], rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: mesh, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: shop, namespace: shop}
+spec: {mtls: {mode: UNSET}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: db, namespace: shop}
+spec: {selector: {matchLabels: {app: db}}, mtls: {mode: PERMISSIVE}, portLevelMtls: {'5432': {mode: DISABLE}}}
+";
+
+    #[test]
+    fn workloads_identities_and_capture() {
+        let m = model(MESH);
+        let web1 = &m.workloads["Pod/shop/web-1"];
+        assert_eq!(web1.identity.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert!(web1.captured);
+        assert_eq!(m.workloads["Pod/shop/web-2"].ips.len(), 2, "podIP and podIPs merged");
+        assert!(!m.workloads["Pod/shop/db"].captured, "opted out by label");
+        assert!(!m.workloads["Pod/legacy/old"].captured, "namespace not ambient");
+        assert_eq!(m.workloads["Pod/shop/db"].service_account, "default");
+        let on_node1: Vec<&str> = m.workloads_on_node("node1").map(|w| w.uid.as_str()).collect();
+        assert_eq!(on_node1, vec!["Pod/shop/web-1"]);
+    }
+
+    #[test]
+    fn services_select_endpoints_in_their_namespace() {
+        let m = model(MESH);
+        let web = &m.services["shop/web"];
+        assert_eq!(web.vips, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
+        let eps: Vec<String> = web.endpoints.iter().map(|e| e.ip.to_string()).collect();
+        assert_eq!(eps, vec!["10.0.0.1", "10.0.0.2", "fd00::2"], "not legacy/old, which has the same labels");
+    }
+
+    #[test]
+    fn policies_apply_by_namespace_selector_and_root() {
+        let m = model(MESH);
+        let names = |uid: &str| -> Vec<String> {
+            m.policies_for(&m.workloads[uid]).map(|p| format!("{}/{}", p.namespace, p.name)).collect()
+        };
+        assert_eq!(names("Pod/shop/web-1"), vec!["istio-system/mesh-deny", "shop/web-only"]);
+        assert_eq!(names("Pod/shop/db"), vec!["istio-system/mesh-deny"]);
+        assert_eq!(names("Pod/legacy/old"), vec!["istio-system/mesh-deny"]);
+        assert!(!m.policies.contains_key("shop/waypoint-policy"), "L7 policies are not the node's");
+    }
+
+    #[test]
+    fn peer_authentication_precedence() {
+        let m = model(MESH);
+        let w = |uid: &str| &m.workloads[uid];
+        for (uid, port, want) in [
+            ("Pod/shop/web-1", 80, MtlsMode::Strict),  // namespace UNSET -> mesh STRICT
+            ("Pod/shop/db", 80, MtlsMode::Permissive), // workload policy
+            ("Pod/shop/db", 5432, MtlsMode::Disable),  // its port-level override
+            ("Pod/legacy/old", 80, MtlsMode::Strict),  // mesh-wide
+        ] {
+            assert_eq!(m.mtls_mode(w(uid), port), want, "{uid}:{port}");
+        }
+        assert_eq!(model("").mtls_mode(w("Pod/shop/web-1"), 80), MtlsMode::Permissive, "Istio's default");
+    }
+}
