@@ -1,6 +1,6 @@
 //! Finds the line of a field path (`spec.rules[0].from[1].source`) in a YAML
 //! document's text, so semantic errors point at the offending line. Handles
-//! block style; for flow style it stops at the deepest key it found.
+//! block style; inside flow style (`{a: 1}`) it gives the deepest key it found.
 pub fn line_of(text: &str, path: &str) -> Option<usize> {
     let lines: Vec<&str> = text.lines().collect();
     let mut cursor = 0usize; // index of the line the last segment matched
@@ -33,7 +33,8 @@ pub fn line_of(text: &str, path: &str) -> Option<usize> {
                         break;
                     }
                 }
-                let (i, indent) = hit?;
+                // Not found (flow style, or absent): the deepest key found so far.
+                let Some((i, indent)) = hit else { return found_any.then_some(cursor + 1) };
                 cursor = i;
                 parent_indent = indent as isize;
                 found_any = true;
@@ -132,7 +133,8 @@ spec:
             ("spec.rules[0].from[0].source.principals[0]", Some(9)),
             ("spec.rules[0].to[0].operation.ports", Some(16)),
             ("spec.rules[1].when[0].key", Some(18)),
-            ("spec.nothing", None),
+            ("spec.nothing", Some(5)),
+            ("nothing.at.all", None),
         ];
         for (path, want) in cases {
             assert_eq!(line_of(DOC, path), want, "{path}");
