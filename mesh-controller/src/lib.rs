@@ -2,5 +2,6 @@
 //! into validated objects (keeping the last good version of anything that
 //! breaks); `model` turns those into what nodes need: workloads with
 //! identities, services, and compiled L4 authorization.
+pub mod ca;
 pub mod config;
 pub mod model;

@@ -14,6 +14,7 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser;
 use mesh_controller::{
+    ca::CertificateAuthority,
     config::{ConfigStore, MeshSettings, Snapshot, read_dir},
     model::MeshModel,
 };
@@ -25,6 +26,21 @@ struct Args {
     /// Directory of YAML files (several objects per file, `---` separated); watched for changes.
     #[arg(long)]
     config_dir: PathBuf,
+    /// Where the CA root (key mode 0600) is created on first start and found after.
+    #[arg(long, default_value = "/var/lib/mesh-controller")]
+    state_dir: PathBuf,
+    /// An operator-supplied CA certificate (root or intermediate) instead of the generated root.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The key of --ca-cert (PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// For an intermediate --ca-cert: the chain up to the root (PEM, intermediates first).
+    #[arg(long, requires = "ca_cert")]
+    ca_chain: Option<PathBuf>,
+    /// Lifetime of workload certificates, in hours (nodes renew at half-life).
+    #[arg(long, default_value_t = 24)]
+    cert_lifetime_hours: u64,
     /// Health (`/healthz/ready`), Prometheus `/metrics` and `/debug/*`. Port 0 picks one.
     #[arg(long, default_value = "127.0.0.1:15014")]
     metrics_addr: SocketAddr,
@@ -58,6 +74,14 @@ async fn main() -> anyhow::Result<()> {
         MeshSettings { trust_domain: args.trust_domain.clone(), root_namespace: args.root_namespace.clone() };
     anyhow::ensure!(args.config_dir.is_dir(), "--config-dir {}: not a directory", args.config_dir.display());
 
+    let lifetime = Duration::from_secs(args.cert_lifetime_hours.max(1) * 3600);
+    let ca = match (&args.ca_cert, &args.ca_key) {
+        (Some(cert), Some(key)) => CertificateAuthority::from_files(cert, key, args.ca_chain.as_deref(), lifetime),
+        _ => CertificateAuthority::load_or_create(&args.state_dir, &settings.trust_domain, lifetime),
+    }
+    .context("certificate authority")?;
+    info!(state_dir = %args.state_dir.display(), "certificate authority ready");
+
     let state = Arc::new(RwLock::new(State {
         store: ConfigStore::default(),
         model: MeshModel::default(),
@@ -71,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {} (use --metrics-addr)", args.metrics_addr))?;
     let addr = listener.local_addr()?;
-    let router = server::router(state.clone());
+    let router = server::router(state.clone(), Arc::new(ca));
     tokio::spawn(async move { axum::serve(listener, router).await });
     info!(metrics_addr = %addr, config_dir = %args.config_dir.display(), "mesh-controller ready");
 

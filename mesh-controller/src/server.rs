@@ -9,17 +9,21 @@ use std::{
 use axum::{Json, Router, extract::State as AxState, http::header, response::IntoResponse, routing::get};
 use serde_json::json;
 
+use mesh_controller::ca::CertificateAuthority;
+
 use crate::State;
 
 type Shared = Arc<RwLock<State>>;
 
-pub fn router(state: Shared) -> Router {
+pub fn router(state: Shared, ca: Arc<CertificateAuthority>) -> Router {
     Router::new()
         .route("/healthz/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/debug/config", get(config))
         .route("/debug/model", get(model))
         .with_state(state)
+        // The trust anchor is public; issuing goes over the authenticated node channel.
+        .route("/debug/ca", get(move || async move { ca.root_pem().to_string() }))
 }
 
 fn read(s: &Shared) -> std::sync::RwLockReadGuard<'_, State> {

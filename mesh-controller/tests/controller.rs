@@ -27,6 +27,7 @@ impl Controller {
         }
         let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-controller"))
             .args(["--config-dir", dir.to_str().unwrap(), "--metrics-addr", "127.0.0.1:0"])
+            .args(["--state-dir", dir.join(".state").to_str().unwrap()])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();

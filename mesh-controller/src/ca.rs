@@ -1,0 +1,185 @@
+//! The mesh's certificate authority. A root generated on first start and
+//! persisted (key mode 0600) in the state directory, or a CA the operator
+//! supplies. Workload certificates are issued from CSRs: ECDSA P-256 keys
+//! only, the SPIFFE URI SAN set by the CA from the authorized identity (never
+//! copied from the request), server and client auth, a bounded lifetime.
+//! Private keys of workloads never reach the controller.
+use std::{
+    fs,
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use mesh_common::identity::SpiffeId;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+
+use crate::model::MeshModel;
+
+/// Certificates are valid from a little before issuance: clocks drift.
+const BACKDATE: Duration = Duration::from_secs(5 * 60);
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+const ROOT_CERT_FILE: &str = "ca-cert.pem";
+const ROOT_KEY_FILE: &str = "ca-key.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{what}: {source}")]
+    Cert { what: String, source: rcgen::Error },
+    #[error("certificate signing request: {0}")]
+    BadCsr(String),
+    #[error("node {node} may not obtain {identity}: no workload with that identity is scheduled on it")]
+    NotOnNode { node: String, identity: String },
+}
+
+/// A certificate issued to a workload, with the chain up to the root.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub cert_pem: String,
+    /// Intermediates (if any) then the root.
+    pub chain_pem: Vec<String>,
+    pub not_after: OffsetDateTime,
+}
+
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    /// What issued certificates chain to, after `cert_pem` (empty for a self-signed root).
+    chain_pem: Vec<String>,
+    lifetime: Duration,
+}
+
+impl CertificateAuthority {
+    /// The root in `state_dir`, created there (key 0600) on first start.
+    pub fn load_or_create(state_dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<Self, CaError> {
+        let (cert_path, key_path) = (state_dir.join(ROOT_CERT_FILE), state_dir.join(ROOT_KEY_FILE));
+        if cert_path.exists() || key_path.exists() {
+            return Self::from_files(&cert_path, &key_path, None, lifetime);
+        }
+        fs::create_dir_all(state_dir).map_err(|source| CaError::Io { path: state_dir.into(), source })?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|source| CaError::Cert { what: "generating the root key".into(), source })?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        dn.push(DnType::CommonName, "mesh root CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ROOT_LIFETIME;
+        params.serial_number = Some(random_serial()?);
+        let cert = params
+            .self_signed(&key)
+            .map_err(|source| CaError::Cert { what: "self-signing the root".into(), source })?;
+        write_private(&key_path, key.serialize_pem().as_bytes())?;
+        fs::write(&cert_path, cert.pem()).map_err(|source| CaError::Io { path: cert_path.clone(), source })?;
+        Self::from_files(&cert_path, &key_path, None, lifetime)
+    }
+
+    /// A CA the operator supplies: its certificate and key, and when it is an
+    /// intermediate, the chain up to the root (PEM, intermediates first).
+    pub fn from_files(cert: &Path, key: &Path, chain: Option<&Path>, lifetime: Duration) -> Result<Self, CaError> {
+        let read = |p: &Path| fs::read_to_string(p).map_err(|source| CaError::Io { path: p.into(), source });
+        let cert_pem = read(cert)?;
+        let key = KeyPair::from_pem(&read(key)?)
+            .map_err(|source| CaError::Cert { what: format!("reading the CA key {}", key.display()), source })?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|source| CaError::Cert {
+            what: format!("reading the CA certificate {}", cert.display()),
+            source,
+        })?;
+        let chain_pem = match chain {
+            Some(p) => split_pem(&read(p)?),
+            None => Vec::new(),
+        };
+        Ok(Self { issuer, cert_pem, chain_pem, lifetime })
+    }
+
+    /// The trust anchor every workload should trust: the root, PEM.
+    pub fn root_pem(&self) -> &str {
+        self.chain_pem.last().unwrap_or(&self.cert_pem)
+    }
+
+    /// Issues a certificate for `identity` to the holder of the key in `csr_pem`.
+    /// The caller has checked that the requester may hold `identity`.
+    pub fn issue(&self, csr_pem: &str, identity: &SpiffeId, now: OffsetDateTime) -> Result<Issued, CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
+        if *csr.public_key.algorithm() != PKCS_ECDSA_P256_SHA256 {
+            return Err(CaError::BadCsr("the key must be ECDSA P-256".into()));
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        let uri = identity
+            .to_string()
+            .try_into()
+            .map_err(|source| CaError::Cert { what: format!("SAN {identity}"), source })?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyAgreement];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = now - BACKDATE;
+        params.not_after = now + self.lifetime;
+        params.serial_number = Some(random_serial()?);
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|source| CaError::Cert { what: format!("signing for {identity}"), source })?;
+        let mut chain_pem = vec![self.cert_pem.clone()];
+        chain_pem.extend(self.chain_pem.iter().cloned());
+        Ok(Issued { cert_pem: cert.pem(), chain_pem, not_after: params.not_after })
+    }
+}
+
+/// Whether `node` may obtain a certificate for `identity`: only identities of
+/// workloads scheduled on it (a compromised node cannot impersonate others).
+pub fn authorize(model: &MeshModel, node: &str, identity: &SpiffeId) -> Result<(), CaError> {
+    if model.workloads_on_node(node).any(|w| &w.identity == identity) {
+        Ok(())
+    } else {
+        Err(CaError::NotOnNode { node: node.into(), identity: identity.to_string() })
+    }
+}
+
+/// 128 random bits (RFC 5280 allows up to 20 octets; positive).
+fn random_serial() -> Result<SerialNumber, CaError> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    let path = Path::new("/dev/urandom");
+    fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|source| CaError::Io { path: path.into(), source })?;
+    bytes[0] &= 0x7f;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| CaError::Io { path: path.into(), source })?;
+    f.write_all(bytes).map_err(|source| CaError::Io { path: path.into(), source })
+}
+
+fn split_pem(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        current.push_str(line);
+        current.push('\n');
+        if line.starts_with("-----END ") {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    out
+}
