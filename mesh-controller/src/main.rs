@@ -114,13 +114,14 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Reads, validates and applies the directory; the model is rebuilt outside
-/// the lock, so readers never wait on parsing.
+/// Reads, validates and applies the directory on a copy of the store, and
+/// swaps the result in: readers never wait on parsing, and never see a
+/// half-applied or empty configuration.
 fn reload(dir: &std::path::Path, settings: &MeshSettings, state: &RwLock<State>) {
     let started = Instant::now();
     let (docs, read_problems) = read_dir(dir);
     let snapshot = Snapshot::from_documents(&docs, read_problems);
-    let mut store = std::mem::take(&mut state.write().unwrap_or_else(|e| e.into_inner()).store);
+    let mut store = state.read().unwrap_or_else(|e| e.into_inner()).store.clone();
     let report = store.apply(snapshot);
     let model = MeshModel::build(&store, settings);
     for p in store.problems() {

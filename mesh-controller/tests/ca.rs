@@ -1,8 +1,11 @@
 //! The certificate authority: persisted root, issued chains that verify with
 //! the right SPIFFE ID, usages and lifetime, refused requests, node rules.
-use std::{fs, os::unix::fs::PermissionsExt as _, path::PathBuf, time::Duration};
+mod common;
+
+use std::{fs, os::unix::fs::PermissionsExt as _, time::Duration};
 
 use ::time::OffsetDateTime;
+use common::TempDir;
 use mesh_common::identity::SpiffeId;
 use mesh_controller::{
     ca::{CaError, CertificateAuthority, authorize},
@@ -16,21 +19,6 @@ use rcgen::{
 use x509_parser::{extensions::GeneralName, pem::parse_x509_pem, prelude::*};
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
-
-struct Dir(PathBuf);
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("mesh-ca-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-}
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// What a node does: a fresh P-256 key, and a CSR (optionally claiming a SAN).
 fn csr(claim: Option<&str>) -> String {
@@ -52,7 +40,7 @@ fn id(s: &str) -> SpiffeId {
 
 #[test]
 fn the_root_is_created_once_and_persisted_privately() {
-    let dir = Dir::new("persist");
+    let dir = TempDir::new("persist");
     let first = CertificateAuthority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
     let again = CertificateAuthority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
     assert_eq!(first.root_pem(), again.root_pem(), "same root after a restart");
@@ -62,7 +50,7 @@ fn the_root_is_created_once_and_persisted_privately() {
 
 #[test]
 fn issued_certificates_chain_to_the_root_with_the_spiffe_id_usages_and_lifetime() {
-    let dir = Dir::new("issue");
+    let dir = TempDir::new("issue");
     let ca = CertificateAuthority::load_or_create(&dir.0, "cluster.local", Duration::from_secs(3600)).unwrap();
     let identity = id("spiffe://cluster.local/ns/shop/sa/web");
     let now = OffsetDateTime::now_utc();
@@ -103,7 +91,7 @@ fn issued_certificates_chain_to_the_root_with_the_spiffe_id_usages_and_lifetime(
 
 #[test]
 fn bad_requests_are_refused() {
-    let dir = Dir::new("bad");
+    let dir = TempDir::new("bad");
     let ca = CertificateAuthority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
     let identity = id("spiffe://cluster.local/ns/shop/sa/web");
     let now = OffsetDateTime::now_utc();
@@ -135,7 +123,7 @@ fn bad_requests_are_refused() {
 
 #[test]
 fn an_operator_supplied_intermediate_issues_with_its_chain() {
-    let dir = Dir::new("intermediate");
+    let dir = TempDir::new("intermediate");
     let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let mut root_params = CertificateParams::default();
     root_params.distinguished_name.push(DnType::CommonName, "corp root");

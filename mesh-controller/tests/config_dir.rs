@@ -1,32 +1,11 @@
 //! The configuration pipeline over a real directory: every problem is reported
 //! once, precisely, and never costs the objects that are fine.
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+mod common;
 
+use std::path::Path;
+
+use common::TempDir;
 use mesh_controller::config::{ConfigStore, Kind, ObjectKey, Snapshot, read_dir};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("mesh-config-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn write(&self, file: &str, text: &str) {
-        fs::write(self.0.join(file), text).unwrap();
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn load(dir: &Path, store: &mut ConfigStore) -> Vec<String> {
     let (docs, problems) = read_dir(dir);

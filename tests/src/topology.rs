@@ -346,12 +346,19 @@ fn ns_name(path: &Path) -> String {
     path.file_name().unwrap().to_string_lossy().into_owned()
 }
 
+/// Processes whose network namespace is `name`.
+fn netns_pids(name: &str) -> Vec<i32> {
+    Command::new("ip")
+        .args(["netns", "pids", name])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
 fn kill_netns_processes(name: &str) {
-    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-            // SAFETY: kill has no memory preconditions.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+    for pid in netns_pids(name) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 
@@ -409,19 +416,12 @@ fn sweep_leftovers() {
 
 /// SIGTERM to every process in the namespace, then SIGKILL to what is left after 5 s.
 fn terminate_netns_processes(name: &str) {
-    let pids = || -> Vec<i32> {
-        Command::new("ip")
-            .args(["netns", "pids", name])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
-            .unwrap_or_default()
-    };
-    for pid in pids() {
+    for pid in netns_pids(name) {
         // SAFETY: kill has no memory preconditions.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !pids().is_empty() && Instant::now() < deadline {
+    while !netns_pids(name).is_empty() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(50));
     }
     kill_netns_processes(name);

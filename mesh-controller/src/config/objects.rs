@@ -31,6 +31,13 @@ pub struct ObjectMeta {
     pub managed_fields: Option<Value>,
 }
 
+impl ObjectMeta {
+    /// The namespace, `default` when unset (as kubectl applies it).
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
+}
+
 /// `v1/Namespace`. The label `istio.io/dataplane-mode: ambient` enrolls its pods.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -44,7 +44,7 @@ pub fn parse_document(doc: &Document) -> Parsed {
     let object = Some(key.to_string());
 
     // 2. The schema: types and unknown fields, with the exact line.
-    let resource = typed(kind, &doc.text).map_err(|(path, message, line)| {
+    let resource = typed(kind, value, &doc.text).map_err(|(path, message, line)| {
         let line = doc.line + line.unwrap_or(1) - 1;
         let path = (!path.is_empty() && path != ".").then_some(path);
         (Some(key.clone()), vec![problem(line, object.clone(), path.as_deref(), message)])
@@ -65,27 +65,26 @@ pub fn parse_document(doc: &Document) -> Parsed {
     Err((Some(key), problems))
 }
 
-fn typed(kind: Kind, text: &str) -> Result<Resource, (String, String, Option<usize>)> {
-    Ok(match kind {
-        Kind::Namespace => Resource::Namespace(de(text)?),
-        Kind::ServiceAccount => Resource::ServiceAccount(de(text)?),
-        Kind::Pod => Resource::Pod(de(text)?),
-        Kind::Service => Resource::Service(de(text)?),
-        Kind::PeerAuthentication => Resource::PeerAuthentication(de(text)?),
-        Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(de(text)?),
-        Kind::ServiceEntry => Resource::ServiceEntry(de(text)?),
-        Kind::WorkloadEntry => Resource::WorkloadEntry(de(text)?),
-    })
-}
-
-/// The typed object without `apiVersion`/`kind` (already checked).
-fn de<T: DeserializeOwned>(text: &str) -> Result<T, (String, String, Option<usize>)> {
+/// The typed object from the already parsed document; `text` locates errors.
+fn typed(kind: Kind, mut value: Value, text: &str) -> Result<Resource, (String, String, Option<usize>)> {
     // deny_unknown_fields would reject these two; they were checked already.
-    let mut value: Value = serde_yaml_ng::from_str(text).map_err(|e| (String::new(), e.to_string(), None))?;
     if let Some(map) = value.as_mapping_mut() {
         map.remove("apiVersion");
         map.remove("kind");
     }
+    Ok(match kind {
+        Kind::Namespace => Resource::Namespace(de(value, text)?),
+        Kind::ServiceAccount => Resource::ServiceAccount(de(value, text)?),
+        Kind::Pod => Resource::Pod(de(value, text)?),
+        Kind::Service => Resource::Service(de(value, text)?),
+        Kind::PeerAuthentication => Resource::PeerAuthentication(de(value, text)?),
+        Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(de(value, text)?),
+        Kind::ServiceEntry => Resource::ServiceEntry(de(value, text)?),
+        Kind::WorkloadEntry => Resource::WorkloadEntry(de(value, text)?),
+    })
+}
+
+fn de<T: DeserializeOwned>(value: Value, text: &str) -> Result<T, (String, String, Option<usize>)> {
     let result: Result<T, _> = serde_path_to_error::deserialize(value);
     result.map_err(|e| {
         let path = e.path().to_string();

@@ -79,7 +79,8 @@ impl ApplyReport {
     }
 }
 
-#[derive(Debug, Default)]
+/// Cloning is cheap: objects are shared (`Arc`).
+#[derive(Clone, Debug, Default)]
 pub struct ConfigStore {
     objects: BTreeMap<ObjectKey, Stored>,
     problems: Vec<Problem>,

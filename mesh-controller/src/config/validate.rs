@@ -200,14 +200,6 @@ fn check_authorization(spec: &AuthorizationPolicySpec, out: &mut Issues) {
 }
 
 fn check_rule(rule: &Rule, at: &str, l4: bool, out: &mut Issues) {
-    let l7 = |field: String, out: &mut Issues| {
-        out.push((
-            field,
-            "is an L7 (HTTP) attribute, but this policy is enforced at L4 by the node proxy: \
-             move it to a policy with targetRefs naming a waypoint Gateway, or remove it"
-                .into(),
-        ));
-    };
     for (f, from) in rule.from.iter().enumerate() {
         let src = &from.source;
         let base = format!("{at}.from[{f}].source");
@@ -236,16 +228,16 @@ fn check_rule(rule: &Rule, at: &str, l4: bool, out: &mut Issues) {
             }
         }
         if l4 {
-            for (name, values) in [
-                ("requestPrincipals", &src.request_principals),
-                ("notRequestPrincipals", &src.not_request_principals),
-                ("remoteIpBlocks", &src.remote_ip_blocks),
-                ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
-            ] {
-                if !values.is_empty() {
-                    l7(format!("{base}.{name}"), out);
-                }
-            }
+            reject_l7(
+                &base,
+                &[
+                    ("requestPrincipals", &src.request_principals),
+                    ("notRequestPrincipals", &src.not_request_principals),
+                    ("remoteIpBlocks", &src.remote_ip_blocks),
+                    ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
+                ],
+                out,
+            );
         }
     }
     for (t, to) in rule.to.iter().enumerate() {
@@ -260,18 +252,18 @@ fn check_rule(rule: &Rule, at: &str, l4: bool, out: &mut Issues) {
             }
         }
         if l4 {
-            for (name, values) in [
-                ("hosts", &op.hosts),
-                ("notHosts", &op.not_hosts),
-                ("methods", &op.methods),
-                ("notMethods", &op.not_methods),
-                ("paths", &op.paths),
-                ("notPaths", &op.not_paths),
-            ] {
-                if !values.is_empty() {
-                    l7(format!("{base}.{name}"), out);
-                }
-            }
+            reject_l7(
+                &base,
+                &[
+                    ("hosts", &op.hosts),
+                    ("notHosts", &op.not_hosts),
+                    ("methods", &op.methods),
+                    ("notMethods", &op.not_methods),
+                    ("paths", &op.paths),
+                    ("notPaths", &op.not_paths),
+                ],
+                out,
+            );
         }
     }
     for (w, cond) in rule.when.iter().enumerate() {
@@ -305,6 +297,21 @@ fn check_rule(rule: &Rule, at: &str, l4: bool, out: &mut Issues) {
                     _ => {}
                 }
             }
+        }
+    }
+}
+
+/// Each non-empty field is an L7 (HTTP) attribute in a policy the node proxy
+/// enforces at L4.
+fn reject_l7(base: &str, fields: &[(&str, &Vec<String>)], out: &mut Issues) {
+    for (name, values) in fields {
+        if !values.is_empty() {
+            out.push((
+                format!("{base}.{name}"),
+                "is an L7 (HTTP) attribute, but this policy is enforced at L4 by the node proxy: \
+                 move it to a policy with targetRefs naming a waypoint Gateway, or remove it"
+                    .into(),
+            ));
         }
     }
 }

@@ -148,7 +148,7 @@ impl CompiledPolicy {
             _ => Action::Allow,
         };
         CompiledPolicy {
-            namespace: policy.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            namespace: policy.metadata.namespace().to_owned(),
             name: policy.metadata.name.clone(),
             action,
             rules: policy.spec.rules.iter().flatten().map(compile_rule).collect(),

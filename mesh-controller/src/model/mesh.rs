@@ -99,7 +99,7 @@ impl MeshModel {
         for stored in store.objects().values() {
             match stored.resource.as_ref() {
                 Resource::Pod(pod) => {
-                    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                    let namespace = pod.metadata.namespace().to_owned();
                     let sa = pod.spec.service_account_name.clone().unwrap_or_else(|| "default".into());
                     let Ok(identity) = SpiffeId::new(&settings.trust_domain, &namespace, &sa) else { continue };
                     let mut ips: Vec<IpAddr> = pod.status.pod_ips.iter().filter_map(|i| i.ip.parse().ok()).collect();
@@ -127,7 +127,7 @@ impl MeshModel {
                     );
                 }
                 Resource::WorkloadEntry(we) => {
-                    let namespace = we.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                    let namespace = we.metadata.namespace().to_owned();
                     let sa = we.spec.service_account.clone().unwrap_or_else(|| "default".into());
                     let Ok(identity) = SpiffeId::new(&settings.trust_domain, &namespace, &sa) else { continue };
                     let uid = format!("WorkloadEntry/{namespace}/{}", we.metadata.name);
@@ -167,7 +167,7 @@ impl MeshModel {
         for stored in store.objects().values() {
             match stored.resource.as_ref() {
                 Resource::Service(svc) => {
-                    let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                    let namespace = svc.metadata.namespace().to_owned();
                     let vips = svc
                         .spec
                         .cluster_ips
@@ -196,7 +196,7 @@ impl MeshModel {
                     model.services.insert(key, Service { namespace, name, hosts, vips, ports, endpoints });
                 }
                 Resource::ServiceEntry(se) => {
-                    let namespace = se.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                    let namespace = se.metadata.namespace().to_owned();
                     let vips = se.spec.addresses.iter().filter_map(|a| a.split('/').next()?.parse().ok()).collect();
                     let endpoints = match &se.spec.workload_selector {
                         Some(sel) => model.endpoints(&namespace, &sel.labels),
@@ -270,7 +270,7 @@ impl MeshModel {
             let mut matching: Vec<&PeerAuthentication> = self
                 .peer_authentications
                 .iter()
-                .filter(|pa| pa.metadata.namespace.as_deref().unwrap_or("default") == ns)
+                .filter(|pa| pa.metadata.namespace() == ns)
                 .filter(|pa| match (&pa.spec.selector, with_selector) {
                     (Some(s), true) => !s.match_labels.is_empty() && selector_matches(&s.match_labels, &w.labels),
                     (None, false) => true,
