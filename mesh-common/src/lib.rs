@@ -155,3 +155,10 @@ mod tests {
         }
     }
 }
+
+/// The controller/node API (`proto/mesh/v1/node.proto`).
+#[cfg(feature = "grpc")]
+pub mod api {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("mesh.v1");
+}

@@ -1,0 +1,15 @@
+//! With the `grpc` feature, generates the controller/node API from proto/.
+fn main() {
+    #[cfg(feature = "grpc")]
+    grpc();
+}
+
+#[cfg(feature = "grpc")]
+fn grpc() {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(["mesh/v1/node.proto"], ["proto"]).unwrap_or_else(|e| panic!("proto/: {e}"));
+    tonic_prost_build::configure()
+        .type_attribute(".", "#[derive(serde::Serialize)]")
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("generating the gRPC code: {e}"));
+}
