@@ -7,6 +7,7 @@
 use std::{
     fs,
     io::Write as _,
+    net::IpAddr,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     time::Duration,
@@ -26,6 +27,8 @@ const BACKDATE: Duration = Duration::from_secs(5 * 60);
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const ROOT_CERT_FILE: &str = "ca-cert.pem";
 const ROOT_KEY_FILE: &str = "ca-key.pem";
+/// The controller's serving certificate is made anew at each start.
+const SERVING_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -112,27 +115,62 @@ impl CertificateAuthority {
     /// Issues a certificate for `identity` to the holder of the key in `csr_pem`.
     /// The caller has checked that the requester may hold `identity`.
     pub fn issue(&self, csr_pem: &str, identity: &SpiffeId, now: OffsetDateTime) -> Result<Issued, CaError> {
+        self.issue_uri(csr_pem, &identity.to_string(), now)
+    }
+
+    /// Issues a certificate whose only SAN is the URI `uri` (a workload's or a
+    /// node's SPIFFE ID) to the holder of the key in `csr_pem`.
+    pub fn issue_uri(&self, csr_pem: &str, uri: &str, now: OffsetDateTime) -> Result<Issued, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
         if *csr.public_key.algorithm() != PKCS_ECDSA_P256_SHA256 {
             return Err(CaError::BadCsr("the key must be ECDSA P-256".into()));
         }
+        let san = uri.to_string().try_into().map_err(|source| CaError::Cert { what: format!("SAN {uri}"), source })?;
+        self.sign(&csr.public_key, vec![SanType::URI(san)], now, self.lifetime)
+    }
+
+    /// A key and certificate for the controller's own gRPC port, with DNS
+    /// names and IP addresses as SANs. The key never leaves the process.
+    pub fn serving(
+        &self,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+        now: OffsetDateTime,
+    ) -> Result<(Issued, String), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|source| CaError::Cert { what: "generating the serving key".into(), source })?;
+        let mut sans = Vec::new();
+        for name in dns_names {
+            let name =
+                name.to_string().try_into().map_err(|source| CaError::Cert { what: format!("SAN {name}"), source })?;
+            sans.push(SanType::DnsName(name));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let issued = self.sign(&key, sans, now, SERVING_LIFETIME)?;
+        Ok((issued, key.serialize_pem()))
+    }
+
+    fn sign(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        sans: Vec<SanType>,
+        now: OffsetDateTime,
+        lifetime: Duration,
+    ) -> Result<Issued, CaError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        let uri = identity
-            .to_string()
-            .try_into()
-            .map_err(|source| CaError::Cert { what: format!("SAN {identity}"), source })?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyAgreement];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.not_before = now - BACKDATE;
-        params.not_after = now + self.lifetime;
+        params.not_after = now + lifetime;
         params.serial_number = Some(random_serial()?);
+        let what = format!("{:?}", params.subject_alt_names);
         let cert = params
-            .signed_by(&csr.public_key, &self.issuer)
-            .map_err(|source| CaError::Cert { what: format!("signing for {identity}"), source })?;
+            .signed_by(public_key, &self.issuer)
+            .map_err(|source| CaError::Cert { what: format!("signing for {what}"), source })?;
         let mut chain_pem = vec![self.cert_pem.clone()];
         chain_pem.extend(self.chain_pem.iter().cloned());
         Ok(Issued { cert_pem: cert.pem(), chain_pem, not_after: params.not_after })

@@ -4,4 +4,6 @@
 //! identities, services, and compiled L4 authorization.
 pub mod ca;
 pub mod config;
+pub mod distribute;
 pub mod model;
+pub mod node_api;

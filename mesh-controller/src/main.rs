@@ -13,11 +13,14 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Parser;
+use mesh_common::api::node_control_server::NodeControlServer;
 use mesh_controller::{
     ca::CertificateAuthority,
     config::{ConfigStore, MeshSettings, Snapshot, read_dir},
     model::MeshModel,
+    node_api::{self, Hub, NodeService},
 };
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
@@ -38,9 +41,20 @@ struct Args {
     /// For an intermediate --ca-cert: the chain up to the root (PEM, intermediates first).
     #[arg(long, requires = "ca_cert")]
     ca_chain: Option<PathBuf>,
-    /// Lifetime of workload certificates, in hours (nodes renew at half-life).
-    #[arg(long, default_value_t = 24)]
-    cert_lifetime_hours: u64,
+    /// Lifetime of workload and node certificates (`24h`, `30m`, `90s`); nodes renew at half-life.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_lifetime: Duration,
+    /// The node API (gRPC over TLS; mTLS after joining). Port 0 picks one.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    grpc_addr: SocketAddr,
+    /// Extra DNS names for the controller's serving certificate (nodes verify
+    /// `mesh-controller` unless told otherwise).
+    #[arg(long = "grpc-san")]
+    grpc_sans: Vec<String>,
+    /// The token nodes present to join. Default: <state-dir>/join-token,
+    /// created (mode 0600) on first start.
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
     /// Health (`/healthz/ready`), Prometheus `/metrics` and `/debug/*`. Port 0 picks one.
     #[arg(long, default_value = "127.0.0.1:15014")]
     metrics_addr: SocketAddr,
@@ -58,7 +72,7 @@ struct Args {
 /// What the controller holds: the configuration in force and the model built from it.
 pub struct State {
     pub store: ConfigStore,
-    pub model: MeshModel,
+    pub model: Arc<MeshModel>,
     pub reloads: u64,
     pub last_reload_seconds: f64,
 }
@@ -74,37 +88,50 @@ async fn main() -> anyhow::Result<()> {
         MeshSettings { trust_domain: args.trust_domain.clone(), root_namespace: args.root_namespace.clone() };
     anyhow::ensure!(args.config_dir.is_dir(), "--config-dir {}: not a directory", args.config_dir.display());
 
-    let lifetime = Duration::from_secs(args.cert_lifetime_hours.max(1) * 3600);
+    let lifetime = args.cert_lifetime;
     let ca = match (&args.ca_cert, &args.ca_key) {
         (Some(cert), Some(key)) => CertificateAuthority::from_files(cert, key, args.ca_chain.as_deref(), lifetime),
         _ => CertificateAuthority::load_or_create(&args.state_dir, &settings.trust_domain, lifetime),
     }
     .context("certificate authority")?;
+    let ca = Arc::new(ca);
     info!(state_dir = %args.state_dir.display(), "certificate authority ready");
+    let token_file = args.join_token_file.clone().unwrap_or_else(|| args.state_dir.join("join-token"));
+    let token = node_api::join_token(&token_file).with_context(|| format!("join token {}", token_file.display()))?;
+    let hub = Arc::new(Hub::new(ca.clone(), token, settings.trust_domain.clone()));
 
     let state = Arc::new(RwLock::new(State {
         store: ConfigStore::default(),
-        model: MeshModel::default(),
+        model: Arc::default(),
         reloads: 0,
         last_reload_seconds: 0.0,
     }));
     let mut seen = watch::fingerprint(&args.config_dir);
-    reload(&args.config_dir, &settings, &state);
+    reload(&args.config_dir, &settings, &state, &hub);
+
+    let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| format!("binding {} (use --grpc-addr)", args.grpc_addr))?;
+    let grpc_addr = grpc.local_addr()?;
+    let tls = serving_tls(&ca, grpc_addr, &args.grpc_sans)?;
+    let service = NodeControlServer::new(NodeService(hub.clone()));
+    let server = tonic::transport::Server::builder().tls_config(tls)?.add_service(service);
+    tokio::spawn(server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc)));
 
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("binding {} (use --metrics-addr)", args.metrics_addr))?;
     let addr = listener.local_addr()?;
-    let router = server::router(state.clone(), Arc::new(ca));
+    let router = server::router(state.clone(), ca, hub.clone());
     tokio::spawn(async move { axum::serve(listener, router).await });
-    info!(metrics_addr = %addr, config_dir = %args.config_dir.display(), "mesh-controller ready");
+    info!(metrics_addr = %addr, grpc_addr = %grpc_addr, config_dir = %args.config_dir.display(), "mesh-controller ready");
 
     let interval = Duration::from_millis(args.poll_ms.max(10));
     loop {
         tokio::select! {
             now = watch::changed(&args.config_dir, &seen, interval) => {
                 seen = now;
-                reload(&args.config_dir, &settings, &state);
+                reload(&args.config_dir, &settings, &state, &hub);
             }
             _ = tokio::signal::ctrl_c() => {
                 info!("interrupted; exiting");
@@ -117,13 +144,14 @@ async fn main() -> anyhow::Result<()> {
 /// Reads, validates and applies the directory on a copy of the store, and
 /// swaps the result in: readers never wait on parsing, and never see a
 /// half-applied or empty configuration.
-fn reload(dir: &std::path::Path, settings: &MeshSettings, state: &RwLock<State>) {
+fn reload(dir: &std::path::Path, settings: &MeshSettings, state: &RwLock<State>, hub: &Hub) {
     let started = Instant::now();
     let (docs, read_problems) = read_dir(dir);
     let snapshot = Snapshot::from_documents(&docs, read_problems);
     let mut store = state.read().unwrap_or_else(|e| e.into_inner()).store.clone();
     let report = store.apply(snapshot);
-    let model = MeshModel::build(&store, settings);
+    let model = Arc::new(MeshModel::build(&store, settings));
+    hub.publish(model.clone());
     for p in store.problems() {
         warn!("rejected: {p}");
     }
@@ -143,4 +171,42 @@ fn reload(dir: &std::path::Path, settings: &MeshSettings, state: &RwLock<State>)
         ms = s.last_reload_seconds * 1e3,
         "configuration applied"
     );
+}
+
+/// TLS for the node API: a serving certificate from the mesh CA; client
+/// certificates are checked against the root when presented (they must be,
+/// for every call but `Join`).
+fn serving_tls(ca: &CertificateAuthority, addr: SocketAddr, extra: &[String]) -> anyhow::Result<ServerTlsConfig> {
+    let mut names = vec!["mesh-controller", "localhost"];
+    names.extend(extra.iter().map(String::as_str));
+    let mut ips = vec![std::net::IpAddr::from([127, 0, 0, 1]), std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)];
+    if !addr.ip().is_unspecified() && !ips.contains(&addr.ip()) {
+        ips.push(addr.ip());
+    }
+    let (issued, key) = ca.serving(&names, &ips, time::OffsetDateTime::now_utc()).context("serving certificate")?;
+    // The leaf and any intermediates; the root is what nodes already trust.
+    let mut chain = issued.cert_pem;
+    for pem in issued.chain_pem.iter().take(issued.chain_pem.len().saturating_sub(1)) {
+        chain.push_str(pem);
+    }
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(chain, key))
+        .client_ca_root(Certificate::from_pem(ca.root_pem()))
+        .client_auth_optional(true))
+}
+
+/// `24h`, `30m`, `90s` or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = n.parse().map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h), e.g. 24h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m or h)")),
+    };
+    if secs < 10 {
+        return Err(format!("{s:?}: certificates must last at least 10s"));
+    }
+    Ok(Duration::from_secs(secs))
 }

@@ -9,21 +9,26 @@ use std::{
 use axum::{Json, Router, extract::State as AxState, http::header, response::IntoResponse, routing::get};
 use serde_json::json;
 
-use mesh_controller::ca::CertificateAuthority;
+use mesh_controller::{
+    ca::CertificateAuthority,
+    node_api::{Hub, LATENCY_BUCKETS},
+};
 
 use crate::State;
 
 type Shared = Arc<RwLock<State>>;
 
-pub fn router(state: Shared, ca: Arc<CertificateAuthority>) -> Router {
+pub fn router(state: Shared, ca: Arc<CertificateAuthority>, hub: Arc<Hub>) -> Router {
+    let nodes_hub = hub.clone();
     Router::new()
         .route("/healthz/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(move |s| metrics(s, hub)))
         .route("/debug/config", get(config))
         .route("/debug/model", get(model))
         .with_state(state)
         // The trust anchor is public; issuing goes over the authenticated node channel.
         .route("/debug/ca", get(move || async move { ca.root_pem().to_string() }))
+        .route("/debug/nodes", get(move || nodes(nodes_hub)))
 }
 
 fn read(s: &Shared) -> std::sync::RwLockReadGuard<'_, State> {
@@ -52,7 +57,14 @@ async fn model(AxState(s): AxState<Shared>) -> impl IntoResponse {
     Json(serde_json::to_value(&read(&s).model).unwrap_or_default())
 }
 
-async fn metrics(AxState(s): AxState<Shared>) -> impl IntoResponse {
+/// Every node that has connected: stream state, versions sent and acknowledged, NACKs.
+async fn nodes(hub: Arc<Hub>) -> impl IntoResponse {
+    let version = hub.current().wire.version.clone();
+    let nodes = hub.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Json(json!({ "version": version, "nodes": nodes }))
+}
+
+async fn metrics(AxState(s): AxState<Shared>, hub: Arc<Hub>) -> impl IntoResponse {
     let s = read(&s);
     let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
     for key in s.store.objects().keys() {
@@ -96,5 +108,39 @@ async fn metrics(AxState(s): AxState<Shared>) -> impl IntoResponse {
         s.last_reload_seconds,
     );
     metric(&mut out, "mesh_controller_workloads", "gauge", "Workloads in the model.", s.model.workloads.len() as f64);
+    let connected = hub.nodes.lock().unwrap_or_else(|e| e.into_inner()).values().filter(|n| n.connected).count();
+    metric(&mut out, "mesh_controller_nodes_connected", "gauge", "Nodes with an open stream.", connected as f64);
+    let c = hub.counters.lock().unwrap_or_else(|e| e.into_inner());
+    metric(&mut out, "mesh_controller_pushes_total", "counter", "Updates sent to nodes.", c.pushes as f64);
+    metric(
+        &mut out,
+        "mesh_controller_resync_resources_total",
+        "counter",
+        "Resources sent in the first update of node streams (0 when nodes resume in sync).",
+        c.resync_resources as f64,
+    );
+    metric(&mut out, "mesh_controller_nacks_total", "counter", "Updates nodes rejected.", c.nacks as f64);
+    metric(
+        &mut out,
+        "mesh_controller_certificates_issued_total",
+        "counter",
+        "Certificates issued.",
+        c.certificates as f64,
+    );
+    metric(
+        &mut out,
+        "mesh_controller_node_requests_refused_total",
+        "counter",
+        "Node requests refused (bad token, not a node certificate, identity not on the node).",
+        c.refused as f64,
+    );
+    let name = "mesh_controller_push_latency_seconds";
+    let _ = writeln!(out, "# HELP {name} From a configuration change to its update sent on a node's stream.");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (le, n) in LATENCY_BUCKETS.iter().zip(c.push_latency.buckets) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", c.push_latency.count);
+    let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", c.push_latency.sum, c.push_latency.count);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -75,7 +75,7 @@ pub struct MeshModel {
     /// Policies the node proxy enforces, by `namespace/name`, with their scope.
     pub policies: BTreeMap<String, ScopedPolicy>,
     peer_authentications: Vec<PeerAuthentication>,
-    root_namespace: String,
+    pub root_namespace: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -266,34 +266,49 @@ impl MeshModel {
     /// workload port-level, then workload, namespace, mesh (root namespace);
     /// UNSET defers to the next. The default is PERMISSIVE, as in Istio.
     pub fn mtls_mode(&self, w: &Workload, port: u16) -> MtlsMode {
-        let scoped = |ns: &str, with_selector: bool| {
-            let mut matching: Vec<&PeerAuthentication> = self
-                .peer_authentications
-                .iter()
-                .filter(|pa| pa.metadata.namespace() == ns)
-                .filter(|pa| match (&pa.spec.selector, with_selector) {
-                    (Some(s), true) => !s.match_labels.is_empty() && selector_matches(&s.match_labels, &w.labels),
-                    (None, false) => true,
-                    (Some(s), false) => s.match_labels.is_empty(),
-                    (None, true) => false,
-                })
-                .collect();
-            matching.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name)); // deterministic on conflicts
-            matching.into_iter().next()
-        };
-        let mode = |m: Option<&String>| match m.map(String::as_str) {
-            Some("STRICT") => Some(MtlsMode::Strict),
-            Some("PERMISSIVE") => Some(MtlsMode::Permissive),
-            Some("DISABLE") => Some(MtlsMode::Disable),
-            _ => None, // UNSET or absent: inherit
-        };
-        let workload = scoped(&w.namespace, true);
+        let workload = self.peer_authentication(&w.namespace, Some(w));
         workload
             .and_then(|pa| pa.spec.port_level_mtls.get(&port.to_string()).and_then(|m| mode(m.mode.as_ref())))
             .or_else(|| workload.and_then(|pa| mode(pa.spec.mtls.as_ref()?.mode.as_ref())))
-            .or_else(|| scoped(&w.namespace, false).and_then(|pa| mode(pa.spec.mtls.as_ref()?.mode.as_ref())))
-            .or_else(|| scoped(&self.root_namespace, false).and_then(|pa| mode(pa.spec.mtls.as_ref()?.mode.as_ref())))
+            .or_else(|| {
+                self.peer_authentication(&w.namespace, None).and_then(|pa| mode(pa.spec.mtls.as_ref()?.mode.as_ref()))
+            })
+            .or_else(|| {
+                self.peer_authentication(&self.root_namespace, None)
+                    .and_then(|pa| mode(pa.spec.mtls.as_ref()?.mode.as_ref()))
+            })
             .unwrap_or(MtlsMode::Permissive)
+    }
+
+    /// Ports with a mode of their own for `w` (the workload PeerAuthentication's
+    /// portLevelMtls), each with the mode that results.
+    pub fn mtls_port_modes(&self, w: &Workload) -> BTreeMap<u16, MtlsMode> {
+        let Some(pa) = self.peer_authentication(&w.namespace, Some(w)) else { return BTreeMap::new() };
+        pa.spec.port_level_mtls.keys().filter_map(|p| p.parse().ok()).map(|p| (p, self.mtls_mode(w, p))).collect()
+    }
+
+    /// The PeerAuthentication of `namespace` that selects `w` (`Some`), or the
+    /// namespace-wide one (`None`); by name on conflicts, so deterministic.
+    fn peer_authentication(&self, namespace: &str, w: Option<&Workload>) -> Option<&PeerAuthentication> {
+        self.peer_authentications
+            .iter()
+            .filter(|pa| pa.metadata.namespace() == namespace)
+            .filter(|pa| match (&pa.spec.selector, w) {
+                (Some(s), Some(w)) => !s.match_labels.is_empty() && selector_matches(&s.match_labels, &w.labels),
+                (None, None) => true,
+                (Some(s), None) => s.match_labels.is_empty(),
+                (None, Some(_)) => false,
+            })
+            .min_by(|a, b| a.metadata.name.cmp(&b.metadata.name))
+    }
+}
+
+fn mode(m: Option<&String>) -> Option<MtlsMode> {
+    match m.map(String::as_str) {
+        Some("STRICT") => Some(MtlsMode::Strict),
+        Some("PERMISSIVE") => Some(MtlsMode::Permissive),
+        Some("DISABLE") => Some(MtlsMode::Disable),
+        _ => None, // UNSET or absent: inherit
     }
 }
 

@@ -1,0 +1,309 @@
+//! What the controller sends nodes: the model as versioned resources (pure).
+//! Each resource's version is a hash of its encoded content, so versions are
+//! the same across controller restarts for the same configuration, and a
+//! reconnecting node that says what it holds gets only what differs.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use mesh_common::api::{self, resource::Kind};
+use prost::Message as _;
+
+use crate::{
+    config::objects::IntOrString,
+    model::{
+        MeshModel, MtlsMode, Service, Workload,
+        authz::{Action, CompiledPolicy, ConditionMatch, PortMatch, SourceMatch, StringMatch},
+    },
+};
+
+/// Every resource a node receives, by key, with the version of the whole.
+#[derive(Clone, Debug, Default)]
+pub struct WireSet {
+    pub resources: BTreeMap<String, Arc<api::Resource>>,
+    /// Changes whenever any resource does; stable for the same content.
+    pub version: String,
+}
+
+/// An update for a node that holds `known` (key -> version).
+#[derive(Debug, Default, PartialEq)]
+pub struct Delta {
+    pub upserts: Vec<Arc<api::Resource>>,
+    pub removed: Vec<String>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl WireSet {
+    pub fn from_model(model: &MeshModel) -> WireSet {
+        let mut resources = BTreeMap::new();
+        let mut add = |key: String, kind: Kind| {
+            let mut r = api::Resource { key, version: 0, kind: Some(kind) };
+            r.version = fnv1a(&r.encode_to_vec());
+            resources.insert(r.key.clone(), Arc::new(r));
+        };
+        for w in model.workloads.values() {
+            add(format!("workload/{}", w.uid), Kind::Workload(workload(model, w)));
+        }
+        for (key, s) in &model.services {
+            add(format!("service/{key}"), Kind::Service(service(s)));
+        }
+        for (key, p) in &model.policies {
+            let scope = if p.selector.is_some() {
+                api::Scope::WorkloadSelector
+            } else if p.policy.namespace == model.root_namespace {
+                api::Scope::Global
+            } else {
+                api::Scope::Namespace
+            };
+            let selector = p.selector.clone().unwrap_or_default();
+            add(format!("policy/{key}"), Kind::Authorization(authorization(&p.policy, scope, selector)));
+        }
+        let mut whole = 0u64;
+        for r in resources.values() {
+            whole = whole.wrapping_add(fnv1a(r.key.as_bytes()) ^ r.version);
+        }
+        WireSet { resources, version: format!("{whole:016x}") }
+    }
+
+    /// What a node holding `known` lacks, and what it holds that is gone.
+    pub fn delta(&self, known: &HashMap<String, u64>) -> Delta {
+        let upserts = self.resources.values().filter(|r| known.get(&r.key) != Some(&r.version)).cloned().collect();
+        let removed = known.keys().filter(|k| !self.resources.contains_key(*k)).cloned().collect();
+        Delta { upserts, removed }
+    }
+
+    /// Key -> version of everything in the set (what a node holds after a full sync).
+    pub fn versions(&self) -> HashMap<String, u64> {
+        self.resources.values().map(|r| (r.key.clone(), r.version)).collect()
+    }
+}
+
+/// FNV-1a, 64 bits: stable across builds and restarts (unlike std's hasher).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+fn ips(ips: &[IpAddr]) -> Vec<String> {
+    ips.iter().map(ToString::to_string).collect()
+}
+
+fn mtls(m: MtlsMode) -> i32 {
+    match m {
+        MtlsMode::Permissive => api::MtlsMode::Permissive,
+        MtlsMode::Strict => api::MtlsMode::Strict,
+        MtlsMode::Disable => api::MtlsMode::Disable,
+    }
+    .into()
+}
+
+fn workload(model: &MeshModel, w: &Workload) -> api::Workload {
+    api::Workload {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        service_account: w.service_account.clone(),
+        identity: w.identity.to_string(),
+        ips: ips(&w.ips),
+        node: w.node.clone().unwrap_or_default(),
+        netns: w.netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        captured: w.captured,
+        labels: w.labels.clone().into_iter().collect(),
+        // The default port 0 never carries traffic: this asks for the workload-wide mode.
+        mtls_mode: mtls(model.mtls_mode(w, 0)),
+        port_mtls: model.mtls_port_modes(w).into_iter().map(|(p, m)| (u32::from(p), mtls(m))).collect(),
+    }
+}
+
+fn service(s: &Service) -> api::Service {
+    api::Service {
+        namespace: s.namespace.clone(),
+        name: s.name.clone(),
+        hosts: s.hosts.clone(),
+        vips: ips(&s.vips),
+        ports: s
+            .ports
+            .iter()
+            .map(|p| {
+                let (target_port, target_port_name) = match &p.target {
+                    Some(IntOrString::Int(n)) => (u32::try_from(*n).unwrap_or(0), String::new()),
+                    Some(IntOrString::String(name)) => (0, name.clone()),
+                    None => (0, String::new()),
+                };
+                api::ServicePort { port: u32::from(p.port), target_port, target_port_name }
+            })
+            .collect(),
+        endpoints: s
+            .endpoints
+            .iter()
+            .map(|e| api::Endpoint { workload: e.workload.clone(), ip: e.ip.to_string() })
+            .collect(),
+    }
+}
+
+fn authorization(p: &CompiledPolicy, scope: api::Scope, selector: BTreeMap<String, String>) -> api::Authorization {
+    let action = match p.action {
+        Action::Allow => api::Action::Allow,
+        Action::Deny => api::Action::Deny,
+        Action::Audit => api::Action::Audit,
+    };
+    api::Authorization {
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        action: action.into(),
+        scope: scope.into(),
+        selector: selector.into_iter().collect(),
+        rules: p
+            .rules
+            .iter()
+            .map(|r| api::Rule {
+                from: r.from.iter().map(source).collect(),
+                to: r.to.iter().map(ports).collect(),
+                when: r.when.iter().map(condition).collect(),
+            })
+            .collect(),
+    }
+}
+
+fn string_matches(list: &[StringMatch]) -> Vec<api::StringMatch> {
+    use api::string_match::Kind as K;
+    list.iter()
+        .map(|m| api::StringMatch {
+            kind: Some(match m {
+                StringMatch::Exact(s) => K::Exact(s.clone()),
+                StringMatch::Prefix(s) => K::Prefix(s.clone()),
+                StringMatch::Suffix(s) => K::Suffix(s.clone()),
+                StringMatch::Any => K::Any(true),
+            }),
+        })
+        .collect()
+}
+
+fn nets(list: &[ipnet::IpNet]) -> Vec<String> {
+    list.iter().map(ToString::to_string).collect()
+}
+
+fn source(s: &SourceMatch) -> api::SourceMatch {
+    api::SourceMatch {
+        principals: string_matches(&s.principals),
+        not_principals: string_matches(&s.not_principals),
+        namespaces: string_matches(&s.namespaces),
+        not_namespaces: string_matches(&s.not_namespaces),
+        ip_blocks: nets(&s.ip_blocks),
+        not_ip_blocks: nets(&s.not_ip_blocks),
+    }
+}
+
+fn ports(p: &PortMatch) -> api::PortMatch {
+    api::PortMatch {
+        ports: p.ports.iter().map(|p| u32::from(*p)).collect(),
+        not_ports: p.not_ports.iter().map(|p| u32::from(*p)).collect(),
+    }
+}
+
+fn condition(c: &ConditionMatch) -> api::Condition {
+    let pattern = |m: &StringMatch| match m {
+        StringMatch::Exact(s) => s.clone(),
+        StringMatch::Prefix(s) => format!("{s}*"),
+        StringMatch::Suffix(s) => format!("*{s}"),
+        StringMatch::Any => "*".into(),
+    };
+    let (key, values, not_values): (&str, Vec<String>, Vec<String>) = match c {
+        ConditionMatch::SourceIp { values, not_values } => ("source.ip", nets(values), nets(not_values)),
+        ConditionMatch::DestinationIp { values, not_values } => ("destination.ip", nets(values), nets(not_values)),
+        ConditionMatch::SourceNamespace { values, not_values } => {
+            ("source.namespace", values.iter().map(pattern).collect(), not_values.iter().map(pattern).collect())
+        }
+        ConditionMatch::SourcePrincipal { values, not_values } => {
+            ("source.principal", values.iter().map(pattern).collect(), not_values.iter().map(pattern).collect())
+        }
+        ConditionMatch::DestinationPort { values, not_values } => (
+            "destination.port",
+            values.iter().map(ToString::to_string).collect(),
+            not_values.iter().map(ToString::to_string).collect(),
+        ),
+    };
+    api::Condition { key: key.into(), values, not_values }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConfigStore, MeshSettings, Snapshot, split_documents};
+
+    fn set(yaml: &str) -> WireSet {
+        let docs = split_documents(std::path::Path::new("t.yaml"), yaml);
+        let mut store = ConfigStore::default();
+        store.apply(Snapshot::from_documents(&docs, vec![]));
+        WireSet::from_model(&MeshModel::build(&store, &MeshSettings::default()))
+    }
+
+    const BASE: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {nodeName: n1, serviceAccountName: web}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, clusterIP: 10.96.0.1, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-evil, namespace: shop}
+spec: {action: DENY, rules: [{from: [{source: {namespaces: [evil]}}], when: [{key: source.ip, values: [10.9.0.0/16]}]}]}
+";
+
+    #[test]
+    fn deltas() {
+        let base = set(BASE);
+        let keys: Vec<&str> = base.resources.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["policy/shop/deny-evil", "service/shop/web", "workload/Pod/shop/web"]);
+        // Same content, same versions (what makes resumption after a restart cheap).
+        assert_eq!(set(BASE).version, base.version);
+        assert!(set(BASE).delta(&base.versions()).is_empty());
+
+        let with_pod = set(&format!(
+            "{BASE}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: db, namespace: shop}}\nspec: {{nodeName: n2}}\n"
+        ));
+        let d = with_pod.delta(&base.versions());
+        let upserted: Vec<&str> = d.upserts.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(upserted, ["workload/Pod/shop/db"], "only the new pod (the service does not select it)");
+        assert!(d.removed.is_empty());
+        assert_ne!(with_pod.version, base.version);
+
+        let back = base.delta(&with_pod.versions());
+        assert!(back.upserts.is_empty());
+        assert_eq!(back.removed, ["workload/Pod/shop/db"]);
+
+        let from_nothing = base.delta(&HashMap::new());
+        assert_eq!(from_nothing.upserts.len(), 3);
+    }
+
+    #[test]
+    fn wire_form() {
+        let s = set(BASE);
+        let Some(Kind::Workload(w)) = &s.resources["workload/Pod/shop/web"].kind else { panic!() };
+        assert_eq!(w.identity, "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!((w.node.as_str(), w.captured, w.ips.as_slice()), ("n1", true, &["10.0.0.1".to_string()][..]));
+        assert_eq!(w.mtls_mode, i32::from(api::MtlsMode::Permissive));
+        let Some(Kind::Service(svc)) = &s.resources["service/shop/web"].kind else { panic!() };
+        assert_eq!((svc.ports[0].port, svc.ports[0].target_port), (80, 8080));
+        assert_eq!(svc.endpoints[0].workload, "Pod/shop/web");
+        let Some(Kind::Authorization(p)) = &s.resources["policy/shop/deny-evil"].kind else { panic!() };
+        assert_eq!((p.action, p.scope), (i32::from(api::Action::Deny), i32::from(api::Scope::Namespace)));
+        assert_eq!(p.rules[0].when[0].values, ["10.9.0.0/16"]);
+    }
+}
