@@ -15,12 +15,17 @@ use axum::{
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::pods::{EnrollError, PodSpec, Pods};
+use crate::{
+    control::Control,
+    pods::{EnrollError, PodSpec, Pods},
+};
 
 #[derive(Clone)]
 pub struct AdminState {
     pub pods: Arc<Mutex<Pods>>,
     pub instance: String,
+    /// Set when a controller decides which pods are enrolled.
+    pub control: Option<Arc<Control>>,
 }
 
 pub fn admin_router(state: AdminState) -> Router {
@@ -45,13 +50,22 @@ pub fn readiness_router(ready: Arc<AtomicBool>) -> Router {
 }
 
 async fn config_dump(State(s): State<AdminState>) -> Response {
-    let pods = lock(&s.pods);
-    Json(json!({
-        "instance": s.instance,
-        "pods": pods.list(),
-        "dataplane": pods.dataplane_status(),
-    }))
-    .into_response()
+    let (pods, dataplane) = {
+        let pods = lock(&s.pods);
+        (pods.list(), pods.dataplane_status())
+    };
+    let mut dump = json!({ "instance": s.instance, "pods": pods, "dataplane": dataplane });
+    if let Some(c) = &s.control {
+        let store = c.store.lock().unwrap_or_else(|e| e.into_inner());
+        dump["controller"] = json!(*c.status.lock().unwrap_or_else(|e| e.into_inner()));
+        dump["version"] = json!(store.version);
+        dump["workloads"] = json!(store.workloads);
+        dump["services"] = json!(store.services);
+        dump["policies"] = json!(store.policies);
+        dump["certificates"] = json!(c.certificates());
+        dump["node_certificate"] = json!(c.node_certificate());
+    }
+    Json(dump).into_response()
 }
 
 async fn list_pods(State(s): State<AdminState>) -> Response {
@@ -59,6 +73,9 @@ async fn list_pods(State(s): State<AdminState>) -> Response {
 }
 
 async fn enroll(State(s): State<AdminState>, body: axum::body::Bytes) -> Response {
+    if let Some(refusal) = managed(&s) {
+        return refusal;
+    }
     let spec: PodSpec = match serde_json::from_slice(&body) {
         Ok(spec) => spec,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
@@ -79,12 +96,27 @@ struct NameQuery {
 }
 
 async fn unenroll(State(s): State<AdminState>, Query(q): Query<NameQuery>) -> Response {
+    if let Some(refusal) = managed(&s) {
+        return refusal;
+    }
     let pods = s.pods.clone();
     match tokio::task::spawn_blocking(move || lock(&pods).unenroll(&q.name)).await {
         Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
         Ok(Err(e)) => enroll_error(e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// With a controller, the controller's configuration decides which pods are enrolled.
+fn managed(s: &AdminState) -> Option<Response> {
+    s.control.as_ref().map(|_| {
+        error(
+            StatusCode::CONFLICT,
+            "this agent's pods are managed by the controller: label the namespace \
+             istio.io/dataplane-mode=ambient in its configuration instead"
+                .into(),
+        )
+    })
 }
 
 fn enroll_error(e: EnrollError) -> Response {

@@ -2,6 +2,7 @@
 //! (redirecting their TCP traffic to itself) and proxies that traffic.
 //! See ARCHITECTURE.md for the path of one connection.
 mod admin;
+mod control;
 mod dataplane;
 mod netns;
 mod pods;
@@ -24,6 +25,7 @@ use tracing::{error, info};
 
 use crate::{
     admin::AdminState,
+    control::{Control, ControlConfig},
     dataplane::{Dataplane, DataplaneConfig, DataplaneError},
     pods::Pods,
     proxy::{Ports, ProxyContext},
@@ -65,6 +67,22 @@ struct Args {
     /// until the agent is back.
     #[arg(long)]
     cleanup: bool,
+    /// The controller's node API (`host:port`). Without it the agent runs
+    /// alone and pods are enrolled through the admin API.
+    #[arg(long, requires_all = ["node_name", "join_token", "controller_ca"])]
+    controller: Option<String>,
+    /// This node's name, as pods name it in `spec.nodeName`.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// File holding the join token (used once; the node certificate is kept in the state dir).
+    #[arg(long)]
+    join_token: Option<PathBuf>,
+    /// The mesh root (PEM) that the controller's certificate must chain to.
+    #[arg(long)]
+    controller_ca: Option<PathBuf>,
+    /// The name the controller's certificate must carry.
+    #[arg(long, default_value = "mesh-controller")]
+    controller_name: String,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -118,6 +136,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("state directory {}", state_dir.display()))?;
     pods.restore();
     let pods = Arc::new(Mutex::new(pods));
+    let control = match (&args.controller, &args.node_name, &args.join_token, &args.controller_ca) {
+        (Some(address), Some(node), Some(token_file), Some(ca_file)) => {
+            let control = Control::new(ControlConfig {
+                address: address.clone(),
+                node: node.clone(),
+                token_file: token_file.clone(),
+                ca_file: ca_file.clone(),
+                server_name: args.controller_name.clone(),
+                state_dir: state_dir.clone(),
+            });
+            control.spawn(pods.clone());
+            Some(control)
+        }
+        _ => None,
+    };
 
     let ready = Arc::new(AtomicBool::new(false));
     let admin = tokio::net::TcpListener::bind(args.admin_addr).await.with_context(|| {
@@ -126,7 +159,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let readiness = tokio::net::TcpListener::bind(args.readiness_addr)
         .await
         .with_context(|| format!("binding the readiness port {}", args.readiness_addr))?;
-    let admin_state = AdminState { pods: pods.clone(), instance: args.instance.clone() };
+    let admin_state = AdminState { pods: pods.clone(), instance: args.instance.clone(), control };
     tokio::spawn(async move { axum::serve(admin, admin::admin_router(admin_state)).await });
     tokio::spawn({
         let ready = ready.clone();

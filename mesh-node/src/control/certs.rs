@@ -1,0 +1,102 @@
+//! Keys and certificates the node holds: its own node certificate (persisted,
+//! so a restart does not need the join token) and one per workload identity
+//! scheduled on it (in memory only). Keys are ECDSA P-256, made here; only
+//! CSRs leave the node.
+use std::{fs, io::Write as _, os::unix::fs::OpenOptionsExt as _, path::Path};
+
+use mesh_common::api;
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyedCert {
+    pub cert_pem: String,
+    /// Intermediates (if any), then the root.
+    pub chain_pem: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub key_pem: String,
+    pub root_pem: String,
+    pub serial: String,
+    pub not_before_unix: i64,
+    pub not_after_unix: i64,
+    pub issued_at_unix: i64,
+}
+
+/// What the config dump shows of a certificate (never the key).
+#[derive(Clone, Debug, Serialize)]
+pub struct CertView {
+    pub identity: String,
+    pub serial: String,
+    pub not_before_unix: i64,
+    pub not_after_unix: i64,
+    pub renew_at_unix: i64,
+    /// Certificates from the leaf's issuer up to the root.
+    pub chain_len: usize,
+}
+
+/// A new P-256 key (PEM) and a CSR for it. The CA sets the identity; the CSR carries none.
+pub fn key_and_csr() -> anyhow::Result<(String, String)> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let csr = CertificateParams::default().serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+impl KeyedCert {
+    pub fn from_response(r: api::CertificateResponse, key_pem: String, now_unix: i64) -> anyhow::Result<KeyedCert> {
+        let der = pem_der(&r.cert_pem)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)?;
+        Ok(KeyedCert {
+            serial: cert.tbs_certificate.raw_serial_as_string(),
+            not_before_unix: cert.validity().not_before.timestamp(),
+            not_after_unix: cert.validity().not_after.timestamp(),
+            cert_pem: r.cert_pem,
+            chain_pem: r.chain_pem,
+            key_pem,
+            root_pem: r.root_pem,
+            issued_at_unix: now_unix,
+        })
+    }
+
+    /// Half-way through the lifetime the node had when it got the certificate.
+    pub fn renew_at_unix(&self) -> i64 {
+        self.issued_at_unix + (self.not_after_unix - self.issued_at_unix) / 2
+    }
+
+    pub fn view(&self, identity: &str) -> CertView {
+        CertView {
+            identity: identity.to_owned(),
+            serial: self.serial.clone(),
+            not_before_unix: self.not_before_unix,
+            not_after_unix: self.not_after_unix,
+            renew_at_unix: self.renew_at_unix(),
+            chain_len: self.chain_pem.len(),
+        }
+    }
+
+    /// The leaf and its intermediates (what TLS presents), without the root.
+    pub fn presented_chain(&self) -> String {
+        let mut out = self.cert_pem.clone();
+        for pem in self.chain_pem.iter().take(self.chain_pem.len().saturating_sub(1)) {
+            out.push_str(pem);
+        }
+        out
+    }
+
+    pub fn load(path: &Path) -> Option<KeyedCert> {
+        serde_json::from_slice(&fs::read(path).ok()?).ok()
+    }
+
+    /// Writes the certificate and its key, readable by root only.
+    pub fn store(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let _ = fs::remove_file(&tmp);
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        fs::rename(&tmp, path)
+    }
+}
+
+fn pem_der(pem: &str) -> anyhow::Result<Vec<u8>> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())?;
+    Ok(p.contents)
+}

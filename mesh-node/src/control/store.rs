@@ -1,0 +1,234 @@
+//! What the node holds from the controller: workloads, services and policies,
+//! each with the version the controller gave it. An update is checked whole
+//! before any of it is applied: a bad resource rejects the update (NACK) and
+//! the node keeps serving what it had. Pure; tested with tables.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+};
+
+use ipnet::IpNet;
+use mesh_common::{
+    api::{self, resource::Kind},
+    identity::SpiffeId,
+};
+use serde::Serialize;
+
+#[derive(Debug, Default, Serialize)]
+pub struct NodeStore {
+    pub version: String,
+    pub workloads: BTreeMap<String, api::Workload>,
+    pub services: BTreeMap<String, api::Service>,
+    pub policies: BTreeMap<String, api::Authorization>,
+    #[serde(skip)]
+    versions: HashMap<String, u64>,
+}
+
+/// What an applied update changed (for the log).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub upserted: usize,
+    pub removed: usize,
+}
+
+/// A pod this node must enroll: the controller schedules it here, in an ambient namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPod {
+    /// `namespace/name`, as the agent names enrolled pods.
+    pub name: String,
+    pub netns: PathBuf,
+    pub identity: SpiffeId,
+}
+
+impl NodeStore {
+    /// Key -> version of everything held (sent in `Hello` on reconnect).
+    pub fn known(&self) -> HashMap<String, u64> {
+        self.versions.clone()
+    }
+
+    pub fn apply(&mut self, update: &api::Update) -> Result<Applied, String> {
+        for r in &update.resources {
+            check(r).map_err(|e| format!("{}: {e}", r.key))?;
+        }
+        if update.full {
+            *self = NodeStore::default();
+        }
+        for key in &update.removed {
+            self.versions.remove(key);
+            let (kind, rest) = key.split_once('/').unwrap_or((key, ""));
+            match kind {
+                "workload" => self.workloads.remove(rest).map(drop),
+                "service" => self.services.remove(rest).map(drop),
+                "policy" => self.policies.remove(rest).map(drop),
+                _ => None,
+            };
+        }
+        for r in &update.resources {
+            let rest = r.key.split_once('/').map_or("", |(_, rest)| rest).to_owned();
+            match r.kind.clone() {
+                Some(Kind::Workload(w)) => drop(self.workloads.insert(rest, w)),
+                Some(Kind::Service(s)) => drop(self.services.insert(rest, s)),
+                Some(Kind::Authorization(p)) => drop(self.policies.insert(rest, p)),
+                None => {}
+            }
+            self.versions.insert(r.key.clone(), r.version);
+        }
+        self.version = update.version.clone();
+        Ok(Applied { upserted: update.resources.len(), removed: update.removed.len() })
+    }
+
+    /// The pods this node must enroll: captured pods scheduled on `node` with a netns.
+    pub fn local_pods(&self, node: &str) -> Vec<LocalPod> {
+        self.workloads
+            .values()
+            .filter(|w| w.captured && w.node == node && !w.netns.is_empty() && w.uid.starts_with("Pod/"))
+            .filter_map(|w| {
+                Some(LocalPod {
+                    name: format!("{}/{}", w.namespace, w.name),
+                    netns: PathBuf::from(&w.netns),
+                    identity: w.identity.parse().ok()?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Checks one resource: its key names its kind, and addresses, identities
+/// and CIDRs parse.
+fn check(r: &api::Resource) -> Result<(), String> {
+    let ip =
+        |what: &str, s: &str| s.parse::<IpAddr>().map(drop).map_err(|_| format!("{what} {s:?} is not an IP address"));
+    let net = |s: &str| {
+        s.parse::<IpNet>()
+            .map(drop)
+            .or_else(|_| ip("ipBlock", s))
+            .map_err(|_| format!("{s:?} is not a CIDR or address"))
+    };
+    let (prefix, _) = r.key.split_once('/').ok_or("key without a kind prefix")?;
+    match (prefix, &r.kind) {
+        ("workload", Some(Kind::Workload(w))) => {
+            w.identity.parse::<SpiffeId>().map_err(|e| format!("identity {:?}: {e}", w.identity))?;
+            w.ips.iter().try_for_each(|s| ip("workload IP", s))
+        }
+        ("service", Some(Kind::Service(s))) => {
+            s.vips.iter().try_for_each(|v| ip("VIP", v))?;
+            s.endpoints.iter().try_for_each(|e| ip("endpoint", &e.ip))
+        }
+        ("policy", Some(Kind::Authorization(p))) => {
+            for rule in &p.rules {
+                for from in &rule.from {
+                    from.ip_blocks.iter().chain(&from.not_ip_blocks).try_for_each(|b| net(b))?;
+                }
+                for c in &rule.when {
+                    if matches!(c.key.as_str(), "source.ip" | "destination.ip") {
+                        c.values.iter().chain(&c.not_values).try_for_each(|b| net(b))?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        (prefix, kind) => {
+            Err(format!("key prefix {prefix:?} does not match the content {:?}", kind.as_ref().map(kind_name)))
+        }
+    }
+}
+
+fn kind_name(k: &Kind) -> &'static str {
+    match k {
+        Kind::Workload(_) => "workload",
+        Kind::Service(_) => "service",
+        Kind::Authorization(_) => "authorization",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, node: &str, ip: &str) -> api::Resource {
+        api::Resource {
+            key: format!("workload/Pod/shop/{name}"),
+            version: name.len() as u64 + ip.len() as u64,
+            kind: Some(Kind::Workload(api::Workload {
+                uid: format!("Pod/shop/{name}"),
+                name: name.into(),
+                namespace: "shop".into(),
+                identity: "spiffe://cluster.local/ns/shop/sa/default".into(),
+                ips: vec![ip.into()],
+                node: node.into(),
+                netns: format!("/run/netns/{name}"),
+                captured: true,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn update(full: bool, resources: Vec<api::Resource>, removed: &[&str]) -> api::Update {
+        api::Update {
+            nonce: 1,
+            version: format!("v{}", resources.len()),
+            full,
+            resources,
+            removed: removed.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn updates() {
+        let mut store = NodeStore::default();
+        store
+            .apply(&update(true, vec![workload("a", "n1", "10.0.0.1"), workload("b", "n2", "10.0.0.2")], &[]))
+            .unwrap();
+        assert_eq!(store.workloads.len(), 2);
+        assert_eq!(store.local_pods("n1").iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["shop/a"]);
+
+        // A delta: one added, one removed.
+        store.apply(&update(false, vec![workload("c", "n1", "10.0.0.3")], &["workload/Pod/shop/b"])).unwrap();
+        let names: Vec<&str> = store.workloads.keys().map(String::as_str).collect();
+        assert_eq!(names, ["Pod/shop/a", "Pod/shop/c"]);
+        assert_eq!(store.known().len(), 2);
+
+        // A full snapshot replaces everything.
+        store.apply(&update(true, vec![workload("d", "n1", "10.0.0.4")], &[])).unwrap();
+        assert_eq!(store.workloads.keys().collect::<Vec<_>>(), ["Pod/shop/d"]);
+    }
+
+    #[test]
+    fn bad_updates_are_rejected_whole() {
+        let mut bad_policy = api::Resource {
+            key: "policy/shop/p".into(),
+            version: 1,
+            kind: Some(Kind::Authorization(api::Authorization {
+                rules: vec![api::Rule {
+                    from: vec![api::SourceMatch { ip_blocks: vec!["10.0.0.0/40".into()], ..Default::default() }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+        };
+        let mut bad_identity = workload("x", "n1", "10.0.0.9");
+        if let Some(Kind::Workload(w)) = &mut bad_identity.kind {
+            w.identity = "spiffe://cluster.local/ns/UPPER/sa/x".into();
+        }
+        let mismatched = api::Resource { key: "service/shop/x".into(), ..workload("y", "n1", "10.0.0.8") };
+        let cases = [
+            (workload("e", "n1", "10.0.0.300"), "workload/Pod/shop/e: workload IP \"10.0.0.300\""),
+            (bad_identity, "workload/Pod/shop/x: identity"),
+            (bad_policy.clone(), "policy/shop/p: \"10.0.0.0/40\""),
+            (mismatched, "service/shop/x: key prefix \"service\" does not match"),
+        ];
+        for (bad, want) in cases {
+            let mut store = NodeStore::default();
+            store.apply(&update(true, vec![workload("a", "n1", "10.0.0.1")], &[])).unwrap();
+            let before = store.known();
+            let err = store.apply(&update(false, vec![workload("b", "n1", "10.0.0.2"), bad], &[])).unwrap_err();
+            assert!(err.starts_with(want), "{err} should start with {want}");
+            assert_eq!(store.known(), before, "nothing of a rejected update is applied");
+        }
+        if let Some(Kind::Authorization(p)) = &mut bad_policy.kind {
+            p.rules[0].from[0].ip_blocks = vec!["10.0.0.0/8".into(), "10.1.2.3".into()];
+        }
+        NodeStore::default().apply(&update(false, vec![bad_policy], &[])).unwrap();
+    }
+}
