@@ -8,9 +8,11 @@
 //! removes its namespaces, pins, state and cgroups. Leftovers of a run that was
 //! killed outright are swept by the next one.
 pub mod cgroup_prog;
+mod controller;
 mod process;
 mod topology;
 
+pub use controller::{Controller, GRPC_ADDR};
 pub use process::{Proc, run_in, run_in_ok};
 pub use topology::{Agent, AgentStart, Pod, Topology, http_clients, remove_named};
 

@@ -18,7 +18,7 @@ use crate::process::{Proc, run_in, run_in_ok};
 
 const PREFIX: &str = "mt-";
 const BPFFS: &str = "/sys/fs/bpf";
-const STATE_ROOT: &str = "/run/mesh-tests";
+pub(crate) const STATE_ROOT: &str = "/run/mesh-tests";
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 static SWEEP: Once = Once::new();
 
@@ -318,12 +318,17 @@ pub fn http_clients(server: &Proc) -> Vec<IpAddr> {
 }
 
 fn mesh_node_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("MESH_NODE_BIN") {
-        return bin.into();
+    match std::env::var_os("MESH_NODE_BIN") {
+        Some(bin) => bin.into(),
+        None => sibling_bin("mesh-node"),
     }
-    // target/<profile>/deps/<test> -> target/<profile>/mesh-node
+}
+
+/// A binary of this workspace, built beside the test executable.
+pub(crate) fn sibling_bin(name: &str) -> PathBuf {
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
     let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe.parent().and_then(Path::parent).map(|p| p.join("mesh-node")).expect("target dir");
+    let bin = exe.parent().and_then(Path::parent).map(|p| p.join(name)).expect("target dir");
     assert!(bin.exists(), "{} not built: run `cargo build` first (cargo xtask test does)", bin.display());
     bin
 }
@@ -362,7 +367,7 @@ fn kill_netns_processes(name: &str) {
     }
 }
 
-fn now_millis() -> u128 {
+pub(crate) fn now_millis() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
 }
 

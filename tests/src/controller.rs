@@ -1,0 +1,108 @@
+//! A `mesh-controller` in a test's node namespace: its config directory, its
+//! state (CA root, join token), and what an agent needs to join it.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{
+    process::{Proc, run_in},
+    topology::{STATE_ROOT, Topology, now_millis, sibling_bin},
+};
+
+/// Where agents reach the controller (both run in the node's namespace).
+pub const GRPC_ADDR: &str = "127.0.0.1:15012";
+const METRICS_ADDR: &str = "127.0.0.1:15014";
+
+pub struct Controller {
+    pub proc: Proc,
+    pub netns: PathBuf,
+    pub config_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Topology {
+    /// Starts `mesh-controller` in `netns` with an empty config directory (or
+    /// the one of an earlier controller of this topology) and waits until it
+    /// answers.
+    pub fn start_controller(&self, netns: &Path, extra: &[&str]) -> Controller {
+        let config_dir = self.dir.join("config");
+        let state_dir = PathBuf::from(format!("{STATE_ROOT}/{}/controller", self.id));
+        fs::create_dir_all(&config_dir).expect("config dir");
+        let bin = sibling_bin("mesh-controller");
+        let log = self.dir.join(format!("controller-{}.log", now_millis()));
+        let mut args = vec![
+            bin.to_str().unwrap(),
+            "--config-dir",
+            config_dir.to_str().unwrap(),
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--grpc-addr",
+            GRPC_ADDR,
+            "--metrics-addr",
+            METRICS_ADDR,
+            "--poll-ms",
+            "20",
+        ];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::spawn_in("controller", netns, &args, &log);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let url = format!("http://{METRICS_ADDR}/healthz/ready");
+        while !run_in(netns, &["curl", "-sf", "-m", "1", &url]).status.success() {
+            assert!(proc.is_running(), "controller exited:\n{}", proc.log_text());
+            assert!(Instant::now() < deadline, "controller not ready after 20 s:\n{}", proc.log_text());
+            thread::sleep(Duration::from_millis(20));
+        }
+        Controller { proc, netns: netns.into(), config_dir, state_dir }
+    }
+}
+
+impl Controller {
+    /// Replaces a config file the way editors do (write, then rename).
+    pub fn write(&self, file: &str, text: &str) {
+        let tmp = self.config_dir.join(format!(".{file}.tmp"));
+        fs::write(&tmp, text).expect("writing config");
+        fs::rename(&tmp, self.config_dir.join(file)).expect("renaming config");
+    }
+
+    pub fn remove(&self, file: &str) {
+        fs::remove_file(self.config_dir.join(file)).expect("removing config");
+    }
+
+    /// The body of `GET path` on the controller's HTTP port.
+    pub fn get(&self, path: &str) -> String {
+        let out = run_in(&self.netns, &["curl", "-sf", "-m", "5", &format!("http://{METRICS_ADDR}{path}")]);
+        assert!(out.status.success(), "GET {path} on the controller failed:\n{}", self.proc.log_text());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn json(&self, path: &str) -> Value {
+        serde_json::from_str(&self.get(path)).expect("controller JSON")
+    }
+
+    /// The value of an unlabelled metric.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+    }
+
+    /// Flags that make an agent join this controller as node `node`.
+    pub fn agent_args(&self, node: &str) -> Vec<String> {
+        vec![
+            "--controller".into(),
+            GRPC_ADDR.into(),
+            "--node-name".into(),
+            node.into(),
+            "--join-token".into(),
+            self.state_dir.join("join-token").display().to_string(),
+            "--controller-ca".into(),
+            self.state_dir.join("ca-cert.pem").display().to_string(),
+        ]
+    }
+}

@@ -1,0 +1,193 @@
+//! A controller and an agent joined to it, on the real kernel: configuration
+//! edits reach the node's config dump and its enrolled pods within a second;
+//! certificates are issued for the pods scheduled on the node and renewed at
+//! half-life; after a controller restart the node resumes without a resync.
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{Agent, Controller, Pod, Topology, http_ok};
+use serde_json::Value;
+
+fn namespace() -> &'static str {
+    "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}\n"
+}
+
+fn pod(p: &Pod, node: &str, sa: &str) -> String {
+    let name = p.name.split('/').nth(1).unwrap();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: {name}}}, \
+         annotations: {{mesh.io/netns: {}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\n\
+         status: {{podIP: {}, podIPs: [{{ip: {}}}, {{ip: {}}}]}}\n",
+        p.netns.display(),
+        p.ip4,
+        p.ip4,
+        p.ip6
+    )
+}
+
+/// Polls the agent's config dump until `pred` holds; returns how long it took.
+fn wait_dump(agent: &Agent, what: &str, since: Instant, limit: Duration, pred: impl Fn(&Value) -> bool) -> Duration {
+    loop {
+        let dump = agent.config_dump();
+        if pred(&dump) {
+            return since.elapsed();
+        }
+        assert!(since.elapsed() < limit, "{what}: not in the node's config dump after {limit:?}:\n{dump:#}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn enrolled(dump: &Value) -> Vec<String> {
+    dump["pods"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_owned()).collect()
+}
+
+fn cert<'a>(dump: &'a Value, identity: &str) -> Option<&'a Value> {
+    dump["certificates"].as_array()?.iter().find(|c| c["identity"] == identity)
+}
+
+const WEB_ID: &str = "spiffe://cluster.local/ns/default/sa/web";
+
+fn start(t: &Topology, extra: &[&str]) -> (Controller, Agent, Pod, Pod) {
+    let node = t.node("node1");
+    let web = t.pod("web");
+    let api = t.pod("api");
+    let controller = t.start_controller(&node, extra);
+    controller.write("mesh.yaml", &format!("{}---\n{}", namespace(), pod(&web, "node1", "web")));
+    let args = controller.agent_args("node1");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = t.agent_or_skip("control", &node, "node1", &args).expect("agent");
+    (controller, agent, web, api)
+}
+
+#[test]
+fn edits_reach_the_node_within_a_second() {
+    let t = Topology::new("control-edits");
+    let (controller, agent, web, api) = start(&t, &[]);
+    let limit = Duration::from_secs(10);
+    wait_dump(&agent, "web enrolled with a certificate", Instant::now(), limit, |d| {
+        enrolled(d) == ["default/web"] && cert(d, WEB_ID).is_some()
+    });
+    let dump = agent.config_dump();
+    assert_eq!(dump["controller"]["connected"], true);
+    assert!(dump["node_certificate"]["identity"] == "node/node1", "{:#}", dump["node_certificate"]);
+
+    // The pod is really in the mesh: a plaintext client reaches it through the proxy.
+    let server = t.http_server(&web, 8080);
+    assert!(http_ok(&api.curl(&format!("http://{}:8080/", web.ip4))));
+    agent.wait_access("inbound to web", |v| v["direction"] == "inbound" && v["pod"] == "default/web");
+    drop(server);
+
+    // 1. A pod added to the ambient namespace.
+    let edit = Instant::now();
+    controller.write("api.yaml", &pod(&api, "node1", "api"));
+    let seen = wait_dump(&agent, "pod api", edit, limit, |d| d["workloads"].get("Pod/default/api").is_some());
+    let enrolled_after =
+        wait_dump(&agent, "api enrolled", edit, limit, |d| enrolled(d).contains(&"default/api".into()));
+    eprintln!("pod edit -> node config dump: {seen:?}; -> enrolled: {enrolled_after:?}");
+    assert!(seen < Duration::from_secs(1), "pod reached the node after {seen:?}");
+
+    // 2. A policy change.
+    let edit = Instant::now();
+    controller.write(
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: only-web, namespace: default}\n\
+         spec: {selector: {matchLabels: {app: api}}, rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/web]}}]}]}\n",
+    );
+    let seen = wait_dump(&agent, "policy", edit, limit, |d| d["policies"].get("default/only-web").is_some());
+    eprintln!("policy edit -> node config dump: {seen:?}");
+    assert!(seen < Duration::from_secs(1), "policy reached the node after {seen:?}");
+    let p = &agent.config_dump()["policies"]["default/only-web"];
+    assert_eq!(p["rules"][0]["from"][0]["principals"][0]["kind"]["Exact"], "cluster.local/ns/default/sa/web", "{p:#}");
+
+    // 3. Removing the pod from the configuration unenrolls it.
+    let edit = Instant::now();
+    controller.remove("api.yaml");
+    wait_dump(&agent, "api unenrolled", edit, limit, |d| enrolled(d) == ["default/web"]);
+
+    // The controller sees the node in sync.
+    let nodes = controller.json("/debug/nodes");
+    let n = &nodes["nodes"]["node1"];
+    assert_eq!(n["connected"], true, "{nodes:#}");
+    assert_eq!(n["version_acked"], nodes["version"], "{nodes:#}");
+    assert_eq!(n["nacks"], 0);
+    assert_eq!(controller.metric("mesh_controller_nodes_connected"), 1.0);
+
+    // The admin API no longer enrolls by hand: the controller decides.
+    let out = mesh_tests::run_in(
+        &agent.node,
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "-d",
+            "{}",
+            "http://127.0.0.1:15000/pods",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "409");
+}
+
+#[test]
+fn certificates_renew_at_half_life() {
+    let t = Topology::new("control-renew");
+    let (_controller, agent, _web, _api) = start(&t, &["--cert-lifetime", "16s"]);
+    wait_dump(&agent, "web certificate", Instant::now(), Duration::from_secs(10), |d| cert(d, WEB_ID).is_some());
+    let dump = agent.config_dump();
+    let c = cert(&dump, WEB_ID).unwrap().clone();
+    let node_serial = dump["node_certificate"]["serial"].clone();
+    let lifetime = c["not_after_unix"].as_i64().unwrap() - c["not_before_unix"].as_i64().unwrap();
+    // 16 s plus the 5 minutes the CA backdates for clock skew.
+    assert_eq!(lifetime, 16 + 300, "{c:#}");
+    assert!(c["renew_at_unix"].as_i64().unwrap() < c["not_after_unix"].as_i64().unwrap());
+    // Renewed at half-life (8 s): a new serial, well before the old one expires.
+    wait_dump(&agent, "renewed certificate", Instant::now(), Duration::from_secs(14), |d| {
+        cert(d, WEB_ID).is_some_and(|n| n["serial"] != c["serial"]) && d["node_certificate"]["serial"] != node_serial
+    });
+    wait_dump(&agent, "reconnected with the renewed node certificate", Instant::now(), Duration::from_secs(10), |d| {
+        d["controller"]["connected"] == true && d["controller"]["connects"].as_u64() >= Some(2)
+    });
+}
+
+#[test]
+fn controller_restart_resumes_without_resync() {
+    let t = Topology::new("control-restart");
+    let (mut controller, agent, web, _api) = start(&t, &[]);
+    wait_dump(&agent, "web enrolled", Instant::now(), Duration::from_secs(10), |d| {
+        enrolled(d) == ["default/web"] && cert(d, WEB_ID).is_some()
+    });
+    let root = controller.get("/debug/ca");
+    let version = agent.config_dump()["version"].clone();
+
+    controller.proc.kill();
+    // The node keeps serving on what it has while the controller is away.
+    wait_dump(&agent, "disconnected", Instant::now(), Duration::from_secs(10), |d| {
+        d["controller"]["connected"] == false
+    });
+    let dump = agent.config_dump();
+    assert_eq!(enrolled(&dump), ["default/web"]);
+    assert!(cert(&dump, WEB_ID).is_some());
+    let server = t.http_server(&web, 8080);
+    let client = t.pod("client");
+    assert!(
+        http_ok(&client.curl(&format!("http://{}:8080/", web.ip4))),
+        "the pod is served while the controller is down"
+    );
+    drop(server);
+
+    let controller = t.start_controller(&controller.netns, &[]);
+    assert_eq!(controller.get("/debug/ca"), root, "the CA root survives the restart");
+    wait_dump(&agent, "reconnected", Instant::now(), Duration::from_secs(15), |d| {
+        d["controller"]["connected"] == true && d["controller"]["connects"] == 2
+    });
+    assert_eq!(agent.config_dump()["version"], version);
+    // The node said what it holds; nothing differed, so nothing was resent.
+    assert_eq!(controller.metric("mesh_controller_resync_resources_total"), 0.0);
+    assert_eq!(controller.json("/debug/nodes")["nodes"]["node1"]["resync_resources"], 0);
+}
