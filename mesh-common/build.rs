@@ -9,6 +9,9 @@ fn grpc() {
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(["mesh/v1/node.proto"], ["proto"]).unwrap_or_else(|e| panic!("proto/: {e}"));
     tonic_prost_build::configure()
+        // BTreeMap: maps encode in key order, so a resource's bytes (and the
+        // version hashed from them) are the same every time.
+        .btree_map(".")
         .type_attribute(".", "#[derive(serde::Serialize)]")
         .compile_fds(fds)
         .unwrap_or_else(|e| panic!("generating the gRPC code: {e}"));

@@ -7,7 +7,7 @@ mod watch;
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -16,7 +16,7 @@ use clap::Parser;
 use mesh_common::api::node_control_server::NodeControlServer;
 use mesh_controller::{
     ca::CertificateAuthority,
-    config::{ConfigStore, MeshSettings, Snapshot, read_dir},
+    config::{ConfigStore, MeshSettings, ParseCache, Snapshot, read_dir},
     model::MeshModel,
     node_api::{self, Hub, NodeService},
 };
@@ -107,7 +107,9 @@ async fn main() -> anyhow::Result<()> {
         last_reload_seconds: 0.0,
     }));
     let mut seen = watch::fingerprint(&args.config_dir);
-    reload(&args.config_dir, &settings, &state, &hub);
+    let cache = Arc::new(Mutex::new(ParseCache::default()));
+    let reloader = Reloader { dir: args.config_dir.clone(), settings, state: state.clone(), hub: hub.clone(), cache };
+    reloader.reload();
 
     let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
@@ -131,7 +133,10 @@ async fn main() -> anyhow::Result<()> {
         tokio::select! {
             now = watch::changed(&args.config_dir, &seen, interval) => {
                 seen = now;
-                reload(&args.config_dir, &settings, &state, &hub);
+                // Parsing and building the model is CPU work: off the async workers
+                // that serve the nodes' streams.
+                let r = reloader.clone();
+                let _ = tokio::task::spawn_blocking(move || r.reload()).await;
             }
             _ = tokio::signal::ctrl_c() => {
                 info!("interrupted; exiting");
@@ -141,36 +146,52 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Reads, validates and applies the directory on a copy of the store, and
-/// swaps the result in: readers never wait on parsing, and never see a
-/// half-applied or empty configuration.
-fn reload(dir: &std::path::Path, settings: &MeshSettings, state: &RwLock<State>, hub: &Hub) {
-    let started = Instant::now();
-    let (docs, read_problems) = read_dir(dir);
-    let snapshot = Snapshot::from_documents(&docs, read_problems);
-    let mut store = state.read().unwrap_or_else(|e| e.into_inner()).store.clone();
-    let report = store.apply(snapshot);
-    let model = Arc::new(MeshModel::build(&store, settings));
-    hub.publish(model.clone());
-    for p in store.problems() {
-        warn!("rejected: {p}");
+/// Everything a reload needs.
+#[derive(Clone)]
+struct Reloader {
+    dir: PathBuf,
+    settings: MeshSettings,
+    state: Arc<RwLock<State>>,
+    hub: Arc<Hub>,
+    cache: Arc<Mutex<ParseCache>>,
+}
+
+impl Reloader {
+    /// Reads, validates and applies the directory on a copy of the store,
+    /// and swaps the result in: readers never wait on parsing, and never see a
+    /// half-applied or empty configuration. Unchanged documents are not parsed again.
+    fn reload(&self) {
+        let started = Instant::now();
+        let (docs, read_problems) = read_dir(&self.dir);
+        let snapshot = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            Snapshot::from_documents_cached(&docs, read_problems, &mut cache)
+        };
+        let mut store = self.state.read().unwrap_or_else(|e| e.into_inner()).store.clone();
+        let report = store.apply(snapshot);
+        let model = Arc::new(MeshModel::build(&store, &self.settings));
+        self.hub.publish(model.clone());
+        for p in store.problems() {
+            warn!("rejected: {p}");
+        }
+        let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let old = (std::mem::replace(&mut s.store, store), std::mem::replace(&mut s.model, model));
+        s.reloads += 1;
+        s.last_reload_seconds = started.elapsed().as_secs_f64();
+        info!(
+            generation = s.store.generation(),
+            objects = s.store.objects().len(),
+            rejected = s.store.problems().len(),
+            added = report.added.len(),
+            updated = report.updated.len(),
+            removed = report.removed.len(),
+            kept_last_good = report.kept.len(),
+            ms = s.last_reload_seconds * 1e3,
+            "configuration applied"
+        );
+        drop(s);
+        drop(old); // freed outside the lock
     }
-    let mut s = state.write().unwrap_or_else(|e| e.into_inner());
-    s.store = store;
-    s.model = model;
-    s.reloads += 1;
-    s.last_reload_seconds = started.elapsed().as_secs_f64();
-    info!(
-        generation = s.store.generation(),
-        objects = s.store.objects().len(),
-        rejected = s.store.problems().len(),
-        added = report.added.len(),
-        updated = report.updated.len(),
-        removed = report.removed.len(),
-        kept_last_good = report.kept.len(),
-        ms = s.last_reload_seconds * 1e3,
-        "configuration applied"
-    );
 }
 
 /// TLS for the node API: a serving certificate from the mesh CA; client

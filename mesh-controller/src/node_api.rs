@@ -4,7 +4,7 @@
 //! certificate: rustls checks the chain and the validity period at the
 //! handshake, and this module checks the certificate names a node.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -22,15 +22,48 @@ use tracing::{info, warn};
 
 use crate::{
     ca::{self, CertificateAuthority, Issued},
-    distribute::WireSet,
+    distribute::{Delta, WireSet},
     model::MeshModel,
 };
 
 /// What the controller distributes now, and when it was published.
 pub struct Published {
     pub model: Arc<MeshModel>,
-    pub wire: WireSet,
+    pub wire: Arc<WireSet>,
+    /// The change from the previous publication (its version, the delta),
+    /// computed once for every node that was in sync with it.
+    pub from_previous: Option<(String, Delta)>,
     pub at: Instant,
+}
+
+/// What a node holds, as far as its stream knows.
+#[derive(Clone)]
+enum Held {
+    /// What it said in Hello.
+    Known(Arc<BTreeMap<String, u64>>),
+    /// A set the controller sent (shared by every node that got it).
+    Set(Arc<WireSet>),
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        match self {
+            Held::Known(k) => k.is_empty(),
+            Held::Set(s) => s.resources.is_empty(),
+        }
+    }
+
+    /// What a node holding this lacks of `p`.
+    fn delta_to(&self, p: &Published) -> Delta {
+        match self {
+            Held::Known(known) => p.wire.delta(known),
+            Held::Set(s) if s.version == p.wire.version => Delta::default(),
+            Held::Set(s) => match &p.from_previous {
+                Some((version, delta)) if *version == s.version => delta.clone(),
+                _ => p.wire.delta_from(s),
+            },
+        }
+    }
 }
 
 /// A node as the controller sees it (for `/debug/nodes`, metrics and `mesh-ctl status`).
@@ -87,19 +120,37 @@ pub struct Hub {
     trust_domain: String,
     pub nodes: Mutex<BTreeMap<String, NodeStatus>>,
     pub counters: Mutex<Counters>,
+    large_updates: Arc<tokio::sync::Semaphore>,
 }
+
+/// Updates with this many resources (snapshots, mostly) are sent to at most
+/// `LARGE_UPDATES_IN_FLIGHT` nodes at a time.
+const LARGE_UPDATE: usize = 1000;
+const LARGE_UPDATES_IN_FLIGHT: usize = 8;
+/// Resources per update message.
+const UPDATE_PART: usize = 500;
 
 impl Hub {
     pub fn new(ca: Arc<CertificateAuthority>, join_token: String, trust_domain: String) -> Hub {
-        let empty = Published { model: Arc::default(), wire: WireSet::default(), at: Instant::now() };
+        let empty = Published { model: Arc::default(), wire: Arc::default(), from_previous: None, at: Instant::now() };
         let (published, _) = watch::channel(Arc::new(empty));
-        Hub { published, ca, join_token, trust_domain, nodes: Mutex::default(), counters: Mutex::default() }
+        Hub {
+            published,
+            ca,
+            join_token,
+            trust_domain,
+            nodes: Mutex::default(),
+            counters: Mutex::default(),
+            large_updates: Arc::new(tokio::sync::Semaphore::new(LARGE_UPDATES_IN_FLIGHT)),
+        }
     }
 
     /// Makes `model` what nodes get; every connected stream pushes its delta now.
     pub fn publish(&self, model: Arc<MeshModel>) {
-        let wire = WireSet::from_model(&model);
-        self.published.send_replace(Arc::new(Published { model, wire, at: Instant::now() }));
+        let wire = Arc::new(WireSet::from_model(&model));
+        let previous = self.current().wire.clone();
+        let from_previous = Some((previous.version.clone(), wire.delta_from(&previous)));
+        self.published.send_replace(Arc::new(Published { model, wire, from_previous, at: Instant::now() }));
     }
 
     pub fn current(&self) -> Arc<Published> {
@@ -245,7 +296,7 @@ impl NodeControl for NodeService {
             Some(api::NodeMessage { kind: Some(Msg::Hello(hello)) }) => hello.known,
             _ => return Err(Status::invalid_argument("the first message of a stream must be Hello")),
         };
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(4);
         let hub = self.0.clone();
         tokio::spawn(async move {
             info!(node = %node, known = known.len(), "node connected");
@@ -265,28 +316,47 @@ impl Hub {
     async fn session(
         &self,
         node: &str,
-        known: HashMap<String, u64>,
+        known: BTreeMap<String, u64>,
         inbound: &mut Streaming<api::NodeMessage>,
         tx: &mpsc::Sender<Result<api::Update, Status>>,
     ) -> Result<(), String> {
         let mut changes = self.published.subscribe();
-        let (mut sent, mut acked) = (known.clone(), known);
+        let mut sent = Held::Known(Arc::new(known));
+        let mut acked = sent.clone();
+        let mut in_flight: Option<tokio::sync::OwnedSemaphorePermit> = None;
         let (mut nonce, mut first) = (0u64, true);
         loop {
             let published = changes.borrow_and_update().clone();
-            let delta = published.wire.delta(&sent);
+            let delta = sent.delta_to(&published);
             if first || !delta.is_empty() {
-                nonce += 1;
+                if delta.upserts.len() >= LARGE_UPDATE {
+                    // Held until the node acknowledges: bounds the memory of many
+                    // nodes (re)connecting at once.
+                    let permit = self.large_updates.clone().acquire_owned().await;
+                    in_flight = permit.ok();
+                }
                 let size = delta.upserts.len() + delta.removed.len();
-                let update = api::Update {
-                    nonce,
-                    version: published.wire.version.clone(),
-                    full: sent.is_empty(),
-                    resources: delta.upserts.iter().map(|r| (**r).clone()).collect(),
-                    removed: delta.removed,
+                // Parts of bounded size: each is encoded on its own, so no buffer
+                // grows to the size of a whole snapshot.
+                let parts: Vec<&[Arc<api::Resource>]> = match delta.upserts.len() {
+                    0 => vec![&[]],
+                    _ => delta.upserts.chunks(UPDATE_PART).collect(),
                 };
-                tx.send(Ok(update)).await.map_err(|_| "node went away".to_string())?;
-                sent = published.wire.versions();
+                let (last, full) = (parts.len() - 1, sent.is_empty());
+                let mut removed = Some(delta.removed);
+                for (i, part) in parts.into_iter().enumerate() {
+                    nonce += 1;
+                    let update = api::Update {
+                        nonce,
+                        version: published.wire.version.clone(),
+                        full: full && i == 0,
+                        resources: part.iter().map(|r| (**r).clone()).collect(),
+                        removed: if i == last { removed.take().unwrap_or_default() } else { Vec::new() },
+                        more: i != last,
+                    };
+                    tx.send(Ok(update)).await.map_err(|_| "node went away".to_string())?;
+                }
+                sent = Held::Set(published.wire.clone());
                 let latency = published.at.elapsed().as_secs_f64();
                 {
                     let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
@@ -313,12 +383,14 @@ impl Hub {
                     None => return Err("node closed the stream".into()),
                     Some(api::NodeMessage { kind: Some(Msg::Ack(ack)) }) if ack.nonce == nonce => {
                         acked = sent.clone();
+                        drop(in_flight.take());
                         self.status(node, |s| s.version_acked = ack.version);
                     }
                     Some(api::NodeMessage { kind: Some(Msg::Nack(nack)) }) => {
                         warn!(node = %node, nonce = nack.nonce, "node rejected an update: {}", nack.reason);
                         // Resend everything it has not acknowledged with the next change.
                         sent = acked.clone();
+                        drop(in_flight.take());
                         self.counters.lock().unwrap_or_else(|e| e.into_inner()).nacks += 1;
                         self.status(node, |s| {
                             s.nacks += 1;

@@ -4,7 +4,7 @@
 //! (snapshot, delta on a file edit, ACK/NACK, resumption).
 mod common;
 
-use std::{collections::HashMap, fs, time::Duration};
+use std::{collections::BTreeMap, fs, time::Duration};
 
 use common::Controller;
 use mesh_common::api::{
@@ -219,7 +219,7 @@ async fn only_joined_nodes_get_certificates_and_only_for_their_pods() {
 
 type Stream = (mpsc::Sender<NodeMessage>, tonic::Streaming<api::Update>);
 
-async fn open(m: &Mesh, me: (&str, &str), known: HashMap<String, u64>) -> Stream {
+async fn open(m: &Mesh, me: (&str, &str), known: BTreeMap<String, u64>) -> Stream {
     let (tx, rx) = mpsc::channel(4);
     tx.send(NodeMessage { kind: Some(Msg::Hello(api::Hello { known })) }).await.unwrap();
     let stream = m.client(Some(me)).await.subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
@@ -236,13 +236,13 @@ async fn stream_sends_a_snapshot_then_deltas_and_resumes() {
     let (cert, key) = m.join(&m.token, "node1").await.unwrap();
     let me = (cert.as_str(), key.as_str());
 
-    let (tx, mut updates) = open(&m, me, HashMap::new()).await;
+    let (tx, mut updates) = open(&m, me, BTreeMap::new()).await;
     let snapshot = next(&mut updates).await;
     assert!(snapshot.full);
     let mut keys: Vec<&str> = snapshot.resources.iter().map(|r| r.key.as_str()).collect();
     keys.sort();
     assert_eq!(keys, ["workload/Pod/shop/db", "workload/Pod/shop/web"]);
-    let known: HashMap<String, u64> = snapshot.resources.iter().map(|r| (r.key.clone(), r.version)).collect();
+    let known: BTreeMap<String, u64> = snapshot.resources.iter().map(|r| (r.key.clone(), r.version)).collect();
     tx.send(NodeMessage {
         kind: Some(Msg::Ack(api::Ack { nonce: snapshot.nonce, version: snapshot.version.clone() })),
     })

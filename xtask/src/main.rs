@@ -3,6 +3,7 @@
 //! - `cargo xtask test`: installs what is missing, builds, runs every test
 //!   (the kernel tests need root).
 //! - `cargo xtask quickstart [--down]`: runs the mesh on this host.
+//! - `cargo xtask bench`: the benchmarks (not part of the tests; figures, no pass/fail).
 mod prereqs;
 mod quickstart;
 
@@ -34,6 +35,8 @@ enum Cmd {
     },
     /// Only install the prerequisites (Debian packages, bpf-linker, toolchain link).
     Setup,
+    /// Run the benchmarks (release builds) and write JSON reports under /var/tmp/mesh-bench.
+    Bench,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,7 +45,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::Quickstart { down: false } => quickstart::up(),
         Cmd::Quickstart { down: true } => quickstart::down(),
         Cmd::Setup => prereqs::ensure(),
+        Cmd::Bench => bench(),
     }
+}
+
+fn bench() -> anyhow::Result<()> {
+    prereqs::ensure()?;
+    step("controller at scale: 10 000 pods, 2 000 services, 1 000 policies, 100 nodes");
+    cargo(&["bench", "-p", "mesh-controller", "--bench", "scale"])
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {

@@ -13,7 +13,7 @@ use serde::Serialize;
 pub use objects::{Kind, Resource};
 pub use parse::parse_document;
 pub use source::{Document, read_dir, split_documents};
-pub use store::{ApplyReport, ConfigStore, ObjectKey, Snapshot, Stored};
+pub use store::{ApplyReport, ConfigStore, ObjectKey, ParseCache, Snapshot, Stored};
 
 /// Where an object was defined.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]

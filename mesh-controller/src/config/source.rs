@@ -7,7 +7,7 @@ use std::{
 
 use super::Problem;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Document {
     pub file: PathBuf,
     /// 1-based line of the document's first line in the file.

@@ -2,7 +2,7 @@
 //! broke, its last good version. Applying a new snapshot of the directory
 //! reports what changed, so nodes can be sent only that.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     path::PathBuf,
     sync::Arc,
@@ -10,7 +10,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::{Document, Origin, Problem, Resource, objects::Kind, parse_document};
+use super::{Document, Origin, Problem, Resource, objects::Kind, parse::Parsed, parse_document};
 
 /// Identity of an object: kind, namespace (empty when cluster-scoped), name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -45,13 +45,26 @@ pub struct Snapshot {
     pub problems: Vec<Problem>,
 }
 
+/// Parse results by document (file, line, text): a reload re-parses only the
+/// documents that changed, which keeps edits cheap in large directories.
+#[derive(Debug, Default)]
+pub struct ParseCache(HashMap<Document, Parsed>);
+
 impl Snapshot {
     /// Parses and validates documents (as read by [`super::read_dir`]).
     pub fn from_documents(docs: &[Document], read_problems: Vec<Problem>) -> Snapshot {
+        Self::from_documents_cached(docs, read_problems, &mut ParseCache::default())
+    }
+
+    /// Like [`Self::from_documents`], reusing `cache` and leaving in it only these documents.
+    pub fn from_documents_cached(docs: &[Document], read_problems: Vec<Problem>, cache: &mut ParseCache) -> Snapshot {
         let mut snap = Snapshot { problems: read_problems, ..Default::default() };
+        let mut next = HashMap::with_capacity(docs.len());
         for doc in docs {
             let origin = Origin { file: doc.file.clone(), line: doc.line };
-            match parse_document(doc) {
+            let parsed = cache.0.remove(doc).unwrap_or_else(|| parse_document(doc));
+            next.insert(doc.clone(), parsed.clone());
+            match parsed {
                 Ok((key, resource)) => snap.valid.push((key, resource, origin)),
                 Err((key, problems)) => {
                     snap.rejected.push((key, origin));
@@ -59,6 +72,7 @@ impl Snapshot {
                 }
             }
         }
+        cache.0 = next;
         snap
     }
 }

@@ -228,9 +228,16 @@ impl MeshModel {
 
     /// Endpoints of the workloads in `namespace` whose labels match `selector`.
     fn endpoints(&self, namespace: &str, selector: &Labels) -> Vec<Endpoint> {
-        self.workloads
-            .values()
-            .filter(|w| w.namespace == namespace && selector_matches(selector, &w.labels))
+        // Workload keys are `<kind>/<namespace>/<name>`: each namespace is a
+        // contiguous range per kind, so a service looks only at its own namespace.
+        ["Pod", "WorkloadEntry"]
+            .iter()
+            .flat_map(|kind| {
+                let prefix = format!("{kind}/{namespace}/");
+                self.workloads.range(prefix.clone()..).take_while(move |(k, _)| k.starts_with(&prefix))
+            })
+            .map(|(_, w)| w)
+            .filter(|w| selector_matches(selector, &w.labels))
             .flat_map(|w| w.ips.iter().map(|ip| Endpoint { workload: w.uid.clone(), ip: *ip }))
             .collect()
     }

@@ -229,7 +229,9 @@ impl Control {
                 s.updates += 1;
                 s.last_update_unix = Some(now_unix() as u64);
             }
-            self.changed.notify_one();
+            if !update.more {
+                self.changed.notify_one(); // act on the whole, not on a part
+            }
             tx.send(api::NodeMessage { kind: Some(reply) }).await?;
         }
     }

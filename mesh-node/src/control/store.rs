@@ -2,11 +2,7 @@
 //! each with the version the controller gave it. An update is checked whole
 //! before any of it is applied: a bad resource rejects the update (NACK) and
 //! the node keeps serving what it had. Pure; tested with tables.
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-    path::PathBuf,
-};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use ipnet::IpNet;
 use mesh_common::{
@@ -22,7 +18,7 @@ pub struct NodeStore {
     pub services: BTreeMap<String, api::Service>,
     pub policies: BTreeMap<String, api::Authorization>,
     #[serde(skip)]
-    versions: HashMap<String, u64>,
+    versions: BTreeMap<String, u64>,
 }
 
 /// What an applied update changed (for the log).
@@ -43,7 +39,7 @@ pub struct LocalPod {
 
 impl NodeStore {
     /// Key -> version of everything held (sent in `Hello` on reconnect).
-    pub fn known(&self) -> HashMap<String, u64> {
+    pub fn known(&self) -> BTreeMap<String, u64> {
         self.versions.clone()
     }
 
@@ -74,7 +70,9 @@ impl NodeStore {
             }
             self.versions.insert(r.key.clone(), r.version);
         }
-        self.version = update.version.clone();
+        if !update.more {
+            self.version = update.version.clone();
+        }
         Ok(Applied { upserted: update.resources.len(), removed: update.removed.len() })
     }
 
@@ -171,6 +169,7 @@ mod tests {
             full,
             resources,
             removed: removed.iter().map(|s| s.to_string()).collect(),
+            more: false,
         }
     }
 
