@@ -1,0 +1,187 @@
+//! HBONE: a TCP connection carried as an HTTP/2 `CONNECT` stream (authority =
+//! the original destination `ip:port`) inside mutual TLS to port 15008, in the
+//! form Istio's ztunnel speaks. This module is the protocol: dialing a peer
+//! and opening a tunnel, serving tunnels, and moving bytes between a tunnel
+//! and a socket. Choosing peers and authorizing tunnels is the caller's.
+pub mod tls;
+
+use std::{future::Future, io, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
+use mesh_common::identity::SpiffeId;
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::debug;
+
+/// Flow-control windows sized for throughput on fast links (h2's 64 KiB
+/// default caps a stream at 64 KiB per round trip).
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const MAX_FRAME: u32 = 256 << 10;
+/// Tunnels one HTTP/2 connection carries at once.
+pub const MAX_STREAMS: u32 = 100;
+const CHUNK: usize = 64 << 10;
+
+fn other(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// An open tunnel: what the peer sends, and what we send it.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+}
+
+/// An HTTP/2 connection to a peer's 15008, over which tunnels are opened.
+#[derive(Clone)]
+pub struct PeerConnection {
+    sender: h2::client::SendRequest<Bytes>,
+}
+
+impl PeerConnection {
+    /// TLS then HTTP/2 over `tcp` (already connected to the peer's 15008).
+    /// The TLS config decides which server identity is acceptable.
+    pub async fn handshake(tcp: TcpStream, config: Arc<rustls::ClientConfig>) -> io::Result<PeerConnection> {
+        let peer = tcp.peer_addr()?;
+        let tls = TlsConnector::from(config).connect(ServerName::IpAddress(peer.ip().into()), tcp).await?;
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .handshake(tls)
+            .await
+            .map_err(other)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(peer = %peer, "HBONE connection ended: {e}");
+            }
+        });
+        Ok(PeerConnection { sender })
+    }
+
+    /// Opens a tunnel to `target` (the original destination). A refusal by
+    /// the peer is an error carrying its HTTP status.
+    pub async fn connect(&self, target: SocketAddr) -> io::Result<Tunnel> {
+        let mut sender = self.sender.clone().ready().await.map_err(other)?;
+        let request = Request::builder().method(Method::CONNECT).uri(target.to_string()).body(()).map_err(other)?;
+        let (response, send) = sender.send_request(request, false).map_err(other)?;
+        let response = response.await.map_err(other)?;
+        if response.status() != StatusCode::OK {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("peer refused the tunnel to {target}: {}", response.status()),
+            ));
+        }
+        Ok(Tunnel { send, recv: response.into_body() })
+    }
+}
+
+/// What a server does with a tunnel request: the connection to the target,
+/// or the HTTP status to refuse with.
+pub trait TunnelHandler: Send + Sync + 'static {
+    fn open(&self, peer: SpiffeId, target: SocketAddr) -> impl Future<Output = Result<TcpStream, StatusCode>> + Send;
+    /// Called when a tunnel ends, with bytes (from peer, to peer).
+    fn closed(&self, _peer: &SpiffeId, _target: SocketAddr, _bytes: (u64, u64)) {}
+}
+
+/// Serves one accepted connection on 15008: TLS (the config checks the
+/// client), then every `CONNECT` stream on it.
+pub async fn serve<H: TunnelHandler>(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    handler: Arc<H>,
+) -> io::Result<()> {
+    let tls = TlsAcceptor::from(config).accept(tcp).await?;
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or_else(|| other("no client certificate"))
+        .and_then(|c| tls::identity_of(c).map_err(other))?;
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .handshake(tls)
+        .await
+        .map_err(other)?;
+    while let Some(stream) = connection.accept().await {
+        let (request, mut respond) = stream.map_err(other)?;
+        let (handler, peer) = (handler.clone(), peer.clone());
+        tokio::spawn(async move {
+            let target = match (request.method(), request.uri().authority().map(|a| a.as_str().parse())) {
+                (&Method::CONNECT, Some(Ok(target))) => target,
+                _ => {
+                    let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
+                    return;
+                }
+            };
+            match handler.open(peer.clone(), target).await {
+                Err(code) => drop(respond.send_response(status(code), true)),
+                Ok(upstream) => {
+                    let Ok(send) = respond.send_response(status(StatusCode::OK), false) else { return };
+                    let bytes = relay(upstream, Tunnel { send, recv: request.into_body() }).await.unwrap_or((0, 0));
+                    handler.closed(&peer, target, bytes);
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn status(code: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
+    *r.status_mut() = code;
+    r
+}
+
+/// Copies both ways between `socket` and `tunnel` until both directions end.
+/// Returns bytes (socket → tunnel, tunnel → socket).
+pub async fn relay<S: AsyncRead + AsyncWrite + Unpin>(socket: S, tunnel: Tunnel) -> io::Result<(u64, u64)> {
+    let (mut reader, mut writer) = tokio::io::split(socket);
+    let Tunnel { mut send, mut recv } = tunnel;
+    let up = async {
+        let mut total = 0u64;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = reader.read(&mut buf).await?;
+            if n == 0 {
+                send.send_data(Bytes::new(), true).map_err(other)?;
+                return Ok::<u64, io::Error>(total);
+            }
+            let mut chunk = Bytes::copy_from_slice(&buf[..n]);
+            while !chunk.is_empty() {
+                send.reserve_capacity(chunk.len());
+                let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
+                    .await
+                    .ok_or_else(|| other("tunnel closed"))?
+                    .map_err(other)?;
+                send.send_data(chunk.split_to(granted.min(chunk.len())), false).map_err(other)?;
+            }
+            total += n as u64;
+        }
+    };
+    let down = async {
+        let mut total = 0u64;
+        while let Some(data) = recv.data().await {
+            let data = data.map_err(other)?;
+            writer.write_all(&data).await?;
+            let _ = recv.flow_control().release_capacity(data.len());
+            total += data.len() as u64;
+        }
+        writer.shutdown().await?;
+        Ok::<u64, io::Error>(total)
+    };
+    tokio::try_join!(up, down)
+}
+
+#[cfg(test)]
+mod tests;

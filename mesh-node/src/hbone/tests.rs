@@ -1,0 +1,200 @@
+//! HBONE on loopback with real TLS and HTTP/2: a tunnel carries bytes both
+//! ways; wrong server identities, foreign trust domains, expired and forged
+//! client certificates fail the handshake; a refused tunnel gets its status.
+use std::{sync::Arc, time::Duration};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType,
+};
+use rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+};
+use time::OffsetDateTime;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+use super::{tls::*, *};
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    root: CertificateDer<'static>,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let cert = params.self_signed(&key).unwrap();
+        let root = cert.der().clone();
+        Ca { issuer: Issuer::new(params, key), root }
+    }
+
+    fn roots(&self) -> Arc<RootCertStore> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.root.clone()).unwrap();
+        Arc::new(roots)
+    }
+
+    fn issue_valid(&self, id: &str, from: OffsetDateTime, to: OffsetDateTime) -> Credentials {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = from;
+        params.not_after = to;
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Credentials {
+            identity: id.parse().unwrap(),
+            chain: vec![cert.der().clone()],
+            key: Arc::new(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))),
+        }
+    }
+
+    fn issue(&self, id: &str) -> Credentials {
+        let now = OffsetDateTime::now_utc();
+        self.issue_valid(id, now - Duration::from_secs(60), now + Duration::from_secs(3600))
+    }
+}
+
+const A: &str = "spiffe://cluster.local/ns/shop/sa/a";
+const B: &str = "spiffe://cluster.local/ns/shop/sa/b";
+
+/// Echoes what it reads, and refuses targets on port 9 with 403.
+struct Echo {
+    addr: SocketAddr,
+    closed: std::sync::Mutex<Vec<(String, (u64, u64))>>,
+}
+
+impl TunnelHandler for Echo {
+    async fn open(&self, peer: SpiffeId, target: SocketAddr) -> Result<TcpStream, StatusCode> {
+        if target.port() == 9 {
+            return Err(StatusCode::FORBIDDEN);
+        }
+        let _ = peer;
+        TcpStream::connect(self.addr).await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
+    }
+
+    fn closed(&self, peer: &SpiffeId, _target: SocketAddr, bytes: (u64, u64)) {
+        self.closed.lock().unwrap().push((peer.to_string(), bytes));
+    }
+}
+
+/// An HBONE server for `server` on loopback, forwarding to an echo server.
+async fn start(ca: &Ca, server: &Credentials) -> (SocketAddr, Arc<Echo>) {
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    let handler = Arc::new(Echo { addr: echo_addr, closed: Default::default() });
+    let config = Arc::new(server_config(server, ca.roots(), "cluster.local").unwrap());
+    let hbone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = hbone.local_addr().unwrap();
+    let h = handler.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = hbone.accept().await {
+            let (config, h) = (config.clone(), h.clone());
+            tokio::spawn(async move { serve(tcp, config, h).await });
+        }
+    });
+    (addr, handler)
+}
+
+async fn dial(
+    addr: SocketAddr,
+    me: &Credentials,
+    roots: Arc<RootCertStore>,
+    expect: &str,
+) -> io::Result<PeerConnection> {
+    let config = Arc::new(client_config(me, roots, expect.parse().unwrap()).unwrap());
+    PeerConnection::handshake(TcpStream::connect(addr).await?, config).await
+}
+
+#[tokio::test]
+async fn a_tunnel_carries_bytes_both_ways() {
+    let ca = Ca::new();
+    let (addr, echo) = start(&ca, &ca.issue(B)).await;
+    let peer = dial(addr, &ca.issue(A), ca.roots(), B).await.unwrap();
+
+    // Several tunnels on one connection (multiplexed), each with its own data.
+    for round in 0..3u8 {
+        let tunnel = peer.connect("10.0.0.2:8080".parse().unwrap()).await.unwrap();
+        let (mut app, proxy_side) = tokio::io::duplex(1 << 16);
+        let relay = tokio::spawn(relay(proxy_side, tunnel));
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i as u8).wrapping_add(round)).collect();
+        let (mut r, mut w) = tokio::io::split(&mut app);
+        let send = async {
+            w.write_all(&payload).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut back = Vec::new();
+        let recv = r.read_to_end(&mut back);
+        let (_, n) = tokio::join!(send, recv);
+        assert_eq!(n.unwrap(), payload.len());
+        assert!(back == payload, "echoed bytes differ");
+        assert_eq!(relay.await.unwrap().unwrap(), (300_000, 300_000));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let closed = echo.closed.lock().unwrap().clone();
+    assert_eq!(closed.len(), 3);
+    assert!(closed.iter().all(|(peer, bytes)| peer == A && *bytes == (300_000, 300_000)), "{closed:?}");
+
+    // A refused tunnel carries the server's status.
+    let err = peer.connect("10.0.0.2:9".parse().unwrap()).await.err().unwrap();
+    assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+    assert!(err.to_string().contains("403"), "{err}");
+}
+
+#[tokio::test]
+async fn handshakes_refuse_the_wrong_identities() {
+    let ca = Ca::new();
+    let (addr, _) = start(&ca, &ca.issue(B)).await;
+    let a = ca.issue(A);
+
+    // The server is not who the destination workload should be.
+    let err = dial(addr, &a, ca.roots(), "spiffe://cluster.local/ns/shop/sa/c").await.err().unwrap();
+    assert!(err.to_string().contains("server presented spiffe://cluster.local/ns/shop/sa/b"), "{err}");
+
+    // A client of another trust domain, from the same CA.
+    let foreign = ca.issue("spiffe://evil.org/ns/shop/sa/a");
+    assert!(refused(addr, &foreign, ca.roots()).await, "foreign trust domain accepted");
+
+    // An expired client certificate.
+    let now = OffsetDateTime::now_utc();
+    let expired = ca.issue_valid(A, now - Duration::from_secs(7200), now - Duration::from_secs(3600));
+    assert!(refused(addr, &expired, ca.roots()).await, "expired certificate accepted");
+
+    // A client certificate from another CA (it trusts the real server's root).
+    let forged = Ca::new().issue(A);
+    assert!(refused(addr, &forged, ca.roots()).await, "forged certificate accepted");
+
+    // The server's certificate from another CA.
+    let other = Ca::new();
+    let (other_addr, _) = start(&other, &other.issue(B)).await;
+    assert!(dial(other_addr, &a, ca.roots(), B).await.is_err(), "server from another CA accepted");
+}
+
+/// With TLS 1.3 the client finishes its handshake before the server judges
+/// its certificate: the refusal shows on the first use of the connection.
+async fn refused(addr: SocketAddr, me: &Credentials, roots: Arc<RootCertStore>) -> bool {
+    match dial(addr, me, roots, B).await {
+        Err(_) => true,
+        Ok(peer) => tokio::time::timeout(Duration::from_secs(5), peer.connect("10.0.0.2:8080".parse().unwrap()))
+            .await
+            .map(|r| r.is_err())
+            .unwrap_or(true),
+    }
+}
