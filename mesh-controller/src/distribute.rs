@@ -105,7 +105,8 @@ impl WireSet {
         }
     }
 
-    /// Key -> version of everything in the set (what a node holds after a full sync).
+    /// Key -> version of everything in the set (what a node holds after a full
+    /// sync; what a reconnecting node's `Hello` carries).
     pub fn versions(&self) -> BTreeMap<String, u64> {
         self.resources.values().map(|r| (r.key.clone(), r.version)).collect()
     }

@@ -110,13 +110,16 @@ impl Control {
         lock(&self.node_cert).as_ref().map(|c| c.view(&id))
     }
 
-    fn set_error(&self, e: &anyhow::Error) {
+    /// Records (and logs once) an error of the channel; `lost` when the stream is gone.
+    fn set_error(&self, e: &anyhow::Error, lost: bool) {
         let text = format!("{e:#}");
         let mut s = lock(&self.status);
         if s.last_error.as_ref() != Some(&text) {
             warn!(controller = %self.config.address, "controller channel: {text}");
         }
-        s.connected = false;
+        if lost {
+            s.connected = false;
+        }
         s.last_error = Some(text);
     }
 
@@ -176,7 +179,7 @@ impl Control {
         loop {
             match self.stream_once(&mut backoff).await {
                 Ok(()) => {}
-                Err(e) => self.set_error(&e),
+                Err(e) => self.set_error(&e, true),
             }
             *lock(&self.channel) = None;
             lock(&self.status).connected = false;
@@ -250,7 +253,7 @@ impl Control {
             let pods = pods.clone();
             let _ = tokio::task::spawn_blocking(move || this.sync_pods(&pods)).await;
             if let Err(e) = self.sync_certificates().await {
-                self.set_error(&e);
+                self.set_error(&e, false); // the stream may be fine: retried next second
             }
         }
     }
