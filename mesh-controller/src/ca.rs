@@ -84,7 +84,8 @@ impl CertificateAuthority {
         let cert = params
             .self_signed(&key)
             .map_err(|source| CaError::Cert { what: "self-signing the root".into(), source })?;
-        write_private(&key_path, key.serialize_pem().as_bytes())?;
+        write_private(&key_path, key.serialize_pem().as_bytes())
+            .map_err(|source| CaError::Io { path: key_path.clone(), source })?;
         fs::write(&cert_path, cert.pem()).map_err(|source| CaError::Io { path: cert_path.clone(), source })?;
         Self::from_files(&cert_path, &key_path, None, lifetime)
     }
@@ -189,24 +190,22 @@ pub fn authorize(model: &MeshModel, node: &str, identity: &SpiffeId) -> Result<(
 
 /// 128 random bits (RFC 5280 allows up to 20 octets; positive).
 fn random_serial() -> Result<SerialNumber, CaError> {
-    use std::io::Read as _;
-    let mut bytes = [0u8; 16];
-    let path = Path::new("/dev/urandom");
-    fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|source| CaError::Io { path: path.into(), source })?;
+    let mut bytes: [u8; 16] = random_bytes().map_err(|source| CaError::Io { path: "/dev/urandom".into(), source })?;
     bytes[0] &= 0x7f;
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| CaError::Io { path: path.into(), source })?;
-    f.write_all(bytes).map_err(|source| CaError::Io { path: path.into(), source })
+/// Bytes from the kernel's CSPRNG.
+pub(crate) fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; N];
+    fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Creates `path` (it must not exist) readable by its owner only, with `bytes`.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?.write_all(bytes)
 }
 
 fn split_pem(text: &str) -> Vec<String> {

@@ -235,12 +235,7 @@ fn ports(p: &PortMatch) -> api::PortMatch {
 }
 
 fn condition(c: &ConditionMatch) -> api::Condition {
-    let pattern = |m: &StringMatch| match m {
-        StringMatch::Exact(s) => s.clone(),
-        StringMatch::Prefix(s) => format!("{s}*"),
-        StringMatch::Suffix(s) => format!("*{s}"),
-        StringMatch::Any => "*".into(),
-    };
+    let pattern = StringMatch::to_string;
     let (key, values, not_values): (&str, Vec<String>, Vec<String>) = match c {
         ConditionMatch::SourceIp { values, not_values } => ("source.ip", nets(values), nets(not_values)),
         ConditionMatch::DestinationIp { values, not_values } => ("destination.ip", nets(values), nets(not_values)),

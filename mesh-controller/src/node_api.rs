@@ -410,21 +410,17 @@ fn unix_now() -> u64 {
 
 /// The join token in `path`, created (32 random bytes, hex, mode 0600) when missing.
 pub fn join_token(path: &std::path::Path) -> std::io::Result<String> {
-    use std::{io::Read as _, io::Write as _, os::unix::fs::OpenOptionsExt as _};
     match std::fs::read_to_string(path) {
         Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
         Ok(_) => return Err(std::io::Error::other("the file is empty")),
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         Err(_) => {}
     }
-    let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token: String = ca::random_bytes::<32>()?.iter().map(|b| format!("{b:02x}")).collect();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    writeln!(f, "{token}")?;
+    ca::write_private(path, format!("{token}\n").as_bytes())?;
     Ok(token)
 }
 

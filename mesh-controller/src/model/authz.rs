@@ -100,6 +100,18 @@ impl StringMatch {
     }
 }
 
+/// The pattern as written (`*`, `prefix*`, `*suffix`, or exact).
+impl std::fmt::Display for StringMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StringMatch::Exact(s) => f.write_str(s),
+            StringMatch::Prefix(s) => write!(f, "{s}*"),
+            StringMatch::Suffix(s) => write!(f, "*{s}"),
+            StringMatch::Any => f.write_str("*"),
+        }
+    }
+}
+
 /// What the proxy knows about a connection when it decides.
 #[derive(Clone, Debug)]
 pub struct Connection {
