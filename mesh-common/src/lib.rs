@@ -6,6 +6,8 @@
 //! them to the programs: network byte order, IPv4 in the first word.
 #![cfg_attr(not(feature = "std"), no_std)]
 
+#[cfg(feature = "authz")]
+pub mod authz;
 #[cfg(feature = "std")]
 pub mod identity;
 

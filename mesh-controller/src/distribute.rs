@@ -9,10 +9,7 @@ use prost::Message as _;
 
 use crate::{
     config::objects::IntOrString,
-    model::{
-        MeshModel, MtlsMode, Service, Workload,
-        authz::{Action, CompiledPolicy, ConditionMatch, PortMatch, SourceMatch, StringMatch},
-    },
+    model::{MeshModel, MtlsMode, Service, Workload},
 };
 
 /// Every resource a node receives, by key, with the version of the whole.
@@ -51,15 +48,16 @@ impl WireSet {
             add(format!("service/{key}"), Kind::Service(service(s)));
         }
         for (key, p) in &model.policies {
-            let scope = if p.selector.is_some() {
-                api::Scope::WorkloadSelector
-            } else if p.policy.namespace == model.root_namespace {
+            // A root-namespace policy is mesh-wide, with or without a selector.
+            let scope = if p.policy.namespace == model.root_namespace {
                 api::Scope::Global
+            } else if p.selector.is_some() {
+                api::Scope::WorkloadSelector
             } else {
                 api::Scope::Namespace
             };
             let selector = p.selector.clone().unwrap_or_default();
-            add(format!("policy/{key}"), Kind::Authorization(authorization(&p.policy, scope, selector)));
+            add(format!("policy/{key}"), Kind::Authorization(p.policy.to_wire(scope, selector)));
         }
         let mut whole = 0u64;
         for r in resources.values() {
@@ -172,86 +170,6 @@ fn service(s: &Service) -> api::Service {
             .map(|e| api::Endpoint { workload: e.workload.clone(), ip: e.ip.to_string() })
             .collect(),
     }
-}
-
-fn authorization(p: &CompiledPolicy, scope: api::Scope, selector: BTreeMap<String, String>) -> api::Authorization {
-    let action = match p.action {
-        Action::Allow => api::Action::Allow,
-        Action::Deny => api::Action::Deny,
-        Action::Audit => api::Action::Audit,
-    };
-    api::Authorization {
-        namespace: p.namespace.clone(),
-        name: p.name.clone(),
-        action: action.into(),
-        scope: scope.into(),
-        selector: selector.into_iter().collect(),
-        rules: p
-            .rules
-            .iter()
-            .map(|r| api::Rule {
-                from: r.from.iter().map(source).collect(),
-                to: r.to.iter().map(ports).collect(),
-                when: r.when.iter().map(condition).collect(),
-            })
-            .collect(),
-    }
-}
-
-fn string_matches(list: &[StringMatch]) -> Vec<api::StringMatch> {
-    use api::string_match::Kind as K;
-    list.iter()
-        .map(|m| api::StringMatch {
-            kind: Some(match m {
-                StringMatch::Exact(s) => K::Exact(s.clone()),
-                StringMatch::Prefix(s) => K::Prefix(s.clone()),
-                StringMatch::Suffix(s) => K::Suffix(s.clone()),
-                StringMatch::Any => K::Any(true),
-            }),
-        })
-        .collect()
-}
-
-fn nets(list: &[ipnet::IpNet]) -> Vec<String> {
-    list.iter().map(ToString::to_string).collect()
-}
-
-fn source(s: &SourceMatch) -> api::SourceMatch {
-    api::SourceMatch {
-        principals: string_matches(&s.principals),
-        not_principals: string_matches(&s.not_principals),
-        namespaces: string_matches(&s.namespaces),
-        not_namespaces: string_matches(&s.not_namespaces),
-        ip_blocks: nets(&s.ip_blocks),
-        not_ip_blocks: nets(&s.not_ip_blocks),
-    }
-}
-
-fn ports(p: &PortMatch) -> api::PortMatch {
-    api::PortMatch {
-        ports: p.ports.iter().map(|p| u32::from(*p)).collect(),
-        not_ports: p.not_ports.iter().map(|p| u32::from(*p)).collect(),
-    }
-}
-
-fn condition(c: &ConditionMatch) -> api::Condition {
-    let pattern = StringMatch::to_string;
-    let (key, values, not_values): (&str, Vec<String>, Vec<String>) = match c {
-        ConditionMatch::SourceIp { values, not_values } => ("source.ip", nets(values), nets(not_values)),
-        ConditionMatch::DestinationIp { values, not_values } => ("destination.ip", nets(values), nets(not_values)),
-        ConditionMatch::SourceNamespace { values, not_values } => {
-            ("source.namespace", values.iter().map(pattern).collect(), not_values.iter().map(pattern).collect())
-        }
-        ConditionMatch::SourcePrincipal { values, not_values } => {
-            ("source.principal", values.iter().map(pattern).collect(), not_values.iter().map(pattern).collect())
-        }
-        ConditionMatch::DestinationPort { values, not_values } => (
-            "destination.port",
-            values.iter().map(ToString::to_string).collect(),
-            not_values.iter().map(ToString::to_string).collect(),
-        ),
-    };
-    api::Condition { key: key.into(), values, not_values }
 }
 
 #[cfg(test)]

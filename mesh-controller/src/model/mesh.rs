@@ -154,7 +154,7 @@ impl MeshModel {
                     if ap.spec.target_ref.is_some() || !ap.spec.target_refs.is_empty() {
                         continue;
                     }
-                    let policy = CompiledPolicy::compile(ap);
+                    let policy = super::authz::compile(ap);
                     let selector = ap.spec.selector.as_ref().map(|s| s.match_labels.clone()).filter(|l| !l.is_empty());
                     model
                         .policies
