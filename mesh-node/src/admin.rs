@@ -18,6 +18,7 @@ use serde_json::json;
 use crate::{
     control::Control,
     pods::{EnrollError, PodSpec, Pods},
+    proxy::ProxyContext,
 };
 
 #[derive(Clone)]
@@ -26,12 +27,14 @@ pub struct AdminState {
     pub instance: String,
     /// Set when a controller decides which pods are enrolled.
     pub control: Option<Arc<Control>>,
+    pub proxy: Arc<ProxyContext>,
 }
 
 pub fn admin_router(state: AdminState) -> Router {
     Router::new()
         .route("/config_dump", get(config_dump))
         .route("/pods", get(list_pods).post(enroll).delete(unenroll))
+        .route("/connections", get(connections))
         .with_state(state)
 }
 
@@ -65,7 +68,18 @@ async fn config_dump(State(s): State<AdminState>) -> Response {
         dump["certificates"] = json!(c.certificates());
         dump["node_certificate"] = json!(c.node_certificate());
     }
+    let (pooled, dialed) = s.proxy.pool.stats();
+    dump["hbone_pool"] = json!({ "connections": pooled, "dialed": dialed });
+    // What the proxy enforces now (the view follows each applied update).
+    let identities: Vec<_> =
+        s.proxy.identities.list().into_iter().map(|(id, serial)| json!({"identity": id, "serial": serial})).collect();
+    dump["proxy"] = json!({ "version": s.proxy.view().version, "identities": identities });
     Json(dump).into_response()
+}
+
+/// `GET /connections`: the connections the proxy carries now, with bytes so far.
+async fn connections(State(s): State<AdminState>) -> Response {
+    Json(s.proxy.connections.list()).into_response()
 }
 
 async fn list_pods(State(s): State<AdminState>) -> Response {

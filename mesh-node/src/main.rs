@@ -4,8 +4,8 @@
 mod admin;
 mod control;
 mod dataplane;
-#[allow(dead_code)] // the proxy uses it from issue 4's next step; tested on loopback now
 mod hbone;
+mod metrics_server;
 mod netns;
 mod pods;
 mod proxy;
@@ -59,6 +59,9 @@ struct Args {
     /// `GET /healthz/ready` answers 200 once every listener is bound.
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
+    /// Prometheus `/metrics` (Istio's `istio_tcp_*` and the proxy's own).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
     /// Mark set on the proxy's own sockets (the redirect skips marked sockets).
     #[arg(long, default_value_t = mesh_common::DEFAULT_PROXY_MARK, value_parser = parse_u32)]
     proxy_mark: u32,
@@ -131,10 +134,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         outbound_port: mesh_common::OUTBOUND_PORT,
         inbound_bypass_port: mesh_common::HBONE_PORT,
     })?;
-    let ctx = Arc::new(ProxyContext { mark: args.proxy_mark, orig_dst: dataplane.orig_dst_table() });
-    let ports = Ports { outbound: mesh_common::OUTBOUND_PORT, inbound: mesh_common::INBOUND_PORT };
+    let metrics = metrics_server::install()?;
+    let ctx = Arc::new(ProxyContext::new(args.proxy_mark, dataplane.orig_dst_table()));
+    ctx.spawn_reaper();
+    let ports = Ports {
+        outbound: mesh_common::OUTBOUND_PORT,
+        inbound: mesh_common::INBOUND_PORT,
+        hbone: mesh_common::HBONE_PORT,
+    };
     let state_dir = args.state_dir.join(&args.instance);
-    let mut pods = Pods::new(dataplane, ctx, ports, &state_dir)
+    let mut pods = Pods::new(dataplane, ctx.clone(), ports, &state_dir)
         .with_context(|| format!("state directory {}", state_dir.display()))?;
     pods.restore();
     let pods = Arc::new(Mutex::new(pods));
@@ -148,7 +157,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 server_name: args.controller_name.clone(),
                 state_dir: state_dir.clone(),
             });
-            control.spawn(pods.clone());
+            control.spawn(pods.clone(), ctx.clone());
             Some(control)
         }
         _ => None,
@@ -161,14 +170,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let readiness = tokio::net::TcpListener::bind(args.readiness_addr)
         .await
         .with_context(|| format!("binding the readiness port {}", args.readiness_addr))?;
-    let admin_state = AdminState { pods: pods.clone(), instance: args.instance.clone(), control };
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics port {}", args.metrics_addr))?;
+    tokio::spawn(metrics_server::serve(metrics_listener, metrics, pods.clone(), ctx.clone()));
+    let admin_state = AdminState { pods: pods.clone(), instance: args.instance.clone(), control, proxy: ctx.clone() };
     tokio::spawn(async move { axum::serve(admin, admin::admin_router(admin_state)).await });
     tokio::spawn({
         let ready = ready.clone();
         async move { axum::serve(readiness, admin::readiness_router(ready)).await }
     });
     ready.store(true, Ordering::Release);
-    info!(instance = %args.instance, admin = %args.admin_addr, readiness = %args.readiness_addr, "mesh-node ready");
+    info!(
+        instance = %args.instance, admin = %args.admin_addr, readiness = %args.readiness_addr,
+        metrics = %args.metrics_addr, "mesh-node ready"
+    );
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -125,7 +125,7 @@ impl Pods {
         self.dataplane
             .enroll(&spec.netns, netns.cookie(), &addresses, listeners.inbound())
             .map_err(|source| EnrollError::Dataplane { pod: spec.name.clone(), source: Box::new(source) })?;
-        let pod = Arc::new(PodContext { name: spec.name.clone(), netns: netns.clone() });
+        let pod = Arc::new(PodContext { name: spec.name.clone(), netns: netns.clone(), addresses: addresses.clone() });
         let tasks = match listeners.spawn(pod, self.ctx.clone()) {
             Ok(tasks) => tasks,
             Err(source) => {

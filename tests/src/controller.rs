@@ -14,12 +14,14 @@ use crate::{
     topology::{STATE_ROOT, Topology, now_millis, sibling_bin},
 };
 
-/// Where agents reach the controller (both run in the node's namespace).
-pub const GRPC_ADDR: &str = "127.0.0.1:15012";
+/// Where the controller listens for nodes (they reach it at its node's bridge address).
+pub const GRPC_ADDR: &str = "0.0.0.0:15012";
 const METRICS_ADDR: &str = "127.0.0.1:15014";
 
 pub struct Controller {
     pub proc: Proc,
+    /// `ip:port` agents dial.
+    pub address: String,
     pub netns: PathBuf,
     pub config_dir: PathBuf,
     pub state_dir: PathBuf,
@@ -57,7 +59,8 @@ impl Topology {
             assert!(Instant::now() < deadline, "controller not ready after 20 s:\n{}", proc.log_text());
             thread::sleep(Duration::from_millis(20));
         }
-        Controller { proc, netns: netns.into(), config_dir, state_dir }
+        let address = format!("{}:15012", self.node_ip(netns));
+        Controller { proc, address, netns: netns.into(), config_dir, state_dir }
     }
 }
 
@@ -96,7 +99,7 @@ impl Controller {
     pub fn agent_args(&self, node: &str) -> Vec<String> {
         vec![
             "--controller".into(),
-            GRPC_ADDR.into(),
+            self.address.clone(),
             "--node-name".into(),
             node.into(),
             "--join-token".into(),

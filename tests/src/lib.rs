@@ -9,6 +9,7 @@
 //! killed outright are swept by the next one.
 pub mod cgroup_prog;
 mod controller;
+pub mod mesh;
 mod process;
 mod topology;
 

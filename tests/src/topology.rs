@@ -38,6 +38,7 @@ pub struct Topology {
 struct Created {
     netns: Vec<String>,
     pods: u8,
+    nodes: Vec<(PathBuf, Ipv4Addr)>,
     instances: Vec<String>,
     cgroups: Vec<PathBuf>,
 }
@@ -90,6 +91,11 @@ impl Topology {
 
     /// A pod on the bridge, with addresses 10.200.0.N/24 and fd00:200::N/64.
     pub fn pod(&self, name: &str) -> Pod {
+        self.pod_in("default", name)
+    }
+
+    /// A pod of Kubernetes namespace `namespace` (only its name says so).
+    pub fn pod_in(&self, namespace: &str, name: &str) -> Pod {
         let n = {
             let mut c = self.created.lock().unwrap();
             c.pods += 1;
@@ -105,13 +111,39 @@ impl Topology {
         ip(&["-n", &pod_ns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
         ip(&["-n", &pod_ns, "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
         ip(&["-n", &pod_ns, "link", "set", "eth0", "up"]);
-        Pod { name: format!("default/{name}"), netns, ip4, ip6 }
+        Pod { name: format!("{namespace}/{name}"), netns, ip4, ip6 }
     }
 
-    /// A node: an empty namespace (loopback only) where an agent runs, so each
-    /// agent has the standard ports to itself.
+    /// A node: a namespace where an agent runs, so each agent has the standard
+    /// ports to itself. It is on the bridge too, as 10.201.0.N/24 (a subnet of
+    /// its own: pods do not route to it), so nodes reach a controller on
+    /// another node.
     pub fn node(&self, name: &str) -> PathBuf {
-        self.add_netns(name)
+        let netns = self.add_netns(name);
+        let n = {
+            let c = self.created.lock().unwrap();
+            c.nodes.len() as u8 + 1
+        };
+        let (node_ns, net_ns) = (ns_name(&netns), ns_name(&self.net));
+        let veth = format!("n{n}");
+        ip(&["-n", &net_ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &node_ns]);
+        ip(&["-n", &net_ns, "link", "set", &veth, "master", "br0", "up"]);
+        let addr = Ipv4Addr::new(10, 201, 0, n);
+        ip(&["-n", &node_ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ip(&["-n", &node_ns, "link", "set", "eth0", "up"]);
+        self.created.lock().unwrap().nodes.push((netns.clone(), addr));
+        netns
+    }
+
+    /// The bridge address of a node made by [`Self::node`].
+    pub fn node_ip(&self, node: &Path) -> Ipv4Addr {
+        let c = self.created.lock().unwrap();
+        c.nodes.iter().find(|(p, _)| p == node).map(|(_, ip)| *ip).expect("not a node of this topology")
+    }
+
+    /// The namespace that holds the bridge `br0` (where captures run).
+    pub fn network(&self) -> &Path {
+        &self.net
     }
 
     /// Starts `mesh-node` in `node` as instance `<id>-<name>` and waits until it

@@ -21,7 +21,14 @@ const PACKAGES: &[&str] = &[
     "util-linux",              // nsenter
     "bpftool",                 // tests check links and programs in the kernel
     "curl",
-    "python3", // http.server in test pods
+    "python3",      // http.server and small TCP peers in test pods
+    "nginx-light",  // the HTTP server behind the mesh (tests, quickstart, bench)
+    "redis-server", // a database protocol through the mesh
+    "redis-tools",  // redis-benchmark, redis-cli
+    "iperf3",       // long-lived streams and throughput
+    "tshark",       // captures on the bridge: proof that traffic between nodes is TLS
+    "openssl",      // handshakes with forged certificates against 15008
+    "wrk",          // HTTP load for the benchmark
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -24,7 +24,10 @@ use self::{
     certs::{CertView, KeyedCert, key_and_csr},
     store::NodeStore,
 };
-use crate::pods::{PodSpec, Pods};
+use crate::{
+    pods::{PodSpec, Pods},
+    proxy::{ProxyContext, identities::LocalIdentity, view::MeshView},
+};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -95,10 +98,11 @@ impl Control {
         })
     }
 
-    /// Starts the stream and the reconciler.
-    pub fn spawn(self: &Arc<Self>, pods: Arc<Mutex<Pods>>) {
-        tokio::spawn(self.clone().stream_loop());
-        tokio::spawn(self.clone().reconcile_loop(pods));
+    /// Starts the stream and the reconciler; each applied configuration and
+    /// each certificate goes to the proxy.
+    pub fn spawn(self: &Arc<Self>, pods: Arc<Mutex<Pods>>, proxy: Arc<ProxyContext>) {
+        tokio::spawn(self.clone().stream_loop(proxy.clone()));
+        tokio::spawn(self.clone().reconcile_loop(pods, proxy));
     }
 
     pub fn certificates(&self) -> Vec<CertView> {
@@ -174,10 +178,10 @@ impl Control {
         *lock(&self.node_cert) = Some(cert);
     }
 
-    async fn stream_loop(self: Arc<Self>) {
+    async fn stream_loop(self: Arc<Self>, proxy: Arc<ProxyContext>) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            match self.stream_once(&mut backoff).await {
+            match self.stream_once(&mut backoff, &proxy).await {
                 Ok(()) => {}
                 Err(e) => self.set_error(&e, true),
             }
@@ -189,7 +193,7 @@ impl Control {
     }
 
     /// One stream: Hello with what the node holds, then updates until it ends.
-    async fn stream_once(&self, backoff: &mut Duration) -> anyhow::Result<()> {
+    async fn stream_once(&self, backoff: &mut Duration, proxy: &ProxyContext) -> anyhow::Result<()> {
         let identity = self.node_identity().await?;
         let channel = self.connect(Some(&identity)).await?;
         *lock(&self.channel) = Some(channel.clone());
@@ -233,14 +237,16 @@ impl Control {
                 s.last_update_unix = Some(now_unix() as u64);
             }
             if !update.more {
-                self.changed.notify_one(); // act on the whole, not on a part
+                // Act on the whole, not on a part: new connections see it at once.
+                proxy.set_view(MeshView::build(&lock(&self.store)));
+                self.changed.notify_one();
             }
             tx.send(api::NodeMessage { kind: Some(reply) }).await?;
         }
     }
 
     /// Reconciles on every applied update, and every second (renewals, retries).
-    async fn reconcile_loop(self: Arc<Self>, pods: Arc<Mutex<Pods>>) {
+    async fn reconcile_loop(self: Arc<Self>, pods: Arc<Mutex<Pods>>, proxy: Arc<ProxyContext>) {
         loop {
             tokio::select! {
                 () = self.changed.notified() => {}
@@ -252,7 +258,7 @@ impl Control {
             let this = self.clone();
             let pods = pods.clone();
             let _ = tokio::task::spawn_blocking(move || this.sync_pods(&pods)).await;
-            if let Err(e) = self.sync_certificates().await {
+            if let Err(e) = self.sync_certificates(&proxy).await {
                 self.set_error(&e, false); // the stream may be fine: retried next second
             }
         }
@@ -291,7 +297,7 @@ impl Control {
 
     /// Certificates for every identity of the pods scheduled here (new ones and
     /// those past half-life), and the node certificate past its half-life.
-    async fn sync_certificates(&self) -> anyhow::Result<()> {
+    async fn sync_certificates(&self, proxy: &ProxyContext) -> anyhow::Result<()> {
         let now = now_unix();
         let Some(channel) = lock(&self.channel).clone() else { return Ok(()) };
         let mut client = NodeControlClient::new(channel);
@@ -315,6 +321,7 @@ impl Control {
             ids
         };
         lock(&self.workload_certs).retain(|id, _| wanted.contains(id));
+        proxy.identities.retain(|id| wanted.contains(&id.to_string()));
         for id in wanted {
             let due = lock(&self.workload_certs).get(&id).is_none_or(|c| now >= c.renew_at_unix());
             if !due {
@@ -324,6 +331,8 @@ impl Control {
             let req = api::CertifyRequest { identity: id.clone(), csr_pem: csr };
             let resp = client.certify(req).await.map_err(status_error)?.into_inner();
             let cert = KeyedCert::from_response(resp, key, now)?;
+            let spiffe: mesh_common::identity::SpiffeId = id.parse()?;
+            proxy.identities.set(spiffe.clone(), LocalIdentity::from_cert(&spiffe, &cert)?);
             let renewed = lock(&self.workload_certs).insert(id.clone(), cert.clone()).is_some();
             info!(identity = %id, serial = %cert.serial, not_after = cert.not_after_unix, renewed, "workload certificate");
         }

@@ -42,6 +42,7 @@ pub struct Tunnel {
 #[derive(Clone)]
 pub struct PeerConnection {
     sender: h2::client::SendRequest<Bytes>,
+    id: u64,
 }
 
 impl PeerConnection {
@@ -62,7 +63,13 @@ impl PeerConnection {
                 debug!(peer = %peer, "HBONE connection ended: {e}");
             }
         });
-        Ok(PeerConnection { sender })
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Ok(PeerConnection { sender, id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed) })
+    }
+
+    /// Whether both are handles of one connection.
+    pub fn same(&self, other: &PeerConnection) -> bool {
+        self.id == other.id
     }
 
     /// Opens a tunnel to `target` (the original destination). A refusal by
@@ -72,22 +79,52 @@ impl PeerConnection {
         let request = Request::builder().method(Method::CONNECT).uri(target.to_string()).body(()).map_err(other)?;
         let (response, send) = sender.send_request(request, false).map_err(other)?;
         let response = response.await.map_err(other)?;
-        if response.status() != StatusCode::OK {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!("peer refused the tunnel to {target}: {}", response.status()),
-            ));
+        let code = response.status();
+        if code != StatusCode::OK {
+            let kind = match code {
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => io::ErrorKind::PermissionDenied,
+                StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => io::ErrorKind::ConnectionRefused,
+                _ => io::ErrorKind::InvalidData,
+            };
+            return Err(io::Error::new(kind, format!("peer refused the tunnel to {target}: {code}")));
         }
         Ok(Tunnel { send, recv: response.into_body() })
     }
 }
 
-/// What a server does with a tunnel request: the connection to the target,
-/// or the HTTP status to refuse with.
+/// A tunnel request that arrived on 15008, from a verified peer. The handler
+/// accepts it (and relays) or refuses it with a status.
+pub struct TunnelRequest {
+    pub peer: SpiffeId,
+    /// The peer's TCP address (its pod's IP: it dials from its namespace).
+    pub peer_addr: SocketAddr,
+    /// The `CONNECT` authority: where the peer's client meant to go.
+    pub target: SocketAddr,
+    respond: h2::server::SendResponse<Bytes>,
+    body: RecvStream,
+}
+
+impl TunnelRequest {
+    pub fn refuse(mut self, code: StatusCode) {
+        let _ = self.respond.send_response(status(code), true);
+    }
+
+    /// Answers 200 and returns the tunnel to relay.
+    pub fn accept(mut self) -> io::Result<Tunnel> {
+        let send = self.respond.send_response(status(StatusCode::OK), false).map_err(other)?;
+        Ok(Tunnel { send, recv: self.body })
+    }
+}
+
+/// Whether `e` is the peer's answer to a tunnel request (a refusal status),
+/// as opposed to a failure of the connection itself.
+pub fn is_refusal(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::PermissionDenied | io::ErrorKind::ConnectionRefused | io::ErrorKind::InvalidData)
+}
+
+/// What a server does with each tunnel request.
 pub trait TunnelHandler: Send + Sync + 'static {
-    fn open(&self, peer: SpiffeId, target: SocketAddr) -> impl Future<Output = Result<TcpStream, StatusCode>> + Send;
-    /// Called when a tunnel ends, with bytes (from peer, to peer).
-    fn closed(&self, _peer: &SpiffeId, _target: SocketAddr, _bytes: (u64, u64)) {}
+    fn handle(&self, request: TunnelRequest) -> impl Future<Output = ()> + Send;
 }
 
 /// Serves one accepted connection on 15008: TLS (the config checks the
@@ -97,6 +134,7 @@ pub async fn serve<H: TunnelHandler>(
     config: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
 ) -> io::Result<()> {
+    let peer_addr = tcp.peer_addr()?;
     let tls = TlsAcceptor::from(config).accept(tcp).await?;
     let peer = tls
         .get_ref()
@@ -115,24 +153,16 @@ pub async fn serve<H: TunnelHandler>(
         .map_err(other)?;
     while let Some(stream) = connection.accept().await {
         let (request, mut respond) = stream.map_err(other)?;
-        let (handler, peer) = (handler.clone(), peer.clone());
-        tokio::spawn(async move {
-            let target = match (request.method(), request.uri().authority().map(|a| a.as_str().parse())) {
-                (&Method::CONNECT, Some(Ok(target))) => target,
-                _ => {
-                    let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
-                    return;
-                }
-            };
-            match handler.open(peer.clone(), target).await {
-                Err(code) => drop(respond.send_response(status(code), true)),
-                Ok(upstream) => {
-                    let Ok(send) = respond.send_response(status(StatusCode::OK), false) else { return };
-                    let bytes = relay(upstream, Tunnel { send, recv: request.into_body() }).await.unwrap_or((0, 0));
-                    handler.closed(&peer, target, bytes);
-                }
+        let target = match (request.method(), request.uri().authority().map(|a| a.as_str().parse())) {
+            (&Method::CONNECT, Some(Ok(target))) => target,
+            _ => {
+                let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
+                continue;
             }
-        });
+        };
+        let request = TunnelRequest { peer: peer.clone(), peer_addr, target, respond, body: request.into_body() };
+        let handler = handler.clone();
+        tokio::spawn(async move { handler.handle(request).await });
     }
     Ok(())
 }

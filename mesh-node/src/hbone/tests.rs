@@ -73,16 +73,17 @@ struct Echo {
 }
 
 impl TunnelHandler for Echo {
-    async fn open(&self, peer: SpiffeId, target: SocketAddr) -> Result<TcpStream, StatusCode> {
-        if target.port() == 9 {
-            return Err(StatusCode::FORBIDDEN);
+    async fn handle(&self, request: TunnelRequest) {
+        if request.target.port() == 9 {
+            return request.refuse(StatusCode::FORBIDDEN);
         }
-        let _ = peer;
-        TcpStream::connect(self.addr).await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
-    }
-
-    fn closed(&self, peer: &SpiffeId, _target: SocketAddr, bytes: (u64, u64)) {
-        self.closed.lock().unwrap().push((peer.to_string(), bytes));
+        let Ok(upstream) = TcpStream::connect(self.addr).await else {
+            return request.refuse(StatusCode::SERVICE_UNAVAILABLE);
+        };
+        let peer = request.peer.to_string();
+        let Ok(tunnel) = request.accept() else { return };
+        let bytes = relay(upstream, tunnel).await.unwrap_or((0, 0));
+        self.closed.lock().unwrap().push((peer, bytes));
     }
 }
 

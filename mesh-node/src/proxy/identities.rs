@@ -1,0 +1,75 @@
+//! The TLS material of the workload identities this node serves: the
+//! controller channel puts each new or renewed certificate here, and the
+//! proxy takes the server config (15008) or builds a client config (HBONE
+//! out) from it. Connections already open keep the certificate they
+//! started with; new ones get the renewed one.
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use mesh_common::identity::SpiffeId;
+use rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+};
+
+use crate::{control::certs::KeyedCert, hbone::tls};
+
+pub struct LocalIdentity {
+    pub credentials: tls::Credentials,
+    pub roots: Arc<RootCertStore>,
+    pub server: Arc<rustls::ServerConfig>,
+    pub serial: String,
+}
+
+impl LocalIdentity {
+    pub fn from_cert(identity: &SpiffeId, cert: &KeyedCert) -> anyhow::Result<LocalIdentity> {
+        let chain = CertificateDer::pem_slice_iter(cert.presented_chain().as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("certificate of {identity}: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
+            .map_err(|e| anyhow::anyhow!("key of {identity}: {e}"))?;
+        let mut roots = RootCertStore::empty();
+        for root in CertificateDer::pem_slice_iter(cert.root_pem.as_bytes()) {
+            roots.add(root.map_err(|e| anyhow::anyhow!("mesh root: {e}"))?)?;
+        }
+        let roots = Arc::new(roots);
+        let credentials = tls::Credentials { identity: identity.clone(), chain, key: Arc::new(key) };
+        let server = Arc::new(tls::server_config(&credentials, roots.clone(), identity.trust_domain())?);
+        Ok(LocalIdentity { credentials, roots, server, serial: cert.serial.clone() })
+    }
+
+    /// A client config that presents this identity and accepts only `peer`.
+    pub fn client_config(&self, peer: SpiffeId) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+        Ok(Arc::new(tls::client_config(&self.credentials, self.roots.clone(), peer)?))
+    }
+}
+
+#[derive(Default)]
+pub struct Identities {
+    by_id: RwLock<HashMap<SpiffeId, Arc<LocalIdentity>>>,
+}
+
+impl Identities {
+    pub fn get(&self, id: &SpiffeId) -> Option<Arc<LocalIdentity>> {
+        self.by_id.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
+    pub fn set(&self, id: SpiffeId, identity: LocalIdentity) {
+        self.by_id.write().unwrap_or_else(|e| e.into_inner()).insert(id, Arc::new(identity));
+    }
+
+    /// (identity, certificate serial) of every identity the proxy can serve.
+    pub fn list(&self) -> Vec<(String, String)> {
+        let map = self.by_id.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = map.values().map(|l| (l.credentials.identity.to_string(), l.serial.clone())).collect();
+        out.sort();
+        out
+    }
+
+    /// Drops identities no pod of this node has any more.
+    pub fn retain(&self, keep: impl Fn(&SpiffeId) -> bool) {
+        self.by_id.write().unwrap_or_else(|e| e.into_inner()).retain(|id, _| keep(id));
+    }
+}

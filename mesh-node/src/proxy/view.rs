@@ -1,0 +1,359 @@
+//! What the proxy decides with: the controller's configuration indexed for
+//! lookups on every connection (workloads by IP, services by VIP, policies
+//! compiled), rebuilt whole after each applied update and swapped in. Pure:
+//! where a connection goes, which mTLS mode a port has and whether policy
+//! admits a connection are functions of this view, tested with tables.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use mesh_common::{
+    api,
+    authz::{self, CompiledPolicy, Connection, Decision},
+    identity::SpiffeId,
+};
+
+use crate::control::store::NodeStore;
+
+/// A workload as the proxy uses it.
+#[derive(Debug)]
+pub struct WorkloadInfo {
+    pub wire: api::Workload,
+    pub identity: SpiffeId,
+}
+
+impl WorkloadInfo {
+    /// Istio's canonical service: the `service.istio.io/canonical-name` label,
+    /// else `app.kubernetes.io/name`, else `app`, else the workload's name.
+    pub fn canonical_service(&self) -> &str {
+        let l = &self.wire.labels;
+        l.get("service.istio.io/canonical-name")
+            .or_else(|| l.get("app.kubernetes.io/name"))
+            .or_else(|| l.get("app"))
+            .unwrap_or(&self.wire.name)
+    }
+
+    pub fn mtls_mode(&self, port: u16) -> api::MtlsMode {
+        let mode = self.wire.port_mtls.get(&u32::from(port)).copied().unwrap_or(self.wire.mtls_mode);
+        api::MtlsMode::try_from(mode).unwrap_or(api::MtlsMode::Permissive)
+    }
+}
+
+#[derive(Debug)]
+pub struct ServiceInfo {
+    pub namespace: String,
+    pub name: String,
+    /// The first host (`name.namespace.svc.<domain>`, or a ServiceEntry's).
+    pub host: String,
+    ports: Vec<api::ServicePort>,
+    endpoints: Vec<IpAddr>,
+    /// Round robin position.
+    next: AtomicUsize,
+}
+
+/// How the proxy reaches one candidate upstream.
+#[derive(Clone, Debug)]
+pub enum Upstream {
+    /// A workload in the mesh: HBONE to its 15008, CONNECT `addr`.
+    Hbone { workload: Arc<WorkloadInfo>, addr: SocketAddr },
+    /// Plain TCP: a workload outside the ambient mesh, a ServiceEntry
+    /// endpoint, or a destination the mesh does not know (passthrough).
+    Plain { workload: Option<Arc<WorkloadInfo>>, addr: SocketAddr },
+}
+
+impl Upstream {
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Upstream::Hbone { addr, .. } | Upstream::Plain { addr, .. } => *addr,
+        }
+    }
+
+    pub fn workload(&self) -> Option<&Arc<WorkloadInfo>> {
+        match self {
+            Upstream::Hbone { workload, .. } => Some(workload),
+            Upstream::Plain { workload, .. } => workload.as_ref(),
+        }
+    }
+}
+
+/// Where an outbound connection goes: the service it addressed (if any) and
+/// its upstreams in the order to try them (a service's endpoints from the
+/// round robin position on; one entry otherwise).
+#[derive(Clone, Debug)]
+pub struct Destination {
+    pub service: Option<Arc<ServiceInfo>>,
+    pub candidates: Vec<Upstream>,
+}
+
+#[derive(Debug, Default)]
+pub struct MeshView {
+    pub version: String,
+    by_uid: HashMap<String, Arc<WorkloadInfo>>,
+    by_ip: HashMap<IpAddr, Arc<WorkloadInfo>>,
+    by_vip: HashMap<IpAddr, Arc<ServiceInfo>>,
+    policies: Vec<(api::Authorization, CompiledPolicy)>,
+}
+
+impl MeshView {
+    /// Indexes what the store holds. The store checked every resource, so a
+    /// resource that still does not convert is left out (and logged).
+    pub fn build(store: &NodeStore) -> MeshView {
+        let mut view = MeshView { version: store.version.clone(), ..MeshView::default() };
+        for w in store.workloads.values() {
+            let Ok(identity) = w.identity.parse() else { continue };
+            let info = Arc::new(WorkloadInfo { wire: w.clone(), identity });
+            for ip in w.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
+                view.by_ip.insert(ip, info.clone());
+            }
+            view.by_uid.insert(w.uid.clone(), info);
+        }
+        for s in store.services.values() {
+            let info = Arc::new(ServiceInfo {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                host: s.hosts.first().cloned().unwrap_or_else(|| format!("{}.{}", s.name, s.namespace)),
+                ports: s.ports.clone(),
+                endpoints: s.endpoints.iter().filter_map(|e| e.ip.parse().ok()).collect(),
+                next: AtomicUsize::new(0),
+            });
+            for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
+                view.by_vip.insert(vip, info.clone());
+            }
+        }
+        for p in store.policies.values() {
+            match CompiledPolicy::from_wire(p) {
+                Ok(compiled) => view.policies.push((p.clone(), compiled)),
+                Err(e) => tracing::warn!(policy = %format!("{}/{}", p.namespace, p.name), "policy ignored: {e}"),
+            }
+        }
+        view
+    }
+
+    pub fn workload(&self, uid: &str) -> Option<&Arc<WorkloadInfo>> {
+        self.by_uid.get(uid)
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<WorkloadInfo>> {
+        self.by_ip.get(&ip.to_canonical())
+    }
+
+    /// Where a connection to `dst` goes. `Err` names why it cannot go anywhere.
+    pub fn destination(&self, dst: SocketAddr) -> Result<Destination, String> {
+        let ip = dst.ip().to_canonical();
+        if let Some(svc) = self.by_vip.get(&ip) {
+            let port = svc
+                .ports
+                .iter()
+                .find(|p| p.port == u32::from(dst.port()))
+                .ok_or_else(|| format!("service {}/{} has no port {}", svc.namespace, svc.name, dst.port()))?;
+            // A named target port needs the pods' container ports, which the
+            // local configuration does not carry: it means the same port.
+            let target = match u16::try_from(port.target_port) {
+                Ok(p) if p != 0 => p,
+                _ => dst.port(),
+            };
+            if svc.endpoints.is_empty() {
+                return Err(format!("service {}/{} has no endpoints", svc.namespace, svc.name));
+            }
+            let start = svc.next.fetch_add(1, Ordering::Relaxed);
+            let n = svc.endpoints.len();
+            let candidates =
+                (0..n).map(|i| self.upstream(SocketAddr::new(svc.endpoints[(start + i) % n], target))).collect();
+            return Ok(Destination { service: Some(svc.clone()), candidates });
+        }
+        Ok(Destination { service: None, candidates: vec![self.upstream(SocketAddr::new(ip, dst.port()))] })
+    }
+
+    fn upstream(&self, addr: SocketAddr) -> Upstream {
+        match self.by_ip.get(&addr.ip()) {
+            Some(w) if w.wire.captured => Upstream::Hbone { workload: w.clone(), addr },
+            w => Upstream::Plain { workload: w.cloned(), addr },
+        }
+    }
+
+    /// The policies that apply to `w`, then the decision for `conn`.
+    pub fn authorize(&self, w: &WorkloadInfo, conn: &Connection) -> Decision {
+        let applying: Vec<&CompiledPolicy> =
+            self.policies.iter().filter(|(wire, _)| authz::applies_to(wire, &w.wire)).map(|(_, c)| c).collect();
+        authz::evaluate(applying.iter().copied(), conn)
+    }
+
+    /// Counts for the config dump.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.by_uid.len(), self.by_vip.len(), self.policies.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn workload(name: &str, ip: &str, captured: bool, labels: &[(&str, &str)]) -> api::Workload {
+        api::Workload {
+            uid: format!("Pod/shop/{name}"),
+            name: name.into(),
+            namespace: "shop".into(),
+            service_account: name.into(),
+            identity: format!("spiffe://cluster.local/ns/shop/sa/{name}"),
+            ips: vec![ip.into()],
+            captured,
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            mtls_mode: api::MtlsMode::Permissive.into(),
+            port_mtls: [(9000, api::MtlsMode::Strict.into())].into(),
+            ..Default::default()
+        }
+    }
+
+    fn store() -> NodeStore {
+        let mut store = NodeStore::default();
+        for w in [
+            workload("a", "10.0.0.1", true, &[("app", "front")]),
+            workload("b1", "10.0.0.2", true, &[("app", "back")]),
+            workload("b2", "10.0.0.3", false, &[("app", "back")]),
+            workload("b3", "10.0.0.4", true, &[("app", "back")]),
+        ] {
+            store.workloads.insert(w.uid.clone(), w);
+        }
+        store.services.insert(
+            "shop/back".into(),
+            api::Service {
+                namespace: "shop".into(),
+                name: "back".into(),
+                hosts: vec!["back.shop.svc.cluster.local".into()],
+                vips: vec!["10.96.0.10".into()],
+                ports: vec![api::ServicePort { port: 80, target_port: 8080, target_port_name: String::new() }],
+                endpoints: ["10.0.0.2", "10.0.0.3", "10.0.0.4"]
+                    .iter()
+                    .map(|ip| api::Endpoint { workload: String::new(), ip: ip.to_string() })
+                    .collect(),
+            },
+        );
+        store.services.insert(
+            "shop/empty".into(),
+            api::Service {
+                namespace: "shop".into(),
+                name: "empty".into(),
+                vips: vec!["10.96.0.11".into()],
+                ports: vec![api::ServicePort { port: 80, ..Default::default() }],
+                ..Default::default()
+            },
+        );
+        let policy = |name: &str, action: api::Action, scope: api::Scope, selector: &[(&str, &str)], ns: &str| {
+            api::Authorization {
+                namespace: ns.into(),
+                name: name.into(),
+                action: action.into(),
+                scope: scope.into(),
+                selector: selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+                rules: vec![api::Rule {
+                    from: vec![api::SourceMatch {
+                        namespaces: vec![api::StringMatch {
+                            kind: Some(api::string_match::Kind::Exact("evil".into())),
+                        }],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            }
+        };
+        for p in [
+            policy("deny-evil-back", api::Action::Deny, api::Scope::WorkloadSelector, &[("app", "back")], "shop"),
+            policy("allow-evil-mesh", api::Action::Allow, api::Scope::Global, &[], "istio-system"),
+            policy("other-ns", api::Action::Deny, api::Scope::Namespace, &[], "other"),
+        ] {
+            store.policies.insert(format!("{}/{}", p.namespace, p.name), p);
+        }
+        store
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn destinations() {
+        let view = MeshView::build(&store());
+        // (destination, expected candidates as "hbone|plain addr", or an error fragment)
+        let cases: Vec<(&str, Result<Vec<&str>, &str>)> = vec![
+            ("10.0.0.2:8080", Ok(vec!["hbone 10.0.0.2:8080"])),
+            ("10.0.0.3:8080", Ok(vec!["plain 10.0.0.3:8080"])),
+            ("192.0.2.1:443", Ok(vec!["plain 192.0.2.1:443"])),
+            ("[::ffff:10.0.0.2]:8080", Ok(vec!["hbone 10.0.0.2:8080"])),
+            ("10.96.0.10:81", Err("has no port 81")),
+            ("10.96.0.11:80", Err("has no endpoints")),
+        ];
+        for (dst, want) in cases {
+            let got = view.destination(addr(dst)).map(|d| {
+                d.candidates
+                    .iter()
+                    .map(|u| match u {
+                        Upstream::Hbone { addr, .. } => format!("hbone {addr}"),
+                        Upstream::Plain { addr, .. } => format!("plain {addr}"),
+                    })
+                    .collect::<Vec<_>>()
+            });
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{dst}"),
+                (Err(e), Err(fragment)) => assert!(e.contains(fragment), "{dst}: {e}"),
+                (got, want) => panic!("{dst}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn service_round_robin_covers_every_endpoint_and_orders_fallbacks() {
+        let view = MeshView::build(&store());
+        let mut firsts = BTreeMap::new();
+        for _ in 0..300 {
+            let d = view.destination(addr("10.96.0.10:80")).unwrap();
+            assert_eq!(d.service.as_ref().unwrap().host, "back.shop.svc.cluster.local");
+            assert_eq!(d.candidates.len(), 3, "every endpoint is a fallback");
+            *firsts.entry(d.candidates[0].addr().to_string()).or_insert(0) += 1;
+            // The unenrolled endpoint is reached in plain TCP, the others over HBONE.
+            for c in &d.candidates {
+                assert_eq!(matches!(c, Upstream::Hbone { .. }), c.addr().ip().to_string() != "10.0.0.3");
+                assert_eq!(c.addr().port(), 8080, "target port");
+            }
+        }
+        assert_eq!(firsts.values().copied().collect::<Vec<_>>(), [100, 100, 100], "{firsts:?}");
+    }
+
+    #[test]
+    fn policies_apply_by_scope_and_selector() {
+        let view = MeshView::build(&store());
+        let evil = Connection {
+            source: Some("spiffe://cluster.local/ns/evil/sa/x".parse().unwrap()),
+            source_ip: "10.9.0.1".parse().unwrap(),
+            destination_ip: "10.0.0.2".parse().unwrap(),
+            destination_port: 8080,
+        };
+        let friend =
+            Connection { source: Some("spiffe://cluster.local/ns/shop/sa/a".parse().unwrap()), ..evil.clone() };
+        let back = view.workload("Pod/shop/b1").unwrap();
+        let front = view.workload("Pod/shop/a").unwrap();
+        // back: the selector DENY applies and wins over the mesh-wide ALLOW.
+        let d = view.authorize(back, &evil);
+        assert_eq!((d.allowed, d.policy.as_deref()), (false, Some("shop/deny-evil-back")));
+        // front: only the mesh-wide ALLOW (the other namespace's DENY never applies).
+        let d = view.authorize(front, &evil);
+        assert_eq!((d.allowed, d.policy.as_deref()), (true, Some("istio-system/allow-evil-mesh")));
+        // an ALLOW applies to front, and the friend does not match it.
+        assert!(!view.authorize(front, &friend).allowed);
+    }
+
+    #[test]
+    fn mtls_modes_and_canonical_names() {
+        let view = MeshView::build(&store());
+        let a = view.workload_by_ip("10.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(a.mtls_mode(80), api::MtlsMode::Permissive);
+        assert_eq!(a.mtls_mode(9000), api::MtlsMode::Strict, "portLevelMtls");
+        assert_eq!(a.canonical_service(), "front");
+    }
+}

@@ -1,0 +1,272 @@
+//! A whole mesh in namespaces: a controller on a node of its own, agents on
+//! simulated nodes joined to it, pods scheduled on them by the configuration
+//! the test writes; and the YAML a user would write for that.
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{
+    controller::Controller,
+    process::{Proc, run_in},
+    topology::{Agent, Pod, Topology},
+};
+
+pub struct Node {
+    pub name: String,
+    pub netns: PathBuf,
+    pub agent: Agent,
+}
+
+pub struct Mesh {
+    pub controller: Controller,
+    pub nodes: Vec<Node>,
+    pub t: Topology,
+}
+
+impl Mesh {
+    /// A controller and one agent per name in `nodes`. `None` (after saying
+    /// SKIPPED) where the kernel cannot run the agent.
+    pub fn start(test: &str, nodes: &[&str]) -> Option<Mesh> {
+        Self::start_in(Topology::new(test), test, nodes)
+    }
+
+    pub fn start_in(t: Topology, test: &str, nodes: &[&str]) -> Option<Mesh> {
+        let cnode = t.node("controller");
+        let controller = t.start_controller(&cnode, &[]);
+        let mut started = Vec::new();
+        for name in nodes {
+            let netns = t.node(name);
+            let args = controller.agent_args(name);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let agent = t.agent_or_skip(test, &netns, name, &args)?;
+            started.push(Node { name: (*name).into(), netns, agent });
+        }
+        Some(Mesh { controller, nodes: started, t })
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes.iter().find(|n| n.name == name).expect("no such node")
+    }
+
+    /// Writes (or replaces) a configuration file, then waits until every
+    /// node's proxy enforces the configuration that results. Returns how long
+    /// that took.
+    pub fn apply(&self, file: &str, yaml: &str) -> Duration {
+        let before = self.controller.json("/debug/nodes")["version"].clone();
+        let start = Instant::now();
+        self.controller.write(file, yaml);
+        let deadline = start + Duration::from_secs(10);
+        loop {
+            let now = self.controller.json("/debug/nodes")["version"].clone();
+            if now != before && self.nodes.iter().all(|n| n.agent.config_dump()["proxy"]["version"] == now) {
+                return start.elapsed();
+            }
+            assert!(Instant::now() < deadline, "{file}: configuration not in force on every node after 10 s");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits until every node has enrolled its pods among `pods` and its proxy
+    /// holds a certificate for each of their identities.
+    pub fn wait_ready(&self, pods: &[(&Pod, &str, &str)]) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for node in &self.nodes {
+            let want: Vec<(&str, String)> = pods
+                .iter()
+                .filter(|(_, n, _)| *n == node.name)
+                .map(|(p, _, sa)| (p.name.as_str(), identity(p.name.split('/').next().unwrap(), sa)))
+                .collect();
+            loop {
+                let dump = node.agent.config_dump();
+                let enrolled: Vec<&str> =
+                    dump["pods"].as_array().into_iter().flatten().filter_map(|p| p["name"].as_str()).collect();
+                let ids: Vec<&str> = dump["proxy"]["identities"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i["identity"].as_str())
+                    .collect();
+                if want.iter().all(|(pod, id)| enrolled.contains(pod) && ids.contains(&id.as_str())) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "node {} not ready for {want:?}:\n{dump:#}", node.name);
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// The value of a counter on a node's `/metrics`, summed over the series
+    /// whose labels include every `label="value"` in `labels`.
+    pub fn metric(&self, node: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = node_metrics(&self.node(node).netns);
+        sum_metric(&text, name, labels)
+    }
+}
+
+pub fn node_metrics(netns: &std::path::Path) -> String {
+    let out = run_in(netns, &["curl", "-sf", "-m", "5", "http://127.0.0.1:15020/metrics"]);
+    assert!(out.status.success(), "GET /metrics on the node failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sums the samples of `name` whose labels include all of `labels`.
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub fn identity(namespace: &str, sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/{namespace}/sa/{sa}")
+}
+
+/// YAML a user writes.
+pub mod yaml {
+    use super::*;
+
+    pub fn namespace(name: &str, ambient: bool) -> String {
+        let label = if ambient { ", labels: {istio.io/dataplane-mode: ambient}" } else { "" };
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}{label}}}\n---\n")
+    }
+
+    /// A pod scheduled on `node` with service account `sa` and label `app: <app>`.
+    pub fn pod(p: &Pod, node: &str, sa: &str, app: &str) -> String {
+        let (ns, name) = p.name.split_once('/').unwrap();
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}, \
+             annotations: {{mesh.io/netns: {}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\n\
+             status: {{podIP: {}, podIPs: [{{ip: {}}}, {{ip: {}}}]}}\n---\n",
+            p.netns.display(),
+            p.ip4,
+            p.ip4,
+            p.ip6
+        )
+    }
+
+    /// A Service with a cluster IP, selecting `app`.
+    pub fn service(namespace: &str, name: &str, vip: &str, app: &str, ports: &[(u16, u16)]) -> String {
+        let mut p = String::new();
+        for (port, target) in ports {
+            let _ = write!(p, "{{port: {port}, targetPort: {target}}}, ");
+        }
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+             spec: {{clusterIP: {vip}, selector: {{app: {app}}}, ports: [{}]}}\n---\n",
+            p.trim_end_matches(", ")
+        )
+    }
+
+    pub fn peer_authentication(namespace: &str, mode: &str) -> String {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: {namespace}}}\n\
+             spec: {{mtls: {{mode: {mode}}}}}\n---\n"
+        )
+    }
+
+    /// An AuthorizationPolicy with the given spec (flow-style YAML).
+    pub fn authorization(namespace: &str, name: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n---\n"
+        )
+    }
+}
+
+/// Real servers in pods.
+impl Topology {
+    /// nginx on `[::]:port` (and IPv4) in `pod`, serving `body` at `/` and a
+    /// file of `size` bytes at `/blob`; waits until it answers.
+    pub fn nginx(&self, pod: &Pod, port: u16, body: &str, size: usize) -> Proc {
+        let dir = self.dir.join(format!("nginx-{}-{port}", pod.name.replace('/', "_")));
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        std::fs::write(dir.join("root/index.html"), body).unwrap();
+        std::fs::write(dir.join("root/blob"), vec![b'x'; size]).unwrap();
+        let conf = format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 4096; }}\nhttp {{\n access_log off;\n \
+             client_body_temp_path {d}/tmp;\n proxy_temp_path {d}/tmp;\n fastcgi_temp_path {d}/tmp;\n \
+             uwsgi_temp_path {d}/tmp;\n scgi_temp_path {d}/tmp;\n keepalive_requests 100000;\n \
+             server {{ listen {port}; listen [::]:{port}; root {d}/root; }}\n}}\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let conf_path = dir.join("nginx.conf");
+        let proc = Proc::spawn_in(
+            &format!("nginx {}", pod.name),
+            &pod.netns,
+            &["nginx", "-c", conf_path.to_str().unwrap(), "-e", dir.join("error.log").to_str().unwrap()],
+            &dir.join("stdout.log"),
+        );
+        wait_http(pod, &format!("http://127.0.0.1:{port}/"), &proc);
+        proc
+    }
+
+    /// A TCP peer that reads until the client closes its side, then answers
+    /// `reply` bytes and closes: an exchange whose byte counts are known.
+    pub fn sink_server(&self, pod: &Pod, port: u16, reply: usize) -> Proc {
+        let script = format!(
+            "import socket,threading\n\
+             s=socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+             s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0); s.bind(('::',{port})); s.listen(64)\n\
+             print('listening',flush=True)\n\
+             def serve(c):\n\
+             \x20   n=0\n\
+             \x20   while True:\n\
+             \x20       b=c.recv(65536)\n\
+             \x20       if not b: break\n\
+             \x20       n+=len(b)\n\
+             \x20   c.sendall(b'r'*{reply}); c.close(); print('got',n,flush=True)\n\
+             while True:\n\
+             \x20   c,_=s.accept(); threading.Thread(target=serve,args=(c,)).start()\n"
+        );
+        let log = self.dir.join(format!("sink-{}-{port}.log", pod.name.replace('/', "_")));
+        let proc = Proc::spawn_in("sink", &pod.netns, &["python3", "-u", "-c", &script], &log);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !proc.log_text().contains("listening") {
+            assert!(Instant::now() < deadline, "sink server did not start:\n{}", proc.log_text());
+            thread::sleep(Duration::from_millis(20));
+        }
+        proc
+    }
+}
+
+/// Sends `send` bytes from `pod` to `addr`, closes its side, and returns how
+/// many bytes came back (`None` when the connection failed).
+pub fn exchange(pod: &Pod, addr: &str, send: usize) -> Option<usize> {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let script = format!(
+        "import socket,sys\n\
+         c=socket.create_connection(('{}',{port}),timeout=5); c.sendall(b's'*{send}); c.shutdown(socket.SHUT_WR)\n\
+         n=0\n\
+         while True:\n\
+         \x20   b=c.recv(65536)\n\
+         \x20   if not b: break\n\
+         \x20   n+=len(b)\n\
+         print(n)\n",
+        host.trim_matches(['[', ']'])
+    );
+    let out = run_in(&pod.netns, &["python3", "-c", &script]);
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+fn wait_http(pod: &Pod, url: &str, proc: &Proc) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !run_in(&pod.netns, &["curl", "-sf", "-o", "/dev/null", "-m", "1", url]).status.success() {
+        assert!(Instant::now() < deadline, "server in {} did not answer {url}:\n{}", pod.name, proc.log_text());
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The access-log lines of an agent as JSON.
+pub fn access(agent: &Agent) -> Vec<Value> {
+    agent.access_log()
+}
