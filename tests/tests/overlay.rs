@@ -4,6 +4,7 @@
 //! enforced by the destination's proxy, a service VIP spreads connections over
 //! its endpoints, and both proxies count what they carried.
 use std::{
+    collections::BTreeMap,
     thread,
     time::{Duration, Instant},
 };
@@ -168,4 +169,255 @@ fn cross_node_traffic_is_mutual_tls_and_counted() {
     assert!(m1.contains("destination_service=\"unknown\""), "{m1}");
     assert!(m1.contains("response_flags=\"-\""), "{m1}");
     assert!(m1.contains("mesh_node_pods_enrolled 1"), "{m1}");
+}
+
+/// curl from `pod`; true when the HTTP exchange completed with 200.
+fn reaches(pod: &Pod, url: &str) -> bool {
+    mesh_tests::http_ok(&pod.curl(url))
+}
+
+/// Point 2: PeerAuthentication. STRICT refuses plaintext from a pod outside
+/// the mesh and keeps admitting enrolled clients (which arrive as mTLS);
+/// PERMISSIVE admits both.
+#[test]
+fn peer_authentication_strict_and_permissive() {
+    let Some(mesh) = Mesh::start("overlay-peerauthn", &["node1", "node2"]) else { return };
+    let (a, b) = (mesh.t.pod("a"), mesh.t.pod("b"));
+    let c = mesh.t.pod_in("legacy", "c");
+    let base = format!(
+        "{}{}{}{}{}",
+        yaml::namespace("default", true),
+        yaml::namespace("legacy", false),
+        yaml::pod(&a, "node1", "sa-a", "a"),
+        yaml::pod(&b, "node2", "sa-b", "b"),
+        yaml::pod(&c, "node1", "sa-c", "c"),
+    );
+    mesh.apply("mesh.yaml", &base);
+    mesh.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b")]);
+    let _nginx = mesh.t.nginx(&b, 80, "b\n", 10);
+    let url = format!("http://{}/", b.ip4);
+    let node2 = &mesh.node("node2").agent;
+
+    assert!(reaches(&c, &url), "PERMISSIVE (the default) refused plaintext");
+    let line = node2.wait_access("c's plaintext", |v| {
+        v["pod"] == "default/b" && v["src"].as_str().unwrap().starts_with(&c.ip4.to_string())
+    });
+    assert_eq!((line["security"].as_str(), line["listener_port"].as_u64()), (Some("none"), Some(15006)));
+
+    let took = mesh.apply("peer-authn.yaml", &yaml::peer_authentication("default", "STRICT"));
+    assert!(!reaches(&c, &url), "STRICT admitted plaintext");
+    let denied = node2.wait_access("c refused", |v| v["response_flags"] == "RBAC" && v["security"] == "none");
+    assert!(denied["error"].as_str().unwrap().contains("STRICT"), "{denied}");
+    assert!(reaches(&a, &url), "STRICT refused an enrolled client");
+    let line = node2.wait_access("a's mTLS", |v| v["src_identity"] == identity("default", "sa-a").as_str());
+    assert_eq!((line["security"].as_str(), line["listener_port"].as_u64()), (Some("mutual_tls"), Some(15008)));
+    eprintln!("STRICT in force on every node {took:?} after the edit");
+
+    mesh.apply("peer-authn.yaml", &yaml::peer_authentication("default", "PERMISSIVE"));
+    assert!(reaches(&c, &url), "PERMISSIVE refused plaintext");
+    assert!(reaches(&a, &url));
+}
+
+/// Point 3: AuthorizationPolicy, enforced by the destination's proxy: ALLOW
+/// by principal, DENY by namespace winning over ALLOW, ipBlocks, ports; each
+/// change in force for new connections within a second, with no restart.
+#[test]
+fn authorization_policies() {
+    let Some(mesh) = Mesh::start("overlay-authz", &["node1", "node2"]) else { return };
+    let (a, b, c) = (mesh.t.pod("a"), mesh.t.pod("b"), mesh.t.pod("c"));
+    let o = mesh.t.pod_in("other", "o");
+    let base = format!(
+        "{}{}{}{}{}{}",
+        yaml::namespace("default", true),
+        yaml::namespace("other", true),
+        yaml::pod(&a, "node1", "sa-a", "a"),
+        yaml::pod(&b, "node2", "sa-b", "b"),
+        yaml::pod(&c, "node1", "sa-c", "c"),
+        yaml::pod(&o, "node1", "sa-o", "o"),
+    );
+    mesh.apply("mesh.yaml", &base);
+    mesh.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b"), (&c, "node1", "sa-c"), (&o, "node1", "sa-o")]);
+    let _n80 = mesh.t.nginx(&b, 80, "b80\n", 10);
+    let _n8080 = mesh.t.nginx(&b, 8080, "b8080\n", 10);
+    let (url, url8080) = (format!("http://{}/", b.ip4), format!("http://{}:8080/", b.ip4));
+    assert!(reaches(&a, &url) && reaches(&c, &url) && reaches(&o, &url), "no policy: everyone reaches b");
+
+    let select_b = "selector: {matchLabels: {app: b}}";
+    let mut delays = Vec::new();
+    let mut policy = |file: &str, spec: &str| {
+        let took = mesh.apply(file, &yaml::authorization("default", file.trim_end_matches(".yaml"), spec));
+        delays.push(took);
+        assert!(took < Duration::from_secs(1), "{file}: in force after {took:?}");
+    };
+
+    policy(
+        "allow-a.yaml",
+        &format!("{{{select_b}, rules: [{{from: [{{source: {{principals: [cluster.local/ns/default/sa/sa-a]}}}}]}}]}}"),
+    );
+    assert!(reaches(&a, &url), "ALLOW by principal refused a");
+    assert!(!reaches(&c, &url), "ALLOW by principal admitted c (another service account)");
+    let node2 = &mesh.node("node2").agent;
+    let denied = node2.wait_access("c denied", |v| {
+        v["decision"] == "deny" && v["src_identity"] == identity("default", "sa-c").as_str()
+    });
+    assert_eq!(denied["response_flags"], "RBAC", "{denied}");
+    let allowed = node2.wait_access("a allowed", |v| v["decision"] == "allow" && v["policy"] == "default/allow-a");
+    assert_eq!(allowed["src_identity"], identity("default", "sa-a").as_str());
+
+    // DENY by namespace wins over an ALLOW that names o.
+    policy(
+        "allow-a.yaml",
+        &format!(
+            "{{{select_b}, rules: [{{from: [{{source: {{principals: [cluster.local/ns/default/sa/sa-a, cluster.local/ns/other/sa/sa-o]}}}}]}}]}}"
+        ),
+    );
+    assert!(reaches(&o, &url), "ALLOW naming o refused it");
+    policy(
+        "deny-other.yaml",
+        &format!("{{{select_b}, action: DENY, rules: [{{from: [{{source: {{namespaces: [other]}}}}]}}]}}"),
+    );
+    assert!(!reaches(&o, &url), "DENY by namespace did not win over ALLOW");
+    assert!(reaches(&a, &url), "DENY of another namespace refused a");
+    let line = node2.wait_access("o denied by policy", |v| v["policy"] == "default/deny-other");
+    assert_eq!(line["decision"], "deny");
+
+    // ipBlocks: only a's address.
+    mesh.controller.remove("deny-other.yaml");
+    policy("allow-a.yaml", &format!("{{{select_b}, rules: [{{from: [{{source: {{ipBlocks: [{}/32]}}}}]}}]}}", a.ip4));
+    assert!(reaches(&a, &url), "ipBlocks refused a");
+    assert!(!reaches(&c, &url), "ipBlocks admitted c");
+
+    // ports: only 8080.
+    policy("allow-a.yaml", &format!("{{{select_b}, rules: [{{to: [{{operation: {{ports: ['8080']}}}}]}}]}}"));
+    assert!(reaches(&c, &url8080), "port 8080 refused");
+    assert!(!reaches(&c, &url), "port 80 admitted");
+
+    mesh.controller.remove("allow-a.yaml");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !reaches(&c, &url) {
+        assert!(Instant::now() < deadline, "removing the policy did not reopen b");
+        thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("policy edits in force on every node after: {delays:?}");
+}
+
+/// Point 5: a service VIP with three endpoints (on both nodes) spreads 300
+/// connections over all three; a removed endpoint gets no more.
+#[test]
+fn service_vip_spreads_connections_over_endpoints() {
+    let Some(mesh) = Mesh::start("overlay-vip", &["node1", "node2"]) else { return };
+    let a = mesh.t.pod("a");
+    let eps = [mesh.t.pod("e1"), mesh.t.pod("e2"), mesh.t.pod("e3")];
+    let nodes = ["node1", "node2", "node2"];
+    let mut config = format!("{}{}", yaml::namespace("default", true), yaml::pod(&a, "node1", "sa-a", "a"));
+    for (e, n) in eps.iter().zip(nodes) {
+        config += &yaml::pod(e, n, "sa-web", "web");
+    }
+    let service = yaml::service("default", "web", "10.96.0.10", "web", &[(80, 8080)]);
+    mesh.apply("mesh.yaml", &(config.clone() + &service));
+    let mut ready = vec![(&a, "node1", "sa-a")];
+    ready.extend(eps.iter().zip(nodes).map(|(e, n)| (e, n, "sa-web")));
+    mesh.wait_ready(&ready);
+    let _servers: Vec<Proc> =
+        eps.iter().map(|e| mesh.t.nginx(e, 8080, &format!("{}\n", e.name.split('/').nth(1).unwrap()), 10)).collect();
+
+    let tally = |n: usize| -> BTreeMap<String, usize> {
+        let script = format!("for i in $(seq {n}); do curl -s -m 3 http://10.96.0.10/ || echo failed; done");
+        let out = run_in(&a.netns, &["sh", "-c", &script]);
+        let mut counts = BTreeMap::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            *counts.entry(line.to_string()).or_insert(0) += 1;
+        }
+        counts
+    };
+    let counts = tally(300);
+    eprintln!("300 connections to the VIP: {counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 300);
+    assert!(counts.get("failed").is_none(), "{counts:?}");
+    for e in ["e1", "e2", "e3"] {
+        let n = counts.get(e).copied().unwrap_or(0);
+        assert!((80..=120).contains(&n), "{e} got {n} of 300: {counts:?}");
+    }
+    let line =
+        mesh.node("node1").agent.wait_access("VIP access", |v| v["dst_service"] == "web.default.svc.cluster.local");
+    assert_eq!(line["route"], "hbone");
+
+    // e2 leaves the service (its label changes): no more traffic to it.
+    let config = config.replace(
+        "name: e2, namespace: default, labels: {app: web}",
+        "name: e2, namespace: default, labels: {app: old}",
+    );
+    mesh.apply("mesh.yaml", &(config + &service));
+    let counts = tally(150);
+    eprintln!("150 connections after removing e2: {counts:?}");
+    assert_eq!(counts.get("e2"), None, "{counts:?}");
+    assert_eq!(counts.get("e1").copied().unwrap_or(0) + counts.get("e3").copied().unwrap_or(0), 150, "{counts:?}");
+}
+
+/// Point 7: protocols beside HTTP across nodes: a 10 s iperf3 stream and
+/// redis-benchmark against redis-server, with no errors.
+#[test]
+fn long_streams_and_redis_cross_node() {
+    let Some(mesh) = Mesh::start("overlay-protocols", &["node1", "node2"]) else { return };
+    let (a, b) = (mesh.t.pod("a"), mesh.t.pod("b"));
+    let config = format!(
+        "{}{}{}",
+        yaml::namespace("default", true),
+        yaml::pod(&a, "node1", "sa-a", "a"),
+        yaml::pod(&b, "node2", "sa-b", "b")
+    );
+    mesh.apply("mesh.yaml", &config);
+    mesh.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b")]);
+
+    let iperf = Proc::spawn_in("iperf3", &b.netns, &["iperf3", "-s", "-p", "5201", "--forceflush"], &mesh.t.dir.join("iperf3.log"));
+    let redis = Proc::spawn_in(
+        "redis",
+        &b.netns,
+        &["redis-server", "--port", "6379", "--protected-mode", "no", "--save", "", "--appendonly", "no"],
+        &mesh.t.dir.join("redis.log"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(iperf.log_text().contains("listening") && redis.log_text().contains("Ready to accept")) {
+        assert!(Instant::now() < deadline, "servers did not start:\n{}\n{}", iperf.log_text(), redis.log_text());
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    let out = run_in(&a.netns, &["iperf3", "-c", &b.ip4.to_string(), "-p", "5201", "-t", "10", "-J"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    assert!(out.status.success() && report.get("error").is_none(), "iperf3 failed: {report}");
+    let received = report["end"]["sum_received"]["bytes"].as_f64().unwrap();
+    let seconds = report["end"]["sum_received"]["seconds"].as_f64().unwrap();
+    eprintln!("iperf3 through the mesh: {:.2} Gbit/s over {seconds:.1} s", received * 8.0 / seconds / 1e9);
+    assert!(seconds >= 9.5 && received > 0.0, "{report}");
+
+    let out = run_in(
+        &a.netns,
+        &[
+            "redis-benchmark",
+            "-h",
+            &b.ip4.to_string(),
+            "-p",
+            "6379",
+            "-q",
+            "-n",
+            "20000",
+            "-c",
+            "20",
+            "-t",
+            "set,get,lpush",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
+    eprintln!("{}", text.lines().filter(|l| l.contains("requests per second")).collect::<Vec<_>>().join("\n"));
+    assert!(out.status.success(), "redis-benchmark failed: {text}");
+    for op in ["SET", "GET", "LPUSH"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{op}:")) && l.contains("requests per second")),
+            "{op}: {text}"
+        );
+    }
+    assert!(!text.to_lowercase().contains("error"), "{text}");
+    let node2 = &mesh.node("node2").agent;
+    let redis_line = node2.wait_access("redis over HBONE", |v| v["original_dst"] == format!("{}:6379", b.ip4).as_str());
+    assert_eq!(redis_line["route"], "hbone");
 }
