@@ -369,7 +369,12 @@ fn long_streams_and_redis_cross_node() {
     mesh.apply("mesh.yaml", &config);
     mesh.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b")]);
 
-    let iperf = Proc::spawn_in("iperf3", &b.netns, &["iperf3", "-s", "-p", "5201", "--forceflush"], &mesh.t.dir.join("iperf3.log"));
+    let iperf = Proc::spawn_in(
+        "iperf3",
+        &b.netns,
+        &["iperf3", "-s", "-p", "5201", "--forceflush"],
+        &mesh.t.dir.join("iperf3.log"),
+    );
     let redis = Proc::spawn_in(
         "redis",
         &b.netns,
@@ -420,4 +425,125 @@ fn long_streams_and_redis_cross_node() {
     let node2 = &mesh.node("node2").agent;
     let redis_line = node2.wait_access("redis over HBONE", |v| v["original_dst"] == format!("{}:6379", b.ip4).as_str());
     assert_eq!(redis_line["route"], "hbone");
+}
+
+/// A certificate for `uri` signed by the test controller's CA (it holds the
+/// key in its state directory), valid from `from` to `to`; written as
+/// `<name>.pem`/`<name>.key` in the test's directory.
+fn mesh_signed(
+    mesh: &Mesh,
+    name: &str,
+    uri: &str,
+    from: time::OffsetDateTime,
+    to: time::OffsetDateTime,
+) -> (String, String) {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose, SanType};
+    let ca_cert = std::fs::read_to_string(mesh.controller.state_dir.join("ca-cert.pem")).unwrap();
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(mesh.controller.state_dir.join("ca-key.pem")).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    (params.not_before, params.not_after) = (from, to);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (cert_file, key_file) = (mesh.t.dir.join(format!("{name}.pem")), mesh.t.dir.join(format!("{name}.key")));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    (cert_file.display().to_string(), key_file.display().to_string())
+}
+
+/// A TLS 1.3 handshake with ALPN h2 from `pod` to `addr`, presenting `cert`.
+fn openssl_client(pod: &Pod, addr: &str, (cert, key): &(String, String)) {
+    let script = format!(
+        "echo | timeout 5 openssl s_client -connect {addr} -tls1_3 -alpn h2 -cert {cert} -key {key} -quiet 2>&1; true"
+    );
+    run_in(&pod.netns, &["sh", "-c", &script]);
+}
+
+/// Point 4: identity spoofing fails the handshake, with a clear log line on
+/// the proxy that refused it: a client certificate of another trust domain
+/// and an expired one (both signed by the mesh's own CA, so only the checks
+/// stop them), and a server presenting the wrong SPIFFE ID.
+#[test]
+fn spoofed_identities_fail_the_handshake() {
+    let Some(mesh) = Mesh::start("overlay-spoof", &["node1", "node2"]) else { return };
+    let (a, b) = (mesh.t.pod("a"), mesh.t.pod("b"));
+    let x = mesh.t.pod_in("legacy", "x");
+    let rogue = mesh.t.pod("rogue");
+    // The rogue pod claims sa-b's place on a node with no agent: whoever
+    // answers on its 15008 must prove it is sa-b.
+    let config = format!(
+        "{}{}{}{}{}{}",
+        yaml::namespace("default", true),
+        yaml::namespace("legacy", false),
+        yaml::pod(&a, "node1", "sa-a", "a"),
+        yaml::pod(&b, "node2", "sa-b", "b"),
+        yaml::pod(&x, "node1", "sa-x", "x"),
+        yaml::pod(&rogue, "node9", "sa-b", "rogue"),
+    );
+    mesh.apply("mesh.yaml", &config);
+    mesh.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b")]);
+    let _nginx = mesh.t.nginx(&b, 80, "b\n", 10);
+    assert!(reaches(&a, &format!("http://{}/", b.ip4)), "the genuine path must work");
+
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    let hbone = format!("{}:15008", b.ip4);
+    let node2 = &mesh.node("node2").agent;
+    let refusals = |needle: &str| -> Vec<String> {
+        node2
+            .proc
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("HBONE connection refused") && l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    };
+
+    let foreign = mesh_signed(&mesh, "foreign", "spiffe://evil.org/ns/default/sa/sa-a", now - hour, now + hour);
+    openssl_client(&x, &hbone, &foreign);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refusals("is not in trust domain cluster.local").is_empty() {
+        assert!(Instant::now() < deadline, "no refusal of the foreign trust domain:\n{}", node2.proc.log_text());
+        thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("{}", refusals("trust domain")[0]);
+
+    let expired = mesh_signed(&mesh, "expired", &identity("default", "sa-a"), now - hour * 3, now - hour * 2);
+    openssl_client(&x, &hbone, &expired);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refusals("xpired").is_empty() {
+        assert!(Instant::now() < deadline, "no refusal of the expired certificate:\n{}", node2.proc.log_text());
+        thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("{}", refusals("xpired")[0]);
+
+    // The wrong server: node1's proxy dials the rogue's 15008 for sa-b and
+    // gets a certificate for sa-evil (from the mesh CA, so the chain is fine).
+    let (cert, key) = mesh_signed(&mesh, "rogue", &identity("default", "sa-evil"), now - hour, now + hour);
+    let _server = Proc::spawn_in(
+        "rogue tls",
+        &rogue.netns,
+        &["openssl", "s_server", "-accept", "15008", "-tls1_3", "-alpn", "h2", "-cert", &cert, "-key", &key, "-quiet"],
+        &mesh.t.dir.join("rogue.log"),
+    );
+    thread::sleep(Duration::from_millis(300));
+    assert!(!reaches(&a, &format!("http://{}/", rogue.ip4)), "a reached an impostor");
+    let node1 = &mesh.node("node1").agent;
+    let line = node1.wait_access("refused impostor", |v| {
+        v["dst_identity"] == identity("default", "sa-b").as_str() && v["outcome"] == "error"
+    });
+    let error = line["error"].as_str().unwrap();
+    eprintln!("{error}");
+    assert!(
+        error.contains(&format!(
+            "server presented {}, expected {}",
+            identity("default", "sa-evil"),
+            identity("default", "sa-b")
+        )),
+        "{line}"
+    );
 }
