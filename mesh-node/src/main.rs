@@ -126,6 +126,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    raise_fd_limit();
     let cgroup = args.cgroup_path.clone().unwrap_or_else(default_cgroup_path);
     let dataplane = Dataplane::start(DataplaneConfig {
         pin_dir: args.bpffs.join("mesh").join(&args.instance),
@@ -200,6 +201,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         info!("exiting; programs stay attached so enrolled pods fail closed until an agent is back");
     }
     Ok(())
+}
+
+/// A proxy holds two sockets per connection: take the hard limit on open
+/// files, as Envoy and ztunnel do, instead of the usual soft 1024.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(soft, hard, error = %e, "could not raise the open-file limit");
+    }
 }
 
 /// The error and its causes on one line, skipping a cause whose text the

@@ -52,7 +52,10 @@ fn main() -> anyhow::Result<()> {
 fn bench() -> anyhow::Result<()> {
     prereqs::ensure()?;
     step("controller at scale: 10 000 pods, 2 000 services, 1 000 policies, 100 nodes");
-    cargo(&["bench", "-p", "mesh-controller", "--bench", "scale"])
+    cargo(&["bench", "-p", "mesh-controller", "--bench", "scale"])?;
+    step("data plane: direct vs mesh across nodes vs mesh on one node (iperf3, hey, wrk against nginx)");
+    cargo(&["build", "--release", "-p", "mesh-node", "-p", "mesh-controller"])?;
+    cargo(&["bench", "-p", "mesh-tests", "--bench", "dataplane"])
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {

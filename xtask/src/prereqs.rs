@@ -28,7 +28,8 @@ const PACKAGES: &[&str] = &[
     "iperf3",       // long-lived streams and throughput
     "tshark",       // captures on the bridge: proof that traffic between nodes is TLS
     "openssl",      // handshakes with forged certificates against 15008
-    "wrk",          // HTTP load for the benchmark
+    "wrk",          // HTTP load at the maximum rate (benchmark)
+    "hey",          // HTTP load at a fixed rate, with latency percentiles (benchmark)
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -186,6 +186,9 @@ async fn accept_loop(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<Proxy
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Small writes (TLS records, HTTP/2 frames, request/response
+                // traffic) must not wait for the peer's delayed ACK.
+                let _ = stream.set_nodelay(true);
                 let (pod, ctx) = (pod.clone(), ctx.clone());
                 let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                 tokio::spawn(async move {

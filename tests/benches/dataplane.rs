@@ -1,0 +1,277 @@
+//! The data plane's cost, measured on the namespace topology (release
+//! builds): direct (pods outside the mesh) against the mesh across nodes
+//! (HBONE between two node proxies) and on one node. Figures are ratios to
+//! the direct baseline taken in the same run, interleaved, because these
+//! machines are noisy. Writes /var/tmp/mesh-bench/dataplane.json.
+//!
+//! Pinning: clients run on CPU 0, servers on CPU 1; the agents are not pinned
+//! (the kernel places them), as a node proxy would not be.
+use std::{
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    Pod, Proc,
+    mesh::{Mesh, yaml},
+    run_in,
+};
+use serde_json::{Value, json};
+
+const SECONDS: &str = "5";
+const ROUNDS: usize = 2;
+
+struct Path3<'a> {
+    name: &'static str,
+    client: &'a Pod,
+    server: &'a Pod,
+    /// Agents whose CPU the path costs.
+    agents: Vec<i32>,
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list`
+    }
+    let Some(mesh) = Mesh::start("bench-dataplane", &["node1", "node2"]) else { return };
+    let c = mesh.t.pod("client");
+    let s_far = mesh.t.pod("server-far");
+    let s_near = mesh.t.pod("server-near");
+    let d = mesh.t.pod_in("plain", "direct-client");
+    let sd = mesh.t.pod_in("plain", "direct-server");
+    let config = format!(
+        "{}{}{}{}{}{}{}",
+        yaml::namespace("default", true),
+        yaml::namespace("plain", false),
+        yaml::pod(&c, "node1", "client", "client"),
+        yaml::pod(&s_far, "node2", "server", "server"),
+        yaml::pod(&s_near, "node1", "server", "server"),
+        yaml::pod(&d, "node1", "direct", "direct"),
+        yaml::pod(&sd, "node2", "direct", "direct"),
+    );
+    mesh.apply("mesh.yaml", &config);
+    mesh.wait_ready(&[(&c, "node1", "client"), (&s_far, "node2", "server"), (&s_near, "node1", "server")]);
+    let mut servers = Vec::new();
+    for s in [&s_far, &s_near, &sd] {
+        servers.push(mesh.t.nginx(s, 80, "hello\n", 10));
+        servers.push(Proc::spawn_in(
+            "iperf3",
+            &s.netns,
+            &["taskset", "-c", "1", "iperf3", "-s"],
+            &mesh.t.dir.join(format!("iperf-{}.log", s.ip4)),
+        ));
+    }
+    let (n1, n2) = (mesh.node("node1").agent.proc.pid(), mesh.node("node2").agent.proc.pid());
+    let paths = [
+        Path3 { name: "direct", client: &d, server: &sd, agents: vec![] },
+        Path3 { name: "mesh_cross_node", client: &c, server: &s_far, agents: vec![n1, n2] },
+        Path3 { name: "mesh_same_node", client: &c, server: &s_near, agents: vec![n1] },
+    ];
+    thread::sleep(Duration::from_millis(500));
+    let idle_rss = (rss_kib(n1), rss_kib(n2));
+
+    let mut results: Vec<Value> = paths.iter().map(|p| json!({ "path": p.name })).collect();
+    for round in 0..ROUNDS {
+        for (p, r) in paths.iter().zip(results.iter_mut()) {
+            eprintln!("round {round}: {}", p.name);
+            push(r, "throughput_gbps", iperf(p));
+            let (rate, fixed) = hey(p, 1000);
+            push(r, "fixed_rate_rps", rate);
+            for (k, v) in fixed {
+                push(r, &format!("fixed_{k}_ms"), v);
+            }
+            let cpu_before: u64 = p.agents.iter().map(|pid| cpu_ticks(*pid)).sum();
+            let (rps, requests, lat) = wrk(p);
+            let cpu_after: u64 = p.agents.iter().map(|pid| cpu_ticks(*pid)).sum();
+            push(r, "max_rps", rps);
+            for (k, v) in lat {
+                push(r, &format!("max_{k}_ms"), v);
+            }
+            if !p.agents.is_empty() {
+                let ms = (cpu_after - cpu_before) as f64 * 1000.0 / ticks_per_second();
+                push(r, "proxy_cpu_ms_per_1000_requests", ms / (requests / 1000.0));
+            }
+        }
+    }
+    let open = hold_connections(&c, &s_far, 1000);
+    thread::sleep(Duration::from_millis(500));
+    let busy_rss = (rss_kib(n1), rss_kib(n2));
+    drop(open);
+
+    let summary: Vec<Value> = results.iter().map(median_all).collect();
+    let base = &summary[0];
+    let ratio = |v: &Value, k: &str| v[k].as_f64().zip(base[k].as_f64()).map(|(a, b)| a / b);
+    let mut report = json!({
+        "rounds": ROUNDS,
+        "pinning": "clients on CPU 0, servers on CPU 1, agents unpinned",
+        "paths": summary,
+        "rss_kib": {
+            "node1_idle": idle_rss.0, "node2_idle": idle_rss.1,
+            "node1_1000_connections": busy_rss.0, "node2_1000_connections": busy_rss.1,
+        },
+    });
+    println!(
+        "\n{:<18} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>12}",
+        "path", "Gbit/s", "p50 ms", "p90 ms", "p99 ms", "max rps", "max p50", "max p99", "CPU ms/1k"
+    );
+    for s in &summary {
+        let f = |k: &str| s[k].as_f64().map_or("-".into(), |v| format!("{v:.3}"));
+        println!(
+            "{:<18} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>12}",
+            s["path"].as_str().unwrap(),
+            f("throughput_gbps"),
+            f("fixed_p50_ms"),
+            f("fixed_p90_ms"),
+            f("fixed_p99_ms"),
+            f("max_rps"),
+            f("max_p50_ms"),
+            f("max_p99_ms"),
+            f("proxy_cpu_ms_per_1000_requests")
+        );
+    }
+    let mut ratios = serde_json::Map::new();
+    for s in &summary[1..] {
+        let name = s["path"].as_str().unwrap();
+        let r = json!({
+            "throughput_vs_direct": ratio(s, "throughput_gbps"),
+            "max_rps_vs_direct": ratio(s, "max_rps"),
+            "added_p50_ms_at_fixed_rate": s["fixed_p50_ms"].as_f64().zip(base["fixed_p50_ms"].as_f64()).map(|(a, b)| a - b),
+            "added_p99_ms_at_fixed_rate": s["fixed_p99_ms"].as_f64().zip(base["fixed_p99_ms"].as_f64()).map(|(a, b)| a - b),
+        });
+        println!("{name}: {r}");
+        ratios.insert(name.into(), r);
+    }
+    report["vs_direct"] = Value::Object(ratios);
+    println!("RSS KiB: idle {idle_rss:?}, with 1000 open connections {busy_rss:?} (node1, node2)");
+    let dir = Path::new("/var/tmp/mesh-bench");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("dataplane.json"), serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!("report: {}", dir.join("dataplane.json").display());
+}
+
+fn push(r: &mut Value, key: &str, v: f64) {
+    r.as_object_mut().unwrap().entry(key).or_insert_with(|| json!([])).as_array_mut().unwrap().push(json!(v));
+}
+
+/// Each list of samples becomes its median.
+fn median_all(r: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    for (k, v) in r.as_object().unwrap() {
+        let value = match v.as_array() {
+            Some(samples) => {
+                let mut s: Vec<f64> = samples.iter().filter_map(Value::as_f64).collect();
+                s.sort_by(f64::total_cmp);
+                json!(s[s.len() / 2])
+            }
+            None => v.clone(),
+        };
+        out.insert(k.clone(), value);
+    }
+    Value::Object(out)
+}
+
+fn iperf(p: &Path3) -> f64 {
+    let out = run_in(
+        &p.client.netns,
+        &["taskset", "-c", "0", "iperf3", "-c", &p.server.ip4.to_string(), "-t", SECONDS, "-J"],
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
+}
+
+/// hey at a fixed total rate (`rps`, 10 connections): (achieved rps, latency percentiles in ms).
+fn hey(p: &Path3, rps: u32) -> (f64, Vec<(&'static str, f64)>) {
+    let url = format!("http://{}/", p.server.ip4);
+    let per_worker = (rps / 10).to_string();
+    let duration = format!("{SECONDS}s");
+    let out =
+        run_in(&p.client.netns, &["taskset", "-c", "0", "hey", "-z", &duration, "-c", "10", "-q", &per_worker, &url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lat = Vec::new();
+    let mut achieved = 0.0;
+    for line in text.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            achieved = v.trim().parse().unwrap_or(0.0);
+        }
+        for (pct, key) in [("50%", "p50"), ("90%", "p90"), ("99%", "p99")] {
+            if let Some(rest) = line.strip_prefix(&format!("{pct} in ")) {
+                let secs: f64 = rest.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(f64::NAN);
+                lat.push((key, secs * 1000.0));
+            }
+        }
+    }
+    (achieved, lat)
+}
+
+/// wrk at its maximum rate (1 thread, 10 connections): (rps, requests, latency percentiles in ms).
+fn wrk(p: &Path3) -> (f64, f64, Vec<(&'static str, f64)>) {
+    let url = format!("http://{}/", p.server.ip4);
+    let duration = format!("{SECONDS}s");
+    let out =
+        run_in(&p.client.netns, &["taskset", "-c", "0", "wrk", "-t1", "-c10", "-d", &duration, "--latency", &url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lat = Vec::new();
+    let (mut rps, mut requests) = (0.0, 0.0);
+    for line in text.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            rps = v.trim().parse().unwrap_or(0.0);
+        }
+        if line.contains("requests in") {
+            requests = line.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        }
+        for (pct, key) in [("50%", "p50"), ("90%", "p90"), ("99%", "p99")] {
+            if let Some(rest) = line.strip_prefix(pct) {
+                lat.push((key, wrk_ms(rest.trim())));
+            }
+        }
+    }
+    (rps, requests, lat)
+}
+
+/// wrk prints `123.45us`, `1.23ms` or `1.02s`.
+fn wrk_ms(s: &str) -> f64 {
+    let num = |suffix: &str| s.strip_suffix(suffix).and_then(|v| v.parse::<f64>().ok());
+    num("us").map(|v| v / 1000.0).or_else(|| num("ms")).or_else(|| num("s").map(|v| v * 1000.0)).unwrap_or(f64::NAN)
+}
+
+/// Opens `n` connections from `client` to `server`'s nginx and holds them
+/// until the returned process is dropped.
+fn hold_connections(client: &Pod, server: &Pod, n: usize) -> Proc {
+    let script = format!(
+        "import socket,time,resource\n\
+         _,h=resource.getrlimit(resource.RLIMIT_NOFILE); resource.setrlimit(resource.RLIMIT_NOFILE,(h,h))\n\
+         s=[socket.create_connection(('{}',80)) for _ in range({n})]\n\
+         print('open',len(s),flush=True)\n\
+         time.sleep(600)\n",
+        server.ip4
+    );
+    let log = std::env::temp_dir().join("mesh-bench-hold.log");
+    let proc = Proc::spawn_in("hold", &client.netns, &["python3", "-u", "-c", &script], &log);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !proc.log_text().contains("open") {
+        assert!(Instant::now() < deadline, "could not open {n} connections:\n{}", proc.log_text());
+        thread::sleep(Duration::from_millis(50));
+    }
+    proc
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
