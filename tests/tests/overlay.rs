@@ -77,14 +77,10 @@ impl Capture {
     }
 }
 
-const MARKER: &str = "mesh-overlay-secret-payload-7f3a";
-
-/// Points 1 and 6: curl from A (node 1) to nginx in B (node 2) over HBONE;
-/// the bridge carries only TLS on 15008 between them; both nodes count the
-/// known exchange with Istio's labels.
-#[test]
-fn cross_node_traffic_is_mutual_tls_and_counted() {
-    let Some(mesh) = Mesh::start("overlay-cross", &["node1", "node2"]) else { return };
+/// Two nodes; pod A (service account sa-a) on node1 and B (sa-b) on node2,
+/// in an ambient namespace, enrolled and holding their certificates.
+fn a_and_b(test: &str) -> Option<(Mesh, Pod, Pod)> {
+    let mesh = Mesh::start(test, &["node1", "node2"])?;
     let (a, b) = (mesh.t.pod("a"), mesh.t.pod("b"));
     let config = format!(
         "{}{}{}",
@@ -94,6 +90,17 @@ fn cross_node_traffic_is_mutual_tls_and_counted() {
     );
     mesh.apply("mesh.yaml", &config);
     mesh.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b")]);
+    Some((mesh, a, b))
+}
+
+const MARKER: &str = "mesh-overlay-secret-payload-7f3a";
+
+/// Points 1 and 6: curl from A (node 1) to nginx in B (node 2) over HBONE;
+/// the bridge carries only TLS on 15008 between them; both nodes count the
+/// known exchange with Istio's labels.
+#[test]
+fn cross_node_traffic_is_mutual_tls_and_counted() {
+    let Some((mesh, a, b)) = a_and_b("overlay-cross") else { return };
     let _nginx = mesh.t.nginx(&b, 80, &format!("<p>{MARKER}</p>\n"), 10);
     let _sink = mesh.t.sink_server(&b, 9000, 70_000);
 
@@ -358,16 +365,7 @@ fn service_vip_spreads_connections_over_endpoints() {
 /// redis-benchmark against redis-server, with no errors.
 #[test]
 fn long_streams_and_redis_cross_node() {
-    let Some(mesh) = Mesh::start("overlay-protocols", &["node1", "node2"]) else { return };
-    let (a, b) = (mesh.t.pod("a"), mesh.t.pod("b"));
-    let config = format!(
-        "{}{}{}",
-        yaml::namespace("default", true),
-        yaml::pod(&a, "node1", "sa-a", "a"),
-        yaml::pod(&b, "node2", "sa-b", "b")
-    );
-    mesh.apply("mesh.yaml", &config);
-    mesh.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b")]);
+    let Some((mesh, a, b)) = a_and_b("overlay-protocols") else { return };
 
     let iperf = Proc::spawn_in(
         "iperf3",
