@@ -22,27 +22,33 @@ struct Capture {
 }
 
 impl Capture {
-    fn start(mesh: &Mesh) -> Capture {
+    /// Starts tshark on the bridge and returns once it demonstrably captures:
+    /// `probe` (a pod outside the mesh) knocks on `target` until tshark
+    /// prints a packet of it (its start message comes before it really captures).
+    fn start(mesh: &Mesh, probe: &Pod, target: &Pod) -> Capture {
         let file = mesh.t.dir.join(format!("bridge-{}.pcap", std::process::id()));
         let _ = std::fs::remove_file(&file);
         let log = mesh.t.dir.join("tshark.log");
         let proc = Proc::spawn_in(
             "tshark",
             mesh.t.network(),
-            &["tshark", "-i", "br0", "-f", "tcp", "-w", file.to_str().unwrap()],
+            &["tshark", "-i", "br0", "-f", "tcp", "-l", "-P", "-w", file.to_str().unwrap()],
             &log,
         );
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !proc.log_text().contains("Capturing on") {
-            assert!(Instant::now() < deadline, "tshark did not start:\n{}", proc.log_text());
-            thread::sleep(Duration::from_millis(50));
+        let knock = format!("http://{}:1/", target.ip4);
+        while !proc.log_text().contains(&format!("{} ", probe.ip4)) {
+            assert!(Instant::now() < deadline, "tshark did not capture:\n{}", proc.log_text());
+            run_in(&probe.netns, &["curl", "-s", "-m", "1", &knock]);
+            thread::sleep(Duration::from_millis(100));
         }
         Capture { proc, file }
     }
 
     /// Stops the capture; returns (src port, dst port, payload length) of every
-    /// TCP segment between `a` and `b`, and the raw capture.
-    fn packets(mut self, mesh: &Mesh, a: &Pod, b: &Pod) -> (Vec<(u16, u16, usize)>, Vec<u8>) {
+    /// TCP segment between `a` and `b`, how many of them tshark dissects as
+    /// TLS application data, and the raw capture.
+    fn packets(mut self, mesh: &Mesh, a: &Pod, b: &Pod) -> (Vec<(u16, u16, usize)>, usize, Vec<u8>) {
         thread::sleep(Duration::from_millis(300));
         self.proc.signal(libc::SIGINT);
         self.proc.wait_exit(Duration::from_secs(10));
@@ -73,7 +79,13 @@ impl Capture {
                 Some((f.first()?.parse().ok()?, f.get(1)?.parse().ok()?, f.get(2)?.parse().ok()?))
             })
             .collect();
-        (packets, std::fs::read(&self.file).unwrap_or_default())
+        let tls = format!("{filter} && tls.app_data");
+        let out = run_in(
+            mesh.t.network(),
+            &["tshark", "-r", self.file.to_str().unwrap(), "-d", "tcp.port==15008,tls", "-Y", &tls],
+        );
+        let tls_records = String::from_utf8_lossy(&out.stdout).lines().count();
+        (packets, tls_records, std::fs::read(&self.file).unwrap_or_default())
     }
 }
 
@@ -104,17 +116,20 @@ fn cross_node_traffic_is_mutual_tls_and_counted() {
     let _nginx = mesh.t.nginx(&b, 80, &format!("<p>{MARKER}</p>\n"), 10);
     let _sink = mesh.t.sink_server(&b, 9000, 70_000);
 
-    let capture = Capture::start(&mesh);
+    let probe = mesh.t.pod("probe");
+    let capture = Capture::start(&mesh, &probe, &b);
     let out = run_in(&a.netns, &["curl", "-sS", "-m", "5", &format!("http://{}/", b.ip4)]);
     assert!(out.status.success(), "curl A -> B failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains(MARKER), "nginx's page did not come back");
-    let (packets, raw) = capture.packets(&mesh, &a, &b);
+    let (packets, tls_records, raw) = capture.packets(&mesh, &a, &b);
     assert!(!packets.is_empty(), "the capture saw nothing between A and B");
     let off_15008: Vec<_> = packets.iter().filter(|(s, d, _)| *s != 15008 && *d != 15008).collect();
     assert!(off_15008.is_empty(), "segments between A and B not on 15008: {off_15008:?}");
     assert!(packets.iter().any(|(_, _, len)| *len > 0), "no payload on 15008");
     let raw = String::from_utf8_lossy(&raw);
-    assert!(!raw.contains(MARKER) && !raw.contains("GET / HTTP"), "HTTP payload in clear on the bridge");
+    assert!(tls_records > 0, "tshark sees no TLS application data between A and B");
+    // The probe's own plaintext is in the capture too, but nginx's page is not.
+    assert!(!raw.contains(MARKER), "nginx's page in clear on the bridge");
 
     // Both proxies saw identities and the decision.
     let a_id = identity("default", "sa-a");
@@ -123,7 +138,7 @@ fn cross_node_traffic_is_mutual_tls_and_counted() {
     let node2 = &mesh.node("node2").agent;
     let out_line = node1.wait_access("A's outbound", |v| v["pod"] == "default/a" && v["route"] == "hbone");
     assert_eq!((out_line["src_identity"].as_str(), out_line["dst_identity"].as_str()), (Some(&*a_id), Some(&*b_id)));
-    let in_line = node2.wait_access("B's inbound", |v| v["pod"] == "default/b" && v["direction"] == "inbound");
+    let in_line = node2.wait_access("B's inbound", |v| v["pod"] == "default/b" && v["route"] == "hbone");
     assert_eq!(in_line["src_identity"], a_id.as_str(), "{in_line}");
     assert_eq!((in_line["security"].as_str(), in_line["decision"].as_str()), (Some("mutual_tls"), Some("allow")));
 
