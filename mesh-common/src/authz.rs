@@ -117,6 +117,11 @@ impl std::fmt::Display for StringMatch {
     }
 }
 
+/// A CIDR, or a single address as its /32 (/128): how policies write IP blocks.
+pub fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
 /// What the proxy knows about a connection when it decides.
 #[derive(Clone, Debug)]
 pub struct Connection {

@@ -41,7 +41,7 @@ async fn render(State(s): State<Sources>) -> String {
     let (pooled, dialed) = s.proxy.pool.stats();
     let (workloads, services, policies) = s.proxy.view().sizes();
     metrics::gauge!("mesh_node_pods_enrolled").set(enrolled as f64);
-    metrics::gauge!("mesh_node_connections_active").set(s.proxy.connections.list().len() as f64);
+    metrics::gauge!("mesh_node_connections_active").set(s.proxy.connections.len() as f64);
     metrics::gauge!("mesh_node_hbone_pool_connections").set(pooled as f64);
     metrics::gauge!("mesh_node_hbone_connections_dialed").set(dialed as f64);
     metrics::gauge!("mesh_node_config_workloads").set(workloads as f64);

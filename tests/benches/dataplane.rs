@@ -6,11 +6,7 @@
 //!
 //! Pinning: clients run on CPU 0, servers on CPU 1; the agents are not pinned
 //! (the kernel places them), as a node proxy would not be.
-use std::{
-    path::Path,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{path::Path, thread, time::Duration};
 
 use mesh_tests::{
     Pod, Proc,
@@ -248,11 +244,7 @@ fn hold_connections(client: &Pod, server: &Pod, n: usize) -> Proc {
     );
     let log = std::env::temp_dir().join("mesh-bench-hold.log");
     let proc = Proc::spawn_in("hold", &client.netns, &["python3", "-u", "-c", &script], &log);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !proc.log_text().contains("open") {
-        assert!(Instant::now() < deadline, "could not open {n} connections:\n{}", proc.log_text());
-        thread::sleep(Duration::from_millis(50));
-    }
+    proc.wait_for_log("open", Duration::from_secs(30));
     proc
 }
 

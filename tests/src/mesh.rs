@@ -8,8 +8,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
-
 use crate::{
     controller::Controller,
     process::{Proc, run_in},
@@ -85,7 +83,7 @@ impl Mesh {
                 let dump = node.agent.config_dump();
                 let enrolled: Vec<&str> =
                     dump["pods"].as_array().into_iter().flatten().filter_map(|p| p["name"].as_str()).collect();
-                let ids: Vec<&str> = dump["proxy"]["identities"]
+                let ids: Vec<&str> = dump["certificates"]
                     .as_array()
                     .into_iter()
                     .flatten()
@@ -203,7 +201,7 @@ impl Topology {
             &["nginx", "-c", conf_path.to_str().unwrap(), "-e", dir.join("error.log").to_str().unwrap()],
             &dir.join("stdout.log"),
         );
-        wait_http(pod, &format!("http://127.0.0.1:{port}/"), &proc);
+        crate::topology::wait_http(pod, &format!("http://127.0.0.1:{port}/"), &proc);
         proc
     }
 
@@ -227,11 +225,7 @@ impl Topology {
         );
         let log = self.dir.join(format!("sink-{}-{port}.log", pod.name.replace('/', "_")));
         let proc = Proc::spawn_in("sink", &pod.netns, &["python3", "-u", "-c", &script], &log);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !proc.log_text().contains("listening") {
-            assert!(Instant::now() < deadline, "sink server did not start:\n{}", proc.log_text());
-            thread::sleep(Duration::from_millis(20));
-        }
+        proc.wait_for_log("listening", Duration::from_secs(10));
         proc
     }
 }
@@ -256,17 +250,4 @@ pub fn exchange(pod: &Pod, addr: &str, send: usize) -> Option<usize> {
         return None;
     }
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-}
-
-fn wait_http(pod: &Pod, url: &str, proc: &Proc) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !run_in(&pod.netns, &["curl", "-sf", "-o", "/dev/null", "-m", "1", url]).status.success() {
-        assert!(Instant::now() < deadline, "server in {} did not answer {url}:\n{}", pod.name, proc.log_text());
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The access-log lines of an agent as JSON.
-pub fn access(agent: &Agent) -> Vec<Value> {
-    agent.access_log()
 }

@@ -103,6 +103,16 @@ impl Proc {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits up to `timeout` for `text` in the process's output (a server
+    /// saying it listens); fails the test with the output otherwise.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log_text().contains(text) {
+            assert!(Instant::now() < deadline, "{}: no {text:?} after {timeout:?}:\n{}", self.name, self.log_text());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Proc {

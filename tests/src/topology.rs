@@ -206,12 +206,7 @@ impl Topology {
             &["python3", "-u", "-m", "http.server", &port_s, "--bind", "::", "--directory", self.dir.to_str().unwrap()],
             &log,
         );
-        let url = format!("http://127.0.0.1:{port}/");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !run_in(&pod.netns, &["curl", "-sf", "-o", "/dev/null", "-m", "1", &url]).status.success() {
-            assert!(Instant::now() < deadline, "http server in {} did not start:\n{}", pod.name, proc.log_text());
-            thread::sleep(Duration::from_millis(50));
-        }
+        wait_http(pod, &format!("http://127.0.0.1:{port}/"), &proc);
         proc
     }
 
@@ -333,6 +328,15 @@ impl Pod {
 
     pub fn ip(&self, v6: bool) -> IpAddr {
         if v6 { IpAddr::V6(self.ip6) } else { IpAddr::V4(self.ip4) }
+    }
+}
+
+/// Waits up to 10 s until `url` answers from inside `pod` (a server it started).
+pub(crate) fn wait_http(pod: &Pod, url: &str, proc: &Proc) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !run_in(&pod.netns, &["curl", "-sf", "-o", "/dev/null", "-m", "1", url]).status.success() {
+        assert!(Instant::now() < deadline, "server in {} did not answer {url}:\n{}", pod.name, proc.log_text());
+        thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -394,11 +394,8 @@ fn long_streams_and_redis_cross_node() {
         &["redis-server", "--port", "6379", "--protected-mode", "no", "--save", "", "--appendonly", "no"],
         &mesh.t.dir.join("redis.log"),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !(iperf.log_text().contains("listening") && redis.log_text().contains("Ready to accept")) {
-        assert!(Instant::now() < deadline, "servers did not start:\n{}\n{}", iperf.log_text(), redis.log_text());
-        thread::sleep(Duration::from_millis(50));
-    }
+    iperf.wait_for_log("listening", Duration::from_secs(10));
+    redis.wait_for_log("Ready to accept", Duration::from_secs(10));
 
     let out = run_in(&a.netns, &["iperf3", "-c", &b.ip4.to_string(), "-p", "5201", "-t", "10", "-J"]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");

@@ -2,11 +2,9 @@
 //! sends policies this way; the node and `mesh-ctl` read them back into the
 //! same matchers. A value that does not parse on the way back is an error
 //! naming it (the node NACKs the update), never a wider match.
-use std::net::IpAddr;
-
 use ipnet::IpNet;
 
-use super::{Action, CompiledPolicy, CompiledRule, ConditionMatch, PortMatch, SourceMatch, StringMatch};
+use super::{Action, CompiledPolicy, CompiledRule, ConditionMatch, PortMatch, SourceMatch, StringMatch, parse_net};
 use crate::api;
 
 impl CompiledPolicy {
@@ -117,13 +115,7 @@ fn nets_to_wire(list: &[IpNet]) -> Vec<String> {
 }
 
 fn nets(list: &[String]) -> Result<Vec<IpNet>, String> {
-    list.iter()
-        .map(|s| {
-            s.parse::<IpNet>()
-                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| format!("{s:?} is not a CIDR or address"))
-        })
-        .collect()
+    list.iter().map(|s| parse_net(s).ok_or_else(|| format!("{s:?} is not a CIDR or address"))).collect()
 }
 
 fn ports(list: &[u32]) -> Result<Vec<u16>, String> {

@@ -1,11 +1,10 @@
 //! AuthorizationPolicies compiled into the shared matchers of
 //! `mesh_common::authz`, which the node proxy and `mesh-ctl` evaluate.
-use std::net::IpAddr;
 
 use ipnet::IpNet;
 pub use mesh_common::authz::{
     Action, CompiledPolicy, CompiledRule, ConditionMatch, Connection, Decision, PortMatch, SourceMatch, StringMatch,
-    evaluate,
+    evaluate, parse_net,
 };
 
 use crate::config::objects::{AuthorizationPolicy, Condition, Operation, Rule, Source};
@@ -71,10 +70,7 @@ fn compile_condition(c: &Condition) -> Option<ConditionMatch> {
 }
 
 fn nets(values: &[String]) -> Vec<IpNet> {
-    values
-        .iter()
-        .filter_map(|v| v.parse::<IpNet>().ok().or_else(|| v.parse::<IpAddr>().ok().map(IpNet::from)))
-        .collect()
+    values.iter().filter_map(|v| parse_net(v)).collect()
 }
 
 fn ports(values: &[String]) -> Vec<u16> {

@@ -66,7 +66,6 @@ pub struct Control {
     pub store: Mutex<NodeStore>,
     pub status: Mutex<ControlStatus>,
     node_cert: Mutex<Option<KeyedCert>>,
-    workload_certs: Mutex<BTreeMap<String, KeyedCert>>,
     channel: Mutex<Option<Channel>>,
     /// A new update was applied: reconcile pods and certificates now.
     changed: Notify,
@@ -91,7 +90,6 @@ impl Control {
             store: Mutex::default(),
             status: Mutex::new(status),
             node_cert: Mutex::new(node_cert),
-            workload_certs: Mutex::default(),
             channel: Mutex::default(),
             changed: Notify::new(),
             reconnect: Notify::new(),
@@ -103,10 +101,6 @@ impl Control {
     pub fn spawn(self: &Arc<Self>, pods: Arc<Mutex<Pods>>, proxy: Arc<ProxyContext>) {
         tokio::spawn(self.clone().stream_loop(proxy.clone()));
         tokio::spawn(self.clone().reconcile_loop(pods, proxy));
-    }
-
-    pub fn certificates(&self) -> Vec<CertView> {
-        lock(&self.workload_certs).iter().map(|(id, c)| c.view(id)).collect()
     }
 
     pub fn node_certificate(&self) -> Option<CertView> {
@@ -320,10 +314,10 @@ impl Control {
             ids.dedup();
             ids
         };
-        lock(&self.workload_certs).retain(|id, _| wanted.contains(id));
         proxy.identities.retain(|id| wanted.contains(&id.to_string()));
         for id in wanted {
-            let due = lock(&self.workload_certs).get(&id).is_none_or(|c| now >= c.renew_at_unix());
+            let spiffe: mesh_common::identity::SpiffeId = id.parse()?;
+            let due = proxy.identities.get(&spiffe).is_none_or(|l| now >= l.cert.renew_at_unix());
             if !due {
                 continue;
             }
@@ -331,9 +325,7 @@ impl Control {
             let req = api::CertifyRequest { identity: id.clone(), csr_pem: csr };
             let resp = client.certify(req).await.map_err(status_error)?.into_inner();
             let cert = KeyedCert::from_response(resp, key, now)?;
-            let spiffe: mesh_common::identity::SpiffeId = id.parse()?;
-            proxy.identities.set(spiffe.clone(), LocalIdentity::from_cert(&spiffe, &cert)?);
-            let renewed = lock(&self.workload_certs).insert(id.clone(), cert.clone()).is_some();
+            let renewed = proxy.identities.set(spiffe.clone(), LocalIdentity::from_cert(&spiffe, &cert)?);
             info!(identity = %id, serial = %cert.serial, not_after = cert.not_after_unix, renewed, "workload certificate");
         }
         Ok(())

@@ -4,9 +4,9 @@
 //! the node keeps serving what it had. Pure; tested with tables.
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
-use ipnet::IpNet;
 use mesh_common::{
     api::{self, resource::Kind},
+    authz::CompiledPolicy,
     identity::SpiffeId,
 };
 use serde::Serialize;
@@ -92,17 +92,11 @@ impl NodeStore {
     }
 }
 
-/// Checks one resource: its key names its kind, and addresses, identities
-/// and CIDRs parse.
+/// Checks one resource: its key names its kind, addresses and identities
+/// parse, and a policy converts into the matchers the proxy evaluates.
 fn check(r: &api::Resource) -> Result<(), String> {
     let ip =
         |what: &str, s: &str| s.parse::<IpAddr>().map(drop).map_err(|_| format!("{what} {s:?} is not an IP address"));
-    let net = |s: &str| {
-        s.parse::<IpNet>()
-            .map(drop)
-            .or_else(|_| ip("ipBlock", s))
-            .map_err(|_| format!("{s:?} is not a CIDR or address"))
-    };
     let (prefix, _) = r.key.split_once('/').ok_or("key without a kind prefix")?;
     match (prefix, &r.kind) {
         ("workload", Some(Kind::Workload(w))) => {
@@ -113,19 +107,8 @@ fn check(r: &api::Resource) -> Result<(), String> {
             s.vips.iter().try_for_each(|v| ip("VIP", v))?;
             s.endpoints.iter().try_for_each(|e| ip("endpoint", &e.ip))
         }
-        ("policy", Some(Kind::Authorization(p))) => {
-            for rule in &p.rules {
-                for from in &rule.from {
-                    from.ip_blocks.iter().chain(&from.not_ip_blocks).try_for_each(|b| net(b))?;
-                }
-                for c in &rule.when {
-                    if matches!(c.key.as_str(), "source.ip" | "destination.ip") {
-                        c.values.iter().chain(&c.not_values).try_for_each(|b| net(b))?;
-                    }
-                }
-            }
-            Ok(())
-        }
+        // Exactly what the proxy will evaluate: a policy it could not read is rejected here.
+        ("policy", Some(Kind::Authorization(p))) => CompiledPolicy::from_wire(p).map(drop),
         (prefix, kind) => {
             Err(format!("key prefix {prefix:?} does not match the content {:?}", kind.as_ref().map(kind_name)))
         }

@@ -51,7 +51,6 @@ impl Ca {
         params.not_after = to;
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Credentials {
-            identity: id.parse().unwrap(),
             chain: vec![cert.der().clone()],
             key: Arc::new(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))),
         }

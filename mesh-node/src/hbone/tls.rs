@@ -23,7 +23,6 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// A workload's certificate chain (leaf first, no root) and key.
 #[derive(Clone, Debug)]
 pub struct Credentials {
-    pub identity: SpiffeId,
     pub chain: Vec<CertificateDer<'static>>,
     pub key: Arc<PrivateKeyDer<'static>>,
 }

@@ -51,7 +51,7 @@ impl TunnelHandler for PodTunnels {
         if !pod.addresses.contains(&target.ip()) {
             request.refuse(StatusCode::BAD_REQUEST);
             let e = format!("tunnel target {target} is not an address of pod {}", pod.name);
-            return refused(&ctx.connections, &info, Flag::NoRoute, e);
+            return refused(&info, Flag::NoRoute, e);
         }
         let upstream = match admit(pod, ctx, &mut info, Some(&request.peer), target).await {
             Ok(up) => up,
@@ -59,12 +59,12 @@ impl TunnelHandler for PodTunnels {
                 let code =
                     if flag == Flag::Denied { StatusCode::UNAUTHORIZED } else { StatusCode::SERVICE_UNAVAILABLE };
                 request.refuse(code);
-                return refused(&ctx.connections, &info, flag, e);
+                return refused(&info, flag, e);
             }
         };
         let tunnel = match request.accept() {
             Ok(t) => t,
-            Err(e) => return refused(&ctx.connections, &info, Flag::UpstreamFailure, e.to_string()),
+            Err(e) => return refused(&info, Flag::UpstreamFailure, e.to_string()),
         };
         let tracked = ctx.connections.open(info.clone());
         let app = Counted::server(upstream, tracked.bytes.clone());

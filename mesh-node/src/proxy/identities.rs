@@ -14,13 +14,17 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
 };
 
-use crate::{control::certs::KeyedCert, hbone::tls};
+use crate::{
+    control::certs::{CertView, KeyedCert},
+    hbone::tls,
+};
 
 pub struct LocalIdentity {
     pub credentials: tls::Credentials,
     pub roots: Arc<RootCertStore>,
     pub server: Arc<rustls::ServerConfig>,
-    pub serial: String,
+    /// The certificate as issued (dates, serial, for renewal and the config dump).
+    pub cert: KeyedCert,
 }
 
 impl LocalIdentity {
@@ -35,9 +39,9 @@ impl LocalIdentity {
             roots.add(root.map_err(|e| anyhow::anyhow!("mesh root: {e}"))?)?;
         }
         let roots = Arc::new(roots);
-        let credentials = tls::Credentials { identity: identity.clone(), chain, key: Arc::new(key) };
+        let credentials = tls::Credentials { chain, key: Arc::new(key) };
         let server = Arc::new(tls::server_config(&credentials, roots.clone(), identity.trust_domain())?);
-        Ok(LocalIdentity { credentials, roots, server, serial: cert.serial.clone() })
+        Ok(LocalIdentity { credentials, roots, server, cert: cert.clone() })
     }
 
     /// A client config that presents this identity and accepts only `peer`.
@@ -56,15 +60,16 @@ impl Identities {
         self.by_id.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
     }
 
-    pub fn set(&self, id: SpiffeId, identity: LocalIdentity) {
-        self.by_id.write().unwrap_or_else(|e| e.into_inner()).insert(id, Arc::new(identity));
+    /// Puts a new or renewed certificate in force; true when it replaced one.
+    pub fn set(&self, id: SpiffeId, identity: LocalIdentity) -> bool {
+        self.by_id.write().unwrap_or_else(|e| e.into_inner()).insert(id, Arc::new(identity)).is_some()
     }
 
-    /// (identity, certificate serial) of every identity the proxy can serve.
-    pub fn list(&self) -> Vec<(String, String)> {
+    /// Every certificate held, by identity (for the config dump).
+    pub fn views(&self) -> Vec<CertView> {
         let map = self.by_id.read().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<_> = map.values().map(|l| (l.credentials.identity.to_string(), l.serial.clone())).collect();
-        out.sort();
+        let mut out: Vec<CertView> = map.iter().map(|(id, l)| l.cert.view(&id.to_string())).collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
     }
 

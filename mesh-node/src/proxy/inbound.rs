@@ -18,17 +18,16 @@ pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, p
     let mut info = ConnInfo::new(Direction::Inbound, &pod.name, listener, peer);
     let target = match client.local_addr() {
         Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
-        Err(e) => return refused(&ctx.connections, &info, Flag::NoRoute, format!("no local address: {e}")),
+        Err(e) => return refused(&info, Flag::NoRoute, format!("no local address: {e}")),
     };
     info.dst = Some(target);
     info.route = "tcp";
-    let upstream = match admit(pod, ctx, &mut info, None, target).await {
+    let mut upstream = match admit(pod, ctx, &mut info, None, target).await {
         Ok(up) => up,
-        Err((flag, e)) => return refused(&ctx.connections, &info, flag, e),
+        Err((flag, e)) => return refused(&info, flag, e),
     };
     let tracked = ctx.connections.open(info.clone());
     let mut client = Counted::client(client, tracked.bytes.clone());
-    let mut upstream = upstream;
     let result = relay_plain(&mut client, &mut upstream).await;
     tracked.finish(&info, result.map_err(|e| (Flag::UpstreamFailure, e)));
 }

@@ -25,7 +25,7 @@ pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, p
     let Some(orig) = ctx.orig_dst.take(&key) else {
         // Only a client that connected to the listener directly gets here.
         let error = "no original destination recorded for this client".to_string();
-        return refused(&ctx.connections, &info, Flag::NoRoute, error);
+        return refused(&info, Flag::NoRoute, error);
     };
     let dst = SocketAddr::new(ip_from_key(&orig.ip), orig.port as u16);
     info.dst = Some(dst);
@@ -36,7 +36,7 @@ pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, p
     }
     let destination = match view.destination(dst) {
         Ok(d) => d,
-        Err(e) => return refused(&ctx.connections, &info, Flag::NoHealthyUpstream, e),
+        Err(e) => return refused(&info, Flag::NoHealthyUpstream, e),
     };
     if let Some(s) = &destination.service {
         info.set_service(s);
@@ -48,11 +48,11 @@ pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, p
             Ok(upstream) => return relay(client, upstream, info, ctx).await,
             // A refusal by the peer or a missing certificate is final; an
             // unreachable endpoint gives way to the next one.
-            Err((flag @ (Flag::Denied | Flag::NoRoute), e)) => return refused(&ctx.connections, &info, flag, e),
+            Err((flag @ (Flag::Denied | Flag::NoRoute), e)) => return refused(&info, flag, e),
             Err(e) => failure = e,
         }
     }
-    refused(&ctx.connections, &info, failure.0, failure.1);
+    refused(&info, failure.0, failure.1);
 }
 
 fn describe(info: &mut ConnInfo, candidate: &Upstream, via_service: bool) {

@@ -208,6 +208,10 @@ pub struct ConnView {
 }
 
 impl Connections {
+    pub fn len(&self) -> usize {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     pub fn list(&self) -> Vec<ConnView> {
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         self.live
@@ -227,7 +231,7 @@ impl Connections {
     pub fn open(self: &Arc<Self>, info: ConnInfo) -> Tracked {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let bytes = Arc::new(Bytes::default());
-        metrics::counter!("istio_tcp_connections_opened_total", &info.labels("-")).increment(1);
+        count_opened(&info);
         self.live
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -236,8 +240,8 @@ impl Connections {
     }
 }
 
-/// A connection that is being relayed: it is in the live table until
-/// [`Tracked::finish`] (or drop) and its bytes count as they move.
+/// A connection that is being relayed: it is in the live table until it is
+/// finished or dropped, and its bytes count as they move.
 pub struct Tracked {
     id: u64,
     table: Arc<Connections>,
@@ -246,25 +250,38 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    /// Removes the connection from the table, counts it closed with its bytes,
-    /// and writes its access-log line.
+    /// Counts the connection closed with its bytes and writes its access-log line.
     pub fn finish(self, info: &ConnInfo, outcome: Result<(), (Flag, String)>) {
-        self.table.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
         let received = self.bytes.received.load(Ordering::Relaxed);
         let sent = self.bytes.sent.load(Ordering::Relaxed);
-        let flags = outcome.as_ref().err().map_or("-", |(f, _)| f.as_str());
-        let labels = info.labels(flags);
-        metrics::counter!("istio_tcp_connections_closed_total", &labels).increment(1);
-        metrics::counter!("istio_tcp_received_bytes_total", &labels).increment(received);
-        metrics::counter!("istio_tcp_sent_bytes_total", &labels).increment(sent);
-        access_log(info, received, sent, self.started.elapsed().as_secs_f64() * 1e3, flags, outcome.err());
+        count_closed(info, received, sent, self.started, outcome);
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.table.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
     }
 }
 
 /// A failure before anything was relayed: counted and logged like any
 /// connection (opened and closed at once), never in the live table.
-pub fn refused(table: &Arc<Connections>, info: &ConnInfo, flag: Flag, error: String) {
-    table.open(info.clone()).finish(info, Err((flag, error)));
+pub fn refused(info: &ConnInfo, flag: Flag, error: String) {
+    count_opened(info);
+    count_closed(info, 0, 0, Instant::now(), Err((flag, error)));
+}
+
+fn count_opened(info: &ConnInfo) {
+    metrics::counter!("istio_tcp_connections_opened_total", &info.labels("-")).increment(1);
+}
+
+fn count_closed(info: &ConnInfo, received: u64, sent: u64, started: Instant, outcome: Result<(), (Flag, String)>) {
+    let flags = outcome.as_ref().err().map_or("-", |(f, _)| f.as_str());
+    let labels = info.labels(flags);
+    metrics::counter!("istio_tcp_connections_closed_total", &labels).increment(1);
+    metrics::counter!("istio_tcp_received_bytes_total", &labels).increment(received);
+    metrics::counter!("istio_tcp_sent_bytes_total", &labels).increment(sent);
+    access_log(info, received, sent, started.elapsed().as_secs_f64() * 1e3, flags, outcome.err());
 }
 
 fn access_log(info: &ConnInfo, received: u64, sent: u64, duration_ms: f64, flags: &str, error: Option<(Flag, String)>) {
