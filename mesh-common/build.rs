@@ -12,7 +12,8 @@ fn grpc() {
         // BTreeMap: maps encode in key order, so a resource's bytes (and the
         // version hashed from them) are the same every time.
         .btree_map(".")
-        .type_attribute(".", "#[derive(serde::Serialize)]")
+        // Deserialize too: `mesh-ctl` reads a node's config dump back into these types.
+        .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
         .compile_fds(fds)
         .unwrap_or_else(|e| panic!("generating the gRPC code: {e}"));
 }

@@ -11,6 +11,8 @@ use serde::Serialize;
 use crate::identity::SpiffeId;
 
 #[cfg(feature = "grpc")]
+pub mod admission;
+#[cfg(feature = "grpc")]
 mod wire;
 #[cfg(feature = "grpc")]
 pub use wire::applies_to;

@@ -71,6 +71,8 @@ struct Args {
 
 /// What the controller holds: the configuration in force and the model built from it.
 pub struct State {
+    /// The configuration source (`mesh-ctl enroll` edits files there).
+    pub config_dir: PathBuf,
     pub store: ConfigStore,
     pub model: Arc<MeshModel>,
     pub reloads: u64,
@@ -100,7 +102,9 @@ async fn main() -> anyhow::Result<()> {
     let token = node_api::join_token(&token_file).with_context(|| format!("join token {}", token_file.display()))?;
     let hub = Arc::new(Hub::new(ca.clone(), token, settings.trust_domain.clone()));
 
+    let config_dir = std::fs::canonicalize(&args.config_dir).unwrap_or_else(|_| args.config_dir.clone());
     let state = Arc::new(RwLock::new(State {
+        config_dir,
         store: ConfigStore::default(),
         model: Arc::default(),
         reloads: 0,

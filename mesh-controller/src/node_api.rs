@@ -70,6 +70,8 @@ impl Held {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct NodeStatus {
     pub connected: bool,
+    /// The node's admin API, as it announced it (empty: loopback only).
+    pub admin_addr: String,
     pub version_sent: String,
     pub version_acked: String,
     pub last_push_unix: u64,
@@ -292,16 +294,19 @@ impl NodeControl for NodeService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let node = self.node_of(&req)?;
         let mut inbound = req.into_inner();
-        let known = match inbound.message().await? {
-            Some(api::NodeMessage { kind: Some(Msg::Hello(hello)) }) => hello.known,
+        let hello = match inbound.message().await? {
+            Some(api::NodeMessage { kind: Some(Msg::Hello(hello)) }) => hello,
             _ => return Err(Status::invalid_argument("the first message of a stream must be Hello")),
         };
         let (tx, rx) = mpsc::channel(4);
         let hub = self.0.clone();
         tokio::spawn(async move {
-            info!(node = %node, known = known.len(), "node connected");
-            hub.status(&node, |s| s.connected = true);
-            if let Err(e) = hub.session(&node, known, &mut inbound, &tx).await {
+            info!(node = %node, known = hello.known.len(), admin = %hello.admin_addr, "node connected");
+            hub.status(&node, |s| {
+                s.connected = true;
+                s.admin_addr = hello.admin_addr;
+            });
+            if let Err(e) = hub.session(&node, hello.known, &mut inbound, &tx).await {
                 info!(node = %node, "stream ended: {e}");
             }
             hub.status(&node, |s| s.connected = false);

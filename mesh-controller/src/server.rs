@@ -50,7 +50,12 @@ async fn config(AxState(s): AxState<Shared>) -> impl IntoResponse {
         .iter()
         .map(|(k, v)| json!({ "key": k.to_string(), "origin": v.origin, "object": v.resource }))
         .collect();
-    Json(json!({ "generation": s.store.generation(), "objects": objects, "problems": s.store.problems() }))
+    Json(json!({
+        "config_dir": s.config_dir,
+        "generation": s.store.generation(),
+        "objects": objects,
+        "problems": s.store.problems(),
+    }))
 }
 
 async fn model(AxState(s): AxState<Shared>) -> impl IntoResponse {

@@ -53,7 +53,9 @@ struct Args {
     /// Directory for the list of enrolled pods, so a restart takes them back.
     #[arg(long, default_value = "/run/mesh-node")]
     state_dir: PathBuf,
-    /// The local API and config dump.
+    /// The local API and config dump. Bind it to a private address (not
+    /// loopback) and it is announced to the controller, so `mesh-ctl` on
+    /// another host can read what this node sees.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
     /// `GET /healthz/ready` answers 200 once every listener is bound.
@@ -157,6 +159,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ca_file: ca_file.clone(),
                 server_name: args.controller_name.clone(),
                 state_dir: state_dir.clone(),
+                admin_addr: Some(args.admin_addr).filter(|a| !a.ip().is_loopback()),
             });
             control.spawn(pods.clone(), ctx.clone());
             Some(control)

@@ -32,6 +32,11 @@ pub struct CertView {
     pub renew_at_unix: i64,
     /// Certificates from the leaf's issuer up to the root.
     pub chain_len: usize,
+    /// Subjects from the leaf's issuer up to the root.
+    pub chain: Vec<String>,
+    /// Each signature checks against its issuer's key, up to the self-signed
+    /// root the controller gave; else why not.
+    pub chain_verified: Result<(), String>,
 }
 
 /// A new P-256 key (PEM) and a CSR for it. The CA sets the identity; the CSR carries none.
@@ -70,7 +75,37 @@ impl KeyedCert {
             not_after_unix: self.not_after_unix,
             renew_at_unix: self.renew_at_unix(),
             chain_len: self.chain_pem.len(),
+            chain: self
+                .chain_pem
+                .iter()
+                .map(|pem| subject(pem).unwrap_or_else(|e| format!("unreadable: {e}")))
+                .collect(),
+            chain_verified: self.verify_chain(),
         }
+    }
+
+    /// The leaf, then every issuer, each signed by the next; the last is the
+    /// root, self-signed and the same as the root the controller sent.
+    fn verify_chain(&self) -> Result<(), String> {
+        let ders = std::iter::once(&self.cert_pem)
+            .chain(&self.chain_pem)
+            .map(|pem| pem_der(pem).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let certs = ders
+            .iter()
+            .map(|der| x509_parser::parse_x509_certificate(der).map(|(_, c)| c).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, pair) in certs.windows(2).enumerate() {
+            pair[0]
+                .verify_signature(Some(pair[1].public_key()))
+                .map_err(|e| format!("certificate {i} is not signed by {}: {e}", pair[1].subject()))?;
+        }
+        let root = certs.last().ok_or("no certificate")?;
+        root.verify_signature(None).map_err(|e| format!("the last certificate is not self-signed: {e}"))?;
+        if pem_der(&self.root_pem).map_err(|e| e.to_string())? != *ders.last().ok_or("no certificate")? {
+            return Err("the chain does not end at the mesh root".into());
+        }
+        Ok(())
     }
 
     /// The leaf and its intermediates (what TLS presents), without the root.
@@ -94,6 +129,12 @@ impl KeyedCert {
         f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
         fs::rename(&tmp, path)
     }
+}
+
+fn subject(pem: &str) -> anyhow::Result<String> {
+    let der = pem_der(pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)?;
+    Ok(cert.subject().to_string())
 }
 
 fn pem_der(pem: &str) -> anyhow::Result<Vec<u8>> {

@@ -44,6 +44,9 @@ pub struct ControlConfig {
     /// The name the controller's certificate must carry.
     pub server_name: String,
     pub state_dir: PathBuf,
+    /// The admin API's address, announced to the controller so `mesh-ctl`
+    /// finds this node; `None` when it listens on loopback only.
+    pub admin_addr: Option<std::net::SocketAddr>,
 }
 
 /// The channel's state, for the config dump.
@@ -192,7 +195,8 @@ impl Control {
         let channel = self.connect(Some(&identity)).await?;
         *lock(&self.channel) = Some(channel.clone());
         let (tx, rx) = mpsc::channel(8);
-        let hello = api::Hello { known: lock(&self.store).known() };
+        let admin_addr = self.config.admin_addr.map(|a| a.to_string()).unwrap_or_default();
+        let hello = api::Hello { known: lock(&self.store).known(), admin_addr };
         tx.send(api::NodeMessage { kind: Some(Msg::Hello(hello)) }).await?;
         let mut client = NodeControlClient::new(channel);
         let mut updates =

@@ -4,7 +4,7 @@
 //! connects to the app from inside the pod.
 use std::net::SocketAddr;
 
-use mesh_common::{api::MtlsMode, authz::Connection, identity::SpiffeId};
+use mesh_common::{authz::Connection, identity::SpiffeId};
 use tokio::net::TcpStream;
 use tracing::info;
 
@@ -59,12 +59,6 @@ pub(super) async fn admit(
     }
     if let Some(w) = pod.workload(&view) {
         info.set_destination(&w);
-        if peer.is_none() && w.mtls_mode(target.port()) == MtlsMode::Strict {
-            info.decision = Some("deny");
-            let reason = "PeerAuthentication STRICT: plaintext refused".to_string();
-            log_denial(info, &reason);
-            return Err((Flag::Denied, reason));
-        }
         let conn = Connection {
             source: peer.cloned(),
             source_ip: info.src.ip(),

@@ -37,11 +37,6 @@ impl WorkloadInfo {
             .or_else(|| l.get("app"))
             .unwrap_or(&self.wire.name)
     }
-
-    pub fn mtls_mode(&self, port: u16) -> api::MtlsMode {
-        let mode = self.wire.port_mtls.get(&u32::from(port)).copied().unwrap_or(self.wire.mtls_mode);
-        api::MtlsMode::try_from(mode).unwrap_or(api::MtlsMode::Permissive)
-    }
 }
 
 #[derive(Debug)]
@@ -178,9 +173,7 @@ impl MeshView {
 
     /// The policies that apply to `w`, then the decision for `conn`.
     pub fn authorize(&self, w: &WorkloadInfo, conn: &Connection) -> Decision {
-        let applying: Vec<&CompiledPolicy> =
-            self.policies.iter().filter(|(wire, _)| authz::applies_to(wire, &w.wire)).map(|(_, c)| c).collect();
-        authz::evaluate(applying.iter().copied(), conn)
+        authz::admission::admit(&w.wire, &self.policies, conn)
     }
 
     /// Counts for the config dump.
@@ -352,8 +345,8 @@ mod tests {
     fn mtls_modes_and_canonical_names() {
         let view = MeshView::build(&store());
         let a = view.workload_by_ip("10.0.0.1".parse().unwrap()).unwrap();
-        assert_eq!(a.mtls_mode(80), api::MtlsMode::Permissive);
-        assert_eq!(a.mtls_mode(9000), api::MtlsMode::Strict, "portLevelMtls");
+        assert_eq!(authz::admission::mtls_mode(&a.wire, 80), api::MtlsMode::Permissive);
+        assert_eq!(authz::admission::mtls_mode(&a.wire, 9000), api::MtlsMode::Strict, "portLevelMtls");
         assert_eq!(a.canonical_service(), "front");
     }
 }
