@@ -102,7 +102,10 @@ async fn run(dir: &Path, config: &Path, grpc: SocketAddr, metrics: SocketAddr, p
             barrier.wait().await;
             let t = Instant::now();
             let (tx, rx) = mpsc::channel(4);
-            tx.send(NodeMessage { kind: Some(Msg::Hello(api::Hello { known: BTreeMap::new() })) }).await?;
+            tx.send(NodeMessage {
+                kind: Some(Msg::Hello(api::Hello { known: BTreeMap::new(), ..Default::default() })),
+            })
+            .await?;
             let mut updates = NodeControlClient::new(channel)
                 .max_decoding_message_size(256 << 20)
                 .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))

@@ -221,7 +221,7 @@ type Stream = (mpsc::Sender<NodeMessage>, tonic::Streaming<api::Update>);
 
 async fn open(m: &Mesh, me: (&str, &str), known: BTreeMap<String, u64>) -> Stream {
     let (tx, rx) = mpsc::channel(4);
-    tx.send(NodeMessage { kind: Some(Msg::Hello(api::Hello { known })) }).await.unwrap();
+    tx.send(NodeMessage { kind: Some(Msg::Hello(api::Hello { known, ..Default::default() })) }).await.unwrap();
     let stream = m.client(Some(me)).await.subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
     (tx, stream.unwrap().into_inner())
 }
