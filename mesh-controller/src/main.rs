@@ -89,6 +89,10 @@ async fn main() -> anyhow::Result<()> {
     let settings =
         MeshSettings { trust_domain: args.trust_domain.clone(), root_namespace: args.root_namespace.clone() };
     anyhow::ensure!(args.config_dir.is_dir(), "--config-dir {}: not a directory", args.config_dir.display());
+    // Absolute, so problems and origins name files the same way wherever the
+    // reader (a person, `mesh-ctl`) stands.
+    let config_dir = std::fs::canonicalize(&args.config_dir)
+        .with_context(|| format!("--config-dir {}", args.config_dir.display()))?;
 
     let lifetime = args.cert_lifetime;
     let ca = match (&args.ca_cert, &args.ca_key) {
@@ -102,17 +106,16 @@ async fn main() -> anyhow::Result<()> {
     let token = node_api::join_token(&token_file).with_context(|| format!("join token {}", token_file.display()))?;
     let hub = Arc::new(Hub::new(ca.clone(), token, settings.trust_domain.clone()));
 
-    let config_dir = std::fs::canonicalize(&args.config_dir).unwrap_or_else(|_| args.config_dir.clone());
     let state = Arc::new(RwLock::new(State {
-        config_dir,
+        config_dir: config_dir.clone(),
         store: ConfigStore::default(),
         model: Arc::default(),
         reloads: 0,
         last_reload_seconds: 0.0,
     }));
-    let mut seen = watch::fingerprint(&args.config_dir);
+    let mut seen = watch::fingerprint(&config_dir);
     let cache = Arc::new(Mutex::new(ParseCache::default()));
-    let reloader = Reloader { dir: args.config_dir.clone(), settings, state: state.clone(), hub: hub.clone(), cache };
+    let reloader = Reloader { dir: config_dir.clone(), settings, state: state.clone(), hub: hub.clone(), cache };
     reloader.reload();
 
     let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
@@ -130,12 +133,12 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let router = server::router(state.clone(), ca, hub.clone());
     tokio::spawn(async move { axum::serve(listener, router).await });
-    info!(metrics_addr = %addr, grpc_addr = %grpc_addr, config_dir = %args.config_dir.display(), "mesh-controller ready");
+    info!(metrics_addr = %addr, grpc_addr = %grpc_addr, config_dir = %config_dir.display(), "mesh-controller ready");
 
     let interval = Duration::from_millis(args.poll_ms.max(10));
     loop {
         tokio::select! {
-            now = watch::changed(&args.config_dir, &seen, interval) => {
+            now = watch::changed(&config_dir, &seen, interval) => {
                 seen = now;
                 // Parsing and building the model is CPU work: off the async workers
                 // that serve the nodes' streams.

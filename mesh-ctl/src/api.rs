@@ -1,0 +1,217 @@
+//! Reading the mesh: the controller's HTTP port (health, nodes, configuration,
+//! model) and each node's admin API (config dump, live connections). Every
+//! failure says which address was tried and what to do about it.
+use std::{fmt, time::Duration};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// An error for the user: one line, with the address tried and a hint.
+#[derive(Debug)]
+pub struct CtlError {
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl CtlError {
+    pub fn new(message: impl Into<String>) -> CtlError {
+        CtlError { message: message.into(), hint: None }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> CtlError {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl fmt::Display for CtlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(hint) = &self.hint {
+            write!(f, " (hint: {hint})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for CtlError {}
+
+pub type Result<T> = std::result::Result<T, CtlError>;
+
+/// What is at the other end, for error messages.
+#[derive(Clone, Copy)]
+pub enum Peer<'a> {
+    Controller,
+    Node(&'a str),
+}
+
+pub struct Client {
+    agent: ureq::Agent,
+    pub controller: String,
+}
+
+impl Client {
+    pub fn new(controller: &str, timeout: Duration) -> Client {
+        let agent =
+            ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into();
+        let controller = controller.trim_end_matches('/');
+        let controller =
+            if controller.contains("://") { controller.to_owned() } else { format!("http://{controller}") };
+        Client { agent, controller }
+    }
+
+    /// `GET` a JSON document from the controller.
+    pub fn controller(&self, path: &str) -> Result<Value> {
+        self.get(&format!("{}{path}", self.controller), Peer::Controller)
+    }
+
+    /// `GET` a JSON document from a node's admin API at `addr` (`host:port`).
+    pub fn node(&self, name: &str, addr: &str, path: &str) -> Result<Value> {
+        self.get(&format!("http://{addr}{path}"), Peer::Node(name))
+    }
+
+    fn get(&self, url: &str, peer: Peer) -> Result<Value> {
+        let (what, hint) = match peer {
+            Peer::Controller => (
+                "the controller".to_owned(),
+                "is mesh-controller running? Point mesh-ctl at its --metrics-addr with --controller URL or MESH_CONTROLLER",
+            ),
+            Peer::Node(name) => (
+                format!("node {name}"),
+                "is mesh-node running there, with --admin-addr on an address this host reaches? Or pass --node-addr HOST:PORT",
+            ),
+        };
+        let mut response = self
+            .agent
+            .get(url)
+            .call()
+            .map_err(|e| CtlError::new(format!("cannot reach {what} at {url}: {}", reason(&e))).hint(hint))?;
+        let status = response.status();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_string()
+            .map_err(|e| CtlError::new(format!("reading the answer of {what} at {url}: {}", reason(&e))))?;
+        if !status.is_success() {
+            let first = body.lines().next().unwrap_or("").trim();
+            return Err(CtlError::new(format!("{what} at {url} answered {status}: {first}")));
+        }
+        serde_json::from_str(&body).map_err(|e| {
+            CtlError::new(format!("{what} at {url} did not answer JSON ({e})"))
+                .hint("is that address really a mesh admin or controller port?")
+        })
+    }
+}
+
+/// The innermost cause, which is what a person can act on (e.g. "Connection refused").
+fn reason(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Io(io) => io.to_string(),
+        ureq::Error::Timeout(_) => "timed out".into(),
+        ureq::Error::HostNotFound => "host not found".into(),
+        ureq::Error::ConnectionFailed => "connection failed".into(),
+        other => other.to_string(),
+    }
+}
+
+/// A node as the controller lists it (`/debug/nodes`).
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+pub struct NodeEntry {
+    #[serde(default)]
+    pub name: String,
+    pub connected: bool,
+    #[serde(default)]
+    pub admin_addr: String,
+    pub version_sent: String,
+    pub version_acked: String,
+    pub last_push_unix: u64,
+    pub pushes: u64,
+    pub nacks: u64,
+    pub last_nack: Option<String>,
+}
+
+/// Which nodes a command reads: one by name (through the controller's list),
+/// one by address (no controller needed), or every node the controller knows.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct NodeSelector {
+    /// Only this node (its name, as pods name it in spec.nodeName).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Read a node's admin API at HOST:PORT directly, without the controller.
+    #[arg(long, conflicts_with = "node")]
+    pub node_addr: Option<String>,
+}
+
+/// A node to read: its name and admin address.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub name: String,
+    pub addr: String,
+}
+
+impl Client {
+    /// The controller's node list, sorted by name.
+    pub fn node_list(&self) -> Result<(String, Vec<NodeEntry>)> {
+        let v = self.controller("/debug/nodes")?;
+        let version = v["version"].as_str().unwrap_or_default().to_owned();
+        let mut nodes = Vec::new();
+        for (name, entry) in v["nodes"].as_object().into_iter().flatten() {
+            let mut node: NodeEntry = serde_json::from_value(entry.clone())
+                .map_err(|e| CtlError::new(format!("the controller's /debug/nodes entry for {name}: {e}")))?;
+            node.name = name.clone();
+            nodes.push(node);
+        }
+        Ok((version, nodes))
+    }
+
+    /// The nodes `sel` names, with their admin addresses.
+    pub fn targets(&self, sel: &NodeSelector) -> Result<Vec<Target>> {
+        if let Some(addr) = &sel.node_addr {
+            return Ok(vec![Target { name: addr.clone(), addr: addr.clone() }]);
+        }
+        let (_, nodes) = self.node_list()?;
+        let chosen: Vec<&NodeEntry> = match &sel.node {
+            Some(name) => {
+                let node = nodes.iter().find(|n| &n.name == name).ok_or_else(|| {
+                    let known: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+                    CtlError::new(format!("no node {name:?} has connected to the controller at {}", self.controller))
+                        .hint(format!(
+                            "known nodes: {}",
+                            if known.is_empty() { "none".into() } else { known.join(", ") }
+                        ))
+                })?;
+                vec![node]
+            }
+            None => nodes.iter().collect(),
+        };
+        if chosen.is_empty() {
+            return Err(CtlError::new(format!("no node has connected to the controller at {}", self.controller))
+                .hint("start mesh-node with --controller pointing at the controller's node API"));
+        }
+        chosen
+            .into_iter()
+            .map(|n| {
+                if n.admin_addr.is_empty() {
+                    Err(CtlError::new(format!("node {} did not announce an admin address", n.name)).hint(
+                        "its admin API listens on loopback only: start mesh-node with --admin-addr on a private \
+                         address, or run mesh-ctl on that node with --node-addr 127.0.0.1:15000",
+                    ))
+                } else {
+                    Ok(Target { name: n.name.clone(), addr: n.admin_addr.clone() })
+                }
+            })
+            .collect()
+    }
+
+    /// Every selected node's config dump.
+    pub fn dumps(&self, sel: &NodeSelector) -> Result<Vec<(Target, Value)>> {
+        self.targets(sel)?
+            .into_iter()
+            .map(|t| {
+                let dump = self.node(&t.name, &t.addr, "/config_dump")?;
+                Ok((t, dump))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,153 @@
+//! `mesh-ctl`: what the mesh's nodes see, why a connection is allowed or
+//! denied, configuration checks, and namespace enrolment. It reads the
+//! controller's HTTP port (`--controller`) and, through the node list there,
+//! each node's admin API; `check` works offline.
+mod api;
+mod check;
+mod enroll;
+mod explain;
+mod output;
+mod status;
+mod views;
+
+use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{CommandFactory as _, Parser, Subcommand};
+
+use crate::{
+    api::{Client, NodeSelector},
+    output::Format,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "mesh-ctl",
+    version,
+    about = "Inspect and operate a mesh: nodes, workloads, policies, certificates, connections",
+    after_help = "Examples:\n  mesh-ctl status\n  mesh-ctl workloads --node node1\n  mesh-ctl authz explain --from demo/frontend --to demo/redis:6379\n  mesh-ctl check ./config\n  mesh-ctl enroll demo\n\nExit codes: 0 ok; 1 the command found a problem (check) or a denial (authz explain); 2 usage; 3 the command could not run (controller or node unreachable, unknown workload, unreadable file)."
+)]
+struct Cli {
+    /// The controller's HTTP port (its --metrics-addr).
+    #[arg(long, global = true, env = "MESH_CONTROLLER", default_value = "http://127.0.0.1:15014")]
+    controller: String,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    /// Seconds to wait for each answer from the controller or a node.
+    #[arg(long, global = true, default_value_t = 5)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Controller health, nodes with their configuration version and last push, rejected objects.
+    #[command(after_help = "Examples:\n  mesh-ctl status\n  mesh-ctl status -o json | jq .nodes_in_sync")]
+    Status,
+    /// Workloads the nodes know: name, namespace, IP, node, identity, protocol (HBONE: in the mesh).
+    #[command(after_help = "Examples:\n  mesh-ctl workloads\n  mesh-ctl workloads --node node2 -o yaml")]
+    Workloads(NodeSelector),
+    /// Services the nodes know, with VIPs, ports and endpoints.
+    #[command(after_help = "Examples:\n  mesh-ctl services\n  mesh-ctl services --node-addr 127.0.0.1:15000")]
+    Services(NodeSelector),
+    /// AuthorizationPolicies the node proxies enforce (compiled), and what they apply to.
+    #[command(after_help = "Examples:\n  mesh-ctl policies\n  mesh-ctl policies -o json")]
+    Policies(NodeSelector),
+    /// Workload certificates the node proxies hold: identity, serial, not-after, chain to the root.
+    #[command(after_help = "Examples:\n  mesh-ctl certs\n  mesh-ctl certs --node node1 -o json")]
+    Certs(NodeSelector),
+    /// Live connections through the node proxies: source, destination, identities, bytes so far.
+    #[command(after_help = "Examples:\n  mesh-ctl connections\n  watch -n1 mesh-ctl connections --node node2")]
+    Connections(NodeSelector),
+    /// One node's whole configuration dump (JSON; -o yaml for YAML).
+    #[command(
+        after_help = "Examples:\n  mesh-ctl config-dump --node node1\n  mesh-ctl config-dump --node-addr 127.0.0.1:15000 -o yaml"
+    )]
+    ConfigDump(NodeSelector),
+    /// Validate YAML files or directories offline, exactly as the controller would.
+    #[command(
+        after_help = "Examples:\n  mesh-ctl check ./config\n  mesh-ctl check policy.yaml namespace.yaml -o json\n\nEvery problem is printed as file:line: object: field: message; the exit code is 1 when there is any."
+    )]
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Authorization questions.
+    #[command(subcommand)]
+    Authz(AuthzCmd),
+    /// Label a namespace ambient in the configuration, and wait until every node has enrolled its pods.
+    #[command(after_help = "Examples:\n  mesh-ctl enroll demo\n  mesh-ctl enroll demo --wait 120")]
+    Enroll(EnrollArgs),
+    /// Remove a namespace's ambient label, and wait until every node has released its pods.
+    #[command(after_help = "Examples:\n  mesh-ctl unenroll demo")]
+    Unenroll(EnrollArgs),
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  mesh-ctl completion bash > /etc/bash_completion.d/mesh-ctl\n  mesh-ctl completion zsh > \"${fpath[1]}/_mesh-ctl\""
+    )]
+    Completion { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum AuthzCmd {
+    /// Which policies apply to a connection, which one decides, and the decision, as the destination's proxy makes it.
+    #[command(
+        after_help = "Examples:\n  mesh-ctl authz explain --from demo/frontend --to demo/backend-1:8080\n  mesh-ctl authz explain --from 10.200.0.9 --to demo/redis:6379 -o json\n\nWORKLOAD is namespace/name, a name unique in the mesh, or an IP. The exit code is 1 when the connection is denied."
+    )]
+    Explain {
+        /// The client: a workload or an IP (an IP of no workload is a client outside the mesh).
+        #[arg(long)]
+        from: String,
+        /// The server and port: WORKLOAD:PORT or IP:PORT ([IPv6]:PORT).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        nodes: NodeSelector,
+    },
+}
+
+#[derive(clap::Args)]
+struct EnrollArgs {
+    namespace: String,
+    /// Give up waiting for the nodes after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    wait: u64,
+}
+
+const EXIT_FOUND_PROBLEM: u8 = 1;
+const EXIT_ERROR: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let client = Client::new(&cli.controller, Duration::from_secs(cli.timeout.max(1)));
+    let result = match &cli.command {
+        Cmd::Status => status::status(&client),
+        Cmd::Workloads(sel) => views::workloads(&client, sel),
+        Cmd::Services(sel) => views::services(&client, sel),
+        Cmd::Policies(sel) => views::policies(&client, sel),
+        Cmd::Certs(sel) => views::certs(&client, sel),
+        Cmd::Connections(sel) => views::connections(&client, sel),
+        Cmd::ConfigDump(sel) => views::config_dump(&client, sel),
+        Cmd::Check { paths } => check::check(paths),
+        Cmd::Authz(AuthzCmd::Explain { from, to, nodes }) => explain::explain(&client, nodes, from, to),
+        Cmd::Enroll(a) => enroll::enroll(&client, &a.namespace, true, Duration::from_secs(a.wait)),
+        Cmd::Unenroll(a) => enroll::enroll(&client, &a.namespace, false, Duration::from_secs(a.wait)),
+        Cmd::Completion { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "mesh-ctl", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+    };
+    match result {
+        Ok(report) => {
+            let mut out = std::io::stdout().lock();
+            // A closed pipe (`| head`) is not an error worth a message.
+            let _ = out.write_all(report.render(cli.output).as_bytes());
+            if report.failed { ExitCode::from(EXIT_FOUND_PROBLEM) } else { ExitCode::SUCCESS }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}

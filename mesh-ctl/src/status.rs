@@ -1,0 +1,70 @@
+//! `mesh-ctl status`: is the controller up, which nodes are connected and in
+//! sync with the configuration, and which objects it rejected and why.
+use std::{
+    fmt::Write as _,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::json;
+
+use crate::{
+    api::{Client, Result},
+    output::{Report, Table, human_duration},
+};
+
+pub fn status(client: &Client) -> Result<Report> {
+    let ready = client.controller("/healthz/ready")?;
+    let (version, nodes) = client.node_list()?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let rejected: Vec<String> =
+        ready["rejected"].as_array().into_iter().flatten().filter_map(|r| r.as_str().map(str::to_owned)).collect();
+
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "controller {}: {}, configuration generation {}, version {}",
+        client.controller,
+        if ready["ready"] == true { "ready" } else { "NOT READY" },
+        ready["generation"],
+        if version.is_empty() { "-" } else { &version },
+    );
+    let mut table = Table::new(&["NODE", "CONNECTED", "ADMIN", "VERSION ACKED", "IN SYNC", "LAST PUSH", "NACKS"]);
+    for n in &nodes {
+        let last_push = if n.last_push_unix == 0 {
+            "never".into()
+        } else {
+            format!("{} ago", human_duration((now - n.last_push_unix) as i64))
+        };
+        table.row(vec![
+            n.name.clone(),
+            if n.connected { "yes" } else { "no" }.into(),
+            if n.admin_addr.is_empty() { "loopback only".into() } else { n.admin_addr.clone() },
+            n.version_acked.clone(),
+            if n.version_acked == version { "yes" } else { "no" }.into(),
+            last_push,
+            match &n.last_nack {
+                Some(reason) => format!("{} (last: {reason})", n.nacks),
+                None => n.nacks.to_string(),
+            },
+        ]);
+    }
+    text.push('\n');
+    text.push_str(&table.render("no node has connected"));
+    if rejected.is_empty() {
+        text.push_str("\nno rejected objects\n");
+    } else {
+        let _ = writeln!(text, "\n{} rejected (the last good version of each stays in force):", rejected.len());
+        for r in &rejected {
+            let _ = writeln!(text, "  {r}");
+        }
+    }
+    let in_sync = nodes.iter().filter(|n| n.connected && n.version_acked == version).count();
+    let data = json!({
+        "controller": { "address": client.controller, "ready": ready["ready"], "generation": ready["generation"] },
+        "version": version,
+        "nodes": nodes,
+        "nodes_in_sync": in_sync,
+        "rejected": rejected,
+    });
+    Ok(Report::new(data, text))
+}
