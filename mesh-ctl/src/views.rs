@@ -186,10 +186,12 @@ pub fn connections(client: &Client, sel: &NodeSelector) -> Result<Report> {
         let list = client.node(&t.name, &t.addr, "/connections")?;
         for c in list.as_array().into_iter().flatten() {
             let dst = if c["dst"].is_null() { &c["upstream"] } else { &c["dst"] };
+            // An outbound connection's peer is the pod's own redirect (loopback): name the pod.
+            let src = if c["direction"] == "outbound" { &c["pod"] } else { &c["src"] };
             table.row(vec![
                 t.name.clone(),
                 cell(&c["direction"]),
-                cell(&c["src"]),
+                cell(src),
                 cell(dst),
                 cell(&c["src_principal"]),
                 cell(&c["dst_principal"]),

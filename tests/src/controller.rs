@@ -16,7 +16,18 @@ use crate::{
 
 /// Where the controller listens for nodes (they reach it at its node's bridge address).
 pub const GRPC_ADDR: &str = "0.0.0.0:15012";
-const METRICS_ADDR: &str = "127.0.0.1:15014";
+/// Its HTTP port; `mesh-ctl` run in its namespace finds it at the default address.
+pub const METRICS_ADDR: &str = "127.0.0.1:15014";
+
+/// Where a controller runs and listens.
+pub struct Placement<'a> {
+    /// Its network namespace (`/proc/self/ns/net`: the caller's).
+    pub netns: &'a Path,
+    pub grpc_addr: &'a str,
+    pub metrics_addr: &'a str,
+    /// `ip:port` agents dial.
+    pub dial: String,
+}
 
 pub struct Controller {
     pub proc: Proc,
@@ -25,6 +36,8 @@ pub struct Controller {
     pub netns: PathBuf,
     pub config_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// Its HTTP port (reached from inside `netns`).
+    pub metrics_addr: String,
 }
 
 impl Topology {
@@ -32,6 +45,13 @@ impl Topology {
     /// the one of an earlier controller of this topology) and waits until it
     /// answers.
     pub fn start_controller(&self, netns: &Path, extra: &[&str]) -> Controller {
+        let dial = format!("{}:15012", self.node_ip(netns));
+        self.start_controller_at(Placement { netns, grpc_addr: GRPC_ADDR, metrics_addr: METRICS_ADDR, dial }, extra)
+    }
+
+    /// Like [`Self::start_controller`], placed and bound as `at` says.
+    pub fn start_controller_at(&self, at: Placement, extra: &[&str]) -> Controller {
+        let netns = at.netns;
         let config_dir = self.dir.join("config");
         let state_dir = PathBuf::from(format!("{STATE_ROOT}/{}/controller", self.id));
         fs::create_dir_all(&config_dir).expect("config dir");
@@ -44,23 +64,29 @@ impl Topology {
             "--state-dir",
             state_dir.to_str().unwrap(),
             "--grpc-addr",
-            GRPC_ADDR,
+            at.grpc_addr,
             "--metrics-addr",
-            METRICS_ADDR,
+            at.metrics_addr,
             "--poll-ms",
             "20",
         ];
         args.extend_from_slice(extra);
         let mut proc = Proc::spawn_in("controller", netns, &args, &log);
         let deadline = Instant::now() + Duration::from_secs(20);
-        let url = format!("http://{METRICS_ADDR}/healthz/ready");
+        let url = format!("http://{}/healthz/ready", at.metrics_addr);
         while !run_in(netns, &["curl", "-sf", "-m", "1", &url]).status.success() {
             assert!(proc.is_running(), "controller exited:\n{}", proc.log_text());
             assert!(Instant::now() < deadline, "controller not ready after 20 s:\n{}", proc.log_text());
             thread::sleep(Duration::from_millis(20));
         }
-        let address = format!("{}:15012", self.node_ip(netns));
-        Controller { proc, address, netns: netns.into(), config_dir, state_dir }
+        Controller {
+            proc,
+            address: at.dial,
+            netns: netns.into(),
+            config_dir,
+            state_dir,
+            metrics_addr: at.metrics_addr.to_owned(),
+        }
     }
 }
 
@@ -78,7 +104,7 @@ impl Controller {
 
     /// The body of `GET path` on the controller's HTTP port.
     pub fn get(&self, path: &str) -> String {
-        let out = run_in(&self.netns, &["curl", "-sf", "-m", "5", &format!("http://{METRICS_ADDR}{path}")]);
+        let out = run_in(&self.netns, &["curl", "-sf", "-m", "5", &format!("http://{}{path}", self.metrics_addr)]);
         assert!(out.status.success(), "GET {path} on the controller failed:\n{}", self.proc.log_text());
         String::from_utf8_lossy(&out.stdout).into_owned()
     }

@@ -36,15 +36,47 @@ impl Mesh {
     pub fn start_in(t: Topology, test: &str, nodes: &[&str]) -> Option<Mesh> {
         let cnode = t.node("controller");
         let controller = t.start_controller(&cnode, &[]);
+        Self::join(t, controller, test, nodes)
+    }
+
+    /// Agents on new nodes `nodes`, joined to `controller`. Each agent's
+    /// admin API listens on its node's bridge address, announced to the
+    /// controller, so `mesh-ctl` finds it.
+    pub fn join(t: Topology, controller: Controller, test: &str, nodes: &[&str]) -> Option<Mesh> {
         let mut started = Vec::new();
         for name in nodes {
             let netns = t.node(name);
-            let args = controller.agent_args(name);
+            let mut args = controller.agent_args(name);
+            args.extend(["--admin-addr".into(), format!("{}:15000", t.node_ip(&netns))]);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let agent = t.agent_or_skip(test, &netns, name, &args)?;
             started.push(Node { name: (*name).into(), netns, agent });
         }
         Some(Mesh { controller, nodes: started, t })
+    }
+
+    /// Runs `mesh-ctl` in the controller's namespace, pointed at it.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let bin = crate::topology::sibling_bin("mesh-ctl");
+        let url = format!("http://{}", self.controller.metrics_addr);
+        let mut all = vec![bin.to_str().unwrap(), "--controller", &url];
+        all.extend_from_slice(args);
+        run_in(&self.controller.netns, &all)
+    }
+
+    /// `mesh-ctl ARGS -o json`, which must succeed, parsed.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["-o", "json"]);
+        let out = self.ctl(&all);
+        assert!(
+            out.status.success(),
+            "mesh-ctl {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("mesh-ctl -o json prints JSON")
     }
 
     pub fn node(&self, name: &str) -> &Node {

@@ -135,6 +135,17 @@ impl Topology {
         netns
     }
 
+    /// Connects this host to the bridge as `addr`/24 through a veth named
+    /// `name` (so tools on the host reach nodes). It goes with the bridge's
+    /// namespace.
+    pub fn attach_host(&self, name: &str, addr: Ipv4Addr) {
+        let net_ns = ns_name(&self.net);
+        ip(&["link", "add", name, "type", "veth", "peer", "name", "host0", "netns", &net_ns]);
+        ip(&["-n", &net_ns, "link", "set", "host0", "master", "br0", "up"]);
+        ip(&["addr", "add", &format!("{addr}/24"), "dev", name]);
+        ip(&["link", "set", name, "up"]);
+    }
+
     /// The bridge address of a node made by [`Self::node`].
     pub fn node_ip(&self, node: &Path) -> Ipv4Addr {
         let c = self.created.lock().unwrap();
@@ -162,6 +173,11 @@ impl Topology {
         let mut args =
             vec![bin.to_str().unwrap(), "--instance", &instance, "--state-dir", &state_dir, "--log-format", "json"];
         args.extend_from_slice(extra);
+        let admin_addr = extra
+            .iter()
+            .position(|a| *a == "--admin-addr")
+            .and_then(|i| extra.get(i + 1))
+            .map_or_else(|| "127.0.0.1:15000".to_owned(), |a| (*a).to_owned());
         let mut proc = Proc::spawn_in(&format!("agent {name}"), node, &args, &log);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -181,7 +197,7 @@ impl Topology {
             thread::sleep(Duration::from_millis(50));
         }
         let pin_dir = Path::new(BPFFS).join("mesh").join(&instance);
-        Ok(Agent { proc, node: node.into(), instance, pin_dir })
+        Ok(Agent { proc, node: node.into(), instance, pin_dir, admin_addr })
     }
 
     /// Like [`Self::start_agent`], but says SKIPPED and returns `None` where the
@@ -260,11 +276,13 @@ pub struct Agent {
     pub node: PathBuf,
     pub instance: String,
     pub pin_dir: PathBuf,
+    /// `ip:port` of its admin API (reached from inside its node).
+    pub admin_addr: String,
 }
 
 impl Agent {
     fn admin(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        let url = format!("http://127.0.0.1:15000{path}");
+        let url = format!("http://{}{path}", self.admin_addr);
         let mut args = vec!["curl", "-s", "-m", "10", "-X", method, "-w", "\n%{http_code}", &url];
         if let Some(body) = body {
             args.extend_from_slice(&["-H", "content-type: application/json", "-d", body]);
@@ -361,10 +379,14 @@ fn mesh_node_bin() -> PathBuf {
 }
 
 /// A binary of this workspace, built beside the test executable.
-pub(crate) fn sibling_bin(name: &str) -> PathBuf {
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
+pub fn sibling_bin(name: &str) -> PathBuf {
+    // target/<profile>/deps/<test> (a test) or target/<profile>/xtask -> target/<profile>/<name>
     let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe.parent().and_then(Path::parent).map(|p| p.join(name)).expect("target dir");
+    let mut dir = exe.parent().expect("target dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
+    let bin = dir.join(name);
     assert!(bin.exists(), "{} not built: run `cargo build` first (cargo xtask test does)", bin.display());
     bin
 }

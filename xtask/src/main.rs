@@ -32,6 +32,9 @@ enum Cmd {
         /// Remove everything a previous quickstart created.
         #[arg(long)]
         down: bool,
+        /// Use the binaries already built beside xtask (the tests run it this way).
+        #[arg(long, hide = true)]
+        no_build: bool,
     },
     /// Only install the prerequisites (Debian packages, bpf-linker, toolchain link).
     Setup,
@@ -42,8 +45,8 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Test { args } => test(&args),
-        Cmd::Quickstart { down: false } => quickstart::up(),
-        Cmd::Quickstart { down: true } => quickstart::down(),
+        Cmd::Quickstart { down: false, no_build } => quickstart::up(no_build),
+        Cmd::Quickstart { down: true, .. } => quickstart::down(),
         Cmd::Setup => prereqs::ensure(),
         Cmd::Bench => bench(),
     }

@@ -1,117 +1,157 @@
-//! `cargo xtask quickstart`: a small mesh on this host, built with the same
-//! namespace harness as the tests. One simulated node runs `mesh-node`; pods
-//! `frontend` and `backend` are enrolled, `legacy` is not. It drives traffic,
-//! shows what the node proxy saw, and leaves everything running until
+//! `cargo xtask quickstart`: a whole mesh on this host. `mesh-controller` runs
+//! on the host with a config directory written here; two simulated nodes
+//! (network namespaces on one bridge) each run `mesh-node`; the sample app of
+//! namespace `demo` runs in pods: nginx (frontend) calls a Python backend
+//! service (two replicas, one per node), which counts visits in redis. It
+//! drives traffic, shows the tour (identities, HBONE on the wire, a policy
+//! that blocks a caller, metrics), and leaves everything running until
 //! `cargo xtask quickstart --down`.
-use std::{path::Path, thread, time::Duration};
+mod app;
+mod tour;
 
-use anyhow::Context as _;
-use mesh_tests::{Pod, Topology, remove_named};
-use serde_json::Value;
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use mesh_tests::{Placement, Topology, mesh::Mesh, remove_named, sibling_bin};
 
 use crate::{cargo, prereqs, step};
 
 /// Every namespace, pin and state directory of the quickstart starts with this.
-const ID: &str = "mq";
-const LOG_DIR: &str = "/var/tmp/mesh-quickstart";
+pub const ID: &str = "mq";
+pub const DIR: &str = "/var/tmp/mesh-quickstart";
+/// The host's end of the veth into the quickstart's bridge.
+pub const HOST_IF: &str = "mq-host";
+pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 254);
+/// Where `mesh-ctl`'s default `--controller` finds it.
+const METRICS_ADDR: &str = "127.0.0.1:15014";
 
-pub fn up() -> anyhow::Result<()> {
+fn pid_file() -> PathBuf {
+    Path::new(DIR).join("controller.pid")
+}
+
+pub fn up(no_build: bool) -> anyhow::Result<()> {
     prereqs::require_root("cargo xtask quickstart")?;
     prereqs::ensure()?;
-    step("building mesh-node");
-    cargo(&["build", "-p", "mesh-node"])?;
-    let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
-    let bin = metadata.target_directory.join("debug/mesh-node");
-    // SAFETY: still single-threaded; the harness reads this to find the agent.
-    unsafe { std::env::set_var("MESH_NODE_BIN", bin.as_std_path()) };
-
-    if !remove_named(ID).is_empty() {
+    if !no_build {
+        step("building mesh-node, mesh-controller and mesh-ctl");
+        cargo(&["build", "-p", "mesh-node", "-p", "mesh-controller", "-p", "mesh-ctl"])?;
+    }
+    if down_quietly()? {
         step("removed the previous quickstart");
     }
-    let _ = std::fs::remove_dir_all(LOG_DIR);
-    step("creating the topology: a bridge, pods frontend/backend/legacy, node node1");
-    let t = Topology::named(ID, Path::new(LOG_DIR));
-    let (frontend, backend, legacy) = (t.pod("frontend"), t.pod("backend"), t.pod("legacy"));
-    let node = t.node("node1");
-    for pod in [&frontend, &backend, &legacy] {
-        eprintln!("    pod {:<18} {:<12} {:<16} netns {}", pod.name, pod.ip4, pod.ip6, pod.netns.display());
-    }
+    std::fs::create_dir_all(DIR)?;
 
-    step("starting mesh-node on node1 and enrolling default/frontend and default/backend");
-    let agent = t.start_agent(&node, "node1", &["--cleanup"]).map_err(|reason| anyhow::anyhow!(reason))?;
-    agent.enroll(&frontend);
-    agent.enroll(&backend);
-    let servers = [t.http_server(&backend, 8080), t.http_server(&legacy, 8080)];
-
-    step("sending traffic");
-    for (from, to, what) in [
-        (&frontend, &backend, "enrolled -> enrolled: redirected out, steered in"),
-        (&legacy, &backend, "not enrolled -> enrolled: steered in"),
-        (&frontend, &legacy, "enrolled -> not enrolled: redirected out, plain TCP on"),
-        (&frontend, &backend, "the same over IPv6"),
-    ] {
-        let v6 = what.contains("IPv6");
-        let url = if v6 { format!("http://[{}]:8080/", to.ip6) } else { format!("http://{}:8080/", to.ip4) };
-        let out = from.curl(&url);
-        let status = String::from_utf8_lossy(&out.stdout).into_owned();
-        eprintln!("    {} -> {url:<28} HTTP {status}   ({what})", short(from));
-    }
-    thread::sleep(Duration::from_millis(300));
-
-    step("what the node proxy saw (one access-log line per connection)");
-    eprintln!(
-        "    {:<9} {:<17} {:<18} {:<24} {:<26} {:>6} {:>6}",
-        "DIRECTION", "POD", "LISTENER", "SOURCE", "ORIGINAL DEST", "SENT", "RECV"
+    step("network: a bridge, nodes node1 (10.201.0.1) and node2 (10.201.0.2), this host as 10.201.0.254");
+    let t = Topology::named(ID, Path::new(DIR));
+    t.attach_host(HOST_IF, HOST_IP);
+    // nsenter opening its own namespace: it stays in this host's.
+    let host_netns = Path::new("/proc/self/ns/net");
+    step("starting mesh-controller on this host (nodes dial 10.201.0.254:15012; HTTP on 127.0.0.1:15014)");
+    let grpc = format!("{HOST_IP}:15012");
+    let controller = t.start_controller_at(
+        Placement { netns: host_netns, grpc_addr: &grpc, metrics_addr: METRICS_ADDR, dial: grpc.clone() },
+        &[],
     );
-    for v in agent.access_log() {
-        eprintln!(
-            "    {:<9} {:<17} {:<18} {:<24} {:<26} {:>6} {:>6}",
-            text(&v["direction"]),
-            text(&v["pod"]),
-            text(&v["listener"]),
-            text(&v["src"]),
-            text(&v["original_dst"]),
-            text(&v["bytes_sent"]),
-            text(&v["bytes_received"])
-        );
+    std::fs::write(pid_file(), controller.proc.pid().to_string())?;
+    step("starting mesh-node on node1 and node2");
+    let Some(mesh) = Mesh::join(t, controller, "quickstart", &["node1", "node2"]) else {
+        bail!("this kernel cannot run mesh-node (see the SKIPPED line above)");
+    };
+
+    step("the demo app: namespace demo (ambient), pods, services; then its servers");
+    let app = app::App::create(&mesh)?;
+    let servers = app.start_servers()?;
+
+    let ctl = Ctl::new();
+    tour::run(&mesh, &app, &ctl)?;
+
+    let Mesh { controller, nodes, t } = mesh;
+    controller.proc.leave_running();
+    for node in nodes {
+        node.agent.proc.leave_running();
     }
-    let pins = agent.pin_dir.display().to_string();
-    let node_ns = node.display().to_string();
-    agent.proc.leave_running();
     for s in servers {
         s.leave_running();
     }
     t.keep();
-
-    step("the mesh is running; try:");
-    eprintln!("    nsenter --net={node_ns} curl -s 127.0.0.1:15000/config_dump     # what node1 sees");
-    eprintln!("    nsenter --net=/run/netns/{ID}-frontend curl -s http://{}:8080/ # more traffic", backend.ip4);
-    eprintln!("    bpftool link show; ls {pins}/links                # the programs and their pins");
-    eprintln!("    tail -f {LOG_DIR}/agent-node1-*.log              # the agent's log");
-    eprintln!("    cargo xtask quickstart --down                     # remove everything");
+    tour::next_steps(&ctl);
     Ok(())
 }
 
 pub fn down() -> anyhow::Result<()> {
     prereqs::require_root("cargo xtask quickstart --down")?;
-    let removed = remove_named(ID);
-    let _ = std::fs::remove_dir_all(LOG_DIR);
-    if removed.is_empty() {
-        eprintln!("no quickstart mesh was running");
-    } else {
-        eprintln!("removed: {}", removed.join(", "));
+    if !down_quietly()? {
+        println!("no quickstart was running");
     }
     Ok(())
 }
 
-fn short(pod: &Pod) -> &str {
-    pod.name.trim_start_matches("default/")
+/// Removes everything a quickstart made; says what. `false`: there was nothing.
+fn down_quietly() -> anyhow::Result<bool> {
+    let mut removed = Vec::new();
+    if let Some(pid) = quickstart_controller() {
+        stop(pid);
+        removed.push(format!("mesh-controller (pid {pid})"));
+    }
+    removed.extend(remove_named(ID));
+    // The veth goes with the bridge's namespace; this is in case that failed.
+    if Path::new("/sys/class/net").join(HOST_IF).exists() {
+        let _ = std::process::Command::new("ip").args(["link", "del", HOST_IF]).status();
+        removed.push(format!("link {HOST_IF}"));
+    }
+    if Path::new(DIR).exists() {
+        std::fs::remove_dir_all(DIR).with_context(|| format!("removing {DIR}"))?;
+        removed.push(DIR.into());
+    }
+    for r in &removed {
+        println!("removed {r}");
+    }
+    Ok(!removed.is_empty())
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
+/// The pid of the controller a quickstart started, if it still runs (and is
+/// still that controller: pids are reused).
+fn quickstart_controller() -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file()).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    (cmdline.contains("mesh-controller") && cmdline.contains(DIR)).then_some(pid)
+}
+
+/// SIGTERM, then SIGKILL after 5 s.
+fn stop(pid: i32) {
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+/// The `mesh-ctl` built beside this xtask, run on this host.
+pub struct Ctl {
+    pub bin: PathBuf,
+}
+
+impl Ctl {
+    fn new() -> Ctl {
+        Ctl { bin: sibling_bin("mesh-ctl") }
+    }
+
+    /// Runs `mesh-ctl ARGS` and returns its output (stdout, then stderr).
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = std::process::Command::new(&self.bin)
+            .args(args)
+            .env("MESH_CONTROLLER", format!("http://{METRICS_ADDR}"))
+            .output()
+            .with_context(|| format!("running {}", self.bin.display()))?;
+        Ok(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 }
