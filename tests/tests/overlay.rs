@@ -11,83 +11,10 @@ use std::{
 
 use mesh_tests::{
     Pod, Proc,
+    capture::Capture,
     mesh::{Mesh, exchange, identity, sum_metric, yaml},
     run_in,
 };
-
-/// A capture of TCP on the bridge, stopped and read by [`Capture::packets`].
-struct Capture {
-    proc: Proc,
-    file: std::path::PathBuf,
-}
-
-impl Capture {
-    /// Starts tshark on the bridge and returns once it demonstrably captures:
-    /// `probe` (a pod outside the mesh) knocks on `target` until tshark
-    /// prints a packet of it (its start message comes before it really captures).
-    fn start(mesh: &Mesh, probe: &Pod, target: &Pod) -> Capture {
-        let file = mesh.t.dir.join(format!("bridge-{}.pcap", std::process::id()));
-        let _ = std::fs::remove_file(&file);
-        let log = mesh.t.dir.join("tshark.log");
-        let proc = Proc::spawn_in(
-            "tshark",
-            mesh.t.network(),
-            &["tshark", "-i", "br0", "-f", "tcp", "-l", "-P", "-w", file.to_str().unwrap()],
-            &log,
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let knock = format!("http://{}:1/", target.ip4);
-        while !proc.log_text().contains(&format!("{} ", probe.ip4)) {
-            assert!(Instant::now() < deadline, "tshark did not capture:\n{}", proc.log_text());
-            run_in(&probe.netns, &["curl", "-s", "-m", "1", &knock]);
-            thread::sleep(Duration::from_millis(100));
-        }
-        Capture { proc, file }
-    }
-
-    /// Stops the capture; returns (src port, dst port, payload length) of every
-    /// TCP segment between `a` and `b`, how many of them tshark dissects as
-    /// TLS application data, and the raw capture.
-    fn packets(mut self, mesh: &Mesh, a: &Pod, b: &Pod) -> (Vec<(u16, u16, usize)>, usize, Vec<u8>) {
-        thread::sleep(Duration::from_millis(300));
-        self.proc.signal(libc::SIGINT);
-        self.proc.wait_exit(Duration::from_secs(10));
-        let filter = format!("ip.addr=={} && ip.addr=={}", a.ip4, b.ip4);
-        let out = run_in(
-            mesh.t.network(),
-            &[
-                "tshark",
-                "-r",
-                self.file.to_str().unwrap(),
-                "-Y",
-                &filter,
-                "-T",
-                "fields",
-                "-e",
-                "tcp.srcport",
-                "-e",
-                "tcp.dstport",
-                "-e",
-                "tcp.len",
-            ],
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let packets = text
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split('\t').collect();
-                Some((f.first()?.parse().ok()?, f.get(1)?.parse().ok()?, f.get(2)?.parse().ok()?))
-            })
-            .collect();
-        let tls = format!("{filter} && tls.app_data");
-        let out = run_in(
-            mesh.t.network(),
-            &["tshark", "-r", self.file.to_str().unwrap(), "-d", "tcp.port==15008,tls", "-Y", &tls],
-        );
-        let tls_records = String::from_utf8_lossy(&out.stdout).lines().count();
-        (packets, tls_records, std::fs::read(&self.file).unwrap_or_default())
-    }
-}
 
 /// Two nodes; pod A (service account sa-a) on node1 and B (sa-b) on node2,
 /// in an ambient namespace, enrolled and holding their certificates.
@@ -121,7 +48,7 @@ fn cross_node_traffic_is_mutual_tls_and_counted() {
     let out = run_in(&a.netns, &["curl", "-sS", "-m", "5", &format!("http://{}/", b.ip4)]);
     assert!(out.status.success(), "curl A -> B failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains(MARKER), "nginx's page did not come back");
-    let (packets, tls_records, raw) = capture.packets(&mesh, &a, &b);
+    let (packets, tls_records, raw) = capture.packets(&a, &b);
     assert!(!packets.is_empty(), "the capture saw nothing between A and B");
     let off_15008: Vec<_> = packets.iter().filter(|(s, d, _)| *s != 15008 && *d != 15008).collect();
     assert!(off_15008.is_empty(), "segments between A and B not on 15008: {off_15008:?}");
