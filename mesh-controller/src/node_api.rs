@@ -13,7 +13,7 @@ use mesh_common::{
     api::{self, node_control_server::NodeControl, node_message::Kind as Msg},
     identity::SpiffeId,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -67,7 +67,7 @@ impl Held {
 }
 
 /// A node as the controller sees it (for `/debug/nodes`, metrics and `mesh-ctl status`).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub connected: bool,
     /// The node's admin API, as it announced it (empty: loopback only).

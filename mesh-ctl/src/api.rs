@@ -3,6 +3,7 @@
 //! failure says which address was tried and what to do about it.
 use std::{fmt, time::Duration};
 
+use mesh_controller::node_api::NodeStatus;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -120,15 +121,8 @@ fn reason(e: &ureq::Error) -> String {
 pub struct NodeEntry {
     #[serde(default)]
     pub name: String,
-    pub connected: bool,
-    #[serde(default)]
-    pub admin_addr: String,
-    pub version_sent: String,
-    pub version_acked: String,
-    pub last_push_unix: u64,
-    pub pushes: u64,
-    pub nacks: u64,
-    pub last_nack: Option<String>,
+    #[serde(flatten)]
+    pub status: NodeStatus,
 }
 
 /// Which nodes a command reads: one by name (through the controller's list),
@@ -192,13 +186,13 @@ impl Client {
         chosen
             .into_iter()
             .map(|n| {
-                if n.admin_addr.is_empty() {
+                if n.status.admin_addr.is_empty() {
                     Err(CtlError::new(format!("node {} did not announce an admin address", n.name)).hint(
                         "its admin API listens on loopback only: start mesh-node with --admin-addr on a private \
                          address, or run mesh-ctl on that node with --node-addr 127.0.0.1:15000",
                     ))
                 } else {
-                    Ok(Target { name: n.name.clone(), addr: n.admin_addr.clone() })
+                    Ok(Target { name: n.name.clone(), addr: n.status.admin_addr.clone() })
                 }
             })
             .collect()

@@ -30,21 +30,21 @@ pub fn status(client: &Client) -> Result<Report> {
     );
     let mut table = Table::new(&["NODE", "CONNECTED", "ADMIN", "VERSION ACKED", "IN SYNC", "LAST PUSH", "NACKS"]);
     for n in &nodes {
-        let last_push = if n.last_push_unix == 0 {
+        let last_push = if n.status.last_push_unix == 0 {
             "never".into()
         } else {
-            format!("{} ago", human_duration((now - n.last_push_unix) as i64))
+            format!("{} ago", human_duration((now - n.status.last_push_unix) as i64))
         };
         table.row(vec![
             n.name.clone(),
-            if n.connected { "yes" } else { "no" }.into(),
-            if n.admin_addr.is_empty() { "loopback only".into() } else { n.admin_addr.clone() },
-            n.version_acked.clone(),
-            if n.version_acked == version { "yes" } else { "no" }.into(),
+            if n.status.connected { "yes" } else { "no" }.into(),
+            if n.status.admin_addr.is_empty() { "loopback only".into() } else { n.status.admin_addr.clone() },
+            n.status.version_acked.clone(),
+            if n.status.version_acked == version { "yes" } else { "no" }.into(),
             last_push,
-            match &n.last_nack {
-                Some(reason) => format!("{} (last: {reason})", n.nacks),
-                None => n.nacks.to_string(),
+            match &n.status.last_nack {
+                Some(reason) => format!("{} (last: {reason})", n.status.nacks),
+                None => n.status.nacks.to_string(),
             },
         ]);
     }
@@ -58,7 +58,7 @@ pub fn status(client: &Client) -> Result<Report> {
             let _ = writeln!(text, "  {r}");
         }
     }
-    let in_sync = nodes.iter().filter(|n| n.connected && n.version_acked == version).count();
+    let in_sync = nodes.iter().filter(|n| n.status.connected && n.status.version_acked == version).count();
     let data = json!({
         "controller": { "address": client.controller, "ready": ready["ready"], "generation": ready["generation"] },
         "version": version,
