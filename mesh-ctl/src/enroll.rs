@@ -35,7 +35,7 @@ pub fn enroll(client: &Client, namespace: &str, enroll: bool, timeout: Duration)
         Some(o) => {
             let file = PathBuf::from(o["origin"]["file"].as_str().unwrap_or_default());
             let line = o["origin"]["line"].as_u64().unwrap_or(0) as usize;
-            set_label_in_file(&file, line, enroll)?.map(|()| file)
+            set_label_in_file(&file, line, enroll)?.then_some(file)
         }
         None if enroll => {
             let file = dir.join(format!("namespace-{namespace}.yaml"));
@@ -71,8 +71,8 @@ pub fn enroll(client: &Client, namespace: &str, enroll: bool, timeout: Duration)
 }
 
 /// Sets or removes the label on the document starting at `line` of `file`.
-/// `None`: it already was as wanted. Other documents are kept byte for byte.
-fn set_label_in_file(file: &Path, line: usize, enroll: bool) -> Result<Option<()>> {
+/// `false`: it already was as wanted. Other documents are kept byte for byte.
+fn set_label_in_file(file: &Path, line: usize, enroll: bool) -> Result<bool> {
     let text =
         std::fs::read_to_string(file).map_err(|e| CtlError::new(format!("cannot read {}: {e}", file.display())))?;
     let doc = split_documents(file, &text).into_iter().find(|d| d.line == line).ok_or_else(|| {
@@ -93,7 +93,7 @@ fn set_label_in_file(file: &Path, line: usize, enroll: bool) -> Result<Option<()
     let Some(Yaml::Mapping(labels)) = metadata.get_mut(&labels_key) else { unreachable!("inserted above") };
     let current = labels.get(LABEL).and_then(Yaml::as_str).map(str::to_owned);
     match (enroll, current.as_deref()) {
-        (true, Some("ambient")) | (false, None) => return Ok(None),
+        (true, Some("ambient")) | (false, None) => return Ok(false),
         (true, _) => {
             labels.insert(LABEL.into(), "ambient".into());
         }
@@ -119,7 +119,7 @@ fn set_label_in_file(file: &Path, line: usize, enroll: bool) -> Result<Option<()
         out.push('\n');
     }
     write_atomic(file, &out)?;
-    Ok(Some(()))
+    Ok(true)
 }
 
 /// Written beside the target under a hidden name (the controller skips those), then renamed.
@@ -185,10 +185,12 @@ fn wait_nodes(
     let tty = std::io::stderr().is_terminal();
     let total: usize = pods.values().map(BTreeSet::len).sum();
     let mut last = String::new();
+    let targets = client.targets(&NodeSelector::default())?;
     loop {
         let mut done = 0;
         let mut parts = Vec::new();
-        for (target, dump) in client.dumps(&NodeSelector::default())? {
+        for target in &targets {
+            let dump = client.node(&target.name, &target.addr, "/config_dump")?;
             let enrolled: BTreeSet<&str> =
                 dump["pods"].as_array().into_iter().flatten().filter_map(|p| p["name"].as_str()).collect();
             let want = pods.get(&target.name).cloned().unwrap_or_default();

@@ -33,7 +33,7 @@ pub fn status(client: &Client) -> Result<Report> {
         let last_push = if n.status.last_push_unix == 0 {
             "never".into()
         } else {
-            format!("{} ago", human_duration((now - n.status.last_push_unix) as i64))
+            format!("{} ago", human_duration(now as i64 - n.status.last_push_unix as i64))
         };
         table.row(vec![
             n.name.clone(),

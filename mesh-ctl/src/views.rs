@@ -72,7 +72,7 @@ pub fn workloads(client: &Client, sel: &NodeSelector) -> Result<Report> {
             w.namespace.clone(),
             w.name.clone(),
             w.ips.join(","),
-            cell(&json!(w.node)),
+            if w.node.is_empty() { "-".into() } else { w.node.clone() },
             w.identity.clone(),
             row.protocol.into(),
             seen_by(seen, dumps.len()),

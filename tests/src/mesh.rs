@@ -64,21 +64,6 @@ impl Mesh {
         run_in(&self.controller.netns, &all)
     }
 
-    /// `mesh-ctl ARGS -o json`, which must succeed, parsed.
-    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = args.to_vec();
-        all.extend_from_slice(&["-o", "json"]);
-        let out = self.ctl(&all);
-        assert!(
-            out.status.success(),
-            "mesh-ctl {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("mesh-ctl -o json prints JSON")
-    }
-
     pub fn node(&self, name: &str) -> &Node {
         self.nodes.iter().find(|n| n.name == name).expect("no such node")
     }

@@ -23,8 +23,11 @@ pub struct LocalIdentity {
     pub credentials: tls::Credentials,
     pub roots: Arc<RootCertStore>,
     pub server: Arc<rustls::ServerConfig>,
-    /// The certificate as issued (dates, serial, for renewal and the config dump).
+    /// The certificate as issued (dates, serial, for renewal).
     pub cert: KeyedCert,
+    /// What the config dump shows, chain verified once here rather than on
+    /// every dump (`mesh-ctl enroll` polls dumps).
+    pub view: CertView,
 }
 
 impl LocalIdentity {
@@ -41,7 +44,8 @@ impl LocalIdentity {
         let roots = Arc::new(roots);
         let credentials = tls::Credentials { chain, key: Arc::new(key) };
         let server = Arc::new(tls::server_config(&credentials, roots.clone(), identity.trust_domain())?);
-        Ok(LocalIdentity { credentials, roots, server, cert: cert.clone() })
+        let view = cert.view(&identity.to_string());
+        Ok(LocalIdentity { credentials, roots, server, cert: cert.clone(), view })
     }
 
     /// A client config that presents this identity and accepts only `peer`.
@@ -68,7 +72,7 @@ impl Identities {
     /// Every certificate held, by identity (for the config dump).
     pub fn views(&self) -> Vec<CertView> {
         let map = self.by_id.read().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<CertView> = map.iter().map(|(id, l)| l.cert.view(&id.to_string())).collect();
+        let mut out: Vec<CertView> = map.values().map(|l| l.view.clone()).collect();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
     }
