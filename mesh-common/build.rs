@@ -1,14 +1,18 @@
-//! With the `grpc` feature, generates the controller/node API from proto/.
+//! With the `api` feature, generates the controller/node API's messages from
+//! proto/; with `grpc`, its client and server stubs too.
 fn main() {
-    #[cfg(feature = "grpc")]
-    grpc();
+    #[cfg(feature = "api")]
+    api();
 }
 
-#[cfg(feature = "grpc")]
-fn grpc() {
+#[cfg(feature = "api")]
+fn api() {
+    let stubs = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(["mesh/v1/node.proto"], ["proto"]).unwrap_or_else(|e| panic!("proto/: {e}"));
     tonic_prost_build::configure()
+        .build_client(stubs)
+        .build_server(stubs)
         // BTreeMap: maps encode in key order, so a resource's bytes (and the
         // version hashed from them) are the same every time.
         .btree_map(".")

@@ -10,12 +10,12 @@ use serde::Serialize;
 
 use crate::identity::SpiffeId;
 
-#[cfg(feature = "grpc")]
+#[cfg(feature = "api")]
 pub mod admission;
-#[cfg(feature = "grpc")]
+#[cfg(feature = "api")]
 mod wire;
-#[cfg(feature = "grpc")]
-pub use wire::applies_to;
+#[cfg(feature = "api")]
+pub use wire::{applies_to, in_scope, scope_of};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Action {

@@ -6,6 +6,8 @@
 //! them to the programs: network byte order, IPv4 in the first word.
 #![cfg_attr(not(feature = "std"), no_std)]
 
+#[cfg(feature = "api")]
+pub mod admin;
 #[cfg(feature = "authz")]
 pub mod authz;
 #[cfg(feature = "std")]
@@ -159,8 +161,11 @@ mod tests {
 }
 
 /// The controller/node API (`proto/mesh/v1/node.proto`).
-#[cfg(feature = "grpc")]
+#[cfg(feature = "api")]
 pub mod api {
     #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("mesh.v1");
+    include!(concat!(env!("OUT_DIR"), "/mesh.v1.rs"));
+
+    mod keys;
+    pub use keys::ResourceKey;
 }

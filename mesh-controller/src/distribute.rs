@@ -36,28 +36,20 @@ impl Delta {
 impl WireSet {
     pub fn from_model(model: &MeshModel) -> WireSet {
         let mut resources = BTreeMap::new();
-        let mut add = |key: String, kind: Kind| {
-            let mut r = api::Resource { key, version: 0, kind: Some(kind) };
+        let mut add = |key: api::ResourceKey, kind: Kind| {
+            let mut r = api::Resource { key: key.to_string(), version: 0, kind: Some(kind) };
             r.version = fnv1a(&r.encode_to_vec());
             resources.insert(r.key.clone(), Arc::new(r));
         };
         for w in model.workloads.values() {
-            add(format!("workload/{}", w.uid), Kind::Workload(workload(model, w)));
+            add(api::ResourceKey::Workload(w.uid.clone()), Kind::Workload(workload(model, w)));
         }
         for (key, s) in &model.services {
-            add(format!("service/{key}"), Kind::Service(service(s)));
+            add(api::ResourceKey::Service(key.clone()), Kind::Service(service(s)));
         }
         for (key, p) in &model.policies {
-            // A root-namespace policy is mesh-wide, with or without a selector.
-            let scope = if p.policy.namespace == model.root_namespace {
-                api::Scope::Global
-            } else if p.selector.is_some() {
-                api::Scope::WorkloadSelector
-            } else {
-                api::Scope::Namespace
-            };
             let selector = p.selector.clone().unwrap_or_default();
-            add(format!("policy/{key}"), Kind::Authorization(p.policy.to_wire(scope, selector)));
+            add(api::ResourceKey::Policy(key.clone()), Kind::Authorization(p.policy.to_wire(p.scope, selector)));
         }
         let mut whole = 0u64;
         for r in resources.values() {

@@ -3,7 +3,7 @@
 //! breaks); `model` turns those into what nodes need: workloads with
 //! identities, services, and compiled L4 authorization.
 pub mod ca;
-pub mod config;
+pub use mesh_config as config;
 pub mod distribute;
 pub mod model;
 pub mod node_api;

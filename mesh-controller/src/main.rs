@@ -75,7 +75,8 @@ pub struct State {
     pub config_dir: PathBuf,
     pub store: ConfigStore,
     pub model: Arc<MeshModel>,
-    pub reloads: u64,
+    /// Times the directory was read (a Prometheus counter: the registry shares it).
+    pub reloads: prometheus_client::metrics::counter::Counter,
     pub last_reload_seconds: f64,
 }
 
@@ -110,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
         config_dir: config_dir.clone(),
         store: ConfigStore::default(),
         model: Arc::default(),
-        reloads: 0,
+        reloads: Default::default(),
         last_reload_seconds: 0.0,
     }));
     let mut seen = watch::fingerprint(&config_dir);
@@ -183,7 +184,7 @@ impl Reloader {
         }
         let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
         let old = (std::mem::replace(&mut s.store, store), std::mem::replace(&mut s.model, model));
-        s.reloads += 1;
+        s.reloads.inc();
         s.last_reload_seconds = started.elapsed().as_secs_f64();
         info!(
             generation = s.store.generation(),

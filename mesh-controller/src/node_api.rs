@@ -10,10 +10,14 @@ use std::{
 };
 
 use mesh_common::{
+    admin::NodeStatus,
     api::{self, node_control_server::NodeControl, node_message::Kind as Msg},
     identity::SpiffeId,
 };
-use serde::{Deserialize, Serialize};
+use prometheus_client::{
+    metrics::{counter::Counter, histogram::Histogram},
+    registry::Registry,
+};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -66,51 +70,54 @@ impl Held {
     }
 }
 
-/// A node as the controller sees it (for `/debug/nodes`, metrics and `mesh-ctl status`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct NodeStatus {
-    pub connected: bool,
-    /// The node's admin API, as it announced it (empty: loopback only).
-    pub admin_addr: String,
-    pub version_sent: String,
-    pub version_acked: String,
-    pub last_push_unix: u64,
-    pub pushes: u64,
-    pub nacks: u64,
-    pub last_nack: Option<String>,
-    /// Resources sent in the first update of the latest stream (0: resumed in sync).
-    pub resync_resources: usize,
-}
-
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub pushes: u64,
+/// The node API's metric families, owned here; [`HubMetrics::register`]
+/// puts them in the process's registry.
+#[derive(Clone, Debug)]
+pub struct HubMetrics {
+    pub pushes: Counter,
+    /// From a configuration change to its update sent on a node's stream.
     pub push_latency: Histogram,
-    pub nacks: u64,
-    pub resync_resources: u64,
-    pub certificates: u64,
-    pub refused: u64,
-}
-
-/// A Prometheus histogram of seconds.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    pub buckets: [u64; 10],
-    pub sum: f64,
-    pub count: u64,
+    pub nacks: Counter,
+    pub resync_resources: Counter,
+    pub certificates: Counter,
+    pub refused: Counter,
 }
 
 pub const LATENCY_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        for (b, le) in self.buckets.iter_mut().zip(LATENCY_BUCKETS) {
-            if seconds <= le {
-                *b += 1;
-            }
+impl Default for HubMetrics {
+    fn default() -> Self {
+        HubMetrics {
+            pushes: Counter::default(),
+            push_latency: Histogram::new(LATENCY_BUCKETS),
+            nacks: Counter::default(),
+            resync_resources: Counter::default(),
+            certificates: Counter::default(),
+            refused: Counter::default(),
         }
-        self.sum += seconds;
-        self.count += 1;
+    }
+}
+
+impl HubMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("mesh_controller_pushes", "Updates sent to nodes.", self.pushes.clone());
+        registry.register(
+            "mesh_controller_push_latency_seconds",
+            "From a configuration change to its update sent on a node's stream.",
+            self.push_latency.clone(),
+        );
+        registry.register(
+            "mesh_controller_resync_resources",
+            "Resources sent in the first update of node streams (0 when nodes resume in sync).",
+            self.resync_resources.clone(),
+        );
+        registry.register("mesh_controller_nacks", "Updates nodes rejected.", self.nacks.clone());
+        registry.register("mesh_controller_certificates_issued", "Certificates issued.", self.certificates.clone());
+        registry.register(
+            "mesh_controller_node_requests_refused",
+            "Node requests refused (bad token, not a node certificate, identity not on the node).",
+            self.refused.clone(),
+        );
     }
 }
 
@@ -121,7 +128,7 @@ pub struct Hub {
     join_token: String,
     trust_domain: String,
     pub nodes: Mutex<BTreeMap<String, NodeStatus>>,
-    pub counters: Mutex<Counters>,
+    pub metrics: HubMetrics,
     large_updates: Arc<tokio::sync::Semaphore>,
 }
 
@@ -142,7 +149,7 @@ impl Hub {
             join_token,
             trust_domain,
             nodes: Mutex::default(),
-            counters: Mutex::default(),
+            metrics: HubMetrics::default(),
             large_updates: Arc::new(tokio::sync::Semaphore::new(LARGE_UPDATES_IN_FLIGHT)),
         }
     }
@@ -165,7 +172,7 @@ impl Hub {
     }
 
     fn refuse(&self, status: Status) -> Status {
-        self.counters.lock().unwrap_or_else(|e| e.into_inner()).refused += 1;
+        self.metrics.refused.inc();
         warn!(code = ?status.code(), "refused a node request: {}", status.message());
         status
     }
@@ -189,7 +196,7 @@ impl Hub {
     }
 
     fn issued(&self, issued: Issued) -> Response<api::CertificateResponse> {
-        self.counters.lock().unwrap_or_else(|e| e.into_inner()).certificates += 1;
+        self.metrics.certificates.inc();
         Response::new(api::CertificateResponse {
             cert_pem: issued.cert_pem,
             chain_pem: issued.chain_pem,
@@ -363,14 +370,11 @@ impl Hub {
                 }
                 sent = Held::Set(published.wire.clone());
                 let latency = published.at.elapsed().as_secs_f64();
-                {
-                    let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-                    c.pushes += 1;
-                    if first {
-                        c.resync_resources += size as u64;
-                    } else {
-                        c.push_latency.observe(latency);
-                    }
+                self.metrics.pushes.inc();
+                if first {
+                    self.metrics.resync_resources.inc_by(size as u64);
+                } else {
+                    self.metrics.push_latency.observe(latency);
                 }
                 self.status(node, |s| {
                     s.pushes += 1;
@@ -396,7 +400,7 @@ impl Hub {
                         // Resend everything it has not acknowledged with the next change.
                         sent = acked.clone();
                         drop(in_flight.take());
-                        self.counters.lock().unwrap_or_else(|e| e.into_inner()).nacks += 1;
+                        self.metrics.nacks.inc();
                         self.status(node, |s| {
                             s.nacks += 1;
                             s.last_nack = Some(nack.reason);

@@ -2,16 +2,17 @@
 //! metrics, and JSON dumps of the configuration and the model.
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
-    sync::{Arc, RwLock},
+    sync::{Arc, RwLock, atomic::AtomicU64},
 };
 
 use axum::{Json, Router, extract::State as AxState, http::header, response::IntoResponse, routing::get};
 use serde_json::json;
 
-use mesh_controller::{
-    ca::CertificateAuthority,
-    node_api::{Hub, LATENCY_BUCKETS},
+use mesh_controller::{ca::CertificateAuthority, node_api::Hub};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
 };
 
 use crate::State;
@@ -20,9 +21,11 @@ type Shared = Arc<RwLock<State>>;
 
 pub fn router(state: Shared, ca: Arc<CertificateAuthority>, hub: Arc<Hub>) -> Router {
     let nodes_hub = hub.clone();
+    let reloads = read(&state).reloads.clone();
+    let registry = Arc::new(registry(&hub, &reloads));
     Router::new()
         .route("/healthz/ready", get(ready))
-        .route("/metrics", get(move |s| metrics(s, hub)))
+        .route("/metrics", get(move |s| metrics(s, hub, registry)))
         .route("/debug/config", get(config))
         .route("/debug/model", get(model))
         .with_state(state)
@@ -66,86 +69,78 @@ async fn model(AxState(s): AxState<Shared>) -> impl IntoResponse {
 async fn nodes(hub: Arc<Hub>) -> impl IntoResponse {
     let version = hub.current().wire.version.clone();
     let nodes = hub.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    Json(json!({ "version": version, "nodes": nodes }))
+    Json(mesh_common::admin::NodeList { version, nodes })
 }
 
-async fn metrics(AxState(s): AxState<Shared>, hub: Arc<Hub>) -> impl IntoResponse {
-    let s = read(&s);
-    let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
-    for key in s.store.objects().keys() {
-        *by_kind.entry(format!("{:?}", key.kind)).or_default() += 1;
-    }
-    let mut out = String::new();
-    let _ = writeln!(out, "# HELP mesh_controller_config_objects Objects in force, by kind.");
-    let _ = writeln!(out, "# TYPE mesh_controller_config_objects gauge");
-    for (kind, n) in by_kind {
-        let _ = writeln!(out, "mesh_controller_config_objects{{kind=\"{kind}\"}} {n}");
-    }
-    let metric = |out: &mut String, name: &str, kind: &str, help: &str, v: f64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-    };
-    metric(
-        &mut out,
+/// The controller's own figures about its configuration, sampled from the
+/// state at each scrape; the node API's families are registered by the hub.
+#[derive(Clone, Default)]
+struct ConfigGauges {
+    objects: Family<KindLabel, Gauge>,
+    problems: Gauge,
+    generation: Gauge,
+    reload_seconds: Gauge<f64, AtomicU64>,
+    workloads: Gauge,
+    nodes_connected: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+/// The process's one registry: the hub's families, the reload counter and
+/// the configuration gauges.
+fn registry(hub: &Hub, reloads: &Counter) -> (Registry, ConfigGauges) {
+    let mut registry = Registry::default();
+    let g = ConfigGauges::default();
+    registry.register("mesh_controller_config_objects", "Objects in force, by kind.", g.objects.clone());
+    registry.register(
         "mesh_controller_config_problems",
-        "gauge",
         "Problems in the latest configuration (rejected objects, unreadable files, duplicates).",
-        s.store.problems().len() as f64,
+        g.problems.clone(),
     );
-    metric(
-        &mut out,
+    registry.register(
         "mesh_controller_config_generation",
-        "gauge",
         "Generation of the configuration in force.",
-        s.store.generation() as f64,
+        g.generation.clone(),
     );
-    metric(
-        &mut out,
-        "mesh_controller_config_reloads_total",
-        "counter",
-        "Times the configuration directory was read.",
-        s.reloads as f64,
-    );
-    metric(
-        &mut out,
+    registry.register("mesh_controller_config_reloads", "Times the configuration directory was read.", reloads.clone());
+    registry.register(
         "mesh_controller_config_reload_seconds",
-        "gauge",
         "Duration of the latest read, validation and model build.",
-        s.last_reload_seconds,
+        g.reload_seconds.clone(),
     );
-    metric(&mut out, "mesh_controller_workloads", "gauge", "Workloads in the model.", s.model.workloads.len() as f64);
-    let connected = hub.nodes.lock().unwrap_or_else(|e| e.into_inner()).values().filter(|n| n.connected).count();
-    metric(&mut out, "mesh_controller_nodes_connected", "gauge", "Nodes with an open stream.", connected as f64);
-    let c = hub.counters.lock().unwrap_or_else(|e| e.into_inner());
-    metric(&mut out, "mesh_controller_pushes_total", "counter", "Updates sent to nodes.", c.pushes as f64);
-    metric(
-        &mut out,
-        "mesh_controller_resync_resources_total",
-        "counter",
-        "Resources sent in the first update of node streams (0 when nodes resume in sync).",
-        c.resync_resources as f64,
-    );
-    metric(&mut out, "mesh_controller_nacks_total", "counter", "Updates nodes rejected.", c.nacks as f64);
-    metric(
-        &mut out,
-        "mesh_controller_certificates_issued_total",
-        "counter",
-        "Certificates issued.",
-        c.certificates as f64,
-    );
-    metric(
-        &mut out,
-        "mesh_controller_node_requests_refused_total",
-        "counter",
-        "Node requests refused (bad token, not a node certificate, identity not on the node).",
-        c.refused as f64,
-    );
-    let name = "mesh_controller_push_latency_seconds";
-    let _ = writeln!(out, "# HELP {name} From a configuration change to its update sent on a node's stream.");
-    let _ = writeln!(out, "# TYPE {name} histogram");
-    for (le, n) in LATENCY_BUCKETS.iter().zip(c.push_latency.buckets) {
-        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    registry.register("mesh_controller_workloads", "Workloads in the model.", g.workloads.clone());
+    registry.register("mesh_controller_nodes_connected", "Nodes with an open stream.", g.nodes_connected.clone());
+    hub.metrics.register(&mut registry);
+    (registry, g)
+}
+
+async fn metrics(
+    AxState(s): AxState<Shared>,
+    hub: Arc<Hub>,
+    metrics: Arc<(Registry, ConfigGauges)>,
+) -> impl IntoResponse {
+    let (registry, g) = &*metrics;
+    {
+        let s = read(&s);
+        let mut by_kind: BTreeMap<String, i64> = BTreeMap::new();
+        for key in s.store.objects().keys() {
+            *by_kind.entry(format!("{:?}", key.kind)).or_default() += 1;
+        }
+        g.objects.clear();
+        for (kind, n) in by_kind {
+            g.objects.get_or_create(&KindLabel { kind }).set(n);
+        }
+        g.problems.set(s.store.problems().len() as i64);
+        g.generation.set(s.store.generation() as i64);
+        g.reload_seconds.set(s.last_reload_seconds);
+        g.workloads.set(s.model.workloads.len() as i64);
     }
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", c.push_latency.count);
-    let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", c.push_latency.sum, c.push_latency.count);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    let connected = hub.nodes.lock().unwrap_or_else(|e| e.into_inner()).values().filter(|n| n.connected).count();
+    g.nodes_connected.set(connected as i64);
+    let mut body = String::new();
+    let _ = encode(&mut body, registry);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
 }

@@ -3,7 +3,7 @@
 //! failure says which address was tried and what to do about it.
 use std::{fmt, time::Duration};
 
-use mesh_controller::node_api::NodeStatus;
+use mesh_common::admin::{NodeList, NodeStatus};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -147,16 +147,10 @@ pub struct Target {
 impl Client {
     /// The controller's node list, sorted by name.
     pub fn node_list(&self) -> Result<(String, Vec<NodeEntry>)> {
-        let v = self.controller("/debug/nodes")?;
-        let version = v["version"].as_str().unwrap_or_default().to_owned();
-        let mut nodes = Vec::new();
-        for (name, entry) in v["nodes"].as_object().into_iter().flatten() {
-            let mut node: NodeEntry = serde_json::from_value(entry.clone())
-                .map_err(|e| CtlError::new(format!("the controller's /debug/nodes entry for {name}: {e}")))?;
-            node.name = name.clone();
-            nodes.push(node);
-        }
-        Ok((version, nodes))
+        let list: NodeList = serde_json::from_value(self.controller("/debug/nodes")?)
+            .map_err(|e| CtlError::new(format!("the controller's /debug/nodes: {e}")))?;
+        let nodes = list.nodes.into_iter().map(|(name, status)| NodeEntry { name, status }).collect();
+        Ok((list.version, nodes))
     }
 
     /// The nodes `sel` names, with their admin addresses.

@@ -2,7 +2,7 @@
 //! files (the same parser, validator and duplicate detection), offline.
 use std::{fmt::Write as _, path::PathBuf};
 
-use mesh_controller::config::{ConfigStore, Problem, Snapshot, read_dir, split_documents};
+use mesh_config::{ConfigStore, Problem, Snapshot, read_dir, split_documents};
 use serde_json::json;
 
 use crate::{

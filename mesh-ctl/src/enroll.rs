@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_controller::config::split_documents;
+use mesh_config::split_documents;
 use serde_json::{Value, json};
 use serde_yaml_ng::Value as Yaml;
 

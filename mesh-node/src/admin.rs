@@ -58,26 +58,27 @@ async fn config_dump(State(s): State<AdminState>) -> Response {
         (pods.list(), pods.dataplane_status())
     };
     let mut dump = json!({ "instance": s.instance, "pods": pods, "dataplane": dataplane });
+    let proxy = &s.proxy.proxy;
     if let Some(c) = &s.control {
-        let store = c.store.lock().unwrap_or_else(|e| e.into_inner());
+        let store = proxy.state.dump();
         dump["controller"] = json!(*c.status.lock().unwrap_or_else(|e| e.into_inner()));
         dump["version"] = json!(store.version);
         dump["workloads"] = json!(store.workloads);
         dump["services"] = json!(store.services);
         dump["policies"] = json!(store.policies);
-        dump["certificates"] = json!(s.proxy.identities.views());
+        dump["certificates"] = json!(proxy.identities.views());
         dump["node_certificate"] = json!(c.node_certificate());
     }
-    let (pooled, dialed) = s.proxy.pool.stats();
+    let (pooled, dialed) = proxy.pool.stats();
     dump["hbone_pool"] = json!({ "connections": pooled, "dialed": dialed });
     // The configuration version the proxy enforces now (it follows each applied update).
-    dump["proxy"] = json!({ "version": s.proxy.view().version });
+    dump["proxy"] = json!({ "version": proxy.state.view().version });
     Json(dump).into_response()
 }
 
 /// `GET /connections`: the connections the proxy carries now, with bytes so far.
 async fn connections(State(s): State<AdminState>) -> Response {
-    Json(s.proxy.connections.list()).into_response()
+    Json(s.proxy.proxy.connections.list()).into_response()
 }
 
 async fn list_pods(State(s): State<AdminState>) -> Response {

@@ -9,7 +9,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     fs::{self, File},
     io,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::Mutex,
@@ -68,12 +68,14 @@ pub struct DataplaneConfig {
 pub struct OrigDstTable(Mutex<BpfHashMap<MapData, PeerKey, OrigDst>>);
 
 impl OrigDstTable {
-    /// Takes (reads and deletes) the original destination recorded for a client.
-    pub fn take(&self, key: &PeerKey) -> Option<OrigDst> {
+    /// Takes (reads and deletes) the original destination recorded for a
+    /// client at `client` in the network namespace `netns_cookie`.
+    pub fn take(&self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
+        let key = PeerKey { netns_cookie, ip: ip_key(client.ip()), port: u32::from(client.port()) };
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let found = map.get(key, 0).ok()?;
-        let _ = map.remove(key);
-        Some(found)
+        let found = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(SocketAddr::new(ip_from_key(&found.ip), found.port as u16))
     }
 }
 
@@ -330,7 +332,7 @@ fn sk_lookup_pin(netns_cookie: u64) -> String {
     format!("sk_lookup-{netns_cookie}")
 }
 
-pub fn ip_key(ip: IpAddr) -> IpKey {
+fn ip_key(ip: IpAddr) -> IpKey {
     match ip {
         IpAddr::V4(v4) => IpKey::v4(u32::from_ne_bytes(v4.octets())),
         IpAddr::V6(v6) => {
@@ -341,7 +343,7 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
     }
 }
 
-pub fn ip_from_key(key: &IpKey) -> IpAddr {
+fn ip_from_key(key: &IpKey) -> IpAddr {
     if key.family == mesh_common::AF_INET {
         IpAddr::from(key.addr[0].to_ne_bytes())
     } else {

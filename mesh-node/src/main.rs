@@ -4,7 +4,6 @@
 mod admin;
 mod control;
 mod dataplane;
-mod hbone;
 mod metrics_server;
 mod netns;
 mod pods;
@@ -137,9 +136,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         outbound_port: mesh_common::OUTBOUND_PORT,
         inbound_bypass_port: mesh_common::HBONE_PORT,
     })?;
-    let metrics = metrics_server::install()?;
-    let ctx = Arc::new(ProxyContext::new(args.proxy_mark, dataplane.orig_dst_table()));
-    ctx.spawn_reaper();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let proxy = Arc::new(mesh_proxy::Proxy::new(&mut registry));
+    proxy.spawn_reaper();
+    let ctx = Arc::new(ProxyContext::new(proxy.clone(), args.proxy_mark, dataplane.orig_dst_table(), &mut registry));
+    let gauges = metrics_server::NodeGauges::register(&mut registry);
     let ports = Ports {
         outbound: mesh_common::OUTBOUND_PORT,
         inbound: mesh_common::INBOUND_PORT,
@@ -152,16 +153,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let pods = Arc::new(Mutex::new(pods));
     let control = match (&args.controller, &args.node_name, &args.join_token, &args.controller_ca) {
         (Some(address), Some(node), Some(token_file), Some(ca_file)) => {
-            let control = Control::new(ControlConfig {
-                address: address.clone(),
-                node: node.clone(),
-                token_file: token_file.clone(),
-                ca_file: ca_file.clone(),
-                server_name: args.controller_name.clone(),
-                state_dir: state_dir.clone(),
-                admin_addr: Some(args.admin_addr).filter(|a| !a.ip().is_loopback()),
-            });
-            control.spawn(pods.clone(), ctx.clone());
+            let control = Control::new(
+                ControlConfig {
+                    address: address.clone(),
+                    node: node.clone(),
+                    token_file: token_file.clone(),
+                    ca_file: ca_file.clone(),
+                    server_name: args.controller_name.clone(),
+                    state_dir: state_dir.clone(),
+                    admin_addr: Some(args.admin_addr).filter(|a| !a.ip().is_loopback()),
+                },
+                proxy.clone(),
+            );
+            control.spawn(pods.clone());
             Some(control)
         }
         _ => None,
@@ -177,7 +181,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics port {}", args.metrics_addr))?;
-    tokio::spawn(metrics_server::serve(metrics_listener, metrics, pods.clone(), ctx.clone()));
+    let registry = Arc::new(registry);
+    tokio::spawn(metrics_server::serve(metrics_listener, registry, gauges, pods.clone(), ctx.clone()));
     let admin_state = AdminState { pods: pods.clone(), instance: args.instance.clone(), control, proxy: ctx.clone() };
     tokio::spawn(async move { axum::serve(admin, admin::admin_router(admin_state)).await });
     tokio::spawn({

@@ -1,56 +1,86 @@
-//! `/metrics` on 15020: Istio's `istio_tcp_*` (recorded by the proxy as
-//! connections open and close) and the agent's own health figures, sampled
-//! at each scrape.
-use std::sync::{Arc, Mutex};
+//! `/metrics` on 15020: the process's one registry, in OpenMetrics text.
+//! Istio's `istio_tcp_*` are recorded by the proxy as connections open and
+//! close; the agent's own health figures are gauges sampled at each scrape.
+use std::sync::{Arc, Mutex, atomic::AtomicU64};
 
-use axum::{Router, extract::State, routing::get};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use prometheus_client::{encoding::text::encode, metrics::gauge::Gauge, registry::Registry};
 
 use crate::{pods::Pods, proxy::ProxyContext};
 
-/// Installs the process-wide recorder; the handle renders what it holds.
-pub fn install() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new().install_recorder()?;
-    metrics::describe_counter!("istio_tcp_connections_opened_total", "TCP connections opened");
-    metrics::describe_counter!("istio_tcp_connections_closed_total", "TCP connections closed");
-    metrics::describe_counter!("istio_tcp_sent_bytes_total", "Bytes sent to the client (the response side)");
-    metrics::describe_counter!("istio_tcp_received_bytes_total", "Bytes received from the client (the request side)");
-    metrics::describe_counter!("mesh_node_hbone_errors_total", "HBONE connections refused at the handshake or failed");
-    Ok(handle)
+/// The agent's gauges, owned here and set at each scrape.
+#[derive(Clone, Default)]
+pub struct NodeGauges {
+    pods_enrolled: Gauge,
+    connections_active: Gauge,
+    pool_connections: Gauge,
+    connections_dialed: Gauge,
+    workloads: Gauge,
+    services: Gauge,
+    policies: Gauge,
+    resident_bytes: Gauge<f64, AtomicU64>,
+}
+
+impl NodeGauges {
+    pub fn register(registry: &mut Registry) -> NodeGauges {
+        let g = NodeGauges::default();
+        let mut add = |name: &str, help: &str, gauge: Gauge| registry.register(name, help, gauge);
+        add("mesh_node_pods_enrolled", "Pods enrolled on this node", g.pods_enrolled.clone());
+        add("mesh_node_connections_active", "Connections the proxy carries now", g.connections_active.clone());
+        add("mesh_node_hbone_pool_connections", "Pooled HBONE connections", g.pool_connections.clone());
+        add("mesh_node_hbone_connections_dialed", "HBONE connections dialed so far", g.connections_dialed.clone());
+        add("mesh_node_config_workloads", "Workloads in the configuration in force", g.workloads.clone());
+        add("mesh_node_config_services", "Services in the configuration in force", g.services.clone());
+        add("mesh_node_config_policies", "Policies in the configuration in force", g.policies.clone());
+        registry.register("process_resident_memory_bytes", "Resident memory", g.resident_bytes.clone());
+        g
+    }
 }
 
 #[derive(Clone)]
 struct Sources {
-    handle: PrometheusHandle,
+    registry: Arc<Registry>,
+    gauges: NodeGauges,
     pods: Arc<Mutex<Pods>>,
     proxy: Arc<ProxyContext>,
 }
 
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    handle: PrometheusHandle,
+    registry: Arc<Registry>,
+    gauges: NodeGauges,
     pods: Arc<Mutex<Pods>>,
     proxy: Arc<ProxyContext>,
 ) {
-    let router = Router::new().route("/metrics", get(render)).with_state(Sources { handle, pods, proxy });
+    let router = Router::new().route("/metrics", get(render)).with_state(Sources { registry, gauges, pods, proxy });
     let _ = axum::serve(listener, router).await;
 }
 
-async fn render(State(s): State<Sources>) -> String {
+async fn render(State(s): State<Sources>) -> impl IntoResponse {
     let enrolled = s.pods.lock().unwrap_or_else(|e| e.into_inner()).list().len();
-    let (pooled, dialed) = s.proxy.pool.stats();
-    let (workloads, services, policies) = s.proxy.view().sizes();
-    metrics::gauge!("mesh_node_pods_enrolled").set(enrolled as f64);
-    metrics::gauge!("mesh_node_connections_active").set(s.proxy.connections.len() as f64);
-    metrics::gauge!("mesh_node_hbone_pool_connections").set(pooled as f64);
-    metrics::gauge!("mesh_node_hbone_connections_dialed").set(dialed as f64);
-    metrics::gauge!("mesh_node_config_workloads").set(workloads as f64);
-    metrics::gauge!("mesh_node_config_services").set(services as f64);
-    metrics::gauge!("mesh_node_config_policies").set(policies as f64);
+    let proxy = &s.proxy.proxy;
+    let (pooled, dialed) = proxy.pool.stats();
+    let (workloads, services, policies) = proxy.state.view().sizes();
+    let g = &s.gauges;
+    let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+    g.pods_enrolled.set(n(enrolled));
+    g.connections_active.set(n(proxy.connections.len()));
+    g.pool_connections.set(n(pooled));
+    g.connections_dialed.set(n(dialed));
+    g.workloads.set(n(workloads));
+    g.services.set(n(services));
+    g.policies.set(n(policies));
     if let Some(rss) = resident_bytes() {
-        metrics::gauge!("process_resident_memory_bytes").set(rss as f64);
+        g.resident_bytes.set(rss as f64);
     }
-    s.handle.render()
+    text(&s.registry)
+}
+
+/// The registry as an HTTP answer in OpenMetrics text (Prometheus reads it).
+pub fn text(registry: &Registry) -> impl IntoResponse + use<> {
+    let mut body = String::new();
+    let _ = encode(&mut body, registry);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
 }
 
 /// The process's resident set, from /proc/self/statm (pages).

@@ -2,6 +2,8 @@
 //! sends policies this way; the node and `mesh-ctl` read them back into the
 //! same matchers. A value that does not parse on the way back is an error
 //! naming it (the node NACKs the update), never a wider match.
+use std::collections::BTreeMap;
+
 use ipnet::IpNet;
 
 use super::{Action, CompiledPolicy, CompiledRule, ConditionMatch, PortMatch, SourceMatch, StringMatch, parse_net};
@@ -71,16 +73,40 @@ impl CompiledPolicy {
     }
 }
 
-/// Whether a policy applies to a workload. GLOBAL (a policy in the root
-/// namespace) applies in every namespace, the others in their own; a
-/// selector (empty: every workload) must match the workload's labels.
-pub fn applies_to(p: &api::Authorization, w: &api::Workload) -> bool {
-    let in_scope = match api::Scope::try_from(p.scope) {
-        Ok(api::Scope::Global) => true,
-        Ok(api::Scope::Namespace | api::Scope::WorkloadSelector) => p.namespace == w.namespace,
-        Err(_) => false,
+/// The scope of a policy: one in Istio's root namespace is mesh-wide (with or
+/// without a selector); elsewhere it is its namespace's, narrowed by a selector.
+pub fn scope_of(policy_namespace: &str, root_namespace: &str, has_selector: bool) -> api::Scope {
+    if policy_namespace == root_namespace {
+        api::Scope::Global
+    } else if has_selector {
+        api::Scope::WorkloadSelector
+    } else {
+        api::Scope::Namespace
+    }
+}
+
+/// Whether a policy of `scope` in `policy_namespace` with `selector` applies
+/// to a workload of `namespace` with `labels`. GLOBAL applies in every
+/// namespace, the others in their own; a selector (empty: every workload)
+/// must match the workload's labels. The controller and the node both decide
+/// with this function.
+pub fn in_scope(
+    scope: api::Scope,
+    policy_namespace: &str,
+    selector: &BTreeMap<String, String>,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let in_namespace = match scope {
+        api::Scope::Global => true,
+        api::Scope::Namespace | api::Scope::WorkloadSelector => policy_namespace == namespace,
     };
-    in_scope && p.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+    in_namespace && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Whether a policy (wire form) applies to a workload.
+pub fn applies_to(p: &api::Authorization, w: &api::Workload) -> bool {
+    api::Scope::try_from(p.scope).is_ok_and(|scope| in_scope(scope, &p.namespace, &p.selector, &w.namespace, &w.labels))
 }
 
 fn patterns_to_wire(list: &[StringMatch]) -> Vec<api::StringMatch> {

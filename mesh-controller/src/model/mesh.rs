@@ -3,7 +3,10 @@
 //! PeerAuthentication mode. Built from the configuration in force; pure.
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
-use mesh_common::identity::SpiffeId;
+use mesh_common::{
+    authz::{in_scope, scope_of},
+    identity::SpiffeId,
+};
 use serde::Serialize;
 
 use super::authz::{CompiledPolicy, Connection, Decision, evaluate};
@@ -80,10 +83,19 @@ pub struct MeshModel {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ScopedPolicy {
+    /// Which namespaces it covers (`mesh_common::authz::scope_of`).
+    #[serde(serialize_with = "scope_name")]
+    pub scope: mesh_common::api::Scope,
     /// `None`: every workload of the namespace (or of the mesh, in the root namespace).
     pub selector: Option<Labels>,
     pub policy: CompiledPolicy,
 }
+
+fn scope_name<S: serde::Serializer>(scope: &mesh_common::api::Scope, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(scope.as_str_name())
+}
+
+static NO_LABELS: Labels = Labels::new();
 
 impl MeshModel {
     pub fn build(store: &ConfigStore, settings: &MeshSettings) -> MeshModel {
@@ -156,9 +168,11 @@ impl MeshModel {
                     }
                     let policy = super::authz::compile(ap);
                     let selector = ap.spec.selector.as_ref().map(|s| s.match_labels.clone()).filter(|l| !l.is_empty());
-                    model
-                        .policies
-                        .insert(format!("{}/{}", policy.namespace, policy.name), ScopedPolicy { selector, policy });
+                    let scope = scope_of(&policy.namespace, &model.root_namespace, selector.is_some());
+                    model.policies.insert(
+                        format!("{}/{}", policy.namespace, policy.name),
+                        ScopedPolicy { scope, selector, policy },
+                    );
                 }
                 Resource::PeerAuthentication(pa) => model.peer_authentications.push(pa.clone()),
                 _ => {}
@@ -258,8 +272,8 @@ impl MeshModel {
         self.policies
             .values()
             .filter(move |p| {
-                (p.policy.namespace == self.root_namespace || p.policy.namespace == w.namespace)
-                    && p.selector.as_ref().is_none_or(|s| selector_matches(s, &w.labels))
+                let selector = p.selector.as_ref().unwrap_or(&NO_LABELS);
+                in_scope(p.scope, &p.policy.namespace, selector, &w.namespace, &w.labels)
             })
             .map(|p| &p.policy)
     }

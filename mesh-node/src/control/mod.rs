@@ -3,9 +3,6 @@
 //! enrolled pods equal to the captured pods scheduled here; hold a certificate
 //! for each of their identities, renewed at half-life. When the controller is
 //! away the node keeps serving with what it has, and reconnects with backoff.
-pub mod certs;
-pub mod store;
-
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
@@ -20,14 +17,12 @@ use tokio::sync::{Notify, mpsc};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::{info, warn};
 
-use self::{
-    certs::{CertView, KeyedCert, key_and_csr},
-    store::NodeStore,
+use mesh_proxy::{
+    Proxy,
+    identity::{CertView, KeyedCert, LocalIdentity, key_and_csr},
 };
-use crate::{
-    pods::{PodSpec, Pods},
-    proxy::{ProxyContext, identities::LocalIdentity, view::MeshView},
-};
+
+use crate::pods::{PodSpec, Pods};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -64,9 +59,10 @@ pub struct ControlStatus {
     pub pending_pods: BTreeMap<String, String>,
 }
 
+/// The controller client: the only writer of the proxy's state and identities.
 pub struct Control {
     config: ControlConfig,
-    pub store: Mutex<NodeStore>,
+    proxy: Arc<Proxy>,
     pub status: Mutex<ControlStatus>,
     node_cert: Mutex<Option<KeyedCert>>,
     channel: Mutex<Option<Channel>>,
@@ -85,12 +81,12 @@ fn now_unix() -> i64 {
 }
 
 impl Control {
-    pub fn new(config: ControlConfig) -> Arc<Control> {
+    pub fn new(config: ControlConfig, proxy: Arc<Proxy>) -> Arc<Control> {
         let node_cert = KeyedCert::load(&config.state_dir.join(NODE_CERT_FILE));
         let status = ControlStatus { address: config.address.clone(), node: config.node.clone(), ..Default::default() };
         Arc::new(Control {
             config,
-            store: Mutex::default(),
+            proxy,
             status: Mutex::new(status),
             node_cert: Mutex::new(node_cert),
             channel: Mutex::default(),
@@ -101,9 +97,9 @@ impl Control {
 
     /// Starts the stream and the reconciler; each applied configuration and
     /// each certificate goes to the proxy.
-    pub fn spawn(self: &Arc<Self>, pods: Arc<Mutex<Pods>>, proxy: Arc<ProxyContext>) {
-        tokio::spawn(self.clone().stream_loop(proxy.clone()));
-        tokio::spawn(self.clone().reconcile_loop(pods, proxy));
+    pub fn spawn(self: &Arc<Self>, pods: Arc<Mutex<Pods>>) {
+        tokio::spawn(self.clone().stream_loop());
+        tokio::spawn(self.clone().reconcile_loop(pods));
     }
 
     pub fn node_certificate(&self) -> Option<CertView> {
@@ -175,10 +171,10 @@ impl Control {
         *lock(&self.node_cert) = Some(cert);
     }
 
-    async fn stream_loop(self: Arc<Self>, proxy: Arc<ProxyContext>) {
+    async fn stream_loop(self: Arc<Self>) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            match self.stream_once(&mut backoff, &proxy).await {
+            match self.stream_once(&mut backoff).await {
                 Ok(()) => {}
                 Err(e) => self.set_error(&e, true),
             }
@@ -190,13 +186,13 @@ impl Control {
     }
 
     /// One stream: Hello with what the node holds, then updates until it ends.
-    async fn stream_once(&self, backoff: &mut Duration, proxy: &ProxyContext) -> anyhow::Result<()> {
+    async fn stream_once(&self, backoff: &mut Duration) -> anyhow::Result<()> {
         let identity = self.node_identity().await?;
         let channel = self.connect(Some(&identity)).await?;
         *lock(&self.channel) = Some(channel.clone());
         let (tx, rx) = mpsc::channel(8);
         let admin_addr = self.config.admin_addr.map(|a| a.to_string()).unwrap_or_default();
-        let hello = api::Hello { known: lock(&self.store).known(), admin_addr };
+        let hello = api::Hello { known: self.proxy.state.known(), admin_addr };
         tx.send(api::NodeMessage { kind: Some(Msg::Hello(hello)) }).await?;
         let mut client = NodeControlClient::new(channel);
         let mut updates =
@@ -215,7 +211,8 @@ impl Control {
                 () = self.reconnect.notified() => return Ok(()),
             };
             let Some(update) = update else { anyhow::bail!("the controller closed the stream") };
-            let reply = match lock(&self.store).apply(&update) {
+            // A complete publication (`more` unset) is in force for new connections at once.
+            let reply = match self.proxy.state.apply(&update) {
                 Ok(applied) => {
                     info!(
                         version = %update.version, full = update.full, upserted = applied.upserted,
@@ -235,8 +232,6 @@ impl Control {
                 s.last_update_unix = Some(now_unix() as u64);
             }
             if !update.more {
-                // Act on the whole, not on a part: new connections see it at once.
-                proxy.set_view(MeshView::build(&lock(&self.store)));
                 self.changed.notify_one();
             }
             tx.send(api::NodeMessage { kind: Some(reply) }).await?;
@@ -244,19 +239,19 @@ impl Control {
     }
 
     /// Reconciles on every applied update, and every second (renewals, retries).
-    async fn reconcile_loop(self: Arc<Self>, pods: Arc<Mutex<Pods>>, proxy: Arc<ProxyContext>) {
+    async fn reconcile_loop(self: Arc<Self>, pods: Arc<Mutex<Pods>>) {
         loop {
             tokio::select! {
                 () = self.changed.notified() => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            if lock(&self.store).version.is_empty() {
+            if self.proxy.state.is_empty() {
                 continue; // nothing from the controller yet: keep the restored pods
             }
             let this = self.clone();
             let pods = pods.clone();
             let _ = tokio::task::spawn_blocking(move || this.sync_pods(&pods)).await;
-            if let Err(e) = self.sync_certificates(&proxy).await {
+            if let Err(e) = self.sync_certificates().await {
                 self.set_error(&e, false); // the stream may be fine: retried next second
             }
         }
@@ -265,7 +260,7 @@ impl Control {
     /// Enrolls the captured pods scheduled here and unenrolls every other pod.
     fn sync_pods(&self, pods: &Mutex<Pods>) {
         let desired: HashMap<String, PathBuf> =
-            lock(&self.store).local_pods(&self.config.node).into_iter().map(|p| (p.name, p.netns)).collect();
+            self.proxy.state.local_pods(&self.config.node).into_iter().map(|p| (p.name, p.netns)).collect();
         let mut pods = lock(pods);
         for pod in pods.list() {
             if desired.get(&pod.name) != Some(&pod.netns)
@@ -295,7 +290,8 @@ impl Control {
 
     /// Certificates for every identity of the pods scheduled here (new ones and
     /// those past half-life), and the node certificate past its half-life.
-    async fn sync_certificates(&self, proxy: &ProxyContext) -> anyhow::Result<()> {
+    async fn sync_certificates(&self) -> anyhow::Result<()> {
+        let proxy = &self.proxy;
         let now = now_unix();
         let Some(channel) = lock(&self.channel).clone() else { return Ok(()) };
         let mut client = NodeControlClient::new(channel);
@@ -313,7 +309,7 @@ impl Control {
         }
         let wanted: Vec<String> = {
             let mut ids: Vec<String> =
-                lock(&self.store).local_pods(&self.config.node).iter().map(|p| p.identity.to_string()).collect();
+                proxy.state.local_pods(&self.config.node).iter().map(|p| p.identity.to_string()).collect();
             ids.sort();
             ids.dedup();
             ids

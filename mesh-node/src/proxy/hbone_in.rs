@@ -1,20 +1,22 @@
 //! 15008: tunnels from other node proxies. TLS with the pod's certificate
 //! (the client must chain to the mesh root and be in its trust domain), then
-//! each `CONNECT` is checked: the target must be this pod, and policy must
-//! admit the peer. A refused tunnel gets 401 (policy) or 400 (wrong target),
-//! so the client's proxy resets its client.
+//! each `CONNECT` follows the inbound plan: the target must be this pod, and
+//! policy must admit the peer. A refused tunnel gets 401 (policy), 400 (wrong
+//! target) or 503 (the app cannot be reached), so the client's proxy resets
+//! its client.
 use std::{net::SocketAddr, sync::Arc};
 
 use http::StatusCode;
+use mesh_proxy::{
+    error::ProxyError,
+    hbone::{self, TunnelHandler, TunnelRequest},
+    plan::Arrival,
+    telemetry::{ConnInfo, Counted, Direction},
+};
 use tokio::net::TcpStream;
 use tracing::warn;
 
-use super::{
-    PodContext, ProxyContext,
-    inbound::admit,
-    telemetry::{ConnInfo, Counted, Direction, Flag, refused},
-};
-use crate::hbone::{self, TunnelHandler, TunnelRequest};
+use super::{PodContext, ProxyContext, inbound::admit};
 
 struct PodTunnels {
     listener: SocketAddr,
@@ -29,47 +31,45 @@ pub async fn serve(
     pod: Arc<PodContext>,
     ctx: Arc<ProxyContext>,
 ) {
-    let view = ctx.view();
-    let Some(me) = pod.workload(&view).and_then(|w| ctx.identities.get(&w.identity)) else {
+    let view = ctx.proxy.state.view();
+    let Some(me) = pod.local().workload(&view).and_then(|w| ctx.proxy.identities.get(&w.identity)) else {
         warn!(pod = %pod.name, peer = %peer, "HBONE connection dropped: no certificate for this pod yet");
         return;
     };
     let handler = Arc::new(PodTunnels { listener, pod: pod.clone(), ctx: ctx.clone() });
     if let Err(e) = hbone::serve(tcp, me.server.clone(), handler).await {
-        metrics::counter!("mesh_node_hbone_errors_total").increment(1);
+        ctx.hbone_errors.inc();
         warn!(pod = %pod.name, peer = %peer, "HBONE connection refused or failed: {e}");
+    }
+}
+
+/// The status a refused tunnel is answered with.
+fn refusal_status(e: &ProxyError) -> StatusCode {
+    match e {
+        ProxyError::Denied { .. } => StatusCode::UNAUTHORIZED,
+        ProxyError::WrongTarget { .. } => StatusCode::BAD_REQUEST,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
 impl TunnelHandler for PodTunnels {
     async fn handle(&self, request: TunnelRequest) {
         let (pod, ctx) = (&self.pod, &self.ctx);
-        let mut info = ConnInfo::new(Direction::Inbound, &pod.name, self.listener, request.peer_addr);
-        info.dst = Some(request.target);
-        (info.route, info.security) = ("hbone", "mutual_tls");
-        let target = SocketAddr::new(request.target.ip().to_canonical(), request.target.port());
-        if !pod.addresses.contains(&target.ip()) {
-            request.refuse(StatusCode::BAD_REQUEST);
-            let e = format!("tunnel target {target} is not an address of pod {}", pod.name);
-            return refused(&info, Flag::NoRoute, e);
-        }
-        let upstream = match admit(pod, ctx, &mut info, Some(&request.peer), target).await {
-            Ok(up) => up,
-            Err((flag, e)) => {
-                let code =
-                    if flag == Flag::Denied { StatusCode::UNAUTHORIZED } else { StatusCode::SERVICE_UNAVAILABLE };
-                request.refuse(code);
-                return refused(&info, flag, e);
+        let info = ConnInfo::new(Direction::Inbound, &pod.name, self.listener, request.peer_addr);
+        let arrival = Arrival::Hbone(request.peer.clone());
+        let (mut tracked, upstream) = match admit(pod, ctx, info, arrival, request.target).await {
+            Ok(admitted) => admitted,
+            Err((tracked, e)) => {
+                request.refuse(refusal_status(&e));
+                return tracked.refuse(e);
             }
         };
         let tunnel = match request.accept() {
             Ok(t) => t,
-            Err(e) => return refused(&info, Flag::UpstreamFailure, e.to_string()),
+            Err(e) => return tracked.refuse(ProxyError::Relay(e)),
         };
-        let tracked = ctx.connections.open(info.clone());
-        let app = Counted::server(upstream, tracked.bytes.clone());
-        let result =
-            hbone::relay(app, tunnel).await.map(drop).map_err(|e| (Flag::UpstreamFailure, format!("relay: {e}")));
-        tracked.finish(&info, result);
+        let app = Counted::server(upstream, tracked.relaying());
+        let result = hbone::relay(app, tunnel).await.map(drop).map_err(ProxyError::Relay);
+        tracked.finish(result);
     }
 }

@@ -8,71 +8,46 @@
 //! - 15006 (inbound plaintext): connections the kernel steered here from
 //!   clients outside the mesh; PeerAuthentication STRICT refuses them.
 //!
-//! Decisions come from the [`view::MeshView`]; sockets are created in the
-//! pod's namespace and marked so the redirect skips them.
+//! Each handler asks `mesh_proxy::plan` what to do (from state alone), does
+//! the I/O, and records the outcome once through a `Tracked` guard. Sockets
+//! are created in the pod's namespace and marked so the redirect skips them.
 mod hbone_in;
-pub mod identities;
 mod inbound;
 mod outbound;
-pub mod pool;
-pub mod telemetry;
-pub mod view;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::Duration,
 };
 
+use mesh_proxy::{Proxy, error::ProxyError, plan::LocalPod};
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::warn;
 
-use self::{identities::Identities, pool::Pool, telemetry::Connections, view::MeshView};
 use crate::{dataplane::OrigDstTable, netns::Netns};
 
-/// What every connection handler needs, shared by all pods of the agent.
+/// What every connection handler needs, shared by all pods of the agent: the
+/// proxy library's state, plus what only a node has (the kernel's record of
+/// original destinations, the socket mark).
 pub struct ProxyContext {
+    pub proxy: Arc<Proxy>,
     /// Set on every socket the proxy opens, so the redirect skips it.
     pub mark: u32,
     pub orig_dst: Arc<OrigDstTable>,
-    view: RwLock<Arc<MeshView>>,
-    pub identities: Identities,
-    pub pool: Pool,
-    pub connections: Arc<Connections>,
+    hbone_errors: Counter,
 }
 
 impl ProxyContext {
-    pub fn new(mark: u32, orig_dst: Arc<OrigDstTable>) -> ProxyContext {
-        ProxyContext {
-            mark,
-            orig_dst,
-            view: RwLock::default(),
-            identities: Identities::default(),
-            pool: Pool::default(),
-            connections: Arc::default(),
-        }
-    }
-
-    /// The configuration in force (a snapshot: later updates do not change it).
-    pub fn view(&self) -> Arc<MeshView> {
-        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Puts a new configuration in force for new connections.
-    pub fn set_view(&self, view: MeshView) {
-        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
-    }
-
-    /// Drops idle pooled connections, every few seconds, for the agent's life.
-    pub fn spawn_reaper(self: &Arc<Self>) {
-        let ctx = Arc::downgrade(self);
-        tokio::spawn(async move {
-            while let Some(ctx) = ctx.upgrade() {
-                ctx.pool.reap();
-                drop(ctx);
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        });
+    pub fn new(proxy: Arc<Proxy>, mark: u32, orig_dst: Arc<OrigDstTable>, registry: &mut Registry) -> ProxyContext {
+        let hbone_errors = Counter::default();
+        registry.register(
+            "mesh_node_hbone_errors",
+            "HBONE connections refused at the handshake or failed",
+            hbone_errors.clone(),
+        );
+        ProxyContext { proxy, mark, orig_dst, hbone_errors }
     }
 }
 
@@ -86,9 +61,9 @@ pub struct PodContext {
 }
 
 impl PodContext {
-    /// The pod's workload in the controller's configuration (key `Pod/<ns>/<name>`).
-    fn workload(&self, view: &MeshView) -> Option<Arc<view::WorkloadInfo>> {
-        view.workload(&format!("Pod/{}", self.name)).cloned()
+    /// The pod as the plans know it.
+    fn local(&self) -> LocalPod<'_> {
+        LocalPod { name: &self.name, addresses: &self.addresses }
     }
 }
 
@@ -162,13 +137,16 @@ impl PodListeners {
 const RELAY_BUFFER: usize = 64 * 1024;
 
 /// Connects to `dst` from a marked socket in the pod's namespace.
-async fn connect_from(pod: &PodContext, dst: SocketAddr, mark: u32) -> Result<tokio::net::TcpStream, String> {
-    let socket = pod.netns.tcp_socket(dst, mark).await.map_err(|e| e.to_string())?;
-    socket.connect(dst).await.map_err(|e| format!("connect {dst}: {e}"))
+async fn connect_from(pod: &PodContext, dst: SocketAddr, mark: u32) -> Result<tokio::net::TcpStream, ProxyError> {
+    let connect = async {
+        let socket = pod.netns.tcp_socket(dst, mark).await.map_err(std::io::Error::other)?;
+        socket.connect(dst).await
+    };
+    connect.await.map_err(|source| ProxyError::Connect { addr: dst, source })
 }
 
 /// Relays plain TCP both ways until both sides close.
-async fn relay_plain<A, B>(client: &mut A, upstream: &mut B) -> Result<(), String>
+async fn relay_plain<A, B>(client: &mut A, upstream: &mut B) -> Result<(), ProxyError>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -176,7 +154,7 @@ where
     tokio::io::copy_bidirectional_with_sizes(client, upstream, RELAY_BUFFER, RELAY_BUFFER)
         .await
         .map(drop)
-        .map_err(|e| format!("relay: {e}"))
+        .map_err(ProxyError::Relay)
 }
 
 async fn accept_loop(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>, kind: Listener) {

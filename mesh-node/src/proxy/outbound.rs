@@ -1,70 +1,56 @@
 //! Outbound: the app's connect was redirected to us. Recover where it was
-//! going, choose the upstream (a service VIP picks an endpoint), and carry
-//! the connection: over HBONE to a mesh workload, as plain TCP otherwise.
-//! A candidate that cannot be reached gives way to the next endpoint.
-use std::net::SocketAddr;
+//! going, ask the plan how to get there (a service VIP lists its endpoints),
+//! and carry the connection: over HBONE to a mesh workload, as plain TCP
+//! otherwise. A hop that fails in a way another could not (policy, a missing
+//! certificate) ends it; an unreachable endpoint gives way to the next.
+use std::{io, net::SocketAddr};
 
-use mesh_common::PeerKey;
+use mesh_proxy::{
+    error::ProxyError,
+    hbone::{self, PeerConnection, Tunnel},
+    plan::{self, Hop},
+    pool::StreamSlot,
+    telemetry::{ConnInfo, Counted, Direction},
+};
 use tokio::net::TcpStream;
 
-use super::{
-    PodContext, ProxyContext, connect_from,
-    pool::{PoolKey, StreamSlot},
-    relay_plain,
-    telemetry::{ConnInfo, Counted, Direction, Flag, refused},
-    view::{Upstream, WorkloadInfo},
-};
-use crate::{
-    dataplane::{ip_from_key, ip_key},
-    hbone::{self, PeerConnection, Tunnel},
-};
+use super::{PodContext, ProxyContext, connect_from, relay_plain};
 
 pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, pod: &PodContext, ctx: &ProxyContext) {
     let mut info = ConnInfo::new(Direction::Outbound, &pod.name, listener, peer);
-    let key = PeerKey { netns_cookie: pod.netns.cookie(), ip: ip_key(peer.ip()), port: u32::from(peer.port()) };
-    let Some(orig) = ctx.orig_dst.take(&key) else {
+    let connections = &ctx.proxy.connections;
+    let Some(dst) = ctx.orig_dst.take(pod.netns.cookie(), peer) else {
         // Only a client that connected to the listener directly gets here.
-        let error = "no original destination recorded for this client".to_string();
-        return refused(&info, Flag::NoRoute, error);
+        return connections.track(info).refuse(ProxyError::NoOriginalDestination);
     };
-    let dst = SocketAddr::new(ip_from_key(&orig.ip), orig.port as u16);
-    info.dst = Some(dst);
-    let view = ctx.view();
-    let source = pod.workload(&view);
-    if let Some(w) = &source {
-        info.set_source(w);
-    }
-    let destination = match view.destination(dst) {
-        Ok(d) => d,
-        Err(e) => return refused(&info, Flag::NoHealthyUpstream, e),
-    };
-    if let Some(s) = &destination.service {
-        info.set_service(s);
-    }
-    let mut failure = (Flag::NoHealthyUpstream, String::from("no candidate"));
-    for candidate in &destination.candidates {
-        describe(&mut info, candidate, destination.service.is_some());
-        match open(candidate, source.as_deref(), pod, ctx).await {
-            Ok(upstream) => return relay(client, upstream, info, ctx).await,
-            // A refusal by the peer or a missing certificate is final; an
-            // unreachable endpoint gives way to the next one.
-            Err((flag @ (Flag::Denied | Flag::NoRoute), e)) => return refused(&info, flag, e),
-            Err(e) => failure = e,
+    let view = ctx.proxy.state.view();
+    let mut plan = plan::outbound(&view, pod.local(), dst, |id| ctx.proxy.identities.get(id).is_some());
+    let mut failure = None;
+    for hop in std::mem::take(&mut plan.hops) {
+        let hop = match hop {
+            Ok(hop) => hop,
+            Err(e) => {
+                plan.describe(&mut info, None);
+                return connections.track(info).refuse(e);
+            }
+        };
+        match open(&hop, pod, ctx).await {
+            Ok(upstream) => {
+                plan.describe(&mut info, Some(&hop));
+                return relay(client, upstream, info, ctx).await;
+            }
+            Err(e) if e.retryable() => failure = Some((hop, e)),
+            Err(e) => {
+                plan.describe(&mut info, Some(&hop));
+                return connections.track(info).refuse(e);
+            }
         }
     }
-    refused(&info, failure.0, failure.1);
-}
-
-fn describe(info: &mut ConnInfo, candidate: &Upstream, via_service: bool) {
-    info.upstream = Some(candidate.addr());
-    if let Some(w) = candidate.workload() {
-        info.set_destination(w);
+    // Every hop was tried and failed; the plan is never empty.
+    if let Some((hop, e)) = failure {
+        plan.describe(&mut info, Some(&hop));
+        connections.track(info).refuse(e);
     }
-    (info.route, info.security) = match candidate {
-        Upstream::Hbone { .. } => ("hbone", "mutual_tls"),
-        Upstream::Plain { workload: None, .. } if !via_service => ("passthrough", "none"),
-        Upstream::Plain { .. } => ("tcp", "none"),
-    };
 }
 
 enum Opened {
@@ -72,55 +58,34 @@ enum Opened {
     Hbone(Tunnel, StreamSlot),
 }
 
-async fn open(
-    candidate: &Upstream,
-    source: Option<&WorkloadInfo>,
-    pod: &PodContext,
-    ctx: &ProxyContext,
-) -> Result<Opened, (Flag, String)> {
-    match candidate {
-        Upstream::Plain { addr, .. } => {
-            connect_from(pod, *addr, ctx.mark).await.map(Opened::Plain).map_err(|e| (Flag::UpstreamFailure, e))
-        }
-        Upstream::Hbone { workload, addr } => {
-            let source = source.ok_or_else(|| {
-                (Flag::NoRoute, format!("pod {} has no workload in the mesh configuration", pod.name))
-            })?;
-            let me = ctx.identities.get(&source.identity).ok_or_else(|| {
-                (Flag::NoRoute, format!("no certificate for {} yet: not sending in plaintext", source.identity))
-            })?;
-            let src_ip = pod.addresses.iter().copied().find(|ip| ip.is_ipv4() == addr.is_ipv4());
-            let key = PoolKey {
-                src: source.identity.clone(),
-                src_ip: src_ip.unwrap_or(addr.ip()),
-                dst: workload.identity.clone(),
-                dst_ip: addr.ip(),
-            };
-            let peer = SocketAddr::new(addr.ip(), mesh_common::HBONE_PORT);
-            let dial = || async {
-                let config = me.client_config(workload.identity.clone()).map_err(std::io::Error::other)?;
-                let tcp = connect_from(pod, peer, ctx.mark).await.map_err(std::io::Error::other)?;
-                PeerConnection::handshake(tcp, config).await
-            };
-            match ctx.pool.tunnel(&key, *addr, dial).await {
-                Ok((tunnel, slot)) => Ok(Opened::Hbone(tunnel, slot)),
-                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err((Flag::Denied, e.to_string())),
-                Err(e) => Err((Flag::UpstreamFailure, format!("HBONE to {peer} ({}): {e}", workload.identity))),
-            }
+async fn open(hop: &Hop, pod: &PodContext, ctx: &ProxyContext) -> Result<Opened, ProxyError> {
+    let Some(mtls) = &hop.mtls else {
+        return connect_from(pod, hop.dial, ctx.mark).await.map(Opened::Plain);
+    };
+    let me = ctx.proxy.identities.get(&mtls.source).ok_or_else(|| ProxyError::NoCertificate(mtls.source.clone()))?;
+    let dial = || async {
+        let config = me.client_config(mtls.peer.clone()).map_err(io::Error::other)?;
+        let tcp = connect_from(pod, hop.dial, ctx.mark).await.map_err(io::Error::other)?;
+        PeerConnection::handshake(tcp, config).await
+    };
+    match ctx.proxy.pool.tunnel(&mtls.pool, hop.target, dial).await {
+        Ok((tunnel, slot)) => Ok(Opened::Hbone(tunnel, slot)),
+        Err(e) => {
+            Err(ProxyError::Tunnel { peer: hop.dial, identity: Box::new(mtls.peer.clone()), source: Box::new(e) })
         }
     }
 }
 
 async fn relay(client: TcpStream, upstream: Opened, info: ConnInfo, ctx: &ProxyContext) {
-    let tracked = ctx.connections.open(info.clone());
-    let mut client = Counted::client(client, tracked.bytes.clone());
+    let mut tracked = ctx.proxy.connections.track(info);
+    let mut client = Counted::client(client, tracked.relaying());
     let result = match upstream {
         Opened::Plain(mut up) => relay_plain(&mut client, &mut up).await,
         Opened::Hbone(tunnel, slot) => {
-            let r = hbone::relay(client, tunnel).await.map(drop).map_err(|e| format!("relay: {e}"));
+            let r = hbone::relay(client, tunnel).await.map(drop).map_err(ProxyError::Relay);
             drop(slot);
             r
         }
     };
-    tracked.finish(&info, result.map_err(|e| (Flag::UpstreamFailure, e)));
+    tracked.finish(result);
 }

@@ -19,7 +19,7 @@ use std::{
 
 use mesh_common::identity::SpiffeId;
 
-use crate::hbone::{self, PeerConnection, Tunnel};
+use crate::hbone::{self, PeerConnection, Tunnel, TunnelError};
 
 pub const IDLE: Duration = Duration::from_secs(60);
 
@@ -53,31 +53,31 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Opens a tunnel to `target` over a pooled connection for `key`, dialing
-    /// one with `dial` when none has room. A connection that turns out broken
-    /// is dropped and one fresh connection is tried; a refusal by the peer
-    /// (an HTTP status) is returned as it is.
+    /// Opens a tunnel with `CONNECT authority` over a pooled connection for
+    /// `key`, dialing one with `dial` when none has room. A connection that
+    /// turns out broken is dropped and one fresh connection is tried; a
+    /// refusal by the peer (an HTTP status) is returned as it is.
     pub async fn tunnel<F, Fut>(
         &self,
         key: &PoolKey,
-        target: std::net::SocketAddr,
+        authority: std::net::SocketAddr,
         dial: F,
-    ) -> io::Result<(Tunnel, StreamSlot)>
+    ) -> Result<(Tunnel, StreamSlot), TunnelError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = io::Result<PeerConnection>>,
     {
         if let Some((conn, slot)) = self.take_slot(key) {
-            match conn.connect(target).await {
+            match conn.connect(authority).await {
                 Ok(t) => return Ok((t, slot)),
-                Err(e) if hbone::is_refusal(&e) => return Err(e),
-                Err(_) => {
+                Err(e @ TunnelError::Refused { .. }) => return Err(e),
+                Err(TunnelError::Broken(_)) => {
                     drop(slot);
                     self.forget(key, &conn);
                 }
             }
         }
-        let conn = dial().await?;
+        let conn = dial().await.map_err(TunnelError::Broken)?;
         self.dials.fetch_add(1, Ordering::Relaxed);
         let streams = Arc::new(AtomicUsize::new(1));
         let slot = StreamSlot(streams.clone());
@@ -86,7 +86,7 @@ impl Pool {
             streams,
             last_used: Instant::now(),
         });
-        match conn.connect(target).await {
+        match conn.connect(authority).await {
             Ok(t) => Ok((t, slot)),
             Err(e) => {
                 drop(slot);

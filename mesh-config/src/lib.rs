@@ -1,4 +1,5 @@
-//! Configuration: source (files) → parse and validate → store (last good).
+//! mesh's configuration: source (files) → parse and validate → store (last good).
+//! The controller and `mesh-ctl check` both read configuration through this crate.
 mod locate;
 pub mod objects;
 mod parse;

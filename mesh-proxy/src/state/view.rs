@@ -18,7 +18,8 @@ use mesh_common::{
     identity::SpiffeId,
 };
 
-use crate::control::store::NodeStore;
+use super::store::NodeStore;
+use crate::error::ProxyError;
 
 /// A workload as the proxy uses it.
 #[derive(Debug)]
@@ -49,6 +50,13 @@ pub struct ServiceInfo {
     endpoints: Vec<IpAddr>,
     /// Round robin position.
     next: AtomicUsize,
+}
+
+impl ServiceInfo {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
 }
 
 /// How the proxy reaches one candidate upstream.
@@ -138,14 +146,14 @@ impl MeshView {
     }
 
     /// Where a connection to `dst` goes. `Err` names why it cannot go anywhere.
-    pub fn destination(&self, dst: SocketAddr) -> Result<Destination, String> {
+    pub fn destination(&self, dst: SocketAddr) -> Result<Destination, ProxyError> {
         let ip = dst.ip().to_canonical();
         if let Some(svc) = self.by_vip.get(&ip) {
             let port = svc
                 .ports
                 .iter()
                 .find(|p| p.port == u32::from(dst.port()))
-                .ok_or_else(|| format!("service {}/{} has no port {}", svc.namespace, svc.name, dst.port()))?;
+                .ok_or_else(|| ProxyError::NoServicePort { service: svc.key(), port: dst.port() })?;
             // A named target port needs the pods' container ports, which the
             // local configuration does not carry: it means the same port.
             let target = match u16::try_from(port.target_port) {
@@ -153,7 +161,7 @@ impl MeshView {
                 _ => dst.port(),
             };
             if svc.endpoints.is_empty() {
-                return Err(format!("service {}/{} has no endpoints", svc.namespace, svc.name));
+                return Err(ProxyError::NoEndpoints(svc.key()));
             }
             let start = svc.next.fetch_add(1, Ordering::Relaxed);
             let n = svc.endpoints.len();
@@ -166,7 +174,7 @@ impl MeshView {
 
     fn upstream(&self, addr: SocketAddr) -> Upstream {
         match self.by_ip.get(&addr.ip()) {
-            Some(w) if w.wire.captured => Upstream::Hbone { workload: w.clone(), addr },
+            Some(w) if w.wire.speaks_hbone() => Upstream::Hbone { workload: w.clone(), addr },
             w => Upstream::Plain { workload: w.cloned(), addr },
         }
     }
@@ -294,7 +302,7 @@ mod tests {
             });
             match (got, want) {
                 (Ok(got), Ok(want)) => assert_eq!(got, want, "{dst}"),
-                (Err(e), Err(fragment)) => assert!(e.contains(fragment), "{dst}: {e}"),
+                (Err(e), Err(fragment)) => assert!(e.to_string().contains(fragment), "{dst}: {e}"),
                 (got, want) => panic!("{dst}: got {got:?}, want {want:?}"),
             }
         }

@@ -3,6 +3,8 @@
 //! proxy takes the server config (15008) or builds a client config (HBONE
 //! out) from it. Connections already open keep the certificate they
 //! started with; new ones get the renewed one.
+mod certs;
+
 use std::{
     collections::HashMap,
     sync::{Arc, RwLock},
@@ -14,10 +16,8 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
 };
 
-use crate::{
-    control::certs::{CertView, KeyedCert},
-    hbone::tls,
-};
+pub use self::certs::{CertView, KeyedCert, key_and_csr};
+use crate::hbone::tls;
 
 pub struct LocalIdentity {
     pub credentials: tls::Credentials,

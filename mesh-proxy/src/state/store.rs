@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use mesh_common::{
-    api::{self, resource::Kind},
+    api::{self, ResourceKey, resource::Kind},
     authz::CompiledPolicy,
     identity::SpiffeId,
 };
@@ -52,20 +52,21 @@ impl NodeStore {
         }
         for key in &update.removed {
             self.versions.remove(key);
-            let (kind, rest) = key.split_once('/').unwrap_or((key, ""));
-            match kind {
-                "workload" => self.workloads.remove(rest).map(drop),
-                "service" => self.services.remove(rest).map(drop),
-                "policy" => self.policies.remove(rest).map(drop),
-                _ => None,
-            };
+            match key.parse::<ResourceKey>() {
+                Ok(ResourceKey::Workload(n)) => drop(self.workloads.remove(&n)),
+                Ok(ResourceKey::Service(n)) => drop(self.services.remove(&n)),
+                Ok(ResourceKey::Policy(n)) => drop(self.policies.remove(&n)),
+                Err(_) => {} // nothing is held under a key that does not parse
+            }
         }
         for r in &update.resources {
-            let rest = r.key.split_once('/').map_or("", |(_, rest)| rest).to_owned();
+            // `check` parsed every key above.
+            let Ok(key) = r.key.parse::<ResourceKey>() else { continue };
+            let name = key.name().to_owned();
             match r.kind.clone() {
-                Some(Kind::Workload(w)) => drop(self.workloads.insert(rest, w)),
-                Some(Kind::Service(s)) => drop(self.services.insert(rest, s)),
-                Some(Kind::Authorization(p)) => drop(self.policies.insert(rest, p)),
+                Some(Kind::Workload(w)) => drop(self.workloads.insert(name, w)),
+                Some(Kind::Service(s)) => drop(self.services.insert(name, s)),
+                Some(Kind::Authorization(p)) => drop(self.policies.insert(name, p)),
                 None => {}
             }
             self.versions.insert(r.key.clone(), r.version);
@@ -97,21 +98,19 @@ impl NodeStore {
 fn check(r: &api::Resource) -> Result<(), String> {
     let ip =
         |what: &str, s: &str| s.parse::<IpAddr>().map(drop).map_err(|_| format!("{what} {s:?} is not an IP address"));
-    let (prefix, _) = r.key.split_once('/').ok_or("key without a kind prefix")?;
-    match (prefix, &r.kind) {
-        ("workload", Some(Kind::Workload(w))) => {
+    let key: ResourceKey = r.key.parse()?;
+    match (&key, &r.kind) {
+        (ResourceKey::Workload(_), Some(Kind::Workload(w))) => {
             w.identity.parse::<SpiffeId>().map_err(|e| format!("identity {:?}: {e}", w.identity))?;
             w.ips.iter().try_for_each(|s| ip("workload IP", s))
         }
-        ("service", Some(Kind::Service(s))) => {
+        (ResourceKey::Service(_), Some(Kind::Service(s))) => {
             s.vips.iter().try_for_each(|v| ip("VIP", v))?;
             s.endpoints.iter().try_for_each(|e| ip("endpoint", &e.ip))
         }
         // Exactly what the proxy will evaluate: a policy it could not read is rejected here.
-        ("policy", Some(Kind::Authorization(p))) => CompiledPolicy::from_wire(p).map(drop),
-        (prefix, kind) => {
-            Err(format!("key prefix {prefix:?} does not match the content {:?}", kind.as_ref().map(kind_name)))
-        }
+        (ResourceKey::Policy(_), Some(Kind::Authorization(p))) => CompiledPolicy::from_wire(p).map(drop),
+        (_, kind) => Err(format!("key {key} does not match the content {:?}", kind.as_ref().map(kind_name))),
     }
 }
 
@@ -198,7 +197,7 @@ mod tests {
             (workload("e", "n1", "10.0.0.300"), "workload/Pod/shop/e: workload IP \"10.0.0.300\""),
             (bad_identity, "workload/Pod/shop/x: identity"),
             (bad_policy.clone(), "policy/shop/p: \"10.0.0.0/40\""),
-            (mismatched, "service/shop/x: key prefix \"service\" does not match"),
+            (mismatched, "service/shop/x: key service/shop/x does not match"),
         ];
         for (bad, want) in cases {
             let mut store = NodeStore::default();

@@ -4,6 +4,7 @@
 //! CSRs leave the node.
 use std::{fs, io::Write as _, os::unix::fs::OpenOptionsExt as _, path::Path};
 
+pub use mesh_common::admin::CertView;
 use mesh_common::api;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use serde::{Deserialize, Serialize};
@@ -20,23 +21,6 @@ pub struct KeyedCert {
     pub not_before_unix: i64,
     pub not_after_unix: i64,
     pub issued_at_unix: i64,
-}
-
-/// What the config dump shows of a certificate (never the key).
-#[derive(Clone, Debug, Serialize)]
-pub struct CertView {
-    pub identity: String,
-    pub serial: String,
-    pub not_before_unix: i64,
-    pub not_after_unix: i64,
-    pub renew_at_unix: i64,
-    /// Certificates from the leaf's issuer up to the root.
-    pub chain_len: usize,
-    /// Subjects from the leaf's issuer up to the root.
-    pub chain: Vec<String>,
-    /// Each signature checks against its issuer's key, up to the self-signed
-    /// root the controller gave; else why not.
-    pub chain_verified: Result<(), String>,
 }
 
 /// A new P-256 key (PEM) and a CSR for it. The CA sets the identity; the CSR carries none.

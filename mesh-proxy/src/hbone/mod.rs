@@ -72,23 +72,23 @@ impl PeerConnection {
         self.id == other.id
     }
 
-    /// Opens a tunnel to `target` (the original destination). A refusal by
-    /// the peer is an error carrying its HTTP status.
-    pub async fn connect(&self, target: SocketAddr) -> io::Result<Tunnel> {
-        let mut sender = self.sender.clone().ready().await.map_err(other)?;
-        let request = Request::builder().method(Method::CONNECT).uri(target.to_string()).body(()).map_err(other)?;
-        let (response, send) = sender.send_request(request, false).map_err(other)?;
-        let response = response.await.map_err(other)?;
-        let code = response.status();
-        if code != StatusCode::OK {
-            let kind = match code {
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => io::ErrorKind::PermissionDenied,
-                StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => io::ErrorKind::ConnectionRefused,
-                _ => io::ErrorKind::InvalidData,
-            };
-            return Err(io::Error::new(kind, format!("peer refused the tunnel to {target}: {code}")));
+    /// Opens a tunnel with `CONNECT authority` (the original destination, or
+    /// a service's address when the peer is a waypoint). A refusal by the
+    /// peer is [`TunnelError::Refused`] with its HTTP status.
+    pub async fn connect(&self, authority: SocketAddr) -> Result<Tunnel, TunnelError> {
+        let broken = |e: h2::Error| TunnelError::Broken(other(e));
+        let mut sender = self.sender.clone().ready().await.map_err(broken)?;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.to_string())
+            .body(())
+            .map_err(|e| TunnelError::Broken(other(e)))?;
+        let (response, send) = sender.send_request(request, false).map_err(broken)?;
+        let response = response.await.map_err(broken)?;
+        match response.status() {
+            StatusCode::OK => Ok(Tunnel { send, recv: response.into_body() }),
+            code => Err(TunnelError::Refused { authority, code }),
         }
-        Ok(Tunnel { send, recv: response.into_body() })
     }
 }
 
@@ -116,10 +116,22 @@ impl TunnelRequest {
     }
 }
 
-/// Whether `e` is the peer's answer to a tunnel request (a refusal status),
-/// as opposed to a failure of the connection itself.
-pub fn is_refusal(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::PermissionDenied | io::ErrorKind::ConnectionRefused | io::ErrorKind::InvalidData)
+/// Why a tunnel could not be opened on a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The peer answered the `CONNECT` with this status: its decision, final.
+    #[error("peer refused the tunnel to {authority}: {code}")]
+    Refused { authority: SocketAddr, code: StatusCode },
+    /// The HTTP/2 connection failed: another connection may succeed.
+    #[error("{0}")]
+    Broken(io::Error),
+}
+
+impl TunnelError {
+    /// The peer's policy refused it (401/403), rather than failing to deliver.
+    pub fn is_policy_refusal(&self) -> bool {
+        matches!(self, TunnelError::Refused { code: StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, .. })
+    }
 }
 
 /// What a server does with each tunnel request.

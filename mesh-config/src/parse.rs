@@ -3,7 +3,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::{Problem, Resource, locate::line_of, objects::Kind, store::ObjectKey, validate};
-use crate::config::Document;
+use crate::Document;
 
 /// The outcome for one document: the object, or its key (when readable) and
 /// everything wrong with it.

@@ -1,0 +1,56 @@
+//! mesh's proxy library, shared by the node proxy (`mesh-node`) and the
+//! waypoint: no eBPF, no pod enrolment, no controller client.
+//!
+//! - [`hbone`]: the protocol (mutual TLS, HTTP/2 `CONNECT`, relay);
+//! - [`pool`]: HBONE connections shared by tunnels;
+//! - [`identity`]: the workload certificates this process holds;
+//! - [`state`]: the configuration pipeline (store → typed view);
+//! - [`plan`]: what to do with one connection, decided from state alone;
+//! - [`error`]: what went wrong, classified once (flag, side, retryable);
+//! - [`telemetry`]: Istio's metrics, the access log and the live connections.
+pub mod error;
+pub mod hbone;
+pub mod identity;
+pub mod plan;
+pub mod pool;
+pub mod state;
+pub mod telemetry;
+
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+
+use self::{identity::Identities, pool::Pool, state::State, telemetry::Connections};
+
+/// What every connection handler reads, shared by all the listeners of a process.
+pub struct Proxy {
+    /// Written only by the control client; the data path reads views of it.
+    pub state: State,
+    pub identities: Identities,
+    pub pool: Pool,
+    pub connections: Arc<Connections>,
+}
+
+impl Proxy {
+    /// A proxy whose metric families are registered in `registry`.
+    pub fn new(registry: &mut Registry) -> Proxy {
+        Proxy {
+            state: State::default(),
+            identities: Identities::default(),
+            pool: Pool::default(),
+            connections: Arc::new(Connections::new(telemetry::TcpMetrics::register(registry))),
+        }
+    }
+
+    /// Drops idle pooled connections every few seconds, for as long as the proxy lives.
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        let proxy = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(proxy) = proxy.upgrade() {
+                proxy.pool.reap();
+                drop(proxy);
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        });
+    }
+}

@@ -1,0 +1,92 @@
+//! The proxy's state pipeline, as ztunnel has it: source (the controller's
+//! stream, written by the control client only) → check and store
+//! ([`store::NodeStore`]: an update is checked whole, then applied) → the
+//! typed view the data path reads ([`view::MeshView`]: converted once from
+//! the wire types, indexed by IP and VIP).
+//!
+//! Locks: the store's mutex is taken by the writer and by the admin dump,
+//! never by a connection. A connection takes the view's lock only to clone
+//! an `Arc`; a new view is built under the store's lock, outside it, then
+//! swapped in.
+pub mod store;
+pub mod view;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, MutexGuard, RwLock},
+};
+
+use mesh_common::api;
+
+use self::{
+    store::{Applied, LocalPod, NodeStore},
+    view::MeshView,
+};
+
+#[derive(Default)]
+pub struct State {
+    store: Mutex<NodeStore>,
+    view: RwLock<Arc<MeshView>>,
+}
+
+impl State {
+    /// The configuration in force (a snapshot: later updates do not change it).
+    pub fn view(&self) -> Arc<MeshView> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies one update from the controller. When it completes a
+    /// publication (`more` unset), the new view is built and put in force for
+    /// new connections. `Err` is the reason to NACK: nothing was applied.
+    pub fn apply(&self, update: &api::Update) -> Result<Applied, String> {
+        let (view, applied) = {
+            let mut store = self.store();
+            let applied = store.apply(update)?;
+            if update.more {
+                return Ok(applied); // act on the whole, not on a part
+            }
+            (MeshView::build(&store), applied)
+        };
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+        Ok(applied)
+    }
+
+    /// Key → version of everything held (sent in `Hello` on reconnect).
+    pub fn known(&self) -> BTreeMap<String, u64> {
+        self.store().known()
+    }
+
+    /// Whether anything has come from the controller yet.
+    pub fn is_empty(&self) -> bool {
+        self.store().version.is_empty()
+    }
+
+    /// The pods node `node` must enroll.
+    pub fn local_pods(&self, node: &str) -> Vec<LocalPod> {
+        self.store().local_pods(node)
+    }
+
+    /// What the store holds, for the config dump.
+    pub fn dump(&self) -> StoreDump {
+        let s = self.store();
+        StoreDump {
+            version: s.version.clone(),
+            workloads: s.workloads.clone(),
+            services: s.services.clone(),
+            policies: s.policies.clone(),
+        }
+    }
+
+    fn store(&self) -> MutexGuard<'_, NodeStore> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A copy of the store's resources, by name within their kind.
+#[derive(Clone, Debug, Default)]
+pub struct StoreDump {
+    pub version: String,
+    pub workloads: BTreeMap<String, api::Workload>,
+    pub services: BTreeMap<String, api::Service>,
+    pub policies: BTreeMap<String, api::Authorization>,
+}

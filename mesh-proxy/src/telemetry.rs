@@ -1,0 +1,520 @@
+//! What the proxy reports about each connection: Istio's `istio_tcp_*`
+//! metrics with its standard labels, one access-log line when the connection
+//! ends, and the table of live connections (with bytes so far) that the admin
+//! API shows. Bytes are counted as they move, by wrapping the client-facing
+//! side of the relay.
+//!
+//! Every connection is recorded through one [`Tracked`] guard: opened once,
+//! closed once (by [`Tracked::finish`], or by its drop on any early return or
+//! cancellation), so the opened and closed counters always pair up.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Instant, SystemTime},
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::info;
+
+use crate::{
+    error::{Flag, ProxyError},
+    state::view::{ServiceInfo, WorkloadInfo},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+
+    /// Istio's `reporter` label: the client's proxy reports as source, the server's as destination.
+    fn reporter(self) -> &'static str {
+        match self {
+            Direction::Outbound => "source",
+            Direction::Inbound => "destination",
+        }
+    }
+}
+
+/// The facts of one connection, filled in as it is handled.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnInfo {
+    pub direction: Direction,
+    /// The enrolled pod whose traffic this is (`namespace/name`).
+    pub pod: String,
+    /// The proxy's listening address the connection arrived on.
+    pub listener: SocketAddr,
+    pub src: SocketAddr,
+    /// Where the client meant to go.
+    pub dst: Option<SocketAddr>,
+    /// The upstream actually connected (a service endpoint, the app, ...).
+    pub upstream: Option<SocketAddr>,
+    /// `hbone`, `tcp` (plain to a known workload or endpoint) or `passthrough`.
+    pub route: &'static str,
+    pub src_workload: Option<String>,
+    pub src_namespace: Option<String>,
+    pub src_principal: Option<String>,
+    pub src_canonical: Option<String>,
+    pub dst_workload: Option<String>,
+    pub dst_namespace: Option<String>,
+    pub dst_principal: Option<String>,
+    pub dst_canonical: Option<String>,
+    pub dst_service: Option<String>,
+    pub dst_service_name: Option<String>,
+    pub dst_service_namespace: Option<String>,
+    /// `mutual_tls` or `none`.
+    pub security: &'static str,
+    /// `allow` or `deny` when a policy decision was made.
+    pub decision: Option<&'static str>,
+    pub policy: Option<String>,
+    pub started_unix_ms: u64,
+}
+
+impl ConnInfo {
+    pub fn new(direction: Direction, pod: &str, listener: SocketAddr, src: SocketAddr) -> ConnInfo {
+        ConnInfo {
+            direction,
+            pod: pod.into(),
+            listener,
+            src: SocketAddr::new(src.ip().to_canonical(), src.port()),
+            dst: None,
+            upstream: None,
+            route: "passthrough",
+            src_workload: None,
+            src_namespace: None,
+            src_principal: None,
+            src_canonical: None,
+            dst_workload: None,
+            dst_namespace: None,
+            dst_principal: None,
+            dst_canonical: None,
+            dst_service: None,
+            dst_service_name: None,
+            dst_service_namespace: None,
+            security: "none",
+            decision: None,
+            policy: None,
+            started_unix_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        }
+    }
+
+    pub fn set_source(&mut self, w: &WorkloadInfo) {
+        self.src_workload = Some(w.wire.name.clone());
+        self.src_namespace = Some(w.wire.namespace.clone());
+        self.src_principal = Some(w.identity.to_string());
+        self.src_canonical = Some(w.canonical_service().to_owned());
+    }
+
+    pub fn set_destination(&mut self, w: &WorkloadInfo) {
+        self.dst_workload = Some(w.wire.name.clone());
+        self.dst_namespace = Some(w.wire.namespace.clone());
+        self.dst_principal = Some(w.identity.to_string());
+        self.dst_canonical = Some(w.canonical_service().to_owned());
+    }
+
+    pub fn set_service(&mut self, s: &ServiceInfo) {
+        self.dst_service = Some(s.host.clone());
+        self.dst_service_name = Some(s.name.clone());
+        self.dst_service_namespace = Some(s.namespace.clone());
+    }
+
+    /// Istio's labels for this connection (built once per connection).
+    fn labels(&self) -> TcpLabels {
+        let v = |o: &Option<String>| o.clone().unwrap_or_else(|| "unknown".into());
+        TcpLabels {
+            reporter: self.direction.reporter(),
+            source_workload: v(&self.src_workload),
+            source_workload_namespace: v(&self.src_namespace),
+            source_principal: v(&self.src_principal),
+            source_canonical_service: v(&self.src_canonical),
+            destination_workload: v(&self.dst_workload),
+            destination_workload_namespace: v(&self.dst_namespace),
+            destination_principal: v(&self.dst_principal),
+            destination_canonical_service: v(&self.dst_canonical),
+            destination_service: v(&self.dst_service),
+            destination_service_name: v(&self.dst_service_name),
+            destination_service_namespace: v(&self.dst_service_namespace),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: self.security,
+        }
+    }
+}
+
+/// Istio's standard labels on `istio_tcp_*`, exactly as Istio names them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    reporter: &'static str,
+    source_workload: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_canonical_service: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_canonical_service: String,
+    destination_service: String,
+    destination_service_name: String,
+    destination_service_namespace: String,
+    request_protocol: &'static str,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+}
+
+/// The `istio_tcp_*` families, owned here and registered in the process's registry.
+#[derive(Clone, Default)]
+pub struct TcpMetrics {
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+}
+
+impl TcpMetrics {
+    pub fn register(registry: &mut Registry) -> TcpMetrics {
+        let m = TcpMetrics::default();
+        // prometheus-client adds `_total` to counters: these are Istio's names.
+        registry.register("istio_tcp_connections_opened", "TCP connections opened", m.opened.clone());
+        registry.register("istio_tcp_connections_closed", "TCP connections closed", m.closed.clone());
+        registry.register("istio_tcp_sent_bytes", "Bytes sent to the client (the response side)", m.sent.clone());
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client (the request side)",
+            m.received.clone(),
+        );
+        m
+    }
+}
+
+/// The live part of a connection: bytes so far. `received` goes from the
+/// client to the server (the request), `sent` back (the response), as in Istio.
+#[derive(Debug, Default)]
+pub struct Bytes {
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
+}
+
+struct Live {
+    info: ConnInfo,
+    bytes: Arc<Bytes>,
+}
+
+/// The connections open now, by id, and the counters they report to.
+pub struct Connections {
+    live: Mutex<BTreeMap<u64, Live>>,
+    next: AtomicU64,
+    metrics: TcpMetrics,
+}
+
+/// A live connection as the admin API shows it.
+#[derive(Serialize)]
+pub struct ConnView {
+    pub id: u64,
+    #[serde(flatten)]
+    pub info: ConnInfo,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub duration_ms: u64,
+}
+
+impl Connections {
+    pub fn new(metrics: TcpMetrics) -> Connections {
+        Connections { live: Mutex::default(), next: AtomicU64::new(0), metrics }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    pub fn list(&self) -> Vec<ConnView> {
+        let now = unix_ms();
+        self.lock()
+            .iter()
+            .map(|(id, l)| ConnView {
+                id: *id,
+                info: l.info.clone(),
+                bytes_received: l.bytes.received.load(Ordering::Relaxed),
+                bytes_sent: l.bytes.sent.load(Ordering::Relaxed),
+                duration_ms: now.saturating_sub(l.info.started_unix_ms),
+            })
+            .collect()
+    }
+
+    /// Starts recording a connection whose facts are `info`: counted opened
+    /// now, closed exactly once later.
+    pub fn track(self: &Arc<Self>, info: ConnInfo) -> Tracked {
+        let labels = info.labels();
+        self.metrics.opened.get_or_create(&labels).inc();
+        Tracked {
+            id: None,
+            table: self.clone(),
+            info,
+            labels,
+            bytes: Arc::default(),
+            started: Instant::now(),
+            recorded: false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Live>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// One connection being recorded. While it relays it is in the live table
+/// and its bytes count as they move. Its close is recorded once: by
+/// [`Tracked::finish`] or [`Tracked::refuse`], or, on any other way out (an
+/// early return, a panic, a cancelled task), by its drop.
+pub struct Tracked {
+    /// Set while it is in the live table.
+    id: Option<u64>,
+    table: Arc<Connections>,
+    info: ConnInfo,
+    labels: TcpLabels,
+    pub bytes: Arc<Bytes>,
+    started: Instant,
+    recorded: bool,
+}
+
+impl Tracked {
+    pub fn info(&self) -> &ConnInfo {
+        &self.info
+    }
+
+    /// Relaying starts: the connection shows in the live table.
+    pub fn relaying(&mut self) -> Arc<Bytes> {
+        if self.id.is_none() {
+            let id = self.table.next.fetch_add(1, Ordering::Relaxed);
+            let live = Live { info: self.info.clone(), bytes: self.bytes.clone() };
+            self.table.lock().insert(id, live);
+            self.id = Some(id);
+        }
+        self.bytes.clone()
+    }
+
+    /// The connection ended: counts it closed with its bytes and writes its access-log line.
+    pub fn finish(mut self, outcome: Result<(), ProxyError>) {
+        self.record(outcome.err().as_ref().map(|e| (e.flag(), e.to_string())));
+    }
+
+    /// Refused before anything was relayed.
+    pub fn refuse(self, error: ProxyError) {
+        self.finish(Err(error));
+    }
+
+    fn record(&mut self, error: Option<(Flag, String)>) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        if let Some(id) = self.id.take() {
+            self.table.lock().remove(&id);
+        }
+        let received = self.bytes.received.load(Ordering::Relaxed);
+        let sent = self.bytes.sent.load(Ordering::Relaxed);
+        let flags = error.as_ref().map_or("-", |(f, _)| f.as_str());
+        let labels = TcpLabels { response_flags: flags, ..self.labels.clone() };
+        let m = &self.table.metrics;
+        m.closed.get_or_create(&labels).inc();
+        m.received.get_or_create(&labels).inc_by(received);
+        m.sent.get_or_create(&labels).inc_by(sent);
+        access_log(&self.info, received, sent, self.started.elapsed().as_secs_f64() * 1e3, flags, error);
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let why = "the proxy stopped carrying the connection before it ended (cancelled or shut down)";
+        self.record(Some((Flag::Cancelled, why.into())));
+    }
+}
+
+fn access_log(info: &ConnInfo, received: u64, sent: u64, duration_ms: f64, flags: &str, error: Option<(Flag, String)>) {
+    let opt = |o: &Option<String>| o.clone().unwrap_or_default();
+    let addr = |a: &Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+    info!(
+        target: "access",
+        direction = info.direction.as_str(),
+        pod = %info.pod,
+        listener = %info.listener,
+        listener_port = info.listener.port(),
+        src = %info.src,
+        original_dst = addr(&info.dst),
+        upstream = addr(&info.upstream),
+        route = info.route,
+        src_identity = opt(&info.src_principal),
+        dst_identity = opt(&info.dst_principal),
+        dst_workload = opt(&info.dst_workload),
+        dst_service = opt(&info.dst_service),
+        security = info.security,
+        decision = info.decision.unwrap_or(""),
+        policy = opt(&info.policy),
+        bytes_received = received,
+        bytes_sent = sent,
+        duration_ms,
+        response_flags = flags,
+        outcome = if error.is_none() { "ok" } else { "error" },
+        error = error.map(|(_, e)| e).unwrap_or_default(),
+        "connection"
+    );
+}
+
+/// A stream whose reads and writes are counted into two counters.
+pub struct Counted<S> {
+    inner: S,
+    bytes: Arc<Bytes>,
+    /// Reads count as `received` (the client side) or as `sent` (the app side of inbound).
+    reads_are_requests: bool,
+}
+
+impl<S> Counted<S> {
+    /// The client's socket: what it sends is the request.
+    pub fn client(inner: S, bytes: Arc<Bytes>) -> Self {
+        Counted { inner, bytes, reads_are_requests: true }
+    }
+
+    /// The server's socket: what it sends is the response.
+    pub fn server(inner: S, bytes: Arc<Bytes>) -> Self {
+        Counted { inner, bytes, reads_are_requests: false }
+    }
+
+    fn counters(&self) -> (&AtomicU64, &AtomicU64) {
+        if self.reads_are_requests {
+            (&self.bytes.received, &self.bytes.sent)
+        } else {
+            (&self.bytes.sent, &self.bytes.received)
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.counters().0.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.counters().1.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+
+    fn connections() -> (Registry, Arc<Connections>) {
+        let mut registry = Registry::default();
+        let conns = Arc::new(Connections::new(TcpMetrics::register(&mut registry)));
+        (registry, conns)
+    }
+
+    /// Sums a counter over its series with `response_flags` = `flags`.
+    fn count(registry: &Registry, name: &str, flags: &str) -> u64 {
+        let mut text = String::new();
+        encode(&mut text, registry).unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&format!("response_flags=\"{flags}\"")))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    fn info() -> ConnInfo {
+        ConnInfo::new(Direction::Inbound, "shop/b", "[::]:15008".parse().unwrap(), "10.0.0.1:4000".parse().unwrap())
+    }
+
+    #[test]
+    fn every_way_out_counts_one_open_and_one_close() {
+        let (registry, conns) = connections();
+        // Finished after relaying.
+        let mut t = conns.track(info());
+        t.relaying().received.fetch_add(10, Ordering::Relaxed);
+        assert_eq!(conns.len(), 1, "in the live table while relaying");
+        t.finish(Ok(()));
+        // Refused before relaying.
+        conns.track(info()).refuse(ProxyError::NoOriginalDestination);
+        // Dropped mid-way (an early return, a cancelled task): still closed once.
+        let mut t = conns.track(info());
+        t.relaying().sent.fetch_add(5, Ordering::Relaxed);
+        drop(t);
+        // Dropped before relaying.
+        drop(conns.track(info()));
+        assert!(conns.is_empty(), "nothing left in the live table");
+        assert_eq!(count(&registry, "istio_tcp_connections_opened_total", "-"), 4);
+        assert_eq!(count(&registry, "istio_tcp_connections_closed_total", "-"), 1);
+        assert_eq!(count(&registry, "istio_tcp_connections_closed_total", "NR"), 1);
+        assert_eq!(count(&registry, "istio_tcp_connections_closed_total", "DC"), 2);
+        assert_eq!(count(&registry, "istio_tcp_received_bytes_total", "-"), 10);
+        assert_eq!(count(&registry, "istio_tcp_sent_bytes_total", "DC"), 5);
+    }
+
+    #[test]
+    fn a_cancelled_task_records_its_close() {
+        let (registry, conns) = connections();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let c = conns.clone();
+            let task = tokio::spawn(async move {
+                let mut t = c.track(info());
+                t.relaying();
+                std::future::pending::<()>().await;
+                t.finish(Ok(()));
+            });
+            tokio::task::yield_now().await;
+            task.abort();
+            let _ = task.await;
+        });
+        assert_eq!(count(&registry, "istio_tcp_connections_opened_total", "-"), 1);
+        assert_eq!(count(&registry, "istio_tcp_connections_closed_total", "DC"), 1);
+        assert!(conns.is_empty());
+    }
+}
