@@ -11,7 +11,11 @@ pub mod admin;
 #[cfg(feature = "authz")]
 pub mod authz;
 #[cfg(feature = "std")]
+mod duration;
+#[cfg(feature = "std")]
 pub mod identity;
+#[cfg(feature = "std")]
+pub use duration::parse_duration;
 
 /// Port of the node proxy's outbound listener, bound to loopback inside each enrolled pod.
 pub const OUTBOUND_PORT: u16 = 15001;

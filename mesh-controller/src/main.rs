@@ -224,18 +224,11 @@ fn serving_tls(ca: &CertificateAuthority, addr: SocketAddr, extra: &[String]) ->
         .client_auth_optional(true))
 }
 
-/// `24h`, `30m`, `90s` or plain seconds.
+/// `24h`, `30m`, `90s` or plain seconds; at least 10 s.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (n, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = n.parse().map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h), e.g. 24h"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m or h)")),
-    };
-    if secs < 10 {
+    let d = mesh_common::parse_duration(s)?;
+    if d < Duration::from_secs(10) {
         return Err(format!("{s:?}: certificates must last at least 10s"));
     }
-    Ok(Duration::from_secs(secs))
+    Ok(d)
 }

@@ -22,7 +22,7 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     admin::AdminState,
@@ -89,6 +89,12 @@ struct Args {
     /// The name the controller's certificate must carry.
     #[arg(long, default_value = "mesh-controller")]
     controller_name: String,
+    /// On SIGTERM/SIGINT: readiness turns false, the listeners close (new
+    /// connections fail closed) and HBONE peers are told to go away; open
+    /// connections may finish for this long before the agent exits. Istio's
+    /// default drain duration (`500ms`, `5s`, `1m`).
+    #[arg(long, default_value = "5s", value_parser = mesh_common::parse_duration)]
+    drain_timeout: std::time::Duration,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -202,6 +208,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ = int.recv() => info!("SIGINT received"),
     }
     ready.store(false, Ordering::Release);
+    drain(&pods, &proxy, args.drain_timeout).await;
     if args.cleanup {
         tokio::task::spawn_blocking(move || pods.lock().unwrap_or_else(|e| e.into_inner()).cleanup()).await??;
         info!("cleaned up: no programs, links, pins or state of this instance remain");
@@ -209,6 +216,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         info!("exiting; programs stay attached so enrolled pods fail closed until an agent is back");
     }
     Ok(())
+}
+
+/// Stops taking connections and waits (up to `timeout`) for the open ones to end.
+async fn drain(pods: &Arc<Mutex<Pods>>, proxy: &mesh_proxy::Proxy, timeout: std::time::Duration) {
+    pods.lock().unwrap_or_else(|e| e.into_inner()).stop_accepting();
+    proxy.start_drain();
+    let open = proxy.connections.len();
+    info!(open, timeout_ms = timeout.as_millis() as u64, "draining: not ready, listeners closed");
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !proxy.connections.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    match proxy.connections.len() {
+        0 => info!("drained: no connection left"),
+        n => warn!(open = n, "drain deadline reached: closing the connections still open"),
+    }
 }
 
 /// A proxy holds two sockets per connection: take the hard limit on open

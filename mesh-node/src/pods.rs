@@ -162,6 +162,17 @@ impl Pods {
         result.map_err(|source| EnrollError::Dataplane { pod: name.into(), source: Box::new(source) })
     }
 
+    /// Closes every pod's listeners and keeps the kernel state: new
+    /// connections are refused (outbound) or dropped (inbound), as with the
+    /// agent down, while those already accepted run on. The start of a drain.
+    pub fn stop_accepting(&mut self) {
+        for pod in self.pods.values() {
+            for task in &pod.tasks {
+                task.abort();
+            }
+        }
+    }
+
     pub fn list(&self) -> Vec<PodView> {
         self.pods.values().map(|p| p.view.clone()).collect()
     }

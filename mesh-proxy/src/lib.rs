@@ -29,6 +29,8 @@ pub struct Proxy {
     pub identities: Identities,
     pub pool: Pool,
     pub connections: Arc<Connections>,
+    /// Set once the process starts draining.
+    drain: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -39,6 +41,21 @@ impl Proxy {
             identities: Identities::default(),
             pool: Pool::default(),
             connections: Arc::new(Connections::new(telemetry::TcpMetrics::register(registry))),
+            drain: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Starts draining: servers stop taking new streams on connections they
+    /// hold (HTTP/2 GOAWAY); what is open runs on.
+    pub fn start_drain(&self) {
+        self.drain.send_replace(true);
+    }
+
+    /// Resolves once draining has started.
+    pub fn draining(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.drain.subscribe();
+        async move {
+            let _ = rx.wait_for(|d| *d).await;
         }
     }
 

@@ -37,7 +37,7 @@ pub async fn serve(
         return;
     };
     let handler = Arc::new(PodTunnels { listener, pod: pod.clone(), ctx: ctx.clone() });
-    if let Err(e) = hbone::serve(tcp, me.server.clone(), handler).await {
+    if let Err(e) = hbone::serve(tcp, me.server.clone(), handler, ctx.proxy.draining()).await {
         ctx.hbone_errors.inc();
         warn!(pod = %pod.name, peer = %peer, "HBONE connection refused or failed: {e}");
     }

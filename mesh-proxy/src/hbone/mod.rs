@@ -140,11 +140,14 @@ pub trait TunnelHandler: Send + Sync + 'static {
 }
 
 /// Serves one accepted connection on 15008: TLS (the config checks the
-/// client), then every `CONNECT` stream on it.
+/// client), then every `CONNECT` stream on it until the peer closes it or
+/// `drain` resolves; then it sends GOAWAY (the peer opens no new tunnel here)
+/// and lets the open tunnels finish.
 pub async fn serve<H: TunnelHandler>(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
+    drain: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let peer_addr = tcp.peer_addr()?;
     let tls = TlsAcceptor::from(config).accept(tcp).await?;
@@ -163,7 +166,18 @@ pub async fn serve<H: TunnelHandler>(
         .handshake(tls)
         .await
         .map_err(other)?;
-    while let Some(stream) = connection.accept().await {
+    let mut drain = std::pin::pin!(drain);
+    let mut draining = false;
+    loop {
+        let stream = tokio::select! {
+            stream = connection.accept() => stream,
+            () = &mut drain, if !draining => {
+                connection.graceful_shutdown();
+                draining = true;
+                continue;
+            }
+        };
+        let Some(stream) = stream else { break };
         let (request, mut respond) = stream.map_err(other)?;
         let target = match (request.method(), request.uri().authority().map(|a| a.as_str().parse())) {
             (&Method::CONNECT, Some(Ok(target))) => target,

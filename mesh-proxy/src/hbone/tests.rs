@@ -107,7 +107,7 @@ async fn start(ca: &Ca, server: &Credentials) -> (SocketAddr, Arc<Echo>) {
     tokio::spawn(async move {
         while let Ok((tcp, _)) = hbone.accept().await {
             let (config, h) = (config.clone(), h.clone());
-            tokio::spawn(async move { serve(tcp, config, h).await });
+            tokio::spawn(async move { serve(tcp, config, h, std::future::pending()).await });
         }
     });
     (addr, handler)
