@@ -180,7 +180,7 @@ impl CertificateAuthority {
 
 /// Whether `node` may obtain a certificate for `identity`: only identities of
 /// workloads scheduled on it (a compromised node cannot impersonate others).
-pub fn authorize(model: &MeshModel, node: &str, identity: &SpiffeId) -> Result<(), CaError> {
+pub fn may_issue(model: &MeshModel, node: &str, identity: &SpiffeId) -> Result<(), CaError> {
     if model.workloads_on_node(node).any(|w| &w.identity == identity) {
         Ok(())
     } else {

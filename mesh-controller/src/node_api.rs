@@ -287,7 +287,7 @@ impl NodeControl for NodeService {
                 self.trust_domain
             ))));
         }
-        ca::authorize(&self.current().model, &node, &identity).map_err(|e| self.refuse(ca_status(e)))?;
+        ca::may_issue(&self.current().model, &node, &identity).map_err(|e| self.refuse(ca_status(e)))?;
         let issued = self.ca.issue(&req.csr_pem, &identity, now).map_err(ca_status)?;
         info!(node = %node, identity = %identity, "workload certificate issued");
         Ok(self.issued(issued))

@@ -8,7 +8,7 @@ use ::time::OffsetDateTime;
 use common::TempDir;
 use mesh_common::identity::SpiffeId;
 use mesh_controller::{
-    ca::{CaError, CertificateAuthority, authorize},
+    ca::{CaError, CertificateAuthority, may_issue},
     config::{ConfigStore, MeshSettings, Snapshot, split_documents},
     model::MeshModel,
 };
@@ -180,7 +180,7 @@ spec: {serviceAccountName: db, nodeName: node2}
         ("node3", "spiffe://cluster.local/ns/shop/sa/web", false),
         ("node1", "spiffe://other.domain/ns/shop/sa/web", false),
     ] {
-        let result = authorize(&model, node, &id(identity));
+        let result = may_issue(&model, node, &id(identity));
         assert_eq!(result.is_ok(), ok, "{node} asking for {identity}: {result:?}");
     }
 }

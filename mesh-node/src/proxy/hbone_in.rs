@@ -16,7 +16,7 @@ use mesh_proxy::{
 use tokio::net::TcpStream;
 use tracing::warn;
 
-use super::{PodContext, ProxyContext, inbound::admit};
+use super::{PodContext, ProxyContext, inbound::connect_to_app};
 
 struct PodTunnels {
     listener: SocketAddr,
@@ -57,7 +57,7 @@ impl TunnelHandler for PodTunnels {
         let (pod, ctx) = (&self.pod, &self.ctx);
         let info = ConnInfo::new(Direction::Inbound, &pod.name, self.listener, request.peer_addr);
         let arrival = Arrival::Hbone(request.peer.clone());
-        let (mut tracked, upstream) = match admit(pod, ctx, info, arrival, request.target).await {
+        let (mut tracked, upstream) = match connect_to_app(pod, ctx, info, arrival, request.target).await {
             Ok(admitted) => admitted,
             Err((tracked, e)) => {
                 request.refuse(refusal_status(&e));

@@ -24,7 +24,7 @@ pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, p
             return ctx.proxy.connections.track(info).refuse(ProxyError::NoLocalAddress(e));
         }
     };
-    let (mut tracked, mut upstream) = match admit(pod, ctx, info, Arrival::Plaintext, target).await {
+    let (mut tracked, mut upstream) = match connect_to_app(pod, ctx, info, Arrival::Plaintext, target).await {
         Ok(admitted) => admitted,
         Err((tracked, e)) => return tracked.refuse(e),
     };
@@ -36,7 +36,7 @@ pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, p
 /// Follows the inbound plan for a connection from `info.src` to `target`:
 /// refused (with the reason, for the caller to answer and record) or
 /// admitted, with the connection to the app made from inside the pod.
-pub(super) async fn admit(
+pub(super) async fn connect_to_app(
     pod: &PodContext,
     ctx: &ProxyContext,
     mut info: ConnInfo,
