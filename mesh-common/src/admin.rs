@@ -46,3 +46,82 @@ pub struct CertView {
     /// root the controller gave; else why not.
     pub chain_verified: Result<(), String>,
 }
+
+/// A node's `GET /config_dump`: what it enrolled, what it put in the kernel,
+/// what the controller gave it and what the proxy enforces.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConfigDump {
+    /// The agent's instance name.
+    pub instance: String,
+    pub pods: Vec<PodView>,
+    pub dataplane: DataplaneStatus,
+    /// The controller channel; the fields below it are set only with a controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<ControlStatus>,
+    /// The configuration version the node holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// By name within their kind (a workload's uid, `namespace/name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workloads: Option<BTreeMap<String, crate::api::Workload>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<BTreeMap<String, crate::api::Service>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policies: Option<BTreeMap<String, crate::api::Authorization>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<Vec<CertView>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_certificate: Option<CertView>,
+    pub hbone_pool: PoolStats,
+    pub proxy: ProxyStatus,
+}
+
+/// An enrolled pod.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodView {
+    pub name: String,
+    pub netns: std::path::PathBuf,
+    pub netns_cookie: u64,
+    pub addresses: Vec<std::net::IpAddr>,
+    pub enrolled_at_unix: u64,
+}
+
+/// What is attached, for the config dump and for tests that check for leftovers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DataplaneStatus {
+    pub pin_dir: std::path::PathBuf,
+    pub cgroup: std::path::PathBuf,
+    /// Pin name -> link id.
+    pub links: BTreeMap<String, u32>,
+    /// Program name -> program id.
+    pub programs: BTreeMap<String, u32>,
+}
+
+/// The node's side of the controller channel.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ControlStatus {
+    pub address: String,
+    pub node: String,
+    pub connected: bool,
+    pub connects: u64,
+    pub updates: u64,
+    pub nacks: u64,
+    pub last_update_unix: Option<u64>,
+    pub last_error: Option<String>,
+    /// Pods the controller schedules here that could not be enrolled yet, and why.
+    pub pending_pods: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PoolStats {
+    /// Pooled HBONE connections now.
+    pub connections: usize,
+    /// HBONE connections dialed so far.
+    pub dialed: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ProxyStatus {
+    /// The configuration version the proxy enforces now (it follows each applied update).
+    pub version: String,
+}

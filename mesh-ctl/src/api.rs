@@ -3,7 +3,7 @@
 //! failure says which address was tried and what to do about it.
 use std::{fmt, time::Duration};
 
-use mesh_common::admin::{NodeList, NodeStatus};
+use mesh_common::admin::{ConfigDump, NodeList, NodeStatus};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -193,13 +193,21 @@ impl Client {
     }
 
     /// Every selected node's config dump.
-    pub fn dumps(&self, sel: &NodeSelector) -> Result<Vec<(Target, Value)>> {
+    pub fn dumps(&self, sel: &NodeSelector) -> Result<Vec<(Target, ConfigDump)>> {
         self.targets(sel)?
             .into_iter()
             .map(|t| {
-                let dump = self.node(&t.name, &t.addr, "/config_dump")?;
+                let dump = self.dump(&t)?;
                 Ok((t, dump))
             })
             .collect()
+    }
+
+    /// One node's config dump, typed.
+    pub fn dump(&self, t: &Target) -> Result<ConfigDump> {
+        serde_json::from_value(self.node(&t.name, &t.addr, "/config_dump")?).map_err(|e| {
+            CtlError::new(format!("node {}: config dump: {e}", t.name))
+                .hint("mesh-ctl and mesh-node should be the same version")
+        })
     }
 }

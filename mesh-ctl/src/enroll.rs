@@ -190,9 +190,8 @@ fn wait_nodes(
         let mut done = 0;
         let mut parts = Vec::new();
         for target in &targets {
-            let dump = client.node(&target.name, &target.addr, "/config_dump")?;
-            let enrolled: BTreeSet<&str> =
-                dump["pods"].as_array().into_iter().flatten().filter_map(|p| p["name"].as_str()).collect();
+            let dump = client.dump(target)?;
+            let enrolled: BTreeSet<&str> = dump.pods.iter().map(|p| p.name.as_str()).collect();
             let want = pods.get(&target.name).cloned().unwrap_or_default();
             let ok = want.iter().filter(|p| enrolled.contains(p.as_str()) == enroll).count();
             done += ok;

@@ -4,12 +4,13 @@
 //! policies that node holds now.
 use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
+use mesh_common::admin::ConfigDump;
 use mesh_common::{
     api,
     authz::{CompiledPolicy, Connection, Decision, admission},
     identity::SpiffeId,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::{
     api::{Client, CtlError, NodeSelector, Result, Target},
@@ -19,9 +20,9 @@ use crate::{
 pub fn explain(client: &Client, sel: &NodeSelector, from: &str, to: &str) -> Result<Report> {
     let (to_name, port) = split_port(to)?;
     let targets = client.targets(sel)?;
-    let mut dumps: BTreeMap<String, Value> = BTreeMap::new();
+    let mut dumps: BTreeMap<String, ConfigDump> = BTreeMap::new();
     let first = &targets[0];
-    dumps.insert(first.name.clone(), client.node(&first.name, &first.addr, "/config_dump")?);
+    dumps.insert(first.name.clone(), client.dump(first)?);
     let workloads = workloads_of(&dumps[&first.name], &first.name)?;
 
     let src = resolve(&workloads, from, "--from")?;
@@ -36,14 +37,10 @@ pub fn explain(client: &Client, sel: &NodeSelector, from: &str, to: &str) -> Res
         CtlError::new(format!("{} is on node {:?}, which has not connected to the controller", dst_w.uid, dst_w.node))
     })?;
     if !dumps.contains_key(&node.name) {
-        dumps.insert(node.name.clone(), client.node(&node.name, &node.addr, "/config_dump")?);
+        dumps.insert(node.name.clone(), client.dump(node)?);
     }
     let dump = &dumps[&node.name];
-    let enrolled = dump["pods"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|p| p["name"].as_str() == Some(&format!("{}/{}", dst_w.namespace, dst_w.name)));
+    let enrolled = dump.pods.iter().any(|p| p.name == format!("{}/{}", dst_w.namespace, dst_w.name));
     let policies = policies_of(dump, &node.name)?;
 
     let dst_ip = dst.ip.unwrap_or_else(|| pick_ip(&dst_w.ips, None));
@@ -164,29 +161,18 @@ fn pick_ip(ips: &[String], like: Option<IpAddr>) -> IpAddr {
     parsed.iter().find(|a| a.is_ipv4() == want_v4).or(parsed.first()).copied().unwrap_or(IpAddr::from([0, 0, 0, 0]))
 }
 
-fn workloads_of(dump: &Value, node: &str) -> Result<Vec<api::Workload>> {
-    dump["workloads"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| {
-            serde_json::from_value(v.clone())
-                .map_err(|e| CtlError::new(format!("node {node}: config dump workloads[{k}]: {e}")))
-        })
-        .collect()
+fn workloads_of(dump: &ConfigDump, _node: &str) -> Result<Vec<api::Workload>> {
+    Ok(dump.workloads.iter().flatten().map(|(_, w)| w.clone()).collect())
 }
 
-fn policies_of(dump: &Value, node: &str) -> Result<Vec<(api::Authorization, CompiledPolicy)>> {
-    dump["policies"]
-        .as_object()
-        .into_iter()
+fn policies_of(dump: &ConfigDump, node: &str) -> Result<Vec<(api::Authorization, CompiledPolicy)>> {
+    dump.policies
+        .iter()
         .flatten()
-        .map(|(k, v)| {
-            let wire: api::Authorization = serde_json::from_value(v.clone())
-                .map_err(|e| CtlError::new(format!("node {node}: config dump policies[{k}]: {e}")))?;
+        .map(|(k, wire)| {
             let compiled =
-                CompiledPolicy::from_wire(&wire).map_err(|e| CtlError::new(format!("node {node}: policy {k}: {e}")))?;
-            Ok((wire, compiled))
+                CompiledPolicy::from_wire(wire).map_err(|e| CtlError::new(format!("node {node}: policy {k}: {e}")))?;
+            Ok((wire.clone(), compiled))
         })
         .collect()
 }

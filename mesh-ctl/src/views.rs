@@ -7,30 +7,28 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use mesh_common::admin::ConfigDump;
 use mesh_common::api;
-use serde::{Serialize, de::DeserializeOwned};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::json;
 
 use crate::{
     api::{Client, CtlError, NodeSelector, Result, Target},
     output::{Report, Table, cell, human_bytes, human_duration, rfc3339},
 };
 
-/// Reads `field` (a map by key) of every dump as `T`; for each key, the value
-/// and the nodes that hold it.
-fn merged<T: DeserializeOwned>(dumps: &[(Target, Value)], field: &str) -> Result<BTreeMap<String, (T, Vec<String>)>> {
+/// One map of every dump (`field` picks it); for each key, the value and the
+/// nodes that hold it.
+fn merged<T: Clone>(
+    dumps: &[(Target, ConfigDump)],
+    field: impl Fn(&ConfigDump) -> Option<&BTreeMap<String, T>>,
+) -> Result<BTreeMap<String, (T, Vec<String>)>> {
     let mut out: BTreeMap<String, (T, Vec<String>)> = BTreeMap::new();
     for (node, dump) in dumps {
-        for (key, v) in dump[field].as_object().into_iter().flatten() {
+        for (key, v) in field(dump).into_iter().flatten() {
             match out.get_mut(key) {
                 Some((_, seen)) => seen.push(node.name.clone()),
-                None => {
-                    let item: T = serde_json::from_value(v.clone()).map_err(|e| {
-                        CtlError::new(format!("node {}: config dump {field}[{key}]: {e}", node.name))
-                            .hint("mesh-ctl and mesh-node should be the same version")
-                    })?;
-                    out.insert(key.clone(), (item, vec![node.name.clone()]));
-                }
+                None => drop(out.insert(key.clone(), (v.clone(), vec![node.name.clone()]))),
             }
         }
     }
@@ -55,7 +53,7 @@ struct WorkloadRow<'a> {
 
 pub fn workloads(client: &Client, sel: &NodeSelector) -> Result<Report> {
     let dumps = client.dumps(sel)?;
-    let all = merged::<api::Workload>(&dumps, "workloads")?;
+    let all = merged(&dumps, |d| d.workloads.as_ref())?;
     let mut table = Table::new(&["NAMESPACE", "NAME", "IP", "NODE", "IDENTITY", "PROTOCOL", "SEEN BY"]);
     let mut rows = Vec::new();
     for (w, seen) in all.values() {
@@ -84,7 +82,7 @@ pub fn workloads(client: &Client, sel: &NodeSelector) -> Result<Report> {
 
 pub fn services(client: &Client, sel: &NodeSelector) -> Result<Report> {
     let dumps = client.dumps(sel)?;
-    let all = merged::<api::Service>(&dumps, "services")?;
+    let all = merged(&dumps, |d| d.services.as_ref())?;
     let mut table = Table::new(&["NAMESPACE", "NAME", "VIPS", "PORTS", "ENDPOINTS", "SEEN BY"]);
     let mut rows = Vec::new();
     for (s, seen) in all.values() {
@@ -113,7 +111,7 @@ pub fn services(client: &Client, sel: &NodeSelector) -> Result<Report> {
 
 pub fn policies(client: &Client, sel: &NodeSelector) -> Result<Report> {
     let dumps = client.dumps(sel)?;
-    let all = merged::<api::Authorization>(&dumps, "policies")?;
+    let all = merged(&dumps, |d| d.policies.as_ref())?;
     let mut table = Table::new(&["NAMESPACE", "NAME", "ACTION", "APPLIES TO", "RULES", "SEEN BY"]);
     let mut rows = Vec::new();
     for (p, seen) in all.values() {
@@ -143,24 +141,24 @@ pub fn certs(client: &Client, sel: &NodeSelector) -> Result<Report> {
     let mut table = Table::new(&["NODE", "IDENTITY", "SERIAL", "NOT AFTER", "EXPIRES IN", "CHAIN"]);
     let mut rows = Vec::new();
     for (node, dump) in client.dumps(sel)? {
-        for c in dump["certificates"].as_array().into_iter().flatten() {
-            let not_after = c["not_after_unix"].as_i64().unwrap_or(0);
-            let chain = match &c["chain_verified"] {
-                v if v.get("Ok").is_some() => {
-                    let root = c["chain"].as_array().and_then(|a| a.last()).map(cell).unwrap_or_default();
-                    format!("verified to root {root} ({} above the leaf)", c["chain_len"])
+        for c in dump.certificates.iter().flatten() {
+            let not_after = c.not_after_unix;
+            let chain = match &c.chain_verified {
+                Ok(()) => {
+                    let root = c.chain.last().cloned().unwrap_or_default();
+                    format!("verified to root {root} ({} above the leaf)", c.chain_len)
                 }
-                v => format!("NOT VERIFIED: {}", cell(&v["Err"])),
+                Err(e) => format!("NOT VERIFIED: {e}"),
             };
             table.row(vec![
                 node.name.clone(),
-                cell(&c["identity"]),
-                cell(&c["serial"]),
+                c.identity.clone(),
+                c.serial.clone(),
                 rfc3339(not_after),
                 human_duration(not_after - now),
                 chain,
             ]);
-            let mut row = c.clone();
+            let mut row = serde_json::to_value(c).unwrap_or_default();
             row["node"] = json!(node.name);
             rows.push(row);
         }
@@ -217,6 +215,7 @@ pub fn config_dump(client: &Client, sel: &NodeSelector) -> Result<Report> {
         );
     }
     let (_, dump) = dumps.remove(0);
-    let text = serde_json::to_string_pretty(&dump).unwrap_or_default() + "\n";
-    Ok(Report { data: dump, text, failed: false })
+    let data = serde_json::to_value(&dump).unwrap_or_default();
+    let text = serde_json::to_string_pretty(&data).unwrap_or_default() + "\n";
+    Ok(Report { data, text, failed: false })
 }

@@ -12,6 +12,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use mesh_common::admin::{ConfigDump, PoolStats, ProxyStatus};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -57,22 +58,26 @@ async fn config_dump(State(s): State<AdminState>) -> Response {
         let pods = lock(&s.pods);
         (pods.list(), pods.dataplane_status())
     };
-    let mut dump = json!({ "instance": s.instance, "pods": pods, "dataplane": dataplane });
     let proxy = &s.proxy.proxy;
+    let (connections, dialed) = proxy.pool.stats();
+    let mut dump = ConfigDump {
+        instance: s.instance.clone(),
+        pods,
+        dataplane,
+        hbone_pool: PoolStats { connections, dialed },
+        proxy: ProxyStatus { version: proxy.state.view().version.clone() },
+        ..ConfigDump::default()
+    };
     if let Some(c) = &s.control {
         let store = proxy.state.dump();
-        dump["controller"] = json!(*c.status.lock().unwrap_or_else(|e| e.into_inner()));
-        dump["version"] = json!(store.version);
-        dump["workloads"] = json!(store.workloads);
-        dump["services"] = json!(store.services);
-        dump["policies"] = json!(store.policies);
-        dump["certificates"] = json!(proxy.identities.views());
-        dump["node_certificate"] = json!(c.node_certificate());
+        dump.controller = Some(c.status.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        dump.version = Some(store.version);
+        dump.workloads = Some(store.workloads);
+        dump.services = Some(store.services);
+        dump.policies = Some(store.policies);
+        dump.certificates = Some(proxy.identities.views());
+        dump.node_certificate = c.node_certificate();
     }
-    let (pooled, dialed) = proxy.pool.stats();
-    dump["hbone_pool"] = json!({ "connections": pooled, "dialed": dialed });
-    // The configuration version the proxy enforces now (it follows each applied update).
-    dump["proxy"] = json!({ "version": proxy.state.view().version });
     Json(dump).into_response()
 }
 

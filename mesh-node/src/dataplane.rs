@@ -24,7 +24,6 @@ use aya::{
     },
 };
 use mesh_common::{IpKey, OrigDst, PeerKey, enroll_flags, names};
-use serde::Serialize;
 use tracing::{debug, info, warn};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
@@ -79,16 +78,7 @@ impl OrigDstTable {
     }
 }
 
-/// What is attached, for the config dump and for tests that check for leftovers.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct DataplaneStatus {
-    pub pin_dir: PathBuf,
-    pub cgroup: PathBuf,
-    /// Pin name -> link id.
-    pub links: BTreeMap<String, u32>,
-    /// Program name -> program id.
-    pub programs: BTreeMap<String, u32>,
-}
+pub use mesh_common::admin::DataplaneStatus;
 
 pub struct Dataplane {
     config: DataplaneConfig,

@@ -3,7 +3,6 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fs, io,
-    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
@@ -29,15 +28,7 @@ pub struct PodSpec {
     pub netns: PathBuf,
 }
 
-/// An enrolled pod as the admin API shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct PodView {
-    pub name: String,
-    pub netns: PathBuf,
-    pub netns_cookie: u64,
-    pub addresses: Vec<IpAddr>,
-    pub enrolled_at_unix: u64,
-}
+pub use mesh_common::admin::PodView;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {

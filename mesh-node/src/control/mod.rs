@@ -12,7 +12,6 @@ use std::{
 
 use anyhow::Context as _;
 use mesh_common::api::{self, node_control_client::NodeControlClient, node_message::Kind as Msg};
-use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::{info, warn};
@@ -44,20 +43,7 @@ pub struct ControlConfig {
     pub admin_addr: Option<std::net::SocketAddr>,
 }
 
-/// The channel's state, for the config dump.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ControlStatus {
-    pub address: String,
-    pub node: String,
-    pub connected: bool,
-    pub connects: u64,
-    pub updates: u64,
-    pub nacks: u64,
-    pub last_update_unix: Option<u64>,
-    pub last_error: Option<String>,
-    /// Pods the controller schedules here that could not be enrolled yet, and why.
-    pub pending_pods: BTreeMap<String, String>,
-}
+pub use mesh_common::admin::ControlStatus;
 
 /// The controller client: the only writer of the proxy's state and identities.
 pub struct Control {
