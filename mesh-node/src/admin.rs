@@ -1,7 +1,7 @@
 //! The agent's local API on the admin port (a config dump, and enrolment for the
 //! CLI, a CNI hook or the controller) and its readiness endpoint.
 use std::sync::{
-    Arc, Mutex,
+    Arc,
     atomic::{AtomicBool, Ordering},
 };
 
@@ -24,7 +24,7 @@ use crate::{
 
 #[derive(Clone)]
 pub struct AdminState {
-    pub pods: Arc<Mutex<Pods>>,
+    pub pods: Pods,
     pub instance: String,
     /// Set when a controller decides which pods are enrolled.
     pub control: Option<Arc<Control>>,
@@ -54,10 +54,7 @@ pub fn readiness_router(ready: Arc<AtomicBool>) -> Router {
 }
 
 async fn config_dump(State(s): State<AdminState>) -> Response {
-    let (pods, dataplane) = {
-        let pods = lock(&s.pods);
-        (pods.list(), pods.dataplane_status())
-    };
+    let (pods, dataplane) = (s.pods.list().to_vec(), s.pods.dataplane_status().await);
     let proxy = &s.proxy.proxy;
     let (connections, dialed) = proxy.pool.stats();
     let mut dump = ConfigDump {
@@ -87,7 +84,7 @@ async fn connections(State(s): State<AdminState>) -> Response {
 }
 
 async fn list_pods(State(s): State<AdminState>) -> Response {
-    Json(lock(&s.pods).list()).into_response()
+    Json(s.pods.list().to_vec()).into_response()
 }
 
 async fn enroll(State(s): State<AdminState>, body: axum::body::Bytes) -> Response {
@@ -98,13 +95,9 @@ async fn enroll(State(s): State<AdminState>, body: axum::body::Bytes) -> Respons
         Ok(spec) => spec,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
     };
-    // Enrolment makes a few syscalls and waits on the pod's netns thread.
-    let pods = s.pods.clone();
-    let result = tokio::task::spawn_blocking(move || lock(&pods).enroll(spec)).await;
-    match result {
-        Ok(Ok(view)) => (StatusCode::CREATED, Json(view)).into_response(),
-        Ok(Err(e)) => enroll_error(e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    match s.pods.enroll(spec).await {
+        Ok(view) => (StatusCode::CREATED, Json(view)).into_response(),
+        Err(e) => enroll_error(e),
     }
 }
 
@@ -117,11 +110,9 @@ async fn unenroll(State(s): State<AdminState>, Query(q): Query<NameQuery>) -> Re
     if let Some(refusal) = managed(&s) {
         return refusal;
     }
-    let pods = s.pods.clone();
-    match tokio::task::spawn_blocking(move || lock(&pods).unenroll(&q.name)).await {
-        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
-        Ok(Err(e)) => enroll_error(e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    match s.pods.unenroll(q.name).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => enroll_error(e),
     }
 }
 
@@ -149,8 +140,4 @@ fn enroll_error(e: EnrollError) -> Response {
 
 fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
-}
-
-fn lock(pods: &Mutex<Pods>) -> std::sync::MutexGuard<'_, Pods> {
-    pods.lock().unwrap_or_else(|e| e.into_inner())
 }

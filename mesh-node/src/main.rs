@@ -14,7 +14,7 @@ use std::{
     path::PathBuf,
     process::ExitCode,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -28,7 +28,7 @@ use crate::{
     admin::AdminState,
     control::{Control, ControlConfig},
     dataplane::{Dataplane, DataplaneConfig, DataplaneError},
-    pods::Pods,
+    pods::{Enrolment, Pods},
     proxy::{Ports, ProxyContext},
 };
 
@@ -153,10 +153,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         hbone: mesh_common::HBONE_PORT,
     };
     let state_dir = args.state_dir.join(&args.instance);
-    let mut pods = Pods::new(dataplane, ctx.clone(), ports, &state_dir)
+    let enrolment = Enrolment::new(dataplane, ctx.clone(), ports, &state_dir)
         .with_context(|| format!("state directory {}", state_dir.display()))?;
-    pods.restore();
-    let pods = Arc::new(Mutex::new(pods));
+    let pods = Pods::start(enrolment).await;
     let control = match (&args.controller, &args.node_name, &args.join_token, &args.controller_ca) {
         (Some(address), Some(node), Some(token_file), Some(ca_file)) => {
             let control = Control::new(
@@ -210,7 +209,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ready.store(false, Ordering::Release);
     drain(&pods, &proxy, args.drain_timeout).await;
     if args.cleanup {
-        tokio::task::spawn_blocking(move || pods.lock().unwrap_or_else(|e| e.into_inner()).cleanup()).await??;
+        pods.cleanup().await?;
         info!("cleaned up: no programs, links, pins or state of this instance remain");
     } else {
         info!("exiting; programs stay attached so enrolled pods fail closed until an agent is back");
@@ -219,8 +218,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Stops taking connections and waits (up to `timeout`) for the open ones to end.
-async fn drain(pods: &Arc<Mutex<Pods>>, proxy: &mesh_proxy::Proxy, timeout: std::time::Duration) {
-    pods.lock().unwrap_or_else(|e| e.into_inner()).stop_accepting();
+async fn drain(pods: &Pods, proxy: &mesh_proxy::Proxy, timeout: std::time::Duration) {
+    pods.stop_accepting().await;
     proxy.start_drain();
     let open = proxy.connections.len();
     info!(open, timeout_ms = timeout.as_millis() as u64, "draining: not ready, listeners closed");

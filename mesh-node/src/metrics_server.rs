@@ -1,7 +1,7 @@
 //! `/metrics` on 15020: the process's one registry, in OpenMetrics text.
 //! Istio's `istio_tcp_*` are recorded by the proxy as connections open and
 //! close; the agent's own health figures are gauges sampled at each scrape.
-use std::sync::{Arc, Mutex, atomic::AtomicU64};
+use std::sync::{Arc, atomic::AtomicU64};
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{encoding::text::encode, metrics::gauge::Gauge, registry::Registry};
@@ -41,7 +41,7 @@ impl NodeGauges {
 struct Sources {
     registry: Arc<Registry>,
     gauges: NodeGauges,
-    pods: Arc<Mutex<Pods>>,
+    pods: Pods,
     proxy: Arc<ProxyContext>,
 }
 
@@ -49,7 +49,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
     gauges: NodeGauges,
-    pods: Arc<Mutex<Pods>>,
+    pods: Pods,
     proxy: Arc<ProxyContext>,
 ) {
     let router = Router::new().route("/metrics", get(render)).with_state(Sources { registry, gauges, pods, proxy });
@@ -57,7 +57,7 @@ pub async fn serve(
 }
 
 async fn render(State(s): State<Sources>) -> impl IntoResponse {
-    let enrolled = s.pods.lock().unwrap_or_else(|e| e.into_inner()).list().len();
+    let enrolled = s.pods.list().len();
     let proxy = &s.proxy.proxy;
     let (pooled, dialed) = proxy.pool.stats();
     let (workloads, services, policies) = proxy.state.view().sizes();

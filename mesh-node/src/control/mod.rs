@@ -4,7 +4,7 @@
 //! for each of their identities, renewed at half-life. When the controller is
 //! away the node keeps serving with what it has, and reconnects with backoff.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime},
@@ -21,7 +21,7 @@ use mesh_proxy::{
     identity::{CertView, KeyedCert, LocalIdentity, key_and_csr},
 };
 
-use crate::pods::{PodSpec, Pods};
+use crate::pods::Pods;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -83,7 +83,7 @@ impl Control {
 
     /// Starts the stream and the reconciler; each applied configuration and
     /// each certificate goes to the proxy.
-    pub fn spawn(self: &Arc<Self>, pods: Arc<Mutex<Pods>>) {
+    pub fn spawn(self: &Arc<Self>, pods: Pods) {
         tokio::spawn(self.clone().stream_loop());
         tokio::spawn(self.clone().reconcile_loop(pods));
     }
@@ -225,7 +225,7 @@ impl Control {
     }
 
     /// Reconciles on every applied update, and every second (renewals, retries).
-    async fn reconcile_loop(self: Arc<Self>, pods: Arc<Mutex<Pods>>) {
+    async fn reconcile_loop(self: Arc<Self>, pods: Pods) {
         loop {
             tokio::select! {
                 () = self.changed.notified() => {}
@@ -234,9 +234,7 @@ impl Control {
             if self.proxy.state.is_empty() {
                 continue; // nothing from the controller yet: keep the restored pods
             }
-            let this = self.clone();
-            let pods = pods.clone();
-            let _ = tokio::task::spawn_blocking(move || this.sync_pods(&pods)).await;
+            self.sync_pods(&pods).await;
             if let Err(e) = self.sync_certificates().await {
                 self.set_error(&e, false); // the stream may be fine: retried next second
             }
@@ -244,27 +242,10 @@ impl Control {
     }
 
     /// Enrolls the captured pods scheduled here and unenrolls every other pod.
-    fn sync_pods(&self, pods: &Mutex<Pods>) {
-        let desired: HashMap<String, PathBuf> =
+    async fn sync_pods(&self, pods: &Pods) {
+        let desired: BTreeMap<String, PathBuf> =
             self.proxy.state.local_pods(&self.config.node).into_iter().map(|p| (p.name, p.netns)).collect();
-        let mut pods = lock(pods);
-        for pod in pods.list() {
-            if desired.get(&pod.name) != Some(&pod.netns)
-                && let Err(e) = pods.unenroll(&pod.name)
-            {
-                warn!(pod = %pod.name, error = %e, "unenrolling");
-            }
-        }
-        let enrolled: Vec<String> = pods.list().into_iter().map(|p| p.name).collect();
-        let mut pending = BTreeMap::new();
-        for (name, netns) in desired {
-            if enrolled.contains(&name) {
-                continue;
-            }
-            if let Err(e) = pods.enroll(PodSpec { name: name.clone(), netns }) {
-                pending.insert(name, e.to_string());
-            }
-        }
+        let pending = pods.reconcile(desired).await;
         let mut status = lock(&self.status);
         for (pod, why) in &pending {
             if status.pending_pods.get(pod) != Some(why) {

@@ -1,5 +1,7 @@
-//! The set of pods this agent has enrolled: enrolment and removal at runtime,
-//! persisted so a restarted agent takes its pods back.
+//! The enrolment mechanism: a pod's listeners bound in its namespace, the
+//! kernel pointed at them, the set persisted so a restarted agent takes its
+//! pods back; and the same undone in reverse order. Owned by one task (see
+//! the parent module); nothing here is shared.
 use std::{
     collections::{BTreeMap, HashSet},
     fs, io,
@@ -50,6 +52,8 @@ pub enum EnrollError {
     Dataplane { pod: String, source: Box<DataplaneError> },
     #[error("pod {pod}: starting the proxy: {source}")]
     Proxy { pod: String, source: io::Error },
+    #[error("the agent is shutting down")]
+    Stopped,
 }
 
 struct EnrolledPod {
@@ -58,7 +62,7 @@ struct EnrolledPod {
     tasks: Vec<JoinHandle<()>>,
 }
 
-pub struct Pods {
+pub struct Enrolment {
     dataplane: Dataplane,
     ctx: Arc<ProxyContext>,
     ports: Ports,
@@ -66,7 +70,7 @@ pub struct Pods {
     pods: BTreeMap<String, EnrolledPod>,
 }
 
-impl Pods {
+impl Enrolment {
     pub fn new(dataplane: Dataplane, ctx: Arc<ProxyContext>, ports: Ports, state_dir: &Path) -> io::Result<Self> {
         fs::create_dir_all(state_dir)?;
         Ok(Self { dataplane, ctx, ports, state_file: state_dir.join("pods.json"), pods: BTreeMap::new() })
@@ -156,7 +160,7 @@ impl Pods {
     /// Closes every pod's listeners and keeps the kernel state: new
     /// connections are refused (outbound) or dropped (inbound), as with the
     /// agent down, while those already accepted run on. The start of a drain.
-    pub fn stop_accepting(&mut self) {
+    pub fn stop_accepting(&self) {
         for pod in self.pods.values() {
             for task in &pod.tasks {
                 task.abort();
