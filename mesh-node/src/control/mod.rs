@@ -3,6 +3,14 @@
 //! enrolled pods equal to the captured pods scheduled here; hold a certificate
 //! for each of their identities, renewed at half-life. When the controller is
 //! away the node keeps serving with what it has, and reconnects with backoff.
+//!
+//! `channel.rs`: joining and the mTLS channel; `stream.rs`: the configuration
+//! stream into the proxy's state; `renew.rs`: certificates at half-life; here:
+//! the loop that keeps pods and certificates in step with the state.
+mod channel;
+mod renew;
+mod stream;
+
 use std::{
     collections::BTreeMap,
     path::PathBuf,
@@ -10,16 +18,13 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::Context as _;
-use mesh_common::api::{self, node_control_client::NodeControlClient, node_message::Kind as Msg};
-use tokio::sync::{Notify, mpsc};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tracing::{info, warn};
-
 use mesh_proxy::{
     Proxy,
-    identity::{CertView, KeyedCert, LocalIdentity, key_and_csr},
+    identity::{CertView, KeyedCert},
 };
+use tokio::sync::Notify;
+use tonic::transport::Channel;
+use tracing::warn;
 
 use crate::pods::Pods;
 
@@ -106,124 +111,6 @@ impl Control {
         s.last_error = Some(text);
     }
 
-    fn trusted_root(&self) -> anyhow::Result<String> {
-        if let Some(c) = lock(&self.node_cert).as_ref() {
-            return Ok(c.root_pem.clone());
-        }
-        std::fs::read_to_string(&self.config.ca_file)
-            .with_context(|| format!("reading the mesh root {} (--controller-ca)", self.config.ca_file.display()))
-    }
-
-    async fn connect(&self, identity: Option<&KeyedCert>) -> anyhow::Result<Channel> {
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(self.trusted_root()?))
-            .domain_name(self.config.server_name.clone());
-        if let Some(c) = identity {
-            tls = tls.identity(Identity::from_pem(c.presented_chain(), &c.key_pem));
-        }
-        let endpoint = Endpoint::from_shared(format!("https://{}", self.config.address))?
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(3))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5));
-        endpoint.connect().await.with_context(|| format!("connecting to {}", self.config.address))
-    }
-
-    /// A valid node certificate: the one held, or a new one for the join token.
-    async fn node_identity(&self) -> anyhow::Result<KeyedCert> {
-        let held = lock(&self.node_cert).clone();
-        if let Some(c) = held
-            && c.not_after_unix > now_unix() + 30
-        {
-            return Ok(c);
-        }
-        let token = std::fs::read_to_string(&self.config.token_file)
-            .with_context(|| format!("reading the join token {}", self.config.token_file.display()))?;
-        let (key, csr) = key_and_csr()?;
-        let channel = self.connect(None).await?;
-        let req = api::JoinRequest { token: token.trim().into(), node: self.config.node.clone(), csr_pem: csr };
-        let resp = NodeControlClient::new(channel).join(req).await.map_err(status_error)?.into_inner();
-        let cert = KeyedCert::from_response(resp, key, now_unix())?;
-        self.keep_node_cert(cert.clone());
-        info!(node = %self.config.node, not_after = cert.not_after_unix, "joined the mesh");
-        Ok(cert)
-    }
-
-    fn keep_node_cert(&self, cert: KeyedCert) {
-        let path = self.config.state_dir.join(NODE_CERT_FILE);
-        if let Err(e) = cert.store(&path) {
-            warn!(file = %path.display(), error = %e, "could not persist the node certificate");
-        }
-        *lock(&self.node_cert) = Some(cert);
-    }
-
-    async fn stream_loop(self: Arc<Self>) {
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            match self.stream_once(&mut backoff).await {
-                Ok(()) => {}
-                Err(e) => self.set_error(&e, true),
-            }
-            *lock(&self.channel) = None;
-            lock(&self.status).connected = false;
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
-    }
-
-    /// One stream: Hello with what the node holds, then updates until it ends.
-    async fn stream_once(&self, backoff: &mut Duration) -> anyhow::Result<()> {
-        let identity = self.node_identity().await?;
-        let channel = self.connect(Some(&identity)).await?;
-        *lock(&self.channel) = Some(channel.clone());
-        let (tx, rx) = mpsc::channel(8);
-        let admin_addr = self.config.admin_addr.map(|a| a.to_string()).unwrap_or_default();
-        let hello = api::Hello { known: self.proxy.state.known(), admin_addr };
-        tx.send(api::NodeMessage { kind: Some(Msg::Hello(hello)) }).await?;
-        let mut client = NodeControlClient::new(channel);
-        let mut updates =
-            client.subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(status_error)?.into_inner();
-        {
-            let mut s = lock(&self.status);
-            s.connected = true;
-            s.connects += 1;
-            s.last_error = None;
-        }
-        info!(controller = %self.config.address, node = %self.config.node, "connected to the controller");
-        *backoff = BACKOFF_MIN;
-        loop {
-            let update = tokio::select! {
-                u = updates.message() => u.map_err(status_error)?,
-                () = self.reconnect.notified() => return Ok(()),
-            };
-            let Some(update) = update else { anyhow::bail!("the controller closed the stream") };
-            // A complete publication (`more` unset) is in force for new connections at once.
-            let reply = match self.proxy.state.apply(&update) {
-                Ok(applied) => {
-                    info!(
-                        version = %update.version, full = update.full, upserted = applied.upserted,
-                        removed = applied.removed, "configuration update applied"
-                    );
-                    Msg::Ack(api::Ack { nonce: update.nonce, version: update.version.clone() })
-                }
-                Err(reason) => {
-                    warn!(version = %update.version, "configuration update rejected: {reason}");
-                    lock(&self.status).nacks += 1;
-                    Msg::Nack(api::Nack { nonce: update.nonce, reason })
-                }
-            };
-            {
-                let mut s = lock(&self.status);
-                s.updates += 1;
-                s.last_update_unix = Some(now_unix() as u64);
-            }
-            if !update.more {
-                self.changed.notify_one();
-            }
-            tx.send(api::NodeMessage { kind: Some(reply) }).await?;
-        }
-    }
-
     /// Reconciles on every applied update, and every second (renewals, retries).
     async fn reconcile_loop(self: Arc<Self>, pods: Pods) {
         loop {
@@ -253,49 +140,6 @@ impl Control {
             }
         }
         status.pending_pods = pending;
-    }
-
-    /// Certificates for every identity of the pods scheduled here (new ones and
-    /// those past half-life), and the node certificate past its half-life.
-    async fn sync_certificates(&self) -> anyhow::Result<()> {
-        let proxy = &self.proxy;
-        let now = now_unix();
-        let Some(channel) = lock(&self.channel).clone() else { return Ok(()) };
-        let mut client = NodeControlClient::new(channel);
-        let node_cert = lock(&self.node_cert).clone();
-        if let Some(node) = node_cert
-            && now >= node.renew_at_unix()
-        {
-            let (key, csr) = key_and_csr()?;
-            let req = api::CertifyRequest { identity: String::new(), csr_pem: csr };
-            let resp = client.certify(req).await.map_err(status_error)?.into_inner();
-            let cert = KeyedCert::from_response(resp, key, now)?;
-            info!(serial = %cert.serial, not_after = cert.not_after_unix, "node certificate renewed");
-            self.keep_node_cert(cert);
-            self.reconnect.notify_one();
-        }
-        let wanted: Vec<String> = {
-            let mut ids: Vec<String> =
-                proxy.state.local_pods(&self.config.node).iter().map(|p| p.identity.to_string()).collect();
-            ids.sort();
-            ids.dedup();
-            ids
-        };
-        proxy.identities.retain(|id| wanted.contains(&id.to_string()));
-        for id in wanted {
-            let spiffe: mesh_common::identity::SpiffeId = id.parse()?;
-            let due = proxy.identities.get(&spiffe).is_none_or(|l| now >= l.cert.renew_at_unix());
-            if !due {
-                continue;
-            }
-            let (key, csr) = key_and_csr()?;
-            let req = api::CertifyRequest { identity: id.clone(), csr_pem: csr };
-            let resp = client.certify(req).await.map_err(status_error)?.into_inner();
-            let cert = KeyedCert::from_response(resp, key, now)?;
-            let renewed = proxy.identities.set(spiffe.clone(), LocalIdentity::from_cert(&spiffe, &cert)?);
-            info!(identity = %id, serial = %cert.serial, not_after = cert.not_after_unix, renewed, "workload certificate");
-        }
-        Ok(())
     }
 }
 

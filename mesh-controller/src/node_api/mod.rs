@@ -14,16 +14,21 @@ use mesh_common::{
     api::{self, node_control_server::NodeControl, node_message::Kind as Msg},
     identity::SpiffeId,
 };
-use prometheus_client::{
-    metrics::{counter::Counter, histogram::Histogram},
-    registry::Registry,
-};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+mod auth;
+mod metrics;
+mod session;
+
+use self::auth::{ca_status, same_token, uri_san};
+pub use self::{
+    auth::{join_token, valid_node_name},
+    metrics::{HubMetrics, LATENCY_BUCKETS},
+};
 use crate::{
     ca::{self, CertificateAuthority, Issued},
     distribute::{Delta, WireSet},
@@ -67,57 +72,6 @@ impl Held {
                 _ => p.wire.delta_from(s),
             },
         }
-    }
-}
-
-/// The node API's metric families, owned here; [`HubMetrics::register`]
-/// puts them in the process's registry.
-#[derive(Clone, Debug)]
-pub struct HubMetrics {
-    pub pushes: Counter,
-    /// From a configuration change to its update sent on a node's stream.
-    pub push_latency: Histogram,
-    pub nacks: Counter,
-    pub resync_resources: Counter,
-    pub certificates: Counter,
-    pub refused: Counter,
-}
-
-pub const LATENCY_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
-
-impl Default for HubMetrics {
-    fn default() -> Self {
-        HubMetrics {
-            pushes: Counter::default(),
-            push_latency: Histogram::new(LATENCY_BUCKETS),
-            nacks: Counter::default(),
-            resync_resources: Counter::default(),
-            certificates: Counter::default(),
-            refused: Counter::default(),
-        }
-    }
-}
-
-impl HubMetrics {
-    pub fn register(&self, registry: &mut Registry) {
-        registry.register("mesh_controller_pushes", "Updates sent to nodes.", self.pushes.clone());
-        registry.register(
-            "mesh_controller_push_latency_seconds",
-            "From a configuration change to its update sent on a node's stream.",
-            self.push_latency.clone(),
-        );
-        registry.register(
-            "mesh_controller_resync_resources",
-            "Resources sent in the first update of node streams (0 when nodes resume in sync).",
-            self.resync_resources.clone(),
-        );
-        registry.register("mesh_controller_nacks", "Updates nodes rejected.", self.nacks.clone());
-        registry.register("mesh_controller_certificates_issued", "Certificates issued.", self.certificates.clone());
-        registry.register(
-            "mesh_controller_node_requests_refused",
-            "Node requests refused (bad token, not a node certificate, identity not on the node).",
-            self.refused.clone(),
-        );
     }
 }
 
@@ -210,37 +164,6 @@ impl Hub {
     }
 }
 
-fn uri_san(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
-        _ => None,
-    })
-}
-
-/// A Kubernetes node name: a DNS-1123 subdomain.
-pub fn valid_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-        && !name.starts_with(['-', '.'])
-        && !name.ends_with(['-', '.'])
-}
-
-/// Compares without an early exit, so timing does not reveal the token.
-fn same_token(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn ca_status(e: ca::CaError) -> Status {
-    match e {
-        ca::CaError::BadCsr(_) => Status::invalid_argument(e.to_string()),
-        ca::CaError::NotOnNode { .. } => Status::permission_denied(e.to_string()),
-        _ => Status::internal(e.to_string()),
-    }
-}
-
 /// The gRPC service over a shared [`Hub`].
 #[derive(Clone)]
 pub struct NodeService(pub Arc<Hub>);
@@ -322,141 +245,6 @@ impl NodeControl for NodeService {
     }
 }
 
-impl Hub {
-    /// One node's stream: an update now (what differs from what it holds),
-    /// then one per published change, until either side goes away.
-    async fn session(
-        &self,
-        node: &str,
-        known: BTreeMap<String, u64>,
-        inbound: &mut Streaming<api::NodeMessage>,
-        tx: &mpsc::Sender<Result<api::Update, Status>>,
-    ) -> Result<(), String> {
-        let mut changes = self.published.subscribe();
-        let mut sent = Held::Known(Arc::new(known));
-        let mut acked = sent.clone();
-        let mut in_flight: Option<tokio::sync::OwnedSemaphorePermit> = None;
-        let (mut nonce, mut first) = (0u64, true);
-        loop {
-            let published = changes.borrow_and_update().clone();
-            let delta = sent.delta_to(&published);
-            if first || !delta.is_empty() {
-                if delta.upserts.len() >= LARGE_UPDATE {
-                    // Held until the node acknowledges: bounds the memory of many
-                    // nodes (re)connecting at once.
-                    let permit = self.large_updates.clone().acquire_owned().await;
-                    in_flight = permit.ok();
-                }
-                let size = delta.upserts.len() + delta.removed.len();
-                // Parts of bounded size: each is encoded on its own, so no buffer
-                // grows to the size of a whole snapshot.
-                let parts: Vec<&[Arc<api::Resource>]> = match delta.upserts.len() {
-                    0 => vec![&[]],
-                    _ => delta.upserts.chunks(UPDATE_PART).collect(),
-                };
-                let (last, full) = (parts.len() - 1, sent.is_empty());
-                let mut removed = Some(delta.removed);
-                for (i, part) in parts.into_iter().enumerate() {
-                    nonce += 1;
-                    let update = api::Update {
-                        nonce,
-                        version: published.wire.version.clone(),
-                        full: full && i == 0,
-                        resources: part.iter().map(|r| (**r).clone()).collect(),
-                        removed: if i == last { removed.take().unwrap_or_default() } else { Vec::new() },
-                        more: i != last,
-                    };
-                    tx.send(Ok(update)).await.map_err(|_| "node went away".to_string())?;
-                }
-                sent = Held::Set(published.wire.clone());
-                let latency = published.at.elapsed().as_secs_f64();
-                self.metrics.pushes.inc();
-                if first {
-                    self.metrics.resync_resources.inc_by(size as u64);
-                } else {
-                    self.metrics.push_latency.observe(latency);
-                }
-                self.status(node, |s| {
-                    s.pushes += 1;
-                    s.version_sent = published.wire.version.clone();
-                    s.last_push_unix = unix_now();
-                    if first {
-                        s.resync_resources = size;
-                    }
-                });
-                first = false;
-            }
-            tokio::select! {
-                changed = changes.changed() => changed.map_err(|_| "controller shutting down".to_string())?,
-                msg = inbound.message() => match msg.map_err(|e| e.to_string())? {
-                    None => return Err("node closed the stream".into()),
-                    Some(api::NodeMessage { kind: Some(Msg::Ack(ack)) }) if ack.nonce == nonce => {
-                        acked = sent.clone();
-                        drop(in_flight.take());
-                        self.status(node, |s| s.version_acked = ack.version);
-                    }
-                    Some(api::NodeMessage { kind: Some(Msg::Nack(nack)) }) => {
-                        warn!(node = %node, nonce = nack.nonce, "node rejected an update: {}", nack.reason);
-                        // Resend everything it has not acknowledged with the next change.
-                        sent = acked.clone();
-                        drop(in_flight.take());
-                        self.metrics.nacks.inc();
-                        self.status(node, |s| {
-                            s.nacks += 1;
-                            s.last_nack = Some(nack.reason);
-                        });
-                    }
-                    Some(_) => {} // an ACK of an older update, or a stray Hello
-                },
-            }
-        }
-    }
-}
-
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs()
-}
-
-/// The join token in `path`, created (32 random bytes, hex, mode 0600) when missing.
-pub fn join_token(path: &std::path::Path) -> std::io::Result<String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
-        Ok(_) => return Err(std::io::Error::other("the file is empty")),
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        Err(_) => {}
-    }
-    let token: String = ca::random_bytes::<32>()?.iter().map(|b| format!("{b:02x}")).collect();
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    ca::write_private(path, format!("{token}\n").as_bytes())?;
-    Ok(token)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_names() {
-        for (name, ok) in [
-            ("node1", true),
-            ("ip-10-0-0-1.eu-west-1.compute.internal", true),
-            ("", false),
-            ("Node1", false),
-            ("-node", false),
-            ("node/evil", false),
-            ("node.", false),
-        ] {
-            assert_eq!(valid_node_name(name), ok, "{name:?}");
-        }
-    }
-
-    #[test]
-    fn tokens() {
-        assert!(same_token("abc123", "abc123"));
-        assert!(!same_token("abc123", "abc124"));
-        assert!(!same_token("abc123", "abc1234"));
-        assert!(!same_token("", "x"));
-    }
 }

@@ -1,0 +1,56 @@
+//! The node API's metric families.
+use prometheus_client::{
+    metrics::{counter::Counter, histogram::Histogram},
+    registry::Registry,
+};
+
+/// The node API's metric families, owned here; [`HubMetrics::register`]
+/// puts them in the process's registry.
+#[derive(Clone, Debug)]
+pub struct HubMetrics {
+    pub pushes: Counter,
+    /// From a configuration change to its update sent on a node's stream.
+    pub push_latency: Histogram,
+    pub nacks: Counter,
+    pub resync_resources: Counter,
+    pub certificates: Counter,
+    pub refused: Counter,
+}
+
+pub const LATENCY_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+
+impl Default for HubMetrics {
+    fn default() -> Self {
+        HubMetrics {
+            pushes: Counter::default(),
+            push_latency: Histogram::new(LATENCY_BUCKETS),
+            nacks: Counter::default(),
+            resync_resources: Counter::default(),
+            certificates: Counter::default(),
+            refused: Counter::default(),
+        }
+    }
+}
+
+impl HubMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("mesh_controller_pushes", "Updates sent to nodes.", self.pushes.clone());
+        registry.register(
+            "mesh_controller_push_latency_seconds",
+            "From a configuration change to its update sent on a node's stream.",
+            self.push_latency.clone(),
+        );
+        registry.register(
+            "mesh_controller_resync_resources",
+            "Resources sent in the first update of node streams (0 when nodes resume in sync).",
+            self.resync_resources.clone(),
+        );
+        registry.register("mesh_controller_nacks", "Updates nodes rejected.", self.nacks.clone());
+        registry.register("mesh_controller_certificates_issued", "Certificates issued.", self.certificates.clone());
+        registry.register(
+            "mesh_controller_node_requests_refused",
+            "Node requests refused (bad token, not a node certificate, identity not on the node).",
+            self.refused.clone(),
+        );
+    }
+}

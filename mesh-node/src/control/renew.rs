@@ -1,0 +1,52 @@
+//! Certificates: one for every identity of the pods scheduled here, and the
+//! node's own, each renewed at half-life. Keys are made here; only CSRs leave.
+use mesh_common::api::{self, node_control_client::NodeControlClient};
+use mesh_proxy::identity::{KeyedCert, LocalIdentity, key_and_csr};
+use tracing::info;
+
+use super::{Control, lock, now_unix, status_error};
+
+impl Control {
+    /// Certificates for every identity of the pods scheduled here (new ones and
+    /// those past half-life), and the node certificate past its half-life.
+    pub(super) async fn sync_certificates(&self) -> anyhow::Result<()> {
+        let proxy = &self.proxy;
+        let now = now_unix();
+        let Some(channel) = lock(&self.channel).clone() else { return Ok(()) };
+        let mut client = NodeControlClient::new(channel);
+        let node_cert = lock(&self.node_cert).clone();
+        if let Some(node) = node_cert
+            && now >= node.renew_at_unix()
+        {
+            let (key, csr) = key_and_csr()?;
+            let req = api::CertifyRequest { identity: String::new(), csr_pem: csr };
+            let resp = client.certify(req).await.map_err(status_error)?.into_inner();
+            let cert = KeyedCert::from_response(resp, key, now)?;
+            info!(serial = %cert.serial, not_after = cert.not_after_unix, "node certificate renewed");
+            self.keep_node_cert(cert);
+            self.reconnect.notify_one();
+        }
+        let wanted: Vec<String> = {
+            let mut ids: Vec<String> =
+                proxy.state.local_pods(&self.config.node).iter().map(|p| p.identity.to_string()).collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
+        proxy.identities.retain(|id| wanted.contains(&id.to_string()));
+        for id in wanted {
+            let spiffe: mesh_common::identity::SpiffeId = id.parse()?;
+            let due = proxy.identities.get(&spiffe).is_none_or(|l| now >= l.cert.renew_at_unix());
+            if !due {
+                continue;
+            }
+            let (key, csr) = key_and_csr()?;
+            let req = api::CertifyRequest { identity: id.clone(), csr_pem: csr };
+            let resp = client.certify(req).await.map_err(status_error)?.into_inner();
+            let cert = KeyedCert::from_response(resp, key, now)?;
+            let renewed = proxy.identities.set(spiffe.clone(), LocalIdentity::from_cert(&spiffe, &cert)?);
+            info!(identity = %id, serial = %cert.serial, not_after = cert.not_after_unix, renewed, "workload certificate");
+        }
+        Ok(())
+    }
+}
