@@ -47,7 +47,7 @@ pub fn explain(client: &Client, sel: &NodeSelector, from: &str, to: &str) -> Res
     let src_ip = src.ip.unwrap_or_else(|| src.workload.map_or(dst_ip, |w| pick_ip(&w.ips, Some(dst_ip))));
     // A captured source's proxy speaks HBONE with the source's certificate;
     // anything else arrives in plaintext, with no verified identity.
-    let hbone = src.workload.is_some_and(|w| w.captured);
+    let hbone = src.workload.is_some_and(api::Workload::speaks_hbone);
     let source: Option<SpiffeId> = match src.workload.filter(|_| hbone) {
         Some(w) => Some(w.identity.parse().map_err(|e| CtlError::new(format!("{}: identity: {e}", w.uid)))?),
         None => None,

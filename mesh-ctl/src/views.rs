@@ -63,7 +63,7 @@ pub fn workloads(client: &Client, sel: &NodeSelector) -> Result<Report> {
             ips: &w.ips,
             node: &w.node,
             identity: &w.identity,
-            protocol: if w.captured { "HBONE" } else { "TCP" },
+            protocol: if w.speaks_hbone() { "HBONE" } else { "TCP" },
             seen_by: seen,
         };
         table.row(vec![

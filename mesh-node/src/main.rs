@@ -3,7 +3,7 @@
 //! See ARCHITECTURE.md for the path of one connection.
 mod admin;
 mod control;
-mod dataplane;
+mod ebpf;
 mod metrics_server;
 mod netns;
 mod pods;
@@ -27,7 +27,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin::AdminState,
     control::{Control, ControlConfig},
-    dataplane::{Dataplane, DataplaneConfig, DataplaneError},
+    ebpf::{Dataplane, DataplaneConfig, DataplaneError},
     pods::{Enrolment, Pods},
     proxy::{Ports, ProxyContext},
 };

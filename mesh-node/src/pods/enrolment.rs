@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::{
-    dataplane::{Dataplane, DataplaneError},
+    ebpf::{Dataplane, DataplaneError},
     netns::{Netns, NetnsError},
     proxy::{PodContext, PodListeners, Ports, ProxyContext},
 };
@@ -172,7 +172,7 @@ impl Enrolment {
         self.pods.values().map(|p| p.view.clone()).collect()
     }
 
-    pub fn dataplane_status(&self) -> crate::dataplane::DataplaneStatus {
+    pub fn dataplane_status(&self) -> crate::ebpf::DataplaneStatus {
         self.dataplane.status()
     }
 

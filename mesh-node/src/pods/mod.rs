@@ -13,7 +13,7 @@ pub use enrolment::{EnrollError, Enrolment, PodSpec, PodView};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::warn;
 
-use crate::dataplane::DataplaneStatus;
+use crate::ebpf::DataplaneStatus;
 
 type Reply<T> = oneshot::Sender<T>;
 

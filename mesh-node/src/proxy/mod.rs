@@ -26,7 +26,7 @@ use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::warn;
 
-use crate::{dataplane::OrigDstTable, netns::Netns};
+use crate::{ebpf::OrigDstTable, netns::Netns};
 
 /// What every connection handler needs, shared by all pods of the agent: the
 /// proxy library's state, plus what only a node has (the kernel's record of

@@ -23,17 +23,30 @@ pub struct KeyedCert {
     pub issued_at_unix: i64,
 }
 
+/// What is wrong with key or certificate material.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("making a key or CSR: {0}")]
+    Keygen(#[from] rcgen::Error),
+    #[error("certificate PEM: {0}")]
+    Pem(String),
+    #[error("certificate: {0}")]
+    X509(String),
+    #[error("{what} of {identity}: {reason}")]
+    Tls { what: &'static str, identity: String, reason: String },
+}
+
 /// A new P-256 key (PEM) and a CSR for it. The CA sets the identity; the CSR carries none.
-pub fn key_and_csr() -> anyhow::Result<(String, String)> {
+pub fn key_and_csr() -> Result<(String, String), CertError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let csr = CertificateParams::default().serialize_request(&key)?;
     Ok((key.serialize_pem(), csr.pem()?))
 }
 
 impl KeyedCert {
-    pub fn from_response(r: api::CertificateResponse, key_pem: String, now_unix: i64) -> anyhow::Result<KeyedCert> {
+    pub fn from_response(r: api::CertificateResponse, key_pem: String, now_unix: i64) -> Result<KeyedCert, CertError> {
         let der = pem_der(&r.cert_pem)?;
-        let (_, cert) = x509_parser::parse_x509_certificate(&der)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| CertError::X509(e.to_string()))?;
         Ok(KeyedCert {
             serial: cert.tbs_certificate.raw_serial_as_string(),
             not_before_unix: cert.validity().not_before.timestamp(),
@@ -115,13 +128,13 @@ impl KeyedCert {
     }
 }
 
-fn subject(pem: &str) -> anyhow::Result<String> {
+fn subject(pem: &str) -> Result<String, CertError> {
     let der = pem_der(pem)?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| CertError::X509(e.to_string()))?;
     Ok(cert.subject().to_string())
 }
 
-fn pem_der(pem: &str) -> anyhow::Result<Vec<u8>> {
-    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())?;
+fn pem_der(pem: &str) -> Result<Vec<u8>, CertError> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| CertError::Pem(e.to_string()))?;
     Ok(p.contents)
 }

@@ -16,7 +16,7 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
 };
 
-pub use self::certs::{CertView, KeyedCert, key_and_csr};
+pub use self::certs::{CertError, CertView, KeyedCert, key_and_csr};
 use crate::hbone::tls;
 
 pub struct LocalIdentity {
@@ -31,19 +31,25 @@ pub struct LocalIdentity {
 }
 
 impl LocalIdentity {
-    pub fn from_cert(identity: &SpiffeId, cert: &KeyedCert) -> anyhow::Result<LocalIdentity> {
+    pub fn from_cert(identity: &SpiffeId, cert: &KeyedCert) -> Result<LocalIdentity, CertError> {
+        let bad = |what: &'static str, e: &dyn std::fmt::Display| CertError::Tls {
+            what,
+            identity: identity.to_string(),
+            reason: e.to_string(),
+        };
         let chain = CertificateDer::pem_slice_iter(cert.presented_chain().as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow::anyhow!("certificate of {identity}: {e}"))?;
-        let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
-            .map_err(|e| anyhow::anyhow!("key of {identity}: {e}"))?;
+            .map_err(|e| bad("certificate", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).map_err(|e| bad("key", &e))?;
         let mut roots = RootCertStore::empty();
         for root in CertificateDer::pem_slice_iter(cert.root_pem.as_bytes()) {
-            roots.add(root.map_err(|e| anyhow::anyhow!("mesh root: {e}"))?)?;
+            roots.add(root.map_err(|e| bad("mesh root", &e))?).map_err(|e| bad("mesh root", &e))?;
         }
         let roots = Arc::new(roots);
         let credentials = tls::Credentials { chain, key: Arc::new(key) };
-        let server = Arc::new(tls::server_config(&credentials, roots.clone(), identity.trust_domain())?);
+        let server = tls::server_config(&credentials, roots.clone(), identity.trust_domain())
+            .map_err(|e| bad("server config", &e))?;
+        let server = Arc::new(server);
         let view = cert.view(&identity.to_string());
         Ok(LocalIdentity { credentials, roots, server, cert: cert.clone(), view })
     }
