@@ -281,3 +281,39 @@ async fn stream_sends_a_snapshot_then_deltas_and_resumes() {
     assert_eq!(keys, ["workload/Pod/shop/db"]);
     assert_eq!(resumed.version, delta.version);
 }
+
+/// An ACK that arrives after a newer update went out still counts: the
+/// controller records the version the node acknowledged, not nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_ack_still_counts() {
+    let m = Mesh::start("late-ack");
+    let (cert, key) = m.join(&m.token, "node1").await.unwrap();
+    let (tx, mut updates) = open(&m, (&cert, &key), BTreeMap::new()).await;
+    let snapshot = next(&mut updates).await;
+    // A newer update is on the wire before the node acknowledges the snapshot.
+    m.c.write("mesh.yaml", &CONFIG.replace("10.0.0.2", "10.0.0.3"));
+    let delta = next(&mut updates).await;
+    assert_ne!(delta.version, snapshot.version);
+    tx.send(NodeMessage {
+        kind: Some(Msg::Ack(api::Ack { nonce: snapshot.nonce, version: snapshot.version.clone() })),
+    })
+    .await
+    .unwrap();
+    let acked = |want: &str| {
+        let nodes = m.c.get("/debug/nodes");
+        nodes["nodes"]["node1"]["version_acked"] == want
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !acked(&snapshot.version) {
+        assert!(std::time::Instant::now() < deadline, "the late ACK of the snapshot was not recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Then the delta's ACK moves it on.
+    tx.send(NodeMessage { kind: Some(Msg::Ack(api::Ack { nonce: delta.nonce, version: delta.version.clone() })) })
+        .await
+        .unwrap();
+    while !acked(&delta.version) {
+        assert!(std::time::Instant::now() < deadline, "the delta's ACK was not recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
