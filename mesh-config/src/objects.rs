@@ -56,8 +56,8 @@ pub struct ServiceAccount {
     pub metadata: ObjectMeta,
 }
 
-/// `v1/Pod`. In local mode `spec.nodeName` names the mesh node and the
-/// annotation [`NETNS_ANNOTATION`] the pod's network namespace.
+/// `v1/Pod`. In local mode `spec.nodeName` names the mesh node; the pod's
+/// network namespace is the node's own knowledge (reported to it locally).
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pod {
@@ -67,9 +67,6 @@ pub struct Pod {
     #[serde(default)]
     pub status: PodStatus,
 }
-
-/// Annotation naming a local-mode pod's network namespace (a path).
-pub const NETNS_ANNOTATION: &str = "mesh.io/netns";
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

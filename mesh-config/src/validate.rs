@@ -52,14 +52,6 @@ pub fn validate(resource: &Resource) -> Issues {
             for (i, ip) in pod.status.pod_ips.iter().enumerate() {
                 check_ip(&ip.ip, &format!("status.podIPs[{i}].ip"), &mut out);
             }
-            if let Some(netns) = pod.metadata.annotations.get(super::objects::NETNS_ANNOTATION)
-                && !netns.starts_with('/')
-            {
-                out.push((
-                    format!("metadata.annotations[{}]", super::objects::NETNS_ANNOTATION),
-                    format!("{netns:?}: expected an absolute path such as /run/netns/NAME"),
-                ));
-            }
         }
         Resource::Service(svc) => {
             for (i, port) in svc.spec.ports.iter().enumerate() {

@@ -129,7 +129,6 @@ fn workload(model: &MeshModel, w: &Workload) -> api::Workload {
         identity: w.identity.to_string(),
         ips: ips(&w.ips),
         node: w.node.clone().unwrap_or_default(),
-        netns: w.netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         captured: w.captured,
         labels: w.labels.clone().into_iter().collect(),
         // The default port 0 never carries traffic: this asks for the workload-wide mode.

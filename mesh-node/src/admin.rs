@@ -1,5 +1,6 @@
-//! The agent's local API on the admin port (a config dump, and enrolment for the
-//! CLI, a CNI hook or the controller) and its readiness endpoint.
+//! The agent's local API on the admin port (a config dump; the pods'
+//! network namespaces as a CNI hook reports them; enrolment by hand when no
+//! controller runs) and its readiness endpoint.
 use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},
@@ -35,6 +36,7 @@ pub fn admin_router(state: AdminState) -> Router {
     Router::new()
         .route("/config_dump", get(config_dump))
         .route("/pods", get(list_pods).post(enroll).delete(unenroll))
+        .route("/netns", get(reported).put(report).delete(forget))
         .route("/connections", get(connections))
         .with_state(state)
 }
@@ -101,6 +103,32 @@ async fn enroll(State(s): State<AdminState>, body: axum::body::Bytes) -> Respons
     }
 }
 
+/// `PUT /netns {"name":"ns/pod","netns":"/run/netns/x"}`: where a pod's
+/// network namespace is on this node, as a CNI plugin reports it. With a
+/// controller, the pod is enrolled once the controller schedules it here in
+/// an ambient namespace; without one, `POST /pods` enrolls.
+async fn report(State(s): State<AdminState>, body: axum::body::Bytes) -> Response {
+    let spec: PodSpec = match serde_json::from_slice(&body) {
+        Ok(spec) => spec,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+    };
+    match s.pods.report(spec).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => enroll_error(e),
+    }
+}
+
+async fn forget(State(s): State<AdminState>, Query(q): Query<NameQuery>) -> Response {
+    match s.pods.forget(q.name).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => enroll_error(e),
+    }
+}
+
+async fn reported(State(s): State<AdminState>) -> Response {
+    Json(s.pods.reported().await).into_response()
+}
+
 #[derive(Deserialize)]
 struct NameQuery {
     name: String,
@@ -121,8 +149,8 @@ fn managed(s: &AdminState) -> Option<Response> {
     s.control.as_ref().map(|_| {
         error(
             StatusCode::CONFLICT,
-            "this agent's pods are managed by the controller: label the namespace \
-             istio.io/dataplane-mode=ambient in its configuration instead"
+            "this agent's pods are managed by the controller: report the pod's network namespace \
+             (PUT /netns) and label its namespace istio.io/dataplane-mode=ambient in the configuration"
                 .into(),
         )
     })
@@ -131,8 +159,11 @@ fn managed(s: &AdminState) -> Option<Response> {
 fn enroll_error(e: EnrollError) -> Response {
     let status = match e {
         EnrollError::AlreadyEnrolled(_) | EnrollError::NetnsTaken { .. } => StatusCode::CONFLICT,
-        EnrollError::NotEnrolled(_) => StatusCode::NOT_FOUND,
-        EnrollError::InvalidName(_) | EnrollError::NoAddresses(_) | EnrollError::Netns(_) => StatusCode::BAD_REQUEST,
+        EnrollError::NotEnrolled(_) | EnrollError::NotReported(_) => StatusCode::NOT_FOUND,
+        EnrollError::InvalidName(_)
+        | EnrollError::NoAddresses(_)
+        | EnrollError::Netns(_)
+        | EnrollError::RelativeNetns(_) => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string())

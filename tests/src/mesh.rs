@@ -72,6 +72,7 @@ impl Mesh {
     /// node's proxy enforces the configuration that results. Returns how long
     /// that took.
     pub fn apply(&self, file: &str, yaml: &str) -> Duration {
+        self.report_pods(yaml);
         let before = self.controller.json("/debug/nodes")["version"].clone();
         let start = Instant::now();
         self.controller.write(file, yaml);
@@ -83,6 +84,18 @@ impl Mesh {
             }
             assert!(Instant::now() < deadline, "{file}: configuration not in force on every node after 10 s");
             thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Plays the CNI plugin's part: each Pod in `yaml` scheduled on one of
+    /// the nodes has its network namespace (the `mesh.io/netns` annotation
+    /// the harness writes) reported to that node. The controller never
+    /// carries it: it is node-local knowledge.
+    pub fn report_pods(&self, yaml: &str) {
+        for (name, node, netns) in pods_in(yaml) {
+            if let Some(n) = self.nodes.iter().find(|n| n.name == node) {
+                n.agent.report_netns(&name, &netns);
+            }
         }
     }
 
@@ -122,6 +135,32 @@ impl Mesh {
         sum_metric(&text, name, labels)
     }
 }
+
+/// The Pods of a YAML text: `namespace/name`, the node they are scheduled
+/// on, and the network namespace their `mesh.io/netns` annotation names.
+pub fn pods_in(yaml: &str) -> Vec<(String, String, PathBuf)> {
+    use serde::Deserialize as _;
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let Ok(v) = serde_yaml_ng::Value::deserialize(doc) else { continue };
+        if v["kind"].as_str() != Some("Pod") {
+            continue;
+        }
+        let meta = &v["metadata"];
+        let (Some(name), Some(node), Some(netns)) =
+            (meta["name"].as_str(), v["spec"]["nodeName"].as_str(), meta["annotations"][NETNS_ANNOTATION].as_str())
+        else {
+            continue;
+        };
+        let namespace = meta["namespace"].as_str().unwrap_or("default");
+        out.push((format!("{namespace}/{name}"), node.to_owned(), PathBuf::from(netns)));
+    }
+    out
+}
+
+/// Where the harness's Pod YAML names the pod's network namespace, for its
+/// stand-in CNI ([`Mesh::report_pods`]); the controller ignores it.
+pub const NETNS_ANNOTATION: &str = "mesh.io/netns";
 
 pub fn node_metrics(netns: &std::path::Path) -> String {
     let out = run_in(netns, &["curl", "-sf", "-m", "5", "http://127.0.0.1:15020/metrics"]);

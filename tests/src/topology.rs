@@ -298,6 +298,15 @@ impl Agent {
         assert_eq!(code, 201, "enrolling {}: {text}", pod.name);
     }
 
+    /// Reports where `name`'s network namespace is, as a CNI plugin does when
+    /// it sets a pod up (`PUT /netns`); with a controller, the pod is then
+    /// enrolled once the controller schedules it here in an ambient namespace.
+    pub fn report_netns(&self, name: &str, netns: &Path) {
+        let body = format!(r#"{{"name":"{name}","netns":"{}"}}"#, netns.display());
+        let (code, text) = self.admin("PUT", "/netns", Some(&body));
+        assert_eq!(code, 204, "reporting the network namespace of {name}: {text}");
+    }
+
     pub fn unenroll(&self, pod: &Pod) {
         let (code, text) = self.admin("DELETE", &format!("/pods?name={}", pod.name), None);
         assert_eq!(code, 204, "unenrolling {}: {text}", pod.name);

@@ -58,6 +58,10 @@ fn start(t: &Topology, extra: &[&str]) -> (Controller, Agent, Pod, Pod) {
     let args = controller.agent_args("node1");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let agent = t.agent_or_skip("control", &node, "node1", &args).expect("agent");
+    // The pods' network namespaces, as the node's CNI plugin reports them.
+    for p in [&web, &api] {
+        agent.report_netns(&p.name, &p.netns);
+    }
     (controller, agent, web, api)
 }
 

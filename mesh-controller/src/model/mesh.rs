@@ -1,7 +1,7 @@
 //! The mesh as nodes see it: workloads with identities, services with their
 //! endpoints, the policies that apply to each workload, and each workload's
 //! PeerAuthentication mode. Built from the configuration in force; pure.
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use mesh_common::{
     authz::{in_scope, scope_of},
@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::authz::{CompiledPolicy, Connection, Decision, evaluate};
 use crate::config::{
     ConfigStore, MeshSettings, Resource,
-    objects::{IntOrString, Labels, NETNS_ANNOTATION, PeerAuthentication},
+    objects::{IntOrString, Labels, PeerAuthentication},
 };
 
 const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
@@ -29,8 +29,6 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     /// The node whose agent serves it (pods only).
     pub node: Option<String>,
-    /// Local mode: the pod's network namespace.
-    pub netns: Option<PathBuf>,
     pub labels: Labels,
     /// In the ambient mesh: its node proxy captures its traffic and it speaks HBONE.
     pub captured: bool,
@@ -133,7 +131,6 @@ impl MeshModel {
                             identity,
                             ips,
                             node: pod.spec.node_name.clone(),
-                            netns: pod.metadata.annotations.get(NETNS_ANNOTATION).map(PathBuf::from),
                             labels: pod.metadata.labels.clone(),
                         },
                     );
@@ -155,7 +152,6 @@ impl MeshModel {
                             identity,
                             ips: we.spec.address.iter().filter_map(|a| a.parse().ok()).collect(),
                             node: None,
-                            netns: None,
                             labels,
                             captured: false,
                         },

@@ -12,7 +12,7 @@ mod renew;
 mod stream;
 
 use std::{
-    collections::BTreeMap,
+    collections::BTreeSet,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime},
@@ -116,6 +116,7 @@ impl Control {
         loop {
             tokio::select! {
                 () = self.changed.notified() => {}
+                () = pods.reports() => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             if self.proxy.state.is_empty() {
@@ -130,8 +131,8 @@ impl Control {
 
     /// Enrolls the captured pods scheduled here and unenrolls every other pod.
     async fn sync_pods(&self, pods: &Pods) {
-        let desired: BTreeMap<String, PathBuf> =
-            self.proxy.state.local_pods(&self.config.node).into_iter().map(|p| (p.name, p.netns)).collect();
+        let desired: BTreeSet<String> =
+            self.proxy.state.local_pods(&self.config.node).into_iter().map(|p| p.name).collect();
         let pending = pods.reconcile(desired).await;
         let mut status = lock(&self.status);
         for (pod, why) in &pending {

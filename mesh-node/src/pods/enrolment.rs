@@ -54,6 +54,10 @@ pub enum EnrollError {
     Proxy { pod: String, source: io::Error },
     #[error("the agent is shutting down")]
     Stopped,
+    #[error("network namespace {0:?}: expected an absolute path such as /run/netns/NAME or /proc/PID/ns/net")]
+    RelativeNetns(PathBuf),
+    #[error("no network namespace is reported for pod {0} on this node")]
+    NotReported(String),
 }
 
 struct EnrolledPod {
@@ -68,12 +72,28 @@ pub struct Enrolment {
     ports: Ports,
     state_file: PathBuf,
     pods: BTreeMap<String, EnrolledPod>,
+    /// Where each pod's network namespace is, as reported on this node (by a
+    /// CNI plugin, or the local tooling standing in for one): node-local
+    /// knowledge the controller never has. Persisted beside the pods.
+    reported: BTreeMap<String, PathBuf>,
+    reported_file: PathBuf,
 }
 
 impl Enrolment {
     pub fn new(dataplane: Dataplane, ctx: Arc<ProxyContext>, ports: Ports, state_dir: &Path) -> io::Result<Self> {
         fs::create_dir_all(state_dir)?;
-        Ok(Self { dataplane, ctx, ports, state_file: state_dir.join("pods.json"), pods: BTreeMap::new() })
+        let reported_file = state_dir.join("netns.json");
+        let reported =
+            fs::read(&reported_file).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default();
+        Ok(Self {
+            dataplane,
+            ctx,
+            ports,
+            state_file: state_dir.join("pods.json"),
+            pods: BTreeMap::new(),
+            reported,
+            reported_file,
+        })
     }
 
     /// Re-enrolls the pods a previous agent of this instance had, and drops
@@ -172,6 +192,30 @@ impl Enrolment {
         self.pods.values().map(|p| p.view.clone()).collect()
     }
 
+    /// Records where a pod's network namespace is on this node.
+    pub fn report(&mut self, spec: PodSpec) -> Result<(), EnrollError> {
+        validate_name(&spec.name)?;
+        if !spec.netns.is_absolute() {
+            return Err(EnrollError::RelativeNetns(spec.netns));
+        }
+        if self.reported.insert(spec.name, spec.netns.clone()).as_ref() != Some(&spec.netns) {
+            write_json(&self.reported_file, &self.reported, "reported network namespaces");
+        }
+        Ok(())
+    }
+
+    /// Forgets a pod's network namespace (the pod is gone from this node).
+    pub fn forget(&mut self, name: &str) -> Result<(), EnrollError> {
+        self.reported.remove(name).ok_or_else(|| EnrollError::NotReported(name.into()))?;
+        write_json(&self.reported_file, &self.reported, "reported network namespaces");
+        Ok(())
+    }
+
+    /// Every reported pod's network namespace.
+    pub fn reported(&self) -> &BTreeMap<String, PathBuf> {
+        &self.reported
+    }
+
     pub fn dataplane_status(&self) -> crate::ebpf::DataplaneStatus {
         self.dataplane.status()
     }
@@ -182,6 +226,7 @@ impl Enrolment {
             self.unenroll(&name)?;
         }
         let _ = fs::remove_file(&self.state_file);
+        let _ = fs::remove_file(&self.reported_file);
         if let Some(dir) = self.state_file.parent() {
             let _ = fs::remove_dir(dir);
         }
@@ -190,14 +235,19 @@ impl Enrolment {
 
     fn persist(&self) {
         let specs: Vec<&PodSpec> = self.pods.values().map(|p| &p.spec).collect();
-        let tmp = self.state_file.with_extension("json.tmp");
-        let write = serde_json::to_vec_pretty(&specs)
-            .map_err(io::Error::other)
-            .and_then(|bytes| fs::write(&tmp, bytes))
-            .and_then(|()| fs::rename(&tmp, &self.state_file));
-        if let Err(e) = write {
-            warn!(file = %self.state_file.display(), error = %e, "could not persist enrolled pods");
-        }
+        write_json(&self.state_file, &specs, "enrolled pods");
+    }
+}
+
+/// Writes `value` to `path` atomically (a temporary file, then a rename).
+fn write_json(path: &Path, value: &impl Serialize, what: &str) {
+    let tmp = path.with_extension("json.tmp");
+    let write = serde_json::to_vec_pretty(value)
+        .map_err(io::Error::other)
+        .and_then(|bytes| fs::write(&tmp, bytes))
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = write {
+        warn!(file = %path.display(), error = %e, "could not persist {what}");
     }
 }
 

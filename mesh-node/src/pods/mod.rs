@@ -7,10 +7,14 @@
 mod enrolment;
 pub mod reconcile;
 
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::Arc,
+};
 
 pub use enrolment::{EnrollError, Enrolment, PodSpec, PodView};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::warn;
 
 use crate::ebpf::DataplaneStatus;
@@ -20,8 +24,12 @@ type Reply<T> = oneshot::Sender<T>;
 enum Command {
     Enroll(PodSpec, Reply<Result<PodView, EnrollError>>),
     Unenroll(String, Reply<Result<(), EnrollError>>),
-    /// Make the enrolled set `name -> netns`; answers the pods that could not be enrolled, and why.
-    Reconcile(BTreeMap<String, PathBuf>, Reply<BTreeMap<String, String>>),
+    Report(PodSpec, Reply<Result<(), EnrollError>>),
+    Forget(String, Reply<Result<(), EnrollError>>),
+    Reported(Reply<BTreeMap<String, PathBuf>>),
+    /// Make the enrolled set these pods (by name, their network namespaces
+    /// as reported); answers the pods that could not be enrolled, and why.
+    Reconcile(BTreeSet<String>, Reply<BTreeMap<String, String>>),
     Status(Reply<DataplaneStatus>),
     StopAccepting(Reply<()>),
     Cleanup(Reply<Result<(), EnrollError>>),
@@ -32,6 +40,8 @@ enum Command {
 pub struct Pods {
     commands: mpsc::Sender<Command>,
     enrolled: watch::Receiver<Arc<Vec<PodView>>>,
+    /// Woken when a network namespace is reported, so a reconciler acts at once.
+    reports: Arc<Notify>,
 }
 
 /// The owning task is gone (it only ends when every handle is dropped).
@@ -63,7 +73,7 @@ impl Pods {
             })
             .expect("spawning the pods thread");
         let _ = restored_rx.await;
-        Pods { commands, enrolled }
+        Pods { commands, enrolled, reports: Arc::default() }
     }
 
     /// The pods enrolled now (a snapshot, published after every change).
@@ -85,9 +95,32 @@ impl Pods {
         self.ask(|r| Command::Unenroll(name, r)).await?
     }
 
-    /// Enrolls exactly `desired` (`name -> netns`); returns the pods that
-    /// could not be enrolled yet, with the reason.
-    pub async fn reconcile(&self, desired: BTreeMap<String, PathBuf>) -> BTreeMap<String, String> {
+    /// Records where a pod's network namespace is on this node (what a CNI
+    /// plugin reports); the controller decides whether it is enrolled.
+    pub async fn report(&self, spec: PodSpec) -> Result<(), EnrollError> {
+        self.ask(|r| Command::Report(spec, r)).await??;
+        self.reports.notify_one();
+        Ok(())
+    }
+
+    pub async fn forget(&self, name: String) -> Result<(), EnrollError> {
+        self.ask(|r| Command::Forget(name, r)).await?
+    }
+
+    /// Every reported pod's network namespace.
+    pub async fn reported(&self) -> BTreeMap<String, PathBuf> {
+        self.ask(Command::Reported).await.unwrap_or_default()
+    }
+
+    /// Resolves when a network namespace has been reported since the last call.
+    pub async fn reports(&self) {
+        self.reports.notified().await;
+    }
+
+    /// Enrolls exactly the pods named in `desired`, each in the network
+    /// namespace reported for it; returns the pods that could not be enrolled
+    /// yet, with the reason.
+    pub async fn reconcile(&self, desired: BTreeSet<String>) -> BTreeMap<String, String> {
         self.ask(|r| Command::Reconcile(desired, r)).await.unwrap_or_default()
     }
 
@@ -111,6 +144,9 @@ fn handle(enrolment: &mut Enrolment, command: Command) {
     match command {
         Command::Enroll(spec, reply) => drop(reply.send(enrolment.enroll(spec))),
         Command::Unenroll(name, reply) => drop(reply.send(enrolment.unenroll(&name))),
+        Command::Report(spec, reply) => drop(reply.send(enrolment.report(spec))),
+        Command::Forget(name, reply) => drop(reply.send(enrolment.forget(&name))),
+        Command::Reported(reply) => drop(reply.send(enrolment.reported().clone())),
         Command::Reconcile(desired, reply) => drop(reply.send(apply(enrolment, &desired))),
         Command::Status(reply) => drop(reply.send(enrolment.dataplane_status())),
         Command::StopAccepting(reply) => {
@@ -122,14 +158,14 @@ fn handle(enrolment: &mut Enrolment, command: Command) {
 }
 
 /// Carries out [`reconcile::plan`]; returns the pods that could not be enrolled.
-fn apply(enrolment: &mut Enrolment, desired: &BTreeMap<String, PathBuf>) -> BTreeMap<String, String> {
-    let plan = reconcile::plan(&enrolment.list(), desired);
+fn apply(enrolment: &mut Enrolment, wanted: &BTreeSet<String>) -> BTreeMap<String, String> {
+    let (desired, mut pending) = reconcile::locate(wanted, enrolment.reported());
+    let plan = reconcile::plan(&enrolment.list(), &desired);
     for name in plan.unenroll {
         if let Err(e) = enrolment.unenroll(&name) {
             warn!(pod = %name, error = %e, "unenrolling");
         }
     }
-    let mut pending = BTreeMap::new();
     for spec in plan.enroll {
         let name = spec.name.clone();
         if let Err(e) = enrolment.enroll(spec) {

@@ -1,6 +1,9 @@
 //! What to change so the enrolled pods are exactly the ones wanted: pure,
 //! tested with a table.
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
 
 use super::{PodSpec, PodView};
 
@@ -10,6 +13,29 @@ pub struct Plan {
     pub unenroll: Vec<String>,
     /// Wanted pods to enroll (after the removals).
     pub enroll: Vec<PodSpec>,
+}
+
+/// The pods wanted, each with its reported network namespace; the wanted
+/// pods without one go to the second map, with the reason.
+pub fn locate(
+    wanted: &BTreeSet<String>,
+    reported: &BTreeMap<String, PathBuf>,
+) -> (BTreeMap<String, PathBuf>, BTreeMap<String, String>) {
+    let mut located = BTreeMap::new();
+    let mut missing = BTreeMap::new();
+    for name in wanted {
+        match reported.get(name) {
+            Some(netns) => drop(located.insert(name.clone(), netns.clone())),
+            None => drop(
+                missing.insert(
+                    name.clone(),
+                    "no network namespace reported for this pod on this node yet (PUT /netns, as a CNI plugin does)"
+                        .to_owned(),
+                ),
+            ),
+        }
+    }
+    (located, missing)
 }
 
 pub fn plan(enrolled: &[PodView], desired: &BTreeMap<String, PathBuf>) -> Plan {

@@ -2,7 +2,7 @@
 //! each with the version the controller gave it. An update is checked whole
 //! before any of it is applied: a bad resource rejects the update (NACK) and
 //! the node keeps serving what it had. Pure; tested with tables.
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use mesh_common::{
     api::{self, ResourceKey, resource::Kind},
@@ -28,12 +28,12 @@ pub struct Applied {
     pub removed: usize,
 }
 
-/// A pod this node must enroll: the controller schedules it here, in an ambient namespace.
+/// A pod this node must enroll: the controller schedules it here, in an
+/// ambient namespace. Where its network namespace is, only the node knows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalPod {
     /// `namespace/name`, as the agent names enrolled pods.
     pub name: String,
-    pub netns: PathBuf,
     pub identity: SpiffeId,
 }
 
@@ -77,17 +77,13 @@ impl NodeStore {
         Ok(Applied { upserted: update.resources.len(), removed: update.removed.len() })
     }
 
-    /// The pods this node must enroll: captured pods scheduled on `node` with a netns.
+    /// The pods this node must enroll: captured pods scheduled on `node`.
     pub fn local_pods(&self, node: &str) -> Vec<LocalPod> {
         self.workloads
             .values()
-            .filter(|w| w.captured && w.node == node && !w.netns.is_empty() && w.uid.starts_with("Pod/"))
+            .filter(|w| w.captured && w.node == node && w.uid.starts_with("Pod/"))
             .filter_map(|w| {
-                Some(LocalPod {
-                    name: format!("{}/{}", w.namespace, w.name),
-                    netns: PathBuf::from(&w.netns),
-                    identity: w.identity.parse().ok()?,
-                })
+                Some(LocalPod { name: format!("{}/{}", w.namespace, w.name), identity: w.identity.parse().ok()? })
             })
             .collect()
     }
@@ -137,7 +133,6 @@ mod tests {
                 identity: "spiffe://cluster.local/ns/shop/sa/default".into(),
                 ips: vec![ip.into()],
                 node: node.into(),
-                netns: format!("/run/netns/{name}"),
                 captured: true,
                 ..Default::default()
             })),
