@@ -10,19 +10,7 @@ const A: &str = "spiffe://cluster.local/ns/shop/sa/a";
 const B1: &str = "spiffe://cluster.local/ns/shop/sa/b1";
 
 fn workload(name: &str, ip: &str, captured: bool) -> api::Resource {
-    let w = api::Workload {
-        uid: format!("Pod/shop/{name}"),
-        name: name.into(),
-        namespace: "shop".into(),
-        service_account: name.into(),
-        identity: format!("spiffe://cluster.local/ns/shop/sa/{name}"),
-        ips: vec![ip.into()],
-        captured,
-        labels: [("app".to_string(), name.to_string())].into(),
-        mtls_mode: api::MtlsMode::Permissive.into(),
-        port_mtls: [(9000, api::MtlsMode::Strict.into())].into(),
-        ..Default::default()
-    };
+    let w = crate::state::fixtures::workload(name, ip, captured, &[("app", name)]);
     api::Resource {
         key: api::ResourceKey::Workload(w.uid.clone()).to_string(),
         version: 1,

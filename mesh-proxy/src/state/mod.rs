@@ -8,6 +8,8 @@
 //! never by a connection. A connection takes the view's lock only to clone
 //! an `Arc`; a new view is built under the store's lock, outside it, then
 //! swapped in.
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod store;
 pub mod view;
 

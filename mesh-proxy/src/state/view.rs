@@ -195,22 +195,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-
-    fn workload(name: &str, ip: &str, captured: bool, labels: &[(&str, &str)]) -> api::Workload {
-        api::Workload {
-            uid: format!("Pod/shop/{name}"),
-            name: name.into(),
-            namespace: "shop".into(),
-            service_account: name.into(),
-            identity: format!("spiffe://cluster.local/ns/shop/sa/{name}"),
-            ips: vec![ip.into()],
-            captured,
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            mtls_mode: api::MtlsMode::Permissive.into(),
-            port_mtls: [(9000, api::MtlsMode::Strict.into())].into(),
-            ..Default::default()
-        }
-    }
+    use crate::state::fixtures::workload;
 
     fn store() -> NodeStore {
         let mut store = NodeStore::default();
