@@ -268,16 +268,16 @@ impl Connections {
             .collect()
     }
 
-    /// Starts recording a connection whose facts are `info`: counted opened
-    /// now, closed exactly once later.
+    /// Starts recording a connection, at its accept: `info` holds what the
+    /// socket says; the plan fills in the rest ([`Tracked::info_mut`]). It is
+    /// counted opened, with its labels, once they are final (when relaying
+    /// starts, or when it ends first), and closed exactly once.
     pub fn track(self: &Arc<Self>, info: ConnInfo) -> Tracked {
-        let labels = info.labels();
-        self.metrics.opened.get_or_create(&labels).inc();
         Tracked {
             id: None,
             table: self.clone(),
             info,
-            labels,
+            labels: None,
             bytes: Arc::default(),
             started: Instant::now(),
             recorded: false,
@@ -293,16 +293,17 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// One connection being recorded. While it relays it is in the live table
-/// and its bytes count as they move. Its close is recorded once: by
-/// [`Tracked::finish`] or [`Tracked::refuse`], or, on any other way out (an
-/// early return, a panic, a cancelled task), by its drop.
+/// One connection being recorded, from its accept. While it relays it is in
+/// the live table and its bytes count as they move. Its close is recorded
+/// once: by [`Tracked::finish`] or [`Tracked::refuse`], or, on any other way
+/// out (an early return, a panic, a cancelled task), by its drop.
 pub struct Tracked {
     /// Set while it is in the live table.
     id: Option<u64>,
     table: Arc<Connections>,
     info: ConnInfo,
-    labels: TcpLabels,
+    /// Set once it is counted opened (its labels are fixed from then on).
+    labels: Option<TcpLabels>,
     pub bytes: Arc<Bytes>,
     started: Instant,
     recorded: bool,
@@ -313,8 +314,26 @@ impl Tracked {
         &self.info
     }
 
-    /// Relaying starts: the connection shows in the live table.
+    /// The connection's facts, while they are still being decided (before
+    /// relaying starts: the labels are fixed from then on).
+    pub fn info_mut(&mut self) -> &mut ConnInfo {
+        &mut self.info
+    }
+
+    /// Counts it opened (once), with the labels its facts give now.
+    fn opened(&mut self) -> TcpLabels {
+        if let Some(labels) = &self.labels {
+            return labels.clone();
+        }
+        let labels = self.info.labels();
+        self.table.metrics.opened.get_or_create(&labels).inc();
+        self.labels = Some(labels.clone());
+        labels
+    }
+
+    /// Relaying starts: counted opened, and shown in the live table.
     pub fn relaying(&mut self) -> Arc<Bytes> {
+        self.opened();
         if self.id.is_none() {
             let id = self.table.next.fetch_add(1, Ordering::Relaxed);
             let live = Live { info: self.info.clone(), bytes: self.bytes.clone() };
@@ -344,7 +363,7 @@ impl Tracked {
         let received = self.bytes.received.load(Ordering::Relaxed);
         let sent = self.bytes.sent.load(Ordering::Relaxed);
         let flags = error.as_ref().map_or("-", |(f, _)| f.as_str());
-        let labels = TcpLabels { response_flags: flags, ..self.labels.clone() };
+        let labels = TcpLabels { response_flags: flags, ..self.opened() };
         let m = &self.table.metrics;
         m.closed.get_or_create(&labels).inc();
         m.received.get_or_create(&labels).inc_by(received);

@@ -55,9 +55,10 @@ fn refusal_status(e: &ProxyError) -> StatusCode {
 impl TunnelHandler for PodTunnels {
     async fn handle(&self, request: TunnelRequest) {
         let (pod, ctx) = (&self.pod, &self.ctx);
-        let info = ConnInfo::new(Direction::Inbound, &pod.name, self.listener, request.peer_addr);
+        let conn =
+            ctx.proxy.connections.track(ConnInfo::new(Direction::Inbound, &pod.name, self.listener, request.peer_addr));
         let arrival = Arrival::Hbone(request.peer.clone());
-        let (mut tracked, upstream) = match connect_to_app(pod, ctx, info, arrival, request.target).await {
+        let (mut tracked, upstream) = match connect_to_app(pod, ctx, conn, arrival, request.target).await {
             Ok(admitted) => admitted,
             Err((tracked, e)) => {
                 request.refuse(refusal_status(&e));

@@ -16,15 +16,15 @@ use super::{PodContext, ProxyContext, connect_from, relay_plain};
 
 /// A plaintext connection on 15006; the kernel kept its original local address.
 pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, pod: &PodContext, ctx: &ProxyContext) {
-    let mut info = ConnInfo::new(Direction::Inbound, &pod.name, listener, peer);
+    let mut conn = ctx.proxy.connections.track(ConnInfo::new(Direction::Inbound, &pod.name, listener, peer));
     let target = match client.local_addr() {
         Ok(a) => a,
         Err(e) => {
-            info.route = "tcp";
-            return ctx.proxy.connections.track(info).refuse(ProxyError::NoLocalAddress(e));
+            conn.info_mut().route = "tcp";
+            return conn.refuse(ProxyError::NoLocalAddress(e));
         }
     };
-    let (mut tracked, mut upstream) = match connect_to_app(pod, ctx, info, Arrival::Plaintext, target).await {
+    let (mut tracked, mut upstream) = match connect_to_app(pod, ctx, conn, Arrival::Plaintext, target).await {
         Ok(admitted) => admitted,
         Err((tracked, e)) => return tracked.refuse(e),
     };
@@ -33,32 +33,30 @@ pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, p
     tracked.finish(result);
 }
 
-/// Follows the inbound plan for a connection from `info.src` to `target`:
-/// refused (with the reason, for the caller to answer and record) or
-/// admitted, with the connection to the app made from inside the pod.
+/// Follows the inbound plan for the connection `conn` (from its source to
+/// `target`): refused (with the reason, for the caller to answer and
+/// record) or admitted, with the connection to the app made from inside the pod.
 pub(super) async fn connect_to_app(
     pod: &PodContext,
     ctx: &ProxyContext,
-    mut info: ConnInfo,
+    mut conn: Tracked,
     arrival: Arrival,
     target: SocketAddr,
 ) -> Result<(Tracked, TcpStream), (Tracked, ProxyError)> {
     let view = ctx.proxy.state.view();
-    let plan = plan::inbound(&view, pod.local(), info.src, arrival, target);
-    plan.describe(&mut info);
+    let plan = plan::inbound(&view, pod.local(), conn.info().src, arrival, target);
+    plan.describe(conn.info_mut());
     if let Err(e) = plan.verdict {
         if let ProxyError::Denied { reason, .. } = &e {
-            log_denial(&info, reason);
+            log_denial(conn.info(), reason);
         }
-        return Err((ctx.proxy.connections.track(info), e));
+        return Err((conn, e));
     }
     // The app listens in the pod: connecting to the pod's own address from
     // inside it stays in the pod (the steering leaves self-connections alone).
-    let upstream = connect_from(pod, plan.target, ctx.mark).await;
-    let tracked = ctx.proxy.connections.track(info);
-    match upstream {
-        Ok(up) => Ok((tracked, up)),
-        Err(e) => Err((tracked, e)),
+    match connect_from(pod, plan.target, ctx.mark).await {
+        Ok(up) => Ok((conn, up)),
+        Err(e) => Err((conn, e)),
     }
 }
 

@@ -10,18 +10,18 @@ use mesh_proxy::{
     hbone::{self, PeerConnection, Tunnel},
     plan::{self, Hop},
     pool::StreamSlot,
-    telemetry::{ConnInfo, Counted, Direction},
+    telemetry::{ConnInfo, Counted, Direction, Tracked},
 };
 use tokio::net::TcpStream;
 
 use super::{PodContext, ProxyContext, connect_from, relay_plain};
 
 pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, pod: &PodContext, ctx: &ProxyContext) {
-    let mut info = ConnInfo::new(Direction::Outbound, &pod.name, listener, peer);
-    let connections = &ctx.proxy.connections;
+    // The connection's one record, from here on every way out.
+    let mut conn = ctx.proxy.connections.track(ConnInfo::new(Direction::Outbound, &pod.name, listener, peer));
     let Some(dst) = ctx.orig_dst.take(pod.netns.cookie(), peer) else {
         // Only a client that connected to the listener directly gets here.
-        return connections.track(info).refuse(ProxyError::NoOriginalDestination);
+        return conn.refuse(ProxyError::NoOriginalDestination);
     };
     let view = ctx.proxy.state.view();
     let mut plan = plan::outbound(&view, pod.local(), dst, |id| ctx.proxy.identities.get(id).is_some());
@@ -30,26 +30,21 @@ pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, p
         let hop = match hop {
             Ok(hop) => hop,
             Err(e) => {
-                plan.describe(&mut info, None);
-                return connections.track(info).refuse(e);
+                plan.describe(conn.info_mut(), None);
+                return conn.refuse(e);
             }
         };
+        plan.describe(conn.info_mut(), Some(&hop));
         match open(&hop, pod, ctx).await {
-            Ok(upstream) => {
-                plan.describe(&mut info, Some(&hop));
-                return relay(client, upstream, info, ctx).await;
-            }
-            Err(e) if e.retryable() => failure = Some((hop, e)),
-            Err(e) => {
-                plan.describe(&mut info, Some(&hop));
-                return connections.track(info).refuse(e);
-            }
+            Ok(upstream) => return relay(client, upstream, conn).await,
+            Err(e) if e.retryable() => failure = Some(e),
+            Err(e) => return conn.refuse(e),
         }
     }
-    // Every hop was tried and failed; the plan is never empty.
-    if let Some((hop, e)) = failure {
-        plan.describe(&mut info, Some(&hop));
-        connections.track(info).refuse(e);
+    // Every hop was tried and failed (the plan is never empty); the record
+    // describes the last one.
+    if let Some(e) = failure {
+        conn.refuse(e);
     }
 }
 
@@ -76,8 +71,7 @@ async fn open(hop: &Hop, pod: &PodContext, ctx: &ProxyContext) -> Result<Opened,
     }
 }
 
-async fn relay(client: TcpStream, upstream: Opened, info: ConnInfo, ctx: &ProxyContext) {
-    let mut tracked = ctx.proxy.connections.track(info);
+async fn relay(client: TcpStream, upstream: Opened, mut tracked: Tracked) {
     let mut client = Counted::client(client, tracked.relaying());
     let result = match upstream {
         Opened::Plain(mut up) => relay_plain(&mut client, &mut up).await,
