@@ -34,7 +34,7 @@ impl Capture {
             &["tshark", "-i", "br0", "-f", "tcp", "-l", "-P", "-w", file.to_str().unwrap()],
             &log,
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(20));
         let knock = format!("http://{}:1/", target.ip4);
         while !proc.log_text().contains(&format!("{} ", probe.ip4)) {
             assert!(Instant::now() < deadline, "tshark did not capture:\n{}", proc.log_text());

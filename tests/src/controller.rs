@@ -72,7 +72,7 @@ impl Topology {
         ];
         args.extend_from_slice(extra);
         let mut proc = Proc::spawn_in("controller", netns, &args, &log);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(20));
         let url = format!("http://{}/healthz/ready", at.metrics_addr);
         while !run_in(netns, &["curl", "-sf", "-m", "1", &url]).status.success() {
             assert!(proc.is_running(), "controller exited:\n{}", proc.log_text());

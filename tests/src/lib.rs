@@ -31,6 +31,19 @@ pub fn http_ok(out: &std::process::Output) -> bool {
     out.status.success() && out.stdout == b"200"
 }
 
+/// A deadline for waiting on something: `d` here, longer where the machine
+/// is slower (the kernel matrix runs the tests under emulation, 15–35×
+/// slower, and sets `MESH_TEST_PATIENCE`). Tests wait for conditions with
+/// such deadlines and report the time measured; they never assert a tight
+/// bound, which a slow machine would break.
+pub fn patience(d: std::time::Duration) -> std::time::Duration {
+    static FACTOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let factor = *FACTOR.get_or_init(|| {
+        std::env::var("MESH_TEST_PATIENCE").ok().and_then(|v| v.parse().ok()).filter(|f| *f >= 1).unwrap_or(1)
+    });
+    d * factor
+}
+
 /// Where skipped tests are recorded: libtest hides the output of tests that
 /// pass, so `cargo xtask test` reads this file and reports every skip.
 pub fn skipped_file() -> std::path::PathBuf {

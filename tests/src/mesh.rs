@@ -76,7 +76,7 @@ impl Mesh {
         let before = self.controller.json("/debug/nodes")["version"].clone();
         let start = Instant::now();
         self.controller.write(file, yaml);
-        let deadline = start + Duration::from_secs(10);
+        let deadline = start + crate::patience(Duration::from_secs(10));
         loop {
             let now = self.controller.json("/debug/nodes")["version"].clone();
             if now != before && self.nodes.iter().all(|n| n.agent.config_dump()["proxy"]["version"] == now) {
@@ -102,7 +102,7 @@ impl Mesh {
     /// Waits until every node has enrolled its pods among `pods` and its proxy
     /// holds a certificate for each of their identities.
     pub fn wait_ready(&self, pods: &[(&Pod, &str, &str)]) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(20));
         for node in &self.nodes {
             let want: Vec<(&str, String)> = pods
                 .iter()
@@ -290,9 +290,10 @@ impl Topology {
 /// many bytes came back (`None` when the connection failed).
 pub fn exchange(pod: &Pod, addr: &str, send: usize) -> Option<usize> {
     let (host, port) = addr.rsplit_once(':').unwrap();
+    let seconds = crate::patience(Duration::from_secs(5)).as_secs();
     let script = format!(
         "import socket,sys\n\
-         c=socket.create_connection(('{}',{port}),timeout=5); c.sendall(b's'*{send}); c.shutdown(socket.SHUT_WR)\n\
+         c=socket.create_connection(('{}',{port}),timeout={seconds}); c.sendall(b's'*{send}); c.shutdown(socket.SHUT_WR)\n\
          n=0\n\
          while True:\n\
          \x20   b=c.recv(65536)\n\

@@ -69,7 +69,7 @@ impl Proc {
 
     /// Waits up to `timeout` for the process to exit; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + crate::patience(timeout);
         let child = self.child.as_mut()?;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -107,6 +107,7 @@ impl Proc {
     /// Waits up to `timeout` for `text` in the process's output (a server
     /// saying it listens); fails the test with the output otherwise.
     pub fn wait_for_log(&self, text: &str, timeout: Duration) {
+        let timeout = crate::patience(timeout);
         let deadline = Instant::now() + timeout;
         while !self.log_text().contains(text) {
             assert!(Instant::now() < deadline, "{}: no {text:?} after {timeout:?}:\n{}", self.name, self.log_text());

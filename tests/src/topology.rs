@@ -179,7 +179,7 @@ impl Topology {
             .and_then(|i| extra.get(i + 1))
             .map_or_else(|| "127.0.0.1:15000".to_owned(), |a| (*a).to_owned());
         let mut proc = Proc::spawn_in(&format!("agent {name}"), node, &args, &log);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(30));
         loop {
             if !proc.is_running() {
                 let code = proc.wait_exit(Duration::from_secs(1));
@@ -330,7 +330,7 @@ impl Agent {
 
     /// Waits up to 5 s for an access-log line matching `pred`.
     pub fn wait_access(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(5));
         loop {
             if let Some(v) = self.access_log().into_iter().find(|v| pred(v)) {
                 return v;
@@ -350,7 +350,8 @@ impl Agent {
 impl Pod {
     /// curl from this pod; returns the output (check `status`).
     pub fn curl(&self, url: &str) -> Output {
-        run_in(&self.netns, &["curl", "-sS", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}", url])
+        let seconds = crate::patience(Duration::from_secs(3)).as_secs().to_string();
+        run_in(&self.netns, &["curl", "-sS", "-m", &seconds, "-o", "/dev/null", "-w", "%{http_code}", url])
     }
 
     pub fn ip(&self, v6: bool) -> IpAddr {
@@ -360,7 +361,7 @@ impl Pod {
 
 /// Waits up to 10 s until `url` answers from inside `pod` (a server it started).
 pub(crate) fn wait_http(pod: &Pod, url: &str, proc: &Proc) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + crate::patience(Duration::from_secs(10));
     while !run_in(&pod.netns, &["curl", "-sf", "-o", "/dev/null", "-m", "1", url]).status.success() {
         assert!(Instant::now() < deadline, "server in {} did not answer {url}:\n{}", pod.name, proc.log_text());
         thread::sleep(Duration::from_millis(50));
@@ -492,7 +493,7 @@ fn terminate_netns_processes(name: &str) {
         // SAFETY: kill has no memory preconditions.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + crate::patience(Duration::from_secs(5));
     while !netns_pids(name).is_empty() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(50));
     }

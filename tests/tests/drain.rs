@@ -59,7 +59,7 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
         &t.dir.join("iperf3-client.log"),
     );
     // The stream is flowing through the proxy.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + mesh_tests::patience(Duration::from_secs(10));
     while stream_bytes(&agent) < 1 << 20 {
         assert!(Instant::now() < deadline, "no iperf3 stream through the proxy:\n{}", iperf.log_text());
         thread::sleep(Duration::from_millis(100));
@@ -73,7 +73,7 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
     let sigterm = Instant::now();
     agent.proc.signal(libc::SIGTERM);
     // Readiness turns false at once, while the agent is still running.
-    let deadline = Instant::now() + Duration::from_millis(500);
+    let deadline = Instant::now() + mesh_tests::patience(Duration::from_millis(500));
     while readiness(&node) != "503" {
         assert!(Instant::now() < deadline, "readiness still {} 500 ms after SIGTERM", readiness(&node));
         thread::sleep(Duration::from_millis(10));
@@ -97,7 +97,8 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
     let exited = sigterm.elapsed();
     assert_eq!(code, Some(0), "exit code:\n{}", agent.proc.log_text());
     assert!(exited >= DRAIN - Duration::from_millis(200), "exited after {exited:?}, before the drain deadline");
-    assert!(exited < DRAIN + Duration::from_secs(2), "exited after {exited:?}, long past the drain deadline");
+    let late = DRAIN + mesh_tests::patience(Duration::from_secs(2));
+    assert!(exited < late, "exited after {exited:?}, long past the drain deadline");
     let log = agent.proc.log_text();
     assert!(log.contains("drain deadline reached"), "no drain deadline line in:\n{log}");
     eprintln!("agent exited {} ms after SIGTERM (drain {DRAIN:?})", exited.as_millis());
@@ -111,7 +112,7 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
 
     // The next agent takes the pods back.
     let _agent = t.start_agent(&node, "n1", &["--drain-timeout", &drain]).expect("restart");
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + mesh_tests::patience(Duration::from_secs(5));
     while !http_ok(&a.curl(&url)) {
         assert!(Instant::now() < deadline, "the next agent did not restore a -> b");
         thread::sleep(Duration::from_millis(100));

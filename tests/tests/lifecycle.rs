@@ -26,7 +26,7 @@ fn kernel_has(kind: &str, id: u64) -> bool {
 
 /// The kernel frees links and programs after an RCU grace period: poll.
 fn assert_gone(kind: &str, id: u64, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + mesh_tests::patience(Duration::from_secs(5));
     while kernel_has(kind, id) {
         assert!(Instant::now() < deadline, "{kind} {id} ({what}) is still in the kernel");
         thread::sleep(Duration::from_millis(50));

@@ -235,9 +235,9 @@ fn mesh_ctl_connections(pods: &[(String, String, String, String, String)]) {
             thread::sleep(Duration::from_millis(200));
         }
     };
-    let first = stream(Instant::now() + Duration::from_secs(5));
+    let first = stream(Instant::now() + mesh_tests::patience(Duration::from_secs(5)));
     thread::sleep(Duration::from_secs(2));
-    let second = stream(Instant::now() + Duration::from_secs(5));
+    let second = stream(Instant::now() + mesh_tests::patience(Duration::from_secs(5)));
     assert_eq!(first["id"], second["id"], "the same connection");
     assert!(second["bytes_received"].as_u64() > first["bytes_received"].as_u64(), "{first}\n{second}");
     assert_eq!(second["src_principal"], "spiffe://cluster.local/ns/demo/sa/tester");
@@ -271,7 +271,7 @@ fn mesh_ctl_explain_check_status() {
         "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: demo}\nspec: {ports: [{port: 70000}]}\n",
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + mesh_tests::patience(Duration::from_secs(5));
     loop {
         let status = ctl_json(&["status"]);
         let rejected = status["rejected"].as_array().unwrap();

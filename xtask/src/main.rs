@@ -1,9 +1,11 @@
 //! `cargo xtask`: the project's two set-up commands and their helpers.
 //!
 //! - `cargo xtask test`: installs what is missing, builds, runs every test
-//!   (the kernel tests need root).
+//!   (the kernel tests need root). `--kernel 6.1|6.12|all` runs the
+//!   eBPF-centred kernel tests under those kernels in qemu instead.
 //! - `cargo xtask quickstart [--down]`: runs the mesh on this host.
 //! - `cargo xtask bench`: the benchmarks (not part of the tests; figures, no pass/fail).
+mod kernels;
 mod prereqs;
 mod quickstart;
 
@@ -23,6 +25,10 @@ struct Cli {
 enum Cmd {
     /// Install missing prerequisites, build, and run every test (as root).
     Test {
+        /// Run the eBPF-centred kernel tests under Debian's kernel of this
+        /// series in qemu (6.1, 6.12, or all) instead of the whole suite here.
+        #[arg(long)]
+        kernel: Option<String>,
         /// Passed to `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -44,7 +50,8 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Cmd::Test { args } => test(&args),
+        Cmd::Test { kernel: Some(which), args } => test_kernels(&which, &args),
+        Cmd::Test { kernel: None, args } => test(&args),
         Cmd::Quickstart { down: false, no_build } => quickstart::up(no_build),
         Cmd::Quickstart { down: true, .. } => quickstart::down(),
         Cmd::Setup => prereqs::ensure(),
@@ -71,24 +78,91 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&skipped_file);
     let mut test_args = vec!["test"];
     test_args.extend(args.iter().map(String::as_str));
-    let outcome = cargo_test(&test_args)?;
-    let skipped: Vec<String> =
-        std::fs::read_to_string(&skipped_file).unwrap_or_default().lines().map(str::to_owned).collect();
-    for line in &skipped {
-        eprintln!("*** {line}");
+    let mut outcome = cargo_test(&test_args)?;
+    outcome.skipped = std::fs::read_to_string(&skipped_file).unwrap_or_default().lines().map(str::to_owned).collect();
+    outcome.report()
+}
+
+/// The kernel tests on other kernels, in qemu, one kernel after the other.
+fn test_kernels(which: &str, filter: &[String]) -> anyhow::Result<()> {
+    prereqs::require_root("cargo xtask test --kernel")?;
+    let series = kernels::series(which)?;
+    prereqs::ensure()?;
+    prereqs::ensure_debian(kernels::PACKAGES)?;
+    step("building the workspace and the kernel tests");
+    cargo(&["build"])?;
+    let tests = test_executables(kernels::TESTS)?;
+    let mut outcome = TestOutcome { success: true, ..TestOutcome::default() };
+    for s in series {
+        let kernel = kernels::fetch(s)?;
+        step(&format!("kernel {} ({}): {} in qemu", s.name, kernel.release, kernels::TESTS.join(", ")));
+        kernels::run_tests(&kernel, &tests, filter, &mut outcome)?;
     }
-    println!("tests: {} passed, {} failed, {} skipped", outcome.passed, outcome.failed, skipped.len());
-    if !outcome.success {
-        bail!("some tests failed");
+    outcome.report()
+}
+
+/// The executables of the kernel test targets `names` (built now).
+fn test_executables(names: &[&str]) -> anyhow::Result<Vec<(String, std::path::PathBuf)>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(&cargo);
+    cmd.args(["test", "--no-run", "--message-format=json", "-p", "mesh-tests"]).env("PATH", prereqs::path_with_tools());
+    for name in names {
+        cmd.args(["--test", name]);
     }
-    Ok(())
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the kernel tests failed");
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let (Some(name), Some(exe)) = (msg["target"]["name"].as_str(), msg["executable"].as_str()) else { continue };
+        if names.contains(&name) && msg["target"]["kind"][0] == "test" {
+            found.push((name.to_owned(), exe.into()));
+        }
+    }
+    found.sort_by_key(|(n, _)| names.iter().position(|m| m == n));
+    if found.len() != names.len() {
+        bail!("found {} of the {} kernel test executables", found.len(), names.len());
+    }
+    Ok(found)
 }
 
 #[derive(Default)]
 struct TestOutcome {
     passed: u64,
     failed: u64,
+    skipped: Vec<String>,
     success: bool,
+}
+
+impl TestOutcome {
+    /// Adds up a libtest `test result:` line.
+    fn add_line(&mut self, line: &str) {
+        let Some(result) = line.strip_prefix("test result: ") else { return };
+        for part in result.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+            let n: u64 = n.parse().unwrap_or(0);
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+
+    /// Prints every skip and the closing line; fails when a test failed.
+    fn report(&self) -> anyhow::Result<()> {
+        for line in &self.skipped {
+            eprintln!("*** {line}");
+        }
+        println!("tests: {} passed, {} failed, {} skipped", self.passed, self.failed, self.skipped.len());
+        if !self.success {
+            bail!("some tests failed");
+        }
+        Ok(())
+    }
 }
 
 /// `cargo test`, its output passed through, its `test result:` lines added up.
@@ -105,18 +179,7 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<TestOutcome> {
     for line in BufReader::new(child.stdout.take().context("cargo test stdout")?).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(result) = line.strip_prefix("test result: ") {
-            for part in result.split(';') {
-                let mut words = part.split_whitespace().rev();
-                let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
-                let n: u64 = n.parse().unwrap_or(0);
-                match what {
-                    "passed" => outcome.passed += n,
-                    "failed" => outcome.failed += n,
-                    _ => {}
-                }
-            }
-        }
+        outcome.add_line(&line);
     }
     outcome.success = child.wait()?.success();
     Ok(outcome)

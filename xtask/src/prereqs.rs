@@ -69,7 +69,12 @@ pub fn path_with_tools() -> OsString {
 }
 
 fn ensure_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    ensure_debian(PACKAGES)
+}
+
+/// Installs those of `packages` that are missing.
+pub fn ensure_debian(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
