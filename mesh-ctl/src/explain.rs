@@ -23,7 +23,7 @@ pub fn explain(client: &Client, sel: &NodeSelector, from: &str, to: &str) -> Res
     let mut dumps: BTreeMap<String, ConfigDump> = BTreeMap::new();
     let first = &targets[0];
     dumps.insert(first.name.clone(), client.dump(first)?);
-    let workloads = workloads_of(&dumps[&first.name], &first.name)?;
+    let workloads = workloads_of(&dumps[&first.name]);
 
     let src = resolve(&workloads, from, "--from")?;
     let dst = resolve(&workloads, &to_name, "--to")?;
@@ -161,8 +161,8 @@ fn pick_ip(ips: &[String], like: Option<IpAddr>) -> IpAddr {
     parsed.iter().find(|a| a.is_ipv4() == want_v4).or(parsed.first()).copied().unwrap_or(IpAddr::from([0, 0, 0, 0]))
 }
 
-fn workloads_of(dump: &ConfigDump, _node: &str) -> Result<Vec<api::Workload>> {
-    Ok(dump.workloads.iter().flatten().map(|(_, w)| w.clone()).collect())
+fn workloads_of(dump: &ConfigDump) -> Vec<api::Workload> {
+    dump.workloads.iter().flatten().map(|(_, w)| w.clone()).collect()
 }
 
 fn policies_of(dump: &ConfigDump, node: &str) -> Result<Vec<(api::Authorization, CompiledPolicy)>> {

@@ -22,7 +22,7 @@ use crate::{
 fn merged<T: Clone>(
     dumps: &[(Target, ConfigDump)],
     field: impl Fn(&ConfigDump) -> Option<&BTreeMap<String, T>>,
-) -> Result<BTreeMap<String, (T, Vec<String>)>> {
+) -> BTreeMap<String, (T, Vec<String>)> {
     let mut out: BTreeMap<String, (T, Vec<String>)> = BTreeMap::new();
     for (node, dump) in dumps {
         for (key, v) in field(dump).into_iter().flatten() {
@@ -32,7 +32,7 @@ fn merged<T: Clone>(
             }
         }
     }
-    Ok(out)
+    out
 }
 
 fn seen_by(seen: &[String], all: usize) -> String {
@@ -53,7 +53,7 @@ struct WorkloadRow<'a> {
 
 pub fn workloads(client: &Client, sel: &NodeSelector) -> Result<Report> {
     let dumps = client.dumps(sel)?;
-    let all = merged(&dumps, |d| d.workloads.as_ref())?;
+    let all = merged(&dumps, |d| d.workloads.as_ref());
     let mut table = Table::new(&["NAMESPACE", "NAME", "IP", "NODE", "IDENTITY", "PROTOCOL", "SEEN BY"]);
     let mut rows = Vec::new();
     for (w, seen) in all.values() {
@@ -82,7 +82,7 @@ pub fn workloads(client: &Client, sel: &NodeSelector) -> Result<Report> {
 
 pub fn services(client: &Client, sel: &NodeSelector) -> Result<Report> {
     let dumps = client.dumps(sel)?;
-    let all = merged(&dumps, |d| d.services.as_ref())?;
+    let all = merged(&dumps, |d| d.services.as_ref());
     let mut table = Table::new(&["NAMESPACE", "NAME", "VIPS", "PORTS", "ENDPOINTS", "SEEN BY"]);
     let mut rows = Vec::new();
     for (s, seen) in all.values() {
@@ -111,7 +111,7 @@ pub fn services(client: &Client, sel: &NodeSelector) -> Result<Report> {
 
 pub fn policies(client: &Client, sel: &NodeSelector) -> Result<Report> {
     let dumps = client.dumps(sel)?;
-    let all = merged(&dumps, |d| d.policies.as_ref())?;
+    let all = merged(&dumps, |d| d.policies.as_ref());
     let mut table = Table::new(&["NAMESPACE", "NAME", "ACTION", "APPLIES TO", "RULES", "SEEN BY"]);
     let mut rows = Vec::new();
     for (p, seen) in all.values() {

@@ -195,7 +195,7 @@ pub mod yaml {
         let (ns, name) = p.name.split_once('/').unwrap();
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}, \
-             annotations: {{mesh.io/netns: {}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\n\
+             annotations: {{{NETNS_ANNOTATION}: {}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\n\
              status: {{podIP: {}, podIPs: [{{ip: {}}}, {{ip: {}}}]}}\n---\n",
             p.netns.display(),
             p.ip4,

@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{TestOutcome, step};
+use crate::{TestOutcome, prereqs::run, step};
 
 const CACHE: &str = "/var/tmp/mesh-kernels";
 /// What the matrix needs beyond the host's test tools.
@@ -335,13 +335,5 @@ pub fn run_tests(
     outcome.passed += mine.passed;
     outcome.failed += mine.failed;
     outcome.success &= mine.success && mine.failed == 0;
-    Ok(())
-}
-
-fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("starting {what}"))?;
-    if !status.success() {
-        bail!("{what} failed ({status})");
-    }
     Ok(())
 }

@@ -125,7 +125,8 @@ fn ensure_toolchain_link() -> anyhow::Result<()> {
     run(Command::new("rustup").args(["toolchain", "link", EBPF_TOOLCHAIN, "/usr"]), "rustup toolchain link")
 }
 
-fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+/// Runs `cmd`; an error names `what` and its exit status.
+pub fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("starting {what}"))?;
     if !status.success() {
         bail!("{what} failed ({status})");
