@@ -1,5 +1,6 @@
 //! mesh's configuration: source (files) → parse and validate → store (last good).
 //! The controller and `mesh-ctl check` both read configuration through this crate.
+mod enforced;
 mod locate;
 pub mod objects;
 mod parse;
@@ -11,6 +12,7 @@ use std::{fmt, path::PathBuf};
 
 use serde::Serialize;
 
+pub use enforced::not_enforced;
 pub use objects::{Kind, Resource};
 pub use parse::parse_document;
 pub use source::{Document, read_dir, split_documents};

@@ -81,6 +81,10 @@ fn typed(kind: Kind, mut value: Value, text: &str) -> Result<Resource, (String, 
         Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(de(value, text)?),
         Kind::ServiceEntry => Resource::ServiceEntry(de(value, text)?),
         Kind::WorkloadEntry => Resource::WorkloadEntry(de(value, text)?),
+        Kind::Gateway => Resource::Gateway(de(value, text)?),
+        Kind::HttpRoute => Resource::HttpRoute(de(value, text)?),
+        Kind::VirtualService => Resource::VirtualService(de(value, text)?),
+        Kind::DestinationRule => Resource::DestinationRule(de(value, text)?),
     })
 }
 

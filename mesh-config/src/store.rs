@@ -23,9 +23,9 @@ pub struct ObjectKey {
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.namespace.is_empty() {
-            write!(f, "{:?} {}", self.kind, self.name)
+            write!(f, "{} {}", self.kind.name(), self.name)
         } else {
-            write!(f, "{:?} {}/{}", self.kind, self.namespace, self.name)
+            write!(f, "{} {}/{}", self.kind.name(), self.namespace, self.name)
         }
     }
 }

@@ -182,6 +182,13 @@ impl Reloader {
         for p in store.problems() {
             warn!("rejected: {p}");
         }
+        for w in store
+            .warnings()
+            .iter()
+            .filter(|w| report.added.iter().chain(&report.updated).any(|k| Some(k.to_string()) == w.object))
+        {
+            warn!("warning: {w}");
+        }
         let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
         let old = (std::mem::replace(&mut s.store, store), std::mem::replace(&mut s.model, model));
         s.reloads.inc();

@@ -42,7 +42,8 @@ fn read(s: &Shared) -> std::sync::RwLockReadGuard<'_, State> {
 async fn ready(AxState(s): AxState<Shared>) -> impl IntoResponse {
     let s = read(&s);
     let rejected: Vec<String> = s.store.problems().iter().map(ToString::to_string).collect();
-    Json(json!({ "ready": true, "generation": s.store.generation(), "rejected": rejected }))
+    let warnings: Vec<String> = s.store.warnings().iter().map(ToString::to_string).collect();
+    Json(json!({ "ready": true, "generation": s.store.generation(), "rejected": rejected, "warnings": warnings }))
 }
 
 async fn config(AxState(s): AxState<Shared>) -> impl IntoResponse {

@@ -35,13 +35,18 @@ pub fn check(paths: &[PathBuf]) -> Result<Report> {
     for p in problems {
         let _ = writeln!(text, "{p}");
     }
+    let warnings = store.warnings();
+    for w in &warnings {
+        let _ = writeln!(text, "warning: {w}");
+    }
     let objects = store.objects().len();
     if problems.is_empty() {
-        let _ = writeln!(text, "ok: {objects} objects in {files} files, no problems");
+        let _ = writeln!(text, "ok: {objects} objects in {files} files, no problems, {} warnings", warnings.len());
     } else {
         let _ = writeln!(text, "{} problems; {objects} valid objects in {files} files", problems.len());
     }
-    let mut report = Report::new(json!({ "files": files, "objects": objects, "problems": problems }), text);
+    let mut report =
+        Report::new(json!({ "files": files, "objects": objects, "problems": problems, "warnings": warnings }), text);
     report.failed = !problems.is_empty();
     Ok(report)
 }

@@ -142,7 +142,7 @@ fn check_passes_good_files_given_one_by_one() {
     let out = mesh_ctl(&["check", &files[0], &files[1]]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
-    assert_eq!(stdout, "ok: 2 objects in 2 files, no problems\n");
+    assert_eq!(stdout, "ok: 2 objects in 2 files, no problems, 0 warnings\n");
     let missing = mesh_ctl(&["check", "/nonexistent/mesh.yaml"]);
     assert_eq!(missing.status.code(), Some(3));
     assert!(text(&missing).1.contains("cannot read /nonexistent/mesh.yaml"));
@@ -213,4 +213,20 @@ fn help_has_examples_and_completion_scripts_generate() {
         let out = mesh_ctl(&["completion", shell]);
         assert!(out.status.success() && text(&out).0.contains("authz"), "{shell} completion");
     }
+}
+
+#[test]
+fn check_accepts_istio_routing_samples_with_warnings_and_exit_0() {
+    let samples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../mesh-config/tests/fixtures/bookinfo");
+    let out = mesh_ctl(&["check", samples.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "warnings only: exit 0\n{stdout}{stderr}");
+    assert!(stdout.contains("ok: 10 objects in 4 files, no problems, 10 warnings"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("warning: ")
+            && l.contains(
+                "virtual-service-reviews-test-v2.yaml:1: VirtualService default/reviews: accepted, not enforced yet"
+            )),
+        "{stdout}"
+    );
 }

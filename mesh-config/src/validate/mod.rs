@@ -11,6 +11,10 @@ use super::{
     objects::{AuthorizationPolicySpec, IntOrString, Labels, ObjectMeta, Rule, WorkloadEntrySpec},
 };
 
+mod routing;
+
+pub use routing::WAYPOINT_CLASS;
+
 type Issues = Vec<(String, String)>;
 
 /// Label that opts a namespace (or a pod, to opt out) into the ambient mesh.
@@ -145,6 +149,10 @@ pub fn validate(resource: &Resource) -> Issues {
             }
         }
         Resource::WorkloadEntry(we) => check_entry(&we.spec, "spec", true, &mut out),
+        Resource::Gateway(g) => routing::check_gateway(g, &mut out),
+        Resource::HttpRoute(r) => routing::check_http_route(&r.spec, &mut out),
+        Resource::VirtualService(vs) => routing::check_virtual_service(&vs.spec, &mut out),
+        Resource::DestinationRule(dr) => routing::check_destination_rule(&dr.spec, &mut out),
     }
     out
 }
@@ -374,13 +382,13 @@ fn check_cidr(v: &str, field: &str, out: &mut Issues) {
     }
 }
 
-fn check_port(p: i64, field: &str, out: &mut Issues) {
+pub(super) fn check_port(p: i64, field: &str, out: &mut Issues) {
     if !(1..=65535).contains(&p) {
         out.push((field.into(), format!("{p} is not a port (1-65535)")));
     }
 }
 
-fn check_labels(labels: &Labels, field: &str, out: &mut Issues) {
+pub(super) fn check_labels(labels: &Labels, field: &str, out: &mut Issues) {
     for (k, v) in labels {
         let (prefix, name) = k.rsplit_once('/').map_or((None, k.as_str()), |(p, n)| (Some(p), n));
         let name_ok = !name.is_empty() && name.len() <= 63 && label_chars(name);
@@ -399,7 +407,7 @@ fn label_chars(s: &str) -> bool {
         && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
-fn valid_subdomain(s: &str) -> bool {
+pub(super) fn valid_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(valid_segment)
 }
 

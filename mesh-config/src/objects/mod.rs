@@ -1,6 +1,8 @@
 //! The configuration kinds, as users write them: Kubernetes objects and Istio's
 //! security/networking resources. Unknown fields are rejected everywhere
 //! except in `metadata`'s bookkeeping fields, which Kubernetes tools add.
+pub mod routing;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -385,6 +387,10 @@ pub enum Resource {
     AuthorizationPolicy(AuthorizationPolicy),
     ServiceEntry(ServiceEntry),
     WorkloadEntry(WorkloadEntry),
+    Gateway(routing::Gateway),
+    HttpRoute(routing::HttpRoute),
+    VirtualService(routing::VirtualService),
+    DestinationRule(routing::DestinationRule),
 }
 
 impl Resource {
@@ -398,6 +404,10 @@ impl Resource {
             Self::AuthorizationPolicy(o) => &o.metadata,
             Self::ServiceEntry(o) => &o.metadata,
             Self::WorkloadEntry(o) => &o.metadata,
+            Self::Gateway(o) => &o.metadata,
+            Self::HttpRoute(o) => &o.metadata,
+            Self::VirtualService(o) => &o.metadata,
+            Self::DestinationRule(o) => &o.metadata,
         }
     }
 
@@ -411,6 +421,10 @@ impl Resource {
             Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Self::ServiceEntry(_) => Kind::ServiceEntry,
             Self::WorkloadEntry(_) => Kind::WorkloadEntry,
+            Self::Gateway(_) => Kind::Gateway,
+            Self::HttpRoute(_) => Kind::HttpRoute,
+            Self::VirtualService(_) => Kind::VirtualService,
+            Self::DestinationRule(_) => Kind::DestinationRule,
         }
     }
 }
@@ -425,34 +439,66 @@ pub enum Kind {
     AuthorizationPolicy,
     ServiceEntry,
     WorkloadEntry,
+    Gateway,
+    #[serde(rename = "HTTPRoute")]
+    HttpRoute,
+    VirtualService,
+    DestinationRule,
 }
+
+const ISTIO_NETWORKING: &[&str] =
+    &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
+const ISTIO_SECURITY: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
+const GATEWAY_API: &[&str] = &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"];
 
 impl Kind {
     /// The kind for an `apiVersion` and `kind` pair, or what was expected.
+    /// Every version Istio and Gateway API still serve of a schema is accepted.
     pub fn from_type(api_version: &str, kind: &str) -> Result<Kind, String> {
-        let (want, k) = match kind {
-            "Namespace" => ("v1", Kind::Namespace),
-            "ServiceAccount" => ("v1", Kind::ServiceAccount),
-            "Pod" => ("v1", Kind::Pod),
-            "Service" => ("v1", Kind::Service),
-            "PeerAuthentication" => ("security.istio.io/v1", Kind::PeerAuthentication),
-            "AuthorizationPolicy" => ("security.istio.io/v1", Kind::AuthorizationPolicy),
-            "ServiceEntry" => ("networking.istio.io/v1", Kind::ServiceEntry),
-            "WorkloadEntry" => ("networking.istio.io/v1", Kind::WorkloadEntry),
+        let (versions, k): (&[&str], Kind) = match kind {
+            "Namespace" => (&["v1"], Kind::Namespace),
+            "ServiceAccount" => (&["v1"], Kind::ServiceAccount),
+            "Pod" => (&["v1"], Kind::Pod),
+            "Service" => (&["v1"], Kind::Service),
+            "PeerAuthentication" => (ISTIO_SECURITY, Kind::PeerAuthentication),
+            "AuthorizationPolicy" => (ISTIO_SECURITY, Kind::AuthorizationPolicy),
+            "ServiceEntry" => (ISTIO_NETWORKING, Kind::ServiceEntry),
+            "WorkloadEntry" => (ISTIO_NETWORKING, Kind::WorkloadEntry),
+            "VirtualService" => (ISTIO_NETWORKING, Kind::VirtualService),
+            "DestinationRule" => (ISTIO_NETWORKING, Kind::DestinationRule),
+            "Gateway" if api_version.starts_with("gateway.networking.k8s.io/") => (GATEWAY_API, Kind::Gateway),
+            "HTTPRoute" => (GATEWAY_API, Kind::HttpRoute),
             other => {
                 return Err(format!(
                     "unknown kind {other:?}; supported: Namespace, ServiceAccount, Pod, Service (v1), \
                      PeerAuthentication, AuthorizationPolicy (security.istio.io/v1), \
-                     ServiceEntry, WorkloadEntry (networking.istio.io/v1)"
+                     ServiceEntry, WorkloadEntry, VirtualService, DestinationRule (networking.istio.io/v1), \
+                     Gateway, HTTPRoute (gateway.networking.k8s.io/v1)"
                 ));
             }
         };
-        // Istio still serves v1beta1 of the same schemas.
-        let beta = want.replace("/v1", "/v1beta1");
-        if api_version == want || (want != "v1" && api_version == beta) {
+        if versions.contains(&api_version) {
             Ok(k)
         } else {
-            Err(format!("apiVersion {api_version:?} for kind {kind}: expected {want:?}"))
+            Err(format!("apiVersion {api_version:?} for kind {kind}: expected {:?}", versions[0]))
+        }
+    }
+
+    /// The kind as users write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::Namespace => "Namespace",
+            Kind::ServiceAccount => "ServiceAccount",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::WorkloadEntry => "WorkloadEntry",
+            Kind::Gateway => "Gateway",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
         }
     }
 

@@ -1,0 +1,148 @@
+//! The L7 kinds through the same reading the controller and `mesh-ctl check`
+//! do: Istio's own bookinfo samples load unchanged; what Istio's admission
+//! rejects is rejected with its line and field.
+use std::path::Path;
+
+use mesh_config::{Document, Kind, parse_document, read_dir};
+
+#[test]
+fn istio_bookinfo_and_gamma_samples_are_accepted_unchanged() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bookinfo");
+    let (docs, unreadable) = read_dir(&dir);
+    assert!(unreadable.is_empty(), "{unreadable:?}");
+    let mut kinds = Vec::new();
+    for doc in &docs {
+        match parse_document(doc) {
+            Ok((key, _)) => kinds.push(key.kind),
+            Err((_, problems)) => panic!("{}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n")),
+        }
+    }
+    for kind in [Kind::DestinationRule, Kind::VirtualService, Kind::Gateway, Kind::HttpRoute] {
+        assert!(kinds.contains(&kind), "{kind:?} in the samples");
+    }
+}
+
+const HEAD: &str =
+    "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: r\nspec:\n  hosts: [reviews]\n";
+const ROUTE_HEAD: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: r\nspec:\n  parentRefs: [{kind: Service, name: reviews}]\n";
+
+#[test]
+fn what_istio_rejects_is_rejected_with_line_and_field() {
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            format!("{HEAD}  http:\n  - match:\n    - uri:\n        regex: \"/(a\"\n    route:\n    - destination: {{host: reviews}}\n"),
+            "spec.http[0].match[0].uri.regex",
+            "invalid regular expression",
+        ),
+        (
+            format!("{HEAD}  http:\n  - route:\n    - destination: {{host: reviews, subset: v1}}\n      weight: -10\n"),
+            "spec.http[0].route[0].weight",
+            "must not be negative",
+        ),
+        (
+            format!("{HEAD}  http:\n  - route:\n    - destination: {{host: reviews}}\n    timeout: 10 seconds\n"),
+            "spec.http[0].timeout",
+            "unknown unit \" seconds\"",
+        ),
+        (
+            format!("{HEAD}  http:\n  - route:\n    - destination: {{host: reviews}}\n    retries: {{attempts: 2, retryOn: \"5xx,sometimes\"}}\n"),
+            "spec.http[0].retries.retryOn",
+            "\"sometimes\": not a retry condition",
+        ),
+        (
+            format!("{HEAD}  http:\n  - redirect: {{uri: /new}}\n    route:\n    - destination: {{host: reviews}}\n"),
+            "spec.http[0].redirect",
+            "cannot be combined with route",
+        ),
+        (
+            format!("{HEAD}  http:\n  - match:\n    - uri: {{exact: /a, prefix: /b}}\n    route:\n    - destination: {{host: reviews}}\n"),
+            "spec.http[0].match[0].uri",
+            "exactly one of",
+        ),
+        (
+            format!("{ROUTE_HEAD}  rules:\n  - matches:\n    - path: {{type: RegularExpression, value: \"[\"}}\n    backendRefs: [{{name: reviews, port: 9080}}]\n"),
+            "spec.rules[0].matches[0].path.value",
+            "invalid regular expression",
+        ),
+        (
+            format!("{ROUTE_HEAD}  rules:\n  - backendRefs:\n    - {{name: reviews-v1, port: 9080, weight: -1}}\n"),
+            "spec.rules[0].backendRefs[0].weight",
+            "expected 0 to 1000000",
+        ),
+        (
+            format!("{ROUTE_HEAD}  rules:\n  - backendRefs: [{{name: reviews, port: 9080}}]\n    timeouts: {{request: 1x}}\n"),
+            "spec.rules[0].timeouts.request",
+            "unknown unit",
+        ),
+        (
+            format!("{ROUTE_HEAD}  rules:\n  - backendRefs: [{{name: reviews}}]\n"),
+            "spec.rules[0].backendRefs[0].port",
+            "is required for a Service",
+        ),
+        (
+            format!("{ROUTE_HEAD}  rules:\n  - matches:\n    - path: {{type: Prefix, value: /}}\n"),
+            "spec.rules[0].matches[0].path.type",
+            "expected Exact, PathPrefix or RegularExpression",
+        ),
+        (
+            format!("{ROUTE_HEAD}  rules:\n  - filters:\n    - type: RequestRedirect\n      requestRedirect: {{statusCode: 200}}\n"),
+            "spec.rules[0].filters[0].requestRedirect.statusCode",
+            "expected 301",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: w\n  labels: {istio.io/waypoint-for: pods}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n".into(),
+            "metadata.labels[istio.io/waypoint-for]",
+            "expected service, workload, all or none",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: w\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: http, port: 80, protocol: HTTP}]\n".into(),
+            "spec.listeners",
+            "needs a listener with protocol HBONE on port 15008",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: d\nspec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v1, labels: {version: v2}}\n".into(),
+            "spec.subsets[1].name",
+            "defined twice",
+        ),
+    ];
+    for (text, field, message) in cases {
+        let doc = Document { file: "routes.yaml".into(), line: 10, text: text.clone() };
+        let Err((_, problems)) = parse_document(&doc) else { panic!("accepted:\n{text}") };
+        let p = problems
+            .iter()
+            .find(|p| p.field.as_deref() == Some(field))
+            .unwrap_or_else(|| panic!("no problem at {field} in {problems:?}\n{text}"));
+        assert!(p.message.contains(message), "{field}: {}", p.message);
+        assert!(p.line >= 10, "{field}: the line is within the document: {p}");
+        assert!(p.to_string().starts_with("routes.yaml:"), "{p}");
+    }
+}
+
+#[test]
+fn an_ingress_gateway_of_another_class_is_accepted() {
+    // Valid Gateway API YAML for another controller: never rejected.
+    let text = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: ingress\nspec:\n  gatewayClassName: istio\n  listeners: [{name: http, port: 80, protocol: HTTP}]\n";
+    let doc = Document { file: "gw.yaml".into(), line: 1, text: text.into() };
+    assert!(parse_document(&doc).is_ok());
+}
+
+#[test]
+fn accepted_but_not_enforced_objects_are_warnings_at_their_line() {
+    use mesh_config::{ConfigStore, Snapshot};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bookinfo");
+    let (docs, read_problems) = read_dir(&dir);
+    let mut store = ConfigStore::default();
+    store.apply(Snapshot::from_documents(&docs, read_problems));
+    assert!(store.problems().is_empty(), "{:?}", store.problems());
+    let warnings = store.warnings();
+    assert_eq!(warnings.len(), store.objects().len(), "every L7 object says it is not enforced yet");
+    let ingress = warnings.iter().find(|w| w.object.as_deref() == Some("Gateway default/ingress")).unwrap();
+    assert!(ingress.message.contains("another controller's"), "{ingress}");
+    let split = warnings.iter().find(|w| w.object.as_deref() == Some("VirtualService default/reviews-split")).unwrap();
+    assert!(
+        split.to_string().contains(
+            "virtual-service-reviews-80-20.yaml:1: VirtualService default/reviews-split: accepted, not enforced yet"
+        ),
+        "{split}"
+    );
+}
