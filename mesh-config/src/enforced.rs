@@ -3,7 +3,7 @@
 //! the object's file and line, and what happens instead. The controller logs
 //! these and serves them in `/healthz/ready`; `mesh-ctl check` prints them as
 //! warnings (exit 0).
-use crate::{Problem, Resource, objects::Kind, store::ConfigStore, validate::WAYPOINT_CLASS};
+use crate::{Problem, Resource, store::ConfigStore, validate::WAYPOINT_CLASS};
 
 const NO_WAYPOINT_YET: &str = "accepted, not enforced yet: mesh does not run waypoints in this version, so this HTTP routing is not applied \
      and traffic to its hosts keeps the L4 path (the node proxies, with their policies)";
@@ -20,6 +20,9 @@ pub fn not_enforced(resource: &Resource) -> Option<String> {
         Resource::DestinationRule(_) => {
             Some("accepted, not enforced yet: subsets and traffic policies take effect with waypoints".into())
         }
+        Resource::Opaque(o) => {
+            Some(format!("accepted, not enforced: mesh does not implement {} yet, so it has no effect", o.kind.name()))
+        }
         _ => None,
     }
 }
@@ -30,9 +33,6 @@ impl ConfigStore {
     pub fn warnings(&self) -> Vec<Problem> {
         self.objects()
             .iter()
-            .filter(|(k, _)| {
-                matches!(k.kind, Kind::Gateway | Kind::HttpRoute | Kind::VirtualService | Kind::DestinationRule)
-            })
             .filter_map(|(key, stored)| {
                 not_enforced(&stored.resource).map(|message| Problem {
                     file: stored.origin.file.clone(),

@@ -2,7 +2,13 @@
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
-use super::{Problem, Resource, locate::line_of, objects::Kind, store::ObjectKey, validate};
+use super::{
+    Problem, Resource,
+    locate::line_of,
+    objects::{Kind, Opaque},
+    store::ObjectKey,
+    validate,
+};
 use crate::Document;
 
 /// The outcome for one document: the object, or its key (when readable) and
@@ -85,6 +91,8 @@ fn typed(kind: Kind, mut value: Value, text: &str) -> Result<Resource, (String, 
         Kind::HttpRoute => Resource::HttpRoute(de(value, text)?),
         Kind::VirtualService => Resource::VirtualService(de(value, text)?),
         Kind::DestinationRule => Resource::DestinationRule(de(value, text)?),
+        k if k.is_opaque() => Resource::Opaque(Opaque { kind: k, ..de(value, text)? }),
+        k => unreachable!("{k:?} has a typed arm above"),
     })
 }
 

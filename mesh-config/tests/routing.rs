@@ -146,3 +146,29 @@ fn accepted_but_not_enforced_objects_are_warnings_at_their_line() {
         "{split}"
     );
 }
+
+#[test]
+fn istio_kinds_mesh_does_not_implement_yet_load_with_a_warning() {
+    use mesh_config::{ConfigStore, Snapshot, split_documents};
+    let text = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: bookinfo-gateway}\n\
+spec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 8080, name: http, protocol: HTTP}\n    hosts: ['*']\n\
+---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: foo}\n\
+spec:\n  jwtRules:\n  - issuer: testing@secure.istio.io\n    jwksUri: https://example.com/jwks.json\n\
+---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: mesh-default, namespace: istio-system}\n\
+spec:\n  accessLogging:\n  - providers: [{name: envoy}]\n\
+---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\nspec:\n  parentRefs: [{kind: Service, name: echo}]\n";
+    let docs = split_documents(Path::new("istio.yaml"), text);
+    let mut store = ConfigStore::default();
+    store.apply(Snapshot::from_documents(&docs, Vec::new()));
+    assert!(store.problems().is_empty(), "{:?}", store.problems());
+    assert_eq!(store.objects().len(), 4, "{} documents: {docs:#?}", docs.len());
+    let warnings: Vec<String> = store.warnings().iter().map(ToString::to_string).collect();
+    assert_eq!(warnings.len(), 4, "{warnings:#?}");
+    assert!(
+        warnings.iter().any(|w| w.starts_with(
+            "istio.yaml:1: Gateway.networking.istio.io default/bookinfo-gateway: accepted, not enforced: mesh does not implement"
+        )),
+        "{warnings:#?}"
+    );
+    assert!(warnings.iter().any(|w| w.contains("RequestAuthentication foo/jwt")), "{warnings:#?}");
+}

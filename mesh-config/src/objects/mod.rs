@@ -375,6 +375,25 @@ pub struct WorkloadEntrySpec {
     pub service_account: Option<String>,
 }
 
+/// A kind of Istio or Gateway API that mesh reads but does not implement yet:
+/// accepted as it is (never rejected), with a warning that it has no effect.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Opaque {
+    /// Set by the parser from `kind` (the key of `/debug/config` shows it too).
+    #[serde(skip, default = "placeholder_kind")]
+    pub kind: Kind,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub status: Option<Value>,
+}
+
+fn placeholder_kind() -> Kind {
+    Kind::Sidecar
+}
+
 /// Every kind the controller understands.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind")]
@@ -391,6 +410,8 @@ pub enum Resource {
     HttpRoute(routing::HttpRoute),
     VirtualService(routing::VirtualService),
     DestinationRule(routing::DestinationRule),
+    /// One of the kinds [`Kind::is_opaque`] names.
+    Opaque(Opaque),
 }
 
 impl Resource {
@@ -408,6 +429,7 @@ impl Resource {
             Self::HttpRoute(o) => &o.metadata,
             Self::VirtualService(o) => &o.metadata,
             Self::DestinationRule(o) => &o.metadata,
+            Self::Opaque(o) => &o.metadata,
         }
     }
 
@@ -425,6 +447,7 @@ impl Resource {
             Self::HttpRoute(_) => Kind::HttpRoute,
             Self::VirtualService(_) => Kind::VirtualService,
             Self::DestinationRule(_) => Kind::DestinationRule,
+            Self::Opaque(o) => o.kind,
         }
     }
 }
@@ -444,12 +467,33 @@ pub enum Kind {
     HttpRoute,
     VirtualService,
     DestinationRule,
+    // Read but not implemented yet (`Resource::Opaque`).
+    IstioGateway,
+    Sidecar,
+    EnvoyFilter,
+    WorkloadGroup,
+    ProxyConfig,
+    RequestAuthentication,
+    Telemetry,
+    WasmPlugin,
+    GatewayClass,
+    #[serde(rename = "GRPCRoute")]
+    GrpcRoute,
+    #[serde(rename = "TCPRoute")]
+    TcpRoute,
+    #[serde(rename = "TLSRoute")]
+    TlsRoute,
+    ReferenceGrant,
 }
 
 const ISTIO_NETWORKING: &[&str] =
     &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
 const ISTIO_SECURITY: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
 const GATEWAY_API: &[&str] = &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"];
+const GATEWAY_API_ALPHA: &[&str] =
+    &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2"];
+const ISTIO_TELEMETRY: &[&str] = &["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"];
+const ISTIO_EXTENSIONS: &[&str] = &["extensions.istio.io/v1alpha1"];
 
 impl Kind {
     /// The kind for an `apiVersion` and `kind` pair, or what was expected.
@@ -467,13 +511,33 @@ impl Kind {
             "VirtualService" => (ISTIO_NETWORKING, Kind::VirtualService),
             "DestinationRule" => (ISTIO_NETWORKING, Kind::DestinationRule),
             "Gateway" if api_version.starts_with("gateway.networking.k8s.io/") => (GATEWAY_API, Kind::Gateway),
+            "Gateway" => (ISTIO_NETWORKING, Kind::IstioGateway),
             "HTTPRoute" => (GATEWAY_API, Kind::HttpRoute),
+            "Sidecar" => (ISTIO_NETWORKING, Kind::Sidecar),
+            "EnvoyFilter" => (&["networking.istio.io/v1alpha3"], Kind::EnvoyFilter),
+            "WorkloadGroup" => (ISTIO_NETWORKING, Kind::WorkloadGroup),
+            "ProxyConfig" => (&["networking.istio.io/v1beta1"], Kind::ProxyConfig),
+            "RequestAuthentication" => (ISTIO_SECURITY, Kind::RequestAuthentication),
+            "Telemetry" => (ISTIO_TELEMETRY, Kind::Telemetry),
+            "WasmPlugin" => (ISTIO_EXTENSIONS, Kind::WasmPlugin),
+            "GatewayClass" => (GATEWAY_API, Kind::GatewayClass),
+            "GRPCRoute" => (GATEWAY_API_ALPHA, Kind::GrpcRoute),
+            "TCPRoute" => (&["gateway.networking.k8s.io/v1alpha2"], Kind::TcpRoute),
+            "TLSRoute" => {
+                (&["gateway.networking.k8s.io/v1alpha2", "gateway.networking.k8s.io/v1alpha3"], Kind::TlsRoute)
+            }
+            "ReferenceGrant" => {
+                (&["gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2"], Kind::ReferenceGrant)
+            }
             other => {
                 return Err(format!(
                     "unknown kind {other:?}; supported: Namespace, ServiceAccount, Pod, Service (v1), \
                      PeerAuthentication, AuthorizationPolicy (security.istio.io/v1), \
                      ServiceEntry, WorkloadEntry, VirtualService, DestinationRule (networking.istio.io/v1), \
-                     Gateway, HTTPRoute (gateway.networking.k8s.io/v1)"
+                     Gateway, HTTPRoute (gateway.networking.k8s.io/v1); read without effect yet: \
+                     Gateway (networking.istio.io), Sidecar, EnvoyFilter, WorkloadGroup, ProxyConfig, \
+                     RequestAuthentication, Telemetry, WasmPlugin, GatewayClass, GRPCRoute, TCPRoute, \
+                     TLSRoute, ReferenceGrant"
                 ));
             }
         };
@@ -499,11 +563,44 @@ impl Kind {
             Kind::Gateway => "Gateway",
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
+            Kind::IstioGateway => "Gateway.networking.istio.io",
+            Kind::Sidecar => "Sidecar",
+            Kind::EnvoyFilter => "EnvoyFilter",
+            Kind::WorkloadGroup => "WorkloadGroup",
+            Kind::ProxyConfig => "ProxyConfig",
+            Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::Telemetry => "Telemetry",
+            Kind::WasmPlugin => "WasmPlugin",
+            Kind::GatewayClass => "GatewayClass",
+            Kind::GrpcRoute => "GRPCRoute",
+            Kind::TcpRoute => "TCPRoute",
+            Kind::TlsRoute => "TLSRoute",
+            Kind::ReferenceGrant => "ReferenceGrant",
         }
+    }
+
+    /// Kinds read as they are, without effect yet ([`Resource::Opaque`]).
+    pub fn is_opaque(self) -> bool {
+        matches!(
+            self,
+            Kind::IstioGateway
+                | Kind::Sidecar
+                | Kind::EnvoyFilter
+                | Kind::WorkloadGroup
+                | Kind::ProxyConfig
+                | Kind::RequestAuthentication
+                | Kind::Telemetry
+                | Kind::WasmPlugin
+                | Kind::GatewayClass
+                | Kind::GrpcRoute
+                | Kind::TcpRoute
+                | Kind::TlsRoute
+                | Kind::ReferenceGrant
+        )
     }
 
     /// Whether objects of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Namespace)
+        !matches!(self, Kind::Namespace | Kind::GatewayClass)
     }
 }

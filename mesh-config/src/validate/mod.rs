@@ -153,6 +153,7 @@ pub fn validate(resource: &Resource) -> Issues {
         Resource::HttpRoute(r) => routing::check_http_route(&r.spec, &mut out),
         Resource::VirtualService(vs) => routing::check_virtual_service(&vs.spec, &mut out),
         Resource::DestinationRule(dr) => routing::check_destination_rule(&dr.spec, &mut out),
+        Resource::Opaque(_) => {}
     }
     out
 }
