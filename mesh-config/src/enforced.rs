@@ -3,7 +3,11 @@
 //! the object's file and line, and what happens instead. The controller logs
 //! these and serves them in `/healthz/ready`; `mesh-ctl check` prints them as
 //! warnings (exit 0).
-use crate::{Problem, Resource, store::ConfigStore, validate::WAYPOINT_CLASS};
+use crate::{
+    Problem, Resource,
+    store::{ConfigStore, ObjectKey},
+    validate::WAYPOINT_CLASS,
+};
 
 const NO_WAYPOINT_YET: &str = "accepted, not enforced yet: mesh does not run waypoints in this version, so this HTTP routing is not applied \
      and traffic to its hosts keeps the L4 path (the node proxies, with their policies)";
@@ -31,17 +35,18 @@ impl ConfigStore {
     /// Every object in force that is accepted but not enforced, as a warning
     /// at its file and line.
     pub fn warnings(&self) -> Vec<Problem> {
-        self.objects()
-            .iter()
-            .filter_map(|(key, stored)| {
-                not_enforced(&stored.resource).map(|message| Problem {
-                    file: stored.origin.file.clone(),
-                    line: stored.origin.line,
-                    object: Some(key.to_string()),
-                    field: None,
-                    message,
-                })
-            })
-            .collect()
+        self.objects().keys().filter_map(|key| self.warning(key)).collect()
+    }
+
+    /// The warning for one object in force, if it is not enforced.
+    pub fn warning(&self, key: &ObjectKey) -> Option<Problem> {
+        let stored = self.objects().get(key)?;
+        not_enforced(&stored.resource).map(|message| Problem {
+            file: stored.origin.file.clone(),
+            line: stored.origin.line,
+            object: Some(key.to_string()),
+            field: None,
+            message,
+        })
     }
 }

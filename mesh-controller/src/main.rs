@@ -182,11 +182,8 @@ impl Reloader {
         for p in store.problems() {
             warn!("rejected: {p}");
         }
-        for w in store
-            .warnings()
-            .iter()
-            .filter(|w| report.added.iter().chain(&report.updated).any(|k| Some(k.to_string()) == w.object))
-        {
+        // Said once per change of the object, not at every reload.
+        for w in report.added.iter().chain(&report.updated).filter_map(|k| store.warning(k)) {
             warn!("warning: {w}");
         }
         let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());

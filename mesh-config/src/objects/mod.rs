@@ -490,117 +490,124 @@ const ISTIO_NETWORKING: &[&str] =
     &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
 const ISTIO_SECURITY: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
 const GATEWAY_API: &[&str] = &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"];
-const GATEWAY_API_ALPHA: &[&str] =
-    &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2"];
-const ISTIO_TELEMETRY: &[&str] = &["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"];
-const ISTIO_EXTENSIONS: &[&str] = &["extensions.istio.io/v1alpha1"];
+
+/// One kind as users write it: `kind`, the `apiVersion`s served (the first is
+/// the one suggested), and whether mesh reads it without effect yet.
+struct KindInfo {
+    kind: Kind,
+    written: &'static str,
+    /// How problems name it (differs from `written` only where two groups share a kind name).
+    name: &'static str,
+    versions: &'static [&'static str],
+    opaque: bool,
+}
+
+const fn typed(kind: Kind, written: &'static str, versions: &'static [&'static str]) -> KindInfo {
+    KindInfo { kind, written, name: written, versions, opaque: false }
+}
+
+const fn opaque(kind: Kind, written: &'static str, versions: &'static [&'static str]) -> KindInfo {
+    KindInfo { kind, written, name: written, versions, opaque: true }
+}
+
+/// Every kind mesh reads: the one table behind [`Kind::from_type`], [`Kind::name`] and [`Kind::is_opaque`].
+const KINDS: &[KindInfo] = &[
+    typed(Kind::Namespace, "Namespace", &["v1"]),
+    typed(Kind::ServiceAccount, "ServiceAccount", &["v1"]),
+    typed(Kind::Pod, "Pod", &["v1"]),
+    typed(Kind::Service, "Service", &["v1"]),
+    typed(Kind::PeerAuthentication, "PeerAuthentication", ISTIO_SECURITY),
+    typed(Kind::AuthorizationPolicy, "AuthorizationPolicy", ISTIO_SECURITY),
+    typed(Kind::ServiceEntry, "ServiceEntry", ISTIO_NETWORKING),
+    typed(Kind::WorkloadEntry, "WorkloadEntry", ISTIO_NETWORKING),
+    typed(Kind::VirtualService, "VirtualService", ISTIO_NETWORKING),
+    typed(Kind::DestinationRule, "DestinationRule", ISTIO_NETWORKING),
+    typed(Kind::Gateway, "Gateway", GATEWAY_API),
+    typed(Kind::HttpRoute, "HTTPRoute", GATEWAY_API),
+    KindInfo { name: "Gateway.networking.istio.io", ..opaque(Kind::IstioGateway, "Gateway", ISTIO_NETWORKING) },
+    opaque(Kind::Sidecar, "Sidecar", ISTIO_NETWORKING),
+    opaque(Kind::EnvoyFilter, "EnvoyFilter", &["networking.istio.io/v1alpha3"]),
+    opaque(Kind::WorkloadGroup, "WorkloadGroup", ISTIO_NETWORKING),
+    opaque(Kind::ProxyConfig, "ProxyConfig", &["networking.istio.io/v1beta1"]),
+    opaque(Kind::RequestAuthentication, "RequestAuthentication", ISTIO_SECURITY),
+    opaque(Kind::Telemetry, "Telemetry", &["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"]),
+    opaque(Kind::WasmPlugin, "WasmPlugin", &["extensions.istio.io/v1alpha1"]),
+    opaque(Kind::GatewayClass, "GatewayClass", GATEWAY_API),
+    opaque(
+        Kind::GrpcRoute,
+        "GRPCRoute",
+        &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2"],
+    ),
+    opaque(Kind::TcpRoute, "TCPRoute", &["gateway.networking.k8s.io/v1alpha2"]),
+    opaque(Kind::TlsRoute, "TLSRoute", &["gateway.networking.k8s.io/v1alpha2", "gateway.networking.k8s.io/v1alpha3"]),
+    opaque(
+        Kind::ReferenceGrant,
+        "ReferenceGrant",
+        &["gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2"],
+    ),
+];
 
 impl Kind {
+    fn info(self) -> &'static KindInfo {
+        KINDS.iter().find(|i| i.kind == self).expect("every Kind is in KINDS")
+    }
+
     /// The kind for an `apiVersion` and `kind` pair, or what was expected.
     /// Every version Istio and Gateway API still serve of a schema is accepted.
     pub fn from_type(api_version: &str, kind: &str) -> Result<Kind, String> {
-        let (versions, k): (&[&str], Kind) = match kind {
-            "Namespace" => (&["v1"], Kind::Namespace),
-            "ServiceAccount" => (&["v1"], Kind::ServiceAccount),
-            "Pod" => (&["v1"], Kind::Pod),
-            "Service" => (&["v1"], Kind::Service),
-            "PeerAuthentication" => (ISTIO_SECURITY, Kind::PeerAuthentication),
-            "AuthorizationPolicy" => (ISTIO_SECURITY, Kind::AuthorizationPolicy),
-            "ServiceEntry" => (ISTIO_NETWORKING, Kind::ServiceEntry),
-            "WorkloadEntry" => (ISTIO_NETWORKING, Kind::WorkloadEntry),
-            "VirtualService" => (ISTIO_NETWORKING, Kind::VirtualService),
-            "DestinationRule" => (ISTIO_NETWORKING, Kind::DestinationRule),
-            "Gateway" if api_version.starts_with("gateway.networking.k8s.io/") => (GATEWAY_API, Kind::Gateway),
-            "Gateway" => (ISTIO_NETWORKING, Kind::IstioGateway),
-            "HTTPRoute" => (GATEWAY_API, Kind::HttpRoute),
-            "Sidecar" => (ISTIO_NETWORKING, Kind::Sidecar),
-            "EnvoyFilter" => (&["networking.istio.io/v1alpha3"], Kind::EnvoyFilter),
-            "WorkloadGroup" => (ISTIO_NETWORKING, Kind::WorkloadGroup),
-            "ProxyConfig" => (&["networking.istio.io/v1beta1"], Kind::ProxyConfig),
-            "RequestAuthentication" => (ISTIO_SECURITY, Kind::RequestAuthentication),
-            "Telemetry" => (ISTIO_TELEMETRY, Kind::Telemetry),
-            "WasmPlugin" => (ISTIO_EXTENSIONS, Kind::WasmPlugin),
-            "GatewayClass" => (GATEWAY_API, Kind::GatewayClass),
-            "GRPCRoute" => (GATEWAY_API_ALPHA, Kind::GrpcRoute),
-            "TCPRoute" => (&["gateway.networking.k8s.io/v1alpha2"], Kind::TcpRoute),
-            "TLSRoute" => {
-                (&["gateway.networking.k8s.io/v1alpha2", "gateway.networking.k8s.io/v1alpha3"], Kind::TlsRoute)
-            }
-            "ReferenceGrant" => {
-                (&["gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2"], Kind::ReferenceGrant)
-            }
-            other => {
-                return Err(format!(
-                    "unknown kind {other:?}; supported: Namespace, ServiceAccount, Pod, Service (v1), \
-                     PeerAuthentication, AuthorizationPolicy (security.istio.io/v1), \
-                     ServiceEntry, WorkloadEntry, VirtualService, DestinationRule (networking.istio.io/v1), \
-                     Gateway, HTTPRoute (gateway.networking.k8s.io/v1); read without effect yet: \
-                     Gateway (networking.istio.io), Sidecar, EnvoyFilter, WorkloadGroup, ProxyConfig, \
-                     RequestAuthentication, Telemetry, WasmPlugin, GatewayClass, GRPCRoute, TCPRoute, \
-                     TLSRoute, ReferenceGrant"
-                ));
-            }
+        let mut named = KINDS.iter().filter(|i| i.written == kind).peekable();
+        let Some(first) = named.peek().map(|i| i.versions[0]) else {
+            let list = |opaque: bool| {
+                let names: Vec<String> = KINDS
+                    .iter()
+                    .filter(|i| i.opaque == opaque)
+                    .map(|i| format!("{} ({})", i.written, i.versions[0]))
+                    .collect();
+                names.join(", ")
+            };
+            return Err(format!(
+                "unknown kind {kind:?}; supported: {}; read without effect yet: {}",
+                list(false),
+                list(true)
+            ));
         };
-        if versions.contains(&api_version) {
-            Ok(k)
-        } else {
-            Err(format!("apiVersion {api_version:?} for kind {kind}: expected {:?}", versions[0]))
-        }
+        named
+            .find(|i| i.versions.contains(&api_version))
+            .map(|i| i.kind)
+            .ok_or_else(|| format!("apiVersion {api_version:?} for kind {kind}: expected {first:?}"))
     }
 
-    /// The kind as users write it.
+    /// The kind as problems name it.
     pub fn name(self) -> &'static str {
-        match self {
-            Kind::HttpRoute => "HTTPRoute",
-            Kind::Namespace => "Namespace",
-            Kind::ServiceAccount => "ServiceAccount",
-            Kind::Pod => "Pod",
-            Kind::Service => "Service",
-            Kind::PeerAuthentication => "PeerAuthentication",
-            Kind::AuthorizationPolicy => "AuthorizationPolicy",
-            Kind::ServiceEntry => "ServiceEntry",
-            Kind::WorkloadEntry => "WorkloadEntry",
-            Kind::Gateway => "Gateway",
-            Kind::VirtualService => "VirtualService",
-            Kind::DestinationRule => "DestinationRule",
-            Kind::IstioGateway => "Gateway.networking.istio.io",
-            Kind::Sidecar => "Sidecar",
-            Kind::EnvoyFilter => "EnvoyFilter",
-            Kind::WorkloadGroup => "WorkloadGroup",
-            Kind::ProxyConfig => "ProxyConfig",
-            Kind::RequestAuthentication => "RequestAuthentication",
-            Kind::Telemetry => "Telemetry",
-            Kind::WasmPlugin => "WasmPlugin",
-            Kind::GatewayClass => "GatewayClass",
-            Kind::GrpcRoute => "GRPCRoute",
-            Kind::TcpRoute => "TCPRoute",
-            Kind::TlsRoute => "TLSRoute",
-            Kind::ReferenceGrant => "ReferenceGrant",
-        }
+        self.info().name
     }
 
     /// Kinds read as they are, without effect yet ([`Resource::Opaque`]).
     pub fn is_opaque(self) -> bool {
-        matches!(
-            self,
-            Kind::IstioGateway
-                | Kind::Sidecar
-                | Kind::EnvoyFilter
-                | Kind::WorkloadGroup
-                | Kind::ProxyConfig
-                | Kind::RequestAuthentication
-                | Kind::Telemetry
-                | Kind::WasmPlugin
-                | Kind::GatewayClass
-                | Kind::GrpcRoute
-                | Kind::TcpRoute
-                | Kind::TlsRoute
-                | Kind::ReferenceGrant
-        )
+        self.info().opaque
     }
 
     /// Whether objects of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
         !matches!(self, Kind::Namespace | Kind::GatewayClass)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kind_table_round_trips() {
+        for info in KINDS {
+            for v in info.versions {
+                assert_eq!(Kind::from_type(v, info.written), Ok(info.kind), "{v} {}", info.written);
+            }
+            assert_eq!(KINDS.iter().filter(|i| i.kind == info.kind).count(), 1, "{:?} listed once", info.kind);
+        }
+        assert_eq!(Kind::from_type("networking.istio.io/v1", "Gateway"), Ok(Kind::IstioGateway));
+        assert_eq!(Kind::IstioGateway.name(), "Gateway.networking.istio.io");
+        assert!(Kind::from_type("v1", "Frobnicator").unwrap_err().contains("HTTPRoute (gateway.networking.k8s.io/v1)"));
+        assert!(Kind::from_type("v2", "Pod").unwrap_err().contains("expected \"v1\""));
     }
 }
