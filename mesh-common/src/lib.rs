@@ -14,6 +14,8 @@ pub mod authz;
 mod duration;
 #[cfg(feature = "std")]
 pub mod identity;
+#[cfg(feature = "routing")]
+pub mod routing;
 #[cfg(feature = "std")]
 pub use duration::parse_duration;
 

@@ -17,6 +17,7 @@ pub use objects::{Kind, Resource};
 pub use parse::parse_document;
 pub use source::{Document, read_dir, split_documents};
 pub use store::{ApplyReport, ConfigStore, ObjectKey, ParseCache, Snapshot, Stored};
+pub use validate::{WAYPOINT_CLASS, WAYPOINT_FOR_LABEL};
 
 /// Where an object was defined.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]

@@ -51,6 +51,11 @@ impl WireSet {
             let selector = p.selector.clone().unwrap_or_default();
             add(api::ResourceKey::Policy(key.clone()), Kind::Authorization(p.policy.to_wire(p.scope, selector)));
         }
+        for (key, routes) in &model.routes {
+            let (namespace, service) = key.split_once('/').unwrap_or_default();
+            let wire = api::HttpRoutes { namespace: namespace.into(), service: service.into(), routes: routes.clone() };
+            add(api::ResourceKey::Routes(key.clone()), Kind::Routes(wire));
+        }
         let mut whole = 0u64;
         for r in resources.values() {
             whole = whole.wrapping_add(fnv1a(r.key.as_bytes()) ^ r.version);
@@ -130,6 +135,7 @@ fn workload(model: &MeshModel, w: &Workload) -> api::Workload {
         ips: ips(&w.ips),
         node: w.node.clone().unwrap_or_default(),
         captured: w.captured,
+        native_tunnel: w.native_tunnel,
         labels: w.labels.clone().into_iter().collect(),
         // The default port 0 never carries traffic: this asks for the workload-wide mode.
         mtls_mode: mtls(model.mtls_mode(w, 0)),
@@ -152,7 +158,12 @@ fn service(s: &Service) -> api::Service {
                     Some(IntOrString::String(name)) => (0, name.clone()),
                     None => (0, String::new()),
                 };
-                api::ServicePort { port: u32::from(p.port), target_port, target_port_name }
+                api::ServicePort {
+                    port: u32::from(p.port),
+                    target_port,
+                    target_port_name,
+                    protocol: p.protocol.clone(),
+                }
             })
             .collect(),
         endpoints: s
@@ -160,6 +171,10 @@ fn service(s: &Service) -> api::Service {
             .iter()
             .map(|e| api::Endpoint { workload: e.workload.clone(), ip: e.ip.to_string() })
             .collect(),
+        waypoint: s.waypoint.as_ref().map(|w| {
+            let (namespace, name) = w.gateway.split_once('/').unwrap_or_default();
+            api::WaypointRef { namespace: namespace.into(), name: name.into(), workloads: w.instances.clone() }
+        }),
     }
 }
 

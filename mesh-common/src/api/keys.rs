@@ -1,5 +1,6 @@
 //! The keys of the resources on the node stream: `workload/<uid>`,
-//! `service/<namespace>/<name>`, `policy/<namespace>/<name>`. Built and read
+//! `service/<namespace>/<name>`, `policy/<namespace>/<name>`,
+//! `routes/<namespace>/<service>`. Built and read
 //! only here, by the controller and the node alike.
 use std::fmt;
 
@@ -11,13 +12,15 @@ pub enum ResourceKey {
     Service(String),
     /// An AuthorizationPolicy by `namespace/name`.
     Policy(String),
+    /// The HTTP routes of a service, by its `namespace/name`.
+    Routes(String),
 }
 
 impl ResourceKey {
     /// The key's name within its kind (what the node's store is keyed by).
     pub fn name(&self) -> &str {
         match self {
-            ResourceKey::Workload(n) | ResourceKey::Service(n) | ResourceKey::Policy(n) => n,
+            ResourceKey::Workload(n) | ResourceKey::Service(n) | ResourceKey::Policy(n) | ResourceKey::Routes(n) => n,
         }
     }
 }
@@ -28,6 +31,7 @@ impl fmt::Display for ResourceKey {
             ResourceKey::Workload(n) => write!(f, "workload/{n}"),
             ResourceKey::Service(n) => write!(f, "service/{n}"),
             ResourceKey::Policy(n) => write!(f, "policy/{n}"),
+            ResourceKey::Routes(n) => write!(f, "routes/{n}"),
         }
     }
 }
@@ -40,7 +44,8 @@ impl std::str::FromStr for ResourceKey {
             Some(("workload", n)) if !n.is_empty() => Ok(ResourceKey::Workload(n.into())),
             Some(("service", n)) if !n.is_empty() => Ok(ResourceKey::Service(n.into())),
             Some(("policy", n)) if !n.is_empty() => Ok(ResourceKey::Policy(n.into())),
-            Some((prefix, _)) => Err(format!("key prefix {prefix:?} is not workload, service or policy")),
+            Some(("routes", n)) if !n.is_empty() => Ok(ResourceKey::Routes(n.into())),
+            Some((prefix, _)) => Err(format!("key prefix {prefix:?} is not workload, service, policy or routes")),
             None => Err("key without a kind prefix".into()),
         }
     }
@@ -48,10 +53,10 @@ impl std::str::FromStr for ResourceKey {
 
 impl super::Workload {
     /// Whether the node proxies reach this workload over HBONE: exactly when
-    /// it is captured (in an ambient namespace and not opted out). Anything
-    /// else is reached in plain TCP.
+    /// it is captured (in an ambient namespace and not opted out) or
+    /// terminates HBONE itself (a waypoint). Anything else is reached in plain TCP.
     pub fn speaks_hbone(&self) -> bool {
-        self.captured
+        self.captured || self.native_tunnel
     }
 }
 
@@ -65,6 +70,7 @@ mod tests {
             ResourceKey::Workload("Pod/shop/a".into()),
             ResourceKey::Service("shop/back".into()),
             ResourceKey::Policy("istio-system/deny".into()),
+            ResourceKey::Routes("shop/back".into()),
         ] {
             assert_eq!(key.to_string().parse::<ResourceKey>(), Ok(key));
         }

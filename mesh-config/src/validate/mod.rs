@@ -13,7 +13,7 @@ use super::{
 
 mod routing;
 
-pub use routing::WAYPOINT_CLASS;
+pub use routing::{WAYPOINT_CLASS, WAYPOINT_FOR_LABEL};
 
 type Issues = Vec<(String, String)>;
 

@@ -9,7 +9,10 @@ use mesh_common::{
 };
 use serde::Serialize;
 
-use super::authz::{CompiledPolicy, Connection, Decision, evaluate};
+use super::{
+    authz::{CompiledPolicy, Connection, Decision, evaluate},
+    routes::{self, GATEWAY_NAME_LABEL, Waypoint},
+};
 use crate::config::{
     ConfigStore, MeshSettings, Resource,
     objects::{IntOrString, Labels, PeerAuthentication},
@@ -32,6 +35,8 @@ pub struct Workload {
     pub labels: Labels,
     /// In the ambient mesh: its node proxy captures its traffic and it speaks HBONE.
     pub captured: bool,
+    /// Runs a waypoint: terminates HBONE itself, never captured by a node.
+    pub native_tunnel: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -39,6 +44,8 @@ pub struct ServicePort {
     pub port: u16,
     /// Resolved per endpoint when the service names the port.
     pub target: Option<IntOrString>,
+    /// `http`, `http2`, `grpc`, `tcp`, or empty (undeclared: detected).
+    pub protocol: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -56,6 +63,17 @@ pub struct Service {
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
+    /// The waypoint it is bound to, if any.
+    pub waypoint: Option<WaypointBinding>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WaypointBinding {
+    /// The waypoint Gateway's `namespace/name`.
+    pub gateway: String,
+    /// Workload uids of its instances; empty when none runs (or the Gateway
+    /// is not defined): its clients are refused, never sent around it.
+    pub instances: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -77,6 +95,10 @@ pub struct MeshModel {
     pub policies: BTreeMap<String, ScopedPolicy>,
     peer_authentications: Vec<PeerAuthentication>,
     pub root_namespace: String,
+    /// Waypoint Gateways by `namespace/name`.
+    pub waypoints: BTreeMap<String, Waypoint>,
+    /// HTTP routes by service `namespace/name`, in the order they are tried.
+    pub routes: BTreeMap<String, Vec<mesh_common::api::HttpRoute>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -99,13 +121,16 @@ impl MeshModel {
     pub fn build(store: &ConfigStore, settings: &MeshSettings) -> MeshModel {
         let mut model = MeshModel { root_namespace: settings.root_namespace.clone(), ..Default::default() };
         let mut ambient_namespaces = Vec::new();
+        let mut namespace_labels = BTreeMap::new();
         for stored in store.objects().values() {
-            if let Resource::Namespace(ns) = stored.resource.as_ref()
-                && ns.metadata.labels.get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
-            {
-                ambient_namespaces.push(ns.metadata.name.clone());
+            if let Resource::Namespace(ns) = stored.resource.as_ref() {
+                if ns.metadata.labels.get(DATAPLANE_MODE).map(String::as_str) == Some("ambient") {
+                    ambient_namespaces.push(ns.metadata.name.clone());
+                }
+                namespace_labels.insert(ns.metadata.name.clone(), ns.metadata.labels.clone());
             }
         }
+        model.waypoints = routes::waypoints(store);
         for stored in store.objects().values() {
             match stored.resource.as_ref() {
                 Resource::Pod(pod) => {
@@ -119,13 +144,21 @@ impl MeshModel {
                         ips.insert(0, ip);
                     }
                     let opted_out = pod.metadata.labels.get(DATAPLANE_MODE).map(String::as_str) == Some("none");
+                    // A waypoint's pod (labelled with its Gateway, as Kubernetes
+                    // labels a Gateway's pods) speaks HBONE itself.
+                    let native_tunnel = pod
+                        .metadata
+                        .labels
+                        .get(GATEWAY_NAME_LABEL)
+                        .is_some_and(|gw| model.waypoints.contains_key(&format!("{namespace}/{gw}")));
                     let uid = format!("Pod/{namespace}/{}", pod.metadata.name);
                     model.workloads.insert(
                         uid.clone(),
                         Workload {
                             uid,
                             name: pod.metadata.name.clone(),
-                            captured: ambient_namespaces.contains(&namespace) && !opted_out,
+                            captured: ambient_namespaces.contains(&namespace) && !opted_out && !native_tunnel,
+                            native_tunnel,
                             namespace,
                             service_account: sa,
                             identity,
@@ -154,6 +187,7 @@ impl MeshModel {
                             node: None,
                             labels,
                             captured: false,
+                            native_tunnel: false,
                         },
                     );
                 }
@@ -198,12 +232,18 @@ impl MeshModel {
                         .spec
                         .ports
                         .iter()
-                        .map(|p| ServicePort { port: p.port as u16, target: p.target_port.clone() })
+                        .map(|p| ServicePort {
+                            port: p.port as u16,
+                            target: p.target_port.clone(),
+                            protocol: routes::port_protocol(p.name.as_deref(), p.app_protocol.as_deref()),
+                        })
                         .collect();
                     let hosts = vec![format!("{}.{namespace}.svc.{}", svc.metadata.name, settings.trust_domain)];
                     let key = format!("{namespace}/{}", svc.metadata.name);
                     let name = svc.metadata.name.clone();
-                    model.services.insert(key, Service { namespace, name, hosts, vips, ports, endpoints });
+                    let waypoint = routes::binding(&namespace, &svc.metadata.labels, namespace_labels.get(&namespace))
+                        .map(|gateway| model.waypoint_binding(gateway));
+                    model.services.insert(key, Service { namespace, name, hosts, vips, ports, endpoints, waypoint });
                 }
                 Resource::ServiceEntry(se) => {
                     let namespace = se.metadata.namespace().to_owned();
@@ -222,18 +262,55 @@ impl MeshModel {
                         .spec
                         .ports
                         .iter()
-                        .map(|p| ServicePort { port: p.number as u16, target: p.target_port.map(IntOrString::Int) })
+                        .map(|p| ServicePort {
+                            port: p.number as u16,
+                            target: p.target_port.map(IntOrString::Int),
+                            protocol: routes::port_protocol(p.name.as_deref(), p.protocol.as_deref()),
+                        })
                         .collect();
                     let key = format!("{namespace}/{}", se.metadata.name);
                     let name = se.metadata.name.clone();
-                    model
-                        .services
-                        .insert(key, Service { namespace, name, hosts: se.spec.hosts.clone(), vips, ports, endpoints });
+                    let waypoint = routes::binding(&namespace, &se.metadata.labels, namespace_labels.get(&namespace))
+                        .map(|gateway| model.waypoint_binding(gateway));
+                    let hosts = se.spec.hosts.clone();
+                    model.services.insert(key, Service { namespace, name, hosts, vips, ports, endpoints, waypoint });
                 }
                 _ => {}
             }
         }
+        let destination_rules = store
+            .objects()
+            .values()
+            .filter_map(|s| match s.resource.as_ref() {
+                Resource::DestinationRule(dr) => Some(dr),
+                _ => None,
+            })
+            .collect();
+        let cx = routes::Context {
+            services: model.services.iter().map(|(k, s)| (k, s.hosts.as_slice())).collect(),
+            destination_rules,
+        };
+        let compiled = routes::compile(store, &cx);
+        model.routes = compiled;
         model
+    }
+
+    /// The binding to waypoint `gateway` (`namespace/name`): the Gateway's
+    /// instances, when it is a waypoint Gateway for services.
+    fn waypoint_binding(&self, gateway: String) -> WaypointBinding {
+        let instances = match self.waypoints.get(&gateway) {
+            Some(w) if w.for_services() => {
+                let prefix = format!("Pod/{}/", w.namespace);
+                self.workloads
+                    .range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .filter(|(_, wl)| wl.native_tunnel && wl.labels.get(GATEWAY_NAME_LABEL) == Some(&w.name))
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        WaypointBinding { gateway, instances }
     }
 
     /// Endpoints of the workloads in `namespace` whose labels match `selector`.
@@ -257,9 +334,10 @@ impl MeshModel {
         self.workloads.values().find(|w| w.ips.contains(&ip))
     }
 
-    /// Workloads a node's agent must serve: its captured pods.
+    /// Workloads a node's agent (or a waypoint process joined under that
+    /// node name) serves: its captured pods and its waypoint instances.
     pub fn workloads_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.workloads.values().filter(move |w| w.captured && w.node.as_deref() == Some(node))
+        self.workloads.values().filter(move |w| (w.captured || w.native_tunnel) && w.node.as_deref() == Some(node))
     }
 
     /// Policies that apply to `w`: mesh-wide ones in the root namespace, and

@@ -2,8 +2,11 @@
 //! functions over the store, tested with tables.
 pub mod authz;
 mod mesh;
+pub mod routes;
 
-pub use mesh::{Endpoint, MeshModel, MtlsMode, ScopedPolicy, Service, ServicePort, Workload, selector_matches};
+pub use mesh::{
+    Endpoint, MeshModel, MtlsMode, ScopedPolicy, Service, ServicePort, WaypointBinding, Workload, selector_matches,
+};
 
 /// Serializes through `Display` (identities print as `spiffe://...`).
 fn as_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {

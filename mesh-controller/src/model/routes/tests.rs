@@ -1,0 +1,223 @@
+use mesh_common::{
+    api,
+    routing::{CompiledRoutes, RequestFacts},
+};
+
+use super::*;
+use crate::{
+    config::{MeshSettings, Snapshot, split_documents},
+    model::MeshModel,
+};
+
+fn model(yaml: &str) -> MeshModel {
+    let docs = split_documents(std::path::Path::new("t.yaml"), yaml);
+    let snap = Snapshot::from_documents(&docs, vec![]);
+    assert!(snap.problems.is_empty(), "{:?}", snap.problems);
+    let mut store = ConfigStore::default();
+    store.apply(snap);
+    MeshModel::build(&store, &MeshSettings::default())
+}
+
+const MESH: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {nodeName: wp1, serviceAccountName: waypoint}
+status: {podIP: 10.0.9.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1, namespace: shop, labels: {app: reviews, version: v1}}
+spec: {nodeName: n1}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2, namespace: shop, labels: {app: reviews, version: v2}}
+spec: {nodeName: n1}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {selector: {app: reviews}, clusterIP: 10.96.0.1, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop, labels: {istio.io/use-waypoint: none}}
+spec: {selector: {app: db}, clusterIP: 10.96.0.2, ports: [{name: tcp-pg, port: 5432}, {port: 80, appProtocol: kubernetes.io/h2c}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: shop, labels: {istio.io/use-waypoint: gone}}
+spec: {selector: {app: ratings}, clusterIP: 10.96.0.3, ports: [{port: 9080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+    timeout: 2s
+    retries: {attempts: 3, perTryTimeout: 500ms, retryOn: 'gateway-error,503'}
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 80}
+    - {destination: {host: reviews, subset: v3}, weight: 20}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: b-ratings, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: ratings, port: 9080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}]
+    backendRefs: [{name: ratings, port: 9080}]
+  - backendRefs: [{name: nowhere, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: a-ratings, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: ratings}]
+  rules:
+  - matches: [{path: {type: Exact, value: /api/health}}, {path: {type: PathPrefix, value: /api/x}, headers: [{name: x-test, value: '1'}]}]
+    timeouts: {request: 1s}
+    retry: {attempts: 1, codes: [503]}
+    backendRefs: [{name: ratings, port: 9080}]
+";
+
+#[test]
+fn waypoints_bind_by_service_then_namespace_and_run_as_native_tunnels() {
+    let m = model(MESH);
+    let wp = &m.workloads["Pod/shop/waypoint-1"];
+    assert!(wp.native_tunnel && !wp.captured, "a waypoint speaks HBONE itself; no node enrolls it");
+    assert_eq!(m.workloads_on_node("wp1").map(|w| w.uid.as_str()).collect::<Vec<_>>(), ["Pod/shop/waypoint-1"]);
+    let reviews = m.services["shop/reviews"].waypoint.as_ref().unwrap();
+    assert_eq!(
+        (reviews.gateway.as_str(), reviews.instances.as_slice()),
+        ("shop/waypoint", &["Pod/shop/waypoint-1".to_string()][..])
+    );
+    assert_eq!(m.services["shop/db"].waypoint, None, "use-waypoint: none opts out of the namespace's");
+    let gone = m.services["shop/ratings"].waypoint.as_ref().unwrap();
+    assert!(gone.instances.is_empty(), "an undefined waypoint binds with no instances: fail closed");
+    // Protocols, as Istio reads them.
+    let db: Vec<&str> = m.services["shop/db"].ports.iter().map(|p| p.protocol.as_str()).collect();
+    assert_eq!(db, ["tcp", "http2"]);
+    assert_eq!(m.services["shop/reviews"].ports[0].protocol, "http");
+    assert_eq!(m.services["shop/ratings"].ports[0].protocol, "");
+}
+
+#[test]
+fn port_protocols() {
+    for (name, app, want) in [
+        (Some("http-web"), None, "http"),
+        (Some("grpc"), None, "grpc"),
+        (Some("http2"), None, "http2"),
+        (Some("web"), None, ""),
+        (Some("http-web"), Some("tcp"), "tcp"),
+        (None, Some("kubernetes.io/h2c"), "http2"),
+        (None, Some("HTTP"), "http"),
+        (Some("tcp-db"), None, "tcp"),
+    ] {
+        assert_eq!(port_protocol(name, app), want, "{name:?} {app:?}");
+    }
+}
+
+#[test]
+fn virtual_service_routes_with_subsets_timeouts_and_retries() {
+    let m = model(MESH);
+    let routes = &m.routes["shop/reviews"];
+    assert_eq!(routes.len(), 2);
+    let jason = &routes[0];
+    assert_eq!(jason.name, "VirtualService/shop/reviews/0");
+    assert_eq!(jason.backends[0].subset_labels.get("version").map(String::as_str), Some("v2"));
+    assert_eq!((jason.backends[0].weight, jason.timeout_ms), (100, 2000));
+    let retry = jason.retry.as_ref().unwrap();
+    assert_eq!((retry.attempts, retry.per_try_timeout_ms), (3, 500));
+    assert_eq!(retry.retry_on, ["gateway-error", "retriable-status-codes"]);
+    assert_eq!(retry.status_codes, [503]);
+    let split = &routes[1];
+    assert_eq!(split.backends.iter().map(|b| b.weight).collect::<Vec<_>>(), [80, 20]);
+    assert_eq!(split.backends[0].missing, "");
+    assert!(split.backends[1].missing.contains("subset \"v3\""), "{}", split.backends[1].missing);
+}
+
+#[test]
+fn http_routes_follow_gateway_api_precedence() {
+    let m = model(MESH);
+    let routes = &m.routes["shop/ratings"];
+    let order: Vec<(&str, String)> = routes
+        .iter()
+        .map(|r| {
+            let path = r.matches[0].path.as_ref().and_then(|p| p.kind.clone());
+            (r.name.as_str(), format!("{path:?}"))
+        })
+        .collect();
+    // Exact first, then longest prefix (/api/x before /api, before the catch-all /).
+    let names: Vec<&str> = order.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names,
+        [
+            "HTTPRoute/shop/a-ratings/0",
+            "HTTPRoute/shop/a-ratings/0",
+            "HTTPRoute/shop/b-ratings/0",
+            "HTTPRoute/shop/b-ratings/1"
+        ],
+        "{order:?}"
+    );
+    assert!(order[0].1.contains("Exact(\"/api/health\")"), "{order:?}");
+    assert_eq!(routes[0].timeout_ms, 1000);
+    assert_eq!(routes[0].retry.as_ref().unwrap().status_codes, [503]);
+    assert_eq!(routes[2].rewrite.as_ref().unwrap().prefix, "/v2");
+    assert_eq!(routes[2].ports, [9080]);
+    assert!(routes[3].backends[0].missing.contains("shop/nowhere is not defined"));
+
+    // What the waypoint will do with these, through the shared matcher.
+    let compiled =
+        CompiledRoutes::from_wire(&api::HttpRoutes { routes: routes.clone(), ..Default::default() }).unwrap();
+    let pick = |path: &str, headers: &[(&str, &str)]| {
+        let req = RequestFacts { method: "GET", path, authority: "ratings", port: 9080, headers };
+        compiled.select(&req).map(|r| r.wire.name.clone())
+    };
+    assert_eq!(pick("/api/health", &[]).as_deref(), Some("HTTPRoute/shop/a-ratings/0"));
+    assert_eq!(pick("/api/x/1", &[("x-test", "1")]).as_deref(), Some("HTTPRoute/shop/a-ratings/0"));
+    assert_eq!(pick("/api/x/1", &[]).as_deref(), Some("HTTPRoute/shop/b-ratings/0"));
+    assert_eq!(pick("/other", &[]).as_deref(), Some("HTTPRoute/shop/b-ratings/1"));
+}
+
+#[test]
+fn istio_bookinfo_samples_compile() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../mesh-config/tests/fixtures/bookinfo");
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: default}\nspec: {clusterIP: 10.96.1.1, ports: [{port: 9080}]}\n",
+    );
+    for f in ["destination-rule-all.yaml", "virtual-service-reviews-test-v2.yaml"] {
+        yaml.push_str("---\n");
+        yaml.push_str(&std::fs::read_to_string(dir.join(f)).unwrap());
+    }
+    let m = model(&yaml);
+    let reviews = &m.routes["default/reviews"];
+    assert_eq!(reviews.len(), 2, "jason's route, then everyone else's");
+    assert_eq!(reviews[0].backends[0].subset, "v2");
+    assert_eq!(reviews[0].backends[0].missing, "");
+    assert_eq!(reviews[1].backends[0].subset, "v1");
+}
