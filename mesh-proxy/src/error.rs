@@ -59,6 +59,10 @@ pub enum ProxyError {
     NoServicePort { service: String, port: u16 },
     #[error("service {0} has no endpoints")]
     NoEndpoints(String),
+    /// The service is bound to a waypoint that has no instance running:
+    /// refused, never sent around the waypoint.
+    #[error("service {service} is bound to waypoint {waypoint}, which has no instance")]
+    NoWaypoint { service: String, waypoint: String },
     #[error("tunnel target {target} is not an address of pod {pod}")]
     WrongTarget { target: SocketAddr, pod: String },
     /// Policy (PeerAuthentication or AuthorizationPolicy) refused it here.
@@ -77,7 +81,9 @@ impl ProxyError {
         match self {
             ProxyError::Denied { .. } => Flag::Denied,
             ProxyError::Tunnel { source, .. } if source.is_policy_refusal() => Flag::Denied,
-            ProxyError::NoServicePort { .. } | ProxyError::NoEndpoints(_) => Flag::NoHealthyUpstream,
+            ProxyError::NoServicePort { .. } | ProxyError::NoEndpoints(_) | ProxyError::NoWaypoint { .. } => {
+                Flag::NoHealthyUpstream
+            }
             ProxyError::NoOriginalDestination
             | ProxyError::NoLocalAddress(_)
             | ProxyError::UnknownSource(_)
@@ -132,6 +138,12 @@ mod tests {
             (ProxyError::NoCertificate(id.clone()), "NR", false, Side::Downstream),
             (ProxyError::NoServicePort { service: "shop/b".into(), port: 81 }, "UH", false, Side::Upstream),
             (ProxyError::NoEndpoints("shop/b".into()), "UH", false, Side::Upstream),
+            (
+                ProxyError::NoWaypoint { service: "shop/b".into(), waypoint: "shop/wp".into() },
+                "UH",
+                false,
+                Side::Upstream,
+            ),
             (ProxyError::WrongTarget { target: addr, pod: "shop/b".into() }, "NR", false, Side::Upstream),
             (ProxyError::Denied { policy: None, reason: "STRICT".into() }, "RBAC", false, Side::Upstream),
             (ProxyError::Connect { addr, source: io() }, "UF", true, Side::Upstream),

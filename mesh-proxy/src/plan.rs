@@ -145,27 +145,47 @@ pub fn outbound(
                 let route = if workload.is_none() && !via_service { Route::Passthrough } else { Route::Tcp };
                 Ok(Hop { route, dial: addr, target: addr, workload, mtls: None })
             }
-            Upstream::Hbone { workload, addr } => {
-                let source = source.as_ref().ok_or_else(|| ProxyError::UnknownSource(pod.name.into()))?;
-                if !has_certificate(&source.identity) {
-                    return Err(ProxyError::NoCertificate(source.identity.clone()));
-                }
-                // The socket is made in the source pod's namespace: its address
-                // of the destination's family is the pooled connection's source.
-                let src_ip = pod.addresses.iter().copied().find(|ip| ip.is_ipv4() == addr.is_ipv4());
-                let pool = PoolKey {
-                    src: source.identity.clone(),
-                    src_ip: src_ip.unwrap_or(addr.ip()),
-                    dst: workload.identity.clone(),
-                    dst_ip: addr.ip(),
-                };
-                let mtls = Mtls { source: source.identity.clone(), peer: workload.identity.clone(), pool };
-                let dial = SocketAddr::new(addr.ip(), HBONE_PORT);
-                Ok(Hop { route: Route::Hbone, dial, target: addr, workload: Some(workload), mtls: Some(mtls) })
+            Upstream::Hbone { workload, addr } => hbone_hop(
+                pod,
+                source.as_ref(),
+                &has_certificate,
+                workload,
+                SocketAddr::new(addr.ip(), HBONE_PORT),
+                addr,
+            ),
+            Upstream::Waypoint { workload, addr, authority } => {
+                hbone_hop(pod, source.as_ref(), &has_certificate, workload, addr, authority)
             }
         })
         .collect();
     OutboundPlan { dst, source, service: destination.service, hops }
+}
+
+/// An HBONE hop from `pod` to `workload`: dial `dial` (its 15008), CONNECT
+/// `target`, present the source's certificate, accept only `workload`'s.
+fn hbone_hop(
+    pod: LocalPod<'_>,
+    source: Option<&Arc<WorkloadInfo>>,
+    has_certificate: &impl Fn(&SpiffeId) -> bool,
+    workload: Arc<WorkloadInfo>,
+    dial: SocketAddr,
+    target: SocketAddr,
+) -> Result<Hop, ProxyError> {
+    let source = source.ok_or_else(|| ProxyError::UnknownSource(pod.name.into()))?;
+    if !has_certificate(&source.identity) {
+        return Err(ProxyError::NoCertificate(source.identity.clone()));
+    }
+    // The socket is made in the source pod's namespace: its address of the
+    // peer's family is the pooled connection's source.
+    let src_ip = pod.addresses.iter().copied().find(|ip| ip.is_ipv4() == dial.is_ipv4());
+    let pool = PoolKey {
+        src: source.identity.clone(),
+        src_ip: src_ip.unwrap_or(dial.ip()),
+        dst: workload.identity.clone(),
+        dst_ip: dial.ip(),
+    };
+    let mtls = Mtls { source: source.identity.clone(), peer: workload.identity.clone(), pool };
+    Ok(Hop { route: Route::Hbone, dial, target, workload: Some(workload), mtls: Some(mtls) })
 }
 
 /// How a connection arrived at a pod.

@@ -19,16 +19,35 @@ fn workload(name: &str, ip: &str, captured: bool) -> api::Resource {
 }
 
 fn service(name: &str, vip: &str, endpoints: &[&str]) -> api::Resource {
+    routed(name, vip, endpoints, None)
+}
+
+/// A service bound to waypoint `shop/<gateway>` with these instances.
+fn routed(name: &str, vip: &str, endpoints: &[&str], waypoint: Option<(&str, &[&str])>) -> api::Resource {
     let s = api::Service {
         namespace: "shop".into(),
         name: name.into(),
         hosts: vec![format!("{name}.shop.svc.cluster.local")],
         vips: vec![vip.into()],
-        ports: vec![api::ServicePort { port: 80, target_port: 8080, target_port_name: String::new() }],
+        ports: vec![api::ServicePort { port: 80, target_port: 8080, ..Default::default() }],
         endpoints: endpoints.iter().map(|ip| api::Endpoint { workload: String::new(), ip: ip.to_string() }).collect(),
+        waypoint: waypoint.map(|(gateway, instances)| api::WaypointRef {
+            namespace: "shop".into(),
+            name: gateway.into(),
+            workloads: instances.iter().map(|s| s.to_string()).collect(),
+        }),
     };
     let key = api::ResourceKey::Service(format!("shop/{name}")).to_string();
     api::Resource { key, version: 1, kind: Some(Kind::Service(s)) }
+}
+
+/// A waypoint's instance: not captured, terminates HBONE itself.
+fn waypoint_instance() -> api::Resource {
+    let mut r = workload("wp", "10.0.9.1", false);
+    if let Some(Kind::Workload(w)) = &mut r.kind {
+        w.native_tunnel = true;
+    }
+    r
 }
 
 fn deny_evil() -> api::Resource {
@@ -57,6 +76,11 @@ fn view() -> Arc<MeshView> {
         workload("b2", "10.0.0.3", false),
         service("back", "10.96.0.10", &["10.0.0.2", "10.0.0.3"]),
         service("empty", "10.96.0.11", &[]),
+        waypoint_instance(),
+        routed("routed", "10.96.0.12", &["10.0.0.2"], Some(("waypoint", &["Pod/shop/wp"]))),
+        // Bound to a waypoint with no instance; and to a "waypoint" that is an ordinary pod.
+        routed("orphan", "10.96.0.13", &["10.0.0.2"], Some(("gone", &[]))),
+        routed("impostor", "10.96.0.14", &["10.0.0.2"], Some(("fake", &["Pod/shop/b1"]))),
         deny_evil(),
     ];
     state.apply(&api::Update { nonce: 1, version: "v1".into(), full: true, resources, ..Default::default() }).unwrap();
@@ -119,6 +143,25 @@ fn outbound_plans() {
         // A service without endpoints, or without the port.
         (a, "10.96.0.11:80", true, vec!["UH: service shop/empty has no endpoints"]),
         (a, "10.96.0.10:81", true, vec!["UH: service shop/back has no port 81"]),
+        // A service bound to a waypoint: HBONE to the waypoint, CONNECT the
+        // service address, accepting only the waypoint's identity.
+        (a, "10.96.0.12:80", true, vec!["hbone 10.0.9.1:15008 -> 10.96.0.12:80 [a => wp via 10.0.0.1]"]),
+        (a, "10.96.0.12:81", true, vec!["UH: service shop/routed has no port 81"]),
+        // No waypoint running (or only something that is not one): refused, never around it.
+        (
+            a,
+            "10.96.0.13:80",
+            true,
+            vec!["UH: service shop/orphan is bound to waypoint shop/gone, which has no instance"],
+        ),
+        (
+            a,
+            "10.96.0.14:80",
+            true,
+            vec!["UH: service shop/impostor is bound to waypoint shop/fake, which has no instance"],
+        ),
+        // The waypoint's pod itself is reached over HBONE without a node proxy.
+        (a, "10.0.9.1:15008", true, vec!["hbone 10.0.9.1:15008 -> 10.0.9.1:15008 [a => wp via 10.0.0.1]"]),
     ];
     for (pod, dst, has_cert, want) in cases {
         let got =

@@ -68,6 +68,11 @@ impl State {
         self.store().local_pods(node)
     }
 
+    /// The waypoint instances `node` runs.
+    pub fn native_tunnels(&self, node: &str) -> Vec<LocalPod> {
+        self.store().native_tunnels(node)
+    }
+
     /// What the store holds, for the config dump.
     pub fn dump(&self) -> StoreDump {
         let s = self.store();
@@ -76,6 +81,7 @@ impl State {
             workloads: s.workloads.clone(),
             services: s.services.clone(),
             policies: s.policies.clone(),
+            routes: s.routes.clone(),
         }
     }
 
@@ -91,4 +97,5 @@ pub struct StoreDump {
     pub workloads: BTreeMap<String, api::Workload>,
     pub services: BTreeMap<String, api::Service>,
     pub policies: BTreeMap<String, api::Authorization>,
+    pub routes: BTreeMap<String, api::HttpRoutes>,
 }

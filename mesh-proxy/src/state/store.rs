@@ -8,6 +8,7 @@ use mesh_common::{
     api::{self, ResourceKey, resource::Kind},
     authz::CompiledPolicy,
     identity::SpiffeId,
+    routing::CompiledRoutes,
 };
 use serde::Serialize;
 
@@ -17,6 +18,8 @@ pub struct NodeStore {
     pub workloads: BTreeMap<String, api::Workload>,
     pub services: BTreeMap<String, api::Service>,
     pub policies: BTreeMap<String, api::Authorization>,
+    /// HTTP routes by service `namespace/name` (a waypoint's).
+    pub routes: BTreeMap<String, api::HttpRoutes>,
     #[serde(skip)]
     versions: BTreeMap<String, u64>,
 }
@@ -56,6 +59,7 @@ impl NodeStore {
                 Ok(ResourceKey::Workload(n)) => drop(self.workloads.remove(&n)),
                 Ok(ResourceKey::Service(n)) => drop(self.services.remove(&n)),
                 Ok(ResourceKey::Policy(n)) => drop(self.policies.remove(&n)),
+                Ok(ResourceKey::Routes(n)) => drop(self.routes.remove(&n)),
                 Err(_) => {} // nothing is held under a key that does not parse
             }
         }
@@ -67,6 +71,7 @@ impl NodeStore {
                 Some(Kind::Workload(w)) => drop(self.workloads.insert(name, w)),
                 Some(Kind::Service(s)) => drop(self.services.insert(name, s)),
                 Some(Kind::Authorization(p)) => drop(self.policies.insert(name, p)),
+                Some(Kind::Routes(r)) => drop(self.routes.insert(name, r)),
                 None => {}
             }
             self.versions.insert(r.key.clone(), r.version);
@@ -82,6 +87,20 @@ impl NodeStore {
         self.workloads
             .values()
             .filter(|w| w.captured && w.node == node && w.uid.starts_with("Pod/"))
+            .filter_map(|w| {
+                Some(LocalPod { name: format!("{}/{}", w.namespace, w.name), identity: w.identity.parse().ok()? })
+            })
+            .collect()
+    }
+}
+
+impl NodeStore {
+    /// The waypoint instances that joined as `node`: workloads that terminate
+    /// HBONE themselves, scheduled on `node`.
+    pub fn native_tunnels(&self, node: &str) -> Vec<LocalPod> {
+        self.workloads
+            .values()
+            .filter(|w| w.native_tunnel && w.node == node)
             .filter_map(|w| {
                 Some(LocalPod { name: format!("{}/{}", w.namespace, w.name), identity: w.identity.parse().ok()? })
             })
@@ -106,6 +125,8 @@ fn check(r: &api::Resource) -> Result<(), String> {
         }
         // Exactly what the proxy will evaluate: a policy it could not read is rejected here.
         (ResourceKey::Policy(_), Some(Kind::Authorization(p))) => CompiledPolicy::from_wire(p).map(drop),
+        // Likewise routes: a regex the waypoint could not run is rejected here.
+        (ResourceKey::Routes(_), Some(Kind::Routes(r))) => CompiledRoutes::from_wire(r).map(drop),
         (_, kind) => Err(format!("key {key} does not match the content {:?}", kind.as_ref().map(kind_name))),
     }
 }
@@ -115,6 +136,7 @@ fn kind_name(k: &Kind) -> &'static str {
         Kind::Workload(_) => "workload",
         Kind::Service(_) => "service",
         Kind::Authorization(_) => "authorization",
+        Kind::Routes(_) => "routes",
     }
 }
 

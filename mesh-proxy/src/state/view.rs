@@ -13,9 +13,10 @@ use std::{
 };
 
 use mesh_common::{
-    api,
+    HBONE_PORT, api,
     authz::{self, CompiledPolicy, Connection, Decision},
     identity::SpiffeId,
+    routing::CompiledRoutes,
 };
 
 use super::store::NodeStore;
@@ -46,16 +47,38 @@ pub struct ServiceInfo {
     pub name: String,
     /// The first host (`name.namespace.svc.<domain>`, or a ServiceEntry's).
     pub host: String,
-    ports: Vec<api::ServicePort>,
+    pub ports: Vec<api::ServicePort>,
     endpoints: Vec<IpAddr>,
+    /// The waypoint its clients' connections go through, if bound to one.
+    pub waypoint: Option<WaypointInfo>,
     /// Round robin position.
     next: AtomicUsize,
+}
+
+/// A service's waypoint: its Gateway (`namespace/name`) and running instances.
+#[derive(Debug)]
+pub struct WaypointInfo {
+    pub gateway: String,
+    pub instances: Vec<Arc<WorkloadInfo>>,
 }
 
 impl ServiceInfo {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The service's port `port`.
+    pub fn port(&self, port: u16) -> Result<&api::ServicePort, ProxyError> {
+        self.ports
+            .iter()
+            .find(|p| p.port == u32::from(port))
+            .ok_or_else(|| ProxyError::NoServicePort { service: self.key(), port })
+    }
+
+    /// The round robin's next start.
+    fn rotate(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -64,6 +87,9 @@ impl ServiceInfo {
 pub enum Upstream {
     /// A workload in the mesh: HBONE to its 15008, CONNECT `addr`.
     Hbone { workload: Arc<WorkloadInfo>, addr: SocketAddr },
+    /// The service's waypoint: HBONE to the instance's 15008 (`addr`),
+    /// CONNECT `authority` (the service address the client dialed).
+    Waypoint { workload: Arc<WorkloadInfo>, addr: SocketAddr, authority: SocketAddr },
     /// Plain TCP: a workload outside the ambient mesh, a ServiceEntry
     /// endpoint, or a destination the mesh does not know (passthrough).
     Plain { workload: Option<Arc<WorkloadInfo>>, addr: SocketAddr },
@@ -72,13 +98,13 @@ pub enum Upstream {
 impl Upstream {
     pub fn addr(&self) -> SocketAddr {
         match self {
-            Upstream::Hbone { addr, .. } | Upstream::Plain { addr, .. } => *addr,
+            Upstream::Hbone { addr, .. } | Upstream::Plain { addr, .. } | Upstream::Waypoint { addr, .. } => *addr,
         }
     }
 
     pub fn workload(&self) -> Option<&Arc<WorkloadInfo>> {
         match self {
-            Upstream::Hbone { workload, .. } => Some(workload),
+            Upstream::Hbone { workload, .. } | Upstream::Waypoint { workload, .. } => Some(workload),
             Upstream::Plain { workload, .. } => workload.as_ref(),
         }
     }
@@ -99,7 +125,10 @@ pub struct MeshView {
     by_uid: HashMap<String, Arc<WorkloadInfo>>,
     by_ip: HashMap<IpAddr, Arc<WorkloadInfo>>,
     by_vip: HashMap<IpAddr, Arc<ServiceInfo>>,
+    by_service: HashMap<String, Arc<ServiceInfo>>,
     policies: Vec<(api::Authorization, CompiledPolicy)>,
+    /// HTTP routes by service `namespace/name`.
+    routes: HashMap<String, Arc<CompiledRoutes>>,
 }
 
 impl MeshView {
@@ -116,16 +145,35 @@ impl MeshView {
             view.by_uid.insert(w.uid.clone(), info);
         }
         for s in store.services.values() {
+            let waypoint = s.waypoint.as_ref().map(|w| WaypointInfo {
+                gateway: format!("{}/{}", w.namespace, w.name),
+                // Only instances that terminate HBONE themselves: nothing else may stand in for a waypoint.
+                instances: w
+                    .workloads
+                    .iter()
+                    .filter_map(|uid| view.by_uid.get(uid))
+                    .filter(|w| w.wire.native_tunnel)
+                    .cloned()
+                    .collect(),
+            });
             let info = Arc::new(ServiceInfo {
                 namespace: s.namespace.clone(),
                 name: s.name.clone(),
                 host: s.hosts.first().cloned().unwrap_or_else(|| format!("{}.{}", s.name, s.namespace)),
                 ports: s.ports.clone(),
                 endpoints: s.endpoints.iter().filter_map(|e| e.ip.parse().ok()).collect(),
+                waypoint,
                 next: AtomicUsize::new(0),
             });
             for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
                 view.by_vip.insert(vip, info.clone());
+            }
+            view.by_service.insert(info.key(), info);
+        }
+        for (key, r) in &store.routes {
+            match CompiledRoutes::from_wire(r) {
+                Ok(compiled) => drop(view.routes.insert(key.clone(), Arc::new(compiled))),
+                Err(e) => tracing::warn!(routes = %key, "routes ignored: {e}"),
             }
         }
         for p in store.policies.values() {
@@ -145,31 +193,58 @@ impl MeshView {
         self.by_ip.get(&ip.to_canonical())
     }
 
-    /// Where a connection to `dst` goes. `Err` names why it cannot go anywhere.
+    /// The service with `namespace/name` `key`.
+    pub fn service(&self, key: &str) -> Option<&Arc<ServiceInfo>> {
+        self.by_service.get(key)
+    }
+
+    /// The service whose VIP is `ip`.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<ServiceInfo>> {
+        self.by_vip.get(&ip.to_canonical())
+    }
+
+    /// The HTTP routes of service `key` (`namespace/name`), if it has any.
+    pub fn routes(&self, key: &str) -> Option<&Arc<CompiledRoutes>> {
+        self.routes.get(key)
+    }
+
+    /// Where a connection to `dst` goes. `Err` names why it cannot go
+    /// anywhere. A service bound to a waypoint goes to the waypoint.
     pub fn destination(&self, dst: SocketAddr) -> Result<Destination, ProxyError> {
         let ip = dst.ip().to_canonical();
         if let Some(svc) = self.by_vip.get(&ip) {
-            let port = svc
-                .ports
-                .iter()
-                .find(|p| p.port == u32::from(dst.port()))
-                .ok_or_else(|| ProxyError::NoServicePort { service: svc.key(), port: dst.port() })?;
-            // A named target port needs the pods' container ports, which the
-            // local configuration does not carry: it means the same port.
-            let target = match u16::try_from(port.target_port) {
-                Ok(p) if p != 0 => p,
-                _ => dst.port(),
+            svc.port(dst.port())?;
+            let candidates = match &svc.waypoint {
+                Some(w) => waypoint_candidates(svc, w, SocketAddr::new(ip, dst.port()))?,
+                None => self.endpoints(svc, dst.port(), |_| true)?,
             };
-            if svc.endpoints.is_empty() {
-                return Err(ProxyError::NoEndpoints(svc.key()));
-            }
-            let start = svc.next.fetch_add(1, Ordering::Relaxed);
-            let n = svc.endpoints.len();
-            let candidates =
-                (0..n).map(|i| self.upstream(SocketAddr::new(svc.endpoints[(start + i) % n], target))).collect();
             return Ok(Destination { service: Some(svc.clone()), candidates });
         }
         Ok(Destination { service: None, candidates: vec![self.upstream(SocketAddr::new(ip, dst.port()))] })
+    }
+
+    /// The endpoints of `svc` for its port `port` whose workloads `select`
+    /// admits (a subset's labels), from the round robin's position on, each
+    /// at the port's target port.
+    pub fn endpoints(
+        &self,
+        svc: &ServiceInfo,
+        port: u16,
+        select: impl Fn(Option<&WorkloadInfo>) -> bool,
+    ) -> Result<Vec<Upstream>, ProxyError> {
+        // A named target port needs the pods' container ports, which the
+        // local configuration does not carry: it means the same port.
+        let target = match u16::try_from(svc.port(port)?.target_port) {
+            Ok(p) if p != 0 => p,
+            _ => port,
+        };
+        let chosen: Vec<IpAddr> =
+            svc.endpoints.iter().copied().filter(|ip| select(self.by_ip.get(ip).map(|w| w.as_ref()))).collect();
+        if chosen.is_empty() {
+            return Err(ProxyError::NoEndpoints(svc.key()));
+        }
+        let (start, n) = (svc.rotate(), chosen.len());
+        Ok((0..n).map(|i| self.upstream(SocketAddr::new(chosen[(start + i) % n], target))).collect())
     }
 
     fn upstream(&self, addr: SocketAddr) -> Upstream {
@@ -188,6 +263,33 @@ impl MeshView {
     pub fn sizes(&self) -> (usize, usize, usize) {
         (self.by_uid.len(), self.by_vip.len(), self.policies.len())
     }
+}
+
+/// A waypoint's instances, from the round robin's position on; none is an
+/// error: the connection is refused rather than sent around the waypoint.
+fn waypoint_candidates(
+    svc: &ServiceInfo,
+    w: &WaypointInfo,
+    authority: SocketAddr,
+) -> Result<Vec<Upstream>, ProxyError> {
+    let n = w.instances.len();
+    if n == 0 {
+        return Err(ProxyError::NoWaypoint { service: svc.key(), waypoint: w.gateway.clone() });
+    }
+    let start = svc.rotate();
+    let family = authority.is_ipv4();
+    let candidates: Vec<Upstream> = (0..n)
+        .map(|i| &w.instances[(start + i) % n])
+        .filter_map(|wl| {
+            let ips = wl.wire.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok());
+            let ip = ips.clone().find(|ip| ip.is_ipv4() == family).or_else(|| ips.clone().next())?;
+            Some(Upstream::Waypoint { workload: wl.clone(), addr: SocketAddr::new(ip, HBONE_PORT), authority })
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Err(ProxyError::NoWaypoint { service: svc.key(), waypoint: w.gateway.clone() });
+    }
+    Ok(candidates)
 }
 
 #[cfg(test)]
@@ -214,11 +316,12 @@ mod tests {
                 name: "back".into(),
                 hosts: vec!["back.shop.svc.cluster.local".into()],
                 vips: vec!["10.96.0.10".into()],
-                ports: vec![api::ServicePort { port: 80, target_port: 8080, target_port_name: String::new() }],
+                ports: vec![api::ServicePort { port: 80, target_port: 8080, ..Default::default() }],
                 endpoints: ["10.0.0.2", "10.0.0.3", "10.0.0.4"]
                     .iter()
                     .map(|ip| api::Endpoint { workload: String::new(), ip: ip.to_string() })
                     .collect(),
+                waypoint: None,
             },
         );
         store.services.insert(
@@ -282,6 +385,7 @@ mod tests {
                     .map(|u| match u {
                         Upstream::Hbone { addr, .. } => format!("hbone {addr}"),
                         Upstream::Plain { addr, .. } => format!("plain {addr}"),
+                        Upstream::Waypoint { addr, authority, .. } => format!("waypoint {addr} {authority}"),
                     })
                     .collect::<Vec<_>>()
             });
