@@ -69,7 +69,7 @@ async fn config_dump(State(s): State<AdminState>) -> Response {
     };
     if let Some(c) = &s.control {
         let store = proxy.state.dump();
-        dump.controller = Some(c.status.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        dump.controller = Some(c.status().clone());
         dump.version = Some(store.version);
         dump.workloads = Some(store.workloads);
         dump.services = Some(store.services);

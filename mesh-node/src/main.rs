@@ -170,7 +170,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 },
                 proxy.clone(),
             );
-            control.spawn(pods.clone());
+            control::spawn(&control, pods.clone());
             Some(control)
         }
         _ => None,

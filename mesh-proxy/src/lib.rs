@@ -1,5 +1,5 @@
 //! mesh's proxy library, shared by the node proxy (`mesh-node`) and the
-//! waypoint: no eBPF, no pod enrolment, no controller client.
+//! waypoint: no eBPF, no pod enrolment.
 //!
 //! - [`hbone`]: the protocol (mutual TLS, HTTP/2 `CONNECT`, relay);
 //! - [`pool`]: HBONE connections shared by tunnels;
@@ -7,7 +7,10 @@
 //! - [`state`]: the configuration pipeline (store → typed view);
 //! - [`plan`]: what to do with one connection, decided from state alone;
 //! - [`error`]: what went wrong, classified once (flag, side, retryable);
-//! - [`telemetry`]: Istio's metrics, the access log and the live connections.
+//! - [`telemetry`]: Istio's metrics, the access log and the live connections;
+//! - `control` (feature `control`): the controller client.
+#[cfg(feature = "control")]
+pub mod control;
 pub mod error;
 pub mod hbone;
 pub mod identity;

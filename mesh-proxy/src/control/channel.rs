@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use mesh_common::api::{self, node_control_client::NodeControlClient};
-use mesh_proxy::identity::{KeyedCert, key_and_csr};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::{info, warn};
 
 use super::{Control, NODE_CERT_FILE, lock, now_unix, status_error};
+use crate::identity::{KeyedCert, key_and_csr};
 
 impl Control {
     fn trusted_root(&self) -> anyhow::Result<String> {

@@ -1,32 +1,32 @@
-//! The node's side of the controller channel: join with the token once, then
-//! mTLS with the node certificate; apply the configuration stream; keep the
-//! enrolled pods equal to the captured pods scheduled here; hold a certificate
-//! for each of their identities, renewed at half-life. When the controller is
-//! away the node keeps serving with what it has, and reconnects with backoff.
+//! The controller client of a process that proxies (a node agent, a
+//! waypoint): join with the token once, then mTLS with the node certificate;
+//! apply the configuration stream to the proxy's state; hold a certificate
+//! for each identity the process serves, renewed at half-life. When the
+//! controller is away the process keeps serving with what it has, and
+//! reconnects with backoff. What the process serves (the node's pods, a
+//! waypoint's own identity) is its own loop's business, woken by
+//! [`Control::changed`].
 //!
 //! `channel.rs`: joining and the mTLS channel; `stream.rs`: the configuration
-//! stream into the proxy's state; `renew.rs`: certificates at half-life; here:
-//! the loop that keeps pods and certificates in step with the state.
+//! stream into the proxy's state; `renew.rs`: certificates at half-life.
 mod channel;
 mod renew;
 mod stream;
 
 use std::{
-    collections::BTreeSet,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime},
 };
 
-use mesh_proxy::{
-    Proxy,
-    identity::{CertView, KeyedCert},
-};
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 use tracing::warn;
 
-use crate::pods::Pods;
+use crate::{
+    Proxy,
+    identity::{CertView, KeyedCert},
+};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -54,10 +54,10 @@ pub use mesh_common::admin::ControlStatus;
 pub struct Control {
     config: ControlConfig,
     proxy: Arc<Proxy>,
-    pub status: Mutex<ControlStatus>,
+    status: Mutex<ControlStatus>,
     node_cert: Mutex<Option<KeyedCert>>,
     channel: Mutex<Option<Channel>>,
-    /// A new update was applied: reconcile pods and certificates now.
+    /// A new update was applied: reconcile what is served and its certificates now.
     changed: Notify,
     /// The node certificate was renewed: reconnect with it.
     reconnect: Notify,
@@ -86,11 +86,29 @@ impl Control {
         })
     }
 
-    /// Starts the stream and the reconciler; each applied configuration and
-    /// each certificate goes to the proxy.
-    pub fn spawn(self: &Arc<Self>, pods: Pods) {
+    /// Starts the configuration stream; each applied configuration goes to the proxy.
+    pub fn spawn(self: &Arc<Self>) {
         tokio::spawn(self.clone().stream_loop());
-        tokio::spawn(self.clone().reconcile_loop(pods));
+    }
+
+    /// Resolves when an update has been applied (or at once, if one was
+    /// applied since the last call).
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
+    /// The name this process joined as.
+    pub fn node(&self) -> &str {
+        &self.config.node
+    }
+
+    /// What the status says now.
+    pub fn status(&self) -> MutexGuard<'_, ControlStatus> {
+        lock(&self.status)
     }
 
     pub fn node_certificate(&self) -> Option<CertView> {
@@ -99,7 +117,7 @@ impl Control {
     }
 
     /// Records (and logs once) an error of the channel; `lost` when the stream is gone.
-    fn set_error(&self, e: &anyhow::Error, lost: bool) {
+    pub fn set_error(&self, e: &anyhow::Error, lost: bool) {
         let text = format!("{e:#}");
         let mut s = lock(&self.status);
         if s.last_error.as_ref() != Some(&text) {
@@ -109,38 +127,6 @@ impl Control {
             s.connected = false;
         }
         s.last_error = Some(text);
-    }
-
-    /// Reconciles on every applied update, and every second (renewals, retries).
-    async fn reconcile_loop(self: Arc<Self>, pods: Pods) {
-        loop {
-            tokio::select! {
-                () = self.changed.notified() => {}
-                () = pods.reports() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-            if self.proxy.state.is_empty() {
-                continue; // nothing from the controller yet: keep the restored pods
-            }
-            self.sync_pods(&pods).await;
-            if let Err(e) = self.sync_certificates().await {
-                self.set_error(&e, false); // the stream may be fine: retried next second
-            }
-        }
-    }
-
-    /// Enrolls the captured pods scheduled here and unenrolls every other pod.
-    async fn sync_pods(&self, pods: &Pods) {
-        let desired: BTreeSet<String> =
-            self.proxy.state.local_pods(&self.config.node).into_iter().map(|p| p.name).collect();
-        let pending = pods.reconcile(desired).await;
-        let mut status = lock(&self.status);
-        for (pod, why) in &pending {
-            if status.pending_pods.get(pod) != Some(why) {
-                warn!(pod = %pod, "cannot enroll yet: {why}");
-            }
-        }
-        status.pending_pods = pending;
     }
 }
 

@@ -1,15 +1,20 @@
-//! Certificates: one for every identity of the pods scheduled here, and the
-//! node's own, each renewed at half-life. Keys are made here; only CSRs leave.
-use mesh_common::api::{self, node_control_client::NodeControlClient};
-use mesh_proxy::identity::{KeyedCert, LocalIdentity, key_and_csr};
+//! Certificates: one for every identity the process serves, and the node's
+//! own, each renewed at half-life. Keys are made here; only CSRs leave.
+use mesh_common::{
+    api::{self, node_control_client::NodeControlClient},
+    identity::SpiffeId,
+};
 use tracing::info;
+
+use crate::identity::{KeyedCert, LocalIdentity, key_and_csr};
 
 use super::{Control, lock, now_unix, status_error};
 
 impl Control {
-    /// Certificates for every identity of the pods scheduled here (new ones and
-    /// those past half-life), and the node certificate past its half-life.
-    pub(super) async fn sync_certificates(&self) -> anyhow::Result<()> {
+    /// Certificates for every identity in `wanted` (new ones and those past
+    /// half-life), and the node certificate past its half-life; certificates
+    /// of identities no longer wanted are dropped.
+    pub async fn sync_certificates(&self, mut wanted: Vec<SpiffeId>) -> anyhow::Result<()> {
         let proxy = &self.proxy;
         let now = now_unix();
         let Some(channel) = lock(&self.channel).clone() else { return Ok(()) };
@@ -26,16 +31,11 @@ impl Control {
             self.keep_node_cert(cert);
             self.reconnect.notify_one();
         }
-        let wanted: Vec<String> = {
-            let mut ids: Vec<String> =
-                proxy.state.local_pods(&self.config.node).iter().map(|p| p.identity.to_string()).collect();
-            ids.sort();
-            ids.dedup();
-            ids
-        };
-        proxy.identities.retain(|id| wanted.contains(&id.to_string()));
-        for id in wanted {
-            let spiffe: mesh_common::identity::SpiffeId = id.parse()?;
+        wanted.sort();
+        wanted.dedup();
+        proxy.identities.retain(|id| wanted.contains(id));
+        for spiffe in wanted {
+            let id = spiffe.to_string();
             let due = proxy.identities.get(&spiffe).is_none_or(|l| now >= l.cert.renew_at_unix());
             if !due {
                 continue;
