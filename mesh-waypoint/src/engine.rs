@@ -1,0 +1,504 @@
+//! One request through the waypoint: the service's routes choose a route
+//! (`mesh_common::routing`, the code `mesh-ctl route explain` runs), the
+//! route's weights a backend, the backend's endpoints (its subset's) take
+//! the attempts in turn; retries follow the route's policy (Istio's default
+//! where it has none) within the retry budget; timeouts answer 504. Local
+//! answers are Envoy's (status, `response_flags`), gRPC-shaped for gRPC.
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use mesh_common::{
+    api,
+    identity::SpiffeId,
+    routing::{self, CompiledRoutes, HeaderEdit, Headers, RequestFacts},
+};
+use mesh_proxy::state::view::{MeshView, ServiceInfo, Upstream, WorkloadInfo};
+use tracing::info;
+
+use crate::{
+    Waypoint,
+    body::{Counting, Ended, HttpBody, Recorded, Recording, empty, full},
+    metrics::RequestLabels,
+    retry::{self, Outcome},
+    upstream::Sender,
+};
+
+/// The connection a request arrived on: the service address the client
+/// dialed (the tunnel's CONNECT authority) and who the client is.
+pub struct Downstream {
+    pub service: Arc<ServiceInfo>,
+    pub port: u16,
+    /// The port's declared protocol (`http`, `http2`, `grpc`, or empty).
+    pub protocol: String,
+    /// The client's identity, proved by its certificate.
+    pub peer: SpiffeId,
+    pub peer_addr: SocketAddr,
+}
+
+struct HeaderView<'a>(&'a HeaderMap);
+
+impl Headers for HeaderView<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// What a request's record carries into the metrics and the access log.
+struct Record {
+    started: Instant,
+    method: Method,
+    authority: String,
+    path: String,
+    request_id: String,
+    grpc: bool,
+    route: String,
+    upstream: Option<SocketAddr>,
+    upstream_workload: Option<Arc<WorkloadInfo>>,
+    backend_service: Option<Arc<ServiceInfo>>,
+    attempts: u32,
+    flags: &'static str,
+}
+
+pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, req: Request<Incoming>) -> Response<HttpBody> {
+    wp.budget.deposit();
+    let view = wp.proxy.state.view();
+    let (mut parts, body) = req.into_parts();
+    let request_id = ensure_request_id(&mut parts.headers);
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(String::from))
+        .unwrap_or_default();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let grpc = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let mut rec = Record {
+        started: Instant::now(),
+        method: parts.method.clone(),
+        authority: authority.clone(),
+        path: path.clone(),
+        request_id,
+        grpc,
+        route: String::new(),
+        upstream: None,
+        upstream_workload: None,
+        backend_service: None,
+        attempts: 0,
+        flags: "-",
+    };
+    let (body, recorded) = Recording::new(body.map_err(Into::into).boxed());
+    let response = route_and_send(&wp, &ds, &view, &mut parts, body, &recorded, &mut rec).await;
+    finish(wp, ds, rec, recorded, response)
+}
+
+/// A local answer, with its response flag.
+fn local(rec: &mut Record, status: StatusCode, flag: &'static str, text: &str) -> Response<HttpBody> {
+    rec.flags = flag;
+    let mut r = Response::new(full(text.to_owned()));
+    *r.status_mut() = status;
+    if rec.grpc {
+        // gRPC clients read grpc-status, as Envoy's local replies give it.
+        let code = match status {
+            StatusCode::NOT_FOUND => "12",
+            StatusCode::GATEWAY_TIMEOUT => "4",
+            StatusCode::FORBIDDEN => "7",
+            _ => "14",
+        };
+        *r.status_mut() = StatusCode::OK;
+        *r.body_mut() = empty();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        r.headers_mut().insert("grpc-status", HeaderValue::from_static(code));
+        if let Ok(v) = HeaderValue::from_str(text) {
+            r.headers_mut().insert("grpc-message", v);
+        }
+    }
+    r
+}
+
+async fn route_and_send(
+    wp: &Arc<Waypoint>,
+    ds: &Downstream,
+    view: &MeshView,
+    parts: &mut http::request::Parts,
+    body: Recording,
+    recorded: &Recorded,
+    rec: &mut Record,
+) -> Response<HttpBody> {
+    let key = ds.service.key();
+    let fallback;
+    let routes: &CompiledRoutes = match view.routes(&key) {
+        Some(r) => r,
+        None => {
+            let wire = api::HttpRoutes {
+                routes: vec![routing::default_route(&ds.service.namespace, &ds.service.name)],
+                ..Default::default()
+            };
+            fallback = CompiledRoutes::from_wire(&wire).unwrap_or_default();
+            &fallback
+        }
+    };
+    let facts = RequestFacts {
+        method: parts.method.as_str(),
+        path: &rec.path,
+        authority: &rec.authority,
+        port: ds.port,
+        headers: &HeaderView(&parts.headers),
+    };
+    let Some(route) = routes.select(&facts) else {
+        return local(rec, StatusCode::NOT_FOUND, "NR", "no route matched");
+    };
+    let matched_prefix = route.matched_prefix(&facts).map(String::from);
+    rec.route = route.wire.name.clone();
+    if let Some(rd) = &route.wire.redirect {
+        return redirect(rec, rd, matched_prefix.as_deref());
+    }
+    let Some(backend) = route.backend(fastrand::u32(..)) else {
+        return local(rec, StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream");
+    };
+    if !backend.missing.is_empty() {
+        return local(rec, StatusCode::SERVICE_UNAVAILABLE, "NR", &backend.missing);
+    }
+    let Some(svc) = view.service(&format!("{}/{}", backend.namespace, backend.service)) else {
+        return local(rec, StatusCode::SERVICE_UNAVAILABLE, "NR", "backend service not defined");
+    };
+    rec.backend_service = Some(svc.clone());
+    let port = u16::try_from(backend.port).ok().filter(|p| *p != 0).unwrap_or(ds.port);
+    let subset = &backend.subset_labels;
+    let endpoints = match view
+        .endpoints(svc, port, |w| subset.iter().all(|(k, v)| w.is_some_and(|w| w.wire.labels.get(k) == Some(v))))
+    {
+        Ok(e) => e,
+        Err(_) => return local(rec, StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"),
+    };
+    for ops in [&route.wire.request_headers, &backend.request_headers].into_iter().flatten() {
+        edit(&mut parts.headers, ops);
+    }
+    if let Some(rw) = &route.wire.rewrite {
+        rec.path = routing::rewrite_path(&rec.path, matched_prefix.as_deref(), &rw.full_path, &rw.prefix);
+        if !rw.authority.is_empty() {
+            rec.authority = rw.authority.clone();
+        }
+    }
+    let h2 = matches!(ds.protocol.as_str(), "http2" | "grpc") || parts.version == Version::HTTP_2;
+    let policy = route.wire.retry.clone().unwrap_or_else(routing::default_retry);
+    let per_try = Duration::from_millis(policy.per_try_timeout_ms);
+    let attempts = async {
+        let mut body = Some(body.boxed());
+        let mut last = None;
+        for attempt in 0..=policy.attempts {
+            if attempt > 0 {
+                let Some(replay) = recorded.replay() else { break }; // the body cannot be sent again
+                if !wp.budget.withdraw() {
+                    wp.metrics.retried(false);
+                    break;
+                }
+                wp.metrics.retried(true);
+                tokio::time::sleep(retry::backoff(&policy, attempt, fastrand::f64())).await;
+                body = Some(replay);
+            }
+            let up = &endpoints[attempt as usize % endpoints.len()];
+            rec.attempts = attempt + 1;
+            rec.upstream = Some(up.addr());
+            rec.upstream_workload = up.workload().cloned();
+            let Some(b) = body.take() else { break };
+            let request = upstream_request(parts, &rec.authority, &rec.path, h2, b);
+            let (outcome, response) = attempt_once(wp, up, h2, request, per_try).await;
+            let more = attempt < policy.attempts;
+            if more && retry::retriable(&policy, outcome) {
+                last = Some((outcome, response));
+                continue;
+            }
+            return (outcome, response);
+        }
+        last.unwrap_or((Outcome::ConnectFailure, None))
+    };
+    let result = if route.wire.timeout_ms > 0 {
+        tokio::time::timeout(Duration::from_millis(route.wire.timeout_ms), attempts).await
+    } else {
+        Ok(attempts.await)
+    };
+    let mut response = match result {
+        Err(_) => return local(rec, StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout"),
+        Ok((_, Some(r))) => r,
+        Ok((Outcome::PerTryTimeout, None)) => {
+            return local(rec, StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout");
+        }
+        Ok((Outcome::ConnectFailure, None)) => {
+            return local(rec, StatusCode::SERVICE_UNAVAILABLE, "UF", "upstream connect error");
+        }
+        Ok((_, None)) => {
+            return local(rec, StatusCode::SERVICE_UNAVAILABLE, "UC", "upstream reset before response headers");
+        }
+    };
+    if rec.attempts > 1 && response.status().is_server_error() {
+        rec.flags = "URX";
+    }
+    for ops in [&route.wire.response_headers, &backend.response_headers].into_iter().flatten() {
+        edit(response.headers_mut(), ops);
+    }
+    for m in &route.wire.mirrors {
+        if fastrand::f64() * 100.0 < m.percent {
+            mirror(wp, view, m, parts, rec, recorded, h2, port);
+        }
+    }
+    response
+}
+
+/// One attempt on `up`: its outcome, and the response when there is one.
+async fn attempt_once(
+    wp: &Waypoint,
+    up: &Upstream,
+    h2: bool,
+    request: Request<HttpBody>,
+    per_try: Duration,
+) -> (Outcome, Option<Response<HttpBody>>) {
+    let Some(me) = wp.identity() else { return (Outcome::ConnectFailure, None) };
+    let sender = match wp.upstreams.connect(&wp.proxy, &me, up, h2).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!("{e}");
+            return (Outcome::ConnectFailure, None);
+        }
+    };
+    let send = async {
+        match sender {
+            Sender::H1(mut s) => {
+                let r = s.send_request(request).await;
+                wp.upstreams.release(up.addr(), Sender::H1(s));
+                r
+            }
+            Sender::H2(mut s) => s.send_request(request).await,
+        }
+    };
+    let result = if per_try.is_zero() { Ok(send.await) } else { tokio::time::timeout(per_try, send).await };
+    match result {
+        Err(_) => (Outcome::PerTryTimeout, None),
+        Ok(Err(e)) => {
+            let refused = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<h2_reason::H2Error>())
+                .is_some_and(h2_reason::refused);
+            (if refused { Outcome::RefusedStream } else { Outcome::Reset }, None)
+        }
+        Ok(Ok(resp)) => {
+            let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok());
+            let outcome = Outcome::Response { status: resp.status().as_u16(), grpc };
+            (outcome, Some(resp.map(|b| b.map_err(Into::into).boxed())))
+        }
+    }
+}
+
+mod h2_reason {
+    //! hyper reports a refused HTTP/2 stream as an h2 error it wraps.
+    pub type H2Error = hyper::Error;
+    pub fn refused(e: &hyper::Error) -> bool {
+        e.to_string().contains("refused")
+    }
+}
+
+/// The request an attempt sends: HTTP/2 with an absolute URI, or HTTP/1.1
+/// in origin form with `Host`; hop-by-hop headers dropped.
+fn upstream_request(
+    parts: &http::request::Parts,
+    authority: &str,
+    path: &str,
+    h2: bool,
+    body: HttpBody,
+) -> Request<HttpBody> {
+    let mut headers = parts.headers.clone();
+    for h in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"] {
+        if h2 || h != "upgrade" {
+            headers.remove(h);
+        }
+    }
+    let uri: Uri = if h2 {
+        format!("http://{authority}{path}").parse().unwrap_or_else(|_| Uri::from_static("/"))
+    } else {
+        path.parse().unwrap_or_else(|_| Uri::from_static("/"))
+    };
+    if !h2 && let Ok(v) = HeaderValue::from_str(authority) {
+        headers.insert(header::HOST, v);
+    }
+    if h2 {
+        headers.remove(header::HOST);
+    }
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    *req.headers_mut() = headers;
+    req
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mirror(
+    wp: &Arc<Waypoint>,
+    view: &MeshView,
+    m: &api::Mirror,
+    parts: &http::request::Parts,
+    rec: &Record,
+    recorded: &Recorded,
+    h2: bool,
+    port: u16,
+) {
+    // Only a body the waypoint holds whole can be copied; Envoy mirrors with "-shadow" hosts.
+    let (Some(body), Some(svc)) = (recorded.replay(), view.service(&format!("{}/{}", m.namespace, m.service))) else {
+        return;
+    };
+    let port = u16::try_from(m.port).ok().filter(|p| *p != 0).unwrap_or(port);
+    let Ok(endpoints) = view.endpoints(svc, port, |_| true) else { return };
+    let host = match rec.authority.split_once(':') {
+        Some((h, p)) => format!("{h}-shadow:{p}"),
+        None => format!("{}-shadow", rec.authority),
+    };
+    let request = upstream_request(parts, &host, &rec.path, h2, body);
+    let (wp, up) = (wp.clone(), endpoints[fastrand::usize(..endpoints.len())].clone());
+    tokio::spawn(async move {
+        let (_, response) = attempt_once(&wp, &up, h2, request, Duration::from_secs(10)).await;
+        if let Some(r) = response {
+            let _ = r.into_body().collect().await; // drained and dropped: the client never sees it
+        }
+    });
+}
+
+fn redirect(rec: &mut Record, rd: &api::Redirect, matched_prefix: Option<&str>) -> Response<HttpBody> {
+    let path = if !rd.path.is_empty() || !rd.prefix.is_empty() {
+        routing::rewrite_path(&rec.path, matched_prefix, &rd.path, &rd.prefix)
+    } else {
+        rec.path.clone()
+    };
+    let host = if rd.authority.is_empty() {
+        rec.authority.split(':').next().unwrap_or_default().to_owned()
+    } else {
+        rd.authority.clone()
+    };
+    let port = if rd.port != 0 { format!(":{}", rd.port) } else { String::new() };
+    let scheme = if rd.scheme.is_empty() { "http" } else { &rd.scheme };
+    let status = StatusCode::from_u16(u16::try_from(rd.status).unwrap_or(301)).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    let mut r = Response::new(empty());
+    *r.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{port}{path}")) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+fn edit(headers: &mut HeaderMap, ops: &api::HeaderOps) {
+    for e in routing::edit_headers(ops) {
+        match e {
+            HeaderEdit::Remove(n) => {
+                headers.remove(n);
+            }
+            HeaderEdit::Set(n, v) | HeaderEdit::Add(n, v) => {
+                let (Ok(name), Ok(value)) = (HeaderName::try_from(n), HeaderValue::from_str(v)) else { continue };
+                if matches!(e, HeaderEdit::Set(..)) {
+                    headers.insert(name, value);
+                } else {
+                    headers.append(name, value);
+                }
+            }
+        }
+    }
+}
+
+/// The request's `x-request-id`, generated (a random UUID) when absent.
+fn ensure_request_id(headers: &mut HeaderMap) -> String {
+    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        return id.to_owned();
+    }
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    let id = format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        (b >> 48) & 0x3fff | 0x8000,
+        b & 0xffff_ffff_ffff
+    );
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert("x-request-id", v);
+    }
+    id
+}
+
+/// Wraps the response so that, when its body ends, the request is counted
+/// and logged once.
+fn finish(
+    wp: Arc<Waypoint>,
+    ds: Arc<Downstream>,
+    rec: Record,
+    recorded: Recorded,
+    response: Response<HttpBody>,
+) -> Response<HttpBody> {
+    let status = response.status().as_u16();
+    let header_grpc = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(String::from);
+    let (parts, body) = response.into_parts();
+    let body = Counting::new(body, move |ended: Ended| {
+        let grpc_status = ended.grpc_status.or(header_grpc).filter(|_| rec.grpc).unwrap_or_default();
+        let flags = if ended.cut && rec.flags == "-" { "DC" } else { rec.flags };
+        let labels = labels(&wp, &ds, &rec, status, grpc_status.clone(), flags);
+        let ms = rec.started.elapsed().as_secs_f64() * 1000.0;
+        wp.metrics.record(&labels, ms, recorded.bytes(), ended.bytes);
+        info!(
+            target: "access",
+            method = %rec.method,
+            authority = %rec.authority,
+            path = %rec.path,
+            protocol = labels.request_protocol,
+            status,
+            grpc_status = %grpc_status,
+            response_flags = flags,
+            duration_ms = ms as u64,
+            bytes_received = recorded.bytes(),
+            bytes_sent = ended.bytes,
+            upstream = %rec.upstream.map(|u| u.to_string()).unwrap_or_default(),
+            route = %rec.route,
+            attempts = rec.attempts,
+            source = %ds.peer,
+            destination = %labels.destination_principal,
+            destination_service = %labels.destination_service,
+            request_id = %rec.request_id,
+            "request"
+        );
+    });
+    Response::from_parts(parts, body.boxed())
+}
+
+fn labels(
+    wp: &Waypoint,
+    ds: &Downstream,
+    rec: &Record,
+    status: u16,
+    grpc_response_status: String,
+    response_flags: &'static str,
+) -> RequestLabels {
+    let view = wp.proxy.state.view();
+    let unknown = || "unknown".to_string();
+    let source = view.workload_by_ip(ds.peer_addr.ip()).filter(|w| w.identity == ds.peer);
+    let dst = rec.upstream_workload.as_ref();
+    let svc = rec.backend_service.as_ref().unwrap_or(&ds.service);
+    RequestLabels {
+        reporter: "waypoint",
+        source_workload: source.map_or_else(unknown, |w| w.wire.name.clone()),
+        source_workload_namespace: ds.peer.namespace().to_owned(),
+        source_principal: ds.peer.to_string(),
+        source_canonical_service: source.map_or_else(unknown, |w| w.canonical_service().to_owned()),
+        destination_workload: dst.map_or_else(unknown, |w| w.wire.name.clone()),
+        destination_workload_namespace: dst.map_or_else(unknown, |w| w.wire.namespace.clone()),
+        destination_principal: dst.map_or_else(unknown, |w| w.identity.to_string()),
+        destination_canonical_service: dst.map_or_else(unknown, |w| w.canonical_service().to_owned()),
+        destination_service: svc.host.clone(),
+        destination_service_name: svc.name.clone(),
+        destination_service_namespace: svc.namespace.clone(),
+        request_protocol: if rec.grpc { "grpc" } else { "http" },
+        response_code: status,
+        grpc_response_status,
+        response_flags,
+        connection_security_policy: "mutual_tls",
+    }
+}

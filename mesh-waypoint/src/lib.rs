@@ -1,0 +1,60 @@
+//! mesh's waypoint: the L7 proxy that the node proxies send a bound
+//! service's connections to over HBONE. It joins the controller like a node
+//! (`mesh_proxy::control`), holds its own identity's certificate, and for
+//! each tunnel whose CONNECT authority is a service address it terminates
+//! HTTP/1.1 or HTTP/2 and decides per request ([`engine`]); other traffic
+//! to the service is relayed as TCP to one of its endpoints.
+//!
+//! - [`server`]: the HBONE listener, protocol choice, the TCP relay;
+//! - [`engine`]: routing, balancing, retries, timeouts, per request;
+//! - [`upstream`]: HTTP connections to endpoints over HBONE;
+//! - [`retry`]: Istio's `retryOn` conditions and the retry budget;
+//! - [`body`]: replayable request bodies, counted response bodies;
+//! - [`metrics`]: Istio's request metrics.
+pub mod body;
+pub mod engine;
+pub mod metrics;
+pub mod retry;
+pub mod server;
+pub mod upstream;
+
+use std::sync::{Arc, RwLock};
+
+use mesh_common::identity::SpiffeId;
+use mesh_proxy::Proxy;
+
+/// What every request handler shares.
+pub struct Waypoint {
+    pub proxy: Arc<Proxy>,
+    pub upstreams: upstream::Upstreams,
+    pub metrics: metrics::RequestMetrics,
+    pub budget: retry::Budget,
+    /// The identity this waypoint serves as (its instance's), once the
+    /// controller has named it and a certificate is held.
+    me: RwLock<Option<SpiffeId>>,
+}
+
+impl Waypoint {
+    pub fn new(proxy: Arc<Proxy>, metrics: metrics::RequestMetrics) -> Arc<Waypoint> {
+        Arc::new(Waypoint {
+            proxy,
+            upstreams: upstream::Upstreams::default(),
+            metrics,
+            budget: retry::Budget::default(),
+            me: RwLock::default(),
+        })
+    }
+
+    pub fn identity(&self) -> Option<SpiffeId> {
+        self.me.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_identity(&self, id: Option<SpiffeId>) {
+        *self.me.write().unwrap_or_else(|e| e.into_inner()) = id;
+    }
+
+    /// Ready: configuration received and a certificate held for its identity.
+    pub fn ready(&self) -> bool {
+        !self.proxy.state.is_empty() && self.identity().is_some_and(|id| self.proxy.identities.get(&id).is_some())
+    }
+}

@@ -1,0 +1,167 @@
+//! The waypoint's HBONE listener (15008). A tunnel's CONNECT authority must
+//! be the address of a service (VIP and port); its port's declared protocol
+//! decides what happens: `tcp` is relayed to one of the service's
+//! endpoints; `http`, `http2` and `grpc` are served by hyper (HTTP/1.1 or
+//! HTTP/2 by the client's first bytes) with every request through the
+//! engine; an undeclared port is sniffed: HTTP if its first bytes are an
+//! HTTP/1 request line or the HTTP/2 preface, else TCP. A client that sends
+//! nothing first (a server-first protocol) is relayed as TCP after a short
+//! wait, not stalled.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::StatusCode;
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use mesh_proxy::hbone::{self, TunnelHandler, TunnelRequest};
+use tokio::{io::AsyncWriteExt as _, net::TcpListener};
+use tracing::{debug, warn};
+
+use crate::{
+    Waypoint,
+    engine::{self, Downstream},
+    upstream,
+};
+
+/// How long an undeclared port waits for the client's first bytes.
+const SNIFF: Duration = Duration::from_millis(200);
+const PIPE: usize = 64 * 1024;
+
+pub async fn serve_hbone(listener: TcpListener, wp: Arc<Waypoint>) {
+    let handler = Arc::new(Tunnels { wp: wp.clone() });
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (wp, handler) = (wp.clone(), handler.clone());
+        tokio::spawn(async move {
+            let Some(local) = wp.identity().and_then(|id| wp.proxy.identities.get(&id)) else {
+                warn!(peer = %peer, "HBONE connection dropped: no certificate for this waypoint yet");
+                return;
+            };
+            if let Err(e) = hbone::serve(tcp, local.server.clone(), handler, wp.proxy.draining()).await {
+                debug!(peer = %peer, "HBONE connection refused or failed: {e}");
+            }
+        });
+    }
+}
+
+struct Tunnels {
+    wp: Arc<Waypoint>,
+}
+
+impl TunnelHandler for Tunnels {
+    async fn handle(&self, request: TunnelRequest) {
+        let view = self.wp.proxy.state.view();
+        let target = request.target;
+        let Some(service) = view.service_by_vip(target.ip()).cloned() else {
+            debug!(target = %target, "tunnel refused: not a service address");
+            return request.refuse(StatusCode::BAD_REQUEST);
+        };
+        let Ok(port) = service.port(target.port()).map(|p| p.protocol.clone()) else {
+            return request.refuse(StatusCode::BAD_REQUEST);
+        };
+        let ds = Arc::new(Downstream {
+            service,
+            port: target.port(),
+            protocol: port,
+            peer: request.peer.clone(),
+            peer_addr: request.peer_addr,
+        });
+        let Ok(mut tunnel) = request.accept() else { return };
+        let mut first = None;
+        let http = match ds.protocol.as_str() {
+            "http" | "http2" | "grpc" => true,
+            "tcp" => false,
+            _ => match tokio::time::timeout(SNIFF, tunnel.recv.data()).await {
+                Ok(Some(Ok(bytes))) => {
+                    let _ = tunnel.recv.flow_control().release_capacity(bytes.len());
+                    let http = looks_like_http(&bytes);
+                    first = Some(bytes);
+                    http
+                }
+                Ok(_) => return, // closed before a byte
+                Err(_) => false, // the client waits for the server: TCP
+            },
+        };
+        let (ours, mut theirs) = tokio::io::duplex(PIPE);
+        tokio::spawn(async move {
+            if let Some(b) = first
+                && theirs.write_all(&b).await.is_err()
+            {
+                return;
+            }
+            let _ = hbone::relay(theirs, tunnel).await;
+        });
+        if http {
+            serve_http(ours, self.wp.clone(), ds).await;
+        } else {
+            relay_tcp(ours, &self.wp, &ds, target).await;
+        }
+    }
+}
+
+/// HTTP/1.1 or HTTP/2 (prior knowledge) on one client connection.
+async fn serve_http(io: tokio::io::DuplexStream, wp: Arc<Waypoint>, ds: Arc<Downstream>) {
+    let service = service_fn(move |req| {
+        let (wp, ds) = (wp.clone(), ds.clone());
+        async move { Ok::<_, Infallible>(engine::handle(wp, ds, req).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(1000);
+    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
+        debug!("client connection ended: {e}");
+    }
+}
+
+/// A connection that is not HTTP: to one endpoint of the service, whole.
+async fn relay_tcp(mut io: tokio::io::DuplexStream, wp: &Waypoint, ds: &Downstream, target: SocketAddr) {
+    let view = wp.proxy.state.view();
+    let (Some(me), Ok(endpoints)) = (wp.identity(), view.endpoints(&ds.service, target.port(), |_| true)) else {
+        return;
+    };
+    for up in &endpoints {
+        match upstream::open(&wp.proxy, &me, up).await {
+            Ok(mut upstream) => {
+                let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+                return;
+            }
+            Err(e) => debug!(upstream = %up.addr(), "TCP upstream failed: {e}"),
+        }
+    }
+}
+
+/// An HTTP/1 request line (`METHOD SP`) or the start of the HTTP/2 preface.
+pub fn looks_like_http(b: &Bytes) -> bool {
+    const METHODS: [&[u8]; 9] =
+        [b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT "];
+    b.starts_with(b"PRI * HTTP/2.0") || METHODS.iter().any(|m| b.starts_with(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffing() {
+        for (bytes, want) in [
+            (&b"GET / HTTP/1.1\r\n"[..], true),
+            (b"POST /x HTTP/1.1\r\n", true),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", true),
+            (b"\x16\x03\x01\x02\x00", false),             // a TLS ClientHello
+            (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", false), // PostgreSQL's SSLRequest
+            (b"GETX", false),
+        ] {
+            assert_eq!(looks_like_http(&Bytes::copy_from_slice(bytes)), want, "{bytes:?}");
+        }
+    }
+}
