@@ -67,6 +67,7 @@ pub struct Recording {
 impl Recording {
     pub fn new(inner: HttpBody) -> (Recording, Recorded) {
         let copy = Recorded::default();
+        copy.lock().complete = inner.is_end_stream(); // no body at all (a GET)
         (Recording { inner, copy: copy.clone() }, copy)
     }
 }
@@ -94,6 +95,11 @@ impl Body for Recording {
             Poll::Ready(None) => c.complete = true,
             Poll::Ready(Some(Err(_))) => c.spoiled = true,
             Poll::Pending => {}
+        }
+        // hyper stops polling a body once it says it has ended (its
+        // content-length is sent): that is its end too.
+        if self.inner.is_end_stream() {
+            c.complete = true;
         }
         drop(c);
         polled
@@ -132,6 +138,10 @@ impl<F: FnOnce(Ended) + Send + 'static> Counting<F> {
     }
 
     fn finish(&mut self) {
+        // A body whose length is known is not polled past its last byte.
+        if self.inner.is_end_stream() {
+            self.ended.cut = false;
+        }
         if let Some(done) = self.done.take() {
             done(std::mem::take(&mut self.ended));
         }

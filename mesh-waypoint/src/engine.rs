@@ -185,7 +185,13 @@ async fn route_and_send(
             rec.authority = rw.authority.clone();
         }
     }
-    let h2 = matches!(ds.protocol.as_str(), "http2" | "grpc") || parts.version == Version::HTTP_2;
+    // As Istio: HTTP/2 upstream for ports declared http2 or grpc; for an
+    // undeclared (detected) port, the client's own protocol; else HTTP/1.1.
+    let h2 = match ds.protocol.as_str() {
+        "http2" | "grpc" => true,
+        "" => parts.version == Version::HTTP_2,
+        _ => false,
+    };
     let policy = route.wire.retry.clone().unwrap_or_else(routing::default_retry);
     let per_try = Duration::from_millis(policy.per_try_timeout_ms);
     let attempts = async {
@@ -193,8 +199,12 @@ async fn route_and_send(
         let mut last = None;
         for attempt in 0..=policy.attempts {
             if attempt > 0 {
-                let Some(replay) = recorded.replay() else { break }; // the body cannot be sent again
+                let Some(replay) = recorded.replay() else {
+                    tracing::debug!(request_id = %rec.request_id, "not retried: the request body was not kept whole");
+                    break;
+                };
                 if !wp.budget.withdraw() {
+                    tracing::debug!(request_id = %rec.request_id, "not retried: the retry budget is spent");
                     wp.metrics.retried(false);
                     break;
                 }
@@ -210,6 +220,7 @@ async fn route_and_send(
             let request = upstream_request(parts, &rec.authority, &rec.path, h2, b);
             let (outcome, response) = attempt_once(wp, up, h2, request, per_try).await;
             let more = attempt < policy.attempts;
+            tracing::debug!(request_id = %rec.request_id, attempt, ?outcome, more, "attempt");
             if more && retry::retriable(&policy, outcome) {
                 last = Some((outcome, response));
                 continue;

@@ -93,8 +93,9 @@ async fn main() -> anyhow::Result<()> {
     }));
     tokio::spawn(serve_plain(ready, {
         let wp = wp.clone();
+        // The body names the configuration version in force, so a rollout can wait for it.
         move |_path: String| match wp.ready() {
-            true => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+            true => (StatusCode::OK, "text/plain", format!("ready {}\n", wp.proxy.state.view().version)),
             false => {
                 (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "no configuration or certificate yet\n".to_owned())
             }

@@ -13,6 +13,7 @@ mod controller;
 pub mod mesh;
 mod process;
 mod topology;
+pub mod waypoint;
 
 pub use controller::{Controller, GRPC_ADDR, METRICS_ADDR, Placement};
 pub use process::{Proc, run_in, run_in_ok};

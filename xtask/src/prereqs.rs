@@ -21,15 +21,16 @@ const PACKAGES: &[&str] = &[
     "util-linux",              // nsenter
     "bpftool",                 // tests check links and programs in the kernel
     "curl",
-    "python3",      // http.server and small TCP peers in test pods
-    "nginx-light",  // the HTTP server behind the mesh (tests, quickstart, bench)
-    "redis-server", // a database protocol through the mesh
-    "redis-tools",  // redis-benchmark, redis-cli
-    "iperf3",       // long-lived streams and throughput
-    "tshark",       // captures on the bridge: proof that traffic between nodes is TLS
-    "openssl",      // handshakes with forged certificates against 15008
-    "wrk",          // HTTP load at the maximum rate (benchmark)
-    "hey",          // HTTP load at a fixed rate, with latency percentiles (benchmark)
+    "python3",        // http.server and small TCP peers in test pods
+    "nginx-light",    // the HTTP server behind the mesh (tests, quickstart, bench)
+    "redis-server",   // a database protocol through the mesh
+    "redis-tools",    // redis-benchmark, redis-cli
+    "iperf3",         // long-lived streams and throughput
+    "tshark",         // captures on the bridge: proof that traffic between nodes is TLS
+    "openssl",        // handshakes with forged certificates against 15008
+    "wrk",            // HTTP load at the maximum rate (benchmark)
+    "hey",            // HTTP load at a fixed rate, with latency percentiles (benchmark)
+    "nghttp2-client", // h2load: many HTTP/2 requests on one connection (curl 7.88 cannot reuse one with prior knowledge)
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

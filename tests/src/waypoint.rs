@@ -1,0 +1,232 @@
+//! Waypoints in the namespace harness: a `mesh-waypoint` process in a pod of
+//! its own, joined to the test's controller under a node name of its own
+//! (the name its Pod's `spec.nodeName` gives), and the YAML that declares it.
+use std::{
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    mesh::{Mesh, NETNS_ANNOTATION, node_metrics},
+    process::{Proc, run_in, run_in_ok},
+    topology::{Pod, STATE_ROOT, now_millis, sibling_bin},
+};
+
+/// The label Kubernetes puts on a Gateway's pods.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+impl Mesh {
+    /// Gives `pod` an address on the nodes' subnet too, so a process in it
+    /// reaches the controller (as a waypoint's pod reaches istiod).
+    pub fn reach_controller(&self, pod: &Pod) {
+        let addr = format!("10.201.0.{}/24", 100 + pod.ip4.octets()[3]);
+        run_in_ok(&pod.netns, &["ip", "addr", "add", &addr, "dev", "eth0"]);
+    }
+
+    /// Starts `mesh-waypoint` in `pod` (which [`Self::reach_controller`]
+    /// connected), joined as `node`, and waits until it is ready: it has the
+    /// configuration and a certificate for its identity.
+    pub fn start_waypoint(&self, pod: &Pod, node: &str) -> Proc {
+        let bin = sibling_bin("mesh-waypoint");
+        let state = format!("{STATE_ROOT}/{}/waypoint-{node}", self.t.id);
+        let log = self.t.dir.join(format!("waypoint-{node}-{}.log", now_millis()));
+        let mut args: Vec<String> =
+            vec![bin.display().to_string(), "--state-dir".into(), state, "--log-format".into(), "json".into()];
+        args.extend(self.controller.agent_args(node));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut proc = Proc::spawn_in(&format!("waypoint {node}"), &pod.netns, &args, &log);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(20));
+        while !ready(&pod.netns) {
+            assert!(proc.is_running(), "waypoint exited:\n{}", proc.log_text());
+            assert!(Instant::now() < deadline, "waypoint not ready after 20 s:\n{}", proc.log_text());
+            thread::sleep(Duration::from_millis(20));
+        }
+        proc
+    }
+}
+
+fn ready(netns: &Path) -> bool {
+    run_in(netns, &["curl", "-sf", "-m", "1", "http://127.0.0.1:15021/healthz/ready"]).status.success()
+}
+
+impl Mesh {
+    /// Waits until the waypoint in `pod` has the configuration the controller
+    /// publishes now (its readiness answer names its version).
+    pub fn wait_waypoint_current(&self, pod: &Pod) {
+        let want = self.controller.json("/debug/nodes")["version"].as_str().unwrap_or_default().to_owned();
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(10));
+        loop {
+            let out = run_in(&pod.netns, &["curl", "-sf", "-m", "1", "http://127.0.0.1:15021/healthz/ready"]);
+            if String::from_utf8_lossy(&out.stdout).trim() == format!("ready {want}") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "waypoint not at version {want} after 10 s");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The waypoint's `/metrics`.
+pub fn waypoint_metrics(pod: &Pod) -> String {
+    node_metrics(&pod.netns)
+}
+
+/// Every access-log line of a waypoint so far (one per request).
+pub fn access_log(proc: &Proc) -> Vec<serde_json::Value> {
+    proc.log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "access")
+        .collect()
+}
+
+/// YAML for waypoints.
+pub mod yaml {
+    use super::*;
+
+    /// A namespace in the ambient mesh whose services use waypoint `waypoint`.
+    pub fn namespace(name: &str, waypoint: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{istio.io/dataplane-mode: ambient, \
+             istio.io/use-waypoint: {waypoint}}}}}\n---\n"
+        )
+    }
+
+    /// The waypoint Gateway, as `istioctl waypoint generate` writes it.
+    pub fn gateway(namespace: &str, name: &str) -> String {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {name}, namespace: {namespace}, \
+             labels: {{istio.io/waypoint-for: service}}}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  \
+             - {{name: mesh, port: 15008, protocol: HBONE}}\n---\n"
+        )
+    }
+
+    /// The waypoint's pod: labelled with its Gateway, scheduled on `node`
+    /// (the name its process joins as), never enrolled by a node.
+    pub fn instance(p: &Pod, gateway: &str, node: &str) -> String {
+        let (ns, name) = p.name.split_once('/').unwrap();
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{GATEWAY_NAME_LABEL}: {gateway}}}}}\n\
+             spec: {{nodeName: {node}, serviceAccountName: {gateway}}}\nstatus: {{podIP: {}}}\n---\n",
+            p.ip4
+        )
+    }
+
+    /// A pod like [`crate::mesh::yaml::pod`] with a `version` label too.
+    pub fn versioned_pod(p: &Pod, node: &str, app: &str, version: &str) -> String {
+        let (ns, name) = p.name.split_once('/').unwrap();
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}, version: {version}}}, \
+             annotations: {{{NETNS_ANNOTATION}: {}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {app}}}\n\
+             status: {{podIP: {}}}\n---\n",
+            p.netns.display(),
+            p.ip4
+        )
+    }
+
+    /// A Service with one HTTP port (`name: http`, so Istio reads it as HTTP).
+    pub fn http_service(namespace: &str, name: &str, vip: &str, selector: &str, port: u16, target: u16) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+             spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{name: http, port: {port}, targetPort: {target}}}]}}\n---\n"
+        )
+    }
+}
+
+/// A small HTTP/1.1 application for routing tests (Python's http.server,
+/// keep-alive): `/` answers its version; `/echo` the request line and headers
+/// as JSON; `/flaky/K?fail=N` answers 503 to the first N requests for K,
+/// then 200; `/reset/K?fail=N` closes the connection without an answer the
+/// first N times; `/slow?ms=N` answers after N ms (`/slowonce/K?ms=N`: only the first time); `/fail` always 503;
+/// `/hits/K` says how many requests K got. POST bodies are answered with
+/// their length and SHA-256.
+const APP: &str = r#"
+import hashlib, json, sys, threading, time, urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import socket
+VERSION, PORT = sys.argv[1], int(sys.argv[2])
+hits, lock = {}, threading.Lock()
+def hit(key):
+    with lock:
+        hits[key] = hits.get(key, 0) + 1
+        return hits[key]
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # One write per response, sent at once (Nagle would hold the body for the headers' ACK).
+    wbufsize = 1 << 16
+    disable_nagle_algorithm = True
+    def log_message(self, *a): pass
+    def answer(self, code, body, ctype="text/plain"):
+        body = body.encode()
+        self.send_response(code)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(body)))
+        self.send_header("x-version", VERSION)
+        self.end_headers()
+        self.wfile.write(body)
+    def handle_any(self, body=b""):
+        u = urllib.parse.urlparse(self.path)
+        q = dict(urllib.parse.parse_qsl(u.query))
+        parts = u.path.strip("/").split("/")
+        head = parts[0] if parts else ""
+        key = "/".join(parts[1:])
+        n = hit(u.path)
+        if head == "echo":
+            return self.answer(200, json.dumps({"method": self.command, "path": self.path, "version": VERSION,
+                "headers": {k.lower(): v for k, v in self.headers.items()}}), "application/json")
+        if head == "flaky":
+            if n <= int(q.get("fail", "1")):
+                return self.answer(503, "failing %d\n" % n)
+            return self.answer(200, "ok after %d\n" % n)
+        if head == "reset":
+            if n <= int(q.get("fail", "1")):
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            return self.answer(200, "ok after %d\n" % n)
+        if head == "slowonce":
+            if n == 1:
+                time.sleep(int(q.get("ms", "2000")) / 1000)
+            return self.answer(200, "attempt %d\n" % n)
+        if head == "slow":
+            time.sleep(int(q.get("ms", "1000")) / 1000)
+            return self.answer(200, "slow\n")
+        if head == "fail":
+            return self.answer(503, "always\n")
+        if head == "hits":
+            with lock:
+                return self.answer(200, str(hits.get("/" + key, 0)))
+        if body:
+            if head == "flakypost" and n <= int(q.get("fail", "1")):
+                return self.answer(503, "failing %d\n" % n)
+            return self.answer(200, "%d %s\n" % (len(body), hashlib.sha256(body).hexdigest()))
+        return self.answer(200, VERSION + "\n")
+    def do_GET(self): self.handle_any()
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.handle_any(body)
+class S(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+S(("::", PORT), H).serve_forever()
+"#;
+
+impl crate::topology::Topology {
+    /// The routing test application ([`APP`]) in `pod` on `port`, answering `version` at `/`.
+    pub fn app(&self, pod: &Pod, port: u16, version: &str) -> Proc {
+        let log = self.dir.join(format!("app-{}-{port}.log", pod.name.replace('/', "_")));
+        let port_s = port.to_string();
+        let proc = Proc::spawn_in(
+            &format!("app {}", pod.name),
+            &pod.netns,
+            &["python3", "-u", "-c", APP, version, &port_s],
+            &log,
+        );
+        crate::topology::wait_http(pod, &format!("http://127.0.0.1:{port}/"), &proc);
+        proc
+    }
+}
