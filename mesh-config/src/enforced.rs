@@ -1,52 +1,311 @@
-//! What is accepted but not (yet) acted on. Valid Istio and Gateway API YAML
-//! is never rejected; where mesh does not enforce an object, it says so with
-//! the object's file and line, and what happens instead. The controller logs
-//! these and serves them in `/healthz/ready`; `mesh-ctl check` prints them as
-//! warnings (exit 0).
+//! What is accepted but not (yet) acted on, and references to what is not
+//! (yet) defined. Valid Istio and Gateway API YAML is never rejected: where
+//! mesh does not enforce an object or a field, or an object names a service,
+//! subset or waypoint that does not exist, it says so with the object's file
+//! and line, the field, and what happens instead (as `istioctl analyze`
+//! does). The controller logs these and serves them in `/healthz/ready`;
+//! `mesh-ctl check` prints them as warnings (exit 0).
 use crate::{
-    Problem, Resource,
+    Kind, Problem, Resource,
+    objects::{
+        Labels,
+        routing::{HttpRoute, VirtualService},
+    },
     store::{ConfigStore, ObjectKey},
     validate::WAYPOINT_CLASS,
 };
 
-const NO_WAYPOINT_YET: &str = "accepted, not enforced yet: mesh does not run waypoints in this version, so this HTTP routing is not applied \
-     and traffic to its hosts keeps the L4 path (the node proxies, with their policies)";
+/// The labels that bind a Service (or a Namespace's services) to a waypoint.
+pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+/// The label Kubernetes puts on a Gateway's pods, naming the Gateway.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
-/// Why `resource` is not enforced, when it is not.
-pub fn not_enforced(resource: &Resource) -> Option<String> {
+const LATER: &str = "accepted, not enforced yet (it comes with the waypoint's L7 resilience and security)";
+
+/// Where a service reference resolves: `namespace/name` from an Istio host
+/// (`reviews`, `reviews.shop`, `reviews.shop.svc.cluster.local`), else a
+/// ServiceEntry host among `known` (`namespace/name` with its hosts), else
+/// the short form (which then names nothing).
+pub fn resolve_host<'a>(host: &str, from_ns: &str, known: impl Iterator<Item = (&'a str, &'a [String])>) -> String {
+    let parts: Vec<&str> = host.split('.').collect();
+    let short = match parts.as_slice() {
+        [name] => Some(format!("{from_ns}/{name}")),
+        [name, ns] | [name, ns, "svc", ..] => Some(format!("{ns}/{name}")),
+        _ => None,
+    };
+    let known: Vec<(&str, &[String])> = known.collect();
+    if let Some(key) = &short
+        && known.iter().any(|(k, _)| k == key)
+    {
+        return key.clone();
+    }
+    known
+        .iter()
+        .find(|(_, hosts)| hosts.iter().any(|h| h == host))
+        .map(|(k, _)| (*k).to_owned())
+        .or(short)
+        .unwrap_or_else(|| host.to_owned())
+}
+
+/// What of `resource` is not enforced, by field (`None`: the whole object).
+pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
+    let mut out = Vec::new();
     match resource {
-        Resource::Gateway(g) if g.spec.gateway_class_name == WAYPOINT_CLASS => Some(NO_WAYPOINT_YET.into()),
-        Resource::Gateway(g) => Some(format!(
-            "accepted and ignored: gatewayClassName {:?} is another controller's (mesh runs only {WAYPOINT_CLASS:?})",
-            g.spec.gateway_class_name
+        // The waypoint itself is enforced; how its pods are made is the operator's.
+        Resource::Gateway(g) if g.spec.gateway_class_name == WAYPOINT_CLASS && g.spec.infrastructure.is_some() => {
+            out.push((Some("spec.infrastructure".into()), "ignored: the operator runs the waypoint's pods".into()));
+        }
+        Resource::Gateway(g) if g.spec.gateway_class_name == WAYPOINT_CLASS => {}
+        Resource::Gateway(g) => out.push((
+            None,
+            format!(
+                "accepted and ignored: gatewayClassName {:?} is another controller's (mesh runs only {WAYPOINT_CLASS:?})",
+                g.spec.gateway_class_name
+            ),
         )),
-        Resource::HttpRoute(_) | Resource::VirtualService(_) => Some(NO_WAYPOINT_YET.into()),
-        Resource::DestinationRule(_) => {
-            Some("accepted, not enforced yet: subsets and traffic policies take effect with waypoints".into())
+        Resource::VirtualService(vs) => virtual_service(vs, &mut out),
+        Resource::HttpRoute(hr) => http_route(hr, &mut out),
+        Resource::DestinationRule(dr) => {
+            if dr.spec.traffic_policy.is_some() {
+                out.push((Some("spec.trafficPolicy".into()), format!("{LATER}; its subsets apply")));
+            }
+            for (i, s) in dr.spec.subsets.iter().enumerate() {
+                if s.traffic_policy.is_some() {
+                    out.push((Some(format!("spec.subsets[{i}].trafficPolicy")), LATER.into()));
+                }
+            }
         }
         Resource::Opaque(o) => {
-            Some(format!("accepted, not enforced: mesh does not implement {} yet, so it has no effect", o.kind.name()))
+            out.push((None, format!("accepted, not enforced: mesh does not implement {} yet, so it has no effect", o.kind.name())))
         }
-        _ => None,
+        _ => {}
+    }
+    out
+}
+
+fn virtual_service(vs: &VirtualService, out: &mut Vec<(Option<String>, String)>) {
+    if !vs.spec.gateways.is_empty() && !vs.spec.gateways.iter().any(|g| g == "mesh") {
+        out.push((
+            Some("spec.gateways".into()),
+            "accepted and ignored: it binds ingress gateways only, which mesh does not run (add \"mesh\" for its services' waypoints)".into(),
+        ));
+    }
+    for (field, set) in [("spec.tcp", vs.spec.tcp.is_some()), ("spec.tls", vs.spec.tls.is_some())] {
+        if set {
+            out.push((
+                Some(field.into()),
+                "not enforced yet: the service's connections go to its endpoints, balanced".into(),
+            ));
+        }
+    }
+    for (i, r) in vs.spec.http.iter().enumerate() {
+        let at = format!("spec.http[{i}]");
+        for (name, set) in [
+            ("fault", r.fault.is_some()),
+            ("corsPolicy", r.cors_policy.is_some()),
+            ("directResponse", r.direct_response.is_some()),
+            ("delegate", r.delegate.is_some()),
+        ] {
+            if set {
+                out.push((Some(format!("{at}.{name}")), LATER.into()));
+            }
+        }
+        for (j, m) in r.matches.iter().enumerate() {
+            let mat = format!("{at}.match[{j}]");
+            for (name, set) in [
+                ("sourceLabels", !m.source_labels.is_empty()),
+                ("sourceNamespace", m.source_namespace.is_some()),
+                ("gateways", !m.gateways.is_empty()),
+                ("scheme", m.scheme.is_some()),
+                ("ignoreUriCase", m.ignore_uri_case == Some(true)),
+            ] {
+                if set {
+                    out.push((
+                        Some(format!("{mat}.{name}")),
+                        "not enforced yet: this condition is ignored, so the match is wider".into(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn http_route(hr: &HttpRoute, out: &mut Vec<(Option<String>, String)>) {
+    for (i, p) in hr.spec.parent_refs.iter().enumerate() {
+        if p.kind.as_deref() != Some("Service") {
+            out.push((
+                Some(format!("spec.parentRefs[{i}]")),
+                "accepted and ignored: a Gateway parent is an ingress route; mesh routes Service parents (GAMMA) at waypoints".into(),
+            ));
+        }
+    }
+    for (i, rule) in hr.spec.rules.iter().enumerate() {
+        if rule.session_persistence.is_some() {
+            out.push((Some(format!("spec.rules[{i}].sessionPersistence")), LATER.into()));
+        }
+        for (j, f) in rule.filters.iter().enumerate() {
+            if matches!(f.type_.as_str(), "ExtensionRef" | "CORS") {
+                out.push((
+                    Some(format!("spec.rules[{i}].filters[{j}]")),
+                    format!("filter {} is not enforced yet", f.type_),
+                ));
+            }
+        }
     }
 }
 
 impl ConfigStore {
-    /// Every object in force that is accepted but not enforced, as a warning
-    /// at its file and line.
+    /// Every warning of the objects in force, at their files and lines.
     pub fn warnings(&self) -> Vec<Problem> {
-        self.objects().keys().filter_map(|key| self.warning(key)).collect()
+        self.objects().keys().flat_map(|key| self.warnings_of(key)).collect()
     }
 
-    /// The warning for one object in force, if it is not enforced.
-    pub fn warning(&self, key: &ObjectKey) -> Option<Problem> {
-        let stored = self.objects().get(key)?;
-        not_enforced(&stored.resource).map(|message| Problem {
+    /// The warnings of one object in force: what of it is not enforced, and
+    /// what it names that is not defined.
+    pub fn warnings_of(&self, key: &ObjectKey) -> Vec<Problem> {
+        let Some(stored) = self.objects().get(key) else { return Vec::new() };
+        let problem = |(field, message): (Option<String>, String)| Problem {
             file: stored.origin.file.clone(),
             line: stored.origin.line,
             object: Some(key.to_string()),
-            field: None,
+            field,
             message,
+        };
+        let mut all = not_enforced(&stored.resource);
+        all.extend(self.undefined_references(&stored.resource));
+        all.into_iter().map(problem).collect()
+    }
+
+    /// Services (and ServiceEntries) by `namespace/name`, with their hosts.
+    fn services(&self) -> Vec<(String, Vec<String>)> {
+        self.objects()
+            .values()
+            .filter_map(|s| match s.resource.as_ref() {
+                Resource::Service(svc) => {
+                    let ns = svc.metadata.namespace();
+                    Some((format!("{ns}/{}", svc.metadata.name), Vec::new()))
+                }
+                Resource::ServiceEntry(se) => {
+                    Some((format!("{}/{}", se.metadata.namespace(), se.metadata.name), se.spec.hosts.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn has(&self, kind: Kind, namespace: &str, name: &str) -> bool {
+        self.objects().contains_key(&ObjectKey { kind, namespace: namespace.into(), name: name.into() })
+    }
+
+    /// What `resource` names that is not defined (yet): Istio's admission
+    /// accepts these and `istioctl analyze` warns; each takes effect when
+    /// what it names appears.
+    fn undefined_references(&self, resource: &Resource) -> Vec<(Option<String>, String)> {
+        let mut out = Vec::new();
+        let services = self.services();
+        let known = || services.iter().map(|(k, h)| (k.as_str(), h.as_slice()));
+        let service_missing = |key: &str| !services.iter().any(|(k, _)| k == key);
+        match resource {
+            Resource::VirtualService(vs) => {
+                let ns = vs.metadata.namespace();
+                for (i, r) in vs.spec.http.iter().enumerate() {
+                    for (j, d) in r.route.iter().enumerate() {
+                        let field = format!("spec.http[{i}].route[{j}].destination");
+                        let key = resolve_host(&d.destination.host, ns, known());
+                        if service_missing(&key) {
+                            out.push((
+                                Some(field),
+                                format!(
+                                    "host {:?} is not a Service or ServiceEntry (yet): requests routed to it get 503 (NR) until it is defined",
+                                    d.destination.host
+                                ),
+                            ));
+                        } else if let Some(subset) = &d.destination.subset
+                            && !self.subset_defined(&key, subset, known())
+                        {
+                            out.push((
+                                Some(format!("{field}.subset")),
+                                format!("subset {subset:?} of {key} is in no DestinationRule (yet): requests routed to it get 503 (NR) until it is"),
+                            ));
+                        }
+                    }
+                }
+            }
+            Resource::HttpRoute(hr) => {
+                let ns = hr.metadata.namespace();
+                for (i, rule) in hr.spec.rules.iter().enumerate() {
+                    for (j, b) in rule.backend_refs.iter().enumerate() {
+                        let key = format!("{}/{}", b.namespace.as_deref().unwrap_or(ns), b.name);
+                        if b.kind.as_deref().unwrap_or("Service") == "Service" && service_missing(&key) {
+                            out.push((
+                                Some(format!("spec.rules[{i}].backendRefs[{j}]")),
+                                format!(
+                                    "Service {key} is not defined (yet): requests routed to it get 503 (NR) until it is"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                for (i, p) in hr.spec.parent_refs.iter().enumerate() {
+                    let key = format!("{}/{}", p.namespace.as_deref().unwrap_or(ns), p.name);
+                    if p.kind.as_deref() == Some("Service") && service_missing(&key) {
+                        out.push((
+                            Some(format!("spec.parentRefs[{i}]")),
+                            format!("Service {key} is not defined (yet): the route applies when it is"),
+                        ));
+                    }
+                }
+            }
+            Resource::Service(svc) => self.waypoint_reference(svc.metadata.namespace(), &svc.metadata.labels, &mut out),
+            Resource::Namespace(ns) => self.waypoint_reference(&ns.metadata.name, &ns.metadata.labels, &mut out),
+            Resource::Gateway(g) if g.spec.gateway_class_name == WAYPOINT_CLASS => {
+                let ns = g.metadata.namespace();
+                let runs = self.objects().values().any(|s| match s.resource.as_ref() {
+                    Resource::Pod(p) => {
+                        p.metadata.namespace() == ns
+                            && p.metadata.labels.get(GATEWAY_NAME_LABEL) == Some(&g.metadata.name)
+                    }
+                    _ => false,
+                });
+                if !runs {
+                    out.push((
+                        None,
+                        format!(
+                            "no Pod labelled {GATEWAY_NAME_LABEL}: {} runs this waypoint (yet): connections to the services bound to it are refused until one does",
+                            g.metadata.name
+                        ),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
+    fn subset_defined<'a>(
+        &self,
+        key: &str,
+        subset: &str,
+        known: impl Iterator<Item = (&'a str, &'a [String])> + Clone,
+    ) -> bool {
+        self.objects().values().any(|s| match s.resource.as_ref() {
+            Resource::DestinationRule(dr) => {
+                resolve_host(&dr.spec.host, dr.metadata.namespace(), known.clone()) == key
+                    && dr.spec.subsets.iter().any(|s| s.name == subset)
+            }
+            _ => false,
         })
+    }
+
+    fn waypoint_reference(&self, namespace: &str, labels: &Labels, out: &mut Vec<(Option<String>, String)>) {
+        let Some(name) = labels.get(USE_WAYPOINT).filter(|n| *n != "none") else { return };
+        let ns = labels.get(USE_WAYPOINT_NAMESPACE).map_or(namespace, String::as_str);
+        if !self.has(Kind::Gateway, ns, name) {
+            out.push((
+                Some(format!("metadata.labels[{USE_WAYPOINT}]")),
+                format!("waypoint {ns}/{name} is not defined (yet): connections to these services are refused until it is (never sent around it)"),
+            ));
+        }
     }
 }

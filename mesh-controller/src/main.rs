@@ -183,7 +183,7 @@ impl Reloader {
             warn!("rejected: {p}");
         }
         // Said once per change of the object, not at every reload.
-        for w in report.added.iter().chain(&report.updated).filter_map(|k| store.warning(k)) {
+        for w in report.added.iter().chain(&report.updated).flat_map(|k| store.warnings_of(k)) {
             warn!("warning: {w}");
         }
         let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());

@@ -221,11 +221,13 @@ fn check_accepts_istio_routing_samples_with_warnings_and_exit_0() {
     let out = mesh_ctl(&["check", samples.to_str().unwrap()]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "warnings only: exit 0\n{stdout}{stderr}");
-    assert!(stdout.contains("ok: 10 objects in 4 files, no problems, 10 warnings"), "{stdout}");
+    assert!(stdout.contains("ok: 10 objects in 4 files, no problems,"), "{stdout}");
+    // The samples route to services they do not define: warnings with file, line and field, as istioctl analyze gives.
     assert!(
         stdout.lines().any(|l| l.starts_with("warning: ")
             && l.contains(
-                "virtual-service-reviews-test-v2.yaml:1: VirtualService default/reviews: accepted, not enforced yet"
+                "virtual-service-reviews-test-v2.yaml:1: VirtualService default/reviews: spec.http[0].route[0].destination: \
+                 host \"reviews\" is not a Service or ServiceEntry (yet)"
             )),
         "{stdout}"
     );

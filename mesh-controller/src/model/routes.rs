@@ -18,11 +18,7 @@ use crate::config::{
         },
     },
 };
-
-pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
-pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
-/// The label Kubernetes puts on a Gateway's pods, naming the Gateway.
-pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+pub use crate::config::{GATEWAY_NAME_LABEL, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE};
 
 /// A waypoint Gateway.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -96,34 +92,6 @@ pub fn port_protocol(name: Option<&str>, app_protocol: Option<&str>) -> String {
         .to_owned()
 }
 
-/// Where a service reference resolves: `namespace/name` of a service the
-/// model knows, from an Istio host (`reviews`, `reviews.shop`,
-/// `reviews.shop.svc.cluster.local`, a ServiceEntry host).
-pub fn resolve_host<'a>(
-    host: &str,
-    from_ns: &str,
-    services: impl Iterator<Item = (&'a String, &'a [String])> + Clone,
-) -> String {
-    let parts: Vec<&str> = host.split('.').collect();
-    let short = match parts.as_slice() {
-        [name] => Some(format!("{from_ns}/{name}")),
-        [name, ns] | [name, ns, "svc", ..] => Some(format!("{ns}/{name}")),
-        _ => None,
-    };
-    let known: Vec<(&String, &[String])> = services.collect();
-    if let Some(key) = &short
-        && known.iter().any(|(k, _)| *k == key)
-    {
-        return key.clone();
-    }
-    known
-        .iter()
-        .find(|(_, hosts)| hosts.iter().any(|h| h == host))
-        .map(|(k, _)| (*k).clone())
-        .or(short)
-        .unwrap_or_else(|| host.to_owned())
-}
-
 /// What route compilation needs to know of the model.
 pub struct Context<'a> {
     /// Every service by `namespace/name`, with its hosts.
@@ -133,7 +101,7 @@ pub struct Context<'a> {
 
 impl Context<'_> {
     fn resolve(&self, host: &str, from_ns: &str) -> String {
-        resolve_host(host, from_ns, self.services.iter().map(|(k, v)| (*k, *v)))
+        crate::config::resolve_host(host, from_ns, self.services.iter().map(|(k, v)| (k.as_str(), *v)))
     }
 
     /// A backend for service `key` (`namespace/name`), subset resolved.
