@@ -12,6 +12,9 @@ pub struct NodeStatus {
     pub connected: bool,
     /// The node's admin API, as it announced it (empty: loopback only).
     pub admin_addr: String,
+    /// `waypoint` for a waypoint instance; empty for a node agent.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub role: String,
     pub version_sent: String,
     pub version_acked: String,
     pub last_push_unix: u64,
@@ -68,6 +71,9 @@ pub struct ConfigDump {
     pub services: Option<BTreeMap<String, crate::api::Service>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policies: Option<BTreeMap<String, crate::api::Authorization>>,
+    /// HTTP routes by service (what the waypoints route by).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<BTreeMap<String, crate::api::HttpRoutes>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificates: Option<Vec<CertView>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

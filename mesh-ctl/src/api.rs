@@ -171,7 +171,8 @@ impl Client {
                 })?;
                 vec![node]
             }
-            None => nodes.iter().collect(),
+            // Waypoints join like nodes but serve no admin API: their routes are in every node's dump.
+            None => nodes.iter().filter(|n| n.status.role != "waypoint").collect(),
         };
         if chosen.is_empty() {
             return Err(CtlError::new(format!("no node has connected to the controller at {}", self.controller))

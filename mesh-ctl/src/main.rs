@@ -7,6 +7,7 @@ mod check;
 mod enroll;
 mod explain;
 mod output;
+mod route;
 mod status;
 mod views;
 
@@ -24,7 +25,7 @@ use crate::{
     name = "mesh-ctl",
     version,
     about = "Inspect and operate a mesh: nodes, workloads, policies, certificates, connections",
-    after_help = "Examples:\n  mesh-ctl status\n  mesh-ctl workloads --node node1\n  mesh-ctl authz explain --from demo/frontend --to demo/redis:6379\n  mesh-ctl check ./config\n  mesh-ctl enroll demo\n\nExit codes: 0 ok; 1 the command found a problem (check) or a denial (authz explain); 2 usage; 3 the command could not run (controller or node unreachable, unknown workload, unreadable file)."
+    after_help = "Examples:\n  mesh-ctl status\n  mesh-ctl workloads --node node1\n  mesh-ctl authz explain --from demo/frontend --to demo/redis:6379\n  mesh-ctl route explain --to demo/backend:80 --header x-tester=yes\n  mesh-ctl check ./config\n  mesh-ctl enroll demo\n\nExit codes: 0 ok; 1 the command found a problem (check) or a denial (authz explain); 2 usage; 3 the command could not run (controller or node unreachable, unknown workload, unreadable file)."
 )]
 struct Cli {
     /// The controller's HTTP port (its --metrics-addr).
@@ -76,6 +77,17 @@ enum Cmd {
     /// Authorization questions.
     #[command(subcommand)]
     Authz(AuthzCmd),
+    /// HTTP routes of the services bound to waypoints, in the order the waypoint tries them.
+    #[command(after_help = "Examples:\n  mesh-ctl routes\n  mesh-ctl routes demo/backend -o yaml")]
+    Routes {
+        /// One service (namespace/name); all of them when absent.
+        service: Option<String>,
+        #[command(flatten)]
+        nodes: NodeSelector,
+    },
+    /// Routing questions.
+    #[command(subcommand)]
+    Route(RouteCmd),
     /// Label a namespace ambient in the configuration, and wait until every node has enrolled its pods.
     #[command(after_help = "Examples:\n  mesh-ctl enroll demo\n  mesh-ctl enroll demo --wait 120")]
     Enroll(EnrollArgs),
@@ -107,6 +119,32 @@ enum AuthzCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum RouteCmd {
+    /// Which route a request would take at its waypoint and why: the routes tried, weights, subsets, retries, timeouts.
+    #[command(
+        after_help = "Examples:\n  mesh-ctl route explain --to demo/backend:80 --path /\n  mesh-ctl route explain --to demo/backend:80 --header x-tester=yes -o json\n\nComputed by the waypoint's own matcher on the routes the nodes hold now."
+    )]
+    Explain {
+        /// The service and port: NAMESPACE/SERVICE:PORT.
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Path and query.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// The Host / :authority (default: the service's host name).
+        #[arg(long)]
+        authority: Option<String>,
+        /// A request header, NAME=VALUE (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        #[command(flatten)]
+        nodes: NodeSelector,
+    },
+}
+
 #[derive(clap::Args)]
 struct EnrollArgs {
     namespace: String,
@@ -131,6 +169,12 @@ fn main() -> ExitCode {
         Cmd::ConfigDump(sel) => views::config_dump(&client, sel),
         Cmd::Check { paths } => check::check(paths),
         Cmd::Authz(AuthzCmd::Explain { from, to, nodes }) => explain::explain(&client, nodes, from, to),
+        Cmd::Routes { service, nodes } => route::routes(&client, nodes, service.as_deref()),
+        Cmd::Route(RouteCmd::Explain { to, method, path, authority, headers, nodes }) => route::parse_headers(headers)
+            .and_then(|headers| {
+                let req = route::Request { to, method, path, authority: authority.as_deref(), headers: &headers };
+                route::explain(&client, nodes, &req)
+            }),
         Cmd::Enroll(a) => enroll::enroll(&client, &a.namespace, true, Duration::from_secs(a.wait)),
         Cmd::Unenroll(a) => enroll::enroll(&client, &a.namespace, false, Duration::from_secs(a.wait)),
         Cmd::Completion { shell } => {

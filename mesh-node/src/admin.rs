@@ -74,6 +74,7 @@ async fn config_dump(State(s): State<AdminState>) -> Response {
         dump.workloads = Some(store.workloads);
         dump.services = Some(store.services);
         dump.policies = Some(store.policies);
+        dump.routes = Some(store.routes);
         dump.certificates = Some(proxy.identities.views());
         dump.node_certificate = c.node_certificate();
     }

@@ -70,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
             server_name: args.controller_name.clone(),
             state_dir: args.state_dir.clone(),
             admin_addr: None,
+            role: "waypoint",
         },
         proxy.clone(),
     );

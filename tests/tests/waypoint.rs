@@ -157,6 +157,20 @@ fn http_routes_split_and_are_counted() {
     // The v1 subset is two pods: the waypoint spreads over both.
     assert!(t.get("b1").is_some_and(|n| *n > 700) && t.get("b2").is_some_and(|n| *n > 700), "{t:?}");
 
+    // mesh-ctl explains a request with the waypoint's matcher, on the routes the nodes hold.
+    let out = s.mesh.ctl(&["route", "explain", "--to", "default/backend:80", "--header", "end-user=jason"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("through waypoint default/waypoint")
+            && text.contains("1. VirtualService/default/backend/jason: MATCHES"),
+        "{text}"
+    );
+    assert!(text.contains("default/backend (v2) 100%"), "{text}");
+    let out = s.mesh.ctl(&["routes", "default/backend"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("default/backend (v1) 90%, default/backend (v2) 10%"), "{text}");
+
     // Every marked request goes to v2.
     let (_, out) = curl(&s.client, &["-H", "end-user: jason", &format!("{url}?[1-50]")]);
     assert_eq!(tally(&out), BTreeMap::from([("b3".to_string(), 50)]), "jason's requests");

@@ -235,6 +235,7 @@ impl NodeControl for NodeService {
             hub.status(&node, |s| {
                 s.connected = true;
                 s.admin_addr = hello.admin_addr;
+                s.role = hello.role;
             });
             if let Err(e) = hub.session(&node, hello.known, &mut inbound, &tx).await {
                 info!(node = %node, "stream ended: {e}");

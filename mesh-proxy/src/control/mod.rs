@@ -46,6 +46,8 @@ pub struct ControlConfig {
     /// The admin API's address, announced to the controller so `mesh-ctl`
     /// finds this node; `None` when it listens on loopback only.
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// Announced to the controller: `waypoint`, or empty for a node agent.
+    pub role: &'static str,
 }
 
 pub use mesh_common::admin::ControlStatus;

@@ -30,7 +30,7 @@ impl Control {
         *lock(&self.channel) = Some(channel.clone());
         let (tx, rx) = mpsc::channel(8);
         let admin_addr = self.config.admin_addr.map(|a| a.to_string()).unwrap_or_default();
-        let hello = api::Hello { known: self.proxy.state.known(), admin_addr };
+        let hello = api::Hello { known: self.proxy.state.known(), admin_addr, role: self.config.role.into() };
         tx.send(api::NodeMessage { kind: Some(Msg::Hello(hello)) }).await?;
         let mut client = NodeControlClient::new(channel);
         let mut updates =
