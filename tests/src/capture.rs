@@ -48,9 +48,21 @@ impl Capture {
     /// TCP segment between `a` and `b`, how many of them tshark dissects as
     /// TLS application data, and the raw capture.
     pub fn packets(mut self, a: &Pod, b: &Pod) -> (Vec<(u16, u16, usize)>, usize, Vec<u8>) {
-        thread::sleep(Duration::from_millis(300));
-        self.proc.signal(libc::SIGINT);
-        self.proc.wait_exit(Duration::from_secs(10));
+        self.stop();
+        self.between(a, b)
+    }
+
+    /// Stops the capture (once; later calls do nothing).
+    pub fn stop(&mut self) {
+        if self.proc.is_running() {
+            thread::sleep(Duration::from_millis(300));
+            self.proc.signal(libc::SIGINT);
+            self.proc.wait_exit(Duration::from_secs(10));
+        }
+    }
+
+    /// What [`Self::packets`] returns, for any pair, once [`Self::stop`]ped.
+    pub fn between(&self, a: &Pod, b: &Pod) -> (Vec<(u16, u16, usize)>, usize, Vec<u8>) {
         let filter = format!("ip.addr=={} && ip.addr=={}", a.ip4, b.ip4);
         let out = run_in(
             &self.net,

@@ -230,3 +230,69 @@ impl crate::topology::Topology {
         proc
     }
 }
+
+/// A gRPC server (Debian's python3-grpcio, generic handlers on raw bytes, so
+/// no generated code): service `mesh.test.Echo` with one method of each
+/// kind, every answer naming the server.
+const GRPC_SERVER: &str = r#"
+import grpc, sys
+from concurrent import futures
+NAME, PORT = sys.argv[1], int(sys.argv[2])
+def unary(req, ctx): return NAME.encode()
+def server_stream(req, ctx):
+    for i in range(int(req.decode() or "3")):
+        yield ("%s %d" % (NAME, i)).encode()
+def client_stream(it, ctx): return ("%s got %d" % (NAME, sum(1 for _ in it))).encode()
+def bidi(it, ctx):
+    for m in it:
+        yield NAME.encode() + b":" + m
+handler = grpc.method_handlers_generic_handler("mesh.test.Echo", {
+    "Unary": grpc.unary_unary_rpc_method_handler(unary),
+    "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+    "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
+    "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+})
+s = grpc.server(futures.ThreadPoolExecutor(16))
+s.add_generic_rpc_handlers((handler,))
+s.add_insecure_port("[::]:%d" % PORT)
+s.start()
+print("listening", flush=True)
+s.wait_for_termination()
+"#;
+
+/// A gRPC client: one channel to `argv[1]`, `argv[2]` unary calls, then one
+/// call of each streaming kind; prints what came back as JSON.
+pub const GRPC_CLIENT: &str = r#"
+import collections, grpc, json, sys
+ch = grpc.insecure_channel(sys.argv[1])
+unary = ch.unary_unary("/mesh.test.Echo/Unary")
+counts = collections.Counter(unary(b"x", timeout=10).decode() for _ in range(int(sys.argv[2])))
+server_stream = [m.decode() for m in ch.unary_stream("/mesh.test.Echo/ServerStream")(b"5", timeout=10)]
+client_stream = ch.stream_unary("/mesh.test.Echo/ClientStream")(iter([b"a"] * 7), timeout=10).decode()
+bidi = [m.decode() for m in ch.stream_stream("/mesh.test.Echo/Bidi")(iter([b"1", b"2", b"3"]), timeout=10)]
+try:
+    ch.unary_unary("/mesh.test.Echo/Missing")(b"x", timeout=10)
+    missing = "OK"
+except grpc.RpcError as e:
+    missing = e.code().name
+print(json.dumps({"unary": counts, "server_stream": server_stream, "client_stream": client_stream, "bidi": bidi, "missing": missing}))
+"#;
+
+/// Debian's interpreter, which has python3-grpcio (a pyenv one first on PATH may not).
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+impl crate::topology::Topology {
+    /// The gRPC echo server ([`GRPC_SERVER`]) in `pod` on `port`, answering as `name`.
+    pub fn grpc_server(&self, pod: &Pod, port: u16, name: &str) -> Proc {
+        let log = self.dir.join(format!("grpc-{}-{port}.log", pod.name.replace('/', "_")));
+        let port_s = port.to_string();
+        let proc = Proc::spawn_in(
+            &format!("grpc {}", pod.name),
+            &pod.netns,
+            &[SYSTEM_PYTHON, "-u", "-c", GRPC_SERVER, name, &port_s],
+            &log,
+        );
+        proc.wait_for_log("listening", Duration::from_secs(20));
+        proc
+    }
+}

@@ -30,6 +30,7 @@ const PACKAGES: &[&str] = &[
     "openssl",        // handshakes with forged certificates against 15008
     "wrk",            // HTTP load at the maximum rate (benchmark)
     "hey",            // HTTP load at a fixed rate, with latency percentiles (benchmark)
+    "python3-grpcio", // a real gRPC client and server (all four call kinds) through the waypoint
     "nghttp2-client", // h2load: many HTTP/2 requests on one connection (curl 7.88 cannot reuse one with prior knowledge)
 ];
 

@@ -38,8 +38,8 @@ pub fn up(no_build: bool) -> anyhow::Result<()> {
     prereqs::require_root("cargo xtask quickstart")?;
     prereqs::ensure()?;
     if !no_build {
-        step("building mesh-node, mesh-controller and mesh-ctl");
-        cargo(&["build", "-p", "mesh-node", "-p", "mesh-controller", "-p", "mesh-ctl"])?;
+        step("building mesh-node, mesh-waypoint, mesh-controller and mesh-ctl");
+        cargo(&["build", "-p", "mesh-node", "-p", "mesh-waypoint", "-p", "mesh-controller", "-p", "mesh-ctl"])?;
     }
     if down_quietly()? {
         step("removed the previous quickstart");
@@ -68,14 +68,14 @@ pub fn up(no_build: bool) -> anyhow::Result<()> {
     let servers = app.start_servers()?;
 
     let ctl = Ctl::new();
-    tour::run(&mesh, &app, &ctl)?;
+    let l7 = tour::run(&mesh, &app, &ctl)?;
 
     let Mesh { controller, nodes, t } = mesh;
     controller.proc.leave_running();
     for node in nodes {
         node.agent.proc.leave_running();
     }
-    for s in servers {
+    for s in servers.into_iter().chain(l7) {
         s.leave_running();
     }
     t.keep();

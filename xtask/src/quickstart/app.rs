@@ -12,6 +12,7 @@ use mesh_tests::{
     Pod, Proc,
     mesh::{Mesh, yaml},
     run_in,
+    waypoint::yaml as l7,
 };
 
 use super::DIR;
@@ -20,6 +21,8 @@ pub const NAMESPACE: &str = "demo";
 pub const FRONTEND_VIP: &str = "10.96.0.30";
 pub const BACKEND_VIP: &str = "10.96.0.10";
 pub const REDIS_VIP: &str = "10.96.0.20";
+/// The name the waypoint's process joins the controller as (its Pod's nodeName).
+pub const WAYPOINT_NODE: &str = "waypoint-1";
 
 /// A pod of the demo: where it runs and as whom.
 pub struct Member {
@@ -57,18 +60,61 @@ impl App {
         let app = App { members };
         // One file: a namespace alone changes nothing nodes hold, so nothing to wait for.
         mesh.apply("10-demo.yaml", &format!("{}{}", yaml::namespace(NAMESPACE, true), app.pods_yaml()));
-        mesh.apply("20-services.yaml", &services_yaml());
+        mesh.apply("20-services.yaml", &services_yaml(false));
         let ready: Vec<(&Pod, &str, &str)> = app.members.iter().map(|m| (&m.pod, m.node, m.sa)).collect();
         mesh.wait_ready(&ready);
         Ok(app)
     }
 
+    /// The backends carry `version: v1` (the canary will be v2).
     pub fn pods_yaml(&self) -> String {
-        self.members.iter().map(|m| yaml::pod(&m.pod, m.node, m.sa, m.app)).collect()
+        self.members
+            .iter()
+            .map(|m| match m.app {
+                "backend" => l7::versioned_pod(&m.pod, m.node, m.app, "v1"),
+                _ => yaml::pod(&m.pod, m.node, m.sa, m.app),
+            })
+            .collect()
     }
 
     pub fn member(&self, name: &str) -> &Member {
         self.members.iter().find(|m| m.pod.name == format!("{NAMESPACE}/{name}")).expect("a demo pod")
+    }
+
+    /// The L7 part: a waypoint for the backend service (a Gateway of class
+    /// istio-waypoint, its pod, its process), a canary backend v2, then the
+    /// backend service bound to the waypoint. Returns the processes started.
+    pub fn add_waypoint(&self, mesh: &Mesh) -> anyhow::Result<(Pod, Vec<Proc>)> {
+        let (wp, v2) = (mesh.t.pod_in(NAMESPACE, "waypoint"), mesh.t.pod_in(NAMESPACE, "backend-v2"));
+        println!("    pod {:<16} (the waypoint, joins the controller as {WAYPOINT_NODE})  {}", wp.name, wp.ip4);
+        println!("    pod {:<16} on node2  {}  version v2 (the canary)", v2.name, v2.ip4);
+        let config = l7::gateway(NAMESPACE, "waypoint")
+            + &l7::instance(&wp, "waypoint", WAYPOINT_NODE)
+            + &l7::versioned_pod(&v2, "node2", "backend", "v2");
+        mesh.apply("40-waypoint.yaml", &config);
+        mesh.wait_ready(&[(&v2, "node2", "backend")]);
+        let mut procs = vec![self.start_backend(&v2, "backend-v2", "node2")?];
+        mesh.reach_controller(&wp);
+        procs.push(mesh.start_waypoint(&wp, WAYPOINT_NODE));
+        // Bound last, once the waypoint runs: a bound service whose waypoint is down is refused.
+        mesh.apply("20-services.yaml", &services_yaml(true));
+        mesh.wait_waypoint_current(&wp);
+        Ok((wp, procs))
+    }
+
+    fn start_backend(&self, pod: &Pod, name: &str, node: &str) -> anyhow::Result<Proc> {
+        let dir = Path::new(DIR).join("app");
+        let script = dir.join("backend.py");
+        std::fs::write(&script, BACKEND_PY)?;
+        let redis_addr = format!("{REDIS_VIP}:6379");
+        let p = Proc::spawn_in(
+            name,
+            &pod.netns,
+            &["python3", "-u", script.to_str().unwrap(), name, node, &redis_addr],
+            &dir.join(format!("{name}.log")),
+        );
+        wait_until(pod, &["curl", "-s", "-m", "2", "http://127.0.0.1:8080/"], name, &p)?;
+        Ok(p)
     }
 
     /// redis, both backends and the frontend, each answering before the next starts.
@@ -101,19 +147,9 @@ impl App {
         wait_until(redis, &["redis-cli", "-h", "127.0.0.1", "ping"], "PONG", &p)?;
         procs.push(p);
 
-        let script = dir.join("backend.py");
-        std::fs::write(&script, BACKEND_PY)?;
         for name in ["backend-1", "backend-2"] {
             let m = self.member(name);
-            let redis_addr = format!("{REDIS_VIP}:6379");
-            let p = Proc::spawn_in(
-                name,
-                &m.pod.netns,
-                &["python3", "-u", script.to_str().unwrap(), name, m.node, &redis_addr],
-                &dir.join(format!("{name}.log")),
-            );
-            wait_until(&m.pod, &["curl", "-s", "-m", "2", "http://127.0.0.1:8080/"], name, &p)?;
-            procs.push(p);
+            procs.push(self.start_backend(&m.pod, name, m.node)?);
         }
 
         let frontend = &self.member("frontend").pod;
@@ -130,14 +166,46 @@ impl App {
     }
 }
 
-fn services_yaml() -> String {
+/// The services; the backend's port is named `http` (so Istio and mesh treat
+/// it as HTTP), and `bound` labels it `istio.io/use-waypoint: waypoint`.
+fn services_yaml(bound: bool) -> String {
+    let label = if bound { ", labels: {istio.io/use-waypoint: waypoint}" } else { "" };
+    let backend = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: backend, namespace: {NAMESPACE}{label}}}\n\
+         spec: {{clusterIP: {BACKEND_VIP}, selector: {{app: backend}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n"
+    );
     [
         yaml::service(NAMESPACE, "frontend", FRONTEND_VIP, "frontend", &[(80, 80)]),
-        yaml::service(NAMESPACE, "backend", BACKEND_VIP, "backend", &[(80, 8080)]),
+        backend,
         yaml::service(NAMESPACE, "redis", REDIS_VIP, "redis", &[(6379, 6379)]),
     ]
     .concat()
 }
+
+/// The canary: DestinationRule subsets by version, and a VirtualService that
+/// sends the tester's marked requests (x-tester: yes) to v2 and 10 % of the rest.
+pub const ROUTES_YAML: &str = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: backend, namespace: demo}
+spec:
+  host: backend
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: backend, namespace: demo}
+spec:
+  hosts: [backend]
+  http:
+  - name: marked-tester
+    match: [{headers: {x-tester: {exact: 'yes'}}}]
+    route: [{destination: {host: backend, subset: v2}}]
+  - name: canary
+    route:
+    - {destination: {host: backend, subset: v1}, weight: 90}
+    - {destination: {host: backend, subset: v2}, weight: 10}
+";
 
 /// Runs `cmd` in `pod` until its output contains `want` (10 s at most).
 fn wait_until(pod: &Pod, cmd: &[&str], want: &str, server: &Proc) -> anyhow::Result<()> {

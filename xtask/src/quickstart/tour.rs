@@ -1,22 +1,25 @@
 //! What the quickstart shows once the demo runs: traffic through the mesh, the
-//! identities issued, HBONE on the wire, a policy that blocks one caller, and
-//! the metrics the proxies keep. Each claim is checked, not just printed.
+//! identities issued, HBONE on the wire, a policy that blocks one caller, a
+//! waypoint routing a canary and a marked tester, and the metrics the proxies
+//! keep. Each claim is checked, not just printed.
 use std::{collections::BTreeMap, path::Path, process::Command, thread, time::Duration};
 
 use anyhow::{Context as _, bail, ensure};
 use mesh_tests::{
     Proc,
-    mesh::{Mesh, node_metrics, yaml},
+    mesh::{Mesh, node_metrics, sum_metric, yaml},
     run_in,
+    waypoint::waypoint_metrics,
 };
 
 use super::{
     Ctl, DIR,
-    app::{App, FRONTEND_VIP, NAMESPACE, REDIS_VIP},
+    app::{App, FRONTEND_VIP, NAMESPACE, REDIS_VIP, ROUTES_YAML},
 };
 use crate::step;
 
-pub fn run(mesh: &Mesh, app: &App, ctl: &Ctl) -> anyhow::Result<()> {
+/// The tour; returns the processes it started (the waypoint, the canary), to leave running.
+pub fn run(mesh: &Mesh, app: &App, ctl: &Ctl) -> anyhow::Result<Vec<Proc>> {
     step("traffic: 20 requests from demo/tester to the frontend service; frontend -> backend service -> redis");
     let tester = &app.member("tester").pod;
     let replies = requests(tester, 20);
@@ -59,10 +62,71 @@ pub fn run(mesh: &Mesh, app: &App, ctl: &Ctl) -> anyhow::Result<()> {
     println!("    why (mesh-ctl authz explain --from demo/tester --to demo/redis:6379):");
     indent(&ctl.run(&["authz", "explain", "--from", "demo/tester", "--to", "demo/redis:6379"])?);
 
+    let procs = canary(mesh, app, ctl)?;
+
     step(
         "metrics: connections closed and bytes, as the destinations' proxies counted them (istio_tcp_*, :15020/metrics)",
     );
-    metrics(mesh)
+    metrics(mesh)?;
+    Ok(procs)
+}
+
+/// L7: a waypoint for the backend service, a canary v2 at 10 %, the tester's
+/// marked requests always to v2; the split as the waypoint counted it.
+fn canary(mesh: &Mesh, app: &App, ctl: &Ctl) -> anyhow::Result<Vec<Proc>> {
+    step(
+        "L7: a waypoint for the backend service (Gateway demo/waypoint, class istio-waypoint), and a canary backend-v2",
+    );
+    let (wp, procs) = app.add_waypoint(mesh)?;
+    println!("    the backend service is labelled istio.io/use-waypoint: waypoint; the node proxies now send its");
+    println!("    connections to the waypoint over HBONE, and the waypoint chooses a backend for every request");
+    step(
+        "routing: 90 % to v1 and 10 % to v2, and requests marked x-tester: yes always to v2 (VirtualService, DestinationRule)",
+    );
+    mesh.apply("50-routes.yaml", ROUTES_YAML);
+    mesh.wait_waypoint_current(&wp);
+    let tester = &app.member("tester").pod;
+    let labels = [("reporter", "waypoint"), ("destination_service_name", "backend"), ("response_code", "200")];
+    let by_workload = |text: &str| -> BTreeMap<String, f64> {
+        ["backend-1", "backend-2", "backend-v2"]
+            .iter()
+            .map(|w| {
+                let mut l = labels.to_vec();
+                l.push(("destination_workload", w));
+                (w.to_string(), sum_metric(text, "istio_requests_total", &l))
+            })
+            .collect()
+    };
+    let before = by_workload(&waypoint_metrics(&wp));
+    let out = run_in(&tester.netns, &["curl", "-s", "-m", "60", &format!("http://{FRONTEND_VIP}/?[1-200]")]);
+    let replies = String::from_utf8_lossy(&out.stdout);
+    ensure!(replies.lines().count() == 200, "200 replies expected, got:\n{replies}");
+    thread::sleep(Duration::from_millis(200)); // a request is counted when its response has ended
+    let after = by_workload(&waypoint_metrics(&wp));
+    let counted: BTreeMap<&String, f64> = after.iter().map(|(k, v)| (k, v - before[k])).collect();
+    let total: f64 = counted.values().sum();
+    let v2 = counted.get(&"backend-v2".to_string()).copied().unwrap_or(0.0);
+    println!(
+        "    200 requests from demo/tester, as the waypoint counted them (istio_requests_total by destination_workload):"
+    );
+    for (w, n) in &counted {
+        println!("      {w:<12} {n:>5}  ({:.0} %)", n * 100.0 / total.max(1.0));
+    }
+    ensure!(total == 200.0, "the waypoint counted {total} of 200 requests");
+    ensure!((8.0..=40.0).contains(&v2), "the canary got {v2} of 200 requests, not about 10 %");
+    let marked = run_in(
+        &tester.netns,
+        &["curl", "-s", "-m", "30", "-H", "x-tester: yes", &format!("http://{FRONTEND_VIP}/?[1-10]")],
+    );
+    let marked = String::from_utf8_lossy(&marked.stdout);
+    println!("    10 requests with x-tester: yes  ->  {}", marked.lines().next().unwrap_or("-"));
+    ensure!(
+        marked.lines().count() == 10 && marked.lines().all(|l| l.starts_with("backend-v2 ")),
+        "marked requests: {marked}"
+    );
+    println!("    why (mesh-ctl route explain --to demo/backend:80 --header x-tester=yes):");
+    indent(&ctl.run(&["route", "explain", "--to", "demo/backend:80", "--header", "x-tester=yes"])?);
+    Ok(procs)
 }
 
 /// `n` requests to the frontend from `pod`; each reply's text.
@@ -188,6 +252,8 @@ pub fn next_steps(ctl: &Ctl) {
     println!("    mesh-ctl workloads | services | policies | certs   # what the nodes see");
     println!("    mesh-ctl connections                              # live connections with identities and bytes");
     println!("    mesh-ctl authz explain --from demo/frontend --to demo/redis:6379");
+    println!("    mesh-ctl routes                                   # the waypoint's routes for the backend service");
+    println!("    mesh-ctl route explain --to demo/backend:80 --path /");
     println!("    {:<50}# validate configuration offline", format!("mesh-ctl check {DIR}/config"));
     println!("    mesh-ctl unenroll demo; mesh-ctl enroll demo      # take the namespace out of the mesh and back");
     println!("    {:<50}# more traffic", format!("ip netns exec mq-tester curl -s http://{FRONTEND_VIP}/"));
