@@ -162,13 +162,14 @@ fn wait_applied(client: &Client, generation: u64, file: &Path, deadline: Instant
 }
 
 /// The namespace's pods by node: those that must be enrolled (enroll) or
-/// every pod of the namespace (unenroll: none may stay).
+/// every pod of the namespace (unenroll: none may stay), but waypoint
+/// instances, which speak HBONE themselves and are never enrolled.
 fn pods_of(client: &Client, namespace: &str, enroll: bool) -> Result<BTreeMap<String, BTreeSet<String>>> {
     let model = client.controller("/debug/model")?;
     let mut by_node: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for w in model["workloads"].as_object().into_iter().flatten().map(|(_, w)| w) {
         let (Some(node), Some(name)) = (w["node"].as_str(), w["name"].as_str()) else { continue };
-        if w["namespace"] == namespace && (!enroll || w["captured"] == true) {
+        if w["namespace"] == namespace && w["native_tunnel"] != true && (!enroll || w["captured"] == true) {
             by_node.entry(node.to_owned()).or_default().insert(format!("{namespace}/{name}"));
         }
     }

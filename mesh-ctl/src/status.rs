@@ -1,5 +1,6 @@
-//! `mesh-ctl status`: is the controller up, which nodes are connected and in
-//! sync with the configuration, and which objects it rejected and why.
+//! `mesh-ctl status`: is the controller up, which nodes and waypoints are
+//! connected and in sync with the configuration, and which objects it
+//! rejected and why.
 use std::{
     fmt::Write as _,
     time::{SystemTime, UNIX_EPOCH},
@@ -28,17 +29,24 @@ pub fn status(client: &Client) -> Result<Report> {
         ready["generation"],
         if version.is_empty() { "-" } else { &version },
     );
-    let mut table = Table::new(&["NODE", "CONNECTED", "ADMIN", "VERSION ACKED", "IN SYNC", "LAST PUSH", "NACKS"]);
+    let mut table =
+        Table::new(&["NODE", "ROLE", "CONNECTED", "ADMIN", "VERSION ACKED", "IN SYNC", "LAST PUSH", "NACKS"]);
     for n in &nodes {
         let last_push = if n.status.last_push_unix == 0 {
             "never".into()
         } else {
             format!("{} ago", human_duration(now as i64 - n.status.last_push_unix as i64))
         };
+        let waypoint = n.status.role == "waypoint";
         table.row(vec![
             n.name.clone(),
+            if waypoint { "waypoint" } else { "node" }.into(),
             if n.status.connected { "yes" } else { "no" }.into(),
-            if n.status.admin_addr.is_empty() { "loopback only".into() } else { n.status.admin_addr.clone() },
+            match (waypoint, n.status.admin_addr.is_empty()) {
+                (true, _) => "-".into(),
+                (false, true) => "loopback only".into(),
+                (false, false) => n.status.admin_addr.clone(),
+            },
             n.status.version_acked.clone(),
             if n.status.version_acked == version { "yes" } else { "no" }.into(),
             last_push,
@@ -58,12 +66,18 @@ pub fn status(client: &Client) -> Result<Report> {
             let _ = writeln!(text, "  {r}");
         }
     }
-    let in_sync = nodes.iter().filter(|n| n.status.connected && n.status.version_acked == version).count();
+    let in_sync = |role: &str| {
+        nodes
+            .iter()
+            .filter(|n| n.status.role == role && n.status.connected && n.status.version_acked == version)
+            .count()
+    };
     let data = json!({
         "controller": { "address": client.controller, "ready": ready["ready"], "generation": ready["generation"] },
         "version": version,
         "nodes": nodes,
-        "nodes_in_sync": in_sync,
+        "nodes_in_sync": in_sync(""),
+        "waypoints_in_sync": in_sync("waypoint"),
         "rejected": rejected,
     });
     Ok(Report::new(data, text))

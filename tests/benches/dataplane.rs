@@ -1,8 +1,10 @@
 //! The data plane's cost, measured on the namespace topology (release
 //! builds): direct (pods outside the mesh) against the mesh across nodes
-//! (HBONE between two node proxies) and on one node. Figures are ratios to
-//! the direct baseline taken in the same run, interleaved, because these
-//! machines are noisy. Writes /var/tmp/mesh-bench/dataplane.json.
+//! (HBONE between two node proxies), on one node, to a service VIP at L4,
+//! and to the same service bound to a waypoint (client -> node proxy ->
+//! waypoint -> node proxy -> server). Figures are ratios to the direct
+//! baseline taken in the same run, interleaved, because these machines are
+//! noisy. Writes /var/tmp/mesh-bench/dataplane.json.
 //!
 //! Pinning: clients run on CPU 0, servers on CPU 1; the agents are not pinned
 //! (the kernel places them), as a node proxy would not be.
@@ -12,6 +14,7 @@ use mesh_tests::{
     Pod, Proc,
     mesh::{Mesh, yaml},
     run_in,
+    waypoint::yaml as l7,
 };
 use serde_json::{Value, json};
 
@@ -21,9 +24,22 @@ const ROUNDS: usize = 2;
 struct Path3<'a> {
     name: &'static str,
     client: &'a Pod,
-    server: &'a Pod,
-    /// Agents whose CPU the path costs.
+    /// The address the client dials (a pod's, or a service VIP).
+    target: String,
+    /// Agents (and the waypoint) whose CPU the path costs.
     agents: Vec<i32>,
+}
+
+const L4_VIP: &str = "10.96.0.50";
+const WAYPOINT_VIP: &str = "10.96.0.51";
+
+/// A service over `app` with an HTTP port and iperf3's TCP port, bound to the waypoint or not.
+fn service(name: &str, vip: &str, app: &str, bound: bool) -> String {
+    let label = if bound { ", labels: {istio.io/use-waypoint: waypoint}" } else { "" };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default{label}}}\n\
+         spec: {{clusterIP: {vip}, selector: {{app: {app}}}, ports: [{{name: http, port: 80}}, {{name: tcp-iperf, port: 5201}}]}}\n---\n"
+    )
 }
 
 fn main() {
@@ -36,15 +52,20 @@ fn main() {
     let s_near = mesh.t.pod("server-near");
     let d = mesh.t.pod_in("plain", "direct-client");
     let sd = mesh.t.pod_in("plain", "direct-server");
+    let wp_pod = mesh.t.pod("waypoint");
     let config = format!(
-        "{}{}{}{}{}{}{}",
+        "{}{}{}{}{}{}{}{}{}{}{}",
         yaml::namespace("default", true),
         yaml::namespace("plain", false),
         yaml::pod(&c, "node1", "client", "client"),
-        yaml::pod(&s_far, "node2", "server", "server"),
-        yaml::pod(&s_near, "node1", "server", "server"),
+        yaml::pod(&s_far, "node2", "server", "far"),
+        yaml::pod(&s_near, "node1", "server", "near"),
         yaml::pod(&d, "node1", "direct", "direct"),
         yaml::pod(&sd, "node2", "direct", "direct"),
+        l7::gateway("default", "waypoint"),
+        l7::instance(&wp_pod, "waypoint", "wp"),
+        service("far-l4", L4_VIP, "far", false),
+        service("far-l7", WAYPOINT_VIP, "far", true),
     );
     mesh.apply("mesh.yaml", &config);
     mesh.wait_ready(&[(&c, "node1", "client"), (&s_far, "node2", "server"), (&s_near, "node1", "server")]);
@@ -58,11 +79,16 @@ fn main() {
             &mesh.t.dir.join(format!("iperf-{}.log", s.ip4)),
         ));
     }
+    mesh.reach_controller(&wp_pod);
+    let waypoint = mesh.start_waypoint(&wp_pod, "wp");
     let (n1, n2) = (mesh.node("node1").agent.proc.pid(), mesh.node("node2").agent.proc.pid());
+    let ip = |p: &Pod| p.ip4.to_string();
     let paths = [
-        Path3 { name: "direct", client: &d, server: &sd, agents: vec![] },
-        Path3 { name: "mesh_cross_node", client: &c, server: &s_far, agents: vec![n1, n2] },
-        Path3 { name: "mesh_same_node", client: &c, server: &s_near, agents: vec![n1] },
+        Path3 { name: "direct", client: &d, target: ip(&sd), agents: vec![] },
+        Path3 { name: "mesh_cross_node", client: &c, target: ip(&s_far), agents: vec![n1, n2] },
+        Path3 { name: "mesh_same_node", client: &c, target: ip(&s_near), agents: vec![n1] },
+        Path3 { name: "mesh_l4_service", client: &c, target: L4_VIP.into(), agents: vec![n1, n2] },
+        Path3 { name: "mesh_waypoint", client: &c, target: WAYPOINT_VIP.into(), agents: vec![n1, n2, waypoint.pid()] },
     ];
     thread::sleep(Duration::from_millis(500));
     let idle_rss = (rss_kib(n1), rss_kib(n2));
@@ -90,6 +116,7 @@ fn main() {
             }
         }
     }
+    let waypoint_idle_rss = rss_kib(waypoint.pid());
     let open = hold_connections(&c, &s_far, 1000);
     thread::sleep(Duration::from_millis(500));
     let busy_rss = (rss_kib(n1), rss_kib(n2));
@@ -105,6 +132,7 @@ fn main() {
         "rss_kib": {
             "node1_idle": idle_rss.0, "node2_idle": idle_rss.1,
             "node1_1000_connections": busy_rss.0, "node2_1000_connections": busy_rss.1,
+            "waypoint_after_load": waypoint_idle_rss,
         },
     });
     println!(
@@ -127,19 +155,28 @@ fn main() {
         );
     }
     let mut ratios = serde_json::Map::new();
+    let l4 = summary.iter().find(|s| s["path"] == "mesh_l4_service").cloned().unwrap_or_default();
     for s in &summary[1..] {
         let name = s["path"].as_str().unwrap();
-        let r = json!({
+        let mut r = json!({
             "throughput_vs_direct": ratio(s, "throughput_gbps"),
             "max_rps_vs_direct": ratio(s, "max_rps"),
             "added_p50_ms_at_fixed_rate": s["fixed_p50_ms"].as_f64().zip(base["fixed_p50_ms"].as_f64()).map(|(a, b)| a - b),
             "added_p99_ms_at_fixed_rate": s["fixed_p99_ms"].as_f64().zip(base["fixed_p99_ms"].as_f64()).map(|(a, b)| a - b),
         });
+        if name == "mesh_waypoint" {
+            let d = |k: &str| s[k].as_f64().zip(l4[k].as_f64()).map(|(a, b)| a - b);
+            r["added_p50_ms_vs_l4_mesh"] = json!(d("fixed_p50_ms"));
+            r["added_p99_ms_vs_l4_mesh"] = json!(d("fixed_p99_ms"));
+            r["max_rps_vs_l4_mesh"] = json!(s["max_rps"].as_f64().zip(l4["max_rps"].as_f64()).map(|(a, b)| a / b));
+        }
         println!("{name}: {r}");
         ratios.insert(name.into(), r);
     }
     report["vs_direct"] = Value::Object(ratios);
-    println!("RSS KiB: idle {idle_rss:?}, with 1000 open connections {busy_rss:?} (node1, node2)");
+    println!(
+        "RSS KiB: idle {idle_rss:?}, with 1000 open connections {busy_rss:?} (node1, node2); waypoint {waypoint_idle_rss}"
+    );
     let dir = Path::new("/var/tmp/mesh-bench");
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("dataplane.json"), serde_json::to_string_pretty(&report).unwrap()).unwrap();
@@ -168,17 +205,14 @@ fn median_all(r: &Value) -> Value {
 }
 
 fn iperf(p: &Path3) -> f64 {
-    let out = run_in(
-        &p.client.netns,
-        &["taskset", "-c", "0", "iperf3", "-c", &p.server.ip4.to_string(), "-t", SECONDS, "-J"],
-    );
+    let out = run_in(&p.client.netns, &["taskset", "-c", "0", "iperf3", "-c", &p.target, "-t", SECONDS, "-J"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
 }
 
 /// hey at a fixed total rate (`rps`, 10 connections): (achieved rps, latency percentiles in ms).
 fn hey(p: &Path3, rps: u32) -> (f64, Vec<(&'static str, f64)>) {
-    let url = format!("http://{}/", p.server.ip4);
+    let url = format!("http://{}/", p.target);
     let per_worker = (rps / 10).to_string();
     let duration = format!("{SECONDS}s");
     let out =
@@ -202,7 +236,7 @@ fn hey(p: &Path3, rps: u32) -> (f64, Vec<(&'static str, f64)>) {
 
 /// wrk at its maximum rate (1 thread, 10 connections): (rps, requests, latency percentiles in ms).
 fn wrk(p: &Path3) -> (f64, f64, Vec<(&'static str, f64)>) {
-    let url = format!("http://{}/", p.server.ip4);
+    let url = format!("http://{}/", p.target);
     let duration = format!("{SECONDS}s");
     let out =
         run_in(&p.client.netns, &["taskset", "-c", "0", "wrk", "-t1", "-c10", "-d", &duration, "--latency", &url]);

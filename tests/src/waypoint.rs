@@ -108,8 +108,9 @@ pub mod yaml {
         let (ns, name) = p.name.split_once('/').unwrap();
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{GATEWAY_NAME_LABEL}: {gateway}}}}}\n\
-             spec: {{nodeName: {node}, serviceAccountName: {gateway}}}\nstatus: {{podIP: {}}}\n---\n",
-            p.ip4
+             spec: {{nodeName: {node}, serviceAccountName: {gateway}}}\n\
+             status: {{podIP: {}, podIPs: [{{ip: {}}}, {{ip: {}}}]}}\n---\n",
+            p.ip4, p.ip4, p.ip6
         )
     }
 
@@ -119,9 +120,11 @@ pub mod yaml {
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}, version: {version}}}, \
              annotations: {{{NETNS_ANNOTATION}: {}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {app}}}\n\
-             status: {{podIP: {}}}\n---\n",
+             status: {{podIP: {}, podIPs: [{{ip: {}}}, {{ip: {}}}]}}\n---\n",
             p.netns.display(),
-            p.ip4
+            p.ip4,
+            p.ip4,
+            p.ip6
         )
     }
 

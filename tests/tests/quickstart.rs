@@ -108,13 +108,16 @@ fn quickstart_then_every_mesh_ctl_command_then_down() {
         "Error: Connection reset by peer",
         "decision  DENY: ALLOW policies apply and none matched",
         "RBAC",
+        "as the waypoint counted them (istio_requests_total by destination_workload)",
+        "10 requests with x-tester: yes  ->  backend-v2 on node2",
+        "1. VirtualService/demo/backend/marked-tester: MATCHES",
         "the mesh keeps running",
     ] {
         assert!(tour.contains(want), "the tour lacks {want:?}:\n{tour}");
     }
 
     let pods = config_pods();
-    assert_eq!(pods.len(), 5);
+    assert_eq!(pods.len(), 7, "five demo pods, the canary and the waypoint's");
     mesh_ctl_views(&pods);
     mesh_ctl_connections(&pods);
     mesh_ctl_explain_check_status();
@@ -304,7 +307,16 @@ fn enroll_round_trip(pods: &[(String, String, String, String, String)]) {
     let out = ctl(&["unenroll", "demo"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("namespace demo unenrolled"), "{}", text(&out));
-    assert!(ctl_json(&["workloads"]).as_array().unwrap().iter().all(|w| w["protocol"] == "TCP"));
+    // Every pod leaves the mesh but the waypoint's, which speaks HBONE itself.
+    let protocols = |w: &Value| (w["name"] == "waypoint", w["protocol"].as_str().unwrap_or_default().to_owned());
+    assert!(
+        ctl_json(&["workloads"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(protocols)
+            .all(|(wp, p)| p == if wp { "HBONE" } else { "TCP" })
+    );
     let capture = Capture::start_in(net, Path::new(DIR), &tester, &backend);
     let reply = run_in(&tester.netns, &["curl", "-s", "-m", "5", &url]);
     assert!(String::from_utf8_lossy(&reply.stdout).contains("backend-2 on node2"), "{}", text(&reply));

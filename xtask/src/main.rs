@@ -64,7 +64,7 @@ fn bench() -> anyhow::Result<()> {
     step("controller at scale: 10 000 pods, 2 000 services, 1 000 policies, 100 nodes");
     cargo(&["bench", "-p", "mesh-controller", "--bench", "scale"])?;
     step("data plane: direct vs mesh across nodes vs mesh on one node (iperf3, hey, wrk against nginx)");
-    cargo(&["build", "--release", "-p", "mesh-node", "-p", "mesh-controller"])?;
+    cargo(&["build", "--release", "-p", "mesh-node", "-p", "mesh-waypoint", "-p", "mesh-controller"])?;
     cargo(&["bench", "-p", "mesh-tests", "--bench", "dataplane"])
 }
 
