@@ -35,7 +35,7 @@ pub fn enroll(client: &Client, namespace: &str, enroll: bool, timeout: Duration)
         Some(o) => {
             let file = PathBuf::from(o["origin"]["file"].as_str().unwrap_or_default());
             let line = o["origin"]["line"].as_u64().unwrap_or(0) as usize;
-            set_label_in_file(&file, line, enroll)?.then_some(file)
+            set_label_in_file(&file, line, LABEL, enroll.then_some("ambient"))?.then_some(file)
         }
         None if enroll => {
             let file = dir.join(format!("namespace-{namespace}.yaml"));
@@ -70,13 +70,14 @@ pub fn enroll(client: &Client, namespace: &str, enroll: bool, timeout: Duration)
     Ok(Report::new(data, text))
 }
 
-/// Sets or removes the label on the document starting at `line` of `file`.
-/// `false`: it already was as wanted. Other documents are kept byte for byte.
-fn set_label_in_file(file: &Path, line: usize, enroll: bool) -> Result<bool> {
+/// Sets label `label` to `want` (`None`: removes it) on the document
+/// starting at `line` of `file`. `false`: it already was as wanted. Other
+/// documents are kept byte for byte.
+pub fn set_label_in_file(file: &Path, line: usize, label: &str, want: Option<&str>) -> Result<bool> {
     let text =
         std::fs::read_to_string(file).map_err(|e| CtlError::new(format!("cannot read {}: {e}", file.display())))?;
     let doc = split_documents(file, &text).into_iter().find(|d| d.line == line).ok_or_else(|| {
-        CtlError::new(format!("{}:{line}: the Namespace the controller read there is gone", file.display()))
+        CtlError::new(format!("{}:{line}: the object the controller read there is gone", file.display()))
             .hint("the file changed since; run the command again")
     })?;
     let where_ = format!("{}:{line}", file.display());
@@ -91,15 +92,13 @@ fn set_label_in_file(file: &Path, line: usize, enroll: bool) -> Result<bool> {
         metadata.insert(labels_key.clone(), Yaml::Mapping(Default::default()));
     }
     let Some(Yaml::Mapping(labels)) = metadata.get_mut(&labels_key) else { unreachable!("inserted above") };
-    let current = labels.get(LABEL).and_then(Yaml::as_str).map(str::to_owned);
-    match (enroll, current.as_deref()) {
-        (true, Some("ambient")) | (false, None) => return Ok(false),
-        (true, _) => {
-            labels.insert(LABEL.into(), "ambient".into());
-        }
-        (false, Some(_)) => {
-            labels.remove(LABEL);
-        }
+    let current = labels.get(label).and_then(Yaml::as_str).map(str::to_owned);
+    if current.as_deref() == want {
+        return Ok(false);
+    }
+    match want {
+        Some(v) => drop(labels.insert(label.into(), v.into())),
+        None => drop(labels.remove(label)),
     }
     if labels.is_empty() {
         metadata.remove(&labels_key);
@@ -108,22 +107,40 @@ fn set_label_in_file(file: &Path, line: usize, enroll: bool) -> Result<bool> {
     // Comments leading the document stay; the rest of it is rewritten.
     let comments: String =
         doc.text.lines().take_while(|l| l.trim_start().starts_with('#')).map(|l| format!("{l}\n")).collect();
+    write_atomic(file, &replace_document(&text, line, Some(&format!("{comments}{body}"))))?;
+    Ok(true)
+}
+
+/// `text` with the document starting at `line` replaced by `with` (`None`:
+/// removed, with its separator); the other documents byte for byte.
+pub fn replace_document(text: &str, line: usize, with: Option<&str>) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let start = line - 1;
     let end = (start..lines.len()).find(|&i| i > start && lines[i].starts_with("---")).unwrap_or(lines.len());
     let mut out: String = lines[..start].iter().map(|l| format!("{l}\n")).collect();
-    out.push_str(&comments);
-    out.push_str(&body);
+    match with {
+        Some(doc) => out.push_str(doc),
+        // Removed: its separator goes too (the one after it, or the one before it when it was last).
+        None if end < lines.len() => {
+            return out + &lines[end + 1..].iter().map(|l| format!("{l}\n")).collect::<String>();
+        }
+        None => {
+            if out.trim_end().ends_with("---") {
+                let trimmed = out.trim_end().trim_end_matches("---").to_owned();
+                out = trimmed;
+            }
+            return out;
+        }
+    }
     for l in &lines[end..] {
         out.push_str(l);
         out.push('\n');
     }
-    write_atomic(file, &out)?;
-    Ok(true)
+    out
 }
 
 /// Written beside the target under a hidden name (the controller skips those), then renamed.
-fn write_atomic(file: &Path, text: &str) -> Result<()> {
+pub fn write_atomic(file: &Path, text: &str) -> Result<()> {
     let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = file.with_file_name(format!(".{name}.mesh-ctl"));
     std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, file)).map_err(|e| {
@@ -134,7 +151,7 @@ fn write_atomic(file: &Path, text: &str) -> Result<()> {
 
 /// Waits until the controller has read the change; fails with its complaint
 /// when it rejected the file.
-fn wait_applied(client: &Client, generation: u64, file: &Path, deadline: Instant) -> Result<()> {
+pub fn wait_applied(client: &Client, generation: u64, file: &Path, deadline: Instant) -> Result<()> {
     loop {
         let ready = client.controller("/healthz/ready")?;
         if ready["generation"].as_u64().unwrap_or(0) > generation {
@@ -229,5 +246,20 @@ fn wait_nodes(
                 .hint("`mesh-ctl status` shows whether every node is connected and in sync"));
         }
         thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_document;
+
+    #[test]
+    fn documents_are_replaced_or_removed_keeping_the_others() {
+        let text = "a: 1\n---\nb: 2\nc: 3\n---\nd: 4\n";
+        assert_eq!(replace_document(text, 3, Some("x: 9\n")), "a: 1\n---\nx: 9\n---\nd: 4\n");
+        assert_eq!(replace_document(text, 3, None), "a: 1\n---\nd: 4\n");
+        assert_eq!(replace_document(text, 1, None), "b: 2\nc: 3\n---\nd: 4\n");
+        assert_eq!(replace_document(text, 6, None), "a: 1\n---\nb: 2\nc: 3\n");
+        assert_eq!(replace_document("only: 1\n", 1, None), "");
     }
 }

@@ -10,6 +10,7 @@ mod output;
 mod route;
 mod status;
 mod views;
+mod waypoint;
 
 use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -88,6 +89,9 @@ enum Cmd {
     /// Routing questions.
     #[command(subcommand)]
     Route(RouteCmd),
+    /// Declare, bind, inspect and remove waypoints (L7 proxies for a namespace's services).
+    #[command(subcommand)]
+    Waypoint(WaypointCmd),
     /// Label a namespace ambient in the configuration, and wait until every node has enrolled its pods.
     #[command(after_help = "Examples:\n  mesh-ctl enroll demo\n  mesh-ctl enroll demo --wait 120")]
     Enroll(EnrollArgs),
@@ -116,6 +120,54 @@ enum AuthzCmd {
         to: String,
         #[command(flatten)]
         nodes: NodeSelector,
+    },
+}
+
+#[derive(Subcommand)]
+enum WaypointCmd {
+    /// Write a waypoint's Gateway (class istio-waypoint) into the configuration, bind the namespace, wait until the nodes use it.
+    #[command(
+        after_help = "Examples:\n  mesh-ctl waypoint apply -n demo --enroll-namespace\n  mesh-ctl waypoint apply -n demo reviews-wp --for service\n\nThe instances are mesh-waypoint processes (a Deployment on Kubernetes: deploy/waypoint/); apply says how to run one when none does."
+    )]
+    Apply {
+        #[arg(short, long)]
+        namespace: String,
+        /// The Gateway's name.
+        #[arg(default_value = "waypoint")]
+        name: String,
+        /// What traffic it takes (istio.io/waypoint-for).
+        #[arg(long = "for", default_value = "service", value_parser = ["service", "workload", "all", "none"])]
+        for_traffic: String,
+        /// Label the namespace istio.io/use-waypoint: NAME, so its services use the waypoint.
+        #[arg(long)]
+        enroll_namespace: bool,
+        /// Give up waiting for the nodes after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// The waypoints, their instances (ready: connected and in sync) and the services bound to them.
+    #[command(after_help = "Examples:\n  mesh-ctl waypoint list\n  mesh-ctl waypoint list -n demo -o json")]
+    List {
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// One waypoint: each instance and its connection to the controller, the services bound to it.
+    #[command(after_help = "Examples:\n  mesh-ctl waypoint status -n demo")]
+    Status {
+        #[arg(short, long)]
+        namespace: String,
+        #[arg(default_value = "waypoint")]
+        name: String,
+    },
+    /// Remove a waypoint's Gateway from the configuration, and its namespace binding.
+    #[command(after_help = "Examples:\n  mesh-ctl waypoint delete -n demo")]
+    Delete {
+        #[arg(short, long)]
+        namespace: String,
+        #[arg(default_value = "waypoint")]
+        name: String,
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
     },
 }
 
@@ -170,6 +222,21 @@ fn main() -> ExitCode {
         Cmd::Check { paths } => check::check(paths),
         Cmd::Authz(AuthzCmd::Explain { from, to, nodes }) => explain::explain(&client, nodes, from, to),
         Cmd::Routes { service, nodes } => route::routes(&client, nodes, service.as_deref()),
+        Cmd::Waypoint(WaypointCmd::Apply { namespace, name, for_traffic, enroll_namespace, wait }) => {
+            let a = waypoint::Apply {
+                namespace,
+                name,
+                for_traffic,
+                enroll_namespace: *enroll_namespace,
+                timeout: Duration::from_secs(*wait),
+            };
+            waypoint::apply(&client, &a)
+        }
+        Cmd::Waypoint(WaypointCmd::List { namespace }) => waypoint::list(&client, namespace.as_deref()),
+        Cmd::Waypoint(WaypointCmd::Status { namespace, name }) => waypoint::status(&client, namespace, name),
+        Cmd::Waypoint(WaypointCmd::Delete { namespace, name, wait }) => {
+            waypoint::delete(&client, namespace, name, Duration::from_secs(*wait))
+        }
         Cmd::Route(RouteCmd::Explain { to, method, path, authority, headers, nodes }) => route::parse_headers(headers)
             .and_then(|headers| {
                 let req = route::Request { to, method, path, authority: authority.as_deref(), headers: &headers };

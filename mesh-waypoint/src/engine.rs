@@ -36,8 +36,9 @@ pub struct Downstream {
     pub port: u16,
     /// The port's declared protocol (`http`, `http2`, `grpc`, or empty).
     pub protocol: String,
-    /// The client's identity, proved by its certificate.
-    pub peer: SpiffeId,
+    /// The client's identity, proved by its certificate (`None` on a
+    /// plaintext listener: a client outside the mesh).
+    pub peer: Option<SpiffeId>,
     pub peer_addr: SocketAddr,
 }
 
@@ -470,7 +471,7 @@ fn finish(
             upstream = %rec.upstream.map(|u| u.to_string()).unwrap_or_default(),
             route = %rec.route,
             attempts = rec.attempts,
-            source = %ds.peer,
+            source = %ds.peer.as_ref().map(ToString::to_string).unwrap_or_default(),
             destination = %labels.destination_principal,
             destination_service = %labels.destination_service,
             request_id = %rec.request_id,
@@ -490,14 +491,14 @@ fn labels(
 ) -> RequestLabels {
     let view = wp.proxy.state.view();
     let unknown = || "unknown".to_string();
-    let source = view.workload_by_ip(ds.peer_addr.ip()).filter(|w| w.identity == ds.peer);
+    let source = view.workload_by_ip(ds.peer_addr.ip()).filter(|w| Some(&w.identity) == ds.peer.as_ref());
     let dst = rec.upstream_workload.as_ref();
     let svc = rec.backend_service.as_ref().unwrap_or(&ds.service);
     RequestLabels {
         reporter: "waypoint",
         source_workload: source.map_or_else(unknown, |w| w.wire.name.clone()),
-        source_workload_namespace: ds.peer.namespace().to_owned(),
-        source_principal: ds.peer.to_string(),
+        source_workload_namespace: ds.peer.as_ref().map_or_else(unknown, |p| p.namespace().to_owned()),
+        source_principal: ds.peer.as_ref().map_or_else(unknown, ToString::to_string),
         source_canonical_service: source.map_or_else(unknown, |w| w.canonical_service().to_owned()),
         destination_workload: dst.map_or_else(unknown, |w| w.wire.name.clone()),
         destination_workload_namespace: dst.map_or_else(unknown, |w| w.wire.namespace.clone()),
@@ -510,6 +511,6 @@ fn labels(
         response_code: status,
         grpc_response_status,
         response_flags,
-        connection_security_policy: "mutual_tls",
+        connection_security_policy: if ds.peer.is_some() { "mutual_tls" } else { "none" },
     }
 }

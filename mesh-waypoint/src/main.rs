@@ -47,6 +47,10 @@ struct Args {
     /// How long open requests may run on after SIGTERM.
     #[arg(long, default_value = "5s", value_parser = |s: &str| mesh_common::parse_duration(s))]
     drain: Duration,
+    /// A plaintext HTTP listener for one service port, `ADDR=NAMESPACE/SERVICE:PORT`
+    /// (repeatable): clients outside the mesh get the same routing (no identity).
+    #[arg(long = "listen-plain", value_parser = parse_plain)]
+    listen_plain: Vec<(SocketAddr, String, u16)>,
     /// `json` for one JSON object per line (the access log too).
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -83,6 +87,11 @@ async fn main() -> anyhow::Result<()> {
     let ready = TcpListener::bind(args.ready_addr).await.with_context(|| format!("binding {}", args.ready_addr))?;
     info!(hbone = %args.hbone_addr, metrics = %args.metrics_addr, ready = %args.ready_addr, node = %args.node_name, "waypoint listening");
     tokio::spawn(server::serve_hbone(hbone, wp.clone()));
+    for (addr, service, port) in &args.listen_plain {
+        let l = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        info!(listen = %addr, service = %service, port, "plaintext listener");
+        tokio::spawn(server::serve_plain(l, wp.clone(), service.clone(), *port));
+    }
     let registry = Arc::new(registry);
     tokio::spawn(serve_plain(metrics, {
         let registry = registry.clone();
@@ -159,6 +168,17 @@ where
                 .await;
         });
     }
+}
+
+/// `ADDR=NAMESPACE/SERVICE:PORT`.
+fn parse_plain(s: &str) -> Result<(SocketAddr, String, u16), String> {
+    let bad = || format!("{s:?}: expected ADDR=NAMESPACE/SERVICE:PORT, e.g. 0.0.0.0:8080=demo/backend:80");
+    let (addr, target) = s.split_once('=').ok_or_else(bad)?;
+    let (service, port) = target.rsplit_once(':').ok_or_else(bad)?;
+    if !service.contains('/') {
+        return Err(bad());
+    }
+    Ok((addr.parse().map_err(|_| bad())?, service.to_owned(), port.parse().map_err(|_| bad())?))
 }
 
 fn init_tracing(format: &str) {

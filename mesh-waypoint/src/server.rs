@@ -74,7 +74,7 @@ impl TunnelHandler for Tunnels {
             service,
             port: target.port(),
             protocol: port,
-            peer: request.peer.clone(),
+            peer: Some(request.peer.clone()),
             peer_addr: request.peer_addr,
         });
         let Ok(mut tunnel) = request.accept() else { return };
@@ -110,8 +110,35 @@ impl TunnelHandler for Tunnels {
     }
 }
 
+/// A plaintext HTTP listener for one service port (`--listen-plain`):
+/// clients outside the mesh (an ingress, a benchmark's load generator) get
+/// the same per-request engine, without an identity.
+pub async fn serve_plain(listener: TcpListener, wp: Arc<Waypoint>, service: String, port: u16) {
+    loop {
+        let (tcp, peer_addr) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let Some(svc) = wp.proxy.state.view().service(&service).cloned() else {
+            debug!(service = %service, "plaintext connection dropped: no such service (yet)");
+            continue;
+        };
+        let protocol = svc.port(port).map(|p| p.protocol.clone()).unwrap_or_default();
+        let ds = Arc::new(Downstream { service: svc, port, protocol, peer: None, peer_addr });
+        tokio::spawn(serve_http(tcp, wp.clone(), ds));
+    }
+}
+
 /// HTTP/1.1 or HTTP/2 (prior knowledge) on one client connection.
-async fn serve_http(io: tokio::io::DuplexStream, wp: Arc<Waypoint>, ds: Arc<Downstream>) {
+async fn serve_http<I>(io: I, wp: Arc<Waypoint>, ds: Arc<Downstream>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |req| {
         let (wp, ds) = (wp.clone(), ds.clone());
         async move { Ok::<_, Infallible>(engine::handle(wp, ds, req).await) }

@@ -28,14 +28,25 @@ impl Mesh {
     /// connected), joined as `node`, and waits until it is ready: it has the
     /// configuration and a certificate for its identity.
     pub fn start_waypoint(&self, pod: &Pod, node: &str) -> Proc {
+        self.start_waypoint_with(pod, node, &[], None, "info")
+    }
+
+    /// Like [`Self::start_waypoint`], with `extra` flags, pinned to `cpus`
+    /// (taskset's list) when given, logging with `RUST_LOG=log`.
+    pub fn start_waypoint_with(&self, pod: &Pod, node: &str, extra: &[&str], cpus: Option<&str>, log: &str) -> Proc {
         let bin = sibling_bin("mesh-waypoint");
         let state = format!("{STATE_ROOT}/{}/waypoint-{node}", self.t.id);
-        let log = self.t.dir.join(format!("waypoint-{node}-{}.log", now_millis()));
-        let mut args: Vec<String> =
-            vec![bin.display().to_string(), "--state-dir".into(), state, "--log-format".into(), "json".into()];
+        let log_file = self.t.dir.join(format!("waypoint-{node}-{}.log", now_millis()));
+        // env and taskset exec the waypoint: the process keeps the pid the caller measures.
+        let mut args: Vec<String> = vec!["env".into(), format!("RUST_LOG={log}")];
+        if let Some(cpus) = cpus {
+            args.extend(["taskset".into(), "-c".into(), cpus.into()]);
+        }
+        args.extend([bin.display().to_string(), "--state-dir".into(), state, "--log-format".into(), "json".into()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
         args.extend(self.controller.agent_args(node));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut proc = Proc::spawn_in(&format!("waypoint {node}"), &pod.netns, &args, &log);
+        let mut proc = Proc::spawn_in(&format!("waypoint {node}"), &pod.netns, &args, &log_file);
         let deadline = Instant::now() + crate::patience(Duration::from_secs(20));
         while !ready(&pod.netns) {
             assert!(proc.is_running(), "waypoint exited:\n{}", proc.log_text());

@@ -360,6 +360,33 @@ fn waypoint_down_means_refused_not_bypassed() {
     s.wp = s.mesh.start_waypoint(&s.wp_pod, "wp-1");
     let (ok, _) = curl(&s.client, &[&url]);
     assert!(ok, "traffic did not flow again after the restart:\n{}", s.wp.log_text());
+
+    // mesh-ctl sees the instance; delete unbinds the namespace, apply binds it again.
+    let ctl = |args: &[&str]| {
+        let out = s.mesh.ctl(args);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "mesh-ctl {args:?}: {text}");
+        text
+    };
+    let status = ctl(&["waypoint", "status", "-n", "default"]);
+    assert!(status.contains("instance default/waypoint on wp-1") && status.contains("connected, in sync"), "{status}");
+    assert!(status.contains("default/backend"), "{status}");
+    let list = ctl(&["waypoint", "list"]);
+    assert!(list.contains("1/1"), "{list}");
+    let deleted = ctl(&["waypoint", "delete", "-n", "default"]);
+    assert!(
+        deleted.contains("Gateway default/waypoint removed from")
+            && deleted.contains("label istio.io/use-waypoint removed"),
+        "{deleted}"
+    );
+    let before = access_log(&s.wp).len();
+    let (ok, _) = curl(&s.client, &[&url]);
+    assert!(ok && access_log(&s.wp).len() == before, "unbound: the service is reached at L4, not through the waypoint");
+    let applied = ctl(&["waypoint", "apply", "-n", "default", "--enroll-namespace"]);
+    assert!(applied.contains("4 service(s) bound on every node") && applied.contains("1 instance(s)"), "{applied}");
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let (ok, _) = curl(&s.client, &[&url]);
+    assert!(ok && access_log(&s.wp).len() > before, "bound again: through the waypoint\n{}", s.wp.log_text());
 }
 
 /// Points 1 and 3 for gRPC: a real gRPC client (python3-grpcio) on one

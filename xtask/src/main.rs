@@ -65,7 +65,12 @@ fn bench() -> anyhow::Result<()> {
     cargo(&["bench", "-p", "mesh-controller", "--bench", "scale"])?;
     step("data plane: direct vs mesh across nodes vs mesh on one node (iperf3, hey, wrk against nginx)");
     cargo(&["build", "--release", "-p", "mesh-node", "-p", "mesh-waypoint", "-p", "mesh-controller"])?;
-    cargo(&["bench", "-p", "mesh-tests", "--bench", "dataplane"])
+    cargo(&["bench", "-p", "mesh-tests", "--bench", "dataplane"])?;
+    step("the waypoint's HTTP engine as a plain reverse proxy against Envoy 1.40 and HAProxy (wrk, h2load, hey, RSS)");
+    let envoy = prereqs::ensure_envoy()?;
+    // SAFETY: single-threaded here; the bench reads it.
+    unsafe { std::env::set_var("MESH_ENVOY_BIN", &envoy) };
+    cargo(&["bench", "-p", "mesh-tests", "--bench", "l7"])
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {

