@@ -250,7 +250,7 @@ clusters:\n{}{}",
 /// see `h2load`), two servers weighted 90/10 (both the nginx), stats on, no log, one thread.
 fn start_haproxy(mesh: &Mesh, pod: &Pod, server: &Pod) -> Proc {
     let conf = format!(
-        "global\n  nbthread 1\n  cpu-map 1/1 1\n  maxconn 20000\n\
+        "global\n  nbthread 1\n  cpu-map 1/1 1\n  maxconn 8000\n\
 defaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n\
 frontend web\n  bind 0.0.0.0:{}\n  bind 0.0.0.0:{} proto h2\n  stats enable\n  stats uri /haproxy-stats\n  default_backend web\n\
 backend web\n  balance random\n  server a {ip}:80 weight 90\n  server b {ip}:80 weight 10\n",
