@@ -67,6 +67,7 @@ struct Record {
 }
 
 pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, req: Request<Incoming>) -> Response<HttpBody> {
+    let in_flight = wp.request_started();
     wp.budget.deposit();
     let view = wp.proxy.state.view();
     let (mut parts, body) = req.into_parts();
@@ -95,7 +96,7 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, req: Request<Incomin
     };
     let (body, recorded) = Recording::new(body.map_err(Into::into).boxed());
     let response = route_and_send(&wp, &ds, &view, &mut parts, body, &recorded, &mut rec).await;
-    finish(wp, ds, rec, recorded, response)
+    finish(wp, ds, rec, recorded, response, in_flight)
 }
 
 /// A local answer, with its response flag.
@@ -446,11 +447,13 @@ fn finish(
     rec: Record,
     recorded: Recorded,
     response: Response<HttpBody>,
+    in_flight: crate::InFlight,
 ) -> Response<HttpBody> {
     let status = response.status().as_u16();
     let header_grpc = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(String::from);
     let (parts, body) = response.into_parts();
     let body = Counting::new(body, move |ended: Ended| {
+        drop(in_flight);
         let grpc_status = ended.grpc_status.or(header_grpc).filter(|_| rec.grpc).unwrap_or_default();
         let flags = if ended.cut && rec.flags == "-" { "DC" } else { rec.flags };
         let labels = labels(&wp, &ds, &rec, status, grpc_status.clone(), flags);

@@ -18,7 +18,10 @@ pub mod retry;
 pub mod server;
 pub mod upstream;
 
-use std::sync::{Arc, RwLock};
+use std::sync::{
+    Arc, RwLock,
+    atomic::{AtomicBool, AtomicUsize, Ordering},
+};
 
 use mesh_common::identity::SpiffeId;
 use mesh_proxy::Proxy;
@@ -32,6 +35,18 @@ pub struct Waypoint {
     /// The identity this waypoint serves as (its instance's), once the
     /// controller has named it and a certificate is held.
     me: RwLock<Option<SpiffeId>>,
+    /// Requests whose response has not ended yet.
+    in_flight: AtomicUsize,
+    draining: AtomicBool,
+}
+
+/// Counts one request in flight until dropped (when its response has ended).
+pub struct InFlight(Arc<Waypoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Waypoint {
@@ -42,7 +57,27 @@ impl Waypoint {
             metrics,
             budget: retry::Budget::default(),
             me: RwLock::default(),
+            in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
         })
+    }
+
+    /// Counts a request in flight for as long as the guard lives.
+    pub fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Starts draining: readiness turns false, HBONE peers get GOAWAY (no new
+    /// tunnels), client connections close once their request is answered;
+    /// requests in flight run on.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.proxy.start_drain();
     }
 
     pub fn identity(&self) -> Option<SpiffeId> {
@@ -53,8 +88,10 @@ impl Waypoint {
         *self.me.write().unwrap_or_else(|e| e.into_inner()) = id;
     }
 
-    /// Ready: configuration received and a certificate held for its identity.
+    /// Ready: not draining, configuration received and a certificate held for its identity.
     pub fn ready(&self) -> bool {
-        !self.proxy.state.is_empty() && self.identity().is_some_and(|id| self.proxy.identities.get(&id).is_some())
+        !self.draining.load(Ordering::Relaxed)
+            && !self.proxy.state.is_empty()
+            && self.identity().is_some_and(|id| self.proxy.identities.get(&id).is_some())
     }
 }

@@ -117,9 +117,16 @@ async fn main() -> anyhow::Result<()> {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    info!(deadline = ?args.drain, "draining: no new tunnels, open requests run on");
-    proxy.start_drain();
-    tokio::time::sleep(args.drain.min(Duration::from_secs(1))).await;
+    info!(deadline = ?args.drain, in_flight = wp.in_flight(), "draining: no new tunnels, open requests run on");
+    wp.start_drain();
+    let deadline = tokio::time::Instant::now() + args.drain;
+    while wp.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match wp.in_flight() {
+        0 => info!("drained: no request left"),
+        n => tracing::warn!(in_flight = n, "drain deadline reached: cutting the requests still open"),
+    }
     Ok(())
 }
 

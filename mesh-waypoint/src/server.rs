@@ -139,13 +139,25 @@ async fn serve_http<I>(io: I, wp: Arc<Waypoint>, ds: Arc<Downstream>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let draining = wp.proxy.draining();
     let service = service_fn(move |req| {
         let (wp, ds) = (wp.clone(), ds.clone());
         async move { Ok::<_, Infallible>(engine::handle(wp, ds, req).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(1000);
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let mut draining = std::pin::pin!(draining);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = &mut draining => {
+            // Answer what is in flight, then close (HTTP/1: Connection: close; HTTP/2: GOAWAY).
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         debug!("client connection ended: {e}");
     }
 }

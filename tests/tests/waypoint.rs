@@ -21,6 +21,7 @@ const BACKEND_VIP: &str = "10.96.0.10";
 const ALL_VIP: &str = "10.96.0.11";
 const FLAKY_VIP: &str = "10.96.0.12";
 const GRPC_VIP: &str = "10.96.0.13";
+const UNDECLARED_VIP: &str = "10.96.0.14";
 
 struct Setup {
     mesh: Mesh,
@@ -54,6 +55,11 @@ fn setup(test: &str) -> Option<Setup> {
     config += &format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: grpc, namespace: default}}\n\
          spec: {{clusterIP: {GRPC_VIP}, selector: {{app: backend}}, ports: [{{name: grpc, port: 9090}}]}}\n---\n"
+    );
+    // Ports without a declared protocol: the waypoint detects it.
+    config += &format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: undeclared, namespace: default}}\n\
+         spec: {{clusterIP: {UNDECLARED_VIP}, selector: {{app: flaky}}, ports: [{{port: 80, targetPort: 8080}}, {{port: 7000}}]}}\n---\n"
     );
     mesh.apply("mesh.yaml", &config);
     let mut ready = vec![(&client, "node1", "client")];
@@ -383,7 +389,8 @@ fn waypoint_down_means_refused_not_bypassed() {
     let (ok, _) = curl(&s.client, &[&url]);
     assert!(ok && access_log(&s.wp).len() == before, "unbound: the service is reached at L4, not through the waypoint");
     let applied = ctl(&["waypoint", "apply", "-n", "default", "--enroll-namespace"]);
-    assert!(applied.contains("4 service(s) bound on every node") && applied.contains("1 instance(s)"), "{applied}");
+    // backend, all, flaky, grpc and undeclared.
+    assert!(applied.contains("5 service(s) bound on every node") && applied.contains("1 instance(s)"), "{applied}");
     s.mesh.wait_waypoint_current(&s.wp_pod);
     let (ok, _) = curl(&s.client, &[&url]);
     assert!(ok && access_log(&s.wp).len() > before, "bound again: through the waypoint\n{}", s.wp.log_text());
@@ -439,4 +446,86 @@ fn grpc_calls_of_every_kind_through_the_waypoint() {
         assert!(off.is_empty(), "segments between {} and {} not on 15008: {off:?}", a.name, b.name);
         assert!(tls > 0, "no TLS application data between {} and {}", a.name, b.name);
     }
+}
+
+/// A server that speaks first (a banner on accept, as SMTP, MySQL or FTP do),
+/// then echoes.
+const BANNER_SERVER: &str = r#"
+import socket, threading
+s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); s.bind(("::", 7000)); s.listen(16)
+print("listening", flush=True)
+def serve(c):
+    c.sendall(b"220 banner\r\n")
+    while True:
+        b = c.recv(4096)
+        if not b: break
+        c.sendall(b)
+    c.close()
+while True:
+    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// A client that waits for the server's banner, then sends and reads an echo;
+/// prints how long the banner took.
+const BANNER_CLIENT: &str = r#"
+import socket, sys, time
+t = time.time()
+c = socket.create_connection((sys.argv[1], 7000), timeout=10)
+banner = c.recv(64)
+took = time.time() - t
+c.sendall(b"ping"); echo = c.recv(64)
+print(banner.decode().strip(), echo.decode(), "%.3f" % took, sep="|")
+"#;
+
+/// Point 4's detection: a port without a declared protocol is served as HTTP
+/// when its client speaks HTTP, and relayed as TCP when its server speaks
+/// first, after a bounded wait rather than a multi-second stall.
+#[test]
+fn undeclared_ports_are_detected_without_stalling_server_first_protocols() {
+    let Some(s) = setup("waypoint-sniff") else { return };
+    let f1 = &s.backends[3];
+    let banner =
+        Proc::spawn_in("banner", &f1.netns, &["python3", "-u", "-c", BANNER_SERVER], &s.mesh.t.dir.join("banner.log"));
+    banner.wait_for_log("listening", Duration::from_secs(10));
+
+    let (ok, body) = curl(&s.client, &[&format!("http://{UNDECLARED_VIP}/echo")]);
+    assert!(ok && body.contains("\"path\": \"/echo\""), "{body}\n{}", s.wp.log_text());
+    assert!(
+        access_log(&s.wp).iter().any(|l| l["authority"] == UNDECLARED_VIP && l["status"] == 200),
+        "detected as HTTP: the waypoint logged the request"
+    );
+
+    let out = run_in(&s.client.netns, &["python3", "-c", BANNER_CLIENT, UNDECLARED_VIP]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let fields: Vec<&str> = text.trim().split('|').collect();
+    assert_eq!(&fields[..2], ["220 banner", "ping"], "{text}");
+    let took: f64 = fields[2].parse().unwrap();
+    println!("server-first protocol through the waypoint: banner after {took:.3} s (detection waits 0.2 s)");
+    assert!(took < 2.0, "the banner took {took} s: a stall");
+}
+
+/// Point 1's drain: on SIGTERM the waypoint turns unready, takes no new
+/// tunnel, answers the request in flight and exits once it is done.
+#[test]
+fn waypoint_drains_requests_in_flight_on_sigterm() {
+    let Some(mut s) = setup("waypoint-drain") else { return };
+    let client = s.client.clone();
+    let slow = std::thread::spawn(move || curl(&client, &[&format!("http://{FLAKY_VIP}/slow/x?ms=1500")]));
+    // The backend holds it for 1.5 s: well in flight by then.
+    std::thread::sleep(Duration::from_millis(300));
+    s.wp.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    let ready = run_in(
+        &s.wp_pod.netns,
+        &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:15021/healthz/ready"],
+    );
+    assert_eq!(String::from_utf8_lossy(&ready.stdout), "503", "unready while draining");
+    let (ok, _) = curl(&s.client, &["-o", "/dev/null", &format!("http://{BACKEND_VIP}/new")]);
+    assert!(!ok, "a new connection was taken while draining");
+    let (ok, body) = slow.join().unwrap();
+    assert!(ok && body == "slow\n", "the request in flight was cut: {body:?}\n{}", s.wp.log_text());
+    assert_eq!(s.wp.wait_exit(Duration::from_secs(10)), Some(0), "{}", s.wp.log_text());
+    assert!(s.wp.log_text().contains("drained: no request left"), "{}", s.wp.log_text());
 }
