@@ -9,7 +9,7 @@ use crate::{
     Kind, Problem, Resource,
     objects::{
         Labels,
-        routing::{HttpRoute, VirtualService},
+        routing::{BackendRef, HttpRouteFilter, ParentRef, VirtualService},
     },
     store::{ConfigStore, ObjectKey},
     validate::WAYPOINT_CLASS,
@@ -65,7 +65,11 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
             ),
         )),
         Resource::VirtualService(vs) => virtual_service(vs, &mut out),
-        Resource::HttpRoute(hr) => http_route(hr, &mut out),
+        Resource::HttpRoute(_) | Resource::GrpcRoute(_) => {
+            if let Some(parts) = RouteParts::of(resource) {
+                route(&parts, &mut out);
+            }
+        }
         Resource::DestinationRule(dr) => {
             if dr.spec.traffic_policy.is_some() {
                 out.push((Some("spec.trafficPolicy".into()), format!("{LATER}; its subsets apply")));
@@ -131,8 +135,44 @@ fn virtual_service(vs: &VirtualService, out: &mut Vec<(Option<String>, String)>)
     }
 }
 
-fn http_route(hr: &HttpRoute, out: &mut Vec<(Option<String>, String)>) {
-    for (i, p) in hr.spec.parent_refs.iter().enumerate() {
+/// A route's parents, and per rule its session persistence and filters
+/// (HTTPRoute and GRPCRoute alike).
+struct RouteParts<'a> {
+    namespace: &'a str,
+    parents: &'a [ParentRef],
+    rules: Vec<(bool, &'a [HttpRouteFilter], &'a [BackendRef])>,
+}
+
+impl<'a> RouteParts<'a> {
+    fn of(resource: &'a Resource) -> Option<RouteParts<'a>> {
+        match resource {
+            Resource::HttpRoute(r) => Some(RouteParts {
+                namespace: r.metadata.namespace(),
+                parents: &r.spec.parent_refs,
+                rules: r
+                    .spec
+                    .rules
+                    .iter()
+                    .map(|x| (x.session_persistence.is_some(), &x.filters[..], &x.backend_refs[..]))
+                    .collect(),
+            }),
+            Resource::GrpcRoute(r) => Some(RouteParts {
+                namespace: r.metadata.namespace(),
+                parents: &r.spec.parent_refs,
+                rules: r
+                    .spec
+                    .rules
+                    .iter()
+                    .map(|x| (x.session_persistence.is_some(), &x.filters[..], &x.backend_refs[..]))
+                    .collect(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+fn route(parts: &RouteParts<'_>, out: &mut Vec<(Option<String>, String)>) {
+    for (i, p) in parts.parents.iter().enumerate() {
         if p.kind.as_deref() != Some("Service") {
             out.push((
                 Some(format!("spec.parentRefs[{i}]")),
@@ -140,11 +180,11 @@ fn http_route(hr: &HttpRoute, out: &mut Vec<(Option<String>, String)>) {
             ));
         }
     }
-    for (i, rule) in hr.spec.rules.iter().enumerate() {
-        if rule.session_persistence.is_some() {
+    for (i, (session_persistence, filters, _)) in parts.rules.iter().enumerate() {
+        if *session_persistence {
             out.push((Some(format!("spec.rules[{i}].sessionPersistence")), LATER.into()));
         }
-        for (j, f) in rule.filters.iter().enumerate() {
+        for (j, f) in filters.iter().enumerate() {
             if matches!(f.type_.as_str(), "ExtensionRef" | "CORS") {
                 out.push((
                     Some(format!("spec.rules[{i}].filters[{j}]")),
@@ -232,10 +272,11 @@ impl ConfigStore {
                     }
                 }
             }
-            Resource::HttpRoute(hr) => {
-                let ns = hr.metadata.namespace();
-                for (i, rule) in hr.spec.rules.iter().enumerate() {
-                    for (j, b) in rule.backend_refs.iter().enumerate() {
+            Resource::HttpRoute(_) | Resource::GrpcRoute(_) => {
+                let Some(parts) = RouteParts::of(resource) else { return out };
+                let ns = parts.namespace;
+                for (i, (_, _, backends)) in parts.rules.iter().enumerate() {
+                    for (j, b) in backends.iter().enumerate() {
                         let key = format!("{}/{}", b.namespace.as_deref().unwrap_or(ns), b.name);
                         if b.kind.as_deref().unwrap_or("Service") == "Service" && service_missing(&key) {
                             out.push((
@@ -247,7 +288,7 @@ impl ConfigStore {
                         }
                     }
                 }
-                for (i, p) in hr.spec.parent_refs.iter().enumerate() {
+                for (i, p) in parts.parents.iter().enumerate() {
                     let key = format!("{}/{}", p.namespace.as_deref().unwrap_or(ns), p.name);
                     if p.kind.as_deref() == Some("Service") && service_missing(&key) {
                         out.push((

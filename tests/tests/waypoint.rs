@@ -439,6 +439,23 @@ fn grpc_calls_of_every_kind_through_the_waypoint() {
 
     // Both hops, client -> waypoint and waypoint -> backend, are TLS on 15008 only.
     capture.stop();
+
+    // A GRPCRoute sends one method to v2 (b3); the others keep spreading.
+    s.mesh.apply(
+        "grpcroute.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: grpc-v2, namespace: default}\n\
+             spec: {clusterIP: 10.96.0.15, selector: {app: backend, version: v2}, ports: [{name: grpc, port: 9090}]}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: echo, namespace: default}\n\
+             spec:\n  parentRefs: [{group: '', kind: Service, name: grpc, port: 9090}]\n  rules:\n  \
+             - matches: [{method: {service: mesh.test.Echo, method: ServerStream}}]\n    \
+             backendRefs: [{name: grpc-v2, port: 9090}]\n  - backendRefs: [{name: grpc, port: 9090}]\n",
+    );
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let out = run_in(&s.client.netns, &[SYSTEM_PYTHON, "-c", GRPC_CLIENT, &format!("{GRPC_VIP}:9090"), "30"]);
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    let streamed: Vec<&str> = got["server_stream"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    assert!(streamed.len() == 5 && streamed.iter().all(|m| m.starts_with("b3 ")), "GRPCRoute to v2: {got}");
+    assert!(got["unary"].as_object().unwrap().len() == 3, "the other methods still spread: {got}");
     for (a, b) in [(&s.client, &s.wp_pod), (&s.wp_pod, &s.backends[0])] {
         let (packets, tls, _) = capture.between(a, b);
         assert!(!packets.is_empty(), "nothing captured between {} and {}", a.name, b.name);

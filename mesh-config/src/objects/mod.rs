@@ -408,6 +408,7 @@ pub enum Resource {
     WorkloadEntry(WorkloadEntry),
     Gateway(routing::Gateway),
     HttpRoute(routing::HttpRoute),
+    GrpcRoute(routing::GrpcRoute),
     VirtualService(routing::VirtualService),
     DestinationRule(routing::DestinationRule),
     /// One of the kinds [`Kind::is_opaque`] names.
@@ -427,6 +428,7 @@ impl Resource {
             Self::WorkloadEntry(o) => &o.metadata,
             Self::Gateway(o) => &o.metadata,
             Self::HttpRoute(o) => &o.metadata,
+            Self::GrpcRoute(o) => &o.metadata,
             Self::VirtualService(o) => &o.metadata,
             Self::DestinationRule(o) => &o.metadata,
             Self::Opaque(o) => &o.metadata,
@@ -445,6 +447,7 @@ impl Resource {
             Self::WorkloadEntry(_) => Kind::WorkloadEntry,
             Self::Gateway(_) => Kind::Gateway,
             Self::HttpRoute(_) => Kind::HttpRoute,
+            Self::GrpcRoute(_) => Kind::GrpcRoute,
             Self::VirtualService(_) => Kind::VirtualService,
             Self::DestinationRule(_) => Kind::DestinationRule,
             Self::Opaque(o) => o.kind,
@@ -533,7 +536,7 @@ const KINDS: &[KindInfo] = &[
     opaque(Kind::Telemetry, "Telemetry", &["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"]),
     opaque(Kind::WasmPlugin, "WasmPlugin", &["extensions.istio.io/v1alpha1"]),
     opaque(Kind::GatewayClass, "GatewayClass", GATEWAY_API),
-    opaque(
+    typed(
         Kind::GrpcRoute,
         "GRPCRoute",
         &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2"],

@@ -151,6 +151,7 @@ pub fn validate(resource: &Resource) -> Issues {
         Resource::WorkloadEntry(we) => check_entry(&we.spec, "spec", true, &mut out),
         Resource::Gateway(g) => routing::check_gateway(g, &mut out),
         Resource::HttpRoute(r) => routing::check_http_route(&r.spec, &mut out),
+        Resource::GrpcRoute(r) => routing::check_grpc_route(&r.spec, &mut out),
         Resource::VirtualService(vs) => routing::check_virtual_service(&vs.spec, &mut out),
         Resource::DestinationRule(dr) => routing::check_destination_rule(&dr.spec, &mut out),
         Resource::Opaque(_) => {}

@@ -6,8 +6,8 @@ use mesh_common::parse_duration;
 
 use super::{Issues, check_labels, check_port, valid_subdomain};
 use crate::objects::routing::{
-    BackendRef, Gateway, HttpRouteFilter, HttpRouteSpec, NamedTypedMatch, StringMatch, VirtualServiceSpec,
-    VsDestination, VsHeaderOps, VsHeaders,
+    BackendRef, Gateway, GrpcRouteSpec, HttpRouteFilter, HttpRouteSpec, NamedTypedMatch, StringMatch,
+    VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders,
 };
 
 /// The class of waypoint Gateways, and the label saying what traffic a waypoint takes.
@@ -141,6 +141,53 @@ pub(super) fn check_http_route(spec: &HttpRouteSpec, out: &mut Issues) {
             if let Some(b) = &retry.backoff {
                 check_duration(b, &format!("{at}.retry.backoff"), out);
             }
+        }
+    }
+}
+
+pub(super) fn check_grpc_route(spec: &GrpcRouteSpec, out: &mut Issues) {
+    for (i, p) in spec.parent_refs.iter().enumerate() {
+        if let Some(port) = p.port {
+            check_port(port, &format!("spec.parentRefs[{i}].port"), out);
+        }
+    }
+    for (r, rule) in spec.rules.iter().enumerate() {
+        let at = format!("spec.rules[{r}]");
+        for (m, mat) in rule.matches.iter().enumerate() {
+            let at = format!("{at}.matches[{m}]");
+            if let Some(method) = &mat.method {
+                match method.type_.as_deref().unwrap_or("Exact") {
+                    "Exact" => {
+                        if method.service.is_none() && method.method.is_none() {
+                            out.push((format!("{at}.method"), "one of service or method must be set".into()));
+                        }
+                        for (field, v) in [("service", &method.service), ("method", &method.method)] {
+                            if v.as_deref().is_some_and(|v| v.is_empty() || v.contains('/')) {
+                                out.push((format!("{at}.method.{field}"), "must be a name without '/'".into()));
+                            }
+                        }
+                    }
+                    "RegularExpression" => {
+                        for (field, v) in [("service", &method.service), ("method", &method.method)] {
+                            if let Some(v) = v {
+                                check_regex(v, &format!("{at}.method.{field}"), out);
+                            }
+                        }
+                    }
+                    t => out.push((format!("{at}.method.type"), format!("{t:?}: expected Exact or RegularExpression"))),
+                }
+            }
+            check_named(&mat.headers, &format!("{at}.headers"), out);
+        }
+        for (i, f) in rule.filters.iter().enumerate() {
+            if matches!(f.type_.as_str(), "RequestRedirect" | "URLRewrite") {
+                out.push((format!("{at}.filters[{i}].type"), format!("{}: not a GRPCRoute filter", f.type_)));
+            }
+        }
+        check_filters(&rule.filters, &at, out);
+        for (b, backend) in rule.backend_refs.iter().enumerate() {
+            check_backend(backend, &format!("{at}.backendRefs[{b}]"), out);
+            check_filters(&backend.filters, &format!("{at}.backendRefs[{b}]"), out);
         }
     }
 }

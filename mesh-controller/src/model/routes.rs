@@ -13,8 +13,9 @@ use crate::config::{
     objects::{
         Labels,
         routing::{
-            BackendRef, DestinationRule, HeaderModifier, HttpRoute, HttpRouteFilter, HttpRouteMatch, NamedTypedMatch,
-            StringMatch, VirtualService, VsDestination, VsHeaderOps, VsHttpRoute, VsMatch,
+            BackendRef, DestinationRule, GrpcRoute, GrpcRouteMatch, HeaderModifier, HttpRoute, HttpRouteFilter,
+            HttpRouteMatch, NamedTypedMatch, StringMatch, VirtualService, VsDestination, VsHeaderOps, VsHttpRoute,
+            VsMatch,
         },
     },
 };
@@ -350,6 +351,80 @@ impl Precedence {
     }
 }
 
+/// One route per (rule, match) of GRPCRoute `gr` for each Service parent: a
+/// gRPC method is the path `/<service>/<method>`.
+pub fn grpc_route(gr: &GrpcRoute, cx: &Context<'_>) -> Vec<(String, Precedence, api::HttpRoute)> {
+    use std::cmp::Reverse;
+    let ns = gr.metadata.namespace();
+    let mut out = Vec::new();
+    for parent in gr.spec.parent_refs.iter().filter(|p| p.kind.as_deref() == Some("Service")) {
+        let target = format!("{}/{}", parent.namespace.as_deref().unwrap_or(ns), parent.name);
+        let ports: Vec<u32> = parent.port.and_then(|p| u32::try_from(p).ok()).into_iter().collect();
+        for (i, rule) in gr.spec.rules.iter().enumerate() {
+            let label = rule.name.clone().unwrap_or_else(|| i.to_string());
+            let default_match = [GrpcRouteMatch::default()];
+            let matches = if rule.matches.is_empty() { &default_match[..] } else { &rule.matches };
+            for m in matches {
+                let mut route = api::HttpRoute {
+                    name: format!("GRPCRoute/{ns}/{}/{label}", gr.metadata.name),
+                    ports: ports.clone(),
+                    backends: rule.backend_refs.iter().map(|b| backend_ref(b, ns, cx)).collect(),
+                    ..Default::default()
+                };
+                for f in &rule.filters {
+                    apply_header_filter(f, &mut route.request_headers, &mut route.response_headers);
+                    if let Some(mirror) = &f.request_mirror {
+                        let b = backend_ref(&mirror.backend_ref, ns, cx);
+                        let percent = mirror.percent.map_or(100.0, |p| p as f64);
+                        route.mirrors.push(api::Mirror {
+                            namespace: b.namespace,
+                            service: b.service,
+                            port: b.port,
+                            percent,
+                        });
+                    }
+                }
+                let (service, method) =
+                    m.method.as_ref().map_or((None, None), |x| (x.service.as_deref(), x.method.as_deref()));
+                let regex = m.method.as_ref().is_some_and(|x| x.type_.as_deref() == Some("RegularExpression"));
+                use api::value_match::Kind;
+                let path = match (regex, service, method) {
+                    (_, None, None) => None,
+                    (false, Some(s), Some(me)) => value(Kind::Exact(format!("/{s}/{me}"))),
+                    (false, Some(s), None) => value(Kind::Prefix(format!("/{s}/"))),
+                    (false, None, Some(me)) => value(Kind::Regex(format!("/[^/]+/{}", escape(me)))),
+                    (true, s, me) => value(Kind::Regex(format!("/{}/{}", s.unwrap_or("[^/]+"), me.unwrap_or("[^/]+")))),
+                };
+                let headers = m
+                    .headers
+                    .iter()
+                    .map(|n| api::NamedMatch {
+                        name: n.name.to_ascii_lowercase(),
+                        value: typed(n.type_.as_deref(), &n.value, false),
+                    })
+                    .collect();
+                route.matches = vec![api::HttpMatch { path, headers, ..Default::default() }];
+                let precedence = Precedence {
+                    exact: Reverse(!regex && service.is_some() && method.is_some()),
+                    prefix_len: Reverse(service.map_or(0, str::len) + method.map_or(0, str::len)),
+                    method: Reverse(false),
+                    headers: Reverse(m.headers.len()),
+                    query: Reverse(0),
+                    route: format!("{ns}/{}", gr.metadata.name),
+                    rule: i,
+                };
+                out.push((target.clone(), precedence, route));
+            }
+        }
+    }
+    out
+}
+
+/// `s` as a regex that matches exactly it.
+fn escape(s: &str) -> String {
+    s.chars().flat_map(|c| (!c.is_ascii_alphanumeric() && c != '_').then_some('\\').into_iter().chain([c])).collect()
+}
+
 fn typed(type_: Option<&str>, v: &str, path: bool) -> Option<api::ValueMatch> {
     use api::value_match::Kind;
     value(match type_.unwrap_or(if path { "PathPrefix" } else { "Exact" }) {
@@ -489,6 +564,11 @@ pub fn compile(store: &ConfigStore, cx: &Context<'_>) -> BTreeMap<String, Vec<ap
         match stored.resource.as_ref() {
             Resource::HttpRoute(hr) => {
                 for (target, p, r) in http_route(hr, cx) {
+                    gamma.entry(target).or_default().push((p, r));
+                }
+            }
+            Resource::GrpcRoute(gr) => {
+                for (target, p, r) in grpc_route(gr, cx) {
                     gamma.entry(target).or_default().push((p, r));
                 }
             }

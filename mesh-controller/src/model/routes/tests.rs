@@ -221,3 +221,45 @@ fn istio_bookinfo_samples_compile() {
     assert_eq!(reviews[0].backends[0].missing, "");
     assert_eq!(reviews[1].backends[0].subset, "v1");
 }
+
+#[test]
+fn grpc_routes_match_service_and_method_as_paths() {
+    let yaml = format!(
+        "{MESH}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: echo, namespace: shop}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: reviews, port: 9080}}]
+  rules:
+  - matches: [{{method: {{service: mesh.test.Echo, method: Bidi}}}}]
+    backendRefs: [{{name: ratings, port: 9080}}]
+  - matches: [{{method: {{service: mesh.test.Echo}}}}, {{method: {{type: RegularExpression, method: 'Get.*'}}, headers: [{{name: x-canary, value: 'yes'}}]}}]
+    filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{add: [{{name: x-via, value: grpcroute}}]}}}}]
+    backendRefs: [{{name: reviews, port: 9080}}]
+"
+    );
+    let m = model(&yaml);
+    let compiled =
+        CompiledRoutes::from_wire(&api::HttpRoutes { routes: m.routes["shop/reviews"].clone(), ..Default::default() })
+            .unwrap();
+    let pick = |path: &str, headers: &[(&str, &str)]| {
+        let req = RequestFacts { method: "POST", path, authority: "reviews", port: 9080, headers };
+        compiled.select(&req).map(|r| (r.wire.name.clone(), r.wire.backends[0].service.clone()))
+    };
+    let bidi = pick("/mesh.test.Echo/Bidi", &[]).unwrap();
+    assert_eq!(bidi, ("GRPCRoute/shop/echo/0".to_string(), "ratings".to_string()), "the exact method first");
+    assert_eq!(pick("/mesh.test.Echo/Unary", &[]).unwrap().1, "reviews", "the service's other methods");
+    assert_eq!(
+        pick("/other.Svc/GetThing", &[("x-canary", "yes")]).unwrap().1,
+        "reviews",
+        "a method regex with a header"
+    );
+    assert_eq!(
+        pick("/other.Svc/GetThing", &[]).map(|r| r.0),
+        Some("VirtualService/shop/reviews/1".into()),
+        "then the VirtualService"
+    );
+    let header_ops = m.routes["shop/reviews"].iter().find(|r| r.name == "GRPCRoute/shop/echo/1").unwrap();
+    assert_eq!(header_ops.request_headers.as_ref().unwrap().add.get("x-via").map(String::as_str), Some("grpcroute"));
+}
