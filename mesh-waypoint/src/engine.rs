@@ -13,6 +13,7 @@ use std::{
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use mesh_common::{
     api,
     identity::SpiffeId,
@@ -66,10 +67,13 @@ struct Record {
     flags: &'static str,
 }
 
-pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, req: Request<Incoming>) -> Response<HttpBody> {
+pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Incoming>) -> Response<HttpBody> {
     let in_flight = wp.request_started();
     wp.budget.deposit();
     let view = wp.proxy.state.view();
+    // An HTTP/1.1 Upgrade (WebSocket): once the upstream switches protocols,
+    // the two upgraded connections are joined byte for byte.
+    let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let request_id = ensure_request_id(&mut parts.headers);
     let authority = parts
@@ -95,8 +99,31 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, req: Request<Incomin
         flags: "-",
     };
     let (body, recorded) = Recording::new(body.map_err(Into::into).boxed());
-    let response = route_and_send(&wp, &ds, &view, &mut parts, body, &recorded, &mut rec).await;
+    let mut response = route_and_send(&wp, &ds, &view, &mut parts, body, &recorded, &mut rec).await;
+    if let Some(client) = client_upgrade
+        && response.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        let upstream = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            match tokio::try_join!(client, upstream) {
+                Ok((client, upstream)) => {
+                    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+                Err(e) => tracing::debug!("upgrade failed: {e}"),
+            }
+        });
+    }
     finish(wp, ds, rec, recorded, response, in_flight)
+}
+
+/// `Connection: upgrade` with an `Upgrade` protocol (HTTP/1.1 only).
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
 /// A local answer, with its response flag.
@@ -324,8 +351,10 @@ fn upstream_request(
     body: HttpBody,
 ) -> Request<HttpBody> {
     let mut headers = parts.headers.clone();
+    // Hop-by-hop headers stay behind, but an HTTP/1.1 upgrade's own.
+    let upgrade = !h2 && is_upgrade(&headers);
     for h in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"] {
-        if h2 || h != "upgrade" {
+        if !(upgrade && (h == "connection" || h == "upgrade")) {
             headers.remove(h);
         }
     }

@@ -153,7 +153,8 @@ pub mod yaml {
 /// as JSON; `/flaky/K?fail=N` answers 503 to the first N requests for K,
 /// then 200; `/reset/K?fail=N` closes the connection without an answer the
 /// first N times; `/slow?ms=N` answers after N ms (`/slowonce/K?ms=N`: only the first time); `/fail` always 503;
-/// `/hits/K` says how many requests K got. POST bodies are answered with
+/// `/hits/K` says how many requests K got; `/ws` switches protocols (101) and
+/// then answers every byte upper-cased. POST bodies are answered with
 /// their length and SHA-256.
 const APP: &str = r#"
 import hashlib, json, sys, threading, time, urllib.parse
@@ -199,6 +200,19 @@ class H(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
             return self.answer(200, "ok after %d\n" % n)
+        if head == "ws":
+            self.send_response(101)
+            self.send_header("Upgrade", self.headers.get("Upgrade", "echo"))
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.flush()
+            while True:
+                b = self.connection.recv(4096)
+                if not b:
+                    break
+                self.connection.sendall(b.upper())
+            self.close_connection = True
+            return
         if head == "slowonce":
             if n == 1:
                 time.sleep(int(q.get("ms", "2000")) / 1000)

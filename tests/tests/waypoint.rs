@@ -224,6 +224,30 @@ fn http_routes_split_and_are_counted() {
     let n = "istio_request_duration_milliseconds_count";
     assert_eq!(wait_metric(&s, n, &labels, observed + 20.0), observed + 20.0);
 
+    // A mirror gets a copy of every request; the client sees only the primary's answers.
+    s.mesh.apply(
+        "mirror.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: all, namespace: default}\n\
+         spec:\n  hosts: [all]\n  http:\n  - route: [{destination: {host: all}}]\n    mirror: {host: flaky}\n    \
+         mirrorPercentage: {value: 100}\n",
+    );
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let (_, out) = curl(&s.client, &[&format!("http://{ALL_VIP}/mirrored?[1-10]")]);
+    assert!(
+        out.lines().count() == 10 && out.lines().all(|l| ["b1", "b2", "b3"].contains(&l)),
+        "primary answers only: {out}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mirrored = loop {
+        let (_, n) = curl(&s.backends[3], &["http://127.0.0.1:8080/hits/mirrored"]);
+        let n: u32 = n.trim().parse().unwrap_or(0);
+        if n >= 10 || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(mirrored, 10, "the mirror got every request");
+
     // A bad regex is rejected by the controller; the waypoint keeps the last good routes.
     s.mesh.controller.write("routes.yaml", &ROUTES.replace("'/old/[0-9]+'", "'/old/[0-9'"));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -545,4 +569,30 @@ fn waypoint_drains_requests_in_flight_on_sigterm() {
     assert!(ok && body == "slow\n", "the request in flight was cut: {body:?}\n{}", s.wp.log_text());
     assert_eq!(s.wp.wait_exit(Duration::from_secs(10)), Some(0), "{}", s.wp.log_text());
     assert!(s.wp.log_text().contains("drained: no request left"), "{}", s.wp.log_text());
+}
+
+/// An HTTP/1.1 Upgrade (as WebSocket does it) through the waypoint: 101,
+/// then bytes both ways on the upgraded connection.
+const UPGRADE_CLIENT: &str = r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], 80), timeout=10)
+c.sendall(b"GET /ws HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += c.recv(1)
+c.sendall(b"hello through the waypoint")
+got = b""
+while len(got) < 26:
+    got += c.recv(64)
+print(head.split(b"\r\n")[0].decode(), "|", got.decode())
+"#;
+
+#[test]
+fn upgrades_pass_through_the_waypoint() {
+    let Some(s) = setup("waypoint-upgrade") else { return };
+    let out = run_in(&s.client.netns, &["python3", "-c", UPGRADE_CLIENT, BACKEND_VIP]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}\n{}", String::from_utf8_lossy(&out.stderr), s.wp.log_text());
+    assert_eq!(text.trim(), "HTTP/1.1 101 Switching Protocols | HELLO THROUGH THE WAYPOINT");
+    assert!(access_log(&s.wp).iter().any(|l| l["path"] == "/ws" && l["status"] == 101), "{}", s.wp.log_text());
 }
