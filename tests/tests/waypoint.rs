@@ -596,3 +596,32 @@ fn upgrades_pass_through_the_waypoint() {
     assert_eq!(text.trim(), "HTTP/1.1 101 Switching Protocols | HELLO THROUGH THE WAYPOINT");
     assert!(access_log(&s.wp).iter().any(|l| l["path"] == "/ws" && l["status"] == 101), "{}", s.wp.log_text());
 }
+
+/// Point 2's replicas: two instances of one waypoint share the clients'
+/// connections (the node proxies take them in turn), and with one killed the
+/// other takes them all.
+#[test]
+fn waypoint_replicas_share_connections_and_cover_for_each_other() {
+    let Some(s) = setup("waypoint-replicas") else { return };
+    let wp2_pod = s.mesh.t.pod("waypoint-2");
+    s.mesh.apply("wp2.yaml", &yaml::instance(&wp2_pod, "waypoint", "wp-2"));
+    s.mesh.reach_controller(&wp2_pod);
+    let mut wp2 = s.mesh.start_waypoint(&wp2_pod, "wp-2");
+    let url = format!("http://{BACKEND_VIP}/replicas");
+    for _ in 0..20 {
+        let (ok, _) = curl(&s.client, &[&url]); // a new connection each time
+        assert!(ok);
+    }
+    let count = |p: &Proc| access_log(p).iter().filter(|l| l["path"] == "/replicas").count();
+    let (one, two) = (count(&s.wp), count(&wp2));
+    println!("20 connections over two waypoint instances: {one} and {two}");
+    assert_eq!(one + two, 20);
+    assert!((5..=15).contains(&one), "instances taken in turn: {one} and {two}");
+
+    wp2.kill();
+    for _ in 0..10 {
+        let (ok, _) = curl(&s.client, &[&url]);
+        assert!(ok, "the remaining instance takes every connection");
+    }
+    assert_eq!(count(&s.wp), one + 10);
+}
