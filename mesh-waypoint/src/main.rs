@@ -51,15 +51,27 @@ struct Args {
     /// (repeatable): clients outside the mesh get the same routing (no identity).
     #[arg(long = "listen-plain", value_parser = parse_plain)]
     listen_plain: Vec<(SocketAddr, String, u16)>,
+    /// Worker threads (Envoy's --concurrency); 0: one per CPU the process may use.
+    #[arg(long, default_value_t = 0)]
+    concurrency: usize,
     /// `json` for one JSON object per line (the access log too).
     #[arg(long, default_value = "text")]
     log_format: String,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
+    // One worker runs everything on its thread (no work stealing, no cross-thread wakeups).
+    let runtime = match args.concurrency {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
     let mut registry = Registry::default();
     let proxy = Arc::new(Proxy::new(&mut registry));

@@ -66,7 +66,7 @@ fn main() {
         let p = mesh.start_waypoint_with(
             &proxy_pod,
             "wp",
-            &["--listen-plain", &format!("0.0.0.0:{PORT}=plain/web:80")],
+            &["--listen-plain", &format!("0.0.0.0:{PORT}=plain/web:80"), "--concurrency", "1"],
             Some("1"),
             "info,access=off",
         );
