@@ -16,8 +16,8 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use mesh_proxy::hbone::{self, TunnelHandler, TunnelRequest};
-use tokio::{io::AsyncWriteExt as _, net::TcpListener};
+use mesh_proxy::hbone::{self, TunnelHandler, TunnelIo, TunnelRequest};
+use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::{
@@ -28,7 +28,6 @@ use crate::{
 
 /// How long an undeclared port waits for the client's first bytes.
 const SNIFF: Duration = Duration::from_millis(200);
-const PIPE: usize = 64 * 1024;
 
 pub async fn serve_hbone(listener: TcpListener, wp: Arc<Waypoint>) {
     let handler = Arc::new(Tunnels { wp: wp.clone() });
@@ -93,19 +92,12 @@ impl TunnelHandler for Tunnels {
                 Err(_) => false, // the client waits for the server: TCP
             },
         };
-        let (ours, mut theirs) = tokio::io::duplex(PIPE);
-        tokio::spawn(async move {
-            if let Some(b) = first
-                && theirs.write_all(&b).await.is_err()
-            {
-                return;
-            }
-            let _ = hbone::relay(theirs, tunnel).await;
-        });
+        // The tunnel is the connection: hyper (or the TCP relay) reads and writes it directly.
+        let io = TunnelIo::new(tunnel, first.unwrap_or_default());
         if http {
-            serve_http(ours, self.wp.clone(), ds).await;
+            serve_http(io, self.wp.clone(), ds).await;
         } else {
-            relay_tcp(ours, &self.wp, &ds, target).await;
+            relay_tcp(io, &self.wp, &ds, target).await;
         }
     }
 }
@@ -163,7 +155,10 @@ where
 }
 
 /// A connection that is not HTTP: to one endpoint of the service, whole.
-async fn relay_tcp(mut io: tokio::io::DuplexStream, wp: &Waypoint, ds: &Downstream, target: SocketAddr) {
+async fn relay_tcp<I>(mut io: I, wp: &Waypoint, ds: &Downstream, target: SocketAddr)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let view = wp.proxy.state.view();
     let (Some(me), Ok(endpoints)) = (wp.identity(), view.endpoints(&ds.service, target.port(), |_| true)) else {
         return;

@@ -8,7 +8,12 @@ use std::{collections::HashMap, io, net::SocketAddr, sync::Mutex};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_common::{HBONE_PORT, identity::SpiffeId};
-use mesh_proxy::{Proxy, hbone, pool::PoolKey, state::view::Upstream};
+use mesh_proxy::{
+    Proxy,
+    hbone::{self, TunnelIo},
+    pool::{PoolKey, StreamSlot},
+    state::view::Upstream,
+};
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -16,8 +21,6 @@ use crate::body::HttpBody;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const IDLE_PER_ENDPOINT: usize = 64;
-/// Buffer of the in-process pipe between hyper and an HBONE tunnel.
-const PIPE: usize = 64 * 1024;
 
 /// A connection an attempt can send its request on.
 pub enum Sender {
@@ -98,7 +101,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// A byte stream to `up`: an HBONE tunnel (CONNECT the endpoint's address
-/// to its 15008), or plain TCP. The tunnel is piped into hyper in-process.
+/// to its 15008), or plain TCP.
 pub async fn open(proxy: &Proxy, me: &SpiffeId, up: &Upstream) -> io::Result<Either> {
     let (workload, target) = match up {
         Upstream::Plain { addr, .. } => {
@@ -128,18 +131,13 @@ pub async fn open(proxy: &Proxy, me: &SpiffeId, up: &Upstream) -> io::Result<Eit
         }
     };
     let (tunnel, slot) = proxy.pool.tunnel(&key, target, dial).await.map_err(io::Error::other)?;
-    let (ours, theirs) = tokio::io::duplex(PIPE);
-    tokio::spawn(async move {
-        let _ = hbone::relay(theirs, tunnel).await;
-        drop(slot);
-    });
-    Ok(Either::Pipe(ours))
+    Ok(Either::Tunnel(Box::new(TunnelIo::new(tunnel, bytes::Bytes::new())), slot))
 }
 
-/// A TCP socket or the in-process end of a tunnel.
+/// A TCP socket, or a tunnel holding its pooled connection's stream slot.
 pub enum Either {
     Tcp(TcpStream),
-    Pipe(tokio::io::DuplexStream),
+    Tunnel(Box<TunnelIo>, StreamSlot),
 }
 
 impl tokio::io::AsyncRead for Either {
@@ -150,7 +148,7 @@ impl tokio::io::AsyncRead for Either {
     ) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             Either::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Either::Pipe(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Either::Tunnel(s, _) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -163,14 +161,14 @@ impl tokio::io::AsyncWrite for Either {
     ) -> std::task::Poll<io::Result<usize>> {
         match self.get_mut() {
             Either::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Either::Pipe(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Either::Tunnel(s, _) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             Either::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Either::Pipe(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Either::Tunnel(s, _) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -180,7 +178,7 @@ impl tokio::io::AsyncWrite for Either {
     ) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             Either::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Either::Pipe(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Either::Tunnel(s, _) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

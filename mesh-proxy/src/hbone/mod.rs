@@ -3,7 +3,10 @@
 //! form Istio's ztunnel speaks. This module is the protocol: dialing a peer
 //! and opening a tunnel, serving tunnels, and moving bytes between a tunnel
 //! and a socket. Choosing peers and authorizing tunnels is the caller's.
+mod stream;
 pub mod tls;
+
+pub use stream::TunnelIo;
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
