@@ -28,6 +28,8 @@ use crate::{
 
 /// How long an undeclared port waits for the client's first bytes.
 const SNIFF: Duration = Duration::from_millis(200);
+/// Relay buffer per direction for TCP through the waypoint.
+const RELAY: usize = 64 * 1024;
 
 pub async fn serve_hbone(listener: TcpListener, wp: Arc<Waypoint>) {
     let handler = Arc::new(Tunnels { wp: wp.clone() });
@@ -166,7 +168,8 @@ where
     for up in &endpoints {
         match upstream::open(&wp.proxy, &me, up).await {
             Ok(mut upstream) => {
-                let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+                // 64 KiB a direction, as the node proxy relays: tokio's 8 KiB default makes small DATA frames.
+                let _ = tokio::io::copy_bidirectional_with_sizes(&mut io, &mut upstream, RELAY, RELAY).await;
                 return;
             }
             Err(e) => debug!(upstream = %up.addr(), "TCP upstream failed: {e}"),
