@@ -319,12 +319,7 @@ async fn attempt_once(
     let result = if per_try.is_zero() { Ok(send.await) } else { tokio::time::timeout(per_try, send).await };
     match result {
         Err(_) => (Outcome::PerTryTimeout, None),
-        Ok(Err(e)) => {
-            let refused = std::error::Error::source(&e)
-                .and_then(|s| s.downcast_ref::<h2_reason::H2Error>())
-                .is_some_and(h2_reason::refused);
-            (if refused { Outcome::RefusedStream } else { Outcome::Reset }, None)
-        }
+        Ok(Err(e)) => (if refused_stream(&e) { Outcome::RefusedStream } else { Outcome::Reset }, None),
         Ok(Ok(resp)) => {
             let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok());
             let outcome = Outcome::Response { status: resp.status().as_u16(), grpc };
@@ -333,12 +328,17 @@ async fn attempt_once(
     }
 }
 
-mod h2_reason {
-    //! hyper reports a refused HTTP/2 stream as an h2 error it wraps.
-    pub type H2Error = hyper::Error;
-    pub fn refused(e: &hyper::Error) -> bool {
-        e.to_string().contains("refused")
+/// Whether the upstream refused the HTTP/2 stream (REFUSED_STREAM: it never
+/// processed the request, so a retry is safe): an h2 error in hyper's chain.
+fn refused_stream(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
     }
+    false
 }
 
 /// The request an attempt sends: HTTP/2 with an absolute URI, or HTTP/1.1
