@@ -41,6 +41,8 @@ pub struct Downstream {
     /// plaintext listener: a client outside the mesh).
     pub peer: Option<SpiffeId>,
     pub peer_addr: SocketAddr,
+    /// The request series this connection's requests were counted in.
+    pub series: crate::metrics::SeriesCache,
 }
 
 struct HeaderView<'a>(&'a HeaderMap);
@@ -485,9 +487,21 @@ fn finish(
         drop(in_flight);
         let grpc_status = ended.grpc_status.or(header_grpc).filter(|_| rec.grpc).unwrap_or_default();
         let flags = if ended.cut && rec.flags == "-" { "DC" } else { rec.flags };
-        let labels = labels(&wp, &ds, &rec, status, grpc_status.clone(), flags);
+        let key = crate::metrics::SeriesKey {
+            destination: rec.upstream_workload.as_ref().map_or(0, |w| Arc::as_ptr(w) as usize),
+            service: rec.backend_service.as_ref().map_or(0, |s| Arc::as_ptr(s) as usize),
+            status,
+            grpc_status: grpc_status.parse().ok(),
+            flags,
+            grpc: rec.grpc,
+        };
+        let pins = (rec.upstream_workload.clone(), rec.backend_service.clone());
+        let (series, labels) = ds.series.get(key, pins, || {
+            let labels = labels(&wp, &ds, &rec, status, grpc_status.clone(), flags);
+            (wp.metrics.series(&labels), labels)
+        });
         let ms = rec.started.elapsed().as_secs_f64() * 1000.0;
-        wp.metrics.record(&labels, ms, recorded.bytes(), ended.bytes);
+        series.record(ms, recorded.bytes(), ended.bytes);
         info!(
             target: "access",
             method = %rec.method,

@@ -3,6 +3,7 @@
 //! `istio_request_bytes` and `istio_response_bytes`, with Istio's labels and
 //! buckets, so existing dashboards' queries work on them. One observation per
 //! request, when its response has ended (or the client went away).
+use mesh_proxy::state::view::{ServiceInfo, WorkloadInfo};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -78,11 +79,15 @@ impl RequestMetrics {
         m
     }
 
-    pub fn record(&self, labels: &RequestLabels, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
-        self.requests.get_or_create(labels).inc();
-        self.duration.get_or_create(labels).observe(duration_ms);
-        self.request_bytes.get_or_create(labels).observe(request_bytes as f64);
-        self.response_bytes.get_or_create(labels).observe(response_bytes as f64);
+    /// The four series of one label set (handles: recording through them
+    /// touches no map).
+    pub fn series(&self, labels: &RequestLabels) -> Series {
+        Series {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration: self.duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        }
     }
 
     pub fn retried(&self, sent: bool) {
@@ -91,5 +96,135 @@ impl RequestMetrics {
         } else {
             self.retries_refused.inc()
         };
+    }
+}
+
+/// One label set's request series.
+#[derive(Clone)]
+pub struct Series {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl Series {
+    pub fn record(&self, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+        self.requests.inc();
+        self.duration.observe(duration_ms);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+    }
+}
+
+/// What a request's label set depends on beyond its connection: the
+/// destination workload and service (by identity of their entries in the
+/// configuration in force), the status, the gRPC status and the flags.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SeriesKey {
+    pub destination: usize,
+    pub service: usize,
+    pub status: u16,
+    pub grpc_status: Option<u32>,
+    pub flags: &'static str,
+    pub grpc: bool,
+}
+
+/// What an entry holds on to so that the addresses in its key stay its own
+/// (an entry of the configuration cannot be freed, and its address reused,
+/// while a key names it).
+pub type Pins = (Option<std::sync::Arc<WorkloadInfo>>, Option<std::sync::Arc<ServiceInfo>>);
+
+type Entry = (SeriesKey, Series, std::sync::Arc<RequestLabels>, Pins);
+
+/// A connection's recently used series (its requests mostly share a few), so
+/// recording a request builds no label strings and hashes no label set.
+#[derive(Default)]
+pub struct SeriesCache(std::sync::Mutex<Vec<Entry>>);
+
+/// Entries a connection keeps; beyond them the oldest is dropped.
+const CACHED: usize = 16;
+
+impl SeriesCache {
+    /// The series (and labels) for `key`, made by `make` on a miss.
+    pub fn get(
+        &self,
+        key: SeriesKey,
+        pins: Pins,
+        make: impl FnOnce() -> (Series, RequestLabels),
+    ) -> (Series, std::sync::Arc<RequestLabels>) {
+        let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, s, l, _)) = entries.iter().find(|(k, ..)| *k == key) {
+            return (s.clone(), l.clone());
+        }
+        let (series, labels) = make();
+        let labels = std::sync::Arc::new(labels);
+        if entries.len() == CACHED {
+            entries.remove(0);
+        }
+        entries.push((key, series.clone(), labels.clone(), pins));
+        (series, labels)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(code: u16) -> RequestLabels {
+        RequestLabels {
+            reporter: "waypoint",
+            source_workload: "a".into(),
+            source_workload_namespace: "ns".into(),
+            source_principal: "p".into(),
+            source_canonical_service: "a".into(),
+            destination_workload: "b".into(),
+            destination_workload_namespace: "ns".into(),
+            destination_principal: "q".into(),
+            destination_canonical_service: "b".into(),
+            destination_service: "b.ns.svc.cluster.local".into(),
+            destination_service_name: "b".into(),
+            destination_service_namespace: "ns".into(),
+            request_protocol: "http",
+            response_code: code,
+            grpc_response_status: String::new(),
+            response_flags: "-",
+            connection_security_policy: "mutual_tls",
+        }
+    }
+
+    #[test]
+    fn cached_series_record_into_the_registered_families() {
+        let mut registry = Registry::default();
+        let m = RequestMetrics::register(&mut registry);
+        let cache = SeriesCache::default();
+        let key = |status| SeriesKey { destination: 1, service: 2, status, grpc_status: None, flags: "-", grpc: false };
+        let mut made = 0;
+        for status in [200, 200, 503, 200] {
+            let (s, l) = cache.get(key(status), (None, None), || {
+                made += 1;
+                (m.series(&labels(status)), labels(status))
+            });
+            assert_eq!(l.response_code, status);
+            s.record(1.0, 10, 20);
+        }
+        assert_eq!(made, 2, "one label set built per distinct key");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let count = |code: &str| {
+            text.lines()
+                .find(|l| l.starts_with("istio_requests_total{") && l.contains(&format!("response_code=\"{code}\"")))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        };
+        assert_eq!((count("200"), count("503")), (Some(3), Some(1)));
+        for status in 300..320 {
+            cache.get(key(status), (None, None), || (m.series(&labels(status)), labels(status)));
+        }
+        let mut rebuilt = false;
+        cache.get(key(200), (None, None), || {
+            rebuilt = true;
+            (m.series(&labels(200)), labels(200))
+        });
+        assert!(rebuilt, "the oldest entries make way");
     }
 }

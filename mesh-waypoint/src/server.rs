@@ -77,6 +77,7 @@ impl TunnelHandler for Tunnels {
             protocol: port,
             peer: Some(request.peer.clone()),
             peer_addr: request.peer_addr,
+            series: Default::default(),
         });
         let Ok(mut tunnel) = request.accept() else { return };
         let mut first = None;
@@ -123,7 +124,8 @@ pub async fn serve_plain(listener: TcpListener, wp: Arc<Waypoint>, service: Stri
             continue;
         };
         let protocol = svc.port(port).map(|p| p.protocol.clone()).unwrap_or_default();
-        let ds = Arc::new(Downstream { service: svc, port, protocol, peer: None, peer_addr });
+        let ds =
+            Arc::new(Downstream { service: svc, port, protocol, peer: None, peer_addr, series: Default::default() });
         tokio::spawn(serve_http(tcp, wp.clone(), ds));
     }
 }
