@@ -18,8 +18,7 @@ use crate::{
     output::{Report, Table},
 };
 
-const USE_WAYPOINT: &str = "istio.io/use-waypoint";
-const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+use mesh_config::{GATEWAY_NAME_LABEL, USE_WAYPOINT};
 
 pub struct Apply<'a> {
     pub namespace: &'a str,

@@ -25,6 +25,28 @@ use prometheus_client::registry::Registry;
 
 use self::{identity::Identities, pool::Pool, state::State, telemetry::Connections};
 
+/// The next connection on `listener`, with `TCP_NODELAY` set and the peer's
+/// address canonical (IPv4-mapped as IPv4). A failed accept (out of file
+/// descriptors and the like) is logged and retried after a pause, instead of
+/// spinning.
+pub async fn accept(listener: &tokio::net::TcpListener) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                // Small writes (TLS records, HTTP/2 frames, request/response
+                // traffic) must not wait for the peer's delayed ACK.
+                let _ = stream.set_nodelay(true);
+                return (stream, std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port()));
+            }
+            Err(e) => {
+                let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                tracing::warn!(listener = %bound, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// What every connection handler reads, shared by all the listeners of a process.
 pub struct Proxy {
     /// Written only by the control client; the data path reads views of it.

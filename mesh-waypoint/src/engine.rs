@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use mesh_common::{
     api,
     identity::SpiffeId,
-    routing::{self, CompiledRoutes, HeaderEdit, Headers, RequestFacts},
+    routing::{self, HeaderEdit, Headers, RequestFacts},
 };
 use mesh_proxy::state::view::{MeshView, ServiceInfo, Upstream, WorkloadInfo};
 use tracing::info;
@@ -161,19 +161,7 @@ async fn route_and_send(
     recorded: &Recorded,
     rec: &mut Record,
 ) -> Response<HttpBody> {
-    let key = ds.service.key();
-    let fallback;
-    let routes: &CompiledRoutes = match view.routes(&key) {
-        Some(r) => r,
-        None => {
-            let wire = api::HttpRoutes {
-                routes: vec![routing::default_route(&ds.service.namespace, &ds.service.name)],
-                ..Default::default()
-            };
-            fallback = CompiledRoutes::from_wire(&wire).unwrap_or_default();
-            &fallback
-        }
-    };
+    let routes = view.routes(&ds.service);
     let facts = RequestFacts {
         method: parts.method.as_str(),
         path: &rec.path,

@@ -34,15 +34,7 @@ const RELAY: usize = 64 * 1024;
 pub async fn serve_hbone(listener: TcpListener, wp: Arc<Waypoint>) {
     let handler = Arc::new(Tunnels { wp: wp.clone() });
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let (tcp, peer) = mesh_proxy::accept(&listener).await;
         let (wp, handler) = (wp.clone(), handler.clone());
         tokio::spawn(async move {
             let Some(local) = wp.identity().and_then(|id| wp.proxy.identities.get(&id)) else {
@@ -110,15 +102,7 @@ impl TunnelHandler for Tunnels {
 /// the same per-request engine, without an identity.
 pub async fn serve_plain(listener: TcpListener, wp: Arc<Waypoint>, service: String, port: u16) {
     loop {
-        let (tcp, peer_addr) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let (tcp, peer_addr) = mesh_proxy::accept(&listener).await;
         let Some(svc) = wp.proxy.state.view().service(&service).cloned() else {
             debug!(service = %service, "plaintext connection dropped: no such service (yet)");
             continue;

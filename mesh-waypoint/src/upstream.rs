@@ -11,10 +11,11 @@ use mesh_common::{HBONE_PORT, identity::SpiffeId};
 use mesh_proxy::{
     Proxy,
     hbone::{self, TunnelIo},
-    pool::{PoolKey, StreamSlot},
+    pool::PoolKey,
     state::view::Upstream,
 };
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 use tracing::debug;
 
 use crate::body::HttpBody;
@@ -102,12 +103,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A byte stream to `up`: an HBONE tunnel (CONNECT the endpoint's address
 /// to its 15008), or plain TCP.
-pub async fn open(proxy: &Proxy, me: &SpiffeId, up: &Upstream) -> io::Result<Either> {
+pub async fn open(proxy: &Proxy, me: &SpiffeId, up: &Upstream) -> io::Result<Either<TcpStream, TunnelIo>> {
     let (workload, target) = match up {
         Upstream::Plain { addr, .. } => {
             let tcp = TcpStream::connect(addr).await?;
             let _ = tcp.set_nodelay(true);
-            return Ok(Either::Tcp(tcp));
+            return Ok(Either::Left(tcp));
         }
         Upstream::Hbone { workload, addr } => (workload, *addr),
         Upstream::Waypoint { workload, authority, .. } => (workload, *authority),
@@ -131,54 +132,5 @@ pub async fn open(proxy: &Proxy, me: &SpiffeId, up: &Upstream) -> io::Result<Eit
         }
     };
     let (tunnel, slot) = proxy.pool.tunnel(&key, target, dial).await.map_err(io::Error::other)?;
-    Ok(Either::Tunnel(Box::new(TunnelIo::new(tunnel, bytes::Bytes::new())), slot))
-}
-
-/// A TCP socket, or a tunnel holding its pooled connection's stream slot.
-pub enum Either {
-    Tcp(TcpStream),
-    Tunnel(Box<TunnelIo>, StreamSlot),
-}
-
-impl tokio::io::AsyncRead for Either {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        match self.get_mut() {
-            Either::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Either::Tunnel(s, _) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Either {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Either::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Either::Tunnel(s, _) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
-        match self.get_mut() {
-            Either::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Either::Tunnel(s, _) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        match self.get_mut() {
-            Either::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Either::Tunnel(s, _) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
+    Ok(Either::Right(TunnelIo::pooled(tunnel, slot)))
 }

@@ -12,13 +12,13 @@ use std::{path::Path, thread, time::Duration};
 
 use mesh_tests::{
     Pod, Proc,
+    bench::{SECONDS, cpu_ticks, hey, hold_connections, median_all, push, rss_kib, ticks_per_second, wrk},
     mesh::{Mesh, yaml},
     run_in,
     waypoint::yaml as l7,
 };
 use serde_json::{Value, json};
 
-const SECONDS: &str = "5";
 const ROUNDS: usize = 2;
 
 struct Path3<'a> {
@@ -98,13 +98,13 @@ fn main() {
         for (p, r) in paths.iter().zip(results.iter_mut()) {
             eprintln!("round {round}: {}", p.name);
             push(r, "throughput_gbps", iperf(p));
-            let (rate, fixed) = hey(p, 1000);
+            let (rate, fixed) = hey(p.client, &format!("http://{}/", p.target), 1000);
             push(r, "fixed_rate_rps", rate);
             for (k, v) in fixed {
                 push(r, &format!("fixed_{k}_ms"), v);
             }
             let cpu_before: u64 = p.agents.iter().map(|pid| cpu_ticks(*pid)).sum();
-            let (rps, requests, lat) = wrk(p);
+            let (rps, requests, lat) = wrk(p.client, &format!("http://{}/", p.target), 10);
             let cpu_after: u64 = p.agents.iter().map(|pid| cpu_ticks(*pid)).sum();
             push(r, "max_rps", rps);
             for (k, v) in lat {
@@ -117,7 +117,7 @@ fn main() {
         }
     }
     let waypoint_idle_rss = rss_kib(waypoint.pid());
-    let open = hold_connections(&c, &s_far, 1000);
+    let open = hold_connections(&c, &s_far, 80, 1000, false);
     thread::sleep(Duration::from_millis(500));
     let busy_rss = (rss_kib(n1), rss_kib(n2));
     drop(open);
@@ -183,121 +183,8 @@ fn main() {
     println!("report: {}", dir.join("dataplane.json").display());
 }
 
-fn push(r: &mut Value, key: &str, v: f64) {
-    r.as_object_mut().unwrap().entry(key).or_insert_with(|| json!([])).as_array_mut().unwrap().push(json!(v));
-}
-
-/// Each list of samples becomes its median.
-fn median_all(r: &Value) -> Value {
-    let mut out = serde_json::Map::new();
-    for (k, v) in r.as_object().unwrap() {
-        let value = match v.as_array() {
-            Some(samples) => {
-                let mut s: Vec<f64> = samples.iter().filter_map(Value::as_f64).collect();
-                s.sort_by(f64::total_cmp);
-                json!(s[s.len() / 2])
-            }
-            None => v.clone(),
-        };
-        out.insert(k.clone(), value);
-    }
-    Value::Object(out)
-}
-
 fn iperf(p: &Path3) -> f64 {
     let out = run_in(&p.client.netns, &["taskset", "-c", "0", "iperf3", "-c", &p.target, "-t", SECONDS, "-J"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
-}
-
-/// hey at a fixed total rate (`rps`, 10 connections): (achieved rps, latency percentiles in ms).
-fn hey(p: &Path3, rps: u32) -> (f64, Vec<(&'static str, f64)>) {
-    let url = format!("http://{}/", p.target);
-    let per_worker = (rps / 10).to_string();
-    let duration = format!("{SECONDS}s");
-    let out =
-        run_in(&p.client.netns, &["taskset", "-c", "0", "hey", "-z", &duration, "-c", "10", "-q", &per_worker, &url]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lat = Vec::new();
-    let mut achieved = 0.0;
-    for line in text.lines().map(str::trim) {
-        if let Some(v) = line.strip_prefix("Requests/sec:") {
-            achieved = v.trim().parse().unwrap_or(0.0);
-        }
-        for (pct, key) in [("50%", "p50"), ("90%", "p90"), ("99%", "p99")] {
-            if let Some(rest) = line.strip_prefix(&format!("{pct} in ")) {
-                let secs: f64 = rest.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(f64::NAN);
-                lat.push((key, secs * 1000.0));
-            }
-        }
-    }
-    (achieved, lat)
-}
-
-/// wrk at its maximum rate (1 thread, 10 connections): (rps, requests, latency percentiles in ms).
-fn wrk(p: &Path3) -> (f64, f64, Vec<(&'static str, f64)>) {
-    let url = format!("http://{}/", p.target);
-    let duration = format!("{SECONDS}s");
-    let out =
-        run_in(&p.client.netns, &["taskset", "-c", "0", "wrk", "-t1", "-c10", "-d", &duration, "--latency", &url]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lat = Vec::new();
-    let (mut rps, mut requests) = (0.0, 0.0);
-    for line in text.lines().map(str::trim) {
-        if let Some(v) = line.strip_prefix("Requests/sec:") {
-            rps = v.trim().parse().unwrap_or(0.0);
-        }
-        if line.contains("requests in") {
-            requests = line.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
-        }
-        for (pct, key) in [("50%", "p50"), ("90%", "p90"), ("99%", "p99")] {
-            if let Some(rest) = line.strip_prefix(pct) {
-                lat.push((key, wrk_ms(rest.trim())));
-            }
-        }
-    }
-    (rps, requests, lat)
-}
-
-/// wrk prints `123.45us`, `1.23ms` or `1.02s`.
-fn wrk_ms(s: &str) -> f64 {
-    let num = |suffix: &str| s.strip_suffix(suffix).and_then(|v| v.parse::<f64>().ok());
-    num("us").map(|v| v / 1000.0).or_else(|| num("ms")).or_else(|| num("s").map(|v| v * 1000.0)).unwrap_or(f64::NAN)
-}
-
-/// Opens `n` connections from `client` to `server`'s nginx and holds them
-/// until the returned process is dropped.
-fn hold_connections(client: &Pod, server: &Pod, n: usize) -> Proc {
-    let script = format!(
-        "import socket,time,resource\n\
-         _,h=resource.getrlimit(resource.RLIMIT_NOFILE); resource.setrlimit(resource.RLIMIT_NOFILE,(h,h))\n\
-         s=[socket.create_connection(('{}',80)) for _ in range({n})]\n\
-         print('open',len(s),flush=True)\n\
-         time.sleep(600)\n",
-        server.ip4
-    );
-    let log = std::env::temp_dir().join("mesh-bench-hold.log");
-    let proc = Proc::spawn_in("hold", &client.netns, &["python3", "-u", "-c", &script], &log);
-    proc.wait_for_log("open", Duration::from_secs(30));
-    proc
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).unwrap_or(0)
-}
-
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command (which may contain spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no memory preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }

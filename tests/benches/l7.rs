@@ -13,13 +13,13 @@ use std::{path::Path, thread, time::Duration};
 
 use mesh_tests::{
     Pod, Proc,
+    bench::{SECONDS, cpu_ticks, hey, hold_connections, median_all, push, rss_kib, ticks_per_second, wrk},
     mesh::{Mesh, yaml},
     run_in,
     waypoint::yaml as l7,
 };
 use serde_json::{Value, json};
 
-const SECONDS: &str = "5";
 const ROUNDS: usize = 2;
 const PORT: u16 = 8080;
 
@@ -87,7 +87,7 @@ fn main() {
     let mut results: Vec<Value> = proxies.iter().map(|p| json!({ "proxy": p.name })).collect();
     let mut direct = json!({ "proxy": "direct (no proxy)" });
     for round in 0..ROUNDS {
-        let (_, lat) = hey(&client, &format!("http://{}:80/", server.ip4));
+        let (_, lat) = hey(&client, &format!("http://{}:80/", server.ip4), 1000);
         for (k, v) in lat {
             push(&mut direct, &format!("fixed_{k}_ms"), v);
         }
@@ -96,7 +96,7 @@ fn main() {
             let url = format!("http://{}:{port}/", proxy_pod.ip4);
             let pid = p.proc.pid();
             let before = cpu_ticks(pid);
-            let (rps, requests) = wrk(&client, &url);
+            let (rps, requests, _) = wrk(&client, &url, 50);
             let cpu = (cpu_ticks(pid) - before) as f64 / ticks_per_second();
             push(r, "h1_rps", rps);
             push(r, "h1_rps_per_proxy_core", requests / cpu.max(1e-9));
@@ -106,7 +106,7 @@ fn main() {
             let cpu = (cpu_ticks(pid) - before) as f64 / ticks_per_second();
             push(r, "h2_rps", rps);
             push(r, "h2_rps_per_proxy_core", requests / cpu.max(1e-9));
-            let (_, lat) = hey(&client, &url);
+            let (_, lat) = hey(&client, &url, 1000);
             for (k, v) in lat {
                 push(r, &format!("fixed_{k}_ms"), v);
             }
@@ -114,7 +114,7 @@ fn main() {
     }
     let mut held = Vec::new();
     for (p, port) in proxies.iter().zip(ports) {
-        let hold = hold_connections(&client, &proxy_pod, port, 1000);
+        let hold = hold_connections(&client, &proxy_pod, port, 1000, true);
         thread::sleep(Duration::from_millis(500));
         held.push(rss_kib(p.proc.pid()));
         drop(hold);
@@ -275,43 +275,6 @@ fn wait_ok(client: &Pod, url: &str) {
     panic!("{url} did not answer");
 }
 
-fn push(r: &mut Value, key: &str, v: f64) {
-    r.as_object_mut().unwrap().entry(key).or_insert_with(|| json!([])).as_array_mut().unwrap().push(json!(v));
-}
-
-fn median_all(r: &Value) -> Value {
-    let mut out = serde_json::Map::new();
-    for (k, v) in r.as_object().unwrap() {
-        let value = match v.as_array() {
-            Some(samples) => {
-                let mut s: Vec<f64> = samples.iter().filter_map(Value::as_f64).collect();
-                s.sort_by(f64::total_cmp);
-                json!(s[s.len() / 2])
-            }
-            None => v.clone(),
-        };
-        out.insert(k.clone(), value);
-    }
-    Value::Object(out)
-}
-
-/// wrk, 1 thread, 50 connections: (rps, requests).
-fn wrk(client: &Pod, url: &str) -> (f64, f64) {
-    let d = format!("{SECONDS}s");
-    let out = run_in(&client.netns, &["taskset", "-c", "0", "wrk", "-t1", "-c50", "-d", &d, url]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (mut rps, mut requests) = (0.0, 0.0);
-    for line in text.lines().map(str::trim) {
-        if let Some(v) = line.strip_prefix("Requests/sec:") {
-            rps = v.trim().parse().unwrap_or(0.0);
-        }
-        if line.contains("requests in") {
-            requests = line.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
-        }
-    }
-    (rps, requests)
-}
-
 /// h2load with prior knowledge, 10 connections × 10 streams: (rps, requests).
 /// HAProxy's plain bind does not take HTTP/2 prior knowledge, so its h2 port is the next one.
 fn h2load(client: &Pod, url: &str) -> (f64, f64) {
@@ -329,63 +292,4 @@ fn h2load(client: &Pod, url: &str) -> (f64, f64) {
         }
     }
     (rps, requests)
-}
-
-/// hey at 1000 rps (10 workers at 100 each): latency percentiles in ms.
-fn hey(client: &Pod, url: &str) -> (f64, Vec<(&'static str, f64)>) {
-    let d = format!("{SECONDS}s");
-    let out = run_in(&client.netns, &["taskset", "-c", "0", "hey", "-z", &d, "-c", "10", "-q", "100", url]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lat = Vec::new();
-    let mut achieved = 0.0;
-    for line in text.lines().map(str::trim) {
-        if let Some(v) = line.strip_prefix("Requests/sec:") {
-            achieved = v.trim().parse().unwrap_or(0.0);
-        }
-        for (pct, key) in [("50%", "p50"), ("99%", "p99")] {
-            if let Some(rest) = line.strip_prefix(&format!("{pct} in ")) {
-                let secs: f64 = rest.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(f64::NAN);
-                lat.push((key, secs * 1000.0));
-            }
-        }
-    }
-    (achieved, lat)
-}
-
-/// `n` idle HTTP/1.1 connections to `pod:port`, each having sent one request.
-fn hold_connections(client: &Pod, pod: &Pod, port: u16, n: usize) -> Proc {
-    let script = format!(
-        "import socket,time,resource\n\
-         _,h=resource.getrlimit(resource.RLIMIT_NOFILE); resource.setrlimit(resource.RLIMIT_NOFILE,(h,h))\n\
-         s=[]\n\
-         for _ in range({n}):\n\
-         \x20   c=socket.create_connection(('{}',{port})); c.sendall(b'GET / HTTP/1.1\\r\\nHost: web\\r\\n\\r\\n'); s.append(c)\n\
-         for c in s: c.recv(65536)\n\
-         print('open',len(s),flush=True)\n\
-         time.sleep(600)\n",
-        pod.ip4
-    );
-    let log = std::env::temp_dir().join(format!("mesh-bench-l7-hold-{port}.log"));
-    let proc = Proc::spawn_in("hold", &client.netns, &["python3", "-u", "-c", &script], &log);
-    proc.wait_for_log("open", Duration::from_secs(60));
-    proc
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    // The pid is taskset's, which execs the proxy: the same process.
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).unwrap_or(0)
-}
-
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no memory preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }

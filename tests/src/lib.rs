@@ -7,6 +7,7 @@
 //! network, and dropping the topology (also on panic) kills its processes and
 //! removes its namespaces, pins, state and cgroups. Leftovers of a run that was
 //! killed outright are swept by the next one.
+pub mod bench;
 pub mod capture;
 pub mod cgroup_prog;
 mod controller;

@@ -195,13 +195,15 @@ pub mod yaml {
         let (ns, name) = p.name.split_once('/').unwrap();
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}, \
-             annotations: {{{NETNS_ANNOTATION}: {}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\n\
-             status: {{podIP: {}, podIPs: [{{ip: {}}}, {{ip: {}}}]}}\n---\n",
+             annotations: {{{NETNS_ANNOTATION}: {}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\n{}---\n",
             p.netns.display(),
-            p.ip4,
-            p.ip4,
-            p.ip6
+            status(p)
         )
+    }
+
+    /// A Pod's `status` with both its addresses.
+    pub fn status(p: &Pod) -> String {
+        format!("status: {{podIP: {}, podIPs: [{{ip: {}}}, {{ip: {}}}]}}\n", p.ip4, p.ip4, p.ip6)
     }
 
     /// A Service with a cluster IP, selecting `app`.

@@ -119,9 +119,8 @@ pub mod yaml {
         let (ns, name) = p.name.split_once('/').unwrap();
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{GATEWAY_NAME_LABEL}: {gateway}}}}}\n\
-             spec: {{nodeName: {node}, serviceAccountName: {gateway}}}\n\
-             status: {{podIP: {}, podIPs: [{{ip: {}}}, {{ip: {}}}]}}\n---\n",
-            p.ip4, p.ip4, p.ip6
+             spec: {{nodeName: {node}, serviceAccountName: {gateway}}}\n{}---\n",
+            crate::mesh::yaml::status(p)
         )
     }
 
@@ -130,12 +129,9 @@ pub mod yaml {
         let (ns, name) = p.name.split_once('/').unwrap();
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}, version: {version}}}, \
-             annotations: {{{NETNS_ANNOTATION}: {}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {app}}}\n\
-             status: {{podIP: {}, podIPs: [{{ip: {}}}, {{ip: {}}}]}}\n---\n",
+             annotations: {{{NETNS_ANNOTATION}: {}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {app}}}\n{}---\n",
             p.netns.display(),
-            p.ip4,
-            p.ip4,
-            p.ip6
+            crate::mesh::yaml::status(p)
         )
     }
 

@@ -14,8 +14,8 @@ use crate::config::{
         Labels,
         routing::{
             BackendRef, DestinationRule, GrpcRoute, GrpcRouteMatch, HeaderModifier, HttpRoute, HttpRouteFilter,
-            HttpRouteMatch, NamedTypedMatch, StringMatch, VirtualService, VsDestination, VsHeaderOps, VsHttpRoute,
-            VsMatch,
+            HttpRouteMatch, NamedTypedMatch, PathModifier, StringMatch, VirtualService, VsDestination, VsHeaderOps,
+            VsHttpRoute, VsMatch,
         },
     },
 };
@@ -480,6 +480,15 @@ fn apply_header_filter(f: &HttpRouteFilter, req: &mut Option<api::HeaderOps>, re
     }
 }
 
+/// A Gateway API path modifier as (full path, prefix): one of them set.
+fn path_modifier(p: Option<&PathModifier>) -> (String, String) {
+    match p {
+        Some(p) if p.type_ == "ReplaceFullPath" => (p.replace_full_path.clone().unwrap_or_default(), String::new()),
+        Some(p) => (String::new(), p.replace_prefix_match.clone().unwrap_or_default()),
+        None => (String::new(), String::new()),
+    }
+}
+
 fn http_rule(
     hr: &HttpRoute,
     rule: &crate::config::objects::routing::HttpRouteRule,
@@ -493,13 +502,7 @@ fn http_rule(
     for f in &rule.filters {
         apply_header_filter(f, &mut route.request_headers, &mut route.response_headers);
         if let Some(rd) = &f.request_redirect {
-            let (path, prefix) = match &rd.path {
-                Some(p) if p.type_ == "ReplaceFullPath" => {
-                    (p.replace_full_path.clone().unwrap_or_default(), String::new())
-                }
-                Some(p) => (String::new(), p.replace_prefix_match.clone().unwrap_or_default()),
-                None => (String::new(), String::new()),
-            };
+            let (path, prefix) = path_modifier(rd.path.as_ref());
             route.redirect = Some(api::Redirect {
                 scheme: rd.scheme.clone().unwrap_or_default(),
                 authority: rd.hostname.clone().unwrap_or_default(),
@@ -510,13 +513,7 @@ fn http_rule(
             });
         }
         if let Some(rw) = &f.url_rewrite {
-            let (full_path, prefix) = match &rw.path {
-                Some(p) if p.type_ == "ReplaceFullPath" => {
-                    (p.replace_full_path.clone().unwrap_or_default(), String::new())
-                }
-                Some(p) => (String::new(), p.replace_prefix_match.clone().unwrap_or_default()),
-                None => (String::new(), String::new()),
-            };
+            let (full_path, prefix) = path_modifier(rw.path.as_ref());
             route.rewrite =
                 Some(api::Rewrite { prefix, full_path, authority: rw.hostname.clone().unwrap_or_default() });
         }

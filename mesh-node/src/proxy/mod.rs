@@ -18,7 +18,6 @@ mod outbound;
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::Duration,
 };
 
 use mesh_proxy::{Proxy, error::ProxyError, plan::LocalPod};
@@ -162,26 +161,14 @@ async fn accept_loop(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<Proxy
         return;
     };
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                // Small writes (TLS records, HTTP/2 frames, request/response
-                // traffic) must not wait for the peer's delayed ACK.
-                let _ = stream.set_nodelay(true);
-                let (pod, ctx) = (pod.clone(), ctx.clone());
-                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                tokio::spawn(async move {
-                    match kind {
-                        Listener::Outbound => outbound::handle(stream, bound, peer, &pod, &ctx).await,
-                        Listener::Inbound => inbound::handle(stream, bound, peer, &pod, &ctx).await,
-                        Listener::Hbone => hbone_in::serve(stream, bound, peer, pod, ctx).await,
-                    }
-                });
+        let (stream, peer) = mesh_proxy::accept(&listener).await;
+        let (pod, ctx) = (pod.clone(), ctx.clone());
+        tokio::spawn(async move {
+            match kind {
+                Listener::Outbound => outbound::handle(stream, bound, peer, &pod, &ctx).await,
+                Listener::Inbound => inbound::handle(stream, bound, peer, &pod, &ctx).await,
+                Listener::Hbone => hbone_in::serve(stream, bound, peer, pod, ctx).await,
             }
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                warn!(pod = %pod.name, listener = %bound, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+        });
     }
 }

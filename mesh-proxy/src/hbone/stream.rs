@@ -25,12 +25,19 @@ pub struct TunnelIo {
     eof: bool,
     /// We ended ours.
     shut: bool,
+    /// The pooled connection's stream slot, held for as long as the tunnel lives.
+    _slot: Option<crate::pool::StreamSlot>,
 }
 
 impl TunnelIo {
     /// `first`: bytes already taken from the tunnel (a protocol sniff), read first.
     pub fn new(tunnel: Tunnel, first: Bytes) -> TunnelIo {
-        TunnelIo { tunnel, pending: first, eof: false, shut: false }
+        TunnelIo { tunnel, pending: first, eof: false, shut: false, _slot: None }
+    }
+
+    /// A tunnel opened on a pooled connection, holding its stream slot.
+    pub fn pooled(tunnel: Tunnel, slot: crate::pool::StreamSlot) -> TunnelIo {
+        TunnelIo { _slot: Some(slot), ..TunnelIo::new(tunnel, Bytes::new()) }
     }
 }
 

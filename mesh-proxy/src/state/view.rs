@@ -53,6 +53,8 @@ pub struct ServiceInfo {
     pub waypoint: Option<WaypointInfo>,
     /// Round robin position.
     next: AtomicUsize,
+    /// The routes of a service that has none of its own, compiled on first use.
+    default_routes: std::sync::OnceLock<Arc<CompiledRoutes>>,
 }
 
 /// A service's waypoint: its Gateway (`namespace/name`) and running instances.
@@ -164,6 +166,7 @@ impl MeshView {
                 endpoints: s.endpoints.iter().filter_map(|e| e.ip.parse().ok()).collect(),
                 waypoint,
                 next: AtomicUsize::new(0),
+                default_routes: std::sync::OnceLock::new(),
             });
             for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
                 view.by_vip.insert(vip, info.clone());
@@ -203,9 +206,19 @@ impl MeshView {
         self.by_vip.get(&ip.to_canonical())
     }
 
-    /// The HTTP routes of service `key` (`namespace/name`), if it has any.
-    pub fn routes(&self, key: &str) -> Option<&Arc<CompiledRoutes>> {
-        self.routes.get(key)
+    /// The HTTP routes of `svc`: its own, else the default route (every
+    /// request to the service itself), compiled once per view.
+    pub fn routes<'a>(&'a self, svc: &'a ServiceInfo) -> &'a Arc<CompiledRoutes> {
+        self.routes.get(&svc.key()).unwrap_or_else(|| {
+            svc.default_routes.get_or_init(|| {
+                let wire = api::HttpRoutes {
+                    namespace: svc.namespace.clone(),
+                    service: svc.name.clone(),
+                    routes: vec![mesh_common::routing::default_route(&svc.namespace, &svc.name)],
+                };
+                Arc::new(CompiledRoutes::from_wire(&wire).unwrap_or_default())
+            })
+        })
     }
 
     /// Where a connection to `dst` goes. `Err` names why it cannot go

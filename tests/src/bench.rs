@@ -1,0 +1,132 @@
+//! What the benchmarks share: the load generators run inside a pod (wrk at
+//! saturation, hey at a fixed rate) with their output parsed, idle
+//! connections held open, a process's RSS and CPU time, and samples reduced
+//! to their medians.
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::{Pod, Proc, run_in};
+
+/// How long each load generator runs.
+pub const SECONDS: &str = "5";
+
+/// Appends sample `v` to the list under `key`.
+pub fn push(r: &mut Value, key: &str, v: f64) {
+    r.as_object_mut().unwrap().entry(key).or_insert_with(|| json!([])).as_array_mut().unwrap().push(json!(v));
+}
+
+/// Each list of samples becomes its median.
+pub fn median_all(r: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    for (k, v) in r.as_object().unwrap() {
+        let value = match v.as_array() {
+            Some(samples) => {
+                let mut s: Vec<f64> = samples.iter().filter_map(Value::as_f64).collect();
+                s.sort_by(f64::total_cmp);
+                json!(s[s.len() / 2])
+            }
+            None => v.clone(),
+        };
+        out.insert(k.clone(), value);
+    }
+    Value::Object(out)
+}
+
+/// hey from `client` on CPU 0 at a fixed total rate (`rps`, 10 workers):
+/// (achieved rps, latency percentiles in ms).
+pub fn hey(client: &Pod, url: &str, rps: u32) -> (f64, Vec<(&'static str, f64)>) {
+    let per_worker = (rps / 10).to_string();
+    let duration = format!("{SECONDS}s");
+    let out =
+        run_in(&client.netns, &["taskset", "-c", "0", "hey", "-z", &duration, "-c", "10", "-q", &per_worker, url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lat = Vec::new();
+    let mut achieved = 0.0;
+    for line in text.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            achieved = v.trim().parse().unwrap_or(0.0);
+        }
+        for (pct, key) in [("50%", "p50"), ("90%", "p90"), ("99%", "p99")] {
+            if let Some(rest) = line.strip_prefix(&format!("{pct} in ")) {
+                let secs: f64 = rest.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(f64::NAN);
+                lat.push((key, secs * 1000.0));
+            }
+        }
+    }
+    (achieved, lat)
+}
+
+/// wrk from `client` on CPU 0 at its maximum rate (1 thread, `connections`):
+/// (rps, requests, latency percentiles in ms).
+pub fn wrk(client: &Pod, url: &str, connections: u32) -> (f64, f64, Vec<(&'static str, f64)>) {
+    let duration = format!("{SECONDS}s");
+    let c = format!("-c{connections}");
+    let out = run_in(&client.netns, &["taskset", "-c", "0", "wrk", "-t1", &c, "-d", &duration, "--latency", url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lat = Vec::new();
+    let (mut rps, mut requests) = (0.0, 0.0);
+    for line in text.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            rps = v.trim().parse().unwrap_or(0.0);
+        }
+        if line.contains("requests in") {
+            requests = line.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        }
+        for (pct, key) in [("50%", "p50"), ("90%", "p90"), ("99%", "p99")] {
+            if let Some(rest) = line.strip_prefix(pct) {
+                lat.push((key, wrk_ms(rest.trim())));
+            }
+        }
+    }
+    (rps, requests, lat)
+}
+
+/// wrk prints `123.45us`, `1.23ms` or `1.02s`.
+fn wrk_ms(s: &str) -> f64 {
+    let num = |suffix: &str| s.strip_suffix(suffix).and_then(|v| v.parse::<f64>().ok());
+    num("us").map(|v| v / 1000.0).or_else(|| num("ms")).or_else(|| num("s").map(|v| v * 1000.0)).unwrap_or(f64::NAN)
+}
+
+/// Opens `n` connections from `client` to `server:port` (each sends one
+/// HTTP/1.1 request and reads its answer when `request`), and holds them
+/// until the returned process is dropped.
+pub fn hold_connections(client: &Pod, server: &Pod, port: u16, n: usize, request: bool) -> Proc {
+    let send = if request { "c.sendall(b'GET / HTTP/1.1\\r\\nHost: web\\r\\n\\r\\n'); " } else { "" };
+    let read = if request { "for c in s: c.recv(65536)\n" } else { "" };
+    let script = format!(
+        "import socket,time,resource\n\
+         _,h=resource.getrlimit(resource.RLIMIT_NOFILE); resource.setrlimit(resource.RLIMIT_NOFILE,(h,h))\n\
+         s=[]\n\
+         for _ in range({n}):\n\
+         \x20   c=socket.create_connection(('{}',{port})); {send}s.append(c)\n\
+         {read}print('open',len(s),flush=True)\n\
+         time.sleep(600)\n",
+        server.ip4
+    );
+    let log = std::env::temp_dir().join(format!("mesh-bench-hold-{port}.log"));
+    let proc = Proc::spawn_in("hold", &client.netns, &["python3", "-u", "-c", &script], &log);
+    proc.wait_for_log("open", Duration::from_secs(60));
+    proc
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+/// utime + stime of a process, in clock ticks.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+pub fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
