@@ -193,23 +193,33 @@ pub struct Route {
     pub wire: api::HttpRoute,
     matches: Vec<Match>,
     total_weight: u64,
+    /// Each backend's service as `namespace/name`, in `wire.backends` order
+    /// (so choosing one per request builds no string).
+    backend_keys: Vec<String>,
 }
 
 impl Route {
-    /// The backend a roll of `roll` (uniform over `u32`) picks by weight;
-    /// `None` when the route has no backend with weight.
-    pub fn backend(&self, roll: u32) -> Option<&api::WeightedBackend> {
+    /// The backend a roll of `roll` (uniform over `u32`) picks by weight,
+    /// with its service's `namespace/name`; `None` when the route has no
+    /// backend with weight.
+    pub fn backend(&self, roll: u32) -> Option<(&api::WeightedBackend, &str)> {
         if self.total_weight == 0 {
             return None;
         }
         let mut at = (u64::from(roll) * self.total_weight) >> 32;
-        for b in &self.wire.backends {
+        for (b, key) in self.wire.backends.iter().zip(&self.backend_keys) {
             if at < u64::from(b.weight) {
-                return Some(b);
+                return Some((b, key));
             }
             at -= u64::from(b.weight);
         }
         None
+    }
+
+    /// The route's retry policy, Istio's default where it sets none.
+    pub fn retry(&self) -> &api::Retry {
+        static DEFAULT: std::sync::LazyLock<api::Retry> = std::sync::LazyLock::new(default_retry);
+        self.wire.retry.as_ref().unwrap_or(&DEFAULT)
     }
 
     /// The prefix a matched request's path matched by, if by prefix (what
@@ -256,7 +266,8 @@ impl CompiledRoutes {
                     .collect::<Result<_, _>>()
                     .map_err(|e| format!("{}: {e}", r.name))?;
                 let total_weight = r.backends.iter().map(|b| u64::from(b.weight)).sum();
-                Ok(Route { wire: r.clone(), matches, total_weight })
+                let backend_keys = r.backends.iter().map(|b| format!("{}/{}", b.namespace, b.service)).collect();
+                Ok(Route { wire: r.clone(), matches, total_weight, backend_keys })
             })
             .collect::<Result<_, String>>()?;
         Ok(CompiledRoutes { routes })

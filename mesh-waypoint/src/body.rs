@@ -59,25 +59,30 @@ impl Recorded {
 }
 
 /// Streams `inner` through unchanged, keeping a copy for [`Recorded::replay`].
-pub struct Recording {
-    inner: HttpBody,
+/// Generic over the body it wraps, so the client's body is boxed once, here.
+pub struct Recording<B = HttpBody> {
+    inner: B,
     copy: Recorded,
 }
 
-impl Recording {
-    pub fn new(inner: HttpBody) -> (Recording, Recorded) {
+impl<B: Body> Recording<B> {
+    pub fn new(inner: B) -> (Recording<B>, Recorded) {
         let copy = Recorded::default();
         copy.lock().complete = inner.is_end_stream(); // no body at all (a GET)
         (Recording { inner, copy: copy.clone() }, copy)
     }
 }
 
-impl Body for Recording {
+impl<B> Body for Recording<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let polled = Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into);
         let mut c = self.copy.lock();
         match &polled {
             Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {

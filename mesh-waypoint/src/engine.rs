@@ -59,9 +59,12 @@ struct Record {
     method: Method,
     authority: String,
     path: String,
-    request_id: String,
+    /// `x-request-id`, as the request carries it (cloning shares its bytes).
+    request_id: HeaderValue,
     grpc: bool,
-    route: String,
+    /// The routes the request was matched against and the index of the one
+    /// that took it (held, not copied, for the access log).
+    route: Option<(Arc<routing::CompiledRoutes>, usize)>,
     upstream: Option<SocketAddr>,
     upstream_workload: Option<Arc<WorkloadInfo>>,
     backend_service: Option<Arc<ServiceInfo>>,
@@ -89,18 +92,18 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Inc
     let mut rec = Record {
         started: Instant::now(),
         method: parts.method.clone(),
-        authority: authority.clone(),
-        path: path.clone(),
+        authority,
+        path,
         request_id,
         grpc,
-        route: String::new(),
+        route: None,
         upstream: None,
         upstream_workload: None,
         backend_service: None,
         attempts: 0,
         flags: "-",
     };
-    let (body, recorded) = Recording::new(body.map_err(Into::into).boxed());
+    let (body, recorded) = Recording::new(body);
     let mut response = route_and_send(&wp, &ds, &view, &mut parts, body, &recorded, &mut rec).await;
     if let Some(client) = client_upgrade
         && response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -157,7 +160,7 @@ async fn route_and_send(
     ds: &Downstream,
     view: &MeshView,
     parts: &mut http::request::Parts,
-    body: Recording,
+    body: Recording<Incoming>,
     recorded: &Recorded,
     rec: &mut Record,
 ) -> Response<HttpBody> {
@@ -173,17 +176,17 @@ async fn route_and_send(
         return local(rec, StatusCode::NOT_FOUND, "NR", "no route matched");
     };
     let matched_prefix = route.matched_prefix(&facts).map(String::from);
-    rec.route = route.wire.name.clone();
+    rec.route = routes.routes.iter().position(|r| std::ptr::eq(r, route)).map(|i| (routes.clone(), i));
     if let Some(rd) = &route.wire.redirect {
         return redirect(rec, rd, matched_prefix.as_deref());
     }
-    let Some(backend) = route.backend(fastrand::u32(..)) else {
+    let Some((backend, backend_key)) = route.backend(fastrand::u32(..)) else {
         return local(rec, StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream");
     };
     if !backend.missing.is_empty() {
         return local(rec, StatusCode::SERVICE_UNAVAILABLE, "NR", &backend.missing);
     }
-    let Some(svc) = view.service(&format!("{}/{}", backend.namespace, backend.service)) else {
+    let Some(svc) = view.service(backend_key) else {
         return local(rec, StatusCode::SERVICE_UNAVAILABLE, "NR", "backend service not defined");
     };
     rec.backend_service = Some(svc.clone());
@@ -211,7 +214,7 @@ async fn route_and_send(
         "" => parts.version == Version::HTTP_2,
         _ => false,
     };
-    let policy = route.wire.retry.clone().unwrap_or_else(routing::default_retry);
+    let policy = route.retry();
     let per_try = Duration::from_millis(policy.per_try_timeout_ms);
     let attempts = async {
         let mut body = Some(body.boxed());
@@ -219,16 +222,16 @@ async fn route_and_send(
         for attempt in 0..=policy.attempts {
             if attempt > 0 {
                 let Some(replay) = recorded.replay() else {
-                    tracing::debug!(request_id = %rec.request_id, "not retried: the request body was not kept whole");
+                    tracing::debug!(request_id = rec.request_id(), "not retried: the request body was not kept whole");
                     break;
                 };
                 if !wp.budget.withdraw() {
-                    tracing::debug!(request_id = %rec.request_id, "not retried: the retry budget is spent");
+                    tracing::debug!(request_id = rec.request_id(), "not retried: the retry budget is spent");
                     wp.metrics.retried(false);
                     break;
                 }
                 wp.metrics.retried(true);
-                tokio::time::sleep(retry::backoff(&policy, attempt, fastrand::f64())).await;
+                tokio::time::sleep(retry::backoff(policy, attempt, fastrand::f64())).await;
                 body = Some(replay);
             }
             let up = &endpoints[attempt as usize % endpoints.len()];
@@ -239,8 +242,8 @@ async fn route_and_send(
             let request = upstream_request(parts, &rec.authority, &rec.path, h2, b);
             let (outcome, response) = attempt_once(wp, up, h2, request, per_try).await;
             let more = attempt < policy.attempts;
-            tracing::debug!(request_id = %rec.request_id, attempt, ?outcome, more, "attempt");
-            if more && retry::retriable(&policy, outcome) {
+            tracing::debug!(request_id = rec.request_id(), attempt, ?outcome, more, "attempt");
+            if more && retry::retriable(policy, outcome) {
                 last = Some((outcome, response));
                 continue;
             }
@@ -348,12 +351,27 @@ fn upstream_request(
             headers.remove(h);
         }
     }
+    // The client's URI is kept (its bytes shared) when it already has the
+    // form and the values this request goes with; otherwise it is rebuilt.
+    let same_path = parts.uri.path_and_query().map(|p| p.as_str()) == Some(path);
     let uri: Uri = if h2 {
-        format!("http://{authority}{path}").parse().unwrap_or_else(|_| Uri::from_static("/"))
+        if same_path
+            && parts.uri.authority().map(|a| a.as_str()) == Some(authority)
+            && parts.uri.scheme() == Some(&http::uri::Scheme::HTTP)
+        {
+            parts.uri.clone()
+        } else {
+            format!("http://{authority}{path}").parse().unwrap_or_else(|_| Uri::from_static("/"))
+        }
+    } else if same_path && parts.uri.authority().is_none() {
+        parts.uri.clone()
     } else {
         path.parse().unwrap_or_else(|_| Uri::from_static("/"))
     };
-    if !h2 && let Ok(v) = HeaderValue::from_str(authority) {
+    if !h2
+        && headers.get(header::HOST).map(HeaderValue::as_bytes) != Some(authority.as_bytes())
+        && let Ok(v) = HeaderValue::from_str(authority)
+    {
         headers.insert(header::HOST, v);
     }
     if h2 {
@@ -439,23 +457,37 @@ fn edit(headers: &mut HeaderMap, ops: &api::HeaderOps) {
 }
 
 /// The request's `x-request-id`, generated (a random UUID) when absent.
-fn ensure_request_id(headers: &mut HeaderMap) -> String {
-    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
-        return id.to_owned();
+fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get("x-request-id") {
+        return id.clone();
     }
     let (a, b) = (fastrand::u64(..), fastrand::u64(..));
-    let id = format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xfff,
-        (b >> 48) & 0x3fff | 0x8000,
-        b & 0xffff_ffff_ffff
+    // Formatted on the stack: the header value is the one allocation.
+    let mut buf = [0u8; 36];
+    let _ = std::io::Write::write_fmt(
+        &mut &mut buf[..],
+        format_args!(
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0xfff,
+            (b >> 48) & 0x3fff | 0x8000,
+            b & 0xffff_ffff_ffff
+        ),
     );
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        headers.insert("x-request-id", v);
-    }
+    let id = HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("-"));
+    headers.insert("x-request-id", id.clone());
     id
+}
+
+impl Record {
+    fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or_default()
+    }
+
+    fn route_name(&self) -> &str {
+        self.route.as_ref().and_then(|(routes, i)| routes.routes.get(*i)).map_or("", |r| r.wire.name.as_str())
+    }
 }
 
 /// Wraps the response so that, when its body ends, the request is counted
@@ -503,12 +535,12 @@ fn finish(
             bytes_received = recorded.bytes(),
             bytes_sent = ended.bytes,
             upstream = %rec.upstream.map(|u| u.to_string()).unwrap_or_default(),
-            route = %rec.route,
+            route = rec.route_name(),
             attempts = rec.attempts,
             source = %ds.peer.as_ref().map(ToString::to_string).unwrap_or_default(),
             destination = %labels.destination_principal,
             destination_service = %labels.destination_service,
-            request_id = %rec.request_id,
+            request_id = rec.request_id(),
             "request"
         );
     });

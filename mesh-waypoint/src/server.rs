@@ -122,7 +122,9 @@ where
     let draining = wp.proxy.draining();
     let service = service_fn(move |req| {
         let (wp, ds) = (wp.clone(), ds.clone());
-        async move { Ok::<_, Infallible>(engine::handle(wp, ds, req).await) }
+        // Boxed: hyper keeps a connection's request future inline, so an
+        // unboxed one (several KiB) would be held by every idle connection.
+        Box::pin(async move { Ok::<_, Infallible>(engine::handle(wp, ds, req).await) })
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(1000);

@@ -20,6 +20,7 @@ use mesh_tests::{
 };
 use serde_json::{Value, json};
 
+/// Interleaved rounds (MESH_BENCH_ROUNDS overrides, for a quick look).
 const ROUNDS: usize = 2;
 const PORT: u16 = 8080;
 
@@ -86,7 +87,8 @@ fn main() {
 
     let mut results: Vec<Value> = proxies.iter().map(|p| json!({ "proxy": p.name })).collect();
     let mut direct = json!({ "proxy": "direct (no proxy)" });
-    for round in 0..ROUNDS {
+    let rounds = std::env::var("MESH_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(ROUNDS);
+    for round in 0..rounds {
         let (_, lat) = hey(&client, &format!("http://{}:80/", server.ip4), 1000);
         for (k, v) in lat {
             push(&mut direct, &format!("fixed_{k}_ms"), v);
@@ -112,8 +114,11 @@ fn main() {
             }
         }
     }
-    let mut held = Vec::new();
+    // Per connection: against the RSS just before, after the load rounds, so
+    // memory an allocator kept from the load is not counted as the connections'.
+    let (mut before_hold, mut held) = (Vec::new(), Vec::new());
     for (p, port) in proxies.iter().zip(ports) {
+        before_hold.push(rss_kib(p.proc.pid()));
         let hold = hold_connections(&client, &proxy_pod, port, 1000, true);
         thread::sleep(Duration::from_millis(500));
         held.push(rss_kib(p.proc.pid()));
@@ -138,8 +143,8 @@ fn main() {
         "KiB/conn"
     );
     let mut rows = Vec::new();
-    for ((s, idle), held) in summary.iter().zip(&idle).zip(&held) {
-        let per_conn = (*held as f64 - *idle as f64) / 1000.0;
+    for (((s, idle), before), held) in summary.iter().zip(&idle).zip(&before_hold).zip(&held) {
+        let per_conn = (*held as f64 - *before as f64) / 1000.0;
         let added = |k: &str| get(s, k) - get(&direct, k);
         println!(
             "{:<16} {:>9.0} {:>13.0} {:>9.1} {:>9.0} {:>13.0} {:>10.3} {:>10.3} {:>9} {:>10.1}",
@@ -156,6 +161,7 @@ fn main() {
         );
         let mut row = s.clone();
         row["rss_idle_kib"] = json!(idle);
+        row["rss_before_connections_kib"] = json!(before);
         row["rss_1000_connections_kib"] = json!(held);
         row["kib_per_idle_connection"] = json!(per_conn);
         row["added_p50_ms"] = json!(added("fixed_p50_ms"));
@@ -173,7 +179,7 @@ fn main() {
         })
     };
     let report = json!({
-        "rounds": ROUNDS,
+        "rounds": rounds,
         "setup": "one worker each, proxy pinned to CPU 1, client and nginx on CPU 0, 90/10 weighted route, metrics on, access logs off",
         "direct": direct,
         "proxies": rows,

@@ -45,7 +45,10 @@ enum Cmd {
     /// Only install the prerequisites (Debian packages, bpf-linker, toolchain link).
     Setup,
     /// Run the benchmarks (release builds) and write JSON reports under /var/tmp/mesh-bench.
-    Bench,
+    Bench {
+        /// Only these benchmarks (`scale`, `dataplane`, `l7`); all when none is named.
+        only: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,22 +58,35 @@ fn main() -> anyhow::Result<()> {
         Cmd::Quickstart { down: false, no_build } => quickstart::up(no_build),
         Cmd::Quickstart { down: true, .. } => quickstart::down(),
         Cmd::Setup => prereqs::ensure(),
-        Cmd::Bench => bench(),
+        Cmd::Bench { only } => bench(&only),
     }
 }
 
-fn bench() -> anyhow::Result<()> {
+fn bench(only: &[String]) -> anyhow::Result<()> {
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    if let Some(unknown) = only.iter().find(|o| !["scale", "dataplane", "l7"].contains(&o.as_str())) {
+        anyhow::bail!("no benchmark named {unknown:?} (there are scale, dataplane and l7)");
+    }
     prereqs::ensure()?;
-    step("controller at scale: 10 000 pods, 2 000 services, 1 000 policies, 100 nodes");
-    cargo(&["bench", "-p", "mesh-controller", "--bench", "scale"])?;
-    step("data plane: direct vs mesh across nodes vs mesh on one node (iperf3, hey, wrk against nginx)");
+    if wanted("scale") {
+        step("controller at scale: 10 000 pods, 2 000 services, 1 000 policies, 100 nodes");
+        cargo(&["bench", "-p", "mesh-controller", "--bench", "scale"])?;
+    }
     cargo(&["build", "--release", "-p", "mesh-node", "-p", "mesh-waypoint", "-p", "mesh-controller"])?;
-    cargo(&["bench", "-p", "mesh-tests", "--bench", "dataplane"])?;
-    step("the waypoint's HTTP engine as a plain reverse proxy against Envoy 1.40 and HAProxy (wrk, h2load, hey, RSS)");
-    let envoy = prereqs::ensure_envoy()?;
-    // SAFETY: single-threaded here; the bench reads it.
-    unsafe { std::env::set_var("MESH_ENVOY_BIN", &envoy) };
-    cargo(&["bench", "-p", "mesh-tests", "--bench", "l7"])
+    if wanted("dataplane") {
+        step("data plane: direct vs mesh across nodes vs mesh on one node (iperf3, hey, wrk against nginx)");
+        cargo(&["bench", "-p", "mesh-tests", "--bench", "dataplane"])?;
+    }
+    if wanted("l7") {
+        step(
+            "the waypoint's HTTP engine as a plain reverse proxy against Envoy 1.40 and HAProxy (wrk, h2load, hey, RSS)",
+        );
+        let envoy = prereqs::ensure_envoy()?;
+        // SAFETY: single-threaded here; the bench reads it.
+        unsafe { std::env::set_var("MESH_ENVOY_BIN", &envoy) };
+        cargo(&["bench", "-p", "mesh-tests", "--bench", "l7"])?;
+    }
+    Ok(())
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {

@@ -105,10 +105,10 @@ fn weights_split_rolls_in_proportion() {
     let mut counts = std::collections::BTreeMap::new();
     for i in 0..1000u64 {
         let roll = (i * (u64::from(u32::MAX) + 1)).div_ceil(1000) as u32; // evenly spread over u32
-        *counts.entry(split.backend(roll).unwrap().service.clone()).or_insert(0) += 1;
+        *counts.entry(split.backend(roll).unwrap().0.service.clone()).or_insert(0) += 1;
     }
     assert_eq!(counts.into_iter().collect::<Vec<_>>(), [("v1".to_string(), 900), ("v3".to_string(), 100)]);
-    assert_eq!(split.backend(u32::MAX).unwrap().service, "v3");
+    assert_eq!(split.backend(u32::MAX).unwrap(), (&backend("v3", 10), "shop/v3"));
     let none = CompiledRoutes::from_wire(&api::HttpRoutes {
         routes: vec![api::HttpRoute { backends: vec![backend("x", 0)], ..Default::default() }],
         ..Default::default()

@@ -45,6 +45,8 @@ impl WorkloadInfo {
 pub struct ServiceInfo {
     pub namespace: String,
     pub name: String,
+    /// `namespace/name`, kept so per-request lookups build no string.
+    key: String,
     /// The first host (`name.namespace.svc.<domain>`, or a ServiceEntry's).
     pub host: String,
     pub ports: Vec<api::ServicePort>,
@@ -66,8 +68,8 @@ pub struct WaypointInfo {
 
 impl ServiceInfo {
     /// `namespace/name`.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// The service's port `port`.
@@ -75,7 +77,7 @@ impl ServiceInfo {
         self.ports
             .iter()
             .find(|p| p.port == u32::from(port))
-            .ok_or_else(|| ProxyError::NoServicePort { service: self.key(), port })
+            .ok_or_else(|| ProxyError::NoServicePort { service: self.key().to_owned(), port })
     }
 
     /// The round robin's next start.
@@ -161,6 +163,7 @@ impl MeshView {
             let info = Arc::new(ServiceInfo {
                 namespace: s.namespace.clone(),
                 name: s.name.clone(),
+                key: format!("{}/{}", s.namespace, s.name),
                 host: s.hosts.first().cloned().unwrap_or_else(|| format!("{}.{}", s.name, s.namespace)),
                 ports: s.ports.clone(),
                 endpoints: s.endpoints.iter().filter_map(|e| e.ip.parse().ok()).collect(),
@@ -171,7 +174,7 @@ impl MeshView {
             for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
                 view.by_vip.insert(vip, info.clone());
             }
-            view.by_service.insert(info.key(), info);
+            view.by_service.insert(info.key.clone(), info);
         }
         for (key, r) in &store.routes {
             match CompiledRoutes::from_wire(r) {
@@ -209,7 +212,7 @@ impl MeshView {
     /// The HTTP routes of `svc`: its own, else the default route (every
     /// request to the service itself), compiled once per view.
     pub fn routes<'a>(&'a self, svc: &'a ServiceInfo) -> &'a Arc<CompiledRoutes> {
-        self.routes.get(&svc.key()).unwrap_or_else(|| {
+        self.routes.get(svc.key()).unwrap_or_else(|| {
             svc.default_routes.get_or_init(|| {
                 let wire = api::HttpRoutes {
                     namespace: svc.namespace.clone(),
@@ -254,7 +257,7 @@ impl MeshView {
         let chosen: Vec<IpAddr> =
             svc.endpoints.iter().copied().filter(|ip| select(self.by_ip.get(ip).map(|w| w.as_ref()))).collect();
         if chosen.is_empty() {
-            return Err(ProxyError::NoEndpoints(svc.key()));
+            return Err(ProxyError::NoEndpoints(svc.key().to_owned()));
         }
         let (start, n) = (svc.rotate(), chosen.len());
         Ok((0..n).map(|i| self.upstream(SocketAddr::new(chosen[(start + i) % n], target))).collect())
@@ -287,7 +290,7 @@ fn waypoint_candidates(
 ) -> Result<Vec<Upstream>, ProxyError> {
     let n = w.instances.len();
     if n == 0 {
-        return Err(ProxyError::NoWaypoint { service: svc.key(), waypoint: w.gateway.clone() });
+        return Err(ProxyError::NoWaypoint { service: svc.key().to_owned(), waypoint: w.gateway.clone() });
     }
     let start = svc.rotate();
     let family = authority.is_ipv4();
@@ -300,7 +303,7 @@ fn waypoint_candidates(
         })
         .collect();
     if candidates.is_empty() {
-        return Err(ProxyError::NoWaypoint { service: svc.key(), waypoint: w.gateway.clone() });
+        return Err(ProxyError::NoWaypoint { service: svc.key().to_owned(), waypoint: w.gateway.clone() });
     }
     Ok(candidates)
 }
