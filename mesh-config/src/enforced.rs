@@ -80,6 +80,38 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
                 }
             }
         }
+        Resource::AuthorizationPolicy(ap) => {
+            let spec = &ap.spec;
+            if spec.action.as_deref() == Some("CUSTOM") {
+                out.push((
+                    Some("spec.action".into()),
+                    "CUSTOM is not enforced yet: the waypoint does not call the external authorizer, so requests \
+                     are decided by the ALLOW and DENY policies alone"
+                        .into(),
+                ));
+            }
+            for (i, t) in spec.target_ref.iter().chain(&spec.target_refs).enumerate() {
+                if !matches!(t.kind.as_str(), "Gateway" | "Service" | "ServiceEntry" | "GatewayClass") {
+                    let field = if spec.target_ref.is_some() { "spec.targetRef".to_owned() } else { format!("spec.targetRefs[{i}]") };
+                    out.push((Some(format!("{field}.kind")), format!("{:?}: mesh binds policies to Gateways, Services and ServiceEntries only; this reference applies nowhere", t.kind)));
+                }
+            }
+            for (r, rule) in spec.rules.iter().flatten().enumerate() {
+                for (w, c) in rule.when.iter().enumerate() {
+                    if crate::validate::unevaluated_condition_key(&c.key) {
+                        let what = if spec.action.as_deref() == Some("DENY") {
+                            "a DENY rule with it denies without it"
+                        } else {
+                            "a rule with it never matches"
+                        };
+                        out.push((
+                            Some(format!("spec.rules[{r}].when[{w}].key")),
+                            format!("{:?} is not evaluated by mesh: {what}", c.key),
+                        ));
+                    }
+                }
+            }
+        }
         Resource::Opaque(o) => {
             out.push((None, format!("accepted, not enforced: mesh does not implement {} yet, so it has no effect", o.kind.name())))
         }

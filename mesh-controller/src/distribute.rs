@@ -48,8 +48,7 @@ impl WireSet {
             add(api::ResourceKey::Service(key.clone()), Kind::Service(service(s)));
         }
         for (key, p) in &model.policies {
-            let selector = p.selector.clone().unwrap_or_default();
-            add(api::ResourceKey::Policy(key.clone()), Kind::Authorization(p.policy.to_wire(p.scope, selector)));
+            add(api::ResourceKey::Policy(key.clone()), Kind::Authorization(p.to_wire()));
         }
         for (key, routes) in &model.routes {
             let (namespace, service) = key.split_once('/').unwrap_or_default();

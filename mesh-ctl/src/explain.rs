@@ -14,10 +14,18 @@ use serde_json::json;
 
 use crate::{
     api::{Client, CtlError, NodeSelector, Result, Target},
+    explain_l7,
     output::Report,
 };
 
-pub fn explain(client: &Client, sel: &NodeSelector, from: &str, to: &str) -> Result<Report> {
+pub fn explain(
+    client: &Client,
+    sel: &NodeSelector,
+    from: &str,
+    to: &str,
+    request: &explain_l7::Request,
+    l7_given: bool,
+) -> Result<Report> {
     let (to_name, port) = split_port(to)?;
     let targets = client.targets(sel)?;
     let mut dumps: BTreeMap<String, ConfigDump> = BTreeMap::new();
@@ -26,6 +34,22 @@ pub fn explain(client: &Client, sel: &NodeSelector, from: &str, to: &str) -> Res
     let workloads = workloads_of(&dumps[&first.name]);
 
     let src = resolve(&workloads, from, "--from")?;
+    // A service bound to a waypoint: its waypoint decides each request (every node holds its policies).
+    let services = dumps[&first.name].services.clone().unwrap_or_default();
+    if let Some(service) = waypoint_service(&services, &to_name) {
+        let ip = src.ip.unwrap_or_else(|| src.workload.map_or(IpAddr::from([0, 0, 0, 0]), |w| pick_ip(&w.ips, None)));
+        let identity = match src.workload.filter(|w| w.speaks_hbone()) {
+            Some(w) => Some(w.identity.parse().map_err(|e| CtlError::new(format!("{}: identity: {e}", w.uid)))?),
+            None => None,
+        };
+        let source = explain_l7::Source { workload: src.workload, identity, ip };
+        let dump = &dumps[&first.name];
+        return explain_l7::explain(dump, service, port, &source, request, &policies_of(dump, &first.name)?);
+    }
+    if l7_given {
+        return Err(CtlError::new(format!("--to {to_name}: not a service bound to a waypoint"))
+            .hint("--method, --path, --authority and --header are decided at a waypoint: name NAMESPACE/SERVICE:PORT of a service that uses one"));
+    }
     let dst = resolve(&workloads, &to_name, "--to")?;
     let Some(dst_w) = dst.workload else {
         return Err(CtlError::new(format!("--to {to_name}: no workload has that address"))
@@ -152,6 +176,16 @@ fn resolve<'a>(workloads: &'a [api::Workload], what: &str, flag: &str) -> Result
                 .hint("write it as namespace/name"))
         }
     }
+}
+
+/// The service `what` names (`namespace/name`, or a name unique among
+/// services), when it is bound to a waypoint.
+fn waypoint_service<'a>(services: &'a BTreeMap<String, api::Service>, what: &str) -> Option<&'a api::Service> {
+    let found = services.get(what).or_else(|| {
+        let mut named = services.values().filter(|s| s.name == what);
+        named.next().filter(|_| named.next().is_none())
+    })?;
+    found.waypoint.is_some().then_some(found)
 }
 
 /// An address of `ips` in the family of `like` (IPv4 first otherwise).

@@ -6,6 +6,7 @@ mod api;
 mod check;
 mod enroll;
 mod explain;
+mod explain_l7;
 mod output;
 mod route;
 mod status;
@@ -109,15 +110,28 @@ enum Cmd {
 enum AuthzCmd {
     /// Which policies apply to a connection, which one decides, and the decision, as the destination's proxy makes it.
     #[command(
-        after_help = "Examples:\n  mesh-ctl authz explain --from demo/frontend --to demo/backend-1:8080\n  mesh-ctl authz explain --from 10.200.0.9 --to demo/redis:6379 -o json\n\nWORKLOAD is namespace/name, a name unique in the mesh, or an IP. The exit code is 1 when the connection is denied."
+        after_help = "Examples:\n  mesh-ctl authz explain --from demo/frontend --to demo/backend-1:8080\n  mesh-ctl authz explain --from 10.200.0.9 --to demo/redis:6379 -o json\n  mesh-ctl authz explain --from demo/frontend --to demo/backend:80 --method POST --path /admin -H x-user=ann\n\nWORKLOAD is namespace/name, a name unique in the mesh, or an IP. A service bound to a waypoint is explained as its waypoint decides each request (L7). The exit code is 1 when the connection or request is denied."
     )]
     Explain {
         /// The client: a workload or an IP (an IP of no workload is a client outside the mesh).
         #[arg(long)]
         from: String,
-        /// The server and port: WORKLOAD:PORT or IP:PORT ([IPv6]:PORT).
+        /// The server and port: WORKLOAD:PORT or IP:PORT ([IPv6]:PORT) for the node proxy's L4
+        /// decision; NAMESPACE/SERVICE:PORT of a service bound to a waypoint for the waypoint's L7 one.
         #[arg(long)]
         to: String,
+        /// The request's method (L7; default GET).
+        #[arg(long)]
+        method: Option<String>,
+        /// The request's path and query (L7; default /).
+        #[arg(long)]
+        path: Option<String>,
+        /// The Host / :authority (L7; default: the service's host name).
+        #[arg(long)]
+        authority: Option<String>,
+        /// A request header, NAME=VALUE (L7; repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
         #[command(flatten)]
         nodes: NodeSelector,
     },
@@ -220,7 +234,18 @@ fn main() -> ExitCode {
         Cmd::Connections(sel) => views::connections(&client, sel),
         Cmd::ConfigDump(sel) => views::config_dump(&client, sel),
         Cmd::Check { paths } => check::check(paths),
-        Cmd::Authz(AuthzCmd::Explain { from, to, nodes }) => explain::explain(&client, nodes, from, to),
+        Cmd::Authz(AuthzCmd::Explain { from, to, method, path, authority, headers, nodes }) => {
+            let given = method.is_some() || path.is_some() || authority.is_some() || !headers.is_empty();
+            route::parse_headers(headers).and_then(|headers| {
+                let request = explain_l7::Request {
+                    method: method.clone().unwrap_or_else(|| "GET".into()),
+                    path: path.clone().unwrap_or_else(|| "/".into()),
+                    authority: authority.clone(),
+                    headers,
+                };
+                explain::explain(&client, nodes, from, to, &request, given)
+            })
+        }
         Cmd::Routes { service, nodes } => route::routes(&client, nodes, service.as_deref()),
         Cmd::Waypoint(WaypointCmd::Apply { namespace, name, for_traffic, enroll_namespace, wait }) => {
             let a = waypoint::Apply {

@@ -15,7 +15,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use mesh_common::{
-    api,
+    api, authz,
     identity::SpiffeId,
     routing::{self, HeaderEdit, Headers, RequestFacts},
 };
@@ -35,6 +35,8 @@ use crate::{
 pub struct Downstream {
     pub service: Arc<ServiceInfo>,
     pub port: u16,
+    /// The address the client dialed (the service's VIP and port).
+    pub destination: SocketAddr,
     /// The port's declared protocol (`http`, `http2`, `grpc`, or empty).
     pub protocol: String,
     /// The client's identity, proved by its certificate (`None` on a
@@ -70,6 +72,8 @@ struct Record {
     backend_service: Option<Arc<ServiceInfo>>,
     attempts: u32,
     flags: &'static str,
+    /// The AuthorizationPolicy that denied the request, if one did.
+    denied_by: Option<String>,
 }
 
 pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Incoming>) -> Response<HttpBody> {
@@ -87,7 +91,8 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Inc
         .map(|a| a.as_str().to_owned())
         .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(String::from))
         .unwrap_or_default();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    // Normalized once (Istio's BASE): policies, routes and the upstream all see the same path.
+    let path = authz::normalize_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
     let grpc = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let mut rec = Record {
         started: Instant::now(),
@@ -102,6 +107,7 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Inc
         backend_service: None,
         attempts: 0,
         flags: "-",
+        denied_by: None,
     };
     let (body, recorded) = Recording::new(body);
     let mut response = route_and_send(&wp, &ds, &view, &mut parts, body, &recorded, &mut rec).await;
@@ -164,6 +170,19 @@ async fn route_and_send(
     recorded: &Recorded,
     rec: &mut Record,
 ) -> Response<HttpBody> {
+    let authz_facts = crate::authz::Facts {
+        method: parts.method.as_str(),
+        path_and_query: &rec.path,
+        host: &rec.authority,
+        headers: &parts.headers,
+        remote: ds.peer_addr.ip(),
+    };
+    if let Some(d) = crate::authz::check(wp, ds, view, &authz_facts, rec.request_id())
+        && !d.allowed
+    {
+        rec.denied_by = d.policy;
+        return local(rec, StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
+    }
     let routes = view.routes(&ds.service);
     let facts = RequestFacts {
         method: parts.method.as_str(),
@@ -537,6 +556,7 @@ fn finish(
             upstream = %rec.upstream.map(|u| u.to_string()).unwrap_or_default(),
             route = rec.route_name(),
             attempts = rec.attempts,
+            denied_by = rec.denied_by.as_deref().unwrap_or(""),
             source = %ds.peer.as_ref().map(ToString::to_string).unwrap_or_default(),
             destination = %labels.destination_principal,
             destination_service = %labels.destination_service,

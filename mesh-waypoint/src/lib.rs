@@ -6,11 +6,13 @@
 //! to the service is relayed as TCP to one of its endpoints.
 //!
 //! - [`server`]: the HBONE listener, protocol choice, the TCP relay;
-//! - [`engine`]: routing, balancing, retries, timeouts, per request;
+//! - [`engine`]: authorization, routing, balancing, retries, timeouts, per request;
+//! - [`authz`]: L7 AuthorizationPolicies (the shared evaluator);
 //! - [`upstream`]: HTTP connections to endpoints over HBONE;
 //! - [`retry`]: Istio's `retryOn` conditions and the retry budget;
 //! - [`body`]: replayable request bodies, counted response bodies;
 //! - [`metrics`]: Istio's request metrics.
+pub mod authz;
 pub mod body;
 pub mod engine;
 pub mod metrics;

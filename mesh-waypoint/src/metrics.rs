@@ -48,6 +48,19 @@ pub struct RequestMetrics {
     response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
     retries: Counter,
     retries_refused: Counter,
+    authz: Family<AuthzLabels, Counter>,
+    authz_dry_run: Family<AuthzLabels, Counter>,
+}
+
+/// Authorization decisions, by outcome and deciding policy (as Envoy's RBAC
+/// filter counts `allowed`/`denied` and, for dry-run policies,
+/// `shadow_allowed`/`shadow_denied`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// `namespace/name` of the deciding policy; empty when none decided.
+    pub policy: String,
 }
 
 impl RequestMetrics {
@@ -65,6 +78,8 @@ impl RequestMetrics {
             response_bytes: Family::new_with_constructor(bytes),
             retries: Counter::default(),
             retries_refused: Counter::default(),
+            authz: Family::default(),
+            authz_dry_run: Family::default(),
         };
         registry.register("istio_requests", "Requests handled", m.requests.clone());
         registry.register("istio_request_duration_milliseconds", "Request duration", m.duration.clone());
@@ -76,7 +91,26 @@ impl RequestMetrics {
             "Retries not sent because the retry budget was spent",
             m.retries_refused.clone(),
         );
+        registry.register(
+            "mesh_waypoint_authz_decisions",
+            "Requests decided by AuthorizationPolicies (only where a policy applies)",
+            m.authz.clone(),
+        );
+        registry.register(
+            "mesh_waypoint_authz_dry_run_decisions",
+            "What dry-run AuthorizationPolicies (istio.io/dry-run) would have decided; nothing was enforced",
+            m.authz_dry_run.clone(),
+        );
         m
+    }
+
+    /// Counts an authorization decision (`dry_run`: a shadow one).
+    pub fn authorized(&self, dry_run: bool, allowed: bool, policy: Option<&str>) {
+        let labels = AuthzLabels {
+            decision: if allowed { "allow" } else { "deny" },
+            policy: policy.unwrap_or_default().to_owned(),
+        };
+        if dry_run { &self.authz_dry_run } else { &self.authz }.get_or_create(&labels).inc();
     }
 
     /// The four series of one label set (handles: recording through them

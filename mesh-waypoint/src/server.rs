@@ -66,6 +66,7 @@ impl TunnelHandler for Tunnels {
         let ds = Arc::new(Downstream {
             service,
             port: target.port(),
+            destination: target,
             protocol: port,
             peer: Some(request.peer.clone()),
             peer_addr: request.peer_addr,
@@ -108,8 +109,16 @@ pub async fn serve_plain(listener: TcpListener, wp: Arc<Waypoint>, service: Stri
             continue;
         };
         let protocol = svc.port(port).map(|p| p.protocol.clone()).unwrap_or_default();
-        let ds =
-            Arc::new(Downstream { service: svc, port, protocol, peer: None, peer_addr, series: Default::default() });
+        let destination = tcp.local_addr().unwrap_or(peer_addr);
+        let ds = Arc::new(Downstream {
+            service: svc,
+            port,
+            destination,
+            protocol,
+            peer: None,
+            peer_addr,
+            series: Default::default(),
+        });
         tokio::spawn(serve_http(tcp, wp.clone(), ds));
     }
 }

@@ -151,7 +151,7 @@ pub mod yaml {
 /// first N times; `/slow?ms=N` answers after N ms (`/slowonce/K?ms=N`: only the first time); `/fail` always 503;
 /// `/hits/K` says how many requests K got; `/ws` switches protocols (101) and
 /// then answers every byte upper-cased. POST bodies are answered with
-/// their length and SHA-256.
+/// their length and SHA-256 (PUT too; DELETE is answered as GET).
 const APP: &str = r#"
 import hashlib, json, sys, threading, time, urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -230,6 +230,8 @@ class H(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("content-length", "0")))
         self.handle_any(body)
+    do_PUT = do_POST
+    do_DELETE = do_GET
 class S(ThreadingHTTPServer):
     address_family = socket.AF_INET6
     daemon_threads = True

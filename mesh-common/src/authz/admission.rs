@@ -58,7 +58,7 @@ pub fn explain(w: &api::Workload, policies: &[(api::Authorization, CompiledPolic
         .map(|p| PolicyVerdict {
             policy: format!("{}/{}", p.namespace, p.name),
             action: p.action,
-            matched_rule: p.rules.iter().position(|r| r.matches(conn)),
+            matched_rule: p.matched_rule(conn, None),
         })
         .collect();
     let order = |a: Action| match a {
@@ -80,7 +80,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        authz::{CompiledRule, PortMatch, SourceMatch, StringMatch},
+        authz::{CompiledRule, OperationMatch, SourceMatch, StringMatch},
         identity::SpiffeId,
     };
 
@@ -101,7 +101,7 @@ mod tests {
         selector: &[(&str, &str)],
         rules: Vec<CompiledRule>,
     ) -> (api::Authorization, CompiledPolicy) {
-        let compiled = CompiledPolicy { namespace: "shop".into(), name: name.into(), action, rules };
+        let compiled = CompiledPolicy { namespace: "shop".into(), name: name.into(), action, rules, dry_run: false };
         let selector: BTreeMap<String, String> = selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let scope = if selector.is_empty() { api::Scope::Namespace } else { api::Scope::WorkloadSelector };
         (compiled.to_wire(scope, selector), compiled)
@@ -149,7 +149,7 @@ mod tests {
                 Action::Deny,
                 &[],
                 vec![CompiledRule {
-                    to: vec![PortMatch { ports: vec![9000], ..Default::default() }],
+                    to: vec![OperationMatch { ports: vec![9000], ..Default::default() }],
                     ..Default::default()
                 }],
             ),

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 
-use super::{Action, CompiledPolicy, CompiledRule, ConditionMatch, PortMatch, SourceMatch, StringMatch, parse_net};
+use super::{
+    Action, CompiledPolicy, CompiledRule, ConditionMatch, OperationMatch, SourceMatch, StringMatch, parse_net,
+};
 use crate::api;
 
 impl CompiledPolicy {
@@ -32,17 +34,12 @@ impl CompiledPolicy {
                 .iter()
                 .map(|r| api::Rule {
                     from: r.from.iter().map(source_to_wire).collect(),
-                    to: r
-                        .to
-                        .iter()
-                        .map(|p| api::PortMatch {
-                            ports: p.ports.iter().map(|p| u32::from(*p)).collect(),
-                            not_ports: p.not_ports.iter().map(|p| u32::from(*p)).collect(),
-                        })
-                        .collect(),
+                    to: r.to.iter().map(operation_to_wire).collect(),
                     when: r.when.iter().map(condition_to_wire).collect(),
                 })
                 .collect(),
+            targets: Vec::new(),
+            dry_run: self.dry_run,
         }
     }
 
@@ -60,16 +57,12 @@ impl CompiledPolicy {
             .map(|r| {
                 Ok(CompiledRule {
                     from: r.from.iter().map(source_from_wire).collect::<Result<_, String>>()?,
-                    to: r
-                        .to
-                        .iter()
-                        .map(|p| Ok(PortMatch { ports: ports(&p.ports)?, not_ports: ports(&p.not_ports)? }))
-                        .collect::<Result<_, String>>()?,
+                    to: r.to.iter().map(operation_from_wire).collect::<Result<_, String>>()?,
                     when: r.when.iter().map(condition_from_wire).collect::<Result<_, String>>()?,
                 })
             })
             .collect::<Result<_, String>>()?;
-        Ok(CompiledPolicy { namespace: p.namespace.clone(), name: p.name.clone(), action, rules })
+        Ok(CompiledPolicy { namespace: p.namespace.clone(), name: p.name.clone(), action, rules, dry_run: p.dry_run })
     }
 }
 
@@ -100,6 +93,8 @@ pub fn in_scope(
     let in_namespace = match scope {
         api::Scope::Global => true,
         api::Scope::Namespace | api::Scope::WorkloadSelector => policy_namespace == namespace,
+        // Bound to waypoints and services by targetRefs: no workload's.
+        api::Scope::Targeted => return false,
     };
     in_namespace && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
@@ -107,6 +102,66 @@ pub fn in_scope(
 /// Whether a policy (wire form) applies to a workload.
 pub fn applies_to(p: &api::Authorization, w: &api::Workload) -> bool {
     api::Scope::try_from(p.scope).is_ok_and(|scope| in_scope(scope, &p.namespace, &p.selector, &w.namespace, &w.labels))
+}
+
+/// The waypoint a request arrived at and the service it was sent to.
+pub struct WaypointTarget<'a> {
+    /// The waypoint's Gateway.
+    pub gateway_namespace: &'a str,
+    pub gateway_name: &'a str,
+    /// The labels of the waypoint's own workload (for policies that select it).
+    pub labels: &'a BTreeMap<String, String>,
+    pub service_namespace: &'a str,
+    pub service_name: &'a str,
+}
+
+/// Whether a policy applies at a waypoint to a request for a service, as
+/// Istio binds them: targetRefs naming the waypoint's Gateway, the service
+/// (Service or ServiceEntry), or the GatewayClass `istio-waypoint` (every
+/// waypoint; the controller keeps that target only on root-namespace
+/// policies); or a selector that selects the waypoint's own pods. The
+/// controller, the waypoint and `mesh-ctl authz explain` decide with this.
+pub fn applies_at_waypoint(p: &api::Authorization, at: &WaypointTarget<'_>) -> bool {
+    match api::Scope::try_from(p.scope) {
+        Ok(api::Scope::Targeted) => p.targets.iter().any(|t| match t.kind.as_str() {
+            "Gateway" => t.namespace == at.gateway_namespace && t.name == at.gateway_name,
+            "Service" | "ServiceEntry" => t.namespace == at.service_namespace && t.name == at.service_name,
+            "GatewayClass" => t.name == "istio-waypoint",
+            _ => false,
+        }),
+        Ok(api::Scope::WorkloadSelector) => {
+            !p.selector.is_empty()
+                && p.namespace == at.gateway_namespace
+                && p.selector.iter().all(|(k, v)| at.labels.get(k) == Some(v))
+        }
+        _ => false,
+    }
+}
+
+fn operation_to_wire(o: &OperationMatch) -> api::OperationMatch {
+    api::OperationMatch {
+        ports: o.ports.iter().map(|p| u32::from(*p)).collect(),
+        not_ports: o.not_ports.iter().map(|p| u32::from(*p)).collect(),
+        hosts: patterns_to_wire(&o.hosts),
+        not_hosts: patterns_to_wire(&o.not_hosts),
+        methods: patterns_to_wire(&o.methods),
+        not_methods: patterns_to_wire(&o.not_methods),
+        paths: patterns_to_wire(&o.paths),
+        not_paths: patterns_to_wire(&o.not_paths),
+    }
+}
+
+fn operation_from_wire(o: &api::OperationMatch) -> Result<OperationMatch, String> {
+    Ok(OperationMatch {
+        ports: ports(&o.ports)?,
+        not_ports: ports(&o.not_ports)?,
+        hosts: patterns_from_wire(&o.hosts)?,
+        not_hosts: patterns_from_wire(&o.not_hosts)?,
+        methods: patterns_from_wire(&o.methods)?,
+        not_methods: patterns_from_wire(&o.not_methods)?,
+        paths: patterns_from_wire(&o.paths)?,
+        not_paths: patterns_from_wire(&o.not_paths)?,
+    })
 }
 
 fn patterns_to_wire(list: &[StringMatch]) -> Vec<api::StringMatch> {
@@ -156,6 +211,10 @@ fn source_to_wire(s: &SourceMatch) -> api::SourceMatch {
         not_namespaces: patterns_to_wire(&s.not_namespaces),
         ip_blocks: nets_to_wire(&s.ip_blocks),
         not_ip_blocks: nets_to_wire(&s.not_ip_blocks),
+        request_principals: patterns_to_wire(&s.request_principals),
+        not_request_principals: patterns_to_wire(&s.not_request_principals),
+        remote_ip_blocks: nets_to_wire(&s.remote_ip_blocks),
+        not_remote_ip_blocks: nets_to_wire(&s.not_remote_ip_blocks),
     }
 }
 
@@ -167,52 +226,33 @@ fn source_from_wire(s: &api::SourceMatch) -> Result<SourceMatch, String> {
         not_namespaces: patterns_from_wire(&s.not_namespaces)?,
         ip_blocks: nets(&s.ip_blocks)?,
         not_ip_blocks: nets(&s.not_ip_blocks)?,
+        request_principals: patterns_from_wire(&s.request_principals)?,
+        not_request_principals: patterns_from_wire(&s.not_request_principals)?,
+        remote_ip_blocks: nets(&s.remote_ip_blocks)?,
+        not_remote_ip_blocks: nets(&s.not_remote_ip_blocks)?,
     })
 }
 
 fn condition_to_wire(c: &ConditionMatch) -> api::Condition {
     let patterns = |l: &[StringMatch]| l.iter().map(ToString::to_string).collect();
     let port_strings = |l: &[u16]| l.iter().map(ToString::to_string).collect();
-    let (key, values, not_values): (&str, Vec<String>, Vec<String>) = match c {
-        ConditionMatch::SourceIp { values, not_values } => {
-            ("source.ip", nets_to_wire(values), nets_to_wire(not_values))
-        }
-        ConditionMatch::DestinationIp { values, not_values } => {
-            ("destination.ip", nets_to_wire(values), nets_to_wire(not_values))
-        }
-        ConditionMatch::SourceNamespace { values, not_values } => {
-            ("source.namespace", patterns(values), patterns(not_values))
-        }
-        ConditionMatch::SourcePrincipal { values, not_values } => {
-            ("source.principal", patterns(values), patterns(not_values))
-        }
-        ConditionMatch::DestinationPort { values, not_values } => {
-            ("destination.port", port_strings(values), port_strings(not_values))
-        }
+    let (values, not_values): (Vec<String>, Vec<String>) = match c {
+        ConditionMatch::SourceIp { values, not_values }
+        | ConditionMatch::DestinationIp { values, not_values }
+        | ConditionMatch::RemoteIp { values, not_values } => (nets_to_wire(values), nets_to_wire(not_values)),
+        ConditionMatch::DestinationPort { values, not_values } => (port_strings(values), port_strings(not_values)),
+        ConditionMatch::SourceNamespace { values, not_values }
+        | ConditionMatch::SourcePrincipal { values, not_values }
+        | ConditionMatch::RequestPrincipal { values, not_values }
+        | ConditionMatch::RequestAudience { values, not_values }
+        | ConditionMatch::RequestPresenter { values, not_values }
+        | ConditionMatch::RequestHeader { values, not_values, .. }
+        | ConditionMatch::RequestClaim { values, not_values, .. } => (patterns(values), patterns(not_values)),
     };
-    api::Condition { key: key.into(), values, not_values }
+    api::Condition { key: c.key(), values, not_values }
 }
 
 fn condition_from_wire(c: &api::Condition) -> Result<ConditionMatch, String> {
     // Patterns travel as written (principals already without `spiffe://`).
-    let patterns = |l: &[String]| l.iter().map(|p| StringMatch::parse(p)).collect::<Vec<_>>();
-    let port_list = |l: &[String]| {
-        l.iter().map(|p| p.parse::<u16>().map_err(|_| format!("{p:?} is not a port"))).collect::<Result<Vec<_>, _>>()
-    };
-    Ok(match c.key.as_str() {
-        "source.ip" => ConditionMatch::SourceIp { values: nets(&c.values)?, not_values: nets(&c.not_values)? },
-        "destination.ip" => {
-            ConditionMatch::DestinationIp { values: nets(&c.values)?, not_values: nets(&c.not_values)? }
-        }
-        "source.namespace" => {
-            ConditionMatch::SourceNamespace { values: patterns(&c.values), not_values: patterns(&c.not_values) }
-        }
-        "source.principal" => {
-            ConditionMatch::SourcePrincipal { values: patterns(&c.values), not_values: patterns(&c.not_values) }
-        }
-        "destination.port" => {
-            ConditionMatch::DestinationPort { values: port_list(&c.values)?, not_values: port_list(&c.not_values)? }
-        }
-        other => return Err(format!("condition key {other:?} cannot be evaluated at L4")),
-    })
+    ConditionMatch::from_key(&c.key, &c.values, &c.not_values)
 }

@@ -20,8 +20,13 @@ type Issues = Vec<(String, String)>;
 /// Label that opts a namespace (or a pod, to opt out) into the ambient mesh.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 /// `when` keys ztunnel-style L4 enforcement can evaluate.
-const L4_CONDITION_KEYS: &[&str] =
-    &["source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"];
+use mesh_common::authz::L4_CONDITION_KEYS;
+
+/// Keys Istio accepts that mesh's waypoint does not evaluate (a warning
+/// says what happens instead; see `enforced.rs`).
+pub fn unevaluated_condition_key(key: &str) -> bool {
+    key == "connection.sni" || key.starts_with("experimental.envoy.filters.")
+}
 
 pub fn validate(resource: &Resource) -> Issues {
     let mut out = Issues::new();
@@ -279,6 +284,16 @@ fn check_rule(rule: &Rule, at: &str, l4: bool, out: &mut Issues) {
                     format!("{base}.key"),
                     format!("{:?} cannot be evaluated at L4; supported: {}", cond.key, L4_CONDITION_KEYS.join(", ")),
                 ));
+            } else if let Err(e) = mesh_common::authz::ConditionMatch::from_key(&cond.key, &[], &[])
+                && !unevaluated_condition_key(&cond.key)
+            {
+                out.push((format!("{base}.key"), format!("{e}: unknown attribute")));
+            } else if cond.key == "remote.ip" {
+                for (name, values) in [("values", &cond.values), ("notValues", &cond.not_values)] {
+                    for (i, v) in values.iter().enumerate() {
+                        check_cidr(v, &format!("{base}.{name}[{i}]"), out);
+                    }
+                }
             }
             continue;
         }

@@ -3,14 +3,20 @@
 
 use ipnet::IpNet;
 pub use mesh_common::authz::{
-    Action, CompiledPolicy, CompiledRule, ConditionMatch, Connection, Decision, PortMatch, SourceMatch, StringMatch,
-    evaluate, parse_net,
+    Action, CompiledPolicy, CompiledRule, ConditionMatch, Connection, Decision, OperationMatch, SourceMatch,
+    StringMatch, evaluate, parse_net,
 };
 
 use crate::config::objects::{AuthorizationPolicy, Condition, Operation, Rule, Source};
 
+/// The annotation that makes a policy dry-run: evaluated, logged and
+/// counted, not enforced.
+pub const DRY_RUN: &str = "istio.io/dry-run";
+
 /// Compiles a validated policy. Anything invalid was rejected before; a
-/// value that still does not parse matches nothing (never widens access).
+/// condition mesh cannot evaluate (a key Istio has and mesh does not, such
+/// as `connection.sni`, accepted with a warning) never widens access: an
+/// ALLOW or AUDIT rule with one is dropped, a DENY rule denies without it.
 pub fn compile(policy: &AuthorizationPolicy) -> CompiledPolicy {
     let action = match policy.spec.action.as_deref() {
         Some("DENY") => Action::Deny,
@@ -21,16 +27,21 @@ pub fn compile(policy: &AuthorizationPolicy) -> CompiledPolicy {
         namespace: policy.metadata.namespace().to_owned(),
         name: policy.metadata.name.clone(),
         action,
-        rules: policy.spec.rules.iter().flatten().map(compile_rule).collect(),
+        rules: policy.spec.rules.iter().flatten().filter_map(|r| compile_rule(r, action)).collect(),
+        dry_run: policy.metadata.annotations.get(DRY_RUN).is_some_and(|v| v.eq_ignore_ascii_case("true")),
     }
 }
 
-fn compile_rule(rule: &Rule) -> CompiledRule {
-    CompiledRule {
+fn compile_rule(rule: &Rule, action: Action) -> Option<CompiledRule> {
+    let when: Vec<Option<ConditionMatch>> = rule.when.iter().map(compile_condition).collect();
+    if action != Action::Deny && when.iter().any(Option::is_none) {
+        return None;
+    }
+    Some(CompiledRule {
         from: rule.from.iter().map(|f| compile_source(&f.source)).collect(),
         to: rule.to.iter().map(|t| compile_operation(&t.operation)).collect(),
-        when: rule.when.iter().filter_map(compile_condition).collect(),
-    }
+        when: when.into_iter().flatten().collect(),
+    })
 }
 
 fn compile_source(s: &Source) -> SourceMatch {
@@ -43,30 +54,30 @@ fn compile_source(s: &Source) -> SourceMatch {
         not_namespaces: patterns(&s.not_namespaces),
         ip_blocks: nets(&s.ip_blocks),
         not_ip_blocks: nets(&s.not_ip_blocks),
+        request_principals: patterns(&s.request_principals),
+        not_request_principals: patterns(&s.not_request_principals),
+        remote_ip_blocks: nets(&s.remote_ip_blocks),
+        not_remote_ip_blocks: nets(&s.not_remote_ip_blocks),
     }
 }
 
-fn compile_operation(o: &Operation) -> PortMatch {
-    PortMatch { ports: ports(&o.ports), not_ports: ports(&o.not_ports) }
+fn compile_operation(o: &Operation) -> OperationMatch {
+    let patterns = |v: &[String]| v.iter().map(|p| StringMatch::parse(p)).collect();
+    OperationMatch {
+        ports: ports(&o.ports),
+        not_ports: ports(&o.not_ports),
+        hosts: patterns(&o.hosts),
+        not_hosts: patterns(&o.not_hosts),
+        methods: patterns(&o.methods),
+        not_methods: patterns(&o.not_methods),
+        paths: patterns(&o.paths),
+        not_paths: patterns(&o.not_paths),
+    }
 }
 
 fn compile_condition(c: &Condition) -> Option<ConditionMatch> {
-    let patterns = |v: &[String]| v.iter().map(|p| StringMatch::parse(p)).collect();
-    let principals = |v: &[String]| v.iter().map(|p| StringMatch::principal(p)).collect();
-    Some(match c.key.as_str() {
-        "source.ip" => ConditionMatch::SourceIp { values: nets(&c.values), not_values: nets(&c.not_values) },
-        "source.namespace" => {
-            ConditionMatch::SourceNamespace { values: patterns(&c.values), not_values: patterns(&c.not_values) }
-        }
-        "source.principal" => {
-            ConditionMatch::SourcePrincipal { values: principals(&c.values), not_values: principals(&c.not_values) }
-        }
-        "destination.ip" => ConditionMatch::DestinationIp { values: nets(&c.values), not_values: nets(&c.not_values) },
-        "destination.port" => {
-            ConditionMatch::DestinationPort { values: ports(&c.values), not_values: ports(&c.not_values) }
-        }
-        _ => return None, // L7 keys are rejected for L4 policies by validation
-    })
+    // Keys mesh does not evaluate were rejected (or warned about) by validation.
+    ConditionMatch::from_key(&c.key, &c.values, &c.not_values).ok()
 }
 
 fn nets(values: &[String]) -> Vec<IpNet> {
@@ -202,6 +213,11 @@ mod tests {
             "rules: [{when: [{key: source.principal, values: ['*/sa/web']}, {key: destination.port, notValues: ['1']},
               {key: source.ip, values: [10.0.0.0/8]}, {key: destination.ip, values: [fd00::/8]},
               {key: source.namespace, notValues: [evil]}]}]",
+            "rules: [{from: [{source: {requestPrincipals: ['*'], notRequestPrincipals: [a/b], remoteIpBlocks: [192.0.2.0/24]}}],
+              to: [{operation: {methods: [GET], notMethods: [PUT], paths: ['/a*'], notPaths: [/b], hosts: [x], notHosts: ['*.y']}}],
+              when: [{key: 'request.headers[X-A]', values: [b]}, {key: 'request.auth.claims[a][b]', notValues: [c]},
+              {key: remote.ip, values: [10.0.0.0/8]}, {key: request.auth.audiences, values: [api]},
+              {key: request.auth.presenter, values: [cli]}, {key: request.auth.principal, values: ['iss/*']}]}]",
             "{}",
         ] {
             let compiled = policy("p", spec);

@@ -65,6 +65,9 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     /// The waypoint it is bound to, if any.
     pub waypoint: Option<WaypointBinding>,
+    /// The labels that select its endpoints (empty: none by selector).
+    #[serde(skip)]
+    pub selector: Labels,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -108,7 +111,35 @@ pub struct ScopedPolicy {
     pub scope: mesh_common::api::Scope,
     /// `None`: every workload of the namespace (or of the mesh, in the root namespace).
     pub selector: Option<Labels>,
+    /// Scope TARGETED: what its targetRefs name (enforced by waypoints).
+    pub targets: Vec<PolicyTarget>,
     pub policy: CompiledPolicy,
+}
+
+/// A policy's targetRef: a waypoint's Gateway, a Service (or ServiceEntry),
+/// or, from the root namespace, the `istio-waypoint` GatewayClass.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PolicyTarget {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ScopedPolicy {
+    /// The node API's form.
+    pub fn to_wire(&self) -> mesh_common::api::Authorization {
+        let mut wire = self.policy.to_wire(self.scope, self.selector.clone().unwrap_or_default());
+        wire.targets = self
+            .targets
+            .iter()
+            .map(|t| mesh_common::api::PolicyTarget {
+                kind: t.kind.clone(),
+                namespace: t.namespace.clone(),
+                name: t.name.clone(),
+            })
+            .collect();
+        wire
+    }
 }
 
 fn scope_name<S: serde::Serializer>(scope: &mesh_common::api::Scope, s: S) -> Result<S::Ok, S::Error> {
@@ -192,16 +223,31 @@ impl MeshModel {
                     );
                 }
                 Resource::AuthorizationPolicy(ap) => {
-                    // Policies with targetRefs belong to waypoints (L7), not to the node proxy.
-                    if ap.spec.target_ref.is_some() || !ap.spec.target_refs.is_empty() {
-                        continue;
-                    }
                     let policy = super::authz::compile(ap);
+                    // Policies with targetRefs belong to waypoints (L7), not to node proxies.
+                    let targets: Vec<PolicyTarget> = ap
+                        .spec
+                        .target_ref
+                        .iter()
+                        .chain(&ap.spec.target_refs)
+                        // A GatewayClass (every waypoint) is a target only from the root namespace.
+                        .filter(|t| t.kind != "GatewayClass" || policy.namespace == model.root_namespace)
+                        .map(|t| PolicyTarget {
+                            kind: t.kind.clone(),
+                            namespace: t.namespace.clone().unwrap_or_else(|| policy.namespace.clone()),
+                            name: t.name.clone(),
+                        })
+                        .collect();
+                    let targeted = ap.spec.target_ref.is_some() || !ap.spec.target_refs.is_empty();
                     let selector = ap.spec.selector.as_ref().map(|s| s.match_labels.clone()).filter(|l| !l.is_empty());
-                    let scope = scope_of(&policy.namespace, &model.root_namespace, selector.is_some());
+                    let scope = if !targeted {
+                        scope_of(&policy.namespace, &model.root_namespace, selector.is_some())
+                    } else {
+                        mesh_common::api::Scope::Targeted
+                    };
                     model.policies.insert(
                         format!("{}/{}", policy.namespace, policy.name),
-                        ScopedPolicy { scope, selector, policy },
+                        ScopedPolicy { scope, selector, targets, policy },
                     );
                 }
                 Resource::PeerAuthentication(pa) => model.peer_authentications.push(pa.clone()),
@@ -243,7 +289,9 @@ impl MeshModel {
                     let name = svc.metadata.name.clone();
                     let waypoint = routes::binding(&namespace, &svc.metadata.labels, namespace_labels.get(&namespace))
                         .map(|gateway| model.waypoint_binding(gateway));
-                    model.services.insert(key, Service { namespace, name, hosts, vips, ports, endpoints, waypoint });
+                    let selector = svc.spec.selector.clone().unwrap_or_default();
+                    let s = Service { namespace, name, hosts, vips, ports, endpoints, waypoint, selector };
+                    model.services.insert(key, s);
                 }
                 Resource::ServiceEntry(se) => {
                     let namespace = se.metadata.namespace().to_owned();
@@ -273,7 +321,9 @@ impl MeshModel {
                     let waypoint = routes::binding(&namespace, &se.metadata.labels, namespace_labels.get(&namespace))
                         .map(|gateway| model.waypoint_binding(gateway));
                     let hosts = se.spec.hosts.clone();
-                    model.services.insert(key, Service { namespace, name, hosts, vips, ports, endpoints, waypoint });
+                    let selector = se.spec.workload_selector.as_ref().map(|s| s.labels.clone()).unwrap_or_default();
+                    let s = Service { namespace, name, hosts, vips, ports, endpoints, waypoint, selector };
+                    model.services.insert(key, s);
                 }
                 _ => {}
             }
@@ -292,6 +342,7 @@ impl MeshModel {
         };
         let compiled = routes::compile(store, &cx);
         model.routes = compiled;
+        super::bypass::guard_waypoint_services(&mut model);
         model
     }
 
@@ -416,7 +467,6 @@ pub fn selector_matches(selector: &Labels, labels: &Labels) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Snapshot, split_documents};
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -436,14 +486,7 @@ mod tests {
         }
     }
 
-    fn model(yaml: &str) -> MeshModel {
-        let docs = split_documents(std::path::Path::new("test.yaml"), yaml);
-        let snap = Snapshot::from_documents(&docs, vec![]);
-        assert!(snap.problems.is_empty(), "{:?}", snap.problems);
-        let mut store = ConfigStore::default();
-        store.apply(snap);
-        MeshModel::build(&store, &MeshSettings::default())
-    }
+    use crate::model::from_yaml as model;
 
     const MESH: &str = "\
 apiVersion: v1
@@ -546,7 +589,12 @@ spec: {selector: {matchLabels: {app: db}}, mtls: {mode: PERMISSIVE}, portLevelMt
         assert_eq!(names("Pod/shop/web-1"), vec!["istio-system/mesh-deny", "shop/web-only"]);
         assert_eq!(names("Pod/shop/db"), vec!["istio-system/mesh-deny"]);
         assert_eq!(names("Pod/legacy/old"), vec!["istio-system/mesh-deny"]);
-        assert!(!m.policies.contains_key("shop/waypoint-policy"), "L7 policies are not the node's");
+        let l7 = &m.policies["shop/waypoint-policy"];
+        assert_eq!(l7.scope, mesh_common::api::Scope::Targeted, "L7 policies are the waypoints', no workload's");
+        assert_eq!(
+            l7.targets,
+            [PolicyTarget { kind: "Gateway".into(), namespace: "shop".into(), name: "waypoint".into() }]
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The node-facing model, built from the configuration in force: pure
 //! functions over the store, tested with tables.
 pub mod authz;
+mod bypass;
 mod mesh;
 pub mod routes;
 
@@ -11,4 +12,16 @@ pub use mesh::{
 /// Serializes through `Display` (identities print as `spiffe://...`).
 fn as_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
+}
+
+/// The model of a configuration written as YAML (which must have no problems).
+#[cfg(test)]
+pub(crate) fn from_yaml(yaml: &str) -> MeshModel {
+    use crate::config::{ConfigStore, MeshSettings, Snapshot, split_documents};
+    let docs = split_documents(std::path::Path::new("t.yaml"), yaml);
+    let snap = Snapshot::from_documents(&docs, vec![]);
+    assert!(snap.problems.is_empty(), "{:?}", snap.problems);
+    let mut store = ConfigStore::default();
+    store.apply(snap);
+    MeshModel::build(&store, &MeshSettings::default())
 }

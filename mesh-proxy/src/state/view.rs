@@ -57,6 +57,9 @@ pub struct ServiceInfo {
     next: AtomicUsize,
     /// The routes of a service that has none of its own, compiled on first use.
     default_routes: std::sync::OnceLock<Arc<CompiledRoutes>>,
+    /// The policies a waypoint enforces for it (indexes into the view's),
+    /// found on first use.
+    waypoint_policies: std::sync::OnceLock<Vec<usize>>,
 }
 
 /// A service's waypoint: its Gateway (`namespace/name`) and running instances.
@@ -170,6 +173,7 @@ impl MeshView {
                 waypoint,
                 next: AtomicUsize::new(0),
                 default_routes: std::sync::OnceLock::new(),
+                waypoint_policies: std::sync::OnceLock::new(),
             });
             for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
                 view.by_vip.insert(vip, info.clone());
@@ -275,6 +279,30 @@ impl MeshView {
         authz::admission::admit(&w.wire, &self.policies, conn)
     }
 
+    /// The policies a waypoint whose own workload is `me` enforces for
+    /// requests to `svc` (`authz::applies_at_waypoint`), dry-run ones
+    /// included (the evaluator keeps them from deciding).
+    pub fn waypoint_policies<'a>(
+        &'a self,
+        svc: &'a ServiceInfo,
+        me: Option<&WorkloadInfo>,
+    ) -> impl Iterator<Item = &'a CompiledPolicy> + Clone + 'a {
+        let indexes = svc.waypoint_policies.get_or_init(|| {
+            let no_labels = std::collections::BTreeMap::new();
+            let (gateway_namespace, gateway_name) =
+                svc.waypoint.as_ref().and_then(|w| w.gateway.split_once('/')).unwrap_or_default();
+            let at = authz::WaypointTarget {
+                gateway_namespace,
+                gateway_name,
+                labels: me.map_or(&no_labels, |w| &w.wire.labels),
+                service_namespace: &svc.namespace,
+                service_name: &svc.name,
+            };
+            (0..self.policies.len()).filter(|i| authz::applies_at_waypoint(&self.policies[*i].0, &at)).collect()
+        });
+        indexes.iter().map(|i| &self.policies[*i].1)
+    }
+
     /// Counts for the config dump.
     pub fn sizes(&self) -> (usize, usize, usize) {
         (self.by_uid.len(), self.by_vip.len(), self.policies.len())
@@ -366,6 +394,7 @@ mod tests {
                     }],
                     ..Default::default()
                 }],
+                ..Default::default()
             }
         };
         for p in [

@@ -4,19 +4,7 @@ use mesh_common::{
 };
 
 use super::*;
-use crate::{
-    config::{MeshSettings, Snapshot, split_documents},
-    model::MeshModel,
-};
-
-fn model(yaml: &str) -> MeshModel {
-    let docs = split_documents(std::path::Path::new("t.yaml"), yaml);
-    let snap = Snapshot::from_documents(&docs, vec![]);
-    assert!(snap.problems.is_empty(), "{:?}", snap.problems);
-    let mut store = ConfigStore::default();
-    store.apply(snap);
-    MeshModel::build(&store, &MeshSettings::default())
-}
+use crate::model::from_yaml as model;
 
 const MESH: &str = "
 apiVersion: v1

@@ -1,0 +1,95 @@
+//! L7 authorization at the waypoint: the AuthorizationPolicies bound to the
+//! request's service or to this waypoint (`MeshView::waypoint_policies`),
+//! decided by the evaluator the node proxy and `mesh-ctl authz explain`
+//! share (`mesh_common::authz`), with the request's method, host, path and
+//! headers. Dry-run policies are evaluated beside, counted and logged, and
+//! decide nothing.
+use std::net::IpAddr;
+
+use http::HeaderMap;
+use mesh_common::authz::{self, Connection, Decision, HttpRequest, RequestAuth};
+use mesh_proxy::state::view::MeshView;
+use tracing::info;
+
+use crate::{Waypoint, engine::Downstream};
+
+/// A request as the evaluator reads it.
+pub struct Facts<'a> {
+    pub method: &'a str,
+    /// Normalized, with the query.
+    pub path_and_query: &'a str,
+    pub host: &'a str,
+    pub headers: &'a HeaderMap,
+    pub remote: IpAddr,
+}
+
+impl HttpRequest for Facts<'_> {
+    fn method(&self) -> &str {
+        self.method
+    }
+
+    fn path(&self) -> &str {
+        self.path_and_query.split('?').next().unwrap_or("/")
+    }
+
+    fn host(&self) -> &str {
+        self.host
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn remote_ip(&self) -> IpAddr {
+        self.remote
+    }
+
+    fn auth(&self) -> Option<&RequestAuth> {
+        None // no RequestAuthentication is enforced yet: no request has a JWT principal
+    }
+}
+
+/// The decision for a request when a policy applies (`None`: none does, and
+/// the request goes on); counted, and logged when it denies.
+pub fn check(wp: &Waypoint, ds: &Downstream, view: &MeshView, facts: &Facts<'_>, request_id: &str) -> Option<Decision> {
+    let me = wp.identity();
+    let instance =
+        ds.service.waypoint.as_ref().and_then(|w| w.instances.iter().find(|i| Some(&i.identity) == me.as_ref()));
+    let policies = view.waypoint_policies(&ds.service, instance.map(|w| w.as_ref()));
+    policies.clone().next()?; // no policy applies: nothing to decide
+    let conn = Connection {
+        source: ds.peer.clone(),
+        source_ip: ds.peer_addr.ip(),
+        destination_ip: ds.destination.ip(),
+        destination_port: ds.port,
+    };
+    let decision = authz::evaluate_request(policies.clone(), &conn, facts);
+    wp.metrics.authorized(false, decision.allowed, decision.policy.as_deref());
+    if let Some(shadow) = authz::dry_run(policies, &conn, Some(facts)) {
+        wp.metrics.authorized(true, shadow.allowed, shadow.policy.as_deref());
+        info!(
+            request_id,
+            service = ds.service.key(),
+            method = facts.method,
+            path = facts.path_and_query,
+            source = %ds.peer.as_ref().map(ToString::to_string).unwrap_or_default(),
+            dry_run_decision = if shadow.allowed { "allow" } else { "deny" },
+            policy = shadow.policy.as_deref().unwrap_or(""),
+            reason = %shadow.reason,
+            "dry-run authorization (not enforced)"
+        );
+    }
+    if !decision.allowed {
+        info!(
+            request_id,
+            service = ds.service.key(),
+            method = facts.method,
+            path = facts.path_and_query,
+            source = %ds.peer.as_ref().map(ToString::to_string).unwrap_or_default(),
+            policy = decision.policy.as_deref().unwrap_or(""),
+            reason = %decision.reason,
+            "request denied by authorization policy"
+        );
+    }
+    Some(decision)
+}
