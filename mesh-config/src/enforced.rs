@@ -138,7 +138,6 @@ fn virtual_service(vs: &VirtualService, out: &mut Vec<(Option<String>, String)>)
     for (i, r) in vs.spec.http.iter().enumerate() {
         let at = format!("spec.http[{i}]");
         for (name, set) in [
-            ("fault", r.fault.is_some()),
             ("corsPolicy", r.cors_policy.is_some()),
             ("directResponse", r.direct_response.is_some()),
             ("delegate", r.delegate.is_some()),

@@ -50,6 +50,41 @@ fn what_istio_rejects_is_rejected_with_line_and_field() {
             "\"sometimes\": not a retry condition",
         ),
         (
+            format!("{HEAD}  http:\n  - fault: {{abort: {{httpStatus: 503, percentage: {{value: -5}}}}}}\n    route:\n    - destination: {{host: reviews}}\n"),
+            "spec.http[0].fault.abort.percentage.value",
+            "expected 0 to 100",
+        ),
+        (
+            format!("{HEAD}  http:\n  - fault: {{abort: {{httpStatus: 700, percentage: {{value: 5}}}}}}\n    route:\n    - destination: {{host: reviews}}\n"),
+            "spec.http[0].fault.abort.httpStatus",
+            "expected 200 to 599",
+        ),
+        (
+            format!("{HEAD}  http:\n  - fault: {{abort: {{grpcStatus: SOMETIMES}}}}\n    route:\n    - destination: {{host: reviews}}\n"),
+            "spec.http[0].fault.abort.grpcStatus",
+            "not a gRPC status name",
+        ),
+        (
+            format!("{HEAD}  http:\n  - fault: {{delay: {{percentage: {{value: 10}}}}}}\n    route:\n    - destination: {{host: reviews}}\n"),
+            "spec.http[0].fault.delay.fixedDelay",
+            "is required",
+        ),
+        (
+            format!("{HEAD}  http:\n  - fault: {{delay: {{fixedDelay: 0s, percentage: {{value: 10}}}}}}\n    route:\n    - destination: {{host: reviews}}\n"),
+            "spec.http[0].fault.delay.fixedDelay",
+            "at least 1ms",
+        ),
+        (
+            format!("{HEAD}  http:\n  - fault: {{}}\n    route:\n    - destination: {{host: reviews}}\n"),
+            "spec.http[0].fault",
+            "needs a delay or an abort",
+        ),
+        (
+            format!("{HEAD}  http:\n  - fault: {{abort: {{http2Error: CANCEL}}}}\n    route:\n    - destination: {{host: reviews}}\n"),
+            "spec.http[0].fault.abort.http2Error",
+            "not supported yet",
+        ),
+        (
             format!("{HEAD}  http:\n  - redirect: {{uri: /new}}\n    route:\n    - destination: {{host: reviews}}\n"),
             "spec.http[0].redirect",
             "cannot be combined with route",
@@ -165,7 +200,7 @@ apiVersion: v1\nkind: Service\nmetadata: {name: ratings}\nspec: {ports: [{port: 
 apiVersion: v1\nkind: Pod\nmetadata: {name: waypoint-0, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}\n---\n\
 apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/use-waypoint: nowhere}}\n---\n\
 apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v9}\nspec:\n  hosts: [reviews]\n  http:\n  \
-- route: [{destination: {host: reviews, subset: v9}}]\n    fault: {abort: {httpStatus: 500, percentage: {value: 1}}}\n";
+- route: [{destination: {host: reviews, subset: v9}}]\n    corsPolicy: {allowOrigins: [{exact: '*'}]}\n";
     docs.extend(split_documents(Path::new("more.yaml"), more));
     let mut store = ConfigStore::default();
     store.apply(Snapshot::from_documents(&docs, read_problems));
@@ -175,7 +210,7 @@ apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v9}\n
     assert!(!has(&warnings, "no Pod labelled"), "{warnings:#?}");
     for want in [
         "VirtualService default/v9: spec.http[0].route[0].destination.subset: subset \"v9\" of default/reviews is in no DestinationRule (yet)",
-        "VirtualService default/v9: spec.http[0].fault: accepted, not enforced yet",
+        "VirtualService default/v9: spec.http[0].corsPolicy: accepted, not enforced yet",
         "Namespace shop: metadata.labels[istio.io/use-waypoint]: waypoint shop/nowhere is not defined (yet): connections to these services are refused",
     ] {
         assert!(has(&warnings, want), "no warning {want:?} in {warnings:#?}");

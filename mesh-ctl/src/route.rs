@@ -94,6 +94,21 @@ fn describe_retry(r: &Option<api::Retry>) -> String {
     }
 }
 
+fn describe_fault(f: &api::Fault) -> String {
+    let mut parts = Vec::new();
+    if f.delay_ms > 0 && f.delay_percent > 0.0 {
+        parts.push(format!("delay {} ms for {}% of requests", f.delay_ms, f.delay_percent));
+    }
+    if f.abort_percent > 0.0 {
+        let answer = match f.abort_grpc_status {
+            Some(code) => format!("gRPC status {code}"),
+            None => format!("HTTP {}", f.abort_http_status),
+        };
+        parts.push(format!("abort with {answer} for {}% of requests", f.abort_percent));
+    }
+    if parts.is_empty() { "none (0%)".into() } else { parts.join(", then ") }
+}
+
 fn timeout(ms: u64) -> String {
     if ms == 0 { "none".into() } else { format!("{ms} ms") }
 }
@@ -246,6 +261,9 @@ pub fn explain_request(
         outcome.insert("rewritten_path", json!(path));
     }
     text += &format!("Timeout: {}. Retries: {}.\n", timeout(r.timeout_ms), describe_retry(&r.retry));
+    if let Some(f) = &r.fault {
+        text += &format!("Fault: {}.\n", describe_fault(f));
+    }
     let data = json!({
         "service": key,
         "waypoint": waypoint,

@@ -140,25 +140,56 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 /// A local answer, with its response flag.
 fn local(rec: &mut Record, status: StatusCode, flag: &'static str, text: &str) -> Response<HttpBody> {
     rec.flags = flag;
+    if rec.grpc {
+        // gRPC clients read grpc-status, as Envoy's local replies give it
+        // (its mapping of HTTP statuses to gRPC codes).
+        let code = match status.as_u16() {
+            400 => 13,
+            401 => 16,
+            403 => 7,
+            404 => 12,
+            504 => 4,
+            429 | 502 | 503 => 14,
+            _ => 2,
+        };
+        return grpc_local(code, text);
+    }
     let mut r = Response::new(full(text.to_owned()));
     *r.status_mut() = status;
-    if rec.grpc {
-        // gRPC clients read grpc-status, as Envoy's local replies give it.
-        let code = match status {
-            StatusCode::NOT_FOUND => "12",
-            StatusCode::GATEWAY_TIMEOUT => "4",
-            StatusCode::FORBIDDEN => "7",
-            _ => "14",
-        };
-        *r.status_mut() = StatusCode::OK;
-        *r.body_mut() = empty();
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        r.headers_mut().insert("grpc-status", HeaderValue::from_static(code));
-        if let Ok(v) = HeaderValue::from_str(text) {
-            r.headers_mut().insert("grpc-message", v);
-        }
+    r
+}
+
+/// A gRPC answer with status `code` (a trailers-only response).
+fn grpc_local(code: u32, text: &str) -> Response<HttpBody> {
+    let mut r = Response::new(empty());
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    r.headers_mut().insert("grpc-status", HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::from_str(text) {
+        r.headers_mut().insert("grpc-message", v);
     }
     r
+}
+
+/// VirtualService `fault`: a delay (flag `DI`) for its share of requests,
+/// then an abort (flag `FI`) for its share: the answer instead of the
+/// upstream's. `None`: the request goes on.
+async fn inject_fault(rec: &mut Record, f: &api::Fault) -> Option<Response<HttpBody>> {
+    let hit = |percent: f64| percent > 0.0 && fastrand::f64() * 100.0 < percent;
+    let delayed = f.delay_ms > 0 && hit(f.delay_percent);
+    if delayed {
+        tokio::time::sleep(Duration::from_millis(f.delay_ms)).await;
+        rec.flags = "DI";
+    }
+    if !hit(f.abort_percent) {
+        return None;
+    }
+    let flag = if delayed { "DI,FI" } else { "FI" };
+    if let Some(code) = f.abort_grpc_status {
+        rec.flags = flag;
+        return Some(grpc_local(code, "fault filter abort"));
+    }
+    let status = u16::try_from(f.abort_http_status).ok().and_then(|s| StatusCode::from_u16(s).ok());
+    Some(local(rec, status.unwrap_or(StatusCode::SERVICE_UNAVAILABLE), flag, "fault filter abort"))
 }
 
 async fn route_and_send(
@@ -196,6 +227,11 @@ async fn route_and_send(
     };
     let matched_prefix = route.matched_prefix(&facts).map(String::from);
     rec.route = routes.routes.iter().position(|r| std::ptr::eq(r, route)).map(|i| (routes.clone(), i));
+    if let Some(f) = &route.wire.fault
+        && let Some(aborted) = inject_fault(rec, f).await
+    {
+        return aborted;
+    }
     if let Some(rd) = &route.wire.redirect {
         return redirect(rec, rd, matched_prefix.as_deref());
     }

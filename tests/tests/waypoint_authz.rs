@@ -8,65 +8,13 @@
 use std::time::{Duration, Instant};
 
 use mesh_tests::{
-    Pod, Proc,
-    mesh::{Mesh, sum_metric, yaml as mesh_yaml},
+    Pod,
+    mesh::sum_metric,
     run_in,
-    waypoint::{SYSTEM_PYTHON, access_log, waypoint_metrics, yaml},
+    waypoint::{SYSTEM_PYTHON, access_log, waypoint_metrics},
 };
 
-const BACKEND_VIP: &str = "10.96.0.10";
-const GRPC_VIP: &str = "10.96.0.13";
-
-struct Setup {
-    mesh: Mesh,
-    /// `client` (service account `client`) and `other` (`other`), both on node1.
-    client: Pod,
-    other: Pod,
-    wp_pod: Pod,
-    wp: Proc,
-    backends: Vec<Pod>,
-    _apps: Vec<Proc>,
-}
-
-fn setup(test: &str) -> Option<Setup> {
-    let mesh = Mesh::start(test, &["node1", "node2"])?;
-    let t = &mesh.t;
-    let (client, other, wp_pod) = (t.pod("client"), t.pod("other"), t.pod("waypoint"));
-    let backends = vec![t.pod("b1"), t.pod("b2")];
-    let config = yaml::namespace("default", "waypoint")
-        + &yaml::gateway("default", "waypoint")
-        + &yaml::instance(&wp_pod, "waypoint", "wp-1")
-        + &mesh_yaml::pod(&client, "node1", "client", "client")
-        + &mesh_yaml::pod(&other, "node1", "other", "other")
-        + &yaml::versioned_pod(&backends[0], "node2", "backend", "v1")
-        + &yaml::versioned_pod(&backends[1], "node1", "backend", "v1")
-        + &yaml::http_service("default", "backend", BACKEND_VIP, "app: backend", 80, 8080)
-        + &format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: grpc, namespace: default}}\n\
-             spec: {{clusterIP: {GRPC_VIP}, selector: {{app: backend}}, ports: [{{name: grpc, port: 9090}}]}}\n---\n"
-        );
-    mesh.apply("mesh.yaml", &config);
-    mesh.wait_ready(&[
-        (&client, "node1", "client"),
-        (&other, "node1", "other"),
-        (&backends[0], "node2", "backend"),
-        (&backends[1], "node1", "backend"),
-    ]);
-    let mut apps: Vec<Proc> = backends.iter().map(|p| t.app(p, 8080, p.name.trim_start_matches("default/"))).collect();
-    apps.extend(backends.iter().map(|p| t.grpc_server(p, 9090, p.name.trim_start_matches("default/"))));
-    mesh.reach_controller(&wp_pod);
-    let wp = mesh.start_waypoint(&wp_pod, "wp-1");
-    Some(Setup { mesh, client, other, wp_pod, wp, backends, _apps: apps })
-}
-
-/// The HTTP status `pod` gets for `method url` with extra curl `args`
-/// (`000` when the connection failed).
-fn status(pod: &Pod, method: &str, url: &str, args: &[&str]) -> String {
-    let mut all = vec!["curl", "-s", "-m", "10", "--path-as-is", "-o", "/dev/null", "-w", "%{http_code}", "-X", method];
-    all.extend_from_slice(args);
-    all.push(url);
-    String::from_utf8_lossy(&run_in(&pod.netns, &all).stdout).trim().to_owned()
-}
+use mesh_tests::waypoint::{BACKEND_VIP, GRPC_VIP, http_status as status, l7_setup as setup};
 
 /// One gRPC unary call of `method` (a full path) to `target`: the status code's name.
 fn grpc_call(pod: &Pod, target: &str, method: &str) -> String {

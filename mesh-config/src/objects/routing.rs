@@ -369,7 +369,7 @@ pub struct VsHttpRoute {
     #[serde(default)]
     pub mirror_percent: Option<i64>,
     #[serde(default)]
-    pub fault: Option<Value>,
+    pub fault: Option<VsFault>,
     #[serde(default)]
     pub cors_policy: Option<Value>,
     #[serde(default)]
@@ -463,6 +463,72 @@ pub struct VsMirror {
 pub struct Percent {
     pub value: f64,
 }
+
+/// Istio's `HTTPFaultInjection`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsFault {
+    #[serde(default)]
+    pub delay: Option<VsDelay>,
+    #[serde(default)]
+    pub abort: Option<VsAbort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsDelay {
+    #[serde(default)]
+    pub fixed_delay: Option<String>,
+    #[serde(default)]
+    pub exponential_delay: Option<String>,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+    /// Deprecated integer percentage (used when `percentage` is absent).
+    #[serde(default)]
+    pub percent: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VsAbort {
+    #[serde(default)]
+    pub http_status: Option<i64>,
+    #[serde(default)]
+    pub grpc_status: Option<String>,
+    #[serde(default)]
+    pub http2_error: Option<String>,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+}
+
+impl VsDelay {
+    /// The share of requests delayed: `percentage`, else the deprecated
+    /// `percent`, else none (Istio's translation).
+    pub fn share(&self) -> f64 {
+        self.percentage.as_ref().map(|p| p.value).or(self.percent.map(|p| p as f64)).unwrap_or(0.0)
+    }
+}
+
+/// gRPC's status codes by name, as `grpcStatus` writes them.
+pub const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -6,8 +6,8 @@ use mesh_common::parse_duration;
 
 use super::{Issues, check_labels, check_port, valid_subdomain};
 use crate::objects::routing::{
-    BackendRef, Gateway, GrpcRouteSpec, HttpRouteFilter, HttpRouteSpec, NamedTypedMatch, StringMatch,
-    VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders,
+    BackendRef, GRPC_CODES, Gateway, GrpcRouteSpec, HttpRouteFilter, HttpRouteSpec, NamedTypedMatch, Percent,
+    StringMatch, VirtualServiceSpec, VsDestination, VsFault, VsHeaderOps, VsHeaders,
 };
 
 /// The class of waypoint Gateways, and the label saying what traffic a waypoint takes.
@@ -359,6 +359,64 @@ pub(super) fn check_virtual_service(spec: &VirtualServiceSpec, out: &mut Issues)
             && !(0.0..=100.0).contains(&p.value)
         {
             out.push((format!("{at}.mirrorPercentage.value"), format!("{}: expected 0 to 100", p.value)));
+        }
+        if let Some(f) = &route.fault {
+            check_fault(f, &format!("{at}.fault"), out);
+        }
+    }
+}
+
+/// Istio's checks on `HTTPFaultInjection`.
+fn check_fault(f: &VsFault, at: &str, out: &mut Issues) {
+    let percent = |p: &Option<Percent>, field: &str, out: &mut Issues| {
+        if let Some(p) = p
+            && !(0.0..=100.0).contains(&p.value)
+        {
+            out.push((format!("{field}.value"), format!("{}: expected 0 to 100", p.value)));
+        }
+    };
+    if f.delay.is_none() && f.abort.is_none() {
+        out.push((at.into(), "needs a delay or an abort".into()));
+    }
+    if let Some(d) = &f.delay {
+        percent(&d.percentage, &format!("{at}.delay.percentage"), out);
+        if d.percent.is_some_and(|p| !(0..=100).contains(&p)) {
+            out.push((format!("{at}.delay.percent"), "expected 0 to 100".into()));
+        }
+        match (&d.fixed_delay, &d.exponential_delay) {
+            (Some(t), _) => match parse_duration(t) {
+                Ok(t) if t < std::time::Duration::from_millis(1) => {
+                    out.push((format!("{at}.delay.fixedDelay"), "must be at least 1ms".into()));
+                }
+                Ok(_) => {}
+                Err(e) => out.push((format!("{at}.delay.fixedDelay"), e)),
+            },
+            (None, Some(_)) => out.push((format!("{at}.delay.exponentialDelay"), "not supported yet".into())),
+            (None, None) => out.push((format!("{at}.delay.fixedDelay"), "is required".into())),
+        }
+    }
+    if let Some(a) = &f.abort {
+        percent(&a.percentage, &format!("{at}.abort.percentage"), out);
+        let set = [a.http_status.is_some(), a.grpc_status.is_some(), a.http2_error.is_some()];
+        if set.iter().filter(|b| **b).count() != 1 {
+            out.push((format!("{at}.abort"), "set exactly one of httpStatus, grpcStatus, http2Error".into()));
+        }
+        if a.http2_error.is_some() {
+            // As Istio's validation.
+            out.push((format!("{at}.abort.http2Error"), "HTTP/2 abort fault injection is not supported yet".into()));
+        }
+        if let Some(s) = a.http_status
+            && !(200..=599).contains(&s)
+        {
+            out.push((format!("{at}.abort.httpStatus"), format!("{s}: expected 200 to 599")));
+        }
+        if let Some(g) = &a.grpc_status
+            && !GRPC_CODES.contains(&g.as_str())
+        {
+            out.push((
+                format!("{at}.abort.grpcStatus"),
+                format!("{g:?}: not a gRPC status name (such as UNAVAILABLE)"),
+            ));
         }
     }
 }

@@ -13,9 +13,9 @@ use crate::config::{
     objects::{
         Labels,
         routing::{
-            BackendRef, DestinationRule, GrpcRoute, GrpcRouteMatch, HeaderModifier, HttpRoute, HttpRouteFilter,
-            HttpRouteMatch, NamedTypedMatch, PathModifier, StringMatch, VirtualService, VsDestination, VsHeaderOps,
-            VsHttpRoute, VsMatch,
+            BackendRef, DestinationRule, GRPC_CODES, GrpcRoute, GrpcRouteMatch, HeaderModifier, HttpRoute,
+            HttpRouteFilter, HttpRouteMatch, NamedTypedMatch, PathModifier, StringMatch, VirtualService, VsDelay,
+            VsDestination, VsFault, VsHeaderOps, VsHttpRoute, VsMatch,
         },
     },
 };
@@ -286,6 +286,22 @@ fn vs_route(vs: &VirtualService, i: usize, r: &VsHttpRoute, cx: &Context<'_>) ->
         timeout_ms: ms(r.timeout.as_ref()),
         retry,
         mirrors,
+        fault: r.fault.as_ref().map(vs_fault),
+    }
+}
+
+fn vs_fault(f: &VsFault) -> api::Fault {
+    let delay = f.delay.as_ref();
+    let abort = f.abort.as_ref();
+    api::Fault {
+        delay_ms: delay.map_or(0, |d| ms(d.fixed_delay.as_ref())),
+        delay_percent: delay.map_or(0.0, VsDelay::share),
+        abort_percent: abort.and_then(|a| a.percentage.as_ref()).map_or(0.0, |p| p.value),
+        abort_http_status: abort.and_then(|a| a.http_status).and_then(|s| u32::try_from(s).ok()).unwrap_or(0),
+        abort_grpc_status: abort
+            .and_then(|a| a.grpc_status.as_deref())
+            .and_then(|g| GRPC_CODES.iter().position(|c| *c == g))
+            .and_then(|i| u32::try_from(i).ok()),
     }
 }
 

@@ -251,3 +251,27 @@ spec:
     let header_ops = m.routes["shop/reviews"].iter().find(|r| r.name == "GRPCRoute/shop/echo/1").unwrap();
     assert_eq!(header_ops.request_headers.as_ref().unwrap().add.get("x-via").map(String::as_str), Some("grpcroute"));
 }
+
+#[test]
+fn virtual_service_faults() {
+    let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: faults, namespace: shop}\n\
+              spec:\n  hosts: [reviews]\n  http:\n  \
+              - match: [{uri: {prefix: /a}}]\n    fault: {delay: {fixedDelay: 1.5s, percent: 20}, abort: {grpcStatus: UNAVAILABLE, percentage: {value: 2.5}}}\n    route: [{destination: {host: reviews}}]\n  \
+              - fault: {abort: {httpStatus: 418}}\n    route: [{destination: {host: reviews}}]\n";
+    let m = model(&format!("{MESH}{vs}"));
+    let faults: Vec<Option<api::Fault>> = m.routes["shop/reviews"].iter().take(2).map(|r| r.fault).collect();
+    assert_eq!(
+        faults,
+        [
+            Some(api::Fault {
+                delay_ms: 1500,
+                delay_percent: 20.0, // the deprecated integer percent, with no percentage
+                abort_percent: 2.5,
+                abort_http_status: 0,
+                abort_grpc_status: Some(14),
+            }),
+            // No percentage: no request is aborted (Istio's translation).
+            Some(api::Fault { abort_http_status: 418, ..Default::default() }),
+        ]
+    );
+}
