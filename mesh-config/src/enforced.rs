@@ -9,7 +9,7 @@ use crate::{
     Kind, Problem, Resource,
     objects::{
         Labels,
-        routing::{BackendRef, HttpRouteFilter, ParentRef, VirtualService},
+        routing::{BackendRef, HttpRouteFilter, ParentRef, TrafficPolicy, VirtualService},
     },
     store::{ConfigStore, ObjectKey},
     validate::WAYPOINT_CLASS,
@@ -71,12 +71,12 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
             }
         }
         Resource::DestinationRule(dr) => {
-            if dr.spec.traffic_policy.is_some() {
-                out.push((Some("spec.trafficPolicy".into()), format!("{LATER}; its subsets apply")));
+            if let Some(tp) = &dr.spec.traffic_policy {
+                traffic_policy(tp, "spec.trafficPolicy", &mut out);
             }
             for (i, s) in dr.spec.subsets.iter().enumerate() {
-                if s.traffic_policy.is_some() {
-                    out.push((Some(format!("spec.subsets[{i}].trafficPolicy")), LATER.into()));
+                if let Some(tp) = &s.traffic_policy {
+                    traffic_policy(tp, &format!("spec.subsets[{i}].trafficPolicy"), &mut out);
                 }
             }
         }
@@ -118,6 +118,67 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
         _ => {}
     }
     out
+}
+
+/// What of a TrafficPolicy the waypoint does not enforce yet (its
+/// connectionPool it does, but for the fields named here).
+fn traffic_policy(tp: &TrafficPolicy, at: &str, out: &mut Vec<(Option<String>, String)>) {
+    let later =
+        |field: &str, out: &mut Vec<(Option<String>, String)>| out.push((Some(format!("{at}.{field}")), LATER.into()));
+    for (name, set) in [
+        ("loadBalancer", tp.load_balancer.is_some()),
+        ("outlierDetection", tp.outlier_detection.is_some()),
+        ("tunnel", tp.tunnel.is_some()),
+        ("proxyProtocol", tp.proxy_protocol.is_some()),
+        ("retryBudget", tp.retry_budget.is_some()),
+    ] {
+        if set {
+            later(name, out);
+        }
+    }
+    if tp.tls.is_some() {
+        out.push((
+            Some(format!("{at}.tls")),
+            "ignored: mesh traffic is always mutual TLS (HBONE) between proxies".into(),
+        ));
+    }
+    let pools = std::iter::once((at.to_owned(), tp.connection_pool.as_ref())).chain(
+        tp.port_level_settings
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("{at}.portLevelSettings[{i}]"), p.connection_pool.as_ref())),
+    );
+    for (base, pool) in pools {
+        let Some(pool) = pool else { continue };
+        if let Some(tcp) = &pool.tcp {
+            for (name, set) in [
+                ("tcpKeepalive", tcp.tcp_keepalive.is_some()),
+                ("maxConnectionDuration", tcp.max_connection_duration.is_some()),
+                ("idleTimeout", tcp.idle_timeout.is_some()),
+            ] {
+                if set {
+                    out.push((Some(format!("{base}.connectionPool.tcp.{name}")), LATER.into()));
+                }
+            }
+        }
+        if let Some(http) = &pool.http {
+            for (name, set) in [
+                ("h2UpgradePolicy", http.h2_upgrade_policy.is_some()),
+                ("useClientProtocol", http.use_client_protocol.is_some()),
+                ("maxConcurrentStreams", http.max_concurrent_streams.is_some()),
+            ] {
+                if set {
+                    out.push((Some(format!("{base}.connectionPool.http.{name}")), LATER.into()));
+                }
+            }
+        }
+    }
+    for (i, p) in tp.port_level_settings.iter().enumerate() {
+        let base = format!("{at}.portLevelSettings[{i}]");
+        if p.load_balancer.is_some() || p.outlier_detection.is_some() {
+            out.push((Some(base.clone()), format!("loadBalancer and outlierDetection: {LATER}")));
+        }
+    }
 }
 
 fn virtual_service(vs: &VirtualService, out: &mut Vec<(Option<String>, String)>) {

@@ -24,6 +24,8 @@ fn istio_bookinfo_and_gamma_samples_are_accepted_unchanged() {
 
 const HEAD: &str =
     "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: r\nspec:\n  hosts: [reviews]\n";
+const DR_HEAD: &str =
+    "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: d\nspec:\n  host: reviews\n";
 const ROUTE_HEAD: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: r\nspec:\n  parentRefs: [{kind: Service, name: reviews}]\n";
 
 #[test]
@@ -133,6 +135,31 @@ fn what_istio_rejects_is_rejected_with_line_and_field() {
             "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: w\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: http, port: 80, protocol: HTTP}]\n".into(),
             "spec.listeners",
             "needs a listener with protocol HBONE on port 15008",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    connectionPool: {{http: {{http2MaxRequests: -1}}}}\n"),
+            "spec.trafficPolicy.connectionPool.http.http2MaxRequests",
+            "must not be negative",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    connectionPool: {{tcp: {{connectTimeout: 10 seconds}}}}\n"),
+            "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+            "unknown unit",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    connectionPool: {{}}\n"),
+            "spec.trafficPolicy.connectionPool",
+            "must set tcp or http",
+        ),
+        (
+            format!("{DR_HEAD}  subsets:\n  - name: v1\n    labels: {{version: v1}}\n    trafficPolicy:\n      portLevelSettings: [{{connectionPool: {{tcp: {{maxConnections: 1}}}}}}]\n"),
+            "spec.subsets[0].trafficPolicy.portLevelSettings[0].port",
+            "is required",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    connectionPool: {{http: {{idleTimeout: 0s}}}}\n"),
+            "spec.trafficPolicy.connectionPool.http.idleTimeout",
+            "at least 1ms",
         ),
         (
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: d\nspec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v1, labels: {version: v2}}\n".into(),

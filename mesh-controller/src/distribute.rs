@@ -170,6 +170,8 @@ fn service(s: &Service) -> api::Service {
             .iter()
             .map(|e| api::Endpoint { workload: e.workload.clone(), ip: e.ip.to_string() })
             .collect(),
+        traffic_policy: s.traffic_policy.clone(),
+        subset_traffic_policies: s.subset_traffic_policies.clone().into_iter().collect(),
         waypoint: s.waypoint.as_ref().map(|w| {
             let (namespace, name) = w.gateway.split_once('/').unwrap_or_default();
             api::WaypointRef { namespace: namespace.into(), name: name.into(), workloads: w.instances.clone() }

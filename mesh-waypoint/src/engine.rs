@@ -25,6 +25,7 @@ use tracing::info;
 use crate::{
     Waypoint,
     body::{Counting, Ended, HttpBody, Recorded, Recording, empty, full},
+    breaker::Cluster,
     metrics::RequestLabels,
     retry::{self, Outcome},
     upstream::Sender,
@@ -74,6 +75,9 @@ struct Record {
     flags: &'static str,
     /// The AuthorizationPolicy that denied the request, if one did.
     denied_by: Option<String>,
+    /// Its place among the cluster's requests in flight (`http2MaxRequests`),
+    /// held until its response has ended.
+    admitted: Option<crate::breaker::Permit>,
 }
 
 pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Incoming>) -> Response<HttpBody> {
@@ -108,6 +112,7 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Inc
         attempts: 0,
         flags: "-",
         denied_by: None,
+        admitted: None,
     };
     let (body, recorded) = Recording::new(body);
     let mut response = route_and_send(&wp, &ds, &view, &mut parts, body, &recorded, &mut rec).await;
@@ -127,6 +132,9 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Inc
     }
     finish(wp, ds, rec, recorded, response, in_flight)
 }
+
+/// Envoy's answer when a circuit breaker refuses a request.
+const OVERFLOW: &str = "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 
 /// `Connection: upgrade` with an `Upgrade` protocol (HTTP/1.1 only).
 fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -253,6 +261,16 @@ async fn route_and_send(
         Ok(e) => e,
         Err(_) => return local(rec, StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"),
     };
+    // Circuit breaking: the cluster's requests in flight, as Envoy counts them.
+    let pool = svc.connection_pool(&backend.subset, port);
+    let cluster = wp.clusters.get(svc.key(), &backend.subset, port);
+    match cluster.request(pool) {
+        Some(permit) => rec.admitted = Some(permit),
+        None => {
+            wp.metrics.overflowed();
+            return local(rec, StatusCode::SERVICE_UNAVAILABLE, "UO", OVERFLOW);
+        }
+    }
     for ops in [&route.wire.request_headers, &backend.request_headers].into_iter().flatten() {
         edit(&mut parts.headers, ops);
     }
@@ -274,8 +292,18 @@ async fn route_and_send(
     let attempts = async {
         let mut body = Some(body.boxed());
         let mut last = None;
+        let mut _retrying = None; // a retry in flight (maxRetries), for as long as the attempt runs
         for attempt in 0..=policy.attempts {
             if attempt > 0 {
+                let Some(permit) = cluster.retry(pool) else {
+                    tracing::debug!(
+                        request_id = rec.request_id(),
+                        "not retried: the cluster's maxRetries are in flight"
+                    );
+                    wp.metrics.retried(false);
+                    break;
+                };
+                _retrying = Some(permit);
                 let Some(replay) = recorded.replay() else {
                     tracing::debug!(request_id = rec.request_id(), "not retried: the request body was not kept whole");
                     break;
@@ -295,7 +323,7 @@ async fn route_and_send(
             rec.upstream_workload = up.workload().cloned();
             let Some(b) = body.take() else { break };
             let request = upstream_request(parts, &rec.authority, &rec.path, h2, b);
-            let (outcome, response) = attempt_once(wp, up, h2, request, per_try).await;
+            let (outcome, response) = attempt_once(wp, up, h2, request, per_try, &cluster, pool).await;
             let more = attempt < policy.attempts;
             tracing::debug!(request_id = rec.request_id(), attempt, ?outcome, more, "attempt");
             if more && retry::retriable(policy, outcome) {
@@ -319,6 +347,10 @@ async fn route_and_send(
         }
         Ok((Outcome::ConnectFailure, None)) => {
             return local(rec, StatusCode::SERVICE_UNAVAILABLE, "UF", "upstream connect error");
+        }
+        Ok((Outcome::Overflow, None)) => {
+            wp.metrics.overflowed();
+            return local(rec, StatusCode::SERVICE_UNAVAILABLE, "UO", OVERFLOW);
         }
         Ok((_, None)) => {
             return local(rec, StatusCode::SERVICE_UNAVAILABLE, "UC", "upstream reset before response headers");
@@ -345,20 +377,22 @@ async fn attempt_once(
     h2: bool,
     request: Request<HttpBody>,
     per_try: Duration,
+    cluster: &Arc<Cluster>,
+    pool: Option<&api::ConnectionPool>,
 ) -> (Outcome, Option<Response<HttpBody>>) {
     let Some(me) = wp.identity() else { return (Outcome::ConnectFailure, None) };
-    let sender = match wp.upstreams.connect(&wp.proxy, &me, up, h2).await {
+    let sender = match wp.upstreams.connect(&wp.proxy, &me, up, h2, cluster, pool).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!("{e}");
-            return (Outcome::ConnectFailure, None);
+            return (if e.overflow { Outcome::Overflow } else { Outcome::ConnectFailure }, None);
         }
     };
     let send = async {
         match sender {
-            Sender::H1(mut s) => {
+            Sender::H1(mut s, uses, permit) => {
                 let r = s.send_request(request).await;
-                wp.upstreams.release(up.addr(), Sender::H1(s));
+                wp.upstreams.release(up.addr(), Sender::H1(s, uses + 1, permit), cluster, pool);
                 r
             }
             Sender::H2(mut s) => s.send_request(request).await,
@@ -463,8 +497,9 @@ fn mirror(
     };
     let request = upstream_request(parts, &host, &rec.path, h2, body);
     let (wp, up) = (wp.clone(), endpoints[fastrand::usize(..endpoints.len())].clone());
+    let (pool, cluster) = (svc.connection_pool("", port).cloned(), wp.clusters.get(svc.key(), "", port));
     tokio::spawn(async move {
-        let (_, response) = attempt_once(&wp, &up, h2, request, Duration::from_secs(10)).await;
+        let (_, response) = attempt_once(&wp, &up, h2, request, Duration::from_secs(10), &cluster, pool.as_ref()).await;
         if let Some(r) = response {
             let _ = r.into_body().collect().await; // drained and dropped: the client never sees it
         }

@@ -10,10 +10,12 @@
 //! - [`authz`]: L7 AuthorizationPolicies (the shared evaluator);
 //! - [`upstream`]: HTTP connections to endpoints over HBONE;
 //! - [`retry`]: Istio's `retryOn` conditions and the retry budget;
+//! - [`breaker`]: circuit breaking (DestinationRule `connectionPool`);
 //! - [`body`]: replayable request bodies, counted response bodies;
 //! - [`metrics`]: Istio's request metrics.
 pub mod authz;
 pub mod body;
+pub mod breaker;
 pub mod engine;
 pub mod metrics;
 pub mod retry;
@@ -32,6 +34,7 @@ use mesh_proxy::Proxy;
 pub struct Waypoint {
     pub proxy: Arc<Proxy>,
     pub upstreams: upstream::Upstreams,
+    pub clusters: breaker::Clusters,
     pub metrics: metrics::RequestMetrics,
     pub budget: retry::Budget,
     /// The identity this waypoint serves as (its instance's), once the
@@ -56,6 +59,7 @@ impl Waypoint {
         Arc::new(Waypoint {
             proxy,
             upstreams: upstream::Upstreams::default(),
+            clusters: breaker::Clusters::default(),
             metrics,
             budget: retry::Budget::default(),
             me: RwLock::default(),

@@ -50,6 +50,7 @@ pub struct RequestMetrics {
     retries_refused: Counter,
     authz: Family<AuthzLabels, Counter>,
     authz_dry_run: Family<AuthzLabels, Counter>,
+    overflows: Counter,
 }
 
 /// Authorization decisions, by outcome and deciding policy (as Envoy's RBAC
@@ -80,6 +81,7 @@ impl RequestMetrics {
             retries_refused: Counter::default(),
             authz: Family::default(),
             authz_dry_run: Family::default(),
+            overflows: Counter::default(),
         };
         registry.register("istio_requests", "Requests handled", m.requests.clone());
         registry.register("istio_request_duration_milliseconds", "Request duration", m.duration.clone());
@@ -101,7 +103,16 @@ impl RequestMetrics {
             "What dry-run AuthorizationPolicies (istio.io/dry-run) would have decided; nothing was enforced",
             m.authz_dry_run.clone(),
         );
+        registry.register(
+            "mesh_waypoint_circuit_breaker_overflows",
+            "Requests refused (503 UO) because a cluster's connectionPool limits were reached",
+            m.overflows.clone(),
+        );
         m
+    }
+
+    pub fn overflowed(&self) {
+        self.overflows.inc();
     }
 
     /// Counts an authorization decision (`dry_run`: a shadow one).

@@ -21,6 +21,9 @@ pub enum Outcome {
     RefusedStream,
     /// The per-try timeout passed without response headers.
     PerTryTimeout,
+    /// The cluster's circuit breaker refused it (no connection to be had
+    /// within `http1MaxPendingRequests`): never retried.
+    Overflow,
 }
 
 /// Whether `policy` retries `outcome`.
@@ -31,6 +34,7 @@ pub fn retriable(policy: &api::Retry, outcome: Outcome) -> bool {
         Outcome::Reset => on("reset") || on("5xx"),
         Outcome::RefusedStream => on("refused-stream") || on("reset") || on("5xx"),
         Outcome::PerTryTimeout => on("5xx") || on("gateway-error") || on("reset"),
+        Outcome::Overflow => false,
         Outcome::Response { status, grpc } => {
             let by_status = (on("5xx") && status >= 500)
                 || (on("gateway-error") && (502..=504).contains(&status))

@@ -3,11 +3,17 @@
 //! endpoint's identity) for workloads in the mesh, plain TCP otherwise; then
 //! HTTP/1.1 or HTTP/2 over it with hyper. HTTP/2 connections are shared by
 //! every request to an endpoint; idle HTTP/1.1 connections are kept for reuse.
-use std::{collections::HashMap, io, net::SocketAddr, sync::Mutex};
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mesh_common::{HBONE_PORT, identity::SpiffeId};
+use mesh_common::{HBONE_PORT, api, identity::SpiffeId};
 use mesh_proxy::{
     Proxy,
     hbone::{self, TunnelIo},
@@ -18,82 +24,151 @@ use tokio::net::TcpStream;
 use tokio_util::either::Either;
 use tracing::debug;
 
-use crate::body::HttpBody;
+use crate::{
+    body::HttpBody,
+    breaker::{Cluster, Permit},
+};
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const IDLE_PER_ENDPOINT: usize = 64;
+/// Istio's `connectTimeout` where a DestinationRule sets none.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection an attempt can send its request on.
 pub enum Sender {
-    H1(http1::SendRequest<HttpBody>),
+    /// With the requests it has carried (`maxRequestsPerConnection`) and its
+    /// place among the cluster's connections (given back when it is dropped).
+    H1(http1::SendRequest<HttpBody>, u32, Permit),
     H2(http2::SendRequest<HttpBody>),
 }
 
+/// An idle HTTP/1.1 connection: its sender, requests carried, its place
+/// among the cluster's connections, idle since.
+type Idle = (http1::SendRequest<HttpBody>, u32, Permit, Instant);
+
 #[derive(Default)]
 pub struct Upstreams {
-    idle: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<HttpBody>>>>,
+    /// By cluster (its connections are counted against its limits) and endpoint.
+    idle: Mutex<HashMap<(u64, SocketAddr), Vec<Idle>>>,
     shared: Mutex<HashMap<SocketAddr, http2::SendRequest<HttpBody>>>,
 }
 
-/// Why no connection could be had (Envoy's `connect-failure`).
+/// Why no connection could be had: Envoy's `connect-failure`, or the
+/// cluster's circuit breaker (`overflow`).
 #[derive(Debug, thiserror::Error)]
 #[error("connect to {addr}: {reason}")]
 pub struct ConnectError {
     pub addr: SocketAddr,
     pub reason: String,
+    pub overflow: bool,
 }
 
 impl Upstreams {
     /// A connection to `up` speaking HTTP/2 (`h2`) or HTTP/1.1, from the
-    /// waypoint's identity `me`.
-    pub async fn connect(&self, proxy: &Proxy, me: &SpiffeId, up: &Upstream, h2: bool) -> Result<Sender, ConnectError> {
+    /// waypoint's identity `me`, within `cluster`'s limits (`pool`).
+    pub async fn connect(
+        &self,
+        proxy: &Proxy,
+        me: &SpiffeId,
+        up: &Upstream,
+        h2: bool,
+        cluster: &Arc<Cluster>,
+        pool: Option<&api::ConnectionPool>,
+    ) -> Result<Sender, ConnectError> {
         let addr = up.addr();
+        let fail = |reason: String| ConnectError { addr, reason, overflow: false };
+        let timeout =
+            pool.map(|p| p.connect_timeout_ms).filter(|t| *t > 0).map_or(CONNECT_TIMEOUT, Duration::from_millis);
         if h2 {
             if let Some(s) = lock(&self.shared).get(&addr).filter(|s| !s.is_closed()).cloned() {
                 return Ok(Sender::H2(s));
             }
-        } else {
-            let mut idle = lock(&self.idle);
-            if let Some(list) = idle.get_mut(&addr) {
-                list.retain(|s| !s.is_closed());
-                if let Some(i) = list.iter().position(|s| s.is_ready()) {
-                    return Ok(Sender::H1(list.swap_remove(i)));
-                }
-            }
-        }
-        let fail = |reason: String| ConnectError { addr, reason };
-        let io = TokioIo::new(open(proxy, me, up).await.map_err(|e| fail(e.to_string()))?);
-        if h2 {
-            let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await.map_err(|e| fail(e.to_string()))?;
+            let io = tokio::time::timeout(timeout, open(proxy, me, up))
+                .await
+                .map_err(|_| fail("connect timeout".into()))?
+                .map_err(|e| fail(e.to_string()))?;
+            let (sender, conn) =
+                http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await.map_err(|e| fail(e.to_string()))?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     debug!(upstream = %addr, "HTTP/2 upstream connection ended: {e}");
                 }
             });
             lock(&self.shared).insert(addr, sender.clone());
-            Ok(Sender::H2(sender))
-        } else {
-            let (sender, conn) = http1::handshake(io).await.map_err(|e| fail(e.to_string()))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    debug!(upstream = %addr, "HTTP/1.1 upstream connection ended: {e}");
-                }
-            });
-            Ok(Sender::H1(sender))
+            return Ok(Sender::H2(sender));
+        }
+        let idle_timeout = pool.map(|p| p.idle_timeout_ms).filter(|t| *t > 0).map(Duration::from_millis);
+        // Fewer connections allowed than are open (the limit was lowered): idle ones go.
+        while cluster.connections_over(pool) && self.evict_idle(cluster.id) {}
+        loop {
+            if let Some(s) = self.take_idle((cluster.id, addr), idle_timeout) {
+                return Ok(s);
+            }
+            if let Some(permit) = cluster.connection(pool) {
+                let io = tokio::time::timeout(timeout, open(proxy, me, up))
+                    .await
+                    .map_err(|_| fail("connect timeout".into()))?
+                    .map_err(|e| fail(e.to_string()))?;
+                let (sender, conn) = http1::handshake(TokioIo::new(io)).await.map_err(|e| fail(e.to_string()))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        debug!(upstream = %addr, "HTTP/1.1 upstream connection ended: {e}");
+                    }
+                });
+                // The permit goes with the sender: when the last is dropped the connection closes.
+                return Ok(Sender::H1(sender, 0, permit));
+            }
+            // At maxConnections: an idle connection of this cluster to another
+            // endpoint makes way; else wait (within http1MaxPendingRequests).
+            if self.evict_idle(cluster.id) {
+                continue;
+            }
+            if !cluster.wait_for_connection(pool).await {
+                return Err(ConnectError {
+                    addr,
+                    reason: "circuit breaker: too many pending requests".into(),
+                    overflow: true,
+                });
+            }
         }
     }
 
-    /// Keeps an HTTP/1.1 connection for the next request to `addr`.
-    pub fn release(&self, addr: SocketAddr, sender: Sender) {
-        if let Sender::H1(s) = sender
-            && !s.is_closed()
-        {
-            let mut idle = lock(&self.idle);
-            let list = idle.entry(addr).or_default();
-            if list.len() < IDLE_PER_ENDPOINT {
-                list.push(s);
-            }
+    fn take_idle(&self, key: (u64, SocketAddr), idle_timeout: Option<Duration>) -> Option<Sender> {
+        let mut idle = lock(&self.idle);
+        let list = idle.get_mut(&key)?;
+        list.retain(|(s, _, _, since)| !s.is_closed() && idle_timeout.is_none_or(|t| since.elapsed() < t));
+        let i = list.iter().position(|(s, ..)| s.is_ready())?;
+        let (s, uses, permit, _) = list.swap_remove(i);
+        Some(Sender::H1(s, uses, permit))
+    }
+
+    /// Closes one idle connection of cluster `id`, releasing its place;
+    /// `false` when it has none.
+    fn evict_idle(&self, id: u64) -> bool {
+        let mut idle = lock(&self.idle);
+        let Some(list) = idle.iter_mut().find(|((c, _), l)| *c == id && !l.is_empty()).map(|(_, l)| l) else {
+            return false;
+        };
+        drop(list.pop());
+        true
+    }
+
+    /// Keeps an HTTP/1.1 connection for the next request to `addr` in
+    /// `cluster`, unless it has carried `maxRequestsPerConnection`.
+    pub fn release(&self, addr: SocketAddr, sender: Sender, cluster: &Cluster, pool: Option<&api::ConnectionPool>) {
+        let Sender::H1(s, uses, permit) = sender else { return };
+        let max = pool.map_or(0, |p| p.max_requests_per_connection);
+        if s.is_closed() || (max > 0 && uses >= max) || cluster.connections_over(pool) {
+            cluster.idle_released(); // dropped: the connection closes and its place is free
+            return;
         }
+        let mut idle = lock(&self.idle);
+        let list = idle.entry((cluster.id, addr)).or_default();
+        if list.len() < IDLE_PER_ENDPOINT {
+            list.push((s, uses, permit, Instant::now()));
+        }
+        drop(idle);
+        cluster.idle_released();
     }
 }
 

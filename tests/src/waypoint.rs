@@ -148,7 +148,8 @@ pub mod yaml {
 /// keep-alive): `/` answers its version; `/echo` the request line and headers
 /// as JSON; `/flaky/K?fail=N` answers 503 to the first N requests for K,
 /// then 200; `/reset/K?fail=N` closes the connection without an answer the
-/// first N times; `/slow?ms=N` answers after N ms (`/slowonce/K?ms=N`: only the first time); `/fail` always 503;
+/// first N times; `/slow?ms=N` answers after N ms (`/slowonce/K?ms=N`: only the first time; `/spans`: when
+/// each `/slow` request it answered began and ended, `/spans?reset=1` starts over); `/fail` always 503;
 /// `/hits/K` says how many requests K got; `/ws` switches protocols (101) and
 /// then answers every byte upper-cased. POST bodies are answered with
 /// their length and SHA-256 (PUT too; DELETE is answered as GET).
@@ -158,6 +159,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import socket
 VERSION, PORT = sys.argv[1], int(sys.argv[2])
 hits, lock = {}, threading.Lock()
+slow_spans = []
 def hit(key):
     with lock:
         hits[key] = hits.get(key, 0) + 1
@@ -214,8 +216,17 @@ class H(BaseHTTPRequestHandler):
                 time.sleep(int(q.get("ms", "2000")) / 1000)
             return self.answer(200, "attempt %d\n" % n)
         if head == "slow":
+            began = time.time()
             time.sleep(int(q.get("ms", "1000")) / 1000)
+            with lock:
+                slow_spans.append((began, time.time()))
             return self.answer(200, "slow\n")
+        if head == "spans":
+            with lock:
+                spans = list(slow_spans)
+                if q.get("reset"):
+                    slow_spans.clear()
+            return self.answer(200, json.dumps(spans), "application/json")
         if head == "fail":
             return self.answer(503, "always\n")
         if head == "hits":

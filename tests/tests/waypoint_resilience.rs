@@ -1,12 +1,16 @@
 //! Resilience at the waypoint, on the real kernel: VirtualService fault
-//! injection (aborts and delays for a share of the requests, HTTP and gRPC),
-//! measured with real clients through a waypoint.
+//! injection (aborts and delays for a share of the requests, HTTP and gRPC)
+//! and DestinationRule circuit breaking (connectionPool), measured with real
+//! clients through a waypoint.
 use std::time::Instant;
 
+use std::collections::BTreeMap;
+
 use mesh_tests::{
+    Pod,
     mesh::sum_metric,
     run_in,
-    waypoint::{BACKEND_VIP, GRPC_VIP, SYSTEM_PYTHON, access_log, l7_setup, waypoint_metrics},
+    waypoint::{BACKEND_VIP, GRPC_VIP, L7Setup, SYSTEM_PYTHON, access_log, l7_setup, waypoint_metrics},
 };
 
 fn fault_route(host: &str, fault: &str) -> String {
@@ -75,4 +79,85 @@ fn faults_abort_a_share_and_delay_as_configured() {
     let out = s.mesh.ctl(&["route", "explain", "--to", "default/grpc:9090", "--path", "/mesh.test.Echo/Unary"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Fault: abort with gRPC status 14 for 100% of requests"), "{text}");
+}
+
+/// `n` requests for `path` from `pod` at once, each on its own connection
+/// (all connected first, then sent together): how many got each status.
+fn concurrent(pod: &Pod, n: usize, path: &str) -> BTreeMap<String, usize> {
+    let script = "import collections, http.client, json, sys, threading\n\
+                  n, host, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]\n\
+                  conns = [http.client.HTTPConnection(host, 80, timeout=60) for _ in range(n)]\n\
+                  for c in conns: c.connect()\n\
+                  codes, lock, start = collections.Counter(), threading.Lock(), threading.Barrier(n)\n\
+                  def go(c):\n    start.wait()\n    c.request('GET', path)\n    r = c.getresponse()\n    r.read()\n    \
+                  with lock: codes[str(r.status)] += 1\n\
+                  ts = [threading.Thread(target=go, args=(c,)) for c in conns]\n\
+                  for t in ts: t.start()\n\
+                  for t in ts: t.join()\n\
+                  print(json.dumps(codes))\n";
+    let out = run_in(&pod.netns, &[SYSTEM_PYTHON, "-c", script, &n.to_string(), BACKEND_VIP, path]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+/// The most `/slow` requests the backends had at once, together (from when
+/// each began and ended; they share the host's clock), and they start over.
+fn backend_peak(s: &L7Setup) -> usize {
+    let mut events: Vec<(f64, i32)> = Vec::new();
+    for b in &s.backends {
+        let out = run_in(&b.netns, &["curl", "-s", "-m", "5", "http://127.0.0.1:8080/spans?reset=1"]);
+        let spans: Vec<(f64, f64)> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+        for (began, ended) in spans {
+            events.extend([(began, 1), (ended, -1)]);
+        }
+    }
+    // Ends before beginnings at the same instant: back-to-back is not at once.
+    events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut now, mut peak) = (0i32, 0i32);
+    for (_, d) in events {
+        now += d;
+        peak = peak.max(now);
+    }
+    peak as usize
+}
+
+fn pool(spec: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: backend, namespace: default}}\n\
+         spec:\n  host: backend\n  trafficPolicy:\n    connectionPool: {spec}\n"
+    )
+}
+
+/// `http2MaxRequests: 10` with 50 concurrent slow requests: exactly the 40
+/// beyond the limit are refused at once with 503 and flag UO, and the
+/// backends never have more than 10 at once. Then `tcp.maxConnections: 2`
+/// with `http1MaxPendingRequests: 3` and 10 at once: 2 are sent, 3 wait for
+/// a connection and are sent in turn, 5 overflow; never more than 2 at the
+/// backends.
+#[test]
+fn circuit_breakers_refuse_the_overflow_at_once() {
+    let Some(s) = l7_setup("wp-breaker") else { return };
+    s.mesh.apply("pool.yaml", &pool("{http: {http2MaxRequests: 10}}"));
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let started = std::time::Instant::now();
+    let got = concurrent(&s.client, 50, "/slow?ms=3000");
+    println!("http2MaxRequests 10, 50 at once: {got:?} in {:?}", started.elapsed());
+    assert_eq!(got, BTreeMap::from([("200".to_string(), 10), ("503".to_string(), 40)]), "{}", s.wp.log_text());
+    let peak = backend_peak(&s);
+    assert!(peak <= 10, "the backends had {peak} requests at once");
+    let text = waypoint_metrics(&s.wp_pod);
+    let flagged = sum_metric(&text, "istio_requests_total", &[("response_code", "503"), ("response_flags", "UO")]);
+    assert_eq!(flagged, 40.0, "every overflow counted with flag UO");
+    assert_eq!(sum_metric(&text, "mesh_waypoint_circuit_breaker_overflows_total", &[]), 40.0);
+
+    s.mesh.apply("pool.yaml", &pool("{tcp: {maxConnections: 2}, http: {http1MaxPendingRequests: 3}}"));
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    // The first round's idle connections are more than the new limit: they are let go.
+    let started = std::time::Instant::now();
+    let got = concurrent(&s.client, 10, "/slow?ms=1000");
+    let took = started.elapsed();
+    println!("maxConnections 2, http1MaxPendingRequests 3, 10 at once: {got:?} in {took:?}");
+    assert_eq!(got, BTreeMap::from([("200".to_string(), 5), ("503".to_string(), 5)]), "{}", s.wp.log_text());
+    assert!(took >= std::time::Duration::from_secs(3), "5 requests over 2 connections take 3 rounds: {took:?}");
+    let peak = backend_peak(&s);
+    assert!(peak <= 2, "the backends had {peak} requests at once over 2 connections");
 }

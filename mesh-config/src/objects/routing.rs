@@ -606,8 +606,9 @@ pub struct DestinationRule {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DestinationRuleSpec {
     pub host: String,
+    /// Boxed: it is large, and most rules have none.
     #[serde(default)]
-    pub traffic_policy: Option<Value>,
+    pub traffic_policy: Option<Box<TrafficPolicy>>,
     #[serde(default)]
     pub subsets: Vec<Subset>,
     #[serde(default)]
@@ -623,5 +624,89 @@ pub struct Subset {
     #[serde(default)]
     pub labels: Labels,
     #[serde(default)]
-    pub traffic_policy: Option<Value>,
+    pub traffic_policy: Option<Box<TrafficPolicy>>,
+}
+
+/// Istio's `TrafficPolicy`: what mesh enforces is typed, the rest is kept as
+/// written (and warned about).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficPolicy {
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPool>,
+    #[serde(default)]
+    pub load_balancer: Option<Value>,
+    #[serde(default)]
+    pub outlier_detection: Option<Value>,
+    #[serde(default)]
+    pub tls: Option<Value>,
+    #[serde(default)]
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+    #[serde(default)]
+    pub tunnel: Option<Value>,
+    #[serde(default)]
+    pub proxy_protocol: Option<Value>,
+    #[serde(default)]
+    pub retry_budget: Option<Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortTrafficPolicy {
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPool>,
+    #[serde(default)]
+    pub load_balancer: Option<Value>,
+    #[serde(default)]
+    pub outlier_detection: Option<Value>,
+    #[serde(default)]
+    pub tls: Option<Value>,
+}
+
+/// Istio's `ConnectionPoolSettings` (circuit breaking).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionPool {
+    #[serde(default)]
+    pub tcp: Option<TcpPool>,
+    #[serde(default)]
+    pub http: Option<HttpPool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpPool {
+    #[serde(default)]
+    pub max_connections: Option<i64>,
+    #[serde(default)]
+    pub connect_timeout: Option<String>,
+    #[serde(default)]
+    pub tcp_keepalive: Option<Value>,
+    #[serde(default)]
+    pub max_connection_duration: Option<String>,
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpPool {
+    #[serde(default)]
+    pub http1_max_pending_requests: Option<i64>,
+    #[serde(default)]
+    pub http2_max_requests: Option<i64>,
+    #[serde(default)]
+    pub max_requests_per_connection: Option<i64>,
+    #[serde(default)]
+    pub max_retries: Option<i64>,
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+    #[serde(default)]
+    pub h2_upgrade_policy: Option<String>,
+    #[serde(default)]
+    pub use_client_protocol: Option<bool>,
+    #[serde(default)]
+    pub max_concurrent_streams: Option<i64>,
 }

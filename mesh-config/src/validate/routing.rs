@@ -6,8 +6,8 @@ use mesh_common::parse_duration;
 
 use super::{Issues, check_labels, check_port, valid_subdomain};
 use crate::objects::routing::{
-    BackendRef, GRPC_CODES, Gateway, GrpcRouteSpec, HttpRouteFilter, HttpRouteSpec, NamedTypedMatch, Percent,
-    StringMatch, VirtualServiceSpec, VsDestination, VsFault, VsHeaderOps, VsHeaders,
+    BackendRef, ConnectionPool, GRPC_CODES, Gateway, GrpcRouteSpec, HttpRouteFilter, HttpRouteSpec, NamedTypedMatch,
+    Percent, StringMatch, TrafficPolicy, VirtualServiceSpec, VsDestination, VsFault, VsHeaderOps, VsHeaders,
 };
 
 /// The class of waypoint Gateways, and the label saying what traffic a waypoint takes.
@@ -473,5 +473,62 @@ pub(super) fn check_destination_rule(spec: &crate::objects::routing::Destination
             out.push((format!("spec.subsets[{i}].name"), format!("{:?} is defined twice", s.name)));
         }
         check_labels(&s.labels, &format!("spec.subsets[{i}].labels"), out);
+        if let Some(tp) = &s.traffic_policy {
+            check_traffic_policy(tp, &format!("spec.subsets[{i}].trafficPolicy"), out);
+        }
+    }
+    if let Some(tp) = &spec.traffic_policy {
+        check_traffic_policy(tp, "spec.trafficPolicy", out);
+    }
+}
+
+/// Istio's checks on a TrafficPolicy's connection pools.
+fn check_traffic_policy(tp: &TrafficPolicy, at: &str, out: &mut Issues) {
+    if let Some(pool) = &tp.connection_pool {
+        check_connection_pool(pool, &format!("{at}.connectionPool"), out);
+    }
+    for (i, p) in tp.port_level_settings.iter().enumerate() {
+        let base = format!("{at}.portLevelSettings[{i}]");
+        match &p.port {
+            Some(port) => check_port(port.number, &format!("{base}.port.number"), out),
+            None => out.push((format!("{base}.port"), "is required".into())),
+        }
+        if let Some(pool) = &p.connection_pool {
+            check_connection_pool(pool, &format!("{base}.connectionPool"), out);
+        }
+    }
+}
+
+fn check_connection_pool(pool: &ConnectionPool, at: &str, out: &mut Issues) {
+    if pool.tcp.is_none() && pool.http.is_none() {
+        out.push((at.into(), "must set tcp or http".into()));
+    }
+    let non_negative = |v: Option<i64>, field: String, out: &mut Issues| {
+        if v.is_some_and(|v| v < 0) {
+            out.push((field, "must not be negative".into()));
+        }
+    };
+    let duration = |d: &Option<String>, field: String, out: &mut Issues| {
+        if let Some(d) = d {
+            match parse_duration(d) {
+                Ok(t) if t < std::time::Duration::from_millis(1) => out.push((field, "must be at least 1ms".into())),
+                Ok(_) => {}
+                Err(e) => out.push((field, e)),
+            }
+        }
+    };
+    if let Some(tcp) = &pool.tcp {
+        non_negative(tcp.max_connections, format!("{at}.tcp.maxConnections"), out);
+        duration(&tcp.connect_timeout, format!("{at}.tcp.connectTimeout"), out);
+        duration(&tcp.idle_timeout, format!("{at}.tcp.idleTimeout"), out);
+        duration(&tcp.max_connection_duration, format!("{at}.tcp.maxConnectionDuration"), out);
+    }
+    if let Some(http) = &pool.http {
+        non_negative(http.http1_max_pending_requests, format!("{at}.http.http1MaxPendingRequests"), out);
+        non_negative(http.http2_max_requests, format!("{at}.http.http2MaxRequests"), out);
+        non_negative(http.max_requests_per_connection, format!("{at}.http.maxRequestsPerConnection"), out);
+        non_negative(http.max_retries, format!("{at}.http.maxRetries"), out);
+        non_negative(http.max_concurrent_streams, format!("{at}.http.maxConcurrentStreams"), out);
+        duration(&http.idle_timeout, format!("{at}.http.idleTimeout"), out);
     }
 }

@@ -54,7 +54,7 @@ pub struct Endpoint {
     pub ip: IpAddr,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Service {
     pub namespace: String,
     pub name: String,
@@ -68,6 +68,9 @@ pub struct Service {
     /// The labels that select its endpoints (empty: none by selector).
     #[serde(skip)]
     pub selector: Labels,
+    /// Its DestinationRule's traffic policy, and its subsets'.
+    pub traffic_policy: Option<mesh_common::api::TrafficPolicy>,
+    pub subset_traffic_policies: BTreeMap<String, mesh_common::api::TrafficPolicy>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -290,7 +293,17 @@ impl MeshModel {
                     let waypoint = routes::binding(&namespace, &svc.metadata.labels, namespace_labels.get(&namespace))
                         .map(|gateway| model.waypoint_binding(gateway));
                     let selector = svc.spec.selector.clone().unwrap_or_default();
-                    let s = Service { namespace, name, hosts, vips, ports, endpoints, waypoint, selector };
+                    let s = Service {
+                        namespace,
+                        name,
+                        hosts,
+                        vips,
+                        ports,
+                        endpoints,
+                        waypoint,
+                        selector,
+                        ..Default::default()
+                    };
                     model.services.insert(key, s);
                 }
                 Resource::ServiceEntry(se) => {
@@ -322,7 +335,17 @@ impl MeshModel {
                         .map(|gateway| model.waypoint_binding(gateway));
                     let hosts = se.spec.hosts.clone();
                     let selector = se.spec.workload_selector.as_ref().map(|s| s.labels.clone()).unwrap_or_default();
-                    let s = Service { namespace, name, hosts, vips, ports, endpoints, waypoint, selector };
+                    let s = Service {
+                        namespace,
+                        name,
+                        hosts,
+                        vips,
+                        ports,
+                        endpoints,
+                        waypoint,
+                        selector,
+                        ..Default::default()
+                    };
                     model.services.insert(key, s);
                 }
                 _ => {}
@@ -341,7 +364,14 @@ impl MeshModel {
             destination_rules,
         };
         let compiled = routes::compile(store, &cx);
+        let policies = routes::traffic_policies(&cx);
         model.routes = compiled;
+        for (key, (top, subsets)) in policies {
+            if let Some(svc) = model.services.get_mut(&key) {
+                svc.traffic_policy = Some(top);
+                svc.subset_traffic_policies = subsets;
+            }
+        }
         super::bypass::guard_waypoint_services(&mut model);
         model
     }

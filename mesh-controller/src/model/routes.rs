@@ -13,9 +13,9 @@ use crate::config::{
     objects::{
         Labels,
         routing::{
-            BackendRef, DestinationRule, GRPC_CODES, GrpcRoute, GrpcRouteMatch, HeaderModifier, HttpRoute,
-            HttpRouteFilter, HttpRouteMatch, NamedTypedMatch, PathModifier, StringMatch, VirtualService, VsDelay,
-            VsDestination, VsFault, VsHeaderOps, VsHttpRoute, VsMatch,
+            BackendRef, ConnectionPool, DestinationRule, GRPC_CODES, GrpcRoute, GrpcRouteMatch, HeaderModifier,
+            HttpRoute, HttpRouteFilter, HttpRouteMatch, NamedTypedMatch, PathModifier, StringMatch, TrafficPolicy,
+            VirtualService, VsDelay, VsDestination, VsFault, VsHeaderOps, VsHttpRoute, VsMatch,
         },
     },
 };
@@ -91,6 +91,57 @@ pub fn port_protocol(name: Option<&str>, app_protocol: Option<&str>) -> String {
         .or_else(|| name.and_then(|n| known(n.split('-').next().unwrap_or(n))))
         .unwrap_or("")
         .to_owned()
+}
+
+/// Each service's DestinationRule traffic policy (the first DestinationRule
+/// for its host), with its subsets', by service `namespace/name`.
+pub fn traffic_policies(
+    cx: &Context<'_>,
+) -> BTreeMap<String, (api::TrafficPolicy, BTreeMap<String, api::TrafficPolicy>)> {
+    let mut out = BTreeMap::new();
+    for dr in &cx.destination_rules {
+        let key = cx.resolve(&dr.spec.host, dr.metadata.namespace());
+        if out.contains_key(&key) || !cx.services.contains_key(&key) {
+            continue;
+        }
+        let top = dr.spec.traffic_policy.as_deref().map(traffic_policy).unwrap_or_default();
+        let subsets = dr
+            .spec
+            .subsets
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), traffic_policy(s.traffic_policy.as_deref()?))))
+            .collect();
+        out.insert(key, (top, subsets));
+    }
+    out
+}
+
+fn traffic_policy(tp: &TrafficPolicy) -> api::TrafficPolicy {
+    api::TrafficPolicy {
+        connection_pool: tp.connection_pool.as_ref().map(connection_pool),
+        port_connection_pools: tp
+            .port_level_settings
+            .iter()
+            .filter_map(|p| {
+                let port = u32::try_from(p.port.as_ref()?.number).ok()?;
+                Some((port, connection_pool(p.connection_pool.as_ref()?)))
+            })
+            .collect(),
+    }
+}
+
+fn connection_pool(p: &ConnectionPool) -> api::ConnectionPool {
+    let n = |v: Option<i64>| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+    let (tcp, http) = (p.tcp.as_ref(), p.http.as_ref());
+    api::ConnectionPool {
+        max_connections: n(tcp.and_then(|t| t.max_connections)),
+        connect_timeout_ms: ms(tcp.and_then(|t| t.connect_timeout.as_ref())),
+        max_pending_requests: n(http.and_then(|h| h.http1_max_pending_requests)),
+        max_requests: n(http.and_then(|h| h.http2_max_requests)),
+        max_requests_per_connection: n(http.and_then(|h| h.max_requests_per_connection)),
+        max_retries: n(http.and_then(|h| h.max_retries)),
+        idle_timeout_ms: ms(http.and_then(|h| h.idle_timeout.as_ref())),
+    }
 }
 
 /// What route compilation needs to know of the model.

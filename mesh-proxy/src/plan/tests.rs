@@ -36,6 +36,7 @@ fn routed(name: &str, vip: &str, endpoints: &[&str], waypoint: Option<(&str, &[&
             name: gateway.into(),
             workloads: instances.iter().map(|s| s.to_string()).collect(),
         }),
+        ..Default::default()
     };
     let key = api::ResourceKey::Service(format!("shop/{name}")).to_string();
     api::Resource { key, version: 1, kind: Some(Kind::Service(s)) }

@@ -60,6 +60,9 @@ pub struct ServiceInfo {
     /// The policies a waypoint enforces for it (indexes into the view's),
     /// found on first use.
     waypoint_policies: std::sync::OnceLock<Vec<usize>>,
+    /// Its DestinationRule's traffic policy, and its subsets'.
+    traffic_policy: Option<api::TrafficPolicy>,
+    subset_traffic_policies: HashMap<String, api::TrafficPolicy>,
 }
 
 /// A service's waypoint: its Gateway (`namespace/name`) and running instances.
@@ -73,6 +76,24 @@ impl ServiceInfo {
     /// `namespace/name`.
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// The connection pool (circuit-breaker limits) for requests to
+    /// `subset` (empty: none) on service port `port`, as Istio merges a
+    /// DestinationRule: the subset's connectionPool replaces the service's,
+    /// the subset's portLevelSettings (when it has any) replace the
+    /// service's, and a port's setting wins over either pool.
+    pub fn connection_pool(&self, subset: &str, port: u16) -> Option<&api::ConnectionPool> {
+        let top = self.traffic_policy.as_ref();
+        let sub = (!subset.is_empty()).then(|| self.subset_traffic_policies.get(subset)).flatten();
+        let ports = match sub {
+            Some(s) if !s.port_connection_pools.is_empty() => Some(&s.port_connection_pools),
+            _ => top.map(|t| &t.port_connection_pools),
+        };
+        ports
+            .and_then(|p| p.get(&u32::from(port)))
+            .or_else(|| sub.and_then(|s| s.connection_pool.as_ref()))
+            .or_else(|| top.and_then(|t| t.connection_pool.as_ref()))
     }
 
     /// The service's port `port`.
@@ -174,6 +195,8 @@ impl MeshView {
                 next: AtomicUsize::new(0),
                 default_routes: std::sync::OnceLock::new(),
                 waypoint_policies: std::sync::OnceLock::new(),
+                traffic_policy: s.traffic_policy.clone(),
+                subset_traffic_policies: s.subset_traffic_policies.clone().into_iter().collect(),
             });
             for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
                 view.by_vip.insert(vip, info.clone());
@@ -343,6 +366,10 @@ mod tests {
     use super::*;
     use crate::state::fixtures::workload;
 
+    fn max_requests(n: u32) -> api::ConnectionPool {
+        api::ConnectionPool { max_requests: n, ..Default::default() }
+    }
+
     fn store() -> NodeStore {
         let mut store = NodeStore::default();
         for w in [
@@ -366,6 +393,24 @@ mod tests {
                     .map(|ip| api::Endpoint { workload: String::new(), ip: ip.to_string() })
                     .collect(),
                 waypoint: None,
+                traffic_policy: Some(api::TrafficPolicy {
+                    connection_pool: Some(max_requests(5)),
+                    port_connection_pools: [(80, max_requests(7))].into(),
+                }),
+                subset_traffic_policies: [
+                    (
+                        "v1".to_string(),
+                        api::TrafficPolicy { connection_pool: Some(max_requests(3)), ..Default::default() },
+                    ),
+                    (
+                        "v2".to_string(),
+                        api::TrafficPolicy {
+                            connection_pool: Some(max_requests(4)),
+                            port_connection_pools: [(80, max_requests(9))].into(),
+                        },
+                    ),
+                ]
+                .into(),
             },
         );
         store.services.insert(
@@ -458,6 +503,28 @@ mod tests {
             }
         }
         assert_eq!(firsts.values().copied().collect::<Vec<_>>(), [100, 100, 100], "{firsts:?}");
+    }
+
+    /// Istio's merge of a DestinationRule: a subset's pool replaces the
+    /// service's, a subset's port settings replace the service's, and a
+    /// port's setting wins over either pool.
+    #[test]
+    fn connection_pools_merge_as_istio_merges_them() {
+        let view = MeshView::build(&store());
+        let svc = view.service("shop/back").unwrap();
+        let limit = |subset: &str, port: u16| svc.connection_pool(subset, port).map(|p| p.max_requests);
+        for (subset, port, want) in [
+            ("", 80, Some(7)),   // the service's port setting
+            ("", 81, Some(5)),   // the service's pool
+            ("v1", 80, Some(7)), // the service's port setting beats the subset's pool
+            ("v1", 81, Some(3)), // the subset's pool
+            ("v2", 80, Some(9)), // the subset's own port settings replace the service's
+            ("v2", 81, Some(4)),
+            ("v9", 81, Some(5)), // an unknown subset: the service's
+        ] {
+            assert_eq!(limit(subset, port), want, "{subset:?} port {port}");
+        }
+        assert_eq!(view.service("shop/empty").unwrap().connection_pool("", 80), None);
     }
 
     #[test]
