@@ -127,7 +127,6 @@ fn traffic_policy(tp: &TrafficPolicy, at: &str, out: &mut Vec<(Option<String>, S
         |field: &str, out: &mut Vec<(Option<String>, String)>| out.push((Some(format!("{at}.{field}")), LATER.into()));
     for (name, set) in [
         ("loadBalancer", tp.load_balancer.is_some()),
-        ("outlierDetection", tp.outlier_detection.is_some()),
         ("tunnel", tp.tunnel.is_some()),
         ("proxyProtocol", tp.proxy_protocol.is_some()),
         ("retryBudget", tp.retry_budget.is_some()),
@@ -175,8 +174,8 @@ fn traffic_policy(tp: &TrafficPolicy, at: &str, out: &mut Vec<(Option<String>, S
     }
     for (i, p) in tp.port_level_settings.iter().enumerate() {
         let base = format!("{at}.portLevelSettings[{i}]");
-        if p.load_balancer.is_some() || p.outlier_detection.is_some() {
-            out.push((Some(base.clone()), format!("loadBalancer and outlierDetection: {LATER}")));
+        if p.load_balancer.is_some() {
+            out.push((Some(format!("{base}.loadBalancer")), LATER.into()));
         }
     }
 }

@@ -157,6 +157,21 @@ fn what_istio_rejects_is_rejected_with_line_and_field() {
             "is required",
         ),
         (
+            format!("{DR_HEAD}  trafficPolicy:\n    outlierDetection: {{consecutive5xxErrors: -1}}\n"),
+            "spec.trafficPolicy.outlierDetection.consecutive5xxErrors",
+            "must not be negative",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    outlierDetection: {{maxEjectionPercent: 150}}\n"),
+            "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+            "expected 0 to 100",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    outlierDetection: {{baseEjectionTime: 0s}}\n"),
+            "spec.trafficPolicy.outlierDetection.baseEjectionTime",
+            "at least 1ms",
+        ),
+        (
             format!("{DR_HEAD}  trafficPolicy:\n    connectionPool: {{http: {{idleTimeout: 0s}}}}\n"),
             "spec.trafficPolicy.connectionPool.http.idleTimeout",
             "at least 1ms",

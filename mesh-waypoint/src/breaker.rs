@@ -3,19 +3,28 @@
 //! breakers count: requests in flight (`http2MaxRequests`), retries in
 //! flight (`maxRetries`), HTTP/1.1 connections (`tcp.maxConnections`) and the
 //! requests waiting for one (`http1MaxPendingRequests`). What overflows is
-//! refused at once (503, flag `UO`), never queued without bound. The limits
-//! are read from the configuration in force on each use; the counters live
-//! here, so a configuration change keeps them.
+//! refused at once (503, flag `UO`), never queued without bound. And outlier
+//! detection (`outlierDetection`): each endpoint's consecutive failures, and
+//! its ejection from the cluster's rotation. The limits are read from the
+//! configuration in force on each use; the counters live here, so a
+//! configuration change keeps them.
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU32, AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use mesh_common::api;
-use tokio::sync::Notify;
+use tokio::{sync::Notify, time::Instant};
+
+use crate::retry::Outcome;
+
+/// Envoy's longest ejection (`max_ejection_time`'s default).
+const MAX_EJECTION: Duration = Duration::from_secs(300);
 
 /// A cluster: `namespace/name` of the service, the subset (or empty), the port.
 pub type ClusterKey = (String, String, u16);
@@ -27,6 +36,52 @@ pub struct Clusters {
 }
 
 impl Clusters {
+    /// Every cluster's counters and each endpoint's outlier state, for
+    /// `/debug/endpoints` (what `mesh-ctl` and an operator read).
+    pub fn describe(&self) -> serde_json::Value {
+        let map = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let mut clusters: Vec<serde_json::Value> = map
+            .iter()
+            .map(|((service, subset, port), c)| {
+                let hosts: Vec<serde_json::Value> = c
+                    .hosts()
+                    .into_iter()
+                    .map(|(addr, h)| {
+                        let left = h.ejected_until.filter(|u| *u > now).map(|u| (u - now).as_millis() as u64);
+                        serde_json::json!({
+                            "endpoint": addr.to_string(),
+                            "ejected": left.is_some(),
+                            "ejected_for_ms": left,
+                            "ejections": h.ejections,
+                            "consecutive_5xx": h.consecutive_5xx,
+                            "consecutive_gateway_errors": h.consecutive_gateway,
+                            "consecutive_local_origin_failures": h.consecutive_local_origin,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "service": service,
+                    "subset": subset,
+                    "port": port,
+                    "requests_in_flight": c.requests.load(Ordering::Acquire),
+                    "retries_in_flight": c.retries.load(Ordering::Acquire),
+                    "connections": c.connections.load(Ordering::Acquire),
+                    "pending": c.pending.load(Ordering::Acquire),
+                    "endpoints": hosts,
+                })
+            })
+            .collect();
+        clusters.sort_by_key(|c| {
+            (
+                c["service"].as_str().unwrap_or("").to_owned(),
+                c["subset"].as_str().unwrap_or("").to_owned(),
+                c["port"].as_u64(),
+            )
+        });
+        serde_json::json!({ "clusters": clusters })
+    }
+
     pub fn get(&self, service: &str, subset: &str, port: u16) -> Arc<Cluster> {
         let mut map = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
         let key = (service.to_owned(), subset.to_owned(), port);
@@ -48,6 +103,28 @@ pub struct Cluster {
     pending: AtomicU32,
     /// Wakes requests waiting for a connection when one is released.
     released: Notify,
+    /// Outlier detection, by endpoint.
+    hosts: Mutex<HashMap<SocketAddr, Host>>,
+}
+
+/// What outlier detection knows of one endpoint.
+#[derive(Clone, Debug, Default)]
+pub struct Host {
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway: u32,
+    pub consecutive_local_origin: u32,
+    /// Ejected until then.
+    pub ejected_until: Option<Instant>,
+    /// How many times it was ejected (each ejection lasts that many base times).
+    pub ejections: u32,
+}
+
+/// An ejection outlier detection decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ejection {
+    pub endpoint: SocketAddr,
+    pub duration: Duration,
+    pub reason: &'static str,
 }
 
 /// One of a counted resource, given back when dropped.
@@ -132,6 +209,96 @@ impl Cluster {
     pub fn requests_in_flight(&self) -> u32 {
         self.requests.load(Ordering::Acquire)
     }
+
+    /// `endpoints` without the ejected ones, unless that would leave fewer
+    /// healthy than `minHealthPercent` (then outlier detection stands aside,
+    /// as Envoy's does) or none at all (then every endpoint, rather than no
+    /// answer).
+    pub fn healthy<T>(
+        &self,
+        endpoints: Vec<T>,
+        addr: impl Fn(&T) -> SocketAddr,
+        od: Option<&api::OutlierDetection>,
+    ) -> Vec<T> {
+        let Some(od) = od else { return endpoints };
+        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let ejected = |a: SocketAddr| hosts.get(&a).and_then(|h| h.ejected_until).is_some_and(|until| until > now);
+        let healthy = endpoints.iter().filter(|e| !ejected(addr(e))).count();
+        if healthy == endpoints.len()
+            || healthy == 0
+            || healthy * 100 < od.min_health_percent as usize * endpoints.len()
+        {
+            return endpoints;
+        }
+        endpoints.into_iter().filter(|e| !ejected(addr(e))).collect()
+    }
+
+    /// Counts an attempt's outcome against its endpoint; an ejection when
+    /// it reaches a threshold and `maxEjectionPercent` of the `total`
+    /// endpoints allows one more (always at least one, as Envoy).
+    pub fn record(
+        &self,
+        endpoint: SocketAddr,
+        outcome: Outcome,
+        total: usize,
+        od: Option<&api::OutlierDetection>,
+    ) -> Option<Ejection> {
+        let od = od?;
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let ejected_now = hosts.values().filter(|h| h.ejected_until.is_some_and(|u| u > now)).count();
+        let host = hosts.entry(endpoint).or_default();
+        if host.ejected_until.is_some_and(|u| u <= now) {
+            host.ejected_until = None; // back in rotation; its count of ejections stays
+        }
+        let (server_5xx, gateway, local) = match outcome {
+            Outcome::Response { status, .. } => (status >= 500, (502..=504).contains(&status), false),
+            Outcome::ConnectFailure | Outcome::Reset | Outcome::RefusedStream | Outcome::PerTryTimeout => {
+                (!od.split_local_origin, !od.split_local_origin, od.split_local_origin)
+            }
+            Outcome::Overflow => return None, // the waypoint's own limit, not the endpoint's failure
+        };
+        let bump = |n: &mut u32, hit: bool| *n = if hit { *n + 1 } else { 0 };
+        bump(&mut host.consecutive_5xx, server_5xx);
+        bump(&mut host.consecutive_gateway, gateway);
+        if matches!(outcome, Outcome::Response { .. }) {
+            host.consecutive_local_origin = 0;
+        }
+        if local {
+            host.consecutive_local_origin += 1;
+        }
+        let reached = |n: u32, threshold: u32| threshold > 0 && n >= threshold;
+        let reason = if reached(host.consecutive_gateway, od.consecutive_gateway) {
+            "consecutive gateway errors"
+        } else if reached(host.consecutive_5xx, od.consecutive_5xx) {
+            "consecutive 5xx errors"
+        } else if od.split_local_origin && reached(host.consecutive_local_origin, od.consecutive_local_origin) {
+            "consecutive local-origin failures"
+        } else {
+            return None;
+        };
+        if host.ejected_until.is_some() {
+            return None;
+        }
+        let allowed = ejected_now == 0 || (ejected_now + 1) * 100 <= od.max_ejection_percent as usize * total;
+        if !allowed {
+            return None;
+        }
+        host.ejections += 1;
+        let duration = (Duration::from_millis(od.base_ejection_ms) * host.ejections).min(MAX_EJECTION);
+        host.ejected_until = Some(now + duration);
+        (host.consecutive_5xx, host.consecutive_gateway, host.consecutive_local_origin) = (0, 0, 0);
+        Some(Ejection { endpoint, duration, reason })
+    }
+
+    /// Each endpoint outlier detection has seen, with what it knows.
+    pub fn hosts(&self) -> Vec<(SocketAddr, Host)> {
+        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = hosts.iter().map(|(a, h)| (*a, h.clone())).collect();
+        all.sort_by_key(|(a, _)| *a);
+        all
+    }
 }
 
 #[cfg(test)]
@@ -170,6 +337,61 @@ mod tests {
         assert_eq!(unlimited.len(), 1000, "no pool: no limit");
         assert!(Arc::ptr_eq(&c, &clusters.get("shop/web", "", 80)), "one cluster per key");
         assert!(!Arc::ptr_eq(&c, &clusters.get("shop/web", "v1", 80)), "a subset is its own cluster");
+    }
+
+    fn od(consecutive_5xx: u32, max_ejection_percent: u32) -> api::OutlierDetection {
+        api::OutlierDetection {
+            consecutive_5xx,
+            consecutive_local_origin: 5,
+            interval_ms: 10_000,
+            base_ejection_ms: 30_000,
+            max_ejection_percent,
+            ..Default::default()
+        }
+    }
+
+    /// Ejection after the threshold, for the base time times the ejections
+    /// so far; back afterwards; maxEjectionPercent (at least one) and the
+    /// rule that ejection never leaves no endpoint; on paused time.
+    #[tokio::test(start_paused = true)]
+    async fn outliers_are_ejected_and_come_back() {
+        let c = Clusters::default().get("shop/web", "", 80);
+        let (a, b, d): (SocketAddr, SocketAddr, SocketAddr) =
+            ("10.0.0.1:80".parse().unwrap(), "10.0.0.2:80".parse().unwrap(), "10.0.0.3:80".parse().unwrap());
+        let p = od(3, 50);
+        let fail = Outcome::Response { status: 503, grpc: None };
+        let ok = Outcome::Response { status: 200, grpc: None };
+        assert_eq!(c.record(a, fail, 3, Some(&p)), None);
+        assert_eq!(c.record(a, ok, 3, Some(&p)), None, "a success starts the count over");
+        assert_eq!(c.record(a, fail, 3, Some(&p)), None);
+        assert_eq!(c.record(a, fail, 3, Some(&p)), None);
+        let e = c.record(a, fail, 3, Some(&p)).expect("third consecutive 5xx ejects");
+        assert_eq!((e.duration, e.reason), (Duration::from_secs(30), "consecutive 5xx errors"));
+        let all = vec![a, b, d];
+        assert_eq!(c.healthy(all.clone(), |x| *x, Some(&p)), vec![b, d], "ejected: no traffic");
+        assert_eq!(c.healthy(all.clone(), |x| *x, None), all, "no outlier detection: every endpoint");
+        // 50 % of 3: one more ejection would make 2 of 3 (67 %): held.
+        for _ in 0..3 {
+            assert_eq!(c.record(b, fail, 3, Some(&p)), None, "maxEjectionPercent holds");
+        }
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(c.healthy(all.clone(), |x| *x, Some(&p)), all, "back after the base ejection time");
+        for _ in 0..2 {
+            c.record(a, fail, 3, Some(&p));
+        }
+        let again = c.record(a, fail, 3, Some(&p)).expect("ejected again");
+        assert_eq!(again.duration, Duration::from_secs(60), "twice the base time the second time");
+        // Local-origin failures count as 5xx unless split.
+        let c2 = Clusters::default().get("shop/web", "", 81);
+        for _ in 0..2 {
+            assert_eq!(c2.record(d, Outcome::ConnectFailure, 3, Some(&p)), None);
+        }
+        assert!(c2.record(d, Outcome::ConnectFailure, 3, Some(&p)).is_some());
+        // Every endpoint ejected would leave none: all are used.
+        let c3 = Clusters::default().get("shop/one", "", 80);
+        let p100 = od(1, 100);
+        c3.record(a, fail, 1, Some(&p100)).expect("the only endpoint may be ejected");
+        assert_eq!(c3.healthy(vec![a], |x| *x, Some(&p100)), vec![a], "but never to no endpoint at all");
     }
 
     #[tokio::test(start_paused = true)]

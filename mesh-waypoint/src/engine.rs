@@ -261,9 +261,13 @@ async fn route_and_send(
         Ok(e) => e,
         Err(_) => return local(rec, StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"),
     };
-    // Circuit breaking: the cluster's requests in flight, as Envoy counts them.
+    // Circuit breaking: the cluster's requests in flight, as Envoy counts them;
+    // outlier detection: its ejected endpoints get no attempt.
     let pool = svc.connection_pool(&backend.subset, port);
     let cluster = wp.clusters.get(svc.key(), &backend.subset, port);
+    let outliers = svc.outlier_detection(&backend.subset, port);
+    let total = endpoints.len();
+    let endpoints = cluster.healthy(endpoints, Upstream::addr, outliers);
     match cluster.request(pool) {
         Some(permit) => rec.admitted = Some(permit),
         None => {
@@ -324,6 +328,17 @@ async fn route_and_send(
             let Some(b) = body.take() else { break };
             let request = upstream_request(parts, &rec.authority, &rec.path, h2, b);
             let (outcome, response) = attempt_once(wp, up, h2, request, per_try, &cluster, pool).await;
+            if let Some(e) = cluster.record(up.addr(), outcome, total, outliers) {
+                wp.metrics.ejected(svc.key(), e.reason);
+                info!(
+                    service = svc.key(),
+                    subset = %backend.subset,
+                    endpoint = %e.endpoint,
+                    ejected_for_ms = e.duration.as_millis() as u64,
+                    reason = e.reason,
+                    "endpoint ejected by outlier detection"
+                );
+            }
             let more = attempt < policy.attempts;
             tracing::debug!(request_id = rec.request_id(), attempt, ?outcome, more, "attempt");
             if more && retry::retriable(policy, outcome) {

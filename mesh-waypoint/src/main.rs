@@ -1,7 +1,8 @@
 //! `mesh-waypoint`: one waypoint instance. It joins the controller under
 //! `--node-name` (the name its Pod's `spec.nodeName` gives, so the CA issues
 //! it the waypoint's identity and nothing else), listens for HBONE on 15008,
-//! serves `/metrics` on 15020 and `/healthz/ready` on 15021, and on SIGTERM
+//! serves `/metrics` (and `/debug/endpoints`: circuit breakers and outlier
+//! detection per cluster and endpoint) on 15020 and `/healthz/ready` on 15021, and on SIGTERM
 //! stops taking new tunnels (GOAWAY) and lets open requests finish.
 use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -106,8 +107,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let registry = Arc::new(registry);
     tokio::spawn(serve_plain(metrics, {
-        let registry = registry.clone();
-        move |_path: String| {
+        let (registry, wp) = (registry.clone(), wp.clone());
+        move |path: String| {
+            if path == "/debug/endpoints" {
+                // Circuit breakers and outlier detection, per cluster and endpoint.
+                return (StatusCode::OK, "application/json", wp.clusters.describe().to_string());
+            }
             let mut text = String::new();
             let _ = encode(&mut text, &registry);
             (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text)

@@ -51,6 +51,14 @@ pub struct RequestMetrics {
     authz: Family<AuthzLabels, Counter>,
     authz_dry_run: Family<AuthzLabels, Counter>,
     overflows: Counter,
+    ejections: Family<EjectionLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EjectionLabels {
+    /// `namespace/name`.
+    pub service: String,
+    pub reason: &'static str,
 }
 
 /// Authorization decisions, by outcome and deciding policy (as Envoy's RBAC
@@ -82,6 +90,7 @@ impl RequestMetrics {
             authz: Family::default(),
             authz_dry_run: Family::default(),
             overflows: Counter::default(),
+            ejections: Family::default(),
         };
         registry.register("istio_requests", "Requests handled", m.requests.clone());
         registry.register("istio_request_duration_milliseconds", "Request duration", m.duration.clone());
@@ -108,7 +117,16 @@ impl RequestMetrics {
             "Requests refused (503 UO) because a cluster's connectionPool limits were reached",
             m.overflows.clone(),
         );
+        registry.register(
+            "mesh_waypoint_outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            m.ejections.clone(),
+        );
         m
+    }
+
+    pub fn ejected(&self, service: &str, reason: &'static str) {
+        self.ejections.get_or_create(&EjectionLabels { service: service.to_owned(), reason }).inc();
     }
 
     pub fn overflowed(&self) {

@@ -150,7 +150,8 @@ pub mod yaml {
 /// then 200; `/reset/K?fail=N` closes the connection without an answer the
 /// first N times; `/slow?ms=N` answers after N ms (`/slowonce/K?ms=N`: only the first time; `/spans`: when
 /// each `/slow` request it answered began and ended, `/spans?reset=1` starts over); `/fail` always 503;
-/// `/hits/K` says how many requests K got; `/ws` switches protocols (101) and
+/// `/hits/K` says how many requests K got; `/admin?fail=1` makes it answer 503
+/// to everything else (but `/hits` and `/spans`) until `/admin?fail=0`; `/ws` switches protocols (101) and
 /// then answers every byte upper-cased. POST bodies are answered with
 /// their length and SHA-256 (PUT too; DELETE is answered as GET).
 const APP: &str = r#"
@@ -160,6 +161,7 @@ import socket
 VERSION, PORT = sys.argv[1], int(sys.argv[2])
 hits, lock = {}, threading.Lock()
 slow_spans = []
+failing = [False]
 def hit(key):
     with lock:
         hits[key] = hits.get(key, 0) + 1
@@ -185,6 +187,11 @@ class H(BaseHTTPRequestHandler):
         head = parts[0] if parts else ""
         key = "/".join(parts[1:])
         n = hit(u.path)
+        if head == "admin":
+            failing[0] = q.get("fail") == "1"
+            return self.answer(200, "failing\n" if failing[0] else "healthy\n")
+        if failing[0] and head not in ("hits", "spans"):
+            return self.answer(503, "failing on purpose\n")
         if head == "echo":
             return self.answer(200, json.dumps({"method": self.command, "path": self.path, "version": VERSION,
                 "headers": {k.lower(): v for k, v in self.headers.items()}}), "application/json")
@@ -338,7 +345,7 @@ pub const BACKEND_VIP: &str = "10.96.0.10";
 pub const GRPC_VIP: &str = "10.96.0.13";
 
 /// Two nodes: clients `client` and `other` (service accounts of those names)
-/// on node1; backends b1 (node2) and b2 (node1) behind `backend` (HTTP, 80 to
+/// on node1; backends b1 (node2, v1), b2 (node1, v1) and b3 (node2, v2) behind `backend` (HTTP, 80 to
 /// 8080, [`APP`]) and `grpc` (9090, the gRPC echo server); the namespace bound
 /// to waypoint `waypoint`, running in its own pod.
 pub struct L7Setup {
@@ -356,7 +363,7 @@ pub fn l7_setup(test: &str) -> Option<L7Setup> {
     let mesh = Mesh::start(test, &["node1", "node2"])?;
     let t = &mesh.t;
     let (client, other, wp_pod) = (t.pod("client"), t.pod("other"), t.pod("waypoint"));
-    let backends = vec![t.pod("b1"), t.pod("b2")];
+    let backends = vec![t.pod("b1"), t.pod("b2"), t.pod("b3")];
     let config = yaml::namespace("default", "waypoint")
         + &yaml::gateway("default", "waypoint")
         + &yaml::instance(&wp_pod, "waypoint", "wp-1")
@@ -364,6 +371,7 @@ pub fn l7_setup(test: &str) -> Option<L7Setup> {
         + &crate::mesh::yaml::pod(&other, "node1", "other", "other")
         + &yaml::versioned_pod(&backends[0], "node2", "backend", "v1")
         + &yaml::versioned_pod(&backends[1], "node1", "backend", "v1")
+        + &yaml::versioned_pod(&backends[2], "node2", "backend", "v2")
         + &yaml::http_service("default", "backend", BACKEND_VIP, "app: backend", 80, 8080)
         + &format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: grpc, namespace: default}}\n\
@@ -375,6 +383,7 @@ pub fn l7_setup(test: &str) -> Option<L7Setup> {
         (&other, "node1", "other"),
         (&backends[0], "node2", "backend"),
         (&backends[1], "node1", "backend"),
+        (&backends[2], "node2", "backend"),
     ]);
     let mut apps: Vec<Proc> = backends.iter().map(|p| t.app(p, 8080, p.name.trim_start_matches("default/"))).collect();
     apps.extend(backends.iter().map(|p| t.grpc_server(p, 9090, p.name.trim_start_matches("default/"))));

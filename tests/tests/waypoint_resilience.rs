@@ -161,3 +161,107 @@ fn circuit_breakers_refuse_the_overflow_at_once() {
     let peak = backend_peak(&s);
     assert!(peak <= 2, "the backends had {peak} requests at once over 2 connections");
 }
+
+/// Every backend's count of requests for `path` (the app counts them, also
+/// while it fails on purpose).
+fn hits(s: &L7Setup, path: &str) -> Vec<u64> {
+    s.backends
+        .iter()
+        .map(|b| {
+            let out = run_in(&b.netns, &["curl", "-s", "-m", "5", &format!("http://127.0.0.1:8080/hits{path}")]);
+            String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(u64::MAX)
+        })
+        .collect()
+}
+
+fn set_failing(b: &Pod, on: bool) {
+    let url = format!("http://127.0.0.1:8080/admin?fail={}", u8::from(on));
+    assert!(run_in(&b.netns, &["curl", "-sf", "-m", "5", &url]).status.success());
+}
+
+/// The waypoint's view of its clusters and endpoints.
+fn endpoints(s: &L7Setup) -> serde_json::Value {
+    let out = run_in(&s.wp_pod.netns, &["curl", "-s", "-m", "5", "http://127.0.0.1:15020/debug/endpoints"]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+fn ejected(s: &L7Setup) -> Vec<String> {
+    let all = endpoints(s);
+    let mut out: Vec<String> = all["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["service"] == "default/backend")
+        .flat_map(|c| c["endpoints"].as_array().unwrap().iter())
+        .filter(|e| e["ejected"] == true)
+        .map(|e| e["endpoint"].as_str().unwrap().to_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+fn requests(s: &L7Setup, path: &str, n: usize) -> BTreeMap<String, usize> {
+    let out = run_in(
+        &s.client.netns,
+        &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}\\n", &format!("http://{BACKEND_VIP}{path}?[1-{n}]")],
+    );
+    let mut tally = BTreeMap::new();
+    for c in String::from_utf8_lossy(&out.stdout).lines() {
+        *tally.entry(c.to_owned()).or_insert(0) += 1;
+    }
+    tally
+}
+
+/// One of three pods starts failing: after `consecutive5xxErrors` its
+/// endpoints (its IPv4 and IPv6 addresses) are ejected and get no traffic
+/// (its clients see answers: the retries go to the others); it comes back
+/// after `baseEjectionTime`; when all fail, `maxEjectionPercent` keeps the
+/// rest in rotation.
+#[test]
+fn outlier_detection_ejects_a_failing_endpoint_and_lets_it_back() {
+    let Some(s) = l7_setup("wp-outliers") else { return };
+    let dr = |max_percent: u32| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: backend, namespace: default}}\n\
+             spec:\n  host: backend\n  trafficPolicy:\n    outlierDetection: {{consecutive5xxErrors: 3, interval: 1s, \
+             baseEjectionTime: 3s, maxEjectionPercent: {max_percent}}}\n"
+        )
+    };
+    s.mesh.apply("outliers.yaml", &dr(50));
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let b3 = &s.backends[2];
+    set_failing(b3, true);
+    let got = requests(&s, "/warm", 30);
+    assert_eq!(got.get("200"), Some(&30), "retries answer around the failing endpoint: {got:?}");
+    // The pods are dual-stack: each address is an endpoint, as in Envoy's clusters.
+    let b3_addrs = vec![format!("{}:8080", b3.ip4), format!("[{}]:8080", b3.ip6)];
+    assert_eq!(ejected(&s), b3_addrs, "{}", endpoints(&s));
+    assert!(s.wp.log_text().contains("endpoint ejected by outlier detection"), "{}", s.wp.log_text());
+    let got = requests(&s, "/during", 60);
+    assert_eq!(got.get("200"), Some(&60), "{got:?}");
+    let during = hits(&s, "/during");
+    assert_eq!(during[2], 0, "the ejected endpoint gets no requests: {during:?}");
+    assert_eq!(during[0] + during[1], 60, "{during:?}");
+    let text = waypoint_metrics(&s.wp_pod);
+    assert_eq!(sum_metric(&text, "mesh_waypoint_outlier_ejections_total", &[("service", "default/backend")]), 2.0);
+
+    // Healthy again, and back in rotation once its ejection ends.
+    set_failing(b3, false);
+    std::thread::sleep(std::time::Duration::from_millis(3300));
+    assert!(ejected(&s).is_empty(), "{}", endpoints(&s));
+    requests(&s, "/after", 60);
+    let after = hits(&s, "/after");
+    assert!(after[2] > 0, "back after baseEjectionTime: {after:?}");
+
+    // All fail: at most 34 % of the six endpoints (two) are ejected.
+    s.mesh.apply("outliers.yaml", &dr(34));
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    for b in &s.backends {
+        set_failing(b, true);
+    }
+    let got = requests(&s, "/allfail", 30);
+    assert_eq!(got.get("503"), Some(&30), "{got:?}");
+    assert_eq!(ejected(&s).len(), 2, "maxEjectionPercent holds: {}", endpoints(&s));
+    let allfail = hits(&s, "/allfail");
+    assert_eq!(allfail.iter().filter(|n| **n > 0).count(), 3, "the others still get requests: {allfail:?}");
+}

@@ -637,7 +637,7 @@ pub struct TrafficPolicy {
     #[serde(default)]
     pub load_balancer: Option<Value>,
     #[serde(default)]
-    pub outlier_detection: Option<Value>,
+    pub outlier_detection: Option<OutlierDetection>,
     #[serde(default)]
     pub tls: Option<Value>,
     #[serde(default)]
@@ -660,9 +660,34 @@ pub struct PortTrafficPolicy {
     #[serde(default)]
     pub load_balancer: Option<Value>,
     #[serde(default)]
-    pub outlier_detection: Option<Value>,
+    pub outlier_detection: Option<OutlierDetection>,
     #[serde(default)]
     pub tls: Option<Value>,
+}
+
+/// Istio's `OutlierDetection`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    #[serde(default)]
+    pub split_external_local_origin_errors: Option<bool>,
+    #[serde(default)]
+    pub consecutive_local_origin_failures: Option<i64>,
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<i64>,
+    #[serde(default, rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<i64>,
+    /// Deprecated (Istio): the same as consecutive5xxErrors.
+    #[serde(default)]
+    pub consecutive_errors: Option<i64>,
+    #[serde(default)]
+    pub interval: Option<String>,
+    #[serde(default)]
+    pub base_ejection_time: Option<String>,
+    #[serde(default)]
+    pub max_ejection_percent: Option<i64>,
+    #[serde(default)]
+    pub min_health_percent: Option<i64>,
 }
 
 /// Istio's `ConnectionPoolSettings` (circuit breaking).

@@ -7,7 +7,8 @@ use mesh_common::parse_duration;
 use super::{Issues, check_labels, check_port, valid_subdomain};
 use crate::objects::routing::{
     BackendRef, ConnectionPool, GRPC_CODES, Gateway, GrpcRouteSpec, HttpRouteFilter, HttpRouteSpec, NamedTypedMatch,
-    Percent, StringMatch, TrafficPolicy, VirtualServiceSpec, VsDestination, VsFault, VsHeaderOps, VsHeaders,
+    OutlierDetection, Percent, StringMatch, TrafficPolicy, VirtualServiceSpec, VsDestination, VsFault, VsHeaderOps,
+    VsHeaders,
 };
 
 /// The class of waypoint Gateways, and the label saying what traffic a waypoint takes.
@@ -487,6 +488,9 @@ fn check_traffic_policy(tp: &TrafficPolicy, at: &str, out: &mut Issues) {
     if let Some(pool) = &tp.connection_pool {
         check_connection_pool(pool, &format!("{at}.connectionPool"), out);
     }
+    if let Some(od) = &tp.outlier_detection {
+        check_outlier_detection(od, &format!("{at}.outlierDetection"), out);
+    }
     for (i, p) in tp.port_level_settings.iter().enumerate() {
         let base = format!("{at}.portLevelSettings[{i}]");
         match &p.port {
@@ -495,6 +499,39 @@ fn check_traffic_policy(tp: &TrafficPolicy, at: &str, out: &mut Issues) {
         }
         if let Some(pool) = &p.connection_pool {
             check_connection_pool(pool, &format!("{base}.connectionPool"), out);
+        }
+        if let Some(od) = &p.outlier_detection {
+            check_outlier_detection(od, &format!("{base}.outlierDetection"), out);
+        }
+    }
+}
+
+/// Istio's checks on `OutlierDetection`.
+fn check_outlier_detection(od: &OutlierDetection, at: &str, out: &mut Issues) {
+    for (name, v) in [
+        ("consecutiveErrors", od.consecutive_errors),
+        ("consecutive5xxErrors", od.consecutive_5xx_errors),
+        ("consecutiveGatewayErrors", od.consecutive_gateway_errors),
+        ("consecutiveLocalOriginFailures", od.consecutive_local_origin_failures),
+    ] {
+        if v.is_some_and(|v| v < 0) {
+            out.push((format!("{at}.{name}"), "must not be negative".into()));
+        }
+    }
+    for (name, v) in [("maxEjectionPercent", od.max_ejection_percent), ("minHealthPercent", od.min_health_percent)] {
+        if v.is_some_and(|v| !(0..=100).contains(&v)) {
+            out.push((format!("{at}.{name}"), "expected 0 to 100".into()));
+        }
+    }
+    for (name, d) in [("interval", &od.interval), ("baseEjectionTime", &od.base_ejection_time)] {
+        if let Some(d) = d {
+            match parse_duration(d) {
+                Ok(t) if t < std::time::Duration::from_millis(1) => {
+                    out.push((format!("{at}.{name}"), "must be at least 1ms".into()));
+                }
+                Ok(_) => {}
+                Err(e) => out.push((format!("{at}.{name}"), e)),
+            }
         }
     }
 }

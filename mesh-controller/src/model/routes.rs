@@ -14,8 +14,8 @@ use crate::config::{
         Labels,
         routing::{
             BackendRef, ConnectionPool, DestinationRule, GRPC_CODES, GrpcRoute, GrpcRouteMatch, HeaderModifier,
-            HttpRoute, HttpRouteFilter, HttpRouteMatch, NamedTypedMatch, PathModifier, StringMatch, TrafficPolicy,
-            VirtualService, VsDelay, VsDestination, VsFault, VsHeaderOps, VsHttpRoute, VsMatch,
+            HttpRoute, HttpRouteFilter, HttpRouteMatch, NamedTypedMatch, OutlierDetection, PathModifier, StringMatch,
+            TrafficPolicy, VirtualService, VsDelay, VsDestination, VsFault, VsHeaderOps, VsHttpRoute, VsMatch,
         },
     },
 };
@@ -117,16 +117,37 @@ pub fn traffic_policies(
 }
 
 fn traffic_policy(tp: &TrafficPolicy) -> api::TrafficPolicy {
+    let port = |p: &crate::config::objects::routing::PortTrafficPolicy| u32::try_from(p.port.as_ref()?.number).ok();
     api::TrafficPolicy {
         connection_pool: tp.connection_pool.as_ref().map(connection_pool),
         port_connection_pools: tp
             .port_level_settings
             .iter()
-            .filter_map(|p| {
-                let port = u32::try_from(p.port.as_ref()?.number).ok()?;
-                Some((port, connection_pool(p.connection_pool.as_ref()?)))
-            })
+            .filter_map(|p| Some((port(p)?, connection_pool(p.connection_pool.as_ref()?))))
             .collect(),
+        outlier_detection: tp.outlier_detection.as_ref().map(outlier_detection),
+        port_outlier_detections: tp
+            .port_level_settings
+            .iter()
+            .filter_map(|p| Some((port(p)?, outlier_detection(p.outlier_detection.as_ref()?))))
+            .collect(),
+    }
+}
+
+/// With Istio's defaults: 5 consecutive 5xx (or local-origin failures),
+/// gateway errors off, every 10 s, 30 s base ejection, at most 10 % ejected.
+fn outlier_detection(od: &OutlierDetection) -> api::OutlierDetection {
+    let n = |v: Option<i64>, default: u32| v.map_or(default, |v| u32::try_from(v).unwrap_or(0));
+    let dur = |d: Option<&String>, default: u64| Some(ms(d)).filter(|m| *m > 0).unwrap_or(default);
+    api::OutlierDetection {
+        consecutive_5xx: n(od.consecutive_5xx_errors.or(od.consecutive_errors), 5),
+        consecutive_gateway: n(od.consecutive_gateway_errors, 0),
+        consecutive_local_origin: n(od.consecutive_local_origin_failures, 5),
+        split_local_origin: od.split_external_local_origin_errors.unwrap_or(false),
+        interval_ms: dur(od.interval.as_ref(), 10_000),
+        base_ejection_ms: dur(od.base_ejection_time.as_ref(), 30_000),
+        max_ejection_percent: n(od.max_ejection_percent, 10),
+        min_health_percent: n(od.min_health_percent, 0),
     }
 }
 

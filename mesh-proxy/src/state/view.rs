@@ -84,16 +84,30 @@ impl ServiceInfo {
     /// the subset's portLevelSettings (when it has any) replace the
     /// service's, and a port's setting wins over either pool.
     pub fn connection_pool(&self, subset: &str, port: u16) -> Option<&api::ConnectionPool> {
+        self.merged(subset, port, |t| &t.port_connection_pools, |t| t.connection_pool.as_ref())
+    }
+
+    /// The outlier detection for `subset` on `port`, merged as
+    /// [`Self::connection_pool`].
+    pub fn outlier_detection(&self, subset: &str, port: u16) -> Option<&api::OutlierDetection> {
+        self.merged(subset, port, |t| &t.port_outlier_detections, |t| t.outlier_detection.as_ref())
+    }
+
+    /// Istio's merge of one section of the traffic policy.
+    fn merged<'a, T>(
+        &'a self,
+        subset: &str,
+        port: u16,
+        by_port: impl Fn(&'a api::TrafficPolicy) -> &'a std::collections::BTreeMap<u32, T>,
+        whole: impl Fn(&'a api::TrafficPolicy) -> Option<&'a T>,
+    ) -> Option<&'a T> {
         let top = self.traffic_policy.as_ref();
         let sub = (!subset.is_empty()).then(|| self.subset_traffic_policies.get(subset)).flatten();
         let ports = match sub {
-            Some(s) if !s.port_connection_pools.is_empty() => Some(&s.port_connection_pools),
-            _ => top.map(|t| &t.port_connection_pools),
+            Some(s) if !by_port(s).is_empty() => Some(by_port(s)),
+            _ => top.map(&by_port),
         };
-        ports
-            .and_then(|p| p.get(&u32::from(port)))
-            .or_else(|| sub.and_then(|s| s.connection_pool.as_ref()))
-            .or_else(|| top.and_then(|t| t.connection_pool.as_ref()))
+        ports.and_then(|p| p.get(&u32::from(port))).or_else(|| sub.and_then(&whole)).or_else(|| top.and_then(&whole))
     }
 
     /// The service's port `port`.
@@ -396,6 +410,7 @@ mod tests {
                 traffic_policy: Some(api::TrafficPolicy {
                     connection_pool: Some(max_requests(5)),
                     port_connection_pools: [(80, max_requests(7))].into(),
+                    ..Default::default()
                 }),
                 subset_traffic_policies: [
                     (
@@ -407,6 +422,7 @@ mod tests {
                         api::TrafficPolicy {
                             connection_pool: Some(max_requests(4)),
                             port_connection_pools: [(80, max_requests(9))].into(),
+                            ..Default::default()
                         },
                     ),
                 ]

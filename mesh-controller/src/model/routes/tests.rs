@@ -275,3 +275,25 @@ fn virtual_service_faults() {
         ]
     );
 }
+
+#[test]
+fn destination_rule_traffic_policies_with_istio_defaults() {
+    let dr = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: limits, namespace: shop}\n\
+              spec:\n  host: ratings\n  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 4, connectTimeout: 2s}, http: {http2MaxRequests: 10}}\n    \
+              outlierDetection: {consecutive5xxErrors: 2}\n    portLevelSettings:\n    - {port: {number: 9080}, connectionPool: {http: {maxRetries: 1}}}\n  \
+              subsets:\n  - {name: v1, labels: {version: v1}, trafficPolicy: {outlierDetection: {consecutiveGatewayErrors: 1, baseEjectionTime: 1m}}}\n";
+    let m = model(&format!("{MESH}{dr}"));
+    let svc = &m.services["shop/ratings"];
+    let top = svc.traffic_policy.as_ref().unwrap();
+    let pool = top.connection_pool.unwrap();
+    assert_eq!((pool.max_connections, pool.connect_timeout_ms, pool.max_requests), (4, 2000, 10));
+    assert_eq!(top.port_connection_pools[&9080].max_retries, 1);
+    let od = top.outlier_detection.unwrap();
+    assert_eq!(
+        (od.consecutive_5xx, od.consecutive_gateway, od.interval_ms, od.base_ejection_ms, od.max_ejection_percent),
+        (2, 0, 10_000, 30_000, 10),
+        "Istio's defaults where unset"
+    );
+    let v1 = svc.subset_traffic_policies["v1"].outlier_detection.unwrap();
+    assert_eq!((v1.consecutive_gateway, v1.consecutive_5xx, v1.base_ejection_ms), (1, 5, 60_000));
+}
