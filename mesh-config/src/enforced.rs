@@ -125,8 +125,34 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
 fn traffic_policy(tp: &TrafficPolicy, at: &str, out: &mut Vec<(Option<String>, String)>) {
     let later =
         |field: &str, out: &mut Vec<(Option<String>, String)>| out.push((Some(format!("{at}.{field}")), LATER.into()));
+    let lbs = std::iter::once((at.to_owned(), tp.load_balancer.as_ref())).chain(
+        tp.port_level_settings
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("{at}.portLevelSettings[{i}]"), p.load_balancer.as_ref())),
+    );
+    for (base, lb) in lbs {
+        let Some(lb) = lb else { continue };
+        if lb.simple.as_deref() == Some("PASSTHROUGH") {
+            out.push((
+                Some(format!("{base}.loadBalancer.simple")),
+                "PASSTHROUGH is not enforced: a waypoint's requests are for a service, so its endpoints are balanced by LEAST_REQUEST".into(),
+            ));
+        }
+        for (name, set) in [
+            ("localityLbSetting", lb.locality_lb_setting.is_some()),
+            ("warmupDurationSecs", lb.warmup_duration_secs.is_some()),
+            ("warmup", lb.warmup.is_some()),
+        ] {
+            if set {
+                out.push((Some(format!("{base}.loadBalancer.{name}")), LATER.into()));
+            }
+        }
+        if lb.consistent_hash.as_ref().and_then(|c| c.http_cookie.as_ref()).is_some_and(|c| c.attributes.is_some()) {
+            out.push((Some(format!("{base}.loadBalancer.consistentHash.httpCookie.attributes")), LATER.into()));
+        }
+    }
     for (name, set) in [
-        ("loadBalancer", tp.load_balancer.is_some()),
         ("tunnel", tp.tunnel.is_some()),
         ("proxyProtocol", tp.proxy_protocol.is_some()),
         ("retryBudget", tp.retry_budget.is_some()),
@@ -170,12 +196,6 @@ fn traffic_policy(tp: &TrafficPolicy, at: &str, out: &mut Vec<(Option<String>, S
                     out.push((Some(format!("{base}.connectionPool.http.{name}")), LATER.into()));
                 }
             }
-        }
-    }
-    for (i, p) in tp.port_level_settings.iter().enumerate() {
-        let base = format!("{at}.portLevelSettings[{i}]");
-        if p.load_balancer.is_some() {
-            out.push((Some(format!("{base}.loadBalancer")), LATER.into()));
         }
     }
 }

@@ -157,6 +157,26 @@ fn what_istio_rejects_is_rejected_with_line_and_field() {
             "is required",
         ),
         (
+            format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer: {{simple: FASTEST}}\n"),
+            "spec.trafficPolicy.loadBalancer.simple",
+            "expected one of",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer: {{consistentHash: {{httpHeaderName: x, useSourceIp: true}}}}\n"),
+            "spec.trafficPolicy.loadBalancer.consistentHash",
+            "exactly one of",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer: {{consistentHash: {{useSourceIp: true, maglev: {{tableSize: 1000}}}}}}\n"),
+            "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
+            "must be a prime number",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer: {{consistentHash: {{httpCookie: {{ttl: 10s}}}}}}\n"),
+            "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name",
+            "is required",
+        ),
+        (
             format!("{DR_HEAD}  trafficPolicy:\n    outlierDetection: {{consecutive5xxErrors: -1}}\n"),
             "spec.trafficPolicy.outlierDetection.consecutive5xxErrors",
             "must not be negative",

@@ -21,7 +21,7 @@ use std::{
 use mesh_common::api;
 use tokio::{sync::Notify, time::Instant};
 
-use crate::retry::Outcome;
+use crate::{balance::Table, retry::Outcome};
 
 /// Envoy's longest ejection (`max_ejection_time`'s default).
 const MAX_EJECTION: Duration = Duration::from_secs(300);
@@ -105,6 +105,28 @@ pub struct Cluster {
     released: Notify,
     /// Outlier detection, by endpoint.
     hosts: Mutex<HashMap<SocketAddr, Host>>,
+    /// Requests in flight, by endpoint (what LEAST_REQUEST compares).
+    load: Mutex<HashMap<SocketAddr, u32>>,
+    /// The consistent-hash table, with the endpoint set and settings it was built for.
+    table: Mutex<Option<CachedTable>>,
+}
+
+/// A table with the endpoints, Maglev or not, and size it was built for.
+type CachedTable = (Vec<SocketAddr>, bool, u64, Arc<Table>);
+
+/// A request in flight at an endpoint, until dropped.
+pub struct Load {
+    cluster: Arc<Cluster>,
+    endpoint: SocketAddr,
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        let mut load = self.cluster.load.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = load.get_mut(&self.endpoint) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// What outlier detection knows of one endpoint.
@@ -208,6 +230,35 @@ impl Cluster {
 
     pub fn requests_in_flight(&self) -> u32 {
         self.requests.load(Ordering::Acquire)
+    }
+
+    /// Counts a request in flight at `endpoint` while the guard lives.
+    pub fn start(self: &Arc<Self>, endpoint: SocketAddr) -> Load {
+        *self.load.lock().unwrap_or_else(|e| e.into_inner()).entry(endpoint).or_default() += 1;
+        Load { cluster: self.clone(), endpoint }
+    }
+
+    pub fn load_of(&self, endpoint: SocketAddr) -> u32 {
+        self.load.lock().unwrap_or_else(|e| e.into_inner()).get(&endpoint).copied().unwrap_or(0)
+    }
+
+    /// The consistent-hash table over `endpoints`, built once per endpoint
+    /// set and settings.
+    pub fn table(&self, endpoints: &[SocketAddr], maglev: bool, size: u64) -> Arc<Table> {
+        let mut set = endpoints.to_vec();
+        set.sort_unstable();
+        set.dedup();
+        let mut cached = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, m, z, t)) = cached.as_ref()
+            && *s == set
+            && *m == maglev
+            && *z == size
+        {
+            return t.clone();
+        }
+        let t = Arc::new(Table::build(&set, maglev, size));
+        *cached = Some((set, maglev, size, t.clone()));
+        t
     }
 
     /// `endpoints` without the ejected ones, unless that would leave fewer

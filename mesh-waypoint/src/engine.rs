@@ -23,7 +23,7 @@ use mesh_proxy::state::view::{MeshView, ServiceInfo, Upstream, WorkloadInfo};
 use tracing::info;
 
 use crate::{
-    Waypoint,
+    Waypoint, balance,
     body::{Counting, Ended, HttpBody, Recorded, Recording, empty, full},
     breaker::Cluster,
     metrics::RequestLabels,
@@ -78,6 +78,12 @@ struct Record {
     /// Its place among the cluster's requests in flight (`http2MaxRequests`),
     /// held until its response has ended.
     admitted: Option<crate::breaker::Permit>,
+    /// The attempt's load on its endpoint (what LEAST_REQUEST compares),
+    /// held until its response has ended.
+    load: Option<crate::breaker::Load>,
+    /// The cookie a consistent hash by cookie (with a ttl) gave a client
+    /// that had none.
+    set_cookie: Option<HeaderValue>,
 }
 
 pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Incoming>) -> Response<HttpBody> {
@@ -113,6 +119,8 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Inc
         flags: "-",
         denied_by: None,
         admitted: None,
+        load: None,
+        set_cookie: None,
     };
     let (body, recorded) = Recording::new(body);
     let mut response = route_and_send(&wp, &ds, &view, &mut parts, body, &recorded, &mut rec).await;
@@ -268,6 +276,16 @@ async fn route_and_send(
     let outliers = svc.outlier_detection(&backend.subset, port);
     let total = endpoints.len();
     let endpoints = cluster.healthy(endpoints, Upstream::addr, outliers);
+    // Load balancing: the first choice first, the others for retries.
+    let lb = svc.load_balancer(&backend.subset, port);
+    let policy = balance::policy(lb);
+    let hashed = lb.filter(|_| policy == balance::Policy::Hash).and_then(|lb| {
+        let key = hash_key(lb, &parts.headers, &rec.path, ds.peer_addr.ip(), &mut rec.set_cookie)?;
+        let addrs: Vec<SocketAddr> = endpoints.iter().map(Upstream::addr).collect();
+        let chosen = cluster.table(&addrs, lb.maglev, lb.table_size).lookup(key)?;
+        endpoints.iter().position(|e| e.addr() == chosen)
+    });
+    let endpoints = balance::order(endpoints, policy, |u| cluster.load_of(u.addr()), |n| fastrand::usize(..n), hashed);
     match cluster.request(pool) {
         Some(permit) => rec.admitted = Some(permit),
         None => {
@@ -327,6 +345,7 @@ async fn route_and_send(
             rec.upstream_workload = up.workload().cloned();
             let Some(b) = body.take() else { break };
             let request = upstream_request(parts, &rec.authority, &rec.path, h2, b);
+            rec.load = Some(cluster.start(up.addr()));
             let (outcome, response) = attempt_once(wp, up, h2, request, per_try, &cluster, pool).await;
             if let Some(e) = cluster.record(up.addr(), outcome, total, outliers) {
                 wp.metrics.ejected(svc.key(), e.reason);
@@ -376,6 +395,9 @@ async fn route_and_send(
     }
     for ops in [&route.wire.response_headers, &backend.response_headers].into_iter().flatten() {
         edit(response.headers_mut(), ops);
+    }
+    if let Some(cookie) = rec.set_cookie.take() {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
     }
     for m in &route.wire.mirrors {
         if fastrand::f64() * 100.0 < m.percent {
@@ -561,6 +583,53 @@ fn edit(headers: &mut HeaderMap, ops: &api::HeaderOps) {
     }
 }
 
+/// A consistent hash's key for the request, by the load balancer's
+/// `httpHeaderName`, `useSourceIp`, `httpQueryParameterName` or `httpCookie`
+/// (a client without the cookie is given one when it has a ttl, as Envoy
+/// does); `None`: no key (the request goes to any endpoint).
+fn hash_key(
+    lb: &api::LoadBalancer,
+    headers: &HeaderMap,
+    path: &str,
+    peer: std::net::IpAddr,
+    set_cookie: &mut Option<HeaderValue>,
+) -> Option<u64> {
+    if !lb.header.is_empty() {
+        return headers.get(lb.header.as_str()).map(|v| balance::hash(v.as_bytes()));
+    }
+    if lb.source_ip {
+        return Some(balance::hash(peer));
+    }
+    if !lb.query_parameter.is_empty() {
+        let query = path.split_once('?')?.1;
+        return query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == lb.query_parameter).then(|| balance::hash(v))
+        });
+    }
+    if lb.cookie.is_empty() {
+        return None;
+    }
+    let sent =
+        headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(
+            |c| {
+                let (k, v) = c.trim().split_once('=')?;
+                (k == lb.cookie).then(|| v.trim_matches('"').to_owned())
+            },
+        );
+    if let Some(v) = sent {
+        return Some(balance::hash(v));
+    }
+    if lb.cookie_ttl_ms == 0 {
+        return None;
+    }
+    let value = format!("{:016x}", fastrand::u64(..));
+    let path = if lb.cookie_path.is_empty() { String::new() } else { format!("; Path={}", lb.cookie_path) };
+    let cookie = format!("{}=\"{value}\"; Max-Age={}{path}; HttpOnly", lb.cookie, lb.cookie_ttl_ms.div_ceil(1000));
+    *set_cookie = HeaderValue::from_str(&cookie).ok();
+    Some(balance::hash(value))
+}
+
 /// The request's `x-request-id`, generated (a random UUID) when absent.
 fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get("x-request-id") {
@@ -684,5 +753,49 @@ fn labels(
         grpc_response_status,
         response_flags,
         connection_security_policy: if ds.peer.is_some() { "mutual_tls" } else { "none" },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consistent_hash_keys() {
+        let lb = |f: &dyn Fn(&mut api::LoadBalancer)| {
+            let mut lb = api::LoadBalancer { hashed: true, ..Default::default() };
+            f(&mut lb);
+            lb
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("x-user", HeaderValue::from_static("ann"));
+        headers.insert(header::COOKIE, HeaderValue::from_static("a=1; session=\"s42\""));
+        let peer: std::net::IpAddr = "10.0.0.7".parse().unwrap();
+        let key = |lb: &api::LoadBalancer, path: &str| {
+            let mut set = None;
+            (hash_key(lb, &headers, path, peer, &mut set), set)
+        };
+        let by_header = lb(&|l| l.header = "x-user".into());
+        assert_eq!(key(&by_header, "/"), (Some(balance::hash(&b"ann"[..])), None));
+        assert_eq!(key(&lb(&|l| l.header = "x-none".into()), "/").0, None, "no header: no key");
+        assert_eq!(key(&lb(&|l| l.source_ip = true), "/").0, Some(balance::hash(peer)));
+        let by_query = lb(&|l| l.query_parameter = "id".into());
+        assert_eq!(key(&by_query, "/p?x=1&id=9").0, Some(balance::hash("9")));
+        assert_eq!(key(&by_query, "/p?x=1").0, None);
+        assert_eq!(key(&lb(&|l| l.cookie = "session".into()), "/").0, Some(balance::hash("s42")));
+        let (k, set) = key(
+            &lb(&|l| {
+                l.cookie = "sticky".into();
+                l.cookie_ttl_ms = 60_000;
+                l.cookie_path = "/".into();
+            }),
+            "/",
+        );
+        let set = set.expect("a client without the cookie is given one");
+        let text = set.to_str().unwrap();
+        let value = text.strip_prefix("sticky=\"").and_then(|v| v.split('"').next()).unwrap();
+        assert_eq!(k, Some(balance::hash(value)), "the new cookie is the key");
+        assert!(text.ends_with("; Max-Age=60; Path=/; HttpOnly"), "{text}");
+        assert_eq!(key(&lb(&|l| l.cookie = "sticky".into()), "/").0, None, "no ttl: no cookie made");
     }
 }

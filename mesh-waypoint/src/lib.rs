@@ -10,10 +10,12 @@
 //! - [`authz`]: L7 AuthorizationPolicies (the shared evaluator);
 //! - [`upstream`]: HTTP connections to endpoints over HBONE;
 //! - [`retry`]: Istio's `retryOn` conditions and the retry budget;
-//! - [`breaker`]: circuit breaking (DestinationRule `connectionPool`);
+//! - [`breaker`]: circuit breaking and outlier detection (DestinationRule);
+//! - [`balance`]: load balancing (`loadBalancer`: least request, consistent hashing);
 //! - [`body`]: replayable request bodies, counted response bodies;
 //! - [`metrics`]: Istio's request metrics.
 pub mod authz;
+pub mod balance;
 pub mod body;
 pub mod breaker;
 pub mod engine;

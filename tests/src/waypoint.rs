@@ -151,7 +151,8 @@ pub mod yaml {
 /// first N times; `/slow?ms=N` answers after N ms (`/slowonce/K?ms=N`: only the first time; `/spans`: when
 /// each `/slow` request it answered began and ended, `/spans?reset=1` starts over); `/fail` always 503;
 /// `/hits/K` says how many requests K got; `/admin?fail=1` makes it answer 503
-/// to everything else (but `/hits` and `/spans`) until `/admin?fail=0`; `/ws` switches protocols (101) and
+/// to everything else (but `/hits` and `/spans`) until `/admin?fail=0`, and
+/// `/admin?delay=MS` delays every such answer; `/ws` switches protocols (101) and
 /// then answers every byte upper-cased. POST bodies are answered with
 /// their length and SHA-256 (PUT too; DELETE is answered as GET).
 const APP: &str = r#"
@@ -161,7 +162,7 @@ import socket
 VERSION, PORT = sys.argv[1], int(sys.argv[2])
 hits, lock = {}, threading.Lock()
 slow_spans = []
-failing = [False]
+failing, delay = [False], [0]
 def hit(key):
     with lock:
         hits[key] = hits.get(key, 0) + 1
@@ -188,10 +189,16 @@ class H(BaseHTTPRequestHandler):
         key = "/".join(parts[1:])
         n = hit(u.path)
         if head == "admin":
-            failing[0] = q.get("fail") == "1"
+            if "fail" in q:
+                failing[0] = q["fail"] == "1"
+            if "delay" in q:
+                delay[0] = int(q["delay"])
             return self.answer(200, "failing\n" if failing[0] else "healthy\n")
-        if failing[0] and head not in ("hits", "spans"):
-            return self.answer(503, "failing on purpose\n")
+        if head not in ("hits", "spans"):
+            if failing[0]:
+                return self.answer(503, "failing on purpose\n")
+            if delay[0]:
+                time.sleep(delay[0] / 1000)
         if head == "echo":
             return self.answer(200, json.dumps({"method": self.command, "path": self.path, "version": VERSION,
                 "headers": {k.lower(): v for k, v in self.headers.items()}}), "application/json")

@@ -265,3 +265,81 @@ fn outlier_detection_ejects_a_failing_endpoint_and_lets_it_back() {
     let allfail = hits(&s, "/allfail");
     assert_eq!(allfail.iter().filter(|n| **n > 0).count(), 3, "the others still get requests: {allfail:?}");
 }
+
+fn destination_rule(traffic_policy: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: backend, namespace: default}}\n\
+         spec:\n  host: backend\n  subsets: [{{name: v1, labels: {{version: v1}}}}]\n  trafficPolicy: {traffic_policy}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: backend, namespace: default}}\n\
+         spec:\n  hosts: [backend]\n  http: [{{route: [{{destination: {{host: backend, subset: v1}}}}]}}]\n"
+    )
+}
+
+/// `hey` with `c` clients for `n` requests of `path`; each backend's share.
+fn shares_under_load(s: &L7Setup, path: &str, n: usize, c: usize) -> Vec<f64> {
+    let url = format!("http://{BACKEND_VIP}{path}");
+    let out = run_in(&s.client.netns, &["hey", "-n", &n.to_string(), "-c", &c.to_string(), &url]);
+    assert!(out.status.success(), "{out:?}");
+    let got = hits(s, path);
+    let total: u64 = got.iter().sum();
+    got.iter().map(|h| *h as f64 / total.max(1) as f64).collect()
+}
+
+/// A key's pod for each of `keys` (one request each, header `x-user`).
+fn pods_by_key(s: &L7Setup, keys: usize) -> Vec<String> {
+    let script = "import http.client, json, sys\n\
+                  c = http.client.HTTPConnection(sys.argv[1], 80, timeout=10)\n\
+                  out = []\n\
+                  for k in range(int(sys.argv[2])):\n    \
+                  c.request('GET', '/key', headers={'x-user': 'user-%d' % k})\n    \
+                  r = c.getresponse()\n    out.append(r.read().decode().strip())\n\
+                  print(json.dumps(out))\n";
+    let out = run_in(&s.client.netns, &[SYSTEM_PYTHON, "-c", script, BACKEND_VIP, &keys.to_string()]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+/// LEAST_REQUEST (Istio's default) sends most requests to the fast one of a
+/// fast/slow pair, where ROUND_ROBIN splits them evenly; a consistent hash
+/// keeps a header's value on one pod across 500 requests, and a pod added
+/// takes about 1/N of the keys, which move only to it.
+#[test]
+fn load_balancers_weigh_load_and_keep_keys() {
+    let Some(s) = l7_setup("wp-balance") else { return };
+    // Subset v1 is b1 (fast) and b2 (slow: 50 ms an answer).
+    let run_in_ok = |pod: &Pod, url: &str| assert!(run_in(&pod.netns, &["curl", "-sf", url]).status.success());
+    run_in_ok(&s.backends[1], "http://127.0.0.1:8080/admin?delay=50");
+    s.mesh.apply("lb.yaml", &destination_rule("{}"));
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let least = shares_under_load(&s, "/least", 400, 8);
+    s.mesh.apply("lb.yaml", &destination_rule("{loadBalancer: {simple: ROUND_ROBIN}}"));
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let round = shares_under_load(&s, "/round", 400, 8);
+    println!("fast b1's share: LEAST_REQUEST {:.2}, ROUND_ROBIN {:.2}", least[0], round[0]);
+    assert!(least[0] > 0.65, "LEAST_REQUEST: {least:?}");
+    assert!((0.4..=0.6).contains(&round[0]), "ROUND_ROBIN: {round:?}");
+    run_in_ok(&s.backends[1], "http://127.0.0.1:8080/admin?delay=0");
+
+    // Consistent hash on x-user over the service's three pods.
+    let hashed = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: backend, namespace: default}\n\
+                  spec:\n  host: backend\n  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}\n";
+    s.mesh.apply("lb.yaml", hashed);
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let out =
+        run_in(&s.client.netns, &["curl", "-s", "-H", "x-user: alice", &format!("http://{BACKEND_VIP}/alice?[1-500]")]);
+    let pods: std::collections::BTreeSet<String> =
+        String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+    assert_eq!(pods.len(), 1, "alice's 500 requests on one pod: {pods:?}");
+    let before = pods_by_key(&s, 200);
+
+    let b4 = s.mesh.t.pod("b4");
+    s.mesh.apply("b4.yaml", &mesh_tests::waypoint::yaml::versioned_pod(&b4, "node1", "backend", "v3"));
+    s.mesh.wait_ready(&[(&b4, "node1", "backend")]);
+    let _app = s.mesh.t.app(&b4, 8080, "b4");
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let after = pods_by_key(&s, 200);
+    let moved: Vec<(&String, &String)> = before.iter().zip(&after).filter(|(b, a)| b != a).collect();
+    let share = moved.len() as f64 / before.len() as f64;
+    println!("a fourth pod: {} of {} keys moved ({share:.2})", moved.len(), before.len());
+    assert!((0.1..=0.45).contains(&share), "about 1/4 of the keys move: {share:.2}");
+    assert!(moved.iter().all(|(_, a)| a.as_str() == "b4"), "keys move only to the new pod: {moved:?}");
+}

@@ -635,7 +635,7 @@ pub struct TrafficPolicy {
     #[serde(default)]
     pub connection_pool: Option<ConnectionPool>,
     #[serde(default)]
-    pub load_balancer: Option<Value>,
+    pub load_balancer: Option<LoadBalancer>,
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetection>,
     #[serde(default)]
@@ -658,11 +658,74 @@ pub struct PortTrafficPolicy {
     #[serde(default)]
     pub connection_pool: Option<ConnectionPool>,
     #[serde(default)]
-    pub load_balancer: Option<Value>,
+    pub load_balancer: Option<LoadBalancer>,
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetection>,
     #[serde(default)]
     pub tls: Option<Value>,
+}
+
+/// Istio's `LoadBalancerSettings`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancer {
+    #[serde(default)]
+    pub simple: Option<String>,
+    #[serde(default)]
+    pub consistent_hash: Option<ConsistentHash>,
+    #[serde(default)]
+    pub locality_lb_setting: Option<Value>,
+    #[serde(default)]
+    pub warmup_duration_secs: Option<String>,
+    #[serde(default)]
+    pub warmup: Option<Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsistentHash {
+    #[serde(default)]
+    pub http_header_name: Option<String>,
+    #[serde(default)]
+    pub http_cookie: Option<HttpCookie>,
+    #[serde(default)]
+    pub use_source_ip: Option<bool>,
+    #[serde(default)]
+    pub http_query_parameter_name: Option<String>,
+    #[serde(default)]
+    pub ring_hash: Option<RingHash>,
+    #[serde(default)]
+    pub maglev: Option<Maglev>,
+    /// Deprecated: `ringHash.minimumRingSize`.
+    #[serde(default)]
+    pub minimum_ring_size: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCookie {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub ttl: Option<String>,
+    #[serde(default)]
+    pub attributes: Option<Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RingHash {
+    #[serde(default)]
+    pub minimum_ring_size: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Maglev {
+    #[serde(default)]
+    pub table_size: Option<i64>,
 }
 
 /// Istio's `OutlierDetection`.

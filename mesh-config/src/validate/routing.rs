@@ -6,9 +6,9 @@ use mesh_common::parse_duration;
 
 use super::{Issues, check_labels, check_port, valid_subdomain};
 use crate::objects::routing::{
-    BackendRef, ConnectionPool, GRPC_CODES, Gateway, GrpcRouteSpec, HttpRouteFilter, HttpRouteSpec, NamedTypedMatch,
-    OutlierDetection, Percent, StringMatch, TrafficPolicy, VirtualServiceSpec, VsDestination, VsFault, VsHeaderOps,
-    VsHeaders,
+    BackendRef, ConnectionPool, GRPC_CODES, Gateway, GrpcRouteSpec, HttpRouteFilter, HttpRouteSpec, LoadBalancer,
+    NamedTypedMatch, OutlierDetection, Percent, StringMatch, TrafficPolicy, VirtualServiceSpec, VsDestination, VsFault,
+    VsHeaderOps, VsHeaders,
 };
 
 /// The class of waypoint Gateways, and the label saying what traffic a waypoint takes.
@@ -491,6 +491,9 @@ fn check_traffic_policy(tp: &TrafficPolicy, at: &str, out: &mut Issues) {
     if let Some(od) = &tp.outlier_detection {
         check_outlier_detection(od, &format!("{at}.outlierDetection"), out);
     }
+    if let Some(lb) = &tp.load_balancer {
+        check_load_balancer(lb, &format!("{at}.loadBalancer"), out);
+    }
     for (i, p) in tp.port_level_settings.iter().enumerate() {
         let base = format!("{at}.portLevelSettings[{i}]");
         match &p.port {
@@ -503,7 +506,75 @@ fn check_traffic_policy(tp: &TrafficPolicy, at: &str, out: &mut Issues) {
         if let Some(od) = &p.outlier_detection {
             check_outlier_detection(od, &format!("{base}.outlierDetection"), out);
         }
+        if let Some(lb) = &p.load_balancer {
+            check_load_balancer(lb, &format!("{base}.loadBalancer"), out);
+        }
     }
+}
+
+/// The `simple` policies Istio has (`LEAST_CONN` is its old name for LEAST_REQUEST).
+pub const SIMPLE_LB: [&str; 6] = ["UNSPECIFIED", "LEAST_CONN", "ROUND_ROBIN", "RANDOM", "PASSTHROUGH", "LEAST_REQUEST"];
+
+/// Istio's checks on `LoadBalancerSettings`.
+fn check_load_balancer(lb: &LoadBalancer, at: &str, out: &mut Issues) {
+    if let Some(simple) = &lb.simple
+        && !SIMPLE_LB.contains(&simple.as_str())
+    {
+        out.push((format!("{at}.simple"), format!("{simple:?}: expected one of {}", SIMPLE_LB.join(", "))));
+    }
+    if lb.simple.is_some() && lb.consistent_hash.is_some() {
+        out.push((at.into(), "set one of simple and consistentHash".into()));
+    }
+    if let Some(ch) = &lb.consistent_hash {
+        let at = format!("{at}.consistentHash");
+        let keys = [
+            ch.http_header_name.is_some(),
+            ch.http_cookie.is_some(),
+            ch.use_source_ip.is_some(),
+            ch.http_query_parameter_name.is_some(),
+        ];
+        if keys.iter().filter(|k| **k).count() != 1 {
+            out.push((
+                at.clone(),
+                "set exactly one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName".into(),
+            ));
+        }
+        if let Some(c) = &ch.http_cookie {
+            if c.name.is_empty() {
+                out.push((format!("{at}.httpCookie.name"), "is required".into()));
+            }
+            if let Some(ttl) = &c.ttl
+                && let Err(e) = parse_duration(ttl)
+            {
+                out.push((format!("{at}.httpCookie.ttl"), e));
+            }
+        }
+        if ch.ring_hash.is_some() && ch.maglev.is_some() {
+            out.push((at.clone(), "set one of ringHash and maglev".into()));
+        }
+        if let Some(size) = ch.maglev.as_ref().and_then(|m| m.table_size)
+            && !is_prime(size)
+        {
+            out.push((format!("{at}.maglev.tableSize"), format!("{size}: must be a prime number")));
+        }
+        for (field, v) in [
+            ("ringHash.minimumRingSize", ch.ring_hash.as_ref().and_then(|r| r.minimum_ring_size)),
+            ("minimumRingSize", ch.minimum_ring_size),
+        ] {
+            if v.is_some_and(|v| v < 0) {
+                out.push((format!("{at}.{field}"), "must not be negative".into()));
+            }
+        }
+    }
+    if let Some(w) = &lb.warmup_duration_secs
+        && let Err(e) = parse_duration(w)
+    {
+        out.push((format!("{at}.warmupDurationSecs"), e));
+    }
+}
+
+fn is_prime(n: i64) -> bool {
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
 }
 
 /// Istio's checks on `OutlierDetection`.

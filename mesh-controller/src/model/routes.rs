@@ -14,8 +14,9 @@ use crate::config::{
         Labels,
         routing::{
             BackendRef, ConnectionPool, DestinationRule, GRPC_CODES, GrpcRoute, GrpcRouteMatch, HeaderModifier,
-            HttpRoute, HttpRouteFilter, HttpRouteMatch, NamedTypedMatch, OutlierDetection, PathModifier, StringMatch,
-            TrafficPolicy, VirtualService, VsDelay, VsDestination, VsFault, VsHeaderOps, VsHttpRoute, VsMatch,
+            HttpRoute, HttpRouteFilter, HttpRouteMatch, LoadBalancer, NamedTypedMatch, OutlierDetection, PathModifier,
+            StringMatch, TrafficPolicy, VirtualService, VsDelay, VsDestination, VsFault, VsHeaderOps, VsHttpRoute,
+            VsMatch,
         },
     },
 };
@@ -131,7 +132,45 @@ fn traffic_policy(tp: &TrafficPolicy) -> api::TrafficPolicy {
             .iter()
             .filter_map(|p| Some((port(p)?, outlier_detection(p.outlier_detection.as_ref()?))))
             .collect(),
+        load_balancer: tp.load_balancer.as_ref().map(load_balancer),
+        port_load_balancers: tp
+            .port_level_settings
+            .iter()
+            .filter_map(|p| Some((port(p)?, load_balancer(p.load_balancer.as_ref()?))))
+            .collect(),
     }
+}
+
+/// Istio's default ring of 1024 entries, and Maglev table of 65537.
+fn load_balancer(lb: &LoadBalancer) -> api::LoadBalancer {
+    use api::load_balancer::Simple;
+    let simple = match lb.simple.as_deref() {
+        Some("ROUND_ROBIN") => Simple::RoundRobin,
+        Some("RANDOM") => Simple::Random,
+        Some("PASSTHROUGH") => Simple::Passthrough,
+        Some("LEAST_REQUEST" | "LEAST_CONN") => Simple::LeastRequest,
+        _ => Simple::Default,
+    };
+    let mut out = api::LoadBalancer { simple: simple.into(), ..Default::default() };
+    if let Some(ch) = &lb.consistent_hash {
+        out.hashed = true;
+        out.header = ch.http_header_name.clone().unwrap_or_default().to_ascii_lowercase();
+        if let Some(c) = &ch.http_cookie {
+            out.cookie = c.name.clone();
+            out.cookie_path = c.path.clone().unwrap_or_default();
+            out.cookie_ttl_ms = ms(c.ttl.as_ref());
+        }
+        out.source_ip = ch.use_source_ip.unwrap_or(false);
+        out.query_parameter = ch.http_query_parameter_name.clone().unwrap_or_default();
+        out.maglev = ch.maglev.is_some();
+        let size = if out.maglev {
+            ch.maglev.as_ref().and_then(|m| m.table_size).unwrap_or(65537)
+        } else {
+            ch.ring_hash.as_ref().and_then(|r| r.minimum_ring_size).or(ch.minimum_ring_size).unwrap_or(1024)
+        };
+        out.table_size = u64::try_from(size).unwrap_or(0);
+    }
+    out
 }
 
 /// With Istio's defaults: 5 consecutive 5xx (or local-origin failures),

@@ -93,6 +93,12 @@ impl ServiceInfo {
         self.merged(subset, port, |t| &t.port_outlier_detections, |t| t.outlier_detection.as_ref())
     }
 
+    /// The load balancer for `subset` on `port`, merged as
+    /// [`Self::connection_pool`].
+    pub fn load_balancer(&self, subset: &str, port: u16) -> Option<&api::LoadBalancer> {
+        self.merged(subset, port, |t| &t.port_load_balancers, |t| t.load_balancer.as_ref())
+    }
+
     /// Istio's merge of one section of the traffic policy.
     fn merged<'a, T>(
         &'a self,
