@@ -112,6 +112,15 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
                 }
             }
         }
+        Resource::HttpLocalRateLimitPolicy(r) => {
+            let t = &r.spec.target_ref;
+            if t.kind != "Service" || t.group.as_deref().is_some_and(|g| !g.is_empty() && g != "core") {
+                out.push((
+                    Some("spec.targetRef".into()),
+                    format!("{:?}: mesh enforces local rate limits on Services (at their waypoint); this one applies nowhere", t.kind),
+                ));
+            }
+        }
         Resource::Opaque(o) => {
             out.push((None, format!("accepted, not enforced: mesh does not implement {} yet, so it has no effect", o.kind.name())))
         }

@@ -92,6 +92,7 @@ fn typed(kind: Kind, mut value: Value, text: &str) -> Result<Resource, (String, 
         Kind::GrpcRoute => Resource::GrpcRoute(de(value, text)?),
         Kind::VirtualService => Resource::VirtualService(de(value, text)?),
         Kind::DestinationRule => Resource::DestinationRule(de(value, text)?),
+        Kind::HttpLocalRateLimitPolicy => Resource::HttpLocalRateLimitPolicy(de(value, text)?),
         k if k.is_opaque() => Resource::Opaque(Opaque { kind: k, ..de(value, text)? }),
         k => unreachable!("{k:?} has a typed arm above"),
     })

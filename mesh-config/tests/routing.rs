@@ -24,6 +24,7 @@ fn istio_bookinfo_and_gamma_samples_are_accepted_unchanged() {
 
 const HEAD: &str =
     "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: r\nspec:\n  hosts: [reviews]\n";
+const RL_HEAD: &str = "apiVersion: policy.linkerd.io/v1alpha1\nkind: HTTPLocalRateLimitPolicy\nmetadata:\n  name: rl\nspec:\n  targetRef: {kind: Service, name: web}\n";
 const DR_HEAD: &str =
     "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: d\nspec:\n  host: reviews\n";
 const ROUTE_HEAD: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: r\nspec:\n  parentRefs: [{kind: Service, name: reviews}]\n";
@@ -157,6 +158,21 @@ fn what_istio_rejects_is_rejected_with_line_and_field() {
             "is required",
         ),
         (
+            format!("{RL_HEAD}  total: {{requestsPerSecond: 0}}\n"),
+            "spec.total.requestsPerSecond",
+            "must be positive",
+        ),
+        (
+            format!("{RL_HEAD}  overrides: [{{requestsPerSecond: 5, clientRefs: [{{kind: Deployment, name: bot}}]}}]\n"),
+            "spec.overrides[0].clientRefs[0].kind",
+            "expected ServiceAccount",
+        ),
+        (
+            format!("{RL_HEAD}  overrides: []\n"),
+            "spec",
+            "needs total, identity or overrides",
+        ),
+        (
             format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer: {{simple: FASTEST}}\n"),
             "spec.trafficPolicy.loadBalancer.simple",
             "expected one of",
@@ -213,6 +229,25 @@ fn what_istio_rejects_is_rejected_with_line_and_field() {
         assert!(p.line >= 10, "{field}: the line is within the document: {p}");
         assert!(p.to_string().starts_with("routes.yaml:"), "{p}");
     }
+}
+
+#[test]
+fn linkerds_rate_limit_policy_is_accepted() {
+    // Linkerd's documented shape, on a Service (a Server target is warned about: it applies nowhere).
+    let text = format!(
+        "{RL_HEAD}  total: {{requestsPerSecond: 100}}\n  identity: {{requestsPerSecond: 20}}\n  overrides:\n  - requestsPerSecond: 25\n    clientRefs: [{{kind: ServiceAccount, namespace: emojivoto, name: vote-bot}}]\n"
+    );
+    let (_, resource) =
+        parse_document(&Document { file: "rl.yaml".into(), line: 1, text }).unwrap_or_else(|(_, p)| panic!("{p:?}"));
+    assert!(mesh_config::not_enforced(&resource).is_empty());
+    let server = RL_HEAD.replace("kind: Service,", "group: policy.linkerd.io, kind: Server,")
+        + "  total: {requestsPerSecond: 1}\n";
+    let (_, resource) = parse_document(&Document { file: "rl.yaml".into(), line: 1, text: server }).unwrap();
+    assert!(
+        mesh_config::not_enforced(&resource)
+            .iter()
+            .any(|(f, m)| f.as_deref() == Some("spec.targetRef") && m.contains("applies nowhere"))
+    );
 }
 
 #[test]

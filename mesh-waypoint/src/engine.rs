@@ -230,6 +230,14 @@ async fn route_and_send(
         rec.denied_by = d.policy;
         return local(rec, StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
     }
+    let svc_key = ds.service.key();
+    if let Err(l) = wp.rate_limits.check(svc_key, ds.service.rate_limit.as_ref(), ds.peer.as_ref(), ds.peer_addr.ip()) {
+        wp.metrics.rate_limited(svc_key, l.limit);
+        tracing::debug!(request_id = rec.request_id(), policy = %l.policy, limit = l.limit, "rate limited");
+        let mut r = local(rec, StatusCode::TOO_MANY_REQUESTS, "RL", "local rate limited");
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(l.retry_after));
+        return r;
+    }
     let routes = view.routes(&ds.service);
     let facts = RequestFacts {
         method: parts.method.as_str(),

@@ -12,6 +12,7 @@
 //! - [`retry`]: Istio's `retryOn` conditions and the retry budget;
 //! - [`breaker`]: circuit breaking and outlier detection (DestinationRule);
 //! - [`balance`]: load balancing (`loadBalancer`: least request, consistent hashing);
+//! - [`ratelimit`]: local rate limits (`HTTPLocalRateLimitPolicy`);
 //! - [`body`]: replayable request bodies, counted response bodies;
 //! - [`metrics`]: Istio's request metrics.
 pub mod authz;
@@ -20,6 +21,7 @@ pub mod body;
 pub mod breaker;
 pub mod engine;
 pub mod metrics;
+pub mod ratelimit;
 pub mod retry;
 pub mod server;
 pub mod upstream;
@@ -37,6 +39,7 @@ pub struct Waypoint {
     pub proxy: Arc<Proxy>,
     pub upstreams: upstream::Upstreams,
     pub clusters: breaker::Clusters,
+    pub rate_limits: ratelimit::RateLimits,
     pub metrics: metrics::RequestMetrics,
     pub budget: retry::Budget,
     /// The identity this waypoint serves as (its instance's), once the
@@ -62,6 +65,7 @@ impl Waypoint {
             proxy,
             upstreams: upstream::Upstreams::default(),
             clusters: breaker::Clusters::default(),
+            rate_limits: ratelimit::RateLimits::default(),
             metrics,
             budget: retry::Budget::default(),
             me: RwLock::default(),

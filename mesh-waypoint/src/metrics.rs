@@ -52,6 +52,15 @@ pub struct RequestMetrics {
     authz_dry_run: Family<AuthzLabels, Counter>,
     overflows: Counter,
     ejections: Family<EjectionLabels, Counter>,
+    rate_limited: Family<RateLimitLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// `total`, `identity` or `override`.
+    pub limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -91,6 +100,7 @@ impl RequestMetrics {
             authz_dry_run: Family::default(),
             overflows: Counter::default(),
             ejections: Family::default(),
+            rate_limited: Family::default(),
         };
         registry.register("istio_requests", "Requests handled", m.requests.clone());
         registry.register("istio_request_duration_milliseconds", "Request duration", m.duration.clone());
@@ -122,7 +132,16 @@ impl RequestMetrics {
             "Endpoints ejected by outlier detection",
             m.ejections.clone(),
         );
+        registry.register(
+            "mesh_waypoint_rate_limited",
+            "Requests refused (429) by a local rate limit (HTTPLocalRateLimitPolicy)",
+            m.rate_limited.clone(),
+        );
         m
+    }
+
+    pub fn rate_limited(&self, service: &str, limit: &'static str) {
+        self.rate_limited.get_or_create(&RateLimitLabels { service: service.to_owned(), limit }).inc();
     }
 
     pub fn ejected(&self, service: &str, reason: &'static str) {

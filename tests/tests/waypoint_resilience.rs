@@ -343,3 +343,66 @@ fn load_balancers_weigh_load_and_keep_keys() {
     assert!((0.1..=0.45).contains(&share), "about 1/4 of the keys move: {share:.2}");
     assert!(moved.iter().all(|(_, a)| a.as_str() == "b4"), "keys move only to the new pod: {moved:?}");
 }
+
+fn rate_limit(spec: &str) -> String {
+    format!(
+        "apiVersion: policy.linkerd.io/v1alpha1\nkind: HTTPLocalRateLimitPolicy\nmetadata: {{name: backend-rl, namespace: default}}\n\
+         spec:\n  targetRef: {{group: core, kind: Service, name: backend}}\n{spec}"
+    )
+}
+
+/// `hey`'s count of each status.
+fn hey_statuses(text: &str) -> BTreeMap<String, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let code = l.strip_prefix('[')?.split(']').next()?.to_owned();
+            let n = l.split(']').nth(1)?.split_whitespace().next()?.parse().ok()?;
+            Some((code, n))
+        })
+        .collect()
+}
+
+/// Linkerd's HTTPLocalRateLimitPolicy on a Service: at 100 requests a second
+/// against a total of 20, the answered ones stay within one bucket (one
+/// second's worth) of 20 a second, the rest get 429 with retry-after; a
+/// per-identity limit keeps one caller's flood from another caller.
+#[test]
+fn local_rate_limits_hold_their_rate() {
+    let Some(s) = l7_setup("wp-ratelimit") else { return };
+    s.mesh.apply("rl.yaml", &rate_limit("  total: {requestsPerSecond: 20}\n"));
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let url = format!("http://{BACKEND_VIP}/limited");
+    let out = run_in(&s.client.netns, &["hey", "-z", "4s", "-c", "1", "-q", "100", &url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let got = hey_statuses(&text);
+    let (ok, limited) = (got.get("200").copied().unwrap_or(0), got.get("429").copied().unwrap_or(0));
+    println!("100 rps for 4 s against 20 rps: {ok} answered, {limited} limited");
+    assert!(ok + limited > 200, "the client sent too little to test the limit: {got:?}\n{text}");
+    assert!((60..=105).contains(&ok), "20 a second for 4 s, plus at most one second's burst: {ok}");
+    // A quick burst past the bucket: the refused are told when to come back.
+    let out = run_in(&s.client.netns, &["curl", "-s", "-D", "-", "-o", "/dev/null", &format!("{url}?[1-40]")]);
+    let heads = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    let refused = heads.split("\r\n\r\n").find(|h| h.starts_with("http/1.1 429")).unwrap_or_else(|| panic!("{heads}"));
+    assert!(refused.contains("retry-after: 1"), "{refused}");
+    let metrics = waypoint_metrics(&s.wp_pod);
+    assert!(sum_metric(&metrics, "mesh_waypoint_rate_limited_total", &[("limit", "total")]) >= limited as f64);
+    assert!(sum_metric(&metrics, "istio_requests_total", &[("response_code", "429"), ("response_flags", "RL")]) >= 1.0);
+
+    // Per identity: client floods, other is untouched.
+    s.mesh.apply("rl.yaml", &rate_limit("  identity: {requestsPerSecond: 10}\n"));
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let codes = |pod: &Pod, n: usize| {
+        let out =
+            run_in(&pod.netns, &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}\\n", &format!("{url}?[1-{n}]")]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text.lines().filter(|c| *c == "200").count(), text.lines().filter(|c| *c == "429").count())
+    };
+    let (flood_ok, flood_limited) = codes(&s.client, 60);
+    let (other_ok, other_limited) = codes(&s.other, 8);
+    println!(
+        "identity limit 10 rps: client's flood {flood_ok} answered / {flood_limited} limited; other {other_ok} / {other_limited}"
+    );
+    assert!(flood_limited > 0 && flood_ok <= 25, "the flooding caller is limited: {flood_ok}/{flood_limited}");
+    assert_eq!((other_ok, other_limited), (8, 0), "the other caller has its own bucket");
+}

@@ -157,6 +157,7 @@ pub fn validate(resource: &Resource) -> Issues {
         Resource::Gateway(g) => routing::check_gateway(g, &mut out),
         Resource::HttpRoute(r) => routing::check_http_route(&r.spec, &mut out),
         Resource::GrpcRoute(r) => routing::check_grpc_route(&r.spec, &mut out),
+        Resource::HttpLocalRateLimitPolicy(r) => check_rate_limit(&r.spec, &mut out),
         Resource::VirtualService(vs) => routing::check_virtual_service(&vs.spec, &mut out),
         Resource::DestinationRule(dr) => routing::check_destination_rule(&dr.spec, &mut out),
         Resource::Opaque(_) => {}
@@ -175,6 +176,37 @@ fn check_meta(meta: &ObjectMeta, namespaced: bool, out: &mut Issues) {
         out.push(("metadata.namespace".into(), format!("{ns:?} is not a valid namespace name")));
     }
     check_labels(&meta.labels, "metadata.labels", out);
+}
+
+/// Linkerd's checks on `HTTPLocalRateLimitPolicy`: positive limits, a
+/// limit to enforce, overrides that name service accounts.
+fn check_rate_limit(spec: &crate::objects::RateLimitSpec, out: &mut Issues) {
+    if spec.target_ref.name.is_empty() {
+        out.push(("spec.targetRef.name".into(), "is required".into()));
+    }
+    for (name, limit) in [("total", &spec.total), ("identity", &spec.identity)] {
+        if let Some(l) = limit
+            && l.requests_per_second <= 0
+        {
+            out.push((format!("spec.{name}.requestsPerSecond"), "must be positive".into()));
+        }
+    }
+    if spec.total.is_none() && spec.identity.is_none() && spec.overrides.is_empty() {
+        out.push(("spec".into(), "needs total, identity or overrides".into()));
+    }
+    for (i, o) in spec.overrides.iter().enumerate() {
+        if o.requests_per_second <= 0 {
+            out.push((format!("spec.overrides[{i}].requestsPerSecond"), "must be positive".into()));
+        }
+        if o.client_refs.is_empty() {
+            out.push((format!("spec.overrides[{i}].clientRefs"), "names no client".into()));
+        }
+        for (j, c) in o.client_refs.iter().enumerate() {
+            if c.kind.as_deref().is_some_and(|k| k != "ServiceAccount") {
+                out.push((format!("spec.overrides[{i}].clientRefs[{j}].kind"), "expected ServiceAccount".into()));
+            }
+        }
+    }
 }
 
 fn check_authorization(spec: &AuthorizationPolicySpec, out: &mut Issues) {

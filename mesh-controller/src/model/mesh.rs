@@ -71,6 +71,8 @@ pub struct Service {
     /// Its DestinationRule's traffic policy, and its subsets'.
     pub traffic_policy: Option<mesh_common::api::TrafficPolicy>,
     pub subset_traffic_policies: BTreeMap<String, mesh_common::api::TrafficPolicy>,
+    /// The HTTPLocalRateLimitPolicy that targets it (the first by name).
+    pub rate_limit: Option<mesh_common::api::RateLimit>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -372,6 +374,11 @@ impl MeshModel {
                 svc.subset_traffic_policies = subsets;
             }
         }
+        for stored in store.objects().values() {
+            if let Resource::HttpLocalRateLimitPolicy(r) = stored.resource.as_ref() {
+                rate_limit(&mut model, r, &settings.trust_domain);
+            }
+        }
         super::bypass::guard_waypoint_services(&mut model);
         model
     }
@@ -492,6 +499,42 @@ fn mode(m: Option<&String>) -> Option<MtlsMode> {
 /// An empty selector selects everything.
 pub fn selector_matches(selector: &Labels, labels: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// An HTTPLocalRateLimitPolicy onto the Service it targets (a targetRef of
+/// another kind was warned about; a Service that does not exist is a
+/// reference that takes effect when it appears).
+fn rate_limit(model: &mut MeshModel, r: &crate::config::objects::RateLimitPolicy, trust_domain: &str) {
+    let ns = r.metadata.namespace();
+    let t = &r.spec.target_ref;
+    if t.kind != "Service" {
+        return;
+    }
+    let key = format!("{}/{}", t.namespace.as_deref().unwrap_or(ns), t.name);
+    let Some(svc) = model.services.get_mut(&key) else { return };
+    if svc.rate_limit.is_some() {
+        return; // the first policy by name wins
+    }
+    let rps = |v: i64| u32::try_from(v).unwrap_or(0);
+    svc.rate_limit = Some(mesh_common::api::RateLimit {
+        policy: format!("{ns}/{}", r.metadata.name),
+        total_rps: r.spec.total.as_ref().map_or(0, |l| rps(l.requests_per_second)),
+        identity_rps: r.spec.identity.as_ref().map_or(0, |l| rps(l.requests_per_second)),
+        overrides: r
+            .spec
+            .overrides
+            .iter()
+            .map(|o| mesh_common::api::RateLimitOverride {
+                rps: rps(o.requests_per_second),
+                identities: o
+                    .client_refs
+                    .iter()
+                    .filter_map(|c| SpiffeId::new(trust_domain, c.namespace.as_deref().unwrap_or(ns), &c.name).ok())
+                    .map(|id| id.to_string())
+                    .collect(),
+            })
+            .collect(),
+    });
 }
 
 #[cfg(test)]

@@ -63,6 +63,8 @@ pub struct ServiceInfo {
     /// Its DestinationRule's traffic policy, and its subsets'.
     traffic_policy: Option<api::TrafficPolicy>,
     subset_traffic_policies: HashMap<String, api::TrafficPolicy>,
+    /// The local rate limit its waypoint enforces.
+    pub rate_limit: Option<api::RateLimit>,
 }
 
 /// A service's waypoint: its Gateway (`namespace/name`) and running instances.
@@ -217,6 +219,7 @@ impl MeshView {
                 waypoint_policies: std::sync::OnceLock::new(),
                 traffic_policy: s.traffic_policy.clone(),
                 subset_traffic_policies: s.subset_traffic_policies.clone().into_iter().collect(),
+                rate_limit: s.rate_limit.clone(),
             });
             for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
                 view.by_vip.insert(vip, info.clone());
@@ -433,6 +436,7 @@ mod tests {
                     ),
                 ]
                 .into(),
+                rate_limit: None,
             },
         );
         store.services.insert(
