@@ -4,6 +4,7 @@
 //! each node's admin API; `check` works offline.
 mod api;
 mod check;
+mod endpoints;
 mod enroll;
 mod explain;
 mod explain_l7;
@@ -79,6 +80,17 @@ enum Cmd {
     /// Authorization questions.
     #[command(subcommand)]
     Authz(AuthzCmd),
+    /// A service's endpoints as its waypoint sees them: outlier detection, requests in flight, circuit breakers.
+    #[command(
+        after_help = "Examples:\n  mesh-ctl endpoints --service demo/backend\n  mesh-ctl endpoints --service demo/backend -o json"
+    )]
+    Endpoints {
+        /// The service, namespace/name.
+        #[arg(long)]
+        service: String,
+        #[command(flatten)]
+        nodes: NodeSelector,
+    },
     /// HTTP routes of the services bound to waypoints, in the order the waypoint tries them.
     #[command(after_help = "Examples:\n  mesh-ctl routes\n  mesh-ctl routes demo/backend -o yaml")]
     Routes {
@@ -247,6 +259,7 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Routes { service, nodes } => route::routes(&client, nodes, service.as_deref()),
+        Cmd::Endpoints { service, nodes } => endpoints::endpoints(&client, nodes, service),
         Cmd::Waypoint(WaypointCmd::Apply { namespace, name, for_traffic, enroll_namespace, wait }) => {
             let a = waypoint::Apply {
                 namespace,

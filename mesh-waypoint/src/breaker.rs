@@ -51,6 +51,7 @@ impl Clusters {
                         let left = h.ejected_until.filter(|u| *u > now).map(|u| (u - now).as_millis() as u64);
                         serde_json::json!({
                             "endpoint": addr.to_string(),
+                            "active_requests": c.load_of(addr),
                             "ejected": left.is_some(),
                             "ejected_for_ms": left,
                             "ejections": h.ejections,

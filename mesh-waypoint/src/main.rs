@@ -43,6 +43,11 @@ struct Args {
     hbone_addr: SocketAddr,
     #[arg(long, default_value = "[::]:15020")]
     metrics_addr: SocketAddr,
+    /// Where mesh-ctl reaches this waypoint's metrics port (its pod IP and
+    /// the metrics port), announced to the controller: `mesh-ctl endpoints`
+    /// reads `/debug/endpoints` there.
+    #[arg(long)]
+    announce_addr: Option<SocketAddr>,
     #[arg(long, default_value = "[::]:15021")]
     ready_addr: SocketAddr,
     /// How long open requests may run on after SIGTERM.
@@ -86,7 +91,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ca_file: args.controller_ca.clone(),
             server_name: args.controller_name.clone(),
             state_dir: args.state_dir.clone(),
-            admin_addr: None,
+            admin_addr: args.announce_addr,
             role: "waypoint",
         },
         proxy.clone(),

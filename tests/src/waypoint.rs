@@ -20,7 +20,7 @@ impl Mesh {
     /// Gives `pod` an address on the nodes' subnet too, so a process in it
     /// reaches the controller (as a waypoint's pod reaches istiod).
     pub fn reach_controller(&self, pod: &Pod) {
-        let addr = format!("10.201.0.{}/24", 100 + pod.ip4.octets()[3]);
+        let addr = format!("{}/24", nodes_side(pod));
         run_in_ok(&pod.netns, &["ip", "addr", "add", &addr, "dev", "eth0"]);
     }
 
@@ -43,6 +43,8 @@ impl Mesh {
             args.extend(["taskset".into(), "-c".into(), cpus.into()]);
         }
         args.extend([bin.display().to_string(), "--state-dir".into(), state, "--log-format".into(), "json".into()]);
+        // mesh-ctl (beside the controller) reads its /debug/endpoints there.
+        args.extend(["--announce-addr".into(), format!("{}:15020", nodes_side(pod))]);
         args.extend(extra.iter().map(|s| s.to_string()));
         args.extend(self.controller.agent_args(node));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -55,6 +57,11 @@ impl Mesh {
         }
         proc
     }
+}
+
+/// A waypoint pod's address on the nodes' subnet ([`Mesh::reach_controller`]).
+fn nodes_side(pod: &Pod) -> String {
+    format!("10.201.0.{}", 100 + pod.ip4.octets()[3])
 }
 
 fn ready(netns: &Path) -> bool {

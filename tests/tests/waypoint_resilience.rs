@@ -244,6 +244,13 @@ fn outlier_detection_ejects_a_failing_endpoint_and_lets_it_back() {
     assert_eq!(during[0] + during[1], 60, "{during:?}");
     let text = waypoint_metrics(&s.wp_pod);
     assert_eq!(sum_metric(&text, "mesh_waypoint_outlier_ejections_total", &[("service", "default/backend")]), 2.0);
+    // mesh-ctl shows each endpoint as the waypoint sees it.
+    let out = s.mesh.ctl(&["endpoints", "--service", "default/backend"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    let row = |addr: &str| table.lines().find(|l| l.contains(addr)).unwrap_or_else(|| panic!("{addr} in\n{table}"));
+    assert!(row(&b3_addrs[0]).contains("EJECTED"), "{table}");
+    assert!(row(&format!("{}:8080", s.backends[0].ip4)).contains("healthy"), "{table}");
 
     // Healthy again, and back in rotation once its ejection ends.
     set_failing(b3, false);
