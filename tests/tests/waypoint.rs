@@ -285,8 +285,10 @@ fn http2_requests_on_one_connection_are_balanced() {
         .map(|b| curl(b, &["http://127.0.0.1:8080/hits/spread"]).1.trim().parse().unwrap())
         .collect();
     println!("300 HTTP/2 requests on one connection: {hits:?} per endpoint");
+    // Istio's default balancer (LEAST_REQUEST) picks per request; at equal
+    // load that is at random: 100 each within 5 standard deviations (8.2).
     for (b, n) in ["b1", "b2", "b3"].iter().zip(&hits) {
-        assert!((90..=110).contains(n), "{b} got {n} of 300, want 100 ± 10: {hits:?}");
+        assert!((59..=141).contains(n), "{b} got {n} of 300, want 100 ± 41: {hits:?}");
     }
     let logged = access_log(&s.wp).into_iter().filter(|l| l["path"] == "/spread").count();
     assert_eq!(logged, 300, "one access-log line per request");
@@ -445,7 +447,8 @@ fn grpc_calls_of_every_kind_through_the_waypoint() {
     println!("gRPC through the waypoint: {got}");
     for b in ["b1", "b2", "b3"] {
         let n = got["unary"][b].as_u64().unwrap_or(0);
-        assert!((90..=110).contains(&n), "{b} got {n} of 300 calls on one channel, want 100 ± 10: {got}");
+        // Per call, at random at equal load (LEAST_REQUEST): 100 within 5 standard deviations.
+        assert!((59..=141).contains(&n), "{b} got {n} of 300 calls on one channel, want 100 ± 41: {got}");
     }
     assert_eq!(got["server_stream"].as_array().map(Vec::len), Some(5), "{got}");
     assert!(got["client_stream"].as_str().is_some_and(|c| c.ends_with(" got 7")), "{got}");
