@@ -52,10 +52,12 @@ impl HttpRequest for Facts<'_> {
 /// The decision for a request when a policy applies (`None`: none does, and
 /// the request goes on); counted, and logged when it denies.
 pub fn check(wp: &Waypoint, ds: &Downstream, view: &MeshView, facts: &Facts<'_>, request_id: &str) -> Option<Decision> {
-    let me = wp.identity();
-    let instance =
-        ds.service.waypoint.as_ref().and_then(|w| w.instances.iter().find(|i| Some(&i.identity) == me.as_ref()));
-    let policies = view.waypoint_policies(&ds.service, instance.map(|w| w.as_ref()));
+    // This waypoint's own instance (for policies that select its pods), looked up once per view.
+    let instance = || {
+        let me = wp.identity()?;
+        ds.service.waypoint.as_ref()?.instances.iter().find(|i| i.identity == me).cloned()
+    };
+    let policies = view.waypoint_policies(&ds.service, instance);
     policies.clone().next()?; // no policy applies: nothing to decide
     let conn = Connection {
         source: ds.peer.clone(),
@@ -67,29 +69,25 @@ pub fn check(wp: &Waypoint, ds: &Downstream, view: &MeshView, facts: &Facts<'_>,
     wp.metrics.authorized(false, decision.allowed, decision.policy.as_deref());
     if let Some(shadow) = authz::dry_run(policies, &conn, Some(facts)) {
         wp.metrics.authorized(true, shadow.allowed, shadow.policy.as_deref());
-        info!(
-            request_id,
-            service = ds.service.key(),
-            method = facts.method,
-            path = facts.path_and_query,
-            source = %ds.peer.as_ref().map(ToString::to_string).unwrap_or_default(),
-            dry_run_decision = if shadow.allowed { "allow" } else { "deny" },
-            policy = shadow.policy.as_deref().unwrap_or(""),
-            reason = %shadow.reason,
-            "dry-run authorization (not enforced)"
-        );
+        log(ds, facts, request_id, &shadow, "dry-run authorization (not enforced)");
     }
     if !decision.allowed {
-        info!(
-            request_id,
-            service = ds.service.key(),
-            method = facts.method,
-            path = facts.path_and_query,
-            source = %ds.peer.as_ref().map(ToString::to_string).unwrap_or_default(),
-            policy = decision.policy.as_deref().unwrap_or(""),
-            reason = %decision.reason,
-            "request denied by authorization policy"
-        );
+        log(ds, facts, request_id, &decision, "request denied by authorization policy");
     }
     Some(decision)
+}
+
+/// One log line for a decision worth telling (a denial, a dry-run verdict).
+fn log(ds: &Downstream, facts: &Facts<'_>, request_id: &str, d: &Decision, what: &str) {
+    info!(
+        request_id,
+        service = ds.service.key(),
+        method = facts.method,
+        path = facts.path_and_query,
+        source = %ds.peer.as_ref().map(ToString::to_string).unwrap_or_default(),
+        decision = if d.allowed { "allow" } else { "deny" },
+        policy = d.policy.as_deref().unwrap_or(""),
+        reason = %d.reason,
+        "{what}"
+    );
 }

@@ -9,7 +9,7 @@
 //! configuration in force on each use; the counters live here, so a
 //! configuration change keeps them.
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -26,24 +26,27 @@ use crate::{balance::Table, retry::Outcome};
 /// Envoy's longest ejection (`max_ejection_time`'s default).
 const MAX_EJECTION: Duration = Duration::from_secs(300);
 
-/// A cluster: `namespace/name` of the service, the subset (or empty), the port.
-pub type ClusterKey = (String, String, u16);
-
+/// The clusters by service (`namespace/name`), then subset (or empty) and
+/// port: found per request with the borrowed names, no key built.
 #[derive(Default)]
 pub struct Clusters {
-    by_key: Mutex<HashMap<ClusterKey, Arc<Cluster>>>,
+    by_service: Mutex<BTreeMap<String, Vec<SubsetPort>>>,
     next_id: AtomicU64,
 }
+
+/// One cluster of a service: its subset (or empty) and port.
+type SubsetPort = (String, u16, Arc<Cluster>);
 
 impl Clusters {
     /// Every cluster's counters and each endpoint's outlier state, for
     /// `/debug/endpoints` (what `mesh-ctl` and an operator read).
     pub fn describe(&self) -> serde_json::Value {
-        let map = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.by_service.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let mut clusters: Vec<serde_json::Value> = map
+        let clusters: Vec<serde_json::Value> = map
             .iter()
-            .map(|((service, subset, port), c)| {
+            .flat_map(|(service, list)| list.iter().map(move |(subset, port, c)| (service, subset, port, c)))
+            .map(|(service, subset, port, c)| {
                 let hosts: Vec<serde_json::Value> = c
                     .hosts()
                     .into_iter()
@@ -73,24 +76,19 @@ impl Clusters {
                 })
             })
             .collect();
-        clusters.sort_by_key(|c| {
-            (
-                c["service"].as_str().unwrap_or("").to_owned(),
-                c["subset"].as_str().unwrap_or("").to_owned(),
-                c["port"].as_u64(),
-            )
-        });
         serde_json::json!({ "clusters": clusters })
     }
 
     pub fn get(&self, service: &str, subset: &str, port: u16) -> Arc<Cluster> {
-        let mut map = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (service.to_owned(), subset.to_owned(), port);
-        map.entry(key)
-            .or_insert_with(|| {
-                Arc::new(Cluster { id: self.next_id.fetch_add(1, Ordering::Relaxed), ..Cluster::default() })
-            })
-            .clone()
+        let mut map = self.by_service.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, c)) = map.get(service).and_then(|l| l.iter().find(|(s, p, _)| s == subset && *p == port)) {
+            return c.clone();
+        }
+        let c = Arc::new(Cluster { id: self.next_id.fetch_add(1, Ordering::Relaxed), ..Cluster::default() });
+        let list = map.entry(service.to_owned()).or_default();
+        list.push((subset.to_owned(), port, c.clone()));
+        list.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        c
     }
 }
 

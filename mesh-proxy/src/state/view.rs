@@ -328,12 +328,15 @@ impl MeshView {
     /// The policies a waypoint whose own workload is `me` enforces for
     /// requests to `svc` (`authz::applies_at_waypoint`), dry-run ones
     /// included (the evaluator keeps them from deciding).
+    /// `me` is asked only the first time, when the policies are found.
     pub fn waypoint_policies<'a>(
         &'a self,
         svc: &'a ServiceInfo,
-        me: Option<&WorkloadInfo>,
+        me: impl FnOnce() -> Option<Arc<WorkloadInfo>>,
     ) -> impl Iterator<Item = &'a CompiledPolicy> + Clone + 'a {
         let indexes = svc.waypoint_policies.get_or_init(|| {
+            let me = me();
+            let me = me.as_deref();
             let no_labels = std::collections::BTreeMap::new();
             let (gateway_namespace, gateway_name) =
                 svc.waypoint.as_ref().and_then(|w| w.gateway.split_once('/')).unwrap_or_default();
