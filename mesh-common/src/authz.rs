@@ -15,6 +15,8 @@ use crate::identity::SpiffeId;
 
 #[cfg(feature = "api")]
 pub mod admission;
+#[cfg(feature = "jwt")]
+pub mod jwt;
 mod l7;
 #[cfg(feature = "api")]
 mod wire;

@@ -112,6 +112,23 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
                 }
             }
         }
+        Resource::RequestAuthentication(ra) => {
+            let spec = &ra.spec;
+            for (i, t) in spec.target_ref.iter().chain(&spec.target_refs).enumerate() {
+                if !matches!(t.kind.as_str(), "Gateway" | "Service" | "GatewayClass") {
+                    let field = if spec.target_ref.is_some() { "spec.targetRef".to_owned() } else { format!("spec.targetRefs[{i}]") };
+                    out.push((Some(format!("{field}.kind")), format!("{:?}: mesh applies RequestAuthentication at waypoints, through Gateways and Services only; this reference applies nowhere", t.kind)));
+                }
+            }
+            if spec.target_ref.is_none() && spec.target_refs.is_empty() {
+                out.push((
+                    Some("spec.selector".into()),
+                    "JWTs are checked by waypoints only: this policy applies to the services of the waypoints whose \
+                     pods it selects; node proxies (L4) do not read tokens"
+                        .into(),
+                ));
+            }
+        }
         Resource::HttpLocalRateLimitPolicy(r) => {
             let t = &r.spec.target_ref;
             if t.kind != "Service" || t.group.as_deref().is_some_and(|g| !g.is_empty() && g != "core") {

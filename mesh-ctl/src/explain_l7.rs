@@ -1,4 +1,4 @@
-//! `mesh-ctl authz explain --to NS/SERVICE:PORT --method --path --header`:
+//! `mesh-ctl authz explain --to NS/SERVICE:PORT --method --path --header --jwt`:
 //! the decision the service's waypoint makes for an HTTP request, with the
 //! waypoint's own code: the policies bound there
 //! (`authz::applies_at_waypoint`) decided by the shared evaluator on the
@@ -8,7 +8,7 @@ use std::{fmt::Write as _, net::IpAddr};
 use mesh_common::{
     admin::ConfigDump,
     api,
-    authz::{self, Action, CompiledPolicy, Connection, HttpRequest, RequestAuth, WaypointTarget},
+    authz::{self, Action, CompiledPolicy, Connection, HttpRequest, RequestAuth, WaypointTarget, jwt},
     identity::SpiffeId,
 };
 use serde_json::json;
@@ -31,6 +31,7 @@ struct Facts<'a> {
     path: &'a str,
     host: &'a str,
     remote: IpAddr,
+    auth: Option<RequestAuth>,
 }
 
 impl HttpRequest for Facts<'_> {
@@ -55,8 +56,46 @@ impl HttpRequest for Facts<'_> {
     }
 
     fn auth(&self) -> Option<&RequestAuth> {
-        None
+        self.auth.as_ref()
     }
+
+    fn query(&self) -> &str {
+        self.path.split_once('?').map_or("", |(_, q)| q)
+    }
+}
+
+/// What the waypoint's RequestAuthentication step makes of the request:
+/// the verified claims, or the 401 it answers; a line saying so.
+fn authenticate(
+    rules: &[api::JwtRule],
+    facts: &Facts<'_>,
+) -> (std::result::Result<Option<RequestAuth>, jwt::JwtError>, String) {
+    if rules.is_empty() {
+        return (Ok(None), "none: no RequestAuthentication applies".into());
+    }
+    let selected = match jwt::select(rules, facts) {
+        Ok(Some(s)) => s,
+        Ok(None) => return (Ok(None), "no token: passes, left to authorization (no request principal)".into()),
+        Err(e) => return (Err(e.clone()), format!("401 {e}")),
+    };
+    let rule = &rules[selected.rule];
+    let (checked, how) = if rule.jwks.is_empty() {
+        (
+            jwt::verify_claims(rule, &selected.token),
+            format!("signature not checked here: the waypoint fetches {}", rule.jwks_uri),
+        )
+    } else {
+        let keys = jwt::parse_jwks(&rule.jwks).map_err(|_| jwt::JwtError::KeysUnavailable);
+        (keys.and_then(|k| jwt::verify(rule, &selected.token, &k)), "signature checked with the inline jwks".into())
+    };
+    let line = match &checked {
+        Ok(a) => format!(
+            "token in {} for {} (issuer {}): principal {} ({how})",
+            selected.location, rule.policy, rule.issuer, a.principal
+        ),
+        Err(e) => format!("401 {e} (token in {}, rule of {})", selected.location, rule.policy),
+    };
+    (checked.map(Some), line)
 }
 
 /// Who sends the request.
@@ -93,7 +132,11 @@ pub fn explain(
     let vip: IpAddr = service.vips.iter().find_map(|v| v.parse().ok()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let path = authz::normalize_path(&req.path);
     let host = req.authority.clone().unwrap_or_else(|| service.hosts.first().cloned().unwrap_or_default());
-    let facts = Facts { req, path: &path, host: &host, remote: src.ip };
+    let mut facts = Facts { req, path: &path, host: &host, remote: src.ip, auth: None };
+    let (authenticated, auth_line) = authenticate(&service.jwt_rules, &facts);
+    if let Ok(a) = &authenticated {
+        facts.auth = a.clone();
+    }
     let conn =
         Connection { source: src.identity.clone(), source_ip: src.ip, destination_ip: vip, destination_port: port };
     let compiled = || applying.iter().map(|(_, c)| c);
@@ -124,6 +167,19 @@ pub fn explain(
     );
     let headers: Vec<String> = req.headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(text, "request   {} {path} host={host} {}", req.method, headers.join(" "));
+    let _ = writeln!(text, "jwt       {auth_line}");
+    if let Err(e) = &authenticated {
+        let _ =
+            writeln!(text, "decision  DENY (401 {e}): RequestAuthentication refuses the token before authorization");
+        let data = json!({
+            "request": { "method": req.method, "path": path, "host": host, "headers": req.headers },
+            "authentication": { "error": e.to_string() },
+            "decision": { "allowed": false, "status": 401, "reason": e.to_string() },
+        });
+        let mut report = Report::new(data, text);
+        report.failed = true;
+        return Ok(report);
+    }
     if verdicts.is_empty() {
         let _ = writeln!(text, "policies  none is bound to this service or its waypoint");
     } else {
@@ -153,6 +209,7 @@ pub fn explain(
         "request": { "method": req.method, "path": path, "host": host, "headers": req.headers },
         "policies": verdicts.iter().map(|(name, action, dry_run, rule)| json!({
             "policy": name, "action": action, "dry_run": dry_run, "matched_rule": rule })).collect::<Vec<_>>(),
+        "authentication": { "principal": facts.auth.as_ref().map(|a| &a.principal), "explained": auth_line },
         "decision": decision,
         "dry_run_decision": shadow,
     });

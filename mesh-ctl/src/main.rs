@@ -144,6 +144,11 @@ enum AuthzCmd {
         /// A request header, NAME=VALUE (L7; repeatable).
         #[arg(long = "header", short = 'H')]
         headers: Vec<String>,
+        /// A JWT the request carries as `Authorization: Bearer` (L7): checked
+        /// against the service's RequestAuthentication rules (the signature
+        /// only where the rule's keys are inline; the waypoint fetches jwksUri).
+        #[arg(long)]
+        jwt: Option<String>,
         #[command(flatten)]
         nodes: NodeSelector,
     },
@@ -246,9 +251,13 @@ fn main() -> ExitCode {
         Cmd::Connections(sel) => views::connections(&client, sel),
         Cmd::ConfigDump(sel) => views::config_dump(&client, sel),
         Cmd::Check { paths } => check::check(paths),
-        Cmd::Authz(AuthzCmd::Explain { from, to, method, path, authority, headers, nodes }) => {
-            let given = method.is_some() || path.is_some() || authority.is_some() || !headers.is_empty();
-            route::parse_headers(headers).and_then(|headers| {
+        Cmd::Authz(AuthzCmd::Explain { from, to, method, path, authority, headers, jwt, nodes }) => {
+            let given =
+                method.is_some() || path.is_some() || authority.is_some() || !headers.is_empty() || jwt.is_some();
+            route::parse_headers(headers).and_then(|mut headers| {
+                if let Some(token) = jwt {
+                    headers.push(("authorization".into(), format!("Bearer {token}")));
+                }
                 let request = explain_l7::Request {
                     method: method.clone().unwrap_or_else(|| "GET".into()),
                     path: path.clone().unwrap_or_else(|| "/".into()),

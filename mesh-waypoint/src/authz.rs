@@ -21,6 +21,8 @@ pub struct Facts<'a> {
     pub host: &'a str,
     pub headers: &'a HeaderMap,
     pub remote: IpAddr,
+    /// The JWT RequestAuthentication verified, if the request had one.
+    pub auth: Option<&'a RequestAuth>,
 }
 
 impl HttpRequest for Facts<'_> {
@@ -45,7 +47,11 @@ impl HttpRequest for Facts<'_> {
     }
 
     fn auth(&self) -> Option<&RequestAuth> {
-        None // no RequestAuthentication is enforced yet: no request has a JWT principal
+        self.auth
+    }
+
+    fn query(&self) -> &str {
+        self.path_and_query.split_once('?').map_or("", |(_, q)| q)
     }
 }
 

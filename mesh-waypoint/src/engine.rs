@@ -175,6 +175,19 @@ fn local(rec: &mut Record, status: StatusCode, flag: &'static str, text: &str) -
     r
 }
 
+/// Envoy's jwt_authn refusal: 401 with the reason and a `WWW-Authenticate`
+/// challenge (gRPC: UNAUTHENTICATED).
+fn unauthenticated(rec: &mut Record, refused: crate::jwt::Refused) -> Response<HttpBody> {
+    rec.denied_by = Some(refused.policy.unwrap_or_else(|| "RequestAuthentication".into()));
+    let text = refused.error.to_string();
+    let mut r = local(rec, StatusCode::UNAUTHORIZED, "-", &text);
+    let challenge = format!("Bearer realm=\"http://{}{}\", error=\"invalid_token\"", rec.authority, rec.path);
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    r
+}
+
 /// A gRPC answer with status `code` (a trailers-only response).
 fn grpc_local(code: u32, text: &str) -> Response<HttpBody> {
     let mut r = Response::new(empty());
@@ -217,12 +230,21 @@ async fn route_and_send(
     recorded: &Recorded,
     rec: &mut Record,
 ) -> Response<HttpBody> {
+    let auth = if ds.service.jwt_rules.is_empty() {
+        None
+    } else {
+        match crate::jwt::authenticate(wp, ds, parts, &rec.path, rec.request_id()).await {
+            Ok(a) => a,
+            Err(refused) => return unauthenticated(rec, refused),
+        }
+    };
     let authz_facts = crate::authz::Facts {
         method: parts.method.as_str(),
         path_and_query: &rec.path,
         host: &rec.authority,
         headers: &parts.headers,
         remote: ds.peer_addr.ip(),
+        auth: auth.as_ref(),
     };
     if let Some(d) = crate::authz::check(wp, ds, view, &authz_facts, rec.request_id())
         && !d.allowed

@@ -8,6 +8,7 @@
 //! - [`server`]: the HBONE listener, protocol choice, the TCP relay;
 //! - [`engine`]: authorization, routing, balancing, retries, timeouts, per request;
 //! - [`authz`]: L7 AuthorizationPolicies (the shared evaluator);
+//! - [`jwt`], [`jwks`]: RequestAuthentication (JWTs, key sets fetched and refreshed);
 //! - [`upstream`]: HTTP connections to endpoints over HBONE;
 //! - [`retry`]: Istio's `retryOn` conditions and the retry budget;
 //! - [`breaker`]: circuit breaking and outlier detection (DestinationRule);
@@ -20,6 +21,8 @@ pub mod balance;
 pub mod body;
 pub mod breaker;
 pub mod engine;
+pub mod jwks;
+pub mod jwt;
 pub mod metrics;
 pub mod ratelimit;
 pub mod retry;
@@ -40,6 +43,7 @@ pub struct Waypoint {
     pub upstreams: upstream::Upstreams,
     pub clusters: breaker::Clusters,
     pub rate_limits: ratelimit::RateLimits,
+    pub jwks: jwks::Jwks,
     pub metrics: metrics::RequestMetrics,
     pub budget: retry::Budget,
     /// The identity this waypoint serves as (its instance's), once the
@@ -66,6 +70,7 @@ impl Waypoint {
             upstreams: upstream::Upstreams::default(),
             clusters: breaker::Clusters::default(),
             rate_limits: ratelimit::RateLimits::default(),
+            jwks: jwks::Jwks::default(),
             metrics,
             budget: retry::Budget::default(),
             me: RwLock::default(),

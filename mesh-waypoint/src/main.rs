@@ -51,6 +51,10 @@ struct Args {
     #[arg(long, default_value = "[::]:15021")]
     ready_addr: SocketAddr,
     /// How long open requests may run on after SIGTERM.
+    /// How often key sets named by RequestAuthentication `jwksUri`s are
+    /// fetched again (Istio's PILOT_JWT_PUB_KEY_REFRESH_INTERVAL).
+    #[arg(long, default_value = "20m", value_parser = |s: &str| mesh_common::parse_duration(s))]
+    jwks_refresh: std::time::Duration,
     #[arg(long, default_value = "5s", value_parser = |s: &str| mesh_common::parse_duration(s))]
     drain: Duration,
     /// A plaintext HTTP listener for one service port, `ADDR=NAMESPACE/SERVICE:PORT`
@@ -83,6 +87,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let proxy = Arc::new(Proxy::new(&mut registry));
     proxy.spawn_reaper();
     let wp = Waypoint::new(proxy.clone(), RequestMetrics::register(&mut registry));
+    wp.jwks.set_refresh(args.jwks_refresh);
     let control = Control::new(
         ControlConfig {
             address: args.controller.clone(),

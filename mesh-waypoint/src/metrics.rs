@@ -53,6 +53,23 @@ pub struct RequestMetrics {
     overflows: Counter,
     ejections: Family<EjectionLabels, Counter>,
     rate_limited: Family<RateLimitLabels, Counter>,
+    jwt: Family<JwtLabels, Counter>,
+    jwks_fetches: Family<JwksLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwtLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// `allowed` (a verified token), `missing` (none: left to authorization), `denied` (401).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwksLabels {
+    pub uri: String,
+    /// `success` or `failure`.
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -101,6 +118,8 @@ impl RequestMetrics {
             overflows: Counter::default(),
             ejections: Family::default(),
             rate_limited: Family::default(),
+            jwt: Family::default(),
+            jwks_fetches: Family::default(),
         };
         registry.register("istio_requests", "Requests handled", m.requests.clone());
         registry.register("istio_request_duration_milliseconds", "Request duration", m.duration.clone());
@@ -137,7 +156,21 @@ impl RequestMetrics {
             "Requests refused (429) by a local rate limit (HTTPLocalRateLimitPolicy)",
             m.rate_limited.clone(),
         );
+        registry.register(
+            "mesh_waypoint_jwt_authentications",
+            "Requests by RequestAuthentication outcome (Envoy's jwt_authn allowed/denied)",
+            m.jwt.clone(),
+        );
+        registry.register("mesh_waypoint_jwks_fetches", "JWKS fetches from jwksUri, by result", m.jwks_fetches.clone());
         m
+    }
+
+    pub fn jwt(&self, service: &str, result: &'static str) {
+        self.jwt.get_or_create(&JwtLabels { service: service.to_owned(), result }).inc();
+    }
+
+    pub fn jwks_fetched(&self, uri: &str, result: &'static str) {
+        self.jwks_fetches.get_or_create(&JwksLabels { uri: uri.to_owned(), result }).inc();
     }
 
     pub fn rate_limited(&self, service: &str, limit: &'static str) {

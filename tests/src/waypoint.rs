@@ -374,6 +374,11 @@ pub struct L7Setup {
 }
 
 pub fn l7_setup(test: &str) -> Option<L7Setup> {
+    l7_setup_with(test, &[])
+}
+
+/// Like [`l7_setup`], the waypoint started with `waypoint_flags`.
+pub fn l7_setup_with(test: &str, waypoint_flags: &[&str]) -> Option<L7Setup> {
     let mesh = Mesh::start(test, &["node1", "node2"])?;
     let t = &mesh.t;
     let (client, other, wp_pod) = (t.pod("client"), t.pod("other"), t.pod("waypoint"));
@@ -402,7 +407,7 @@ pub fn l7_setup(test: &str) -> Option<L7Setup> {
     let mut apps: Vec<Proc> = backends.iter().map(|p| t.app(p, 8080, p.name.trim_start_matches("default/"))).collect();
     apps.extend(backends.iter().map(|p| t.grpc_server(p, 9090, p.name.trim_start_matches("default/"))));
     mesh.reach_controller(&wp_pod);
-    let wp = mesh.start_waypoint(&wp_pod, "wp-1");
+    let wp = mesh.start_waypoint_with(&wp_pod, "wp-1", waypoint_flags, None, "info");
     Some(L7Setup { mesh, client, other, wp_pod, wp, backends, _apps: apps })
 }
 

@@ -22,6 +22,10 @@ pub trait HttpRequest {
     fn remote_ip(&self) -> IpAddr;
     /// The request's verified JWT, if it carried one.
     fn auth(&self) -> Option<&RequestAuth>;
+    /// The query string (after `?`), where a JWT may be (`fromParams`).
+    fn query(&self) -> &str {
+        ""
+    }
 }
 
 /// What a verified JWT says, as `request.auth.*` reads it.
@@ -33,6 +37,20 @@ pub struct RequestAuth {
     /// `azp`.
     pub presenter: String,
     pub claims: serde_json::Value,
+}
+
+impl RequestAuth {
+    /// What a JWT's payload says: the principal `iss/sub`, `aud` (a string
+    /// or a list), `azp`, and every claim.
+    pub fn from_claims(claims: serde_json::Value) -> RequestAuth {
+        let text = |k: &str| claims.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        let audiences = match claims.get("aud") {
+            Some(serde_json::Value::String(a)) => vec![a.clone()],
+            Some(serde_json::Value::Array(list)) => list.iter().filter_map(|a| a.as_str().map(String::from)).collect(),
+            _ => Vec::new(),
+        };
+        RequestAuth { principal: format!("{}/{}", text("iss"), text("sub")), audiences, presenter: text("azp"), claims }
+    }
 }
 
 pub(super) fn source_matches(s: &SourceMatch, http: Option<&dyn HttpRequest>) -> bool {

@@ -179,6 +179,75 @@ pub struct WorkloadSelector {
     pub match_labels: Labels,
 }
 
+/// `security.istio.io/v1` `RequestAuthentication`: the JWTs a workload (at
+/// its waypoint) accepts.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestAuthentication {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: RequestAuthenticationSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestAuthenticationSpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub target_ref: Option<PolicyTargetReference>,
+    #[serde(default)]
+    pub target_refs: Vec<PolicyTargetReference>,
+    #[serde(default)]
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtRule {
+    #[serde(default)]
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    #[serde(default)]
+    pub jwks_uri: String,
+    #[serde(default)]
+    pub jwks: String,
+    #[serde(default)]
+    pub from_headers: Vec<JwtHeader>,
+    #[serde(default)]
+    pub from_params: Vec<String>,
+    #[serde(default)]
+    pub from_cookies: Vec<String>,
+    #[serde(default)]
+    pub output_payload_to_header: String,
+    #[serde(default)]
+    pub forward_original_token: bool,
+    #[serde(default)]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+    /// The JWKS fetch's timeout (a duration, e.g. `5s`).
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtHeader {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub prefix: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimToHeader {
+    #[serde(default)]
+    pub header: String,
+    #[serde(default)]
+    pub claim: String,
+}
+
 /// `security.istio.io/v1` `AuthorizationPolicy`.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -452,6 +521,7 @@ pub enum Resource {
     Service(Service),
     PeerAuthentication(PeerAuthentication),
     AuthorizationPolicy(AuthorizationPolicy),
+    RequestAuthentication(RequestAuthentication),
     ServiceEntry(ServiceEntry),
     WorkloadEntry(WorkloadEntry),
     Gateway(routing::Gateway),
@@ -473,6 +543,7 @@ impl Resource {
             Self::Service(o) => &o.metadata,
             Self::PeerAuthentication(o) => &o.metadata,
             Self::AuthorizationPolicy(o) => &o.metadata,
+            Self::RequestAuthentication(o) => &o.metadata,
             Self::ServiceEntry(o) => &o.metadata,
             Self::WorkloadEntry(o) => &o.metadata,
             Self::Gateway(o) => &o.metadata,
@@ -493,6 +564,7 @@ impl Resource {
             Self::Service(_) => Kind::Service,
             Self::PeerAuthentication(_) => Kind::PeerAuthentication,
             Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Self::RequestAuthentication(_) => Kind::RequestAuthentication,
             Self::ServiceEntry(_) => Kind::ServiceEntry,
             Self::WorkloadEntry(_) => Kind::WorkloadEntry,
             Self::Gateway(_) => Kind::Gateway,
@@ -514,6 +586,7 @@ pub enum Kind {
     Service,
     PeerAuthentication,
     AuthorizationPolicy,
+    RequestAuthentication,
     ServiceEntry,
     WorkloadEntry,
     Gateway,
@@ -527,7 +600,6 @@ pub enum Kind {
     EnvoyFilter,
     WorkloadGroup,
     ProxyConfig,
-    RequestAuthentication,
     Telemetry,
     WasmPlugin,
     GatewayClass,
@@ -585,7 +657,7 @@ const KINDS: &[KindInfo] = &[
     opaque(Kind::EnvoyFilter, "EnvoyFilter", &["networking.istio.io/v1alpha3"]),
     opaque(Kind::WorkloadGroup, "WorkloadGroup", ISTIO_NETWORKING),
     opaque(Kind::ProxyConfig, "ProxyConfig", &["networking.istio.io/v1beta1"]),
-    opaque(Kind::RequestAuthentication, "RequestAuthentication", ISTIO_SECURITY),
+    typed(Kind::RequestAuthentication, "RequestAuthentication", ISTIO_SECURITY),
     opaque(Kind::Telemetry, "Telemetry", &["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"]),
     opaque(Kind::WasmPlugin, "WasmPlugin", &["extensions.istio.io/v1alpha1"]),
     opaque(Kind::GatewayClass, "GatewayClass", GATEWAY_API),

@@ -11,6 +11,7 @@ use super::{
     objects::{AuthorizationPolicySpec, IntOrString, Labels, ObjectMeta, Rule, WorkloadEntrySpec},
 };
 
+mod jwt;
 mod routing;
 
 pub use routing::{WAYPOINT_CLASS, WAYPOINT_FOR_LABEL};
@@ -122,6 +123,7 @@ pub fn validate(resource: &Resource) -> Issues {
             }
         }
         Resource::AuthorizationPolicy(ap) => check_authorization(&ap.spec, &mut out),
+        Resource::RequestAuthentication(ra) => jwt::check_request_authentication(&ra.spec, &mut out),
         Resource::ServiceEntry(se) => {
             if se.spec.hosts.is_empty() {
                 out.push(("spec.hosts".into(), "at least one host is required".into()));

@@ -73,6 +73,8 @@ pub struct Service {
     pub subset_traffic_policies: BTreeMap<String, mesh_common::api::TrafficPolicy>,
     /// The HTTPLocalRateLimitPolicy that targets it (the first by name).
     pub rate_limit: Option<mesh_common::api::RateLimit>,
+    /// The jwtRules of the RequestAuthentications applying at its waypoint.
+    pub jwt_rules: Vec<mesh_common::api::JwtRule>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -377,6 +379,11 @@ impl MeshModel {
         for stored in store.objects().values() {
             if let Resource::HttpLocalRateLimitPolicy(r) = stored.resource.as_ref() {
                 rate_limit(&mut model, r, &settings.trust_domain);
+            }
+        }
+        for stored in store.objects().values() {
+            if let Resource::RequestAuthentication(ra) = stored.resource.as_ref() {
+                super::jwt::apply(&mut model, ra);
             }
         }
         super::bypass::guard_waypoint_services(&mut model);

@@ -2,6 +2,7 @@
 //! functions over the store, tested with tables.
 pub mod authz;
 mod bypass;
+mod jwt;
 mod mesh;
 pub mod routes;
 

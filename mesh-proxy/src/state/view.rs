@@ -65,6 +65,8 @@ pub struct ServiceInfo {
     subset_traffic_policies: HashMap<String, api::TrafficPolicy>,
     /// The local rate limit its waypoint enforces.
     pub rate_limit: Option<api::RateLimit>,
+    /// The JWTs its waypoint accepts (RequestAuthentication jwtRules).
+    pub jwt_rules: Vec<api::JwtRule>,
 }
 
 /// A service's waypoint: its Gateway (`namespace/name`) and running instances.
@@ -220,6 +222,7 @@ impl MeshView {
                 traffic_policy: s.traffic_policy.clone(),
                 subset_traffic_policies: s.subset_traffic_policies.clone().into_iter().collect(),
                 rate_limit: s.rate_limit.clone(),
+                jwt_rules: s.jwt_rules.clone(),
             });
             for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
                 view.by_vip.insert(vip, info.clone());
@@ -255,6 +258,24 @@ impl MeshView {
     }
 
     /// The service whose VIP is `ip`.
+    /// Every service.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceInfo>> {
+        self.by_service.values()
+    }
+
+    /// The service a host name names: its first host, or the short forms
+    /// `name.namespace` and `name.namespace.svc` (a lookup for occasional
+    /// callers, such as a JWKS fetch; requests go by VIP).
+    pub fn service_by_host(&self, host: &str) -> Option<&Arc<ServiceInfo>> {
+        let host = host.trim_end_matches('.');
+        self.by_service.values().find(|s| {
+            s.host == host
+                || host.strip_prefix(s.name.as_str()).and_then(|r| r.strip_prefix('.')).is_some_and(|r| {
+                    r.strip_prefix(s.namespace.as_str()).is_some_and(|rest| rest.is_empty() || rest == ".svc")
+                })
+        })
+    }
+
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<ServiceInfo>> {
         self.by_vip.get(&ip.to_canonical())
     }
@@ -440,6 +461,7 @@ mod tests {
                 ]
                 .into(),
                 rate_limit: None,
+                jwt_rules: vec![],
             },
         );
         store.services.insert(
@@ -483,6 +505,22 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn services_by_host_name() {
+        let view = MeshView::build(&store());
+        for (host, want) in [
+            ("back.shop.svc.cluster.local", true),
+            ("back.shop.svc.cluster.local.", true),
+            ("back.shop", true),
+            ("back.shop.svc", true),
+            ("back.shopx", false),
+            ("backx.shop", false),
+            ("back", false),
+        ] {
+            assert_eq!(view.service_by_host(host).map(|s| s.key()), want.then_some("shop/back"), "{host}");
+        }
     }
 
     #[test]
