@@ -244,7 +244,7 @@ async fn route_and_send(
         host: &rec.authority,
         headers: &parts.headers,
         remote: ds.peer_addr.ip(),
-        auth: auth.as_ref(),
+        auth: auth.as_deref(),
     };
     if let Some(d) = crate::authz::check(wp, ds, view, &authz_facts, rec.request_id())
         && !d.allowed

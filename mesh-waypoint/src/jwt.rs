@@ -4,14 +4,80 @@
 //! missing one passes (authorization's `requestPrincipals` decide). After a
 //! good token the rule's outputs are applied: the token is removed unless
 //! `forwardOriginalToken`, the payload and chosen claims go to headers.
-use std::sync::Arc;
+//!
+//! A verified token is remembered (as Envoy's `jwt_cache_config` does), so
+//! a client that sends the same token on every request pays for its
+//! signature once: the entry holds only while the same rule and the same
+//! key set are in force and the token's `exp`/`nbf` still allow it.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use http::{HeaderName, HeaderValue, request::Parts};
+use jsonwebtoken::jwk::JwkSet;
+use mesh_common::api;
 use mesh_common::authz::{
     RequestAuth,
     jwt::{self, JwtError, Location},
 };
 use tracing::info;
+
+/// Tokens remembered at most; when full the cache starts over (bounded,
+/// and cheap: a hit is one lookup).
+const CACHE_ENTRIES: usize = 4096;
+
+/// Tokens verified recently, by token.
+#[derive(Default)]
+pub struct Verified {
+    map: Mutex<HashMap<String, Entry>>,
+}
+
+struct Entry {
+    /// The rule (issuer, audiences) and key set it was verified under.
+    issuer: String,
+    audiences: Vec<String>,
+    /// Weak: it holds the allocation, so no later set can take its address.
+    keys: std::sync::Weak<JwkSet>,
+    auth: Arc<RequestAuth>,
+    exp: Option<u64>,
+    nbf: Option<u64>,
+}
+
+impl Verified {
+    fn get(&self, token: &str, rule: &api::JwtRule, keys: &Arc<JwkSet>) -> Option<Arc<RequestAuth>> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let e = map.get(token)?;
+        let now = now_secs();
+        let in_time = e.exp.is_none_or(|exp| now <= exp + jwt::CLOCK_SKEW_SECS)
+            && e.nbf.is_none_or(|nbf| now + jwt::CLOCK_SKEW_SECS >= nbf);
+        let same = std::sync::Weak::ptr_eq(&e.keys, &Arc::downgrade(keys))
+            && e.issuer == rule.issuer
+            && e.audiences == rule.audiences;
+        (in_time && same).then(|| e.auth.clone())
+    }
+
+    fn put(&self, token: &str, rule: &api::JwtRule, keys: &Arc<JwkSet>, auth: Arc<RequestAuth>) {
+        let time = |k: &str| auth.claims.get(k).and_then(|v| v.as_u64());
+        let entry = Entry {
+            issuer: rule.issuer.clone(),
+            audiences: rule.audiences.clone(),
+            keys: Arc::downgrade(keys),
+            exp: time("exp"),
+            nbf: time("nbf"),
+            auth,
+        };
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= CACHE_ENTRIES {
+            map.clear();
+        }
+        map.insert(token.to_owned(), entry);
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
 
 use crate::{Waypoint, authz::Facts, engine::Downstream};
 
@@ -28,7 +94,7 @@ pub async fn authenticate(
     parts: &mut Parts,
     path_and_query: &str,
     request_id: &str,
-) -> Result<Option<RequestAuth>, Refused> {
+) -> Result<Option<Arc<RequestAuth>>, Refused> {
     let rules = &ds.service.jwt_rules;
     let facts = Facts {
         method: parts.method.as_str(),
@@ -54,7 +120,14 @@ pub async fn authenticate(
     };
     let rule = &rules[selected.rule];
     let checked = match wp.jwks.keys(wp, rule).await {
-        Ok(keys) => jwt::verify(rule, &selected.token, &keys),
+        Ok(keys) => match wp.verified.get(&selected.token, rule, &keys) {
+            Some(auth) => Ok(auth),
+            None => jwt::verify(rule, &selected.token, &keys).map(|auth| {
+                let auth = Arc::new(auth);
+                wp.verified.put(&selected.token, rule, &keys, auth.clone());
+                auth
+            }),
+        },
         Err(e) => Err(e),
     };
     let auth = checked.map_err(|e| refuse(e, Some(&rule.policy)))?;

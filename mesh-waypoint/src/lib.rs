@@ -44,6 +44,7 @@ pub struct Waypoint {
     pub clusters: breaker::Clusters,
     pub rate_limits: ratelimit::RateLimits,
     pub jwks: jwks::Jwks,
+    pub verified: jwt::Verified,
     pub metrics: metrics::RequestMetrics,
     pub budget: retry::Budget,
     /// The identity this waypoint serves as (its instance's), once the
@@ -71,6 +72,7 @@ impl Waypoint {
             clusters: breaker::Clusters::default(),
             rate_limits: ratelimit::RateLimits::default(),
             jwks: jwks::Jwks::default(),
+            verified: jwt::Verified::default(),
             metrics,
             budget: retry::Budget::default(),
             me: RwLock::default(),

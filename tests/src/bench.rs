@@ -36,10 +36,17 @@ pub fn median_all(r: &Value) -> Value {
 /// hey from `client` on CPU 0 at a fixed total rate (`rps`, 10 workers):
 /// (achieved rps, latency percentiles in ms).
 pub fn hey(client: &Pod, url: &str, rps: u32) -> (f64, Vec<(&'static str, f64)>) {
+    hey_with(client, url, rps, &[])
+}
+
+/// [`hey`] sending `headers` (`Name: value`) with each request.
+pub fn hey_with(client: &Pod, url: &str, rps: u32, headers: &[&str]) -> (f64, Vec<(&'static str, f64)>) {
     let per_worker = (rps / 10).to_string();
     let duration = format!("{SECONDS}s");
-    let out =
-        run_in(&client.netns, &["taskset", "-c", "0", "hey", "-z", &duration, "-c", "10", "-q", &per_worker, url]);
+    let mut args = vec!["taskset", "-c", "0", "hey", "-z", &duration, "-c", "10", "-q", &per_worker];
+    args.extend(headers.iter().flat_map(|h| ["-H", h]));
+    args.push(url);
+    let out = run_in(&client.netns, &args);
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lat = Vec::new();
     let mut achieved = 0.0;
@@ -60,9 +67,17 @@ pub fn hey(client: &Pod, url: &str, rps: u32) -> (f64, Vec<(&'static str, f64)>)
 /// wrk from `client` on CPU 0 at its maximum rate (1 thread, `connections`):
 /// (rps, requests, latency percentiles in ms).
 pub fn wrk(client: &Pod, url: &str, connections: u32) -> (f64, f64, Vec<(&'static str, f64)>) {
+    wrk_with(client, url, connections, &[])
+}
+
+/// [`wrk`] sending `headers` (`Name: value`) with each request.
+pub fn wrk_with(client: &Pod, url: &str, connections: u32, headers: &[&str]) -> (f64, f64, Vec<(&'static str, f64)>) {
     let duration = format!("{SECONDS}s");
     let c = format!("-c{connections}");
-    let out = run_in(&client.netns, &["taskset", "-c", "0", "wrk", "-t1", &c, "-d", &duration, "--latency", url]);
+    let mut args = vec!["taskset", "-c", "0", "wrk", "-t1", &c, "-d", &duration, "--latency"];
+    args.extend(headers.iter().flat_map(|h| ["-H", h]));
+    args.push(url);
+    let out = run_in(&client.netns, &args);
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lat = Vec::new();
     let (mut rps, mut requests) = (0.0, 0.0);

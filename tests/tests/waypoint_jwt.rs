@@ -221,6 +221,9 @@ fn jwt_request_authentication() {
     eventually(&s.client, &rotated, "200", "a token of the rotated-in key", &log);
     let old = sign(&ec, Algorithm::ES256, claims("alice", json!({})));
     eventually(&s.client, &old, "401", "a token of the rotated-out key", &log);
+    // A token verified (and remembered) before the rotation holds no longer.
+    let remembered = cases[1].1.clone().unwrap();
+    assert_eq!(status(&s.client, Some(&remembered)), "401", "remembered across a rotation\n{}", log());
 
     // The JWKS server goes down: the last good keys stay in force.
     server.kill();

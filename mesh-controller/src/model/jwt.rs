@@ -18,18 +18,21 @@ pub(super) fn apply(model: &mut MeshModel, ra: &RequestAuthentication) {
         .services
         .iter()
         .filter(|(key, svc)| {
-            let Some(w) = &svc.waypoint else { return false };
+            // A Service target holds wherever a waypoint serves the service
+            // (bound to it, or on a waypoint's plaintext listener).
+            let waypoint = svc.waypoint.as_ref();
             if !targets.is_empty() {
                 return targets.iter().any(|t| {
                     let t_ns = t.namespace.as_deref().unwrap_or(&ns);
                     match t.kind.as_str() {
                         "Service" => **key == format!("{t_ns}/{}", t.name),
-                        "Gateway" => w.gateway == format!("{t_ns}/{}", t.name),
-                        "GatewayClass" => ns == root && t.name == "istio-waypoint",
+                        "Gateway" => waypoint.is_some_and(|w| w.gateway == format!("{t_ns}/{}", t.name)),
+                        "GatewayClass" => waypoint.is_some() && ns == root && t.name == "istio-waypoint",
                         _ => false,
                     }
                 });
             }
+            let Some(w) = waypoint else { return false };
             let (w_ns, _) = w.gateway.split_once('/').unwrap_or_default();
             if ns != root && ns != w_ns {
                 return false;
