@@ -30,7 +30,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::{Waypoint, body::empty};
+use crate::{Waypoint, body::empty, lock};
 use jsonwebtoken::jwk::JwkSet;
 
 /// Istio's `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`.
@@ -70,9 +70,17 @@ impl Jwks {
     /// The keys `rule` verifies with.
     pub async fn keys(&self, wp: &Arc<Waypoint>, rule: &JwtRule) -> Result<Arc<JwkSet>, JwtError> {
         if !rule.jwks.is_empty() {
+            // Looked up by the borrowed text: a request copies nothing.
             let mut inline = lock(&self.inline);
-            let parsed = inline.entry(rule.jwks.clone()).or_insert_with(|| jwt::parse_jwks(&rule.jwks).map(Arc::new));
-            return parsed.clone().map_err(|e| {
+            let parsed = match inline.get(&rule.jwks) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = jwt::parse_jwks(&rule.jwks).map(Arc::new);
+                    inline.insert(rule.jwks.clone(), p.clone());
+                    p
+                }
+            };
+            return parsed.map_err(|e| {
                 warn!(policy = %rule.policy, issuer = %rule.issuer, "inline jwks unusable: {e}");
                 JwtError::KeysUnavailable
             });
@@ -80,9 +88,10 @@ impl Jwks {
         let uri = source(rule);
         let mut rx = {
             let mut remote = lock(&self.remote);
-            match remote.get(&uri) {
+            match remote.get(uri.as_ref()) {
                 Some(rx) => rx.clone(),
                 None => {
+                    let uri = uri.into_owned();
                     let (tx, rx) = watch::channel(None);
                     remote.insert(uri.clone(), rx.clone());
                     tokio::spawn(refresher(Arc::downgrade(wp), uri, timeout_of(rule), tx));
@@ -101,11 +110,11 @@ impl Jwks {
 /// Where a rule's keys come from: its `jwksUri`, or (with neither that nor
 /// inline `jwks`, as Istio does) the issuer's OpenID Connect discovery
 /// document, which names the JWKS.
-fn source(rule: &JwtRule) -> String {
+fn source(rule: &JwtRule) -> std::borrow::Cow<'_, str> {
     if rule.jwks_uri.is_empty() {
-        format!("{}{DISCOVERY}", rule.issuer.trim_end_matches('/'))
+        format!("{}{DISCOVERY}", rule.issuer.trim_end_matches('/')).into()
     } else {
-        rule.jwks_uri.clone()
+        rule.jwks_uri.as_str().into()
     }
 }
 
@@ -113,10 +122,6 @@ const DISCOVERY: &str = "/.well-known/openid-configuration";
 
 fn timeout_of(rule: &JwtRule) -> Duration {
     if rule.timeout_ms > 0 { Duration::from_millis(rule.timeout_ms) } else { FETCH_TIMEOUT }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Fetches `uri` now and every refresh interval while a service's rules

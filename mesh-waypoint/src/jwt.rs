@@ -46,7 +46,7 @@ struct Entry {
 
 impl Verified {
     fn get(&self, token: &str, rule: &api::JwtRule, keys: &Arc<JwkSet>) -> Option<Arc<RequestAuth>> {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let map = lock(&self.map);
         let e = map.get(token)?;
         let now = now_secs();
         let in_time = e.exp.is_none_or(|exp| now <= exp + jwt::CLOCK_SKEW_SECS)
@@ -67,7 +67,7 @@ impl Verified {
             nbf: time("nbf"),
             auth,
         };
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = lock(&self.map);
         if map.len() >= CACHE_ENTRIES {
             map.clear();
         }
@@ -79,7 +79,7 @@ fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-use crate::{Waypoint, authz::Facts, engine::Downstream};
+use crate::{Waypoint, authz::Facts, engine::Downstream, lock};
 
 /// A refusal: why, and the RequestAuthentication whose rule refused (when
 /// one was chosen).

@@ -55,6 +55,12 @@ pub struct Waypoint {
     draining: AtomicBool,
 }
 
+/// A mutex's guard; a panic while it was held leaves state that is still
+/// consistent for these maps, so the poison is ignored.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Counts one request in flight until dropped (when its response has ended).
 pub struct InFlight(Arc<Waypoint>);
 

@@ -27,6 +27,7 @@ use tracing::debug;
 use crate::{
     body::HttpBody,
     breaker::{Cluster, Permit},
+    lock,
 };
 
 /// Idle HTTP/1.1 connections kept per endpoint.
@@ -170,10 +171,6 @@ impl Upstreams {
         drop(idle);
         cluster.idle_released();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A byte stream to `up`: an HBONE tunnel (CONNECT the endpoint's address
