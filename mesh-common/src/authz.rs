@@ -365,17 +365,22 @@ impl CompiledPolicy {
         self.matched_rule(conn, http).is_some()
     }
 
-    /// The index of the first rule that matches.
+    /// The index of the first rule that matches. Without a request (at L4)
+    /// what a rule asks of one cannot be known, and the rule fails closed,
+    /// as in ztunnel: an ALLOW (or AUDIT) rule with L7 fields never matches,
+    /// a DENY rule matches whatever they say.
     pub fn matched_rule(&self, conn: &Connection, http: Option<&dyn HttpRequest>) -> Option<usize> {
-        self.rules.iter().position(|r| r.matches(conn, http))
+        let l7_unknown = self.action == Action::Deny;
+        self.rules.iter().position(|r| r.matches(conn, http, l7_unknown))
     }
 }
 
 impl CompiledRule {
-    fn matches(&self, conn: &Connection, http: Option<&dyn HttpRequest>) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(conn, http)))
-            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(conn.destination_port, http)))
-            && self.when.iter().all(|c| c.matches(conn, http))
+    /// `l7_unknown`: what an L7 field counts as without a request.
+    fn matches(&self, conn: &Connection, http: Option<&dyn HttpRequest>, l7_unknown: bool) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(conn, http, l7_unknown)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(conn.destination_port, http, l7_unknown)))
+            && self.when.iter().all(|c| c.matches(conn, http, l7_unknown))
     }
 
     /// Whether the rule reads anything only a request has (hosts, methods,
@@ -408,7 +413,7 @@ fn identity_negative(list: &[StringMatch], v: Option<&str>) -> bool {
 }
 
 impl SourceMatch {
-    fn matches(&self, conn: &Connection, http: Option<&dyn HttpRequest>) -> bool {
+    fn matches(&self, conn: &Connection, http: Option<&dyn HttpRequest>, l7_unknown: bool) -> bool {
         let principal = conn.source.as_ref().map(SpiffeId::principal);
         let namespace = conn.source.as_ref().map(SpiffeId::namespace);
         identity_positive(&self.principals, principal.as_deref())
@@ -417,7 +422,7 @@ impl SourceMatch {
             && identity_negative(&self.not_namespaces, namespace)
             && positive(&self.ip_blocks, |n| n.contains(&conn.source_ip))
             && negative(&self.not_ip_blocks, |n| n.contains(&conn.source_ip))
-            && l7::source_matches(self, http)
+            && l7::source_matches(self, http, l7_unknown)
     }
 
     fn is_l7(&self) -> bool {
@@ -429,10 +434,10 @@ impl SourceMatch {
 }
 
 impl OperationMatch {
-    fn matches(&self, port: u16, http: Option<&dyn HttpRequest>) -> bool {
+    fn matches(&self, port: u16, http: Option<&dyn HttpRequest>, l7_unknown: bool) -> bool {
         positive(&self.ports, |p| *p == port)
             && negative(&self.not_ports, |p| *p == port)
-            && l7::operation_matches(self, http)
+            && l7::operation_matches(self, http, l7_unknown)
     }
 
     fn is_l7(&self) -> bool {
@@ -443,7 +448,7 @@ impl OperationMatch {
 }
 
 impl ConditionMatch {
-    fn matches(&self, conn: &Connection, http: Option<&dyn HttpRequest>) -> bool {
+    fn matches(&self, conn: &Connection, http: Option<&dyn HttpRequest>, l7_unknown: bool) -> bool {
         let principal = conn.source.as_ref().map(SpiffeId::principal);
         let namespace = conn.source.as_ref().map(SpiffeId::namespace);
         match self {
@@ -465,7 +470,7 @@ impl ConditionMatch {
             Self::SourcePrincipal { values, not_values } => {
                 identity_positive(values, principal.as_deref()) && identity_negative(not_values, principal.as_deref())
             }
-            _ => http.is_some_and(|h| l7::condition_matches(self, h)),
+            _ => http.map_or(l7_unknown, |h| l7::condition_matches(self, h)),
         }
     }
 

@@ -96,6 +96,17 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
                     out.push((Some(format!("{field}.kind")), format!("{:?}: mesh binds policies to Gateways, Services and ServiceEntries only; this reference applies nowhere", t.kind)));
                 }
             }
+            let targeted = spec.target_ref.is_some() || !spec.target_refs.is_empty();
+            if !targeted {
+                let what = if spec.action.as_deref() == Some("DENY") {
+                    "the node proxy (L4) cannot read it, so this DENY rule denies whatever it says"
+                } else {
+                    "the node proxy (L4) cannot read it, so this rule never matches there"
+                };
+                for field in l7_fields(spec) {
+                    out.push((Some(field), format!("is an L7 (HTTP) attribute: {what}; a waypoint whose pods the policy selects enforces it fully (bind with targetRefs to enforce it at a service's waypoint)")));
+                }
+            }
             for (r, rule) in spec.rules.iter().flatten().enumerate() {
                 for (w, c) in rule.when.iter().enumerate() {
                     if crate::validate::unevaluated_condition_key(&c.key) {
@@ -142,6 +153,49 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
             out.push((None, format!("accepted, not enforced: mesh does not implement {} yet, so it has no effect", o.kind.name())))
         }
         _ => {}
+    }
+    out
+}
+
+/// The HTTP attributes a policy's rules name, with their fields.
+fn l7_fields(spec: &crate::objects::AuthorizationPolicySpec) -> Vec<String> {
+    let mut out = Vec::new();
+    for (r, rule) in spec.rules.iter().flatten().enumerate() {
+        for (f, from) in rule.from.iter().enumerate() {
+            let s = &from.source;
+            for (name, v) in [
+                ("requestPrincipals", &s.request_principals),
+                ("notRequestPrincipals", &s.not_request_principals),
+                ("remoteIpBlocks", &s.remote_ip_blocks),
+                ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+            ] {
+                if !v.is_empty() {
+                    out.push(format!("spec.rules[{r}].from[{f}].source.{name}"));
+                }
+            }
+        }
+        for (t, to) in rule.to.iter().enumerate() {
+            let o = &to.operation;
+            for (name, v) in [
+                ("hosts", &o.hosts),
+                ("notHosts", &o.not_hosts),
+                ("methods", &o.methods),
+                ("notMethods", &o.not_methods),
+                ("paths", &o.paths),
+                ("notPaths", &o.not_paths),
+            ] {
+                if !v.is_empty() {
+                    out.push(format!("spec.rules[{r}].to[{t}].operation.{name}"));
+                }
+            }
+        }
+        for (w, c) in rule.when.iter().enumerate() {
+            if !mesh_common::authz::L4_CONDITION_KEYS.contains(&c.key.as_str())
+                && !crate::validate::unevaluated_condition_key(&c.key)
+            {
+                out.push(format!("spec.rules[{r}].when[{w}].key"));
+            }
+        }
     }
     out
 }

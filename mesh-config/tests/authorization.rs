@@ -59,12 +59,6 @@ fn what_istio_rejects_is_rejected_with_line_and_field() {
             "spec.rules[0].when[0]",
             "needs values or notValues",
         ),
-        // At L4 (no targetRefs), HTTP attributes cannot be enforced.
-        (
-            "  rules: [{to: [{operation: {methods: [GET]}}]}]\n".to_string(),
-            "spec.rules[0].to[0].operation.methods",
-            "is an L7 (HTTP) attribute",
-        ),
     ] {
         let text = format!("{HEAD}{spec}");
         let Err((_, problems)) = parse_document(&doc(&text)) else { panic!("accepted:\n{text}") };
@@ -89,6 +83,17 @@ fn what_mesh_does_not_evaluate_is_a_warning() {
             format!("{WAYPOINT}  action: DENY\n  rules: [{{when: [{{key: connection.sni, values: [a.example]}}]}}]\n"),
             "spec.rules[0].when[0].key",
             "a DENY rule with it denies without it",
+        ),
+        // At L4 (no targetRefs) HTTP attributes fail closed, as in ztunnel (Istio accepts them).
+        (
+            "  rules: [{to: [{operation: {methods: [GET]}}]}]\n".to_string(),
+            "spec.rules[0].to[0].operation.methods",
+            "so this rule never matches there",
+        ),
+        (
+            "  action: DENY\n  rules: [{from: [{source: {requestPrincipals: ['*']}}]}]\n".to_string(),
+            "spec.rules[0].from[0].source.requestPrincipals",
+            "this DENY rule denies whatever it says",
         ),
         (
             format!("{WAYPOINT}  action: CUSTOM\n  provider: {{name: opa}}\n  rules: [{{}}]\n"),

@@ -130,19 +130,19 @@ fn a_bad_new_version_keeps_the_last_good_one_in_force() {
     let policy = key(Kind::AuthorizationPolicy, "shop", "allow-frontend");
     let before = store.objects()[&policy].clone();
 
-    // The policy now has an L7 field, which the node proxy cannot enforce.
+    // The policy now names a port that cannot be.
     dir.write(
         "good.yaml",
         &GOOD.replace(
             "principals: [cluster.local/ns/shop/sa/frontend]",
-            "principals: [cluster.local/ns/shop/sa/frontend]\n    to:\n    - operation:\n        methods: [GET]",
+            "principals: [cluster.local/ns/shop/sa/frontend]\n    to:\n    - operation:\n        ports: ['99999']",
         ),
     );
     let problems = load(&dir.0, &mut store);
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(
         problems[0].contains(
-            "good.yaml:37: AuthorizationPolicy shop/allow-frontend: spec.rules[0].to[0].operation.methods: is an L7"
+            "good.yaml:37: AuthorizationPolicy shop/allow-frontend: spec.rules[0].to[0].operation.ports[0]: 99999"
         ),
         "{}",
         problems[0]

@@ -68,7 +68,7 @@ kind: AuthorizationPolicy
 metadata: {name: l7, namespace: shop}
 spec:
   rules:
-  - to: [{operation: {methods: [GET]}}]
+  - to: [{operation: {methods: [GET], ports: [http]}}]
 "#,
     ),
     (
@@ -105,7 +105,9 @@ fn check_names_every_problem_with_file_line_and_field() {
         format!("{d}/workloads.yaml:14: Service shop/web: spec.ports[0].port: 70000 is not a port"),
         format!("{d}/policy.yaml:5: AuthorizationPolicy shop/p: spec.action: \"MAYBE\""),
         format!("{d}/policy.yaml:7: AuthorizationPolicy shop/p: spec.rules[0].from[0].source.principals[0]:"),
-        format!("{d}/policy.yaml:14: AuthorizationPolicy shop/l7: spec.rules[0].to[0].operation.methods: is an L7"),
+        format!(
+            "{d}/policy.yaml:14: AuthorizationPolicy shop/l7: spec.rules[0].to[0].operation.ports[0]: \"http\" is not a port"
+        ),
         format!("{d}/syntax.yaml:4: invalid YAML"),
         format!("{d}/dup.yaml:5: Namespace other: metadata.name: duplicate: already defined at {d}/dup.yaml:1"),
     ] {

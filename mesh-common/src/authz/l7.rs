@@ -53,11 +53,11 @@ impl RequestAuth {
     }
 }
 
-pub(super) fn source_matches(s: &SourceMatch, http: Option<&dyn HttpRequest>) -> bool {
+pub(super) fn source_matches(s: &SourceMatch, http: Option<&dyn HttpRequest>, l7_unknown: bool) -> bool {
     if !s.is_l7() {
         return true;
     }
-    let Some(h) = http else { return false };
+    let Some(h) = http else { return l7_unknown };
     let principal = h.auth().map(|a| a.principal.as_str());
     let remote = h.remote_ip();
     identity_positive(&s.request_principals, principal)
@@ -66,11 +66,11 @@ pub(super) fn source_matches(s: &SourceMatch, http: Option<&dyn HttpRequest>) ->
         && !s.not_remote_ip_blocks.iter().any(|n| n.contains(&remote))
 }
 
-pub(super) fn operation_matches(o: &OperationMatch, http: Option<&dyn HttpRequest>) -> bool {
+pub(super) fn operation_matches(o: &OperationMatch, http: Option<&dyn HttpRequest>, l7_unknown: bool) -> bool {
     if !o.is_l7() {
         return true;
     }
-    let Some(h) = http else { return false };
+    let Some(h) = http else { return l7_unknown };
     let host = h.host().to_ascii_lowercase();
     let host_hit = |m: &StringMatch| host_matches(m, &host);
     let any = |list: &[StringMatch], v: &str| list.iter().any(|m| m.matches(v));
@@ -318,9 +318,13 @@ mod tests {
             not_remote_ip_blocks: vec!["198.51.100.0/24".parse().unwrap()],
             ..Default::default()
         };
-        assert!(source_matches(&source, Some(&with)), "any authenticated request, from outside the excluded block");
-        assert!(!source_matches(&source, Some(&without)), "requestPrincipals ['*'] needs a JWT");
-        assert!(!source_matches(&source, None), "at L4 an L7 field matches nothing");
+        assert!(
+            source_matches(&source, Some(&with), false),
+            "any authenticated request, from outside the excluded block"
+        );
+        assert!(!source_matches(&source, Some(&without), false), "requestPrincipals ['*'] needs a JWT");
+        assert!(!source_matches(&source, None, false), "at L4 an ALLOW rule's L7 field matches nothing");
+        assert!(source_matches(&source, None, true), "at L4 a DENY rule's L7 field matches anything");
     }
 
     #[test]

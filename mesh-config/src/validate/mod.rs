@@ -233,14 +233,12 @@ fn check_authorization(spec: &AuthorizationPolicySpec, out: &mut Issues) {
     } else if spec.provider.is_some() {
         out.push(("spec.provider".into(), "is only valid with action CUSTOM".into()));
     }
-    // Without targetRefs the node proxy enforces the policy at L4.
-    let l4 = !targeted;
     for (r, rule) in spec.rules.iter().flatten().enumerate() {
-        check_rule(rule, &format!("spec.rules[{r}]"), l4, out);
+        check_rule(rule, &format!("spec.rules[{r}]"), out);
     }
 }
 
-fn check_rule(rule: &Rule, at: &str, l4: bool, out: &mut Issues) {
+fn check_rule(rule: &Rule, at: &str, out: &mut Issues) {
     for (f, from) in rule.from.iter().enumerate() {
         let src = &from.source;
         let base = format!("{at}.from[{f}].source");
@@ -268,18 +266,6 @@ fn check_rule(rule: &Rule, at: &str, l4: bool, out: &mut Issues) {
                 check_cidr(v, &format!("{base}.{name}[{i}]"), out);
             }
         }
-        if l4 {
-            reject_l7(
-                &base,
-                &[
-                    ("requestPrincipals", &src.request_principals),
-                    ("notRequestPrincipals", &src.not_request_principals),
-                    ("remoteIpBlocks", &src.remote_ip_blocks),
-                    ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
-                ],
-                out,
-            );
-        }
     }
     for (t, to) in rule.to.iter().enumerate() {
         let op = &to.operation;
@@ -292,20 +278,6 @@ fn check_rule(rule: &Rule, at: &str, l4: bool, out: &mut Issues) {
                 }
             }
         }
-        if l4 {
-            reject_l7(
-                &base,
-                &[
-                    ("hosts", &op.hosts),
-                    ("notHosts", &op.not_hosts),
-                    ("methods", &op.methods),
-                    ("notMethods", &op.not_methods),
-                    ("paths", &op.paths),
-                    ("notPaths", &op.not_paths),
-                ],
-                out,
-            );
-        }
     }
     for (w, cond) in rule.when.iter().enumerate() {
         let base = format!("{at}.when[{w}]");
@@ -313,12 +285,7 @@ fn check_rule(rule: &Rule, at: &str, l4: bool, out: &mut Issues) {
             out.push((base.clone(), "needs values or notValues".into()));
         }
         if !L4_CONDITION_KEYS.contains(&cond.key.as_str()) {
-            if l4 {
-                out.push((
-                    format!("{base}.key"),
-                    format!("{:?} cannot be evaluated at L4; supported: {}", cond.key, L4_CONDITION_KEYS.join(", ")),
-                ));
-            } else if let Err(e) = mesh_common::authz::ConditionMatch::from_key(&cond.key, &[], &[])
+            if let Err(e) = mesh_common::authz::ConditionMatch::from_key(&cond.key, &[], &[])
                 && !unevaluated_condition_key(&cond.key)
             {
                 out.push((format!("{base}.key"), format!("{e}: unknown attribute")));
@@ -348,21 +315,6 @@ fn check_rule(rule: &Rule, at: &str, l4: bool, out: &mut Issues) {
                     _ => {}
                 }
             }
-        }
-    }
-}
-
-/// Each non-empty field is an L7 (HTTP) attribute in a policy the node proxy
-/// enforces at L4.
-fn reject_l7(base: &str, fields: &[(&str, &Vec<String>)], out: &mut Issues) {
-    for (name, values) in fields {
-        if !values.is_empty() {
-            out.push((
-                format!("{base}.{name}"),
-                "is an L7 (HTTP) attribute, but this policy is enforced at L4 by the node proxy: \
-                 move it to a policy with targetRefs naming a waypoint Gateway, or remove it"
-                    .into(),
-            ));
         }
     }
 }
