@@ -9,6 +9,7 @@ use crate::{
     Kind, Problem, Resource,
     objects::{
         Labels,
+        mesh_config::{ConfigMap, MESH_CONFIG_KEY, MESH_CONFIG_MAP},
         routing::{BackendRef, HttpRouteFilter, ParentRef, TrafficPolicy, VirtualService},
     },
     store::{ConfigStore, ObjectKey},
@@ -82,11 +83,13 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
         }
         Resource::AuthorizationPolicy(ap) => {
             let spec = &ap.spec;
-            if spec.action.as_deref() == Some("CUSTOM") {
+            let targeted = spec.target_ref.is_some() || !spec.target_refs.is_empty();
+            if spec.action.as_deref() == Some("CUSTOM") && !targeted {
                 out.push((
                     Some("spec.action".into()),
-                    "CUSTOM is not enforced yet: the waypoint does not call the external authorizer, so requests \
-                     are decided by the ALLOW and DENY policies alone"
+                    "CUSTOM: node proxies (L4) do not call external authorizers (nor does Istio's ztunnel), so \
+                     connections to the workloads it selects are not checked by it; a waypoint whose pods it selects \
+                     calls it (bind with targetRefs to check requests to a service at its waypoint)"
                         .into(),
                 ));
             }
@@ -96,8 +99,7 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
                     out.push((Some(format!("{field}.kind")), format!("{:?}: mesh binds policies to Gateways, Services and ServiceEntries only; this reference applies nowhere", t.kind)));
                 }
             }
-            let targeted = spec.target_ref.is_some() || !spec.target_refs.is_empty();
-            if !targeted {
+            if !targeted && spec.action.as_deref() != Some("CUSTOM") {
                 let what = if spec.action.as_deref() == Some("DENY") {
                     "the node proxy (L4) cannot read it, so this DENY rule denies whatever it says"
                 } else {
@@ -152,9 +154,49 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
         Resource::Opaque(o) => {
             out.push((None, format!("accepted, not enforced: mesh does not implement {} yet, so it has no effect", o.kind.name())))
         }
+        Resource::ConfigMap(cm) => mesh_config(cm, &mut out),
         _ => {}
     }
     out
+}
+
+/// What of Istio's `MeshConfig` mesh does not read: every field but
+/// `extensionProviders`, the providers other than external authorizers,
+/// and request bodies sent for checks.
+fn mesh_config(cm: &ConfigMap, out: &mut Vec<(Option<String>, String)>) {
+    let Some(Ok(config)) = cm.mesh_config() else { return };
+    let at = format!("data.{MESH_CONFIG_KEY}");
+    for key in config.other.keys() {
+        out.push((
+            Some(format!("{at}.{key}")),
+            "not read by mesh (of MeshConfig it reads extensionProviders only): no effect".into(),
+        ));
+    }
+    for (i, p) in config.extension_providers.iter().enumerate() {
+        let at = format!("{at}.extensionProviders[{i}]");
+        let body = [
+            ("envoyExtAuthzHttp", p.envoy_ext_authz_http.as_ref().map(|h| &h.include_request_body_in_check)),
+            ("envoyExtAuthzGrpc", p.envoy_ext_authz_grpc.as_ref().map(|g| &g.include_request_body_in_check)),
+        ];
+        for (kind, b) in body {
+            if b.is_some_and(Option::is_some) {
+                out.push((
+                    Some(format!("{at}.{kind}.includeRequestBodyInCheck")),
+                    "not enforced yet: the check request carries the request's headers, not its body".into(),
+                ));
+            }
+        }
+        if p.envoy_ext_authz_http.is_none() && p.envoy_ext_authz_grpc.is_none() {
+            for kind in p.kinds() {
+                out.push((
+                    Some(format!("{at}.{kind}")),
+                    "tracing, metrics and access-log providers are for the Telemetry API, which mesh does not \
+                     implement yet: no effect"
+                        .into(),
+                ));
+            }
+        }
+    }
 }
 
 /// The HTTP attributes a policy's rules name, with their fields.
@@ -489,6 +531,19 @@ impl ConfigStore {
                     }
                 }
             }
+            Resource::AuthorizationPolicy(ap) if ap.spec.action.as_deref() == Some("CUSTOM") => {
+                let Some(name) = ap.spec.provider.as_ref().map(|p| p.name.as_str()) else { return out };
+                if !self.authorizer_defined(name) {
+                    out.push((
+                        Some("spec.provider.name".into()),
+                        format!(
+                            "{name:?} is not an external authorizer (envoyExtAuthzHttp or envoyExtAuthzGrpc) of \
+                             MeshConfig.extensionProviders (ConfigMap {MESH_CONFIG_MAP}, key {MESH_CONFIG_KEY}) (yet): \
+                             requests its rules match are denied (403) until it is, as Istio does"
+                        ),
+                    ));
+                }
+            }
             Resource::Service(svc) => self.waypoint_reference(svc.metadata.namespace(), &svc.metadata.labels, &mut out),
             Resource::Namespace(ns) => self.waypoint_reference(&ns.metadata.name, &ns.metadata.labels, &mut out),
             Resource::Gateway(g) if g.spec.gateway_class_name == WAYPOINT_CLASS => {
@@ -513,6 +568,18 @@ impl ConfigStore {
             _ => {}
         }
         out
+    }
+
+    /// Whether a MeshConfig in force names external authorizer `name`.
+    fn authorizer_defined(&self, name: &str) -> bool {
+        self.objects().values().any(|s| match s.resource.as_ref() {
+            Resource::ConfigMap(cm) => cm.mesh_config().and_then(Result::ok).is_some_and(|c| {
+                c.extension_providers
+                    .iter()
+                    .any(|p| p.name == name && (p.envoy_ext_authz_http.is_some() || p.envoy_ext_authz_grpc.is_some()))
+            }),
+            _ => false,
+        })
     }
 
     fn subset_defined<'a>(

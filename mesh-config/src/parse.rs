@@ -94,6 +94,7 @@ fn typed(kind: Kind, mut value: Value, text: &str) -> Result<Resource, (String, 
         Kind::VirtualService => Resource::VirtualService(de(value, text)?),
         Kind::DestinationRule => Resource::DestinationRule(de(value, text)?),
         Kind::HttpLocalRateLimitPolicy => Resource::HttpLocalRateLimitPolicy(de(value, text)?),
+        Kind::ConfigMap => Resource::ConfigMap(de(value, text)?),
         k if k.is_opaque() => Resource::Opaque(Opaque { kind: k, ..de(value, text)? }),
         k => unreachable!("{k:?} has a typed arm above"),
     })
@@ -111,7 +112,7 @@ fn de<T: DeserializeOwned>(value: Value, text: &str) -> Result<T, (String, Strin
 
 /// serde_yaml's messages carry " at line N column M" (relative to the
 /// document); we print our own location, relative to the file.
-fn strip_location(message: &str) -> String {
+pub(crate) fn strip_location(message: &str) -> String {
     let Some(start) = message.find(" at line ") else { return message.to_string() };
     let rest = &message[start + 9..];
     let end = rest.find(',').map_or(message.len(), |i| start + 9 + i);

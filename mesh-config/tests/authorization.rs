@@ -96,9 +96,11 @@ fn what_mesh_does_not_evaluate_is_a_warning() {
             "this DENY rule denies whatever it says",
         ),
         (
-            format!("{WAYPOINT}  action: CUSTOM\n  provider: {{name: opa}}\n  rules: [{{}}]\n"),
+            // Enforced at waypoints (with targetRefs, or selecting their pods); never at L4.
+            "  selector: {matchLabels: {app: web}}\n  action: CUSTOM\n  provider: {name: opa}\n  rules: [{}]\n"
+                .to_string(),
             "spec.action",
-            "does not call the external authorizer",
+            "node proxies (L4) do not call external authorizers",
         ),
         (
             "  targetRefs: [{kind: Deployment, name: x}]\n  rules: [{}]\n".to_string(),

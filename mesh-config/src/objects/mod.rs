@@ -1,6 +1,7 @@
 //! The configuration kinds, as users write them: Kubernetes objects and Istio's
 //! security/networking resources. Unknown fields are rejected everywhere
 //! except in `metadata`'s bookkeeping fields, which Kubernetes tools add.
+pub mod mesh_config;
 pub mod routing;
 
 use std::collections::BTreeMap;
@@ -145,6 +146,17 @@ pub enum IntOrString {
     String(String),
 }
 
+impl IntOrString {
+    /// A number written as one (`9000`) or as a string (`"9000"`, as
+    /// Istio's examples write some ports).
+    pub fn as_number(&self) -> Option<i64> {
+        match self {
+            IntOrString::Int(n) => Some(*n),
+            IntOrString::String(s) => s.trim().parse().ok(),
+        }
+    }
+}
+
 /// `security.istio.io/v1` `PeerAuthentication`.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -268,11 +280,19 @@ pub struct AuthorizationPolicySpec {
     pub target_refs: Vec<PolicyTargetReference>,
     #[serde(default)]
     pub action: Option<String>,
+    /// `action: CUSTOM`: the external authorizer (`MeshConfig.extensionProviders`).
     #[serde(default)]
-    pub provider: Option<Value>,
+    pub provider: Option<ProviderRef>,
     /// `None` and `Some([])` differ: no rules at all is Istio's allow-nothing.
     #[serde(default)]
     pub rules: Option<Vec<Rule>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderRef {
+    #[serde(default)]
+    pub name: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -530,6 +550,7 @@ pub enum Resource {
     VirtualService(routing::VirtualService),
     DestinationRule(routing::DestinationRule),
     HttpLocalRateLimitPolicy(RateLimitPolicy),
+    ConfigMap(mesh_config::ConfigMap),
     /// One of the kinds [`Kind::is_opaque`] names.
     Opaque(Opaque),
 }
@@ -552,6 +573,7 @@ impl Resource {
             Self::VirtualService(o) => &o.metadata,
             Self::DestinationRule(o) => &o.metadata,
             Self::HttpLocalRateLimitPolicy(o) => &o.metadata,
+            Self::ConfigMap(o) => &o.metadata,
             Self::Opaque(o) => &o.metadata,
         }
     }
@@ -573,6 +595,7 @@ impl Resource {
             Self::VirtualService(_) => Kind::VirtualService,
             Self::DestinationRule(_) => Kind::DestinationRule,
             Self::HttpLocalRateLimitPolicy(_) => Kind::HttpLocalRateLimitPolicy,
+            Self::ConfigMap(_) => Kind::ConfigMap,
             Self::Opaque(o) => o.kind,
         }
     }
@@ -584,6 +607,7 @@ pub enum Kind {
     ServiceAccount,
     Pod,
     Service,
+    ConfigMap,
     PeerAuthentication,
     AuthorizationPolicy,
     RequestAuthentication,
@@ -644,6 +668,7 @@ const KINDS: &[KindInfo] = &[
     typed(Kind::ServiceAccount, "ServiceAccount", &["v1"]),
     typed(Kind::Pod, "Pod", &["v1"]),
     typed(Kind::Service, "Service", &["v1"]),
+    typed(Kind::ConfigMap, "ConfigMap", &["v1"]),
     typed(Kind::PeerAuthentication, "PeerAuthentication", ISTIO_SECURITY),
     typed(Kind::AuthorizationPolicy, "AuthorizationPolicy", ISTIO_SECURITY),
     typed(Kind::ServiceEntry, "ServiceEntry", ISTIO_NETWORKING),

@@ -137,6 +137,6 @@ pub fn check_jwks(jwks: &str) -> Result<(), String> {
 }
 
 /// An HTTP header name (RFC 9110 token).
-fn is_header_name(s: &str) -> bool {
+pub(super) fn is_header_name(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }

@@ -12,6 +12,7 @@ use super::{
 };
 
 mod jwt;
+mod mesh_config;
 mod routing;
 
 pub use routing::{WAYPOINT_CLASS, WAYPOINT_FOR_LABEL};
@@ -162,6 +163,7 @@ pub fn validate(resource: &Resource) -> Issues {
         Resource::HttpLocalRateLimitPolicy(r) => check_rate_limit(&r.spec, &mut out),
         Resource::VirtualService(vs) => routing::check_virtual_service(&vs.spec, &mut out),
         Resource::DestinationRule(dr) => routing::check_destination_rule(&dr.spec, &mut out),
+        Resource::ConfigMap(cm) => mesh_config::check_config_map(cm, &mut out),
         Resource::Opaque(_) => {}
     }
     out
@@ -224,10 +226,10 @@ fn check_authorization(spec: &AuthorizationPolicySpec, out: &mut Issues) {
         check_labels(&sel.match_labels, "spec.selector.matchLabels", out);
     }
     if action == "CUSTOM" {
-        if !targeted {
+        if spec.provider.as_ref().is_none_or(|p| p.name.is_empty()) {
             out.push((
-                "spec.action".into(),
-                "CUSTOM (external authorization) is enforced by a waypoint: set targetRefs to a Gateway".into(),
+                "spec.provider.name".into(),
+                "is required with action CUSTOM (an extensionProviders name)".into(),
             ));
         }
     } else if spec.provider.is_some() {
