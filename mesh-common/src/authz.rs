@@ -30,6 +30,21 @@ pub enum Action {
     Deny,
     /// Logged by Istio's proxies; it never changes a decision.
     Audit,
+    /// Matching requests are sent to an external authorizer (the waypoint's
+    /// `ext_authz`), which decides before DENY and ALLOW do ([`custom`]).
+    Custom,
+}
+
+impl Action {
+    /// Istio's order of evaluation: CUSTOM, DENY, ALLOW; AUDIT only logs.
+    pub fn order(self) -> u8 {
+        match self {
+            Action::Custom => 0,
+            Action::Deny => 1,
+            Action::Allow => 2,
+            Action::Audit => 3,
+        }
+    }
 }
 
 /// A policy the node proxy enforces, ready to evaluate.
@@ -42,6 +57,9 @@ pub struct CompiledPolicy {
     pub rules: Vec<CompiledRule>,
     /// `istio.io/dry-run`: evaluated and reported, never enforced.
     pub dry_run: bool,
+    /// Action CUSTOM: the extension provider it names.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub provider: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -358,6 +376,34 @@ fn decide<'a>(
         }
     }
     Decision { allowed: false, policy: None, reason: "ALLOW policies apply and none matched".into() }
+}
+
+/// Whether a request goes to an external authorizer first: `None` when no
+/// CUSTOM policy's rules match it; the policy whose provider is to be asked;
+/// or, when the CUSTOM policies that apply name more than one provider
+/// (Istio allows one per workload, and denies otherwise), the denial.
+/// Dry-run CUSTOM policies are never called.
+pub fn custom<'a>(
+    policies: impl IntoIterator<Item = &'a CompiledPolicy> + Clone,
+    conn: &Connection,
+    http: &dyn HttpRequest,
+) -> Option<Result<&'a CompiledPolicy, Decision>> {
+    let live = |p: &&CompiledPolicy| p.action == Action::Custom && !p.dry_run;
+    let matched = policies.clone().into_iter().filter(live).find(|p| p.matches(conn, Some(http)))?;
+    let mut providers: Vec<&str> = policies.into_iter().filter(live).map(|p| p.provider.as_str()).collect();
+    providers.sort_unstable();
+    providers.dedup();
+    if providers.len() > 1 {
+        return Some(Err(Decision {
+            allowed: false,
+            policy: Some(format!("{}/{}", matched.namespace, matched.name)),
+            reason: format!(
+                "CUSTOM policies here name more than one provider ({}); one is allowed per workload",
+                providers.join(", ")
+            ),
+        }));
+    }
+    Some(Ok(matched))
 }
 
 impl CompiledPolicy {

@@ -175,3 +175,11 @@ pub mod api {
     mod keys;
     pub use keys::ResourceKey;
 }
+
+/// Envoy's ext_authz gRPC API (`proto/envoy/service/auth/v3`), as the
+/// waypoint calls external authorizers.
+#[cfg(feature = "api")]
+pub mod ext_authz {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/envoy.service.auth.v3.rs"));
+}

@@ -8,7 +8,7 @@ use std::{fmt::Write as _, net::IpAddr};
 use mesh_common::{
     admin::ConfigDump,
     api,
-    authz::{self, Action, CompiledPolicy, Connection, HttpRequest, RequestAuth, WaypointTarget, jwt},
+    authz::{self, CompiledPolicy, Connection, HttpRequest, RequestAuth, WaypointTarget, jwt},
     identity::SpiffeId,
 };
 use serde_json::json;
@@ -140,18 +140,43 @@ pub fn explain(
     let conn =
         Connection { source: src.identity.clone(), source_ip: src.ip, destination_ip: vip, destination_port: port };
     let compiled = || applying.iter().map(|(_, c)| c);
-    let decision = authz::evaluate_request(compiled(), &conn, &facts);
-    let shadow = authz::dry_run(compiled(), &conn, Some(&facts));
-
-    let order = |a: Action| match a {
-        Action::Deny => 0,
-        Action::Allow => 1,
-        Action::Audit => 2,
+    let custom = authz::custom(compiled(), &conn, &facts);
+    let decision = match &custom {
+        Some(Err(d)) => d.clone(),
+        _ => authz::evaluate_request(compiled(), &conn, &facts),
     };
+    let shadow = authz::dry_run(compiled(), &conn, Some(&facts));
+    // The authorizer a matching CUSTOM policy sends the request to (it is asked first).
+    let external = match &custom {
+        Some(Ok(p)) => {
+            let wire = applying.iter().find(|(_, c)| std::ptr::eq(c, *p)).map(|(w, _)| w);
+            Some(match wire.and_then(|w| w.ext_authz.as_ref()) {
+                Some(x) => format!(
+                    "{}/{} asks external authorizer {:?} ({}:{} over {}) first; if it denies, its answer is the \
+                     response{}",
+                    p.namespace,
+                    p.name,
+                    x.name,
+                    x.host,
+                    x.port,
+                    if x.grpc { "gRPC" } else { "HTTP" },
+                    if x.fail_open { "; if it cannot be asked, the request goes on (failOpen)" } else { "" }
+                ),
+                None => format!(
+                    "{}/{} names provider {:?}, which MeshConfig.extensionProviders does not define: DENY (403)",
+                    p.namespace, p.name, p.provider
+                ),
+            })
+        }
+        _ => None,
+    };
+    let undefined_provider =
+        matches!(&custom, Some(Ok(p)) if applying.iter().any(|(w, c)| std::ptr::eq(c, *p) && w.ext_authz.is_none()));
+
     let mut verdicts: Vec<_> = compiled()
         .map(|p| (format!("{}/{}", p.namespace, p.name), p.action, p.dry_run, p.matched_rule(&conn, Some(&facts))))
         .collect();
-    verdicts.sort_by_key(|v| order(v.1));
+    verdicts.sort_by_key(|v| v.1.order());
 
     let mut text = String::new();
     let from = match (src.workload, &src.identity) {
@@ -183,7 +208,7 @@ pub fn explain(
     if verdicts.is_empty() {
         let _ = writeln!(text, "policies  none is bound to this service or its waypoint");
     } else {
-        let _ = writeln!(text, "policies  (DENY first, then ALLOW; AUDIT and dry-run never decide)");
+        let _ = writeln!(text, "policies  (CUSTOM first, then DENY, then ALLOW; AUDIT and dry-run never decide)");
         for (name, action, dry_run, rule) in &verdicts {
             let verdict = rule.map_or("no rule matches".to_owned(), |r| format!("matches (rule {r})"));
             let dry = if *dry_run { " [dry-run]" } else { "" };
@@ -198,7 +223,16 @@ pub fn explain(
             d.reason
         )
     };
-    let _ = writeln!(text, "decision  {}", verdict_line(&decision));
+    if let Some(line) = &external {
+        let _ = writeln!(text, "external  {line}");
+    }
+    if undefined_provider {
+        let _ = writeln!(text, "decision  DENY (403 RBAC: access denied): a CUSTOM policy's provider is not defined");
+    } else if external.is_some() && decision.allowed {
+        let _ = writeln!(text, "decision  {} (if the external authorizer allows)", verdict_line(&decision));
+    } else {
+        let _ = writeln!(text, "decision  {}", verdict_line(&decision));
+    }
     if let Some(s) = &shadow {
         let _ = writeln!(text, "dry-run   would be {} (not enforced)", verdict_line(s));
     }
@@ -211,9 +245,10 @@ pub fn explain(
             "policy": name, "action": action, "dry_run": dry_run, "matched_rule": rule })).collect::<Vec<_>>(),
         "authentication": { "principal": facts.auth.as_ref().map(|a| &a.principal), "explained": auth_line },
         "decision": decision,
+        "external_authorizer": external,
         "dry_run_decision": shadow,
     });
     let mut report = Report::new(data, text);
-    report.failed = !decision.allowed;
+    report.failed = !decision.allowed || undefined_provider;
     Ok(report)
 }

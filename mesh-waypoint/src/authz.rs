@@ -7,7 +7,10 @@
 use std::net::IpAddr;
 
 use http::HeaderMap;
-use mesh_common::authz::{self, Connection, Decision, HttpRequest, RequestAuth};
+use mesh_common::{
+    api,
+    authz::{self, Connection, Decision, HttpRequest, RequestAuth},
+};
 use mesh_proxy::state::view::MeshView;
 use tracing::info;
 
@@ -55,22 +58,46 @@ impl HttpRequest for Facts<'_> {
     }
 }
 
-/// The decision for a request when a policy applies (`None`: none does, and
-/// the request goes on); counted, and logged when it denies.
-pub fn check(wp: &Waypoint, ds: &Downstream, view: &MeshView, facts: &Facts<'_>, request_id: &str) -> Option<Decision> {
-    // This waypoint's own instance (for policies that select its pods), looked up once per view.
-    let instance = || {
-        let me = wp.identity()?;
-        ds.service.waypoint.as_ref()?.instances.iter().find(|i| i.identity == me).cloned()
-    };
-    let policies = view.waypoint_policies(&ds.service, instance);
-    policies.clone().next()?; // no policy applies: nothing to decide
-    let conn = Connection {
+/// The CUSTOM policy (with its provider, `None` while MeshConfig does not
+/// define it) whose authorizer is to be asked about the request, or, when
+/// the CUSTOM policies here name more than one provider, the denial.
+/// `None`: no CUSTOM policy's rules match.
+pub fn custom<'v>(
+    wp: &Waypoint,
+    ds: &Downstream,
+    view: &'v MeshView,
+    facts: &Facts<'_>,
+) -> Option<Result<(String, Option<&'v api::ExtAuthz>), Decision>> {
+    let policies = view.waypoint_policies(&ds.service, || instance(wp, ds));
+    let found = authz::custom(policies, &connection(ds), facts)?;
+    Some(found.map(|p| {
+        let provider = view.policy_wire(p).and_then(|w| w.ext_authz.as_ref());
+        (format!("{}/{}", p.namespace, p.name), provider)
+    }))
+}
+
+/// This waypoint's own instance (for policies that select its pods).
+fn instance(wp: &Waypoint, ds: &Downstream) -> Option<std::sync::Arc<mesh_proxy::state::view::WorkloadInfo>> {
+    let me = wp.identity()?;
+    ds.service.waypoint.as_ref()?.instances.iter().find(|i| i.identity == me).cloned()
+}
+
+fn connection(ds: &Downstream) -> Connection {
+    Connection {
         source: ds.peer.clone(),
         source_ip: ds.peer_addr.ip(),
         destination_ip: ds.destination.ip(),
         destination_port: ds.port,
-    };
+    }
+}
+
+/// The decision for a request when a policy applies (`None`: none does, and
+/// the request goes on); counted, and logged when it denies.
+pub fn check(wp: &Waypoint, ds: &Downstream, view: &MeshView, facts: &Facts<'_>, request_id: &str) -> Option<Decision> {
+    // Its own instance is looked up once per view.
+    let policies = view.waypoint_policies(&ds.service, || instance(wp, ds));
+    policies.clone().next()?; // no policy applies: nothing to decide
+    let conn = connection(ds);
     let decision = authz::evaluate_request(policies.clone(), &conn, facts);
     wp.metrics.authorized(false, decision.allowed, decision.policy.as_deref());
     if let Some(shadow) = authz::dry_run(policies, &conn, Some(facts)) {
@@ -84,7 +111,7 @@ pub fn check(wp: &Waypoint, ds: &Downstream, view: &MeshView, facts: &Facts<'_>,
 }
 
 /// One log line for a decision worth telling (a denial, a dry-run verdict).
-fn log(ds: &Downstream, facts: &Facts<'_>, request_id: &str, d: &Decision, what: &str) {
+pub fn log(ds: &Downstream, facts: &Facts<'_>, request_id: &str, d: &Decision, what: &str) {
     info!(
         request_id,
         service = ds.service.key(),

@@ -26,6 +26,7 @@ use crate::{
     Waypoint, balance,
     body::{Counting, Ended, HttpBody, Recorded, Recording, empty, full},
     breaker::Cluster,
+    ext_authz,
     metrics::RequestLabels,
     retry::{self, Outcome},
     upstream::Sender,
@@ -84,6 +85,8 @@ struct Record {
     /// The cookie a consistent hash by cookie (with a ttl) gave a client
     /// that had none.
     set_cookie: Option<HeaderValue>,
+    /// Headers an external authorizer that allowed the request has for its response.
+    ext_authz_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Incoming>) -> Response<HttpBody> {
@@ -121,9 +124,13 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Inc
         admitted: None,
         load: None,
         set_cookie: None,
+        ext_authz_headers: Vec::new(),
     };
     let (body, recorded) = Recording::new(body);
     let mut response = route_and_send(&wp, &ds, &view, &mut parts, body, &recorded, &mut rec).await;
+    for (name, value) in rec.ext_authz_headers.drain(..) {
+        response.headers_mut().append(name, value);
+    }
     if let Some(client) = client_upgrade
         && response.status() == StatusCode::SWITCHING_PROTOCOLS
     {
@@ -221,6 +228,89 @@ async fn inject_fault(rec: &mut Record, f: &api::Fault) -> Option<Response<HttpB
     Some(local(rec, status.unwrap_or(StatusCode::SERVICE_UNAVAILABLE), flag, "fault filter abort"))
 }
 
+/// The request as AuthorizationPolicies read it.
+fn policy_facts<'a>(
+    ds: &Downstream,
+    parts: &'a http::request::Parts,
+    rec: &'a Record,
+    auth: Option<&'a authz::RequestAuth>,
+) -> crate::authz::Facts<'a> {
+    crate::authz::Facts {
+        method: parts.method.as_str(),
+        path_and_query: &rec.path,
+        host: &rec.authority,
+        headers: &parts.headers,
+        remote: ds.peer_addr.ip(),
+        auth,
+    }
+}
+
+/// AuthorizationPolicy CUSTOM, before DENY and ALLOW: the provider's
+/// answer when it denies (flag `UAEX`, as Envoy's ext_authz sets it);
+/// when it allows, its edits are made to the request, and the headers it
+/// has for the client are kept for the response.
+async fn external_authorization(
+    wp: &Arc<Waypoint>,
+    ds: &Downstream,
+    view: &MeshView,
+    parts: &mut http::request::Parts,
+    auth: Option<&authz::RequestAuth>,
+    rec: &mut Record,
+) -> Option<Response<HttpBody>> {
+    let facts = policy_facts(ds, parts, rec, auth);
+    let (policy, provider) = match crate::authz::custom(wp, ds, view, &facts)? {
+        Ok(found) => found,
+        Err(d) => {
+            crate::authz::log(ds, &facts, rec.request_id(), &d, "request denied by authorization policy");
+            wp.metrics.authorized(false, false, d.policy.as_deref());
+            rec.denied_by = d.policy;
+            return Some(local(rec, StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied"));
+        }
+    };
+    let verdict = match provider {
+        Some(p) => {
+            let check = ext_authz::Check {
+                method: &parts.method,
+                path_and_query: &rec.path,
+                host: &rec.authority,
+                headers: &parts.headers,
+                request_id: rec.request_id(),
+                protocol: if parts.version == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" },
+            };
+            ext_authz::check(wp, ds, p, &check).await
+        }
+        None => ext_authz::undefined(),
+    };
+    match verdict {
+        ext_authz::Verdict::Allow(allowed) => {
+            allowed.edit_request(&mut parts.headers);
+            rec.ext_authz_headers = allowed.response_headers;
+            None
+        }
+        ext_authz::Verdict::Deny { status, headers, body, why } => {
+            let reason = match provider {
+                Some(p) => format!("external authorizer {:?} {why}", p.name),
+                None => why,
+            };
+            let d = authz::Decision { allowed: false, policy: Some(policy), reason };
+            let facts = policy_facts(ds, parts, rec, auth);
+            crate::authz::log(ds, &facts, rec.request_id(), &d, "request denied by external authorizer");
+            wp.metrics.authorized(false, false, d.policy.as_deref());
+            rec.denied_by = d.policy;
+            if rec.grpc {
+                return Some(local(rec, status, "UAEX", &String::from_utf8_lossy(&body)));
+            }
+            rec.flags = "UAEX";
+            let mut r = Response::new(full(body));
+            *r.status_mut() = status;
+            for (name, value) in headers {
+                r.headers_mut().append(name, value);
+            }
+            Some(r)
+        }
+    }
+}
+
 async fn route_and_send(
     wp: &Arc<Waypoint>,
     ds: &Downstream,
@@ -238,14 +328,10 @@ async fn route_and_send(
             Err(refused) => return unauthenticated(rec, refused),
         }
     };
-    let authz_facts = crate::authz::Facts {
-        method: parts.method.as_str(),
-        path_and_query: &rec.path,
-        host: &rec.authority,
-        headers: &parts.headers,
-        remote: ds.peer_addr.ip(),
-        auth: auth.as_deref(),
-    };
+    if let Some(denied) = external_authorization(wp, ds, view, parts, auth.as_deref(), rec).await {
+        return denied;
+    }
+    let authz_facts = policy_facts(ds, parts, rec, auth.as_deref());
     if let Some(d) = crate::authz::check(wp, ds, view, &authz_facts, rec.request_id())
         && !d.allowed
     {

@@ -217,18 +217,9 @@ async fn fetch(wp: &Waypoint, uri: &str) -> Result<String, String> {
     String::from_utf8(body.to_bytes().to_vec()).map_err(|_| "not UTF-8".into())
 }
 
-/// How to reach `host:port` through the mesh: a service (one of its
-/// endpoints) or a workload it knows; `None`: outside the mesh.
+/// How to reach `host:port` through the mesh (its first endpoint); `None`: outside the mesh.
 fn mesh_upstream(wp: &Waypoint, host: &str, port: u16) -> Result<Option<Upstream>, String> {
-    let view = wp.proxy.state.view();
-    let candidates = if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        view.destination(std::net::SocketAddr::new(ip, port)).map_err(|e| e.to_string())?.candidates
-    } else if let Some(svc) = view.service_by_host(host) {
-        view.endpoints(svc, port, |_| true).map_err(|e| e.to_string())?
-    } else {
-        return Ok(None);
-    };
-    Ok(candidates.into_iter().next().filter(|c| !matches!(c, Upstream::Plain { workload: None, .. })))
+    Ok(crate::upstream::in_mesh(&wp.proxy.state.view(), host, port)?.into_iter().next())
 }
 
 /// TLS to a JWKS server, verified against the system's trust roots.

@@ -8,6 +8,7 @@
 //! - [`server`]: the HBONE listener, protocol choice, the TCP relay;
 //! - [`engine`]: authorization, routing, balancing, retries, timeouts, per request;
 //! - [`authz`]: L7 AuthorizationPolicies (the shared evaluator);
+//! - [`ext_authz`]: external authorizers (CUSTOM), over Envoy's ext_authz protocols;
 //! - [`jwt`], [`jwks`]: RequestAuthentication (JWTs, key sets fetched and refreshed);
 //! - [`upstream`]: HTTP connections to endpoints over HBONE;
 //! - [`retry`]: Istio's `retryOn` conditions and the retry budget;
@@ -21,6 +22,7 @@ pub mod balance;
 pub mod body;
 pub mod breaker;
 pub mod engine;
+pub mod ext_authz;
 pub mod jwks;
 pub mod jwt;
 pub mod metrics;

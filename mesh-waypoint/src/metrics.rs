@@ -55,6 +55,15 @@ pub struct RequestMetrics {
     rate_limited: Family<RateLimitLabels, Counter>,
     jwt: Family<JwtLabels, Counter>,
     jwks_fetches: Family<JwksLabels, Counter>,
+    ext_authz: Family<ExtAuthzLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExtAuthzLabels {
+    /// The extension provider's name.
+    pub provider: String,
+    /// `allowed`, `denied` (by the authorizer), `error` (it could not be asked).
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -120,6 +129,7 @@ impl RequestMetrics {
             rate_limited: Family::default(),
             jwt: Family::default(),
             jwks_fetches: Family::default(),
+            ext_authz: Family::default(),
         };
         registry.register("istio_requests", "Requests handled", m.requests.clone());
         registry.register("istio_request_duration_milliseconds", "Request duration", m.duration.clone());
@@ -162,7 +172,16 @@ impl RequestMetrics {
             m.jwt.clone(),
         );
         registry.register("mesh_waypoint_jwks_fetches", "JWKS fetches from jwksUri, by result", m.jwks_fetches.clone());
+        registry.register(
+            "mesh_waypoint_ext_authz_checks",
+            "Requests sent to external authorizers (AuthorizationPolicy CUSTOM), by provider and result",
+            m.ext_authz.clone(),
+        );
         m
+    }
+
+    pub fn ext_authz(&self, provider: &str, result: &'static str) {
+        self.ext_authz.get_or_create(&ExtAuthzLabels { provider: provider.to_owned(), result }).inc();
     }
 
     pub fn jwt(&self, service: &str, result: &'static str) {

@@ -18,7 +18,7 @@ use mesh_proxy::{
     Proxy,
     hbone::{self, TunnelIo},
     pool::PoolKey,
-    state::view::Upstream,
+    state::view::{MeshView, Upstream},
 };
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
@@ -171,6 +171,21 @@ impl Upstreams {
         drop(idle);
         cluster.idle_released();
     }
+}
+
+/// The endpoints `host:port` is reached through in the mesh: a service's
+/// (by host name), or what is at an address (a workload, a service's VIP);
+/// empty when it is outside the mesh. For occasional callers (JWKS
+/// fetches, external authorizers); requests go by the tunnel's VIP.
+pub fn in_mesh(view: &MeshView, host: &str, port: u16) -> Result<Vec<Upstream>, String> {
+    let candidates = if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        view.destination(SocketAddr::new(ip, port)).map_err(|e| e.to_string())?.candidates
+    } else if let Some(svc) = view.service_by_host(host) {
+        view.endpoints(svc, port, |_| true).map_err(|e| e.to_string())?
+    } else {
+        return Ok(Vec::new());
+    };
+    Ok(candidates.into_iter().filter(|c| !matches!(c, Upstream::Plain { workload: None, .. })).collect())
 }
 
 /// A byte stream to `up`: an HBONE tunnel (CONNECT the endpoint's address

@@ -46,6 +46,10 @@ pub fn patience(d: std::time::Duration) -> std::time::Duration {
     d * factor
 }
 
+/// Where `cargo xtask test` installs Envoy's Python API (PyPI's xds-protos,
+/// with grpcio and protobuf) for the tests' external authorizer.
+pub const EXT_AUTHZ_PYTHONPATH: &str = "/var/tmp/mesh-tools/python-ext-authz";
+
 /// Where skipped tests are recorded: libtest hides the output of tests that
 /// pass, so `cargo xtask test` reads this file and reports every skip.
 pub fn skipped_file() -> std::path::PathBuf {

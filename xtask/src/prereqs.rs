@@ -32,7 +32,14 @@ const PACKAGES: &[&str] = &[
     "hey",            // HTTP load at a fixed rate, with latency percentiles (benchmark)
     "python3-grpcio", // a real gRPC client and server (all four call kinds) through the waypoint
     "nghttp2-client", // h2load: many HTTP/2 requests on one connection (curl 7.88 cannot reuse one with prior knowledge)
+    "python3-pip",    // the external authorizers' Python packages (below)
 ];
+
+/// Envoy's generated data-plane API for Python (PyPI's `xds-protos`, with the
+/// grpcio and protobuf it needs), for the tests' external authorizer: a real
+/// ext_authz gRPC server built on Envoy's own message definitions, not on
+/// mesh's copy of them. Debian's python3-protobuf is too old for it.
+const EXT_AUTHZ_PYTHON: &[&str] = &["xds-protos==1.85.0", "grpcio==1.85.*", "protobuf>=6.31.1,<8"];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Outside the clone, so it survives fresh checkouts (CI) and is built once.
@@ -55,6 +62,29 @@ pub fn ensure() -> anyhow::Result<()> {
     ensure_packages()?;
     ensure_bpf_linker()?;
     ensure_toolchain_link()?;
+    ensure_ext_authz_python()?;
+    Ok(())
+}
+
+/// Installs [`EXT_AUTHZ_PYTHON`] into `mesh_tests::EXT_AUTHZ_PYTHONPATH` (once).
+fn ensure_ext_authz_python() -> anyhow::Result<()> {
+    let dir = Path::new(mesh_tests::EXT_AUTHZ_PYTHONPATH);
+    if dir.join("xds_protos-1.85.0.dist-info").exists() {
+        return Ok(());
+    }
+    step("installing Envoy's Python API (xds-protos) for the tests' external authorizer (once)");
+    let staging = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    run(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore"])
+            .args(["--only-binary=:all:", "--target"])
+            .arg(&staging)
+            .args(EXT_AUTHZ_PYTHON),
+        "pip install xds-protos",
+    )?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&staging, dir).context("moving the Python packages into place")?;
     Ok(())
 }
 

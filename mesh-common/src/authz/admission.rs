@@ -61,12 +61,7 @@ pub fn explain(w: &api::Workload, policies: &[(api::Authorization, CompiledPolic
             matched_rule: p.matched_rule(conn, None),
         })
         .collect();
-    let order = |a: Action| match a {
-        Action::Deny => 0,
-        Action::Allow => 1,
-        Action::Audit => 2,
-    };
-    verdicts.sort_by_key(|v| order(v.action));
+    verdicts.sort_by_key(|v| v.action.order());
     Explanation {
         mtls_mode: mtls_mode(w, conn.destination_port).as_str_name().to_owned(),
         policies: verdicts,
@@ -101,7 +96,14 @@ mod tests {
         selector: &[(&str, &str)],
         rules: Vec<CompiledRule>,
     ) -> (api::Authorization, CompiledPolicy) {
-        let compiled = CompiledPolicy { namespace: "shop".into(), name: name.into(), action, rules, dry_run: false };
+        let compiled = CompiledPolicy {
+            namespace: "shop".into(),
+            name: name.into(),
+            action,
+            rules,
+            dry_run: false,
+            provider: String::new(),
+        };
         let selector: BTreeMap<String, String> = selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let scope = if selector.is_empty() { api::Scope::Namespace } else { api::Scope::WorkloadSelector };
         (compiled.to_wire(scope, selector), compiled)

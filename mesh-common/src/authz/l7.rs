@@ -346,4 +346,49 @@ mod tests {
             );
         }
     }
+
+    /// CUSTOM: the policy whose provider is asked, before DENY and ALLOW;
+    /// none when its rules do not match or it is dry-run; a denial when
+    /// the CUSTOM policies that apply name two providers (one per workload).
+    #[test]
+    fn custom_policies_choose_the_authorizer() {
+        use crate::authz::{Action, CompiledPolicy, CompiledRule, Connection, OperationMatch, custom};
+        let policy = |name: &str, provider: &str, path: &str, dry_run: bool| CompiledPolicy {
+            namespace: "shop".into(),
+            name: name.into(),
+            action: Action::Custom,
+            rules: vec![CompiledRule {
+                to: vec![OperationMatch { paths: vec![StringMatch::parse(path)], ..Default::default() }],
+                ..Default::default()
+            }],
+            dry_run,
+            provider: provider.into(),
+        };
+        let conn = Connection {
+            source: None,
+            source_ip: "10.0.0.1".parse().unwrap(),
+            destination_ip: "10.0.0.2".parse().unwrap(),
+            destination_port: 80,
+        };
+        let req = Req { auth: None, remote: "10.0.0.1".parse().unwrap() }; // GET / to web
+        let root = policy("root", "opa", "/", false);
+        let elsewhere = policy("admin", "opa", "/admin", false);
+        let other_provider = policy("other", "oauth", "/admin", false);
+        let dry = policy("dry", "opa", "/", true);
+        let allow_all =
+            CompiledPolicy { action: Action::Allow, provider: String::new(), ..policy("all", "", "*", false) };
+        type Case<'a> = (&'a str, Vec<&'a CompiledPolicy>, Option<Result<&'a str, ()>>);
+        let cases: Vec<Case> = vec![
+            ("no CUSTOM policy", vec![&allow_all], None),
+            ("its rules match", vec![&allow_all, &root], Some(Ok("root"))),
+            ("its rules do not match", vec![&elsewhere], None),
+            ("dry-run CUSTOM is never called", vec![&dry], None),
+            ("two providers on one workload", vec![&root, &other_provider], Some(Err(()))),
+            ("two policies, one provider", vec![&elsewhere, &root], Some(Ok("root"))),
+        ];
+        for (what, policies, want) in cases {
+            let got = custom(policies, &conn, &req).map(|r| r.map(|p| p.name.as_str()).map_err(|_| ()));
+            assert_eq!(got, want, "{what}");
+        }
+    }
 }

@@ -22,6 +22,7 @@ impl CompiledPolicy {
             Action::Allow => api::Action::Allow,
             Action::Deny => api::Action::Deny,
             Action::Audit => api::Action::Audit,
+            Action::Custom => api::Action::Custom,
         };
         api::Authorization {
             namespace: self.namespace.clone(),
@@ -40,6 +41,8 @@ impl CompiledPolicy {
                 .collect(),
             targets: Vec::new(),
             dry_run: self.dry_run,
+            provider: self.provider.clone(),
+            ext_authz: None,
         }
     }
 
@@ -49,6 +52,7 @@ impl CompiledPolicy {
             Ok(api::Action::Allow) => Action::Allow,
             Ok(api::Action::Deny) => Action::Deny,
             Ok(api::Action::Audit) => Action::Audit,
+            Ok(api::Action::Custom) => Action::Custom,
             Err(_) => return Err(format!("unknown action {}", p.action)),
         };
         let rules = p
@@ -62,7 +66,14 @@ impl CompiledPolicy {
                 })
             })
             .collect::<Result<_, String>>()?;
-        Ok(CompiledPolicy { namespace: p.namespace.clone(), name: p.name.clone(), action, rules, dry_run: p.dry_run })
+        Ok(CompiledPolicy {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            action,
+            rules,
+            dry_run: p.dry_run,
+            provider: p.provider.clone(),
+        })
     }
 }
 

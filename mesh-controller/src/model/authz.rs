@@ -21,6 +21,7 @@ pub fn compile(policy: &AuthorizationPolicy) -> CompiledPolicy {
     let action = match policy.spec.action.as_deref() {
         Some("DENY") => Action::Deny,
         Some("AUDIT") => Action::Audit,
+        Some("CUSTOM") => Action::Custom,
         _ => Action::Allow,
     };
     CompiledPolicy {
@@ -29,12 +30,14 @@ pub fn compile(policy: &AuthorizationPolicy) -> CompiledPolicy {
         action,
         rules: policy.spec.rules.iter().flatten().filter_map(|r| compile_rule(r, action)).collect(),
         dry_run: policy.metadata.annotations.get(DRY_RUN).is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        provider: policy.spec.provider.as_ref().map(|p| p.name.clone()).unwrap_or_default(),
     }
 }
 
 fn compile_rule(rule: &Rule, action: Action) -> Option<CompiledRule> {
     let when: Vec<Option<ConditionMatch>> = rule.when.iter().map(compile_condition).collect();
-    if action != Action::Deny && when.iter().any(Option::is_none) {
+    // A CUSTOM rule that cannot be evaluated whole asks the authorizer (fails closed, as DENY does).
+    if matches!(action, Action::Allow | Action::Audit) && when.iter().any(Option::is_none) {
         return None;
     }
     Some(CompiledRule {

@@ -72,11 +72,13 @@ pub(super) fn guard_waypoint_services(model: &mut MeshModel) {
                 when: Vec::new(),
             }],
             dry_run: false,
+            provider: String::new(),
         };
         let scope = ScopedPolicy {
             scope: api::Scope::WorkloadSelector,
             selector: Some(svc.selector.clone()),
             targets: Vec::new(),
+            ext_authz: None,
             policy,
         };
         guards.push((format!("{}/{WAYPOINT_GUARD}{}", svc.namespace, svc.name), scope));

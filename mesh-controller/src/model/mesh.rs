@@ -121,6 +121,10 @@ pub struct ScopedPolicy {
     /// Scope TARGETED: what its targetRefs name (enforced by waypoints).
     pub targets: Vec<PolicyTarget>,
     pub policy: CompiledPolicy,
+    /// Action CUSTOM: its provider, as MeshConfig defines it (`None` while
+    /// undefined: the waypoint denies what the rules match).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ext_authz: Option<mesh_common::api::ExtAuthz>,
 }
 
 /// A policy's targetRef: a waypoint's Gateway, a Service (or ServiceEntry),
@@ -145,6 +149,7 @@ impl ScopedPolicy {
                 name: t.name.clone(),
             })
             .collect();
+        wire.ext_authz = self.ext_authz.clone();
         wire
     }
 }
@@ -169,6 +174,7 @@ impl MeshModel {
             }
         }
         model.waypoints = routes::waypoints(store);
+        let authorizers = super::ext_authz::providers(store, &model.root_namespace);
         for stored in store.objects().values() {
             match stored.resource.as_ref() {
                 Resource::Pod(pod) => {
@@ -254,7 +260,15 @@ impl MeshModel {
                     };
                     model.policies.insert(
                         format!("{}/{}", policy.namespace, policy.name),
-                        ScopedPolicy { scope, selector, targets, policy },
+                        ScopedPolicy {
+                            scope,
+                            selector,
+                            targets,
+                            ext_authz: (policy.action == super::authz::Action::Custom)
+                                .then(|| authorizers.get(&policy.provider).cloned())
+                                .flatten(),
+                            policy,
+                        },
                     );
                 }
                 Resource::PeerAuthentication(pa) => model.peer_authentications.push(pa.clone()),

@@ -2,6 +2,7 @@
 //! functions over the store, tested with tables.
 pub mod authz;
 mod bypass;
+mod ext_authz;
 mod jwt;
 mod mesh;
 pub mod routes;

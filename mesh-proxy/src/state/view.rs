@@ -373,6 +373,11 @@ impl MeshView {
         indexes.iter().map(|i| &self.policies[*i].1)
     }
 
+    /// The wire form of a policy this view holds (a CUSTOM policy's provider).
+    pub fn policy_wire(&self, p: &CompiledPolicy) -> Option<&api::Authorization> {
+        self.policies.iter().find(|(_, c)| std::ptr::eq(c, p)).map(|(w, _)| w)
+    }
+
     /// Counts for the config dump.
     pub fn sizes(&self) -> (usize, usize, usize) {
         (self.by_uid.len(), self.by_vip.len(), self.policies.len())
