@@ -22,6 +22,11 @@ pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 /// The label Kubernetes puts on a Gateway's pods, naming the Gateway.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
+/// A DestinationRule annotation beyond Istio's API: `peak-ewma` makes its
+/// LEAST_REQUEST balancers (the default) weigh latency too, as linkerd2-proxy's do.
+pub const LOAD_BALANCER_ANNOTATION: &str = "mesh.io/load-balancer";
+pub const PEAK_EWMA: &str = "peak-ewma";
+
 const LATER: &str = "accepted, not enforced yet (it comes with the waypoint's L7 resilience and security)";
 
 /// Where a service reference resolves: `namespace/name` from an Istio host
@@ -72,6 +77,14 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
             }
         }
         Resource::DestinationRule(dr) => {
+            if let Some(v) = dr.metadata.annotations.get(LOAD_BALANCER_ANNOTATION)
+                && v != PEAK_EWMA
+            {
+                out.push((
+                    Some(format!("metadata.annotations.{LOAD_BALANCER_ANNOTATION}")),
+                    format!("{v:?}: mesh knows {PEAK_EWMA:?} only; ignored (loadBalancer decides)"),
+                ));
+            }
             if let Some(tp) = &dr.spec.traffic_policy {
                 traffic_policy(tp, "spec.trafficPolicy", &mut out);
             }
@@ -261,14 +274,22 @@ fn traffic_policy(tp: &TrafficPolicy, at: &str, out: &mut Vec<(Option<String>, S
                 "PASSTHROUGH is not enforced: a waypoint's requests are for a service, so its endpoints are balanced by LEAST_REQUEST".into(),
             ));
         }
-        for (name, set) in [
-            ("localityLbSetting", lb.locality_lb_setting.is_some()),
-            ("warmupDurationSecs", lb.warmup_duration_secs.is_some()),
-            ("warmup", lb.warmup.is_some()),
-        ] {
-            if set {
-                out.push((Some(format!("{base}.loadBalancer.{name}")), LATER.into()));
-            }
+        if lb.locality_lb_setting.is_some() {
+            out.push((Some(format!("{base}.loadBalancer.localityLbSetting")), LATER.into()));
+        }
+        let warmup = if lb.warmup.is_some() { "warmup" } else { "warmupDurationSecs" };
+        if (lb.warmup.is_some() || lb.warmup_duration_secs.is_some()) && lb.consistent_hash.is_some() {
+            out.push((
+                Some(format!("{base}.loadBalancer.{warmup}")),
+                "slow start applies to ROUND_ROBIN and LEAST_REQUEST only (as in Envoy): ignored with consistentHash"
+                    .into(),
+            ));
+        }
+        if lb.warmup.as_ref().and_then(|w| w.aggression).is_some_and(|a| a.is_nan() || a <= 0.0) {
+            out.push((
+                Some(format!("{base}.loadBalancer.warmup.aggression")),
+                "must be above 0: 1.0 (a linear ramp) is used instead, as Envoy does".into(),
+            ));
         }
         if lb.consistent_hash.as_ref().and_then(|c| c.http_cookie.as_ref()).is_some_and(|c| c.attributes.is_some()) {
             out.push((Some(format!("{base}.loadBalancer.consistentHash.httpCookie.attributes")), LATER.into()));

@@ -12,7 +12,10 @@ use std::{fmt, path::PathBuf};
 
 use serde::Serialize;
 
-pub use enforced::{GATEWAY_NAME_LABEL, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE, not_enforced, resolve_host};
+pub use enforced::{
+    GATEWAY_NAME_LABEL, LOAD_BALANCER_ANNOTATION, PEAK_EWMA, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE, not_enforced,
+    resolve_host,
+};
 pub use objects::{Kind, Resource};
 pub use parse::parse_document;
 pub use source::{Document, read_dir, split_documents};

@@ -3,7 +3,11 @@
 //! rejects is rejected with its line and field.
 use std::path::Path;
 
-use mesh_config::{Document, Kind, parse_document, read_dir};
+use mesh_config::{Document, Kind, not_enforced, parse_document, read_dir};
+
+fn doc(file: &str, text: &str) -> Document {
+    Document { file: file.into(), line: 1, text: text.into() }
+}
 
 #[test]
 fn istio_bookinfo_and_gamma_samples_are_accepted_unchanged() {
@@ -188,6 +192,21 @@ fn what_istio_rejects_is_rejected_with_line_and_field() {
             "must be a prime number",
         ),
         (
+            format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer: {{simple: ROUND_ROBIN, warmup: {{minimumPercent: 5}}}}\n"),
+            "spec.trafficPolicy.loadBalancer.warmup.duration",
+            "is required",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer: {{warmup: {{duration: 30s, minimumPercent: -5}}}}\n"),
+            "spec.trafficPolicy.loadBalancer.warmup.minimumPercent",
+            "between 0 and 100",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer: {{warmupDurationSecs: soon}}\n"),
+            "spec.trafficPolicy.loadBalancer.warmupDurationSecs",
+            "expected a number",
+        ),
+        (
             format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer: {{consistentHash: {{httpCookie: {{ttl: 10s}}}}}}\n"),
             "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name",
             "is required",
@@ -338,4 +357,51 @@ spec:\n  accessLogging:\n  - providers: [{name: envoy}]\n\
         "{warnings:#?}"
     );
     assert!(warnings.iter().any(|w| w.contains("RequestAuthentication foo/jwt")), "{warnings:#?}");
+}
+
+/// Slow start and peak-EWMA load, as Istio's examples write them; what mesh
+/// cannot do with them is a warning.
+#[test]
+fn warmup_and_peak_ewma_are_accepted() {
+    for (spec, field, warning) in [
+        ("  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 100s}\n".to_string(), "", ""),
+        (
+            "  trafficPolicy:\n    loadBalancer:\n      simple: LEAST_REQUEST\n      warmup: {duration: 30s, minimumPercent: 20, aggression: 1.5}\n".into(),
+            "",
+            "",
+        ),
+        (
+            "  trafficPolicy:\n    loadBalancer: {consistentHash: {useSourceIp: true}, warmupDurationSecs: 10s}\n".into(),
+            "spec.trafficPolicy.loadBalancer.warmupDurationSecs",
+            "ignored with consistentHash",
+        ),
+        (
+            "  trafficPolicy:\n    loadBalancer: {warmup: {duration: 30s, aggression: 0}}\n".into(),
+            "spec.trafficPolicy.loadBalancer.warmup.aggression",
+            "1.0 (a linear ramp) is used instead",
+        ),
+    ] {
+        let text = format!("{DR_HEAD}{spec}");
+        let (_, resource) = parse_document(&doc("dr.yaml", &text)).unwrap_or_else(|(_, p)| panic!("rejected: {p:?}\n{text}"));
+        let warnings = not_enforced(&resource);
+        if field.is_empty() {
+            assert!(warnings.is_empty(), "{warnings:?}\n{text}");
+        } else {
+            assert!(warnings.iter().any(|(f, w)| f.as_deref() == Some(field) && w.contains(warning)), "{warnings:?}");
+        }
+    }
+    let annotated = |v: &str| {
+        DR_HEAD.replacen("metadata:\n", &format!("metadata:\n  annotations: {{mesh.io/load-balancer: {v}}}\n"), 1)
+            + "  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}\n"
+    };
+    let (_, ok) = parse_document(&doc("dr.yaml", &annotated("peak-ewma"))).expect("accepted");
+    assert!(not_enforced(&ok).is_empty(), "{:?}", not_enforced(&ok));
+    let (_, unknown) = parse_document(&doc("dr.yaml", &annotated("fastest"))).expect("an unknown value is accepted");
+    assert!(
+        not_enforced(&unknown)
+            .iter()
+            .any(|(f, w)| f.as_deref() == Some("metadata.annotations.mesh.io/load-balancer") && w.contains("ignored")),
+        "{:?}",
+        not_enforced(&unknown)
+    );
 }

@@ -21,7 +21,11 @@ use std::{
 use mesh_common::api;
 use tokio::{sync::Notify, time::Instant};
 
-use crate::{balance::Table, retry::Outcome};
+use crate::{
+    balance::{PeakEwma, Table, warmup_weight},
+    lock,
+    retry::Outcome,
+};
 
 /// Envoy's longest ejection (`max_ejection_time`'s default).
 const MAX_EJECTION: Duration = Duration::from_secs(300);
@@ -108,6 +112,11 @@ pub struct Cluster {
     load: Mutex<HashMap<SocketAddr, u32>>,
     /// The consistent-hash table, with the endpoint set and settings it was built for.
     table: Mutex<Option<CachedTable>>,
+    /// Slow start: since when each endpoint has been in the cluster (`None`:
+    /// since before the cluster's first request, so not new); `None` until then.
+    seen: Mutex<Option<HashMap<SocketAddr, Option<Instant>>>>,
+    /// Peak-EWMA latency estimates, by endpoint.
+    latency: Mutex<HashMap<SocketAddr, PeakEwma>>,
 }
 
 /// A table with the endpoints, Maglev or not, and size it was built for.
@@ -239,6 +248,44 @@ impl Cluster {
 
     pub fn load_of(&self, endpoint: SocketAddr) -> u32 {
         self.load.lock().unwrap_or_else(|e| e.into_inner()).get(&endpoint).copied().unwrap_or(0)
+    }
+
+    /// The slow-start weights (below 1) of the endpoints among `endpoints`
+    /// that are still warming up under `lb`: those that came into the
+    /// cluster after its first request, for the window's length. An endpoint
+    /// that leaves and comes back warms up again.
+    pub fn warming(&self, endpoints: &[SocketAddr], lb: &api::LoadBalancer) -> Vec<(SocketAddr, f64)> {
+        let now = Instant::now();
+        let mut seen = lock(&self.seen);
+        let first = seen.is_none();
+        let map = seen.get_or_insert_with(HashMap::new);
+        if map.len() != endpoints.len() || endpoints.iter().any(|e| !map.contains_key(e)) {
+            map.retain(|a, _| endpoints.contains(a));
+            for e in endpoints {
+                map.entry(*e).or_insert((!first).then_some(now));
+            }
+        }
+        endpoints
+            .iter()
+            .filter_map(|e| {
+                let since = (*map.get(e)?)?;
+                let w = warmup_weight(now - since, lb);
+                (w < 1.0).then_some((*e, w))
+            })
+            .collect()
+    }
+
+    /// Counts an answer from `endpoint` that took `rtt` (peak-EWMA).
+    pub fn observe_latency(&self, endpoint: SocketAddr, rtt: Duration) {
+        let now = Instant::now();
+        lock(&self.latency).entry(endpoint).or_insert_with(|| PeakEwma::new(now)).observe(rtt, now);
+    }
+
+    /// What a request to `endpoint` would cost under peak-EWMA.
+    pub fn latency_cost(&self, endpoint: SocketAddr) -> f64 {
+        let now = Instant::now();
+        let in_flight = self.load_of(endpoint);
+        lock(&self.latency).get(&endpoint).copied().unwrap_or_else(|| PeakEwma::new(now)).cost(in_flight, now)
     }
 
     /// The consistent-hash table over `endpoints`, built once per endpoint
@@ -442,6 +489,31 @@ mod tests {
         let p100 = od(1, 100);
         c3.record(a, fail, 1, Some(&p100)).expect("the only endpoint may be ejected");
         assert_eq!(c3.healthy(vec![a], |x| *x, Some(&p100)), vec![a], "but never to no endpoint at all");
+    }
+
+    /// Endpoints there at the cluster's first request are not new; one that
+    /// comes later ramps up over the window; one that leaves and comes back
+    /// warms up again; on paused time.
+    #[tokio::test(start_paused = true)]
+    async fn new_endpoints_warm_up() {
+        let c = Clusters::default().get("shop/web", "", 80);
+        let lb = api::LoadBalancer {
+            warmup_ms: 10_000,
+            warmup_min_percent: 10.0,
+            warmup_aggression: 1.0,
+            ..Default::default()
+        };
+        let (a, b, n): (SocketAddr, SocketAddr, SocketAddr) =
+            ("10.0.0.1:80".parse().unwrap(), "10.0.0.2:80".parse().unwrap(), "10.0.0.3:80".parse().unwrap());
+        assert!(c.warming(&[a, b], &lb).is_empty(), "there from the start");
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(c.warming(&[a, b, n], &lb), [(n, 0.1)], "new: the floor");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(c.warming(&[a, b, n], &lb), [(n, 0.5)]);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(c.warming(&[a, b, n], &lb).is_empty(), "warm after the window");
+        assert!(c.warming(&[a, b], &lb).is_empty());
+        assert_eq!(c.warming(&[a, b, n], &lb), [(n, 0.1)], "back again: warming again");
     }
 
     #[tokio::test(start_paused = true)]

@@ -394,14 +394,27 @@ async fn route_and_send(
     let endpoints = cluster.healthy(endpoints, Upstream::addr, outliers);
     // Load balancing: the first choice first, the others for retries.
     let lb = svc.load_balancer(&backend.subset, port);
-    let policy = balance::policy(lb);
-    let hashed = lb.filter(|_| policy == balance::Policy::Hash).and_then(|lb| {
+    let balancer = balance::policy(lb);
+    let hashed = lb.filter(|_| balancer == balance::Policy::Hash).and_then(|lb| {
         let key = hash_key(lb, &parts.headers, &rec.path, ds.peer_addr.ip(), &mut rec.set_cookie)?;
         let addrs: Vec<SocketAddr> = endpoints.iter().map(Upstream::addr).collect();
         let chosen = cluster.table(&addrs, lb.maglev, lb.table_size).lookup(key)?;
         endpoints.iter().position(|e| e.addr() == chosen)
     });
-    let endpoints = balance::order(endpoints, policy, |u| cluster.load_of(u.addr()), |n| fastrand::usize(..n), hashed);
+    let load = |u: &Upstream| match balancer {
+        balance::Policy::PeakEwma => cluster.latency_cost(u.addr()),
+        _ => f64::from(cluster.load_of(u.addr())),
+    };
+    let mut endpoints = balance::order(endpoints, balancer, load, |n| fastrand::usize(..n), hashed);
+    // Slow start (`warmup`): endpoints new to the cluster get a growing share.
+    if let Some(lb) = lb.filter(|l| l.warmup_ms > 0 && balancer != balance::Policy::Hash) {
+        let addrs: Vec<SocketAddr> = endpoints.iter().map(Upstream::addr).collect();
+        let warming = cluster.warming(&addrs, lb);
+        if !warming.is_empty() {
+            let weight = |u: &Upstream| warming.iter().find(|(a, _)| *a == u.addr()).map_or(1.0, |(_, w)| *w);
+            endpoints = balance::slow_start(endpoints, weight, fastrand::f64);
+        }
+    }
     match cluster.request(pool) {
         Some(permit) => rec.admitted = Some(permit),
         None => {
@@ -462,7 +475,15 @@ async fn route_and_send(
             let Some(b) = body.take() else { break };
             let request = upstream_request(parts, &rec.authority, &rec.path, h2, b);
             rec.load = Some(cluster.start(up.addr()));
-            let (outcome, response) = attempt_once(wp, up, h2, request, per_try, &cluster, pool).await;
+            let to = Attempt {
+                up,
+                h2,
+                per_try,
+                cluster: &cluster,
+                pool,
+                observe_latency: balancer == balance::Policy::PeakEwma,
+            };
+            let (outcome, response) = attempt_once(wp, to, request).await;
             if let Some(e) = cluster.record(up.addr(), outcome, total, outliers) {
                 wp.metrics.ejected(svc.key(), e.reason);
                 info!(
@@ -523,16 +544,26 @@ async fn route_and_send(
     response
 }
 
-/// One attempt on `up`: its outcome, and the response when there is one.
+/// Where and how an attempt goes.
+#[derive(Clone, Copy)]
+struct Attempt<'a> {
+    up: &'a Upstream,
+    h2: bool,
+    per_try: Duration,
+    cluster: &'a Arc<Cluster>,
+    pool: Option<&'a api::ConnectionPool>,
+    /// Peak-EWMA: the time from the request's sending on a connection to
+    /// its response's headers is counted for the endpoint.
+    observe_latency: bool,
+}
+
+/// One attempt: its outcome, and the response when there is one.
 async fn attempt_once(
     wp: &Waypoint,
-    up: &Upstream,
-    h2: bool,
+    a: Attempt<'_>,
     request: Request<HttpBody>,
-    per_try: Duration,
-    cluster: &Arc<Cluster>,
-    pool: Option<&api::ConnectionPool>,
 ) -> (Outcome, Option<Response<HttpBody>>) {
+    let Attempt { up, h2, per_try, cluster, pool, observe_latency } = a;
     let Some(me) = wp.identity() else { return (Outcome::ConnectFailure, None) };
     let sender = match wp.upstreams.connect(&wp.proxy, &me, up, h2, cluster, pool).await {
         Ok(s) => s,
@@ -541,6 +572,7 @@ async fn attempt_once(
             return (if e.overflow { Outcome::Overflow } else { Outcome::ConnectFailure }, None);
         }
     };
+    let sent = Instant::now();
     let send = async {
         match sender {
             Sender::H1(mut s, uses, permit) => {
@@ -556,6 +588,9 @@ async fn attempt_once(
         Err(_) => (Outcome::PerTryTimeout, None),
         Ok(Err(e)) => (if refused_stream(&e) { Outcome::RefusedStream } else { Outcome::Reset }, None),
         Ok(Ok(resp)) => {
+            if observe_latency {
+                cluster.observe_latency(up.addr(), sent.elapsed());
+            }
             let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok());
             let outcome = Outcome::Response { status: resp.status().as_u16(), grpc };
             (outcome, Some(resp.map(|b| b.map_err(Into::into).boxed())))
@@ -652,7 +687,15 @@ fn mirror(
     let (wp, up) = (wp.clone(), endpoints[fastrand::usize(..endpoints.len())].clone());
     let (pool, cluster) = (svc.connection_pool("", port).cloned(), wp.clusters.get(svc.key(), "", port));
     tokio::spawn(async move {
-        let (_, response) = attempt_once(&wp, &up, h2, request, Duration::from_secs(10), &cluster, pool.as_ref()).await;
+        let to = Attempt {
+            up: &up,
+            h2,
+            per_try: Duration::from_secs(10),
+            cluster: &cluster,
+            pool: pool.as_ref(),
+            observe_latency: false,
+        };
+        let (_, response) = attempt_once(&wp, to, request).await;
         if let Some(r) = response {
             let _ = r.into_body().collect().await; // drained and dropped: the client never sees it
         }

@@ -365,6 +365,72 @@ fn load_balancers_weigh_load_and_keep_keys() {
     assert!(moved.iter().all(|(_, a)| a.as_str() == "b4"), "keys move only to the new pod: {moved:?}");
 }
 
+/// `n` requests of `path`, one after another on one connection: each
+/// backend's share of them (`pods` beyond the setup's three counted too).
+fn sequential_shares(s: &L7Setup, path: &str, n: usize, extra: &[&Pod]) -> Vec<f64> {
+    let url = format!("http://{BACKEND_VIP}{path}?[1-{n}]");
+    let out = run_in(&s.client.netns, &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}\\n", &url]);
+    let ok = String::from_utf8_lossy(&out.stdout).lines().filter(|c| *c == "200").count();
+    assert_eq!(ok, n, "{out:?}");
+    let mut got = hits(s, path);
+    for pod in extra {
+        let out = run_in(&pod.netns, &["curl", "-s", "-m", "5", &format!("http://127.0.0.1:8080/hits{path}")]);
+        got.push(String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(u64::MAX));
+    }
+    let total: u64 = got.iter().sum();
+    got.iter().map(|h| *h as f64 / total.max(1) as f64).collect()
+}
+
+/// Beyond Istio's balancers: peak-EWMA (`mesh.io/load-balancer: peak-ewma`)
+/// weighs each endpoint's latency, so even one client sending one request
+/// at a time (where LEAST_REQUEST sees no load anywhere and splits evenly)
+/// goes mostly to the fast one of a fast/slow pair. And slow start
+/// (`warmupDurationSecs`): a pod added to the service gets a small share at
+/// first, its full share once its window has passed.
+#[test]
+fn peak_ewma_weighs_latency_and_new_pods_warm_up() {
+    let Some(s) = l7_setup("wp-ewma") else { return };
+    // Subset v1 is b1 (fast) and b2 (slow: 50 ms an answer).
+    assert!(run_in(&s.backends[1].netns, &["curl", "-sf", "http://127.0.0.1:8080/admin?delay=50"]).status.success());
+    s.mesh.apply("lb.yaml", &destination_rule("{}"));
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let least = sequential_shares(&s, "/least", 300, &[]);
+    let annotated = destination_rule("{}").replacen(
+        "metadata: {name: backend, namespace: default}",
+        "metadata: {name: backend, namespace: default, annotations: {mesh.io/load-balancer: peak-ewma}}",
+        1,
+    );
+    s.mesh.apply("lb.yaml", &annotated);
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let ewma = sequential_shares(&s, "/ewma", 300, &[]);
+    println!("fast b1's share, one request at a time: LEAST_REQUEST {:.2}, peak-EWMA {:.2}", least[0], ewma[0]);
+    assert!((0.3..=0.7).contains(&least[0]), "LEAST_REQUEST cannot tell them apart: {least:?}");
+    // P2C over four endpoints (two addresses a pod) picks the two slow ones together 1 in 6: ~0.83.
+    assert!(ewma[0] > 0.7, "peak-EWMA: {ewma:?}");
+    assert!(run_in(&s.backends[1].netns, &["curl", "-sf", "http://127.0.0.1:8080/admin?delay=0"]).status.success());
+
+    // Slow start over the whole service: the three pods are there before its first request.
+    let warmup = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: backend, namespace: default}\n\
+                  spec:\n  host: backend\n  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 10s}}\n";
+    s.mesh.apply("lb.yaml", warmup);
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let before = sequential_shares(&s, "/before", 60, &[]);
+    assert!(before.iter().all(|x| *x > 0.2), "three warm pods share evenly: {before:?}");
+    let b4 = s.mesh.t.pod("b4");
+    s.mesh.apply("b4.yaml", &mesh_tests::waypoint::yaml::versioned_pod(&b4, "node1", "backend", "v3"));
+    s.mesh.wait_ready(&[(&b4, "node1", "backend")]);
+    let _app = s.mesh.t.app(&b4, 8080, "b4");
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let added = Instant::now();
+    let warming = sequential_shares(&s, "/warming", 300, &[&b4]);
+    let took = added.elapsed();
+    std::thread::sleep(std::time::Duration::from_secs(10).saturating_sub(added.elapsed()));
+    let warm = sequential_shares(&s, "/warm", 300, &[&b4]);
+    println!("new pod b4's share: {:.3} in its first {took:?}, {:.3} after its 10 s window", warming[3], warm[3]);
+    assert!(warming[3] > 0.0 && warming[3] < 0.12, "warming up (a quarter of 10-30 %): {warming:?}");
+    assert!(warm[3] > 0.17, "its full quarter once warm: {warm:?}");
+}
+
 fn rate_limit(spec: &str) -> String {
     format!(
         "apiVersion: policy.linkerd.io/v1alpha1\nkind: HTTPLocalRateLimitPolicy\nmetadata: {{name: backend-rl, namespace: default}}\n\

@@ -678,7 +678,19 @@ pub struct LoadBalancer {
     #[serde(default)]
     pub warmup_duration_secs: Option<String>,
     #[serde(default)]
-    pub warmup: Option<Value>,
+    pub warmup: Option<Warmup>,
+}
+
+/// Istio's `WarmupConfiguration` (Envoy's slow start).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Warmup {
+    #[serde(default)]
+    pub duration: Option<String>,
+    #[serde(default)]
+    pub minimum_percent: Option<f64>,
+    #[serde(default)]
+    pub aggression: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]

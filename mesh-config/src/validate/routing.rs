@@ -571,6 +571,16 @@ fn check_load_balancer(lb: &LoadBalancer, at: &str, out: &mut Issues) {
     {
         out.push((format!("{at}.warmupDurationSecs"), e));
     }
+    if let Some(w) = &lb.warmup {
+        match w.duration.as_deref().map(parse_duration) {
+            None => out.push((format!("{at}.warmup.duration"), "is required".into())),
+            Some(Err(e)) => out.push((format!("{at}.warmup.duration"), e)),
+            Some(Ok(_)) => {}
+        }
+        if w.minimum_percent.is_some_and(|p| !(0.0..=100.0).contains(&p)) {
+            out.push((format!("{at}.warmup.minimumPercent"), "must be between 0 and 100".into()));
+        }
+    }
 }
 
 fn is_prime(n: i64) -> bool {

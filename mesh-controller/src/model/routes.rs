@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use mesh_common::{api, parse_duration};
 
 use crate::config::{
-    ConfigStore, Resource, WAYPOINT_CLASS, WAYPOINT_FOR_LABEL,
+    ConfigStore, LOAD_BALANCER_ANNOTATION, PEAK_EWMA, Resource, WAYPOINT_CLASS, WAYPOINT_FOR_LABEL,
     objects::{
         Labels,
         routing::{
@@ -105,13 +105,26 @@ pub fn traffic_policies(
         if out.contains_key(&key) || !cx.services.contains_key(&key) {
             continue;
         }
-        let top = dr.spec.traffic_policy.as_deref().map(traffic_policy).unwrap_or_default();
-        let subsets = dr
+        let peak_ewma = dr.metadata.annotations.get(LOAD_BALANCER_ANNOTATION).is_some_and(|v| v == PEAK_EWMA);
+        let mut top = dr.spec.traffic_policy.as_deref().map(traffic_policy).unwrap_or_default();
+        let mut subsets: BTreeMap<String, api::TrafficPolicy> = dr
             .spec
             .subsets
             .iter()
             .filter_map(|s| Some((s.name.clone(), traffic_policy(s.traffic_policy.as_deref()?))))
             .collect();
+        if peak_ewma {
+            // Every balancer that is LEAST_REQUEST (Istio's default, so also none set) weighs latency.
+            top.load_balancer.get_or_insert_with(Default::default);
+            for lb in std::iter::once(&mut top)
+                .chain(subsets.values_mut())
+                .flat_map(|tp| tp.load_balancer.as_mut().into_iter().chain(tp.port_load_balancers.values_mut()))
+            {
+                use api::load_balancer::Simple;
+                let least = matches!(Simple::try_from(lb.simple), Ok(Simple::Default | Simple::LeastRequest));
+                lb.peak_ewma = least && !lb.hashed;
+            }
+        }
         out.insert(key, (top, subsets));
     }
     out
@@ -152,6 +165,13 @@ fn load_balancer(lb: &LoadBalancer) -> api::LoadBalancer {
         _ => Simple::Default,
     };
     let mut out = api::LoadBalancer { simple: simple.into(), ..Default::default() };
+    // Envoy's slow start: `warmup` (Istio 1.24) over `warmupDurationSecs`; defaults 10 % and 1.0.
+    let warmup = lb.warmup.as_ref().and_then(|w| w.duration.as_ref()).or(lb.warmup_duration_secs.as_ref());
+    if lb.consistent_hash.is_none() && warmup.is_some() {
+        out.warmup_ms = ms(warmup);
+        out.warmup_min_percent = lb.warmup.as_ref().and_then(|w| w.minimum_percent).unwrap_or(10.0);
+        out.warmup_aggression = lb.warmup.as_ref().and_then(|w| w.aggression).filter(|a| *a > 0.0).unwrap_or(1.0);
+    }
     if let Some(ch) = &lb.consistent_hash {
         out.hashed = true;
         out.header = ch.http_header_name.clone().unwrap_or_default().to_ascii_lowercase();

@@ -297,3 +297,33 @@ fn destination_rule_traffic_policies_with_istio_defaults() {
     let v1 = svc.subset_traffic_policies["v1"].outlier_detection.unwrap();
     assert_eq!((v1.consecutive_gateway, v1.consecutive_5xx, v1.base_ejection_ms), (1, 5, 60_000));
 }
+
+#[test]
+fn warmup_and_peak_ewma_load_balancers() {
+    let dr = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+              metadata: {name: lb, namespace: shop, annotations: {mesh.io/load-balancer: peak-ewma}}\n\
+              spec:\n  host: ratings\n  trafficPolicy:\n    loadBalancer: {warmupDurationSecs: 60s}\n    portLevelSettings:\n    \
+              - {port: {number: 9080}, loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 30s, minimumPercent: 20, aggression: 2}}}\n  \
+              subsets:\n  - {name: v1, labels: {version: v1}, trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}, warmupDurationSecs: 9s}}}\n  \
+              - {name: v2, labels: {version: v2}}\n";
+    let m = model(&format!("{MESH}{dr}"));
+    let svc = &m.services["shop/ratings"];
+    let top = svc.traffic_policy.as_ref().unwrap();
+    let lb = top.load_balancer.as_ref().unwrap();
+    assert_eq!((lb.warmup_ms, lb.warmup_min_percent, lb.warmup_aggression, lb.peak_ewma), (60_000, 10.0, 1.0, true));
+    let port = &top.port_load_balancers[&9080];
+    assert_eq!((port.warmup_ms, port.warmup_min_percent, port.warmup_aggression), (30_000, 20.0, 2.0));
+    assert!(!port.peak_ewma, "ROUND_ROBIN stays round robin");
+    let v1 = svc.subset_traffic_policies["v1"].load_balancer.as_ref().unwrap();
+    assert!(v1.hashed && !v1.peak_ewma && v1.warmup_ms == 0, "consistent hashing: neither applies: {v1:?}");
+
+    // Without the annotation, or without any loadBalancer: Istio's LEAST_REQUEST.
+    let plain =
+        model(&format!("{MESH}{}", dr.replace("annotations: {mesh.io/load-balancer: peak-ewma}", "annotations: {}")));
+    assert!(!plain.services["shop/ratings"].traffic_policy.as_ref().unwrap().load_balancer.as_ref().unwrap().peak_ewma);
+    let bare = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+                metadata: {name: lb, namespace: shop, annotations: {mesh.io/load-balancer: peak-ewma}}\nspec:\n  host: ratings\n";
+    let m = model(&format!("{MESH}{bare}"));
+    let lb = m.services["shop/ratings"].traffic_policy.as_ref().unwrap().load_balancer.as_ref().unwrap();
+    assert!(lb.peak_ewma, "the annotation alone turns it on: {lb:?}");
+}
