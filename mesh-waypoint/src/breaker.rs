@@ -76,6 +76,7 @@ impl Clusters {
                     "retries_in_flight": c.retries.load(Ordering::Acquire),
                     "connections": c.connections.load(Ordering::Acquire),
                     "pending": c.pending.load(Ordering::Acquire),
+                    "connections_opened": c.opened.load(Ordering::Relaxed),
                     "endpoints": hosts,
                 })
             })
@@ -104,6 +105,8 @@ pub struct Cluster {
     retries: AtomicU32,
     connections: AtomicU32,
     pending: AtomicU32,
+    /// Connections opened to its endpoints, ever (Envoy's `upstream_cx_total`).
+    opened: AtomicU64,
     /// Wakes requests waiting for a connection when one is released.
     released: Notify,
     /// Outlier detection, by endpoint.
@@ -234,6 +237,10 @@ impl Cluster {
     /// A connection of the cluster became idle: a waiting request may take it.
     pub fn idle_released(&self) {
         self.released.notify_one();
+    }
+
+    pub fn connection_opened(&self) {
+        self.opened.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn requests_in_flight(&self) -> u32 {

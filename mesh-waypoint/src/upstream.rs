@@ -51,7 +51,8 @@ type Idle = (http1::SendRequest<HttpBody>, u32, Permit, Instant);
 pub struct Upstreams {
     /// By cluster (its connections are counted against its limits) and endpoint.
     idle: Mutex<HashMap<(u64, SocketAddr), Vec<Idle>>>,
-    shared: Mutex<HashMap<SocketAddr, http2::SendRequest<HttpBody>>>,
+    /// With the requests each has carried.
+    shared: Mutex<HashMap<SocketAddr, (http2::SendRequest<HttpBody>, u32)>>,
 }
 
 /// Why no connection could be had: Envoy's `connect-failure`, or the
@@ -81,7 +82,8 @@ impl Upstreams {
         let timeout =
             pool.map(|p| p.connect_timeout_ms).filter(|t| *t > 0).map_or(CONNECT_TIMEOUT, Duration::from_millis);
         if h2 {
-            if let Some(s) = lock(&self.shared).get(&addr).filter(|s| !s.is_closed()).cloned() {
+            let max = pool.map_or(0, |p| p.max_requests_per_connection);
+            if let Some(s) = self.shared_h2(addr, max) {
                 return Ok(Sender::H2(s));
             }
             let io = tokio::time::timeout(timeout, open(proxy, me, up))
@@ -95,7 +97,8 @@ impl Upstreams {
                     debug!(upstream = %addr, "HTTP/2 upstream connection ended: {e}");
                 }
             });
-            lock(&self.shared).insert(addr, sender.clone());
+            cluster.connection_opened();
+            lock(&self.shared).insert(addr, (sender.clone(), 1));
             return Ok(Sender::H2(sender));
         }
         let idle_timeout = pool.map(|p| p.idle_timeout_ms).filter(|t| *t > 0).map(Duration::from_millis);
@@ -116,6 +119,7 @@ impl Upstreams {
                         debug!(upstream = %addr, "HTTP/1.1 upstream connection ended: {e}");
                     }
                 });
+                cluster.connection_opened();
                 // The permit goes with the sender: when the last is dropped the connection closes.
                 return Ok(Sender::H1(sender, 0, permit));
             }
@@ -131,6 +135,25 @@ impl Upstreams {
                     overflow: true,
                 });
             }
+        }
+    }
+
+    /// The shared HTTP/2 connection to `addr`, counting one more request on
+    /// it, unless it is closed or has carried `max` (`maxRequestsPerConnection`;
+    /// 0: no limit): then it is let go (its requests in flight finish on it,
+    /// and it closes once they have) and the caller makes a new one.
+    fn shared_h2(&self, addr: SocketAddr, max: u32) -> Option<http2::SendRequest<HttpBody>> {
+        let mut shared = lock(&self.shared);
+        match shared.get_mut(&addr) {
+            Some((s, uses)) if !s.is_closed() && (max == 0 || *uses < max) => {
+                *uses += 1;
+                Some(s.clone())
+            }
+            Some(_) => {
+                shared.remove(&addr);
+                None
+            }
+            None => None,
         }
     }
 

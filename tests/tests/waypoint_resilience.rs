@@ -365,6 +365,45 @@ fn load_balancers_weigh_load_and_keep_keys() {
     assert!(moved.iter().all(|(_, a)| a.as_str() == "b4"), "keys move only to the new pod: {moved:?}");
 }
 
+/// Connections the waypoint has opened to `service`'s endpoints.
+fn connections_opened(s: &L7Setup, service: &str) -> u64 {
+    endpoints(s)["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["service"] == service)
+        .map(|c| c["connections_opened"].as_u64().unwrap())
+        .sum()
+}
+
+/// `maxRequestsPerConnection` holds on HTTP/2 upstreams too: a gRPC
+/// client's calls, spread over the service's endpoints, reuse one shared
+/// connection an endpoint without it, and a new one every two calls with
+/// `maxRequestsPerConnection: 2`; every call is answered either way.
+#[test]
+fn http2_upstream_connections_carry_max_requests_per_connection() {
+    let Some(s) = l7_setup("wp-h2-maxreq") else { return };
+    let calls = |n: &str| {
+        let target = format!("{GRPC_VIP}:9090");
+        let out = run_in(&s.client.netns, &[SYSTEM_PYTHON, "-c", mesh_tests::waypoint::GRPC_CLIENT, &target, n]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+        let answered: u64 = v["unary"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
+        assert_eq!(answered, n.parse::<u64>().unwrap(), "{v}");
+    };
+    calls("30");
+    let shared = connections_opened(&s, "default/grpc");
+    // Six endpoints (three pods, two addresses each): at most one connection each, a race aside.
+    assert!((1..=8).contains(&shared), "without a limit: {shared} connections for 34 calls");
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: grpc, namespace: default}\n\
+              spec:\n  host: grpc\n  trafficPolicy: {connectionPool: {http: {maxRequestsPerConnection: 2}}}\n";
+    s.mesh.apply("grpc-dr.yaml", dr);
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    calls("30");
+    let limited = connections_opened(&s, "default/grpc") - shared;
+    println!("HTTP/2 connections for 34 calls: {shared} shared, {limited} with maxRequestsPerConnection: 2");
+    assert!(limited >= 15, "two calls a connection: {limited} connections for 34 calls\n{}", endpoints(&s));
+}
+
 /// `n` requests of `path`, one after another on one connection: each
 /// backend's share of them (`pods` beyond the setup's three counted too).
 fn sequential_shares(s: &L7Setup, path: &str, n: usize, extra: &[&Pod]) -> Vec<f64> {
