@@ -274,8 +274,16 @@ fn traffic_policy(tp: &TrafficPolicy, at: &str, out: &mut Vec<(Option<String>, S
                 "PASSTHROUGH is not enforced: a waypoint's requests are for a service, so its endpoints are balanced by LEAST_REQUEST".into(),
             ));
         }
-        if lb.locality_lb_setting.is_some() {
-            out.push((Some(format!("{base}.loadBalancer.localityLbSetting")), LATER.into()));
+        let locality = lb.locality_lb_setting.as_ref().filter(|l| l.enabled != Some(false));
+        let outliers =
+            tp.outlier_detection.is_some() || tp.port_level_settings.iter().any(|p| p.outlier_detection.is_some());
+        if locality.is_some_and(|l| l.distribute.is_empty()) && !outliers {
+            out.push((
+                Some(format!("{base}.loadBalancer.localityLbSetting")),
+                "locality failover needs outlierDetection in force for the same traffic (as in Istio): without it, \
+                 requests are balanced across localities"
+                    .into(),
+            ));
         }
         let warmup = if lb.warmup.is_some() { "warmup" } else { "warmupDurationSecs" };
         if (lb.warmup.is_some() || lb.warmup_duration_secs.is_some()) && lb.consistent_hash.is_some() {

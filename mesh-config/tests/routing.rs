@@ -192,6 +192,31 @@ fn what_istio_rejects_is_rejected_with_line_and_field() {
             "must be a prime number",
         ),
         (
+            format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer:\n      localityLbSetting: {{distribute: [{{from: 'us-west/*', to: {{'us-west/*': 80}}}}]}}\n"),
+            "spec.trafficPolicy.loadBalancer.localityLbSetting.distribute[0].to",
+            "must add to 100",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer:\n      localityLbSetting: {{distribute: [{{from: '*/zone1', to: {{'us-west/*': 100}}}}]}}\n"),
+            "spec.trafficPolicy.loadBalancer.localityLbSetting.distribute[0].from",
+            "'*' only last",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer:\n      localityLbSetting: {{failover: [{{from: us-west, to: us-west}}]}}\n"),
+            "spec.trafficPolicy.loadBalancer.localityLbSetting.failover[0]",
+            "different regions",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer:\n      localityLbSetting: {{failover: [{{from: us-west/zone1, to: us-east}}]}}\n"),
+            "spec.trafficPolicy.loadBalancer.localityLbSetting.failover[0].from",
+            "names a region",
+        ),
+        (
+            format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        failover: [{{from: a, to: b}}]\n        distribute: [{{from: a, to: {{b: 100}}}}]\n"),
+            "spec.trafficPolicy.loadBalancer.localityLbSetting",
+            "simultaneously",
+        ),
+        (
             format!("{DR_HEAD}  trafficPolicy:\n    loadBalancer: {{simple: ROUND_ROBIN, warmup: {{minimumPercent: 5}}}}\n"),
             "spec.trafficPolicy.loadBalancer.warmup.duration",
             "is required",
@@ -374,6 +399,22 @@ fn warmup_and_peak_ewma_are_accepted() {
             "  trafficPolicy:\n    loadBalancer: {consistentHash: {useSourceIp: true}, warmupDurationSecs: 10s}\n".into(),
             "spec.trafficPolicy.loadBalancer.warmupDurationSecs",
             "ignored with consistentHash",
+        ),
+        (
+            // Istio's locality examples.
+            "  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        enabled: true\n        failover: [{from: us-east, to: eu-west}, {from: us-west, to: us-east}]\n    outlierDetection: {consecutive5xxErrors: 100, interval: 1s, baseEjectionTime: 1m}\n".into(),
+            "",
+            "",
+        ),
+        (
+            "  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        distribute:\n        - from: region1/zone1/*\n          to: {'region1/zone1/*': 70, 'region1/zone2/*': 20, 'region3/zone4/*': 10}\n".into(),
+            "",
+            "",
+        ),
+        (
+            "  trafficPolicy:\n    loadBalancer: {localityLbSetting: {failoverPriority: [topology.istio.io/network, topology.kubernetes.io/region]}}\n".into(),
+            "spec.trafficPolicy.loadBalancer.localityLbSetting",
+            "needs outlierDetection",
         ),
         (
             "  trafficPolicy:\n    loadBalancer: {warmup: {duration: 30s, aggression: 0}}\n".into(),

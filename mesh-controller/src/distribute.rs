@@ -135,6 +135,7 @@ fn workload(model: &MeshModel, w: &Workload) -> api::Workload {
         node: w.node.clone().unwrap_or_default(),
         captured: w.captured,
         native_tunnel: w.native_tunnel,
+        locality: w.locality.clone(),
         labels: w.labels.clone().into_iter().collect(),
         // The default port 0 never carries traffic: this asks for the workload-wide mode.
         mtls_mode: mtls(model.mtls_mode(w, 0)),

@@ -76,8 +76,12 @@ pub fn custom<'v>(
     }))
 }
 
-/// This waypoint's own instance (for policies that select its pods).
-fn instance(wp: &Waypoint, ds: &Downstream) -> Option<std::sync::Arc<mesh_proxy::state::view::WorkloadInfo>> {
+/// This waypoint's own instance (for policies that select its pods, and
+/// its locality).
+pub(crate) fn instance(
+    wp: &Waypoint,
+    ds: &Downstream,
+) -> Option<std::sync::Arc<mesh_proxy::state::view::WorkloadInfo>> {
     let me = wp.identity()?;
     ds.service.waypoint.as_ref()?.instances.iter().find(|i| i.identity == me).cloned()
 }

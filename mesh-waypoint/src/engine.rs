@@ -391,9 +391,16 @@ async fn route_and_send(
     let cluster = wp.clusters.get(svc.key(), &backend.subset, port);
     let outliers = svc.outlier_detection(&backend.subset, port);
     let total = endpoints.len();
-    let endpoints = cluster.healthy(endpoints, Upstream::addr, outliers);
-    // Load balancing: the first choice first, the others for retries.
     let lb = svc.load_balancer(&backend.subset, port);
+    let endpoints = match lb.and_then(|l| l.locality.as_ref()) {
+        Some(locality) => {
+            let all = endpoints.clone();
+            let healthy = cluster.healthy(endpoints, Upstream::addr, outliers);
+            by_locality(wp, ds, locality, &all, healthy, outliers.is_some())
+        }
+        None => cluster.healthy(endpoints, Upstream::addr, outliers),
+    };
+    // Load balancing: the first choice first, the others for retries.
     let balancer = balance::policy(lb);
     let hashed = lb.filter(|_| balancer == balance::Policy::Hash).and_then(|lb| {
         let key = hash_key(lb, &parts.headers, &rec.path, ds.peer_addr.ip(), &mut rec.set_cookie)?;
@@ -542,6 +549,55 @@ async fn route_and_send(
         }
     }
     response
+}
+
+/// localityLbSetting: the healthy endpoints of the locality that takes
+/// this request. `distribute`'s weights when a rule is for this waypoint's
+/// locality; else, with outlier detection in force (`failover`, as Istio
+/// requires), the best rank that Envoy's priority load gives it; else all.
+fn by_locality(
+    wp: &Waypoint,
+    ds: &Downstream,
+    rules: &api::LocalityLb,
+    all: &[Upstream],
+    healthy: Vec<Upstream>,
+    failover: bool,
+) -> Vec<Upstream> {
+    use std::collections::BTreeMap;
+
+    use crate::locality::{Locality, choose_distribution, choose_rank, rank};
+    let me = crate::authz::instance(wp, ds);
+    let no_labels = BTreeMap::new();
+    let here = Locality::parse(me.as_ref().map_or("", |w| w.wire.locality.as_str()));
+    let my_labels = me.as_ref().map_or(&no_labels, |w| &w.wire.labels);
+    fn of<'u>(u: &'u Upstream, none: &'u BTreeMap<String, String>) -> (Locality<'u>, &'u BTreeMap<String, String>) {
+        u.workload().map_or((Locality::default(), none), |w| (Locality::parse(&w.wire.locality), &w.wire.labels))
+    }
+    if !rules.distribute.is_empty() {
+        let has = |p: &str| healthy.iter().any(|u| of(u, &no_labels).0.matches(p));
+        return match choose_distribution(here, rules, has, fastrand::f64()) {
+            Some(p) => healthy.into_iter().filter(|u| of(u, &no_labels).0.matches(p)).collect(),
+            None => healthy,
+        };
+    }
+    if !failover {
+        return healthy;
+    }
+    let rank_of = |u: &Upstream| {
+        let (l, labels) = of(u, &no_labels);
+        rank(here, my_labels, l, labels, rules)
+    };
+    let mut ranks = std::collections::BTreeMap::<u32, (usize, usize)>::new();
+    for u in all {
+        ranks.entry(rank_of(u)).or_default().0 += 1;
+    }
+    for u in &healthy {
+        ranks.entry(rank_of(u)).or_default().1 += 1;
+    }
+    let ranks: Vec<(u32, usize, usize)> = ranks.into_iter().map(|(r, (t, h))| (r, t, h)).collect();
+    let Some(chosen) = choose_rank(&ranks, fastrand::f64()) else { return healthy };
+    let kept: Vec<Upstream> = healthy.iter().filter(|u| rank_of(u) == chosen).cloned().collect();
+    if kept.is_empty() { healthy } else { kept }
 }
 
 /// Where and how an attempt goes.

@@ -13,7 +13,8 @@
 //! - [`upstream`]: HTTP connections to endpoints over HBONE;
 //! - [`retry`]: Istio's `retryOn` conditions and the retry budget;
 //! - [`breaker`]: circuit breaking and outlier detection (DestinationRule);
-//! - [`balance`]: load balancing (`loadBalancer`: least request, consistent hashing);
+//! - [`balance`]: load balancing (`loadBalancer`: least request, consistent hashing, peak-EWMA, slow start);
+//! - [`locality`]: locality-aware balancing (`localityLbSetting`);
 //! - [`ratelimit`]: local rate limits (`HTTPLocalRateLimitPolicy`);
 //! - [`body`]: replayable request bodies, counted response bodies;
 //! - [`metrics`]: Istio's request metrics.
@@ -25,6 +26,7 @@ pub mod engine;
 pub mod ext_authz;
 pub mod jwks;
 pub mod jwt;
+pub mod locality;
 pub mod metrics;
 pub mod ratelimit;
 pub mod retry;

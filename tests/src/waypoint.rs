@@ -123,9 +123,15 @@ pub mod yaml {
     /// The waypoint's pod: labelled with its Gateway, scheduled on `node`
     /// (the name its process joins as), never enrolled by a node.
     pub fn instance(p: &Pod, gateway: &str, node: &str) -> String {
+        labelled_instance(p, gateway, node, "")
+    }
+
+    /// [`instance`] with `extra` labels (`k: v, ...`).
+    pub fn labelled_instance(p: &Pod, gateway: &str, node: &str, extra: &str) -> String {
         let (ns, name) = p.name.split_once('/').unwrap();
+        let extra = if extra.is_empty() { String::new() } else { format!(", {extra}") };
         format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{GATEWAY_NAME_LABEL}: {gateway}}}}}\n\
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{GATEWAY_NAME_LABEL}: {gateway}{extra}}}}}\n\
              spec: {{nodeName: {node}, serviceAccountName: {gateway}}}\n{}---\n",
             crate::mesh::yaml::status(p)
         )
@@ -133,9 +139,15 @@ pub mod yaml {
 
     /// A pod like [`crate::mesh::yaml::pod`] with a `version` label too.
     pub fn versioned_pod(p: &Pod, node: &str, app: &str, version: &str) -> String {
+        labelled_pod(p, node, app, version, "")
+    }
+
+    /// [`versioned_pod`] with `extra` labels (`k: v, ...`).
+    pub fn labelled_pod(p: &Pod, node: &str, app: &str, version: &str, extra: &str) -> String {
         let (ns, name) = p.name.split_once('/').unwrap();
+        let extra = if extra.is_empty() { String::new() } else { format!(", {extra}") };
         format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}, version: {version}}}, \
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}, version: {version}{extra}}}, \
              annotations: {{{NETNS_ANNOTATION}: {}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {app}}}\n{}---\n",
             p.netns.display(),
             crate::mesh::yaml::status(p)
@@ -379,18 +391,29 @@ pub fn l7_setup(test: &str) -> Option<L7Setup> {
 
 /// Like [`l7_setup`], the waypoint started with `waypoint_flags`.
 pub fn l7_setup_with(test: &str, waypoint_flags: &[&str]) -> Option<L7Setup> {
+    l7_setup_labelled(test, waypoint_flags, "", ["", "", ""])
+}
+
+/// Like [`l7_setup_with`], with `extra` labels (`k: v, ...`) on the
+/// waypoint's pod and on each backend pod.
+pub fn l7_setup_labelled(
+    test: &str,
+    waypoint_flags: &[&str],
+    waypoint_labels: &str,
+    backend_labels: [&str; 3],
+) -> Option<L7Setup> {
     let mesh = Mesh::start(test, &["node1", "node2"])?;
     let t = &mesh.t;
     let (client, other, wp_pod) = (t.pod("client"), t.pod("other"), t.pod("waypoint"));
     let backends = vec![t.pod("b1"), t.pod("b2"), t.pod("b3")];
     let config = yaml::namespace("default", "waypoint")
         + &yaml::gateway("default", "waypoint")
-        + &yaml::instance(&wp_pod, "waypoint", "wp-1")
+        + &yaml::labelled_instance(&wp_pod, "waypoint", "wp-1", waypoint_labels)
         + &crate::mesh::yaml::pod(&client, "node1", "client", "client")
         + &crate::mesh::yaml::pod(&other, "node1", "other", "other")
-        + &yaml::versioned_pod(&backends[0], "node2", "backend", "v1")
-        + &yaml::versioned_pod(&backends[1], "node1", "backend", "v1")
-        + &yaml::versioned_pod(&backends[2], "node2", "backend", "v2")
+        + &yaml::labelled_pod(&backends[0], "node2", "backend", "v1", backend_labels[0])
+        + &yaml::labelled_pod(&backends[1], "node1", "backend", "v1", backend_labels[1])
+        + &yaml::labelled_pod(&backends[2], "node2", "backend", "v2", backend_labels[2])
         + &yaml::http_service("default", "backend", BACKEND_VIP, "app: backend", 80, 8080)
         + &format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: grpc, namespace: default}}\n\

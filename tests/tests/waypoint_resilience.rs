@@ -470,6 +470,54 @@ fn peak_ewma_weighs_latency_and_new_pods_warm_up() {
     assert!(warm[3] > 0.17, "its full quarter once warm: {warm:?}");
 }
 
+/// localityLbSetting, with the waypoint and b1, b2 in zone a and b3 in zone
+/// b (their `istio-locality` labels): `distribute` splits requests across
+/// zones by weight; failover (with outlier detection, as Istio requires)
+/// keeps every request in the waypoint's zone while it is healthy, and moves
+/// them to the other zone once its endpoints are ejected.
+#[test]
+fn locality_distributes_and_fails_over() {
+    let zone = |z: &str| format!("istio-locality: region1.{z}");
+    let (a, b) = (zone("zone-a"), zone("zone-b"));
+    let Some(s) = mesh_tests::waypoint::l7_setup_labelled("wp-locality", &[], &a, [&a, &a, &b]) else { return };
+    let dr = |lb: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: backend, namespace: default}}\n\
+             spec:\n  host: backend\n  trafficPolicy:\n    loadBalancer: {{localityLbSetting: {lb}}}\n    \
+             outlierDetection: {{consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}}\n"
+        )
+    };
+    s.mesh.apply(
+        "lb.yaml",
+        &dr("{distribute: [{from: region1/zone-a/*, to: {region1/zone-a/*: 20, region1/zone-b/*: 80}}]}"),
+    );
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let split = sequential_shares(&s, "/split", 300, &[]);
+    println!("distribute 20/80: zone a {:.2}, zone b {:.2}", split[0] + split[1], split[2]);
+    assert!((0.68..=0.92).contains(&split[2]), "zone b's 80 %: {split:?}");
+
+    s.mesh.apply("lb.yaml", &dr("{enabled: true}"));
+    s.mesh.wait_waypoint_current(&s.wp_pod);
+    let local = sequential_shares(&s, "/local", 60, &[]);
+    assert_eq!(local[2], 0.0, "the waypoint's zone takes every request while healthy: {local:?}");
+    // Zone a fails: once its four endpoints (two pods, two addresses each) are ejected, zone b takes over.
+    set_failing(&s.backends[0], true);
+    set_failing(&s.backends[1], true);
+    let zone_a: Vec<String> =
+        s.backends[..2].iter().flat_map(|p| [format!("{}:8080", p.ip4), format!("[{}]:8080", p.ip6)]).collect();
+    for _ in 0..30 {
+        requests(&s, "/failing", 10);
+        if zone_a.iter().all(|e| ejected(&s).contains(e)) {
+            break;
+        }
+    }
+    assert!(zone_a.iter().all(|e| ejected(&s).contains(e)), "{}", endpoints(&s));
+    let got = requests(&s, "/failover", 40);
+    assert_eq!(got.get("200"), Some(&40), "zone b answers every request: {got:?}");
+    let failover = hits(&s, "/failover");
+    assert_eq!(failover, [0, 0, 40], "all in zone b: {failover:?}");
+}
+
 fn rate_limit(spec: &str) -> String {
     format!(
         "apiVersion: policy.linkerd.io/v1alpha1\nkind: HTTPLocalRateLimitPolicy\nmetadata: {{name: backend-rl, namespace: default}}\n\

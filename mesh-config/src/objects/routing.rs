@@ -3,6 +3,8 @@
 //! `VirtualService` (`http` routes) and `DestinationRule` (subsets). Fields
 //! mesh does not act on yet are accepted as they are (`Value`), so a user's
 //! YAML loads unchanged; the model says what it ignores.
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::Value;
 
@@ -674,11 +676,44 @@ pub struct LoadBalancer {
     #[serde(default)]
     pub consistent_hash: Option<ConsistentHash>,
     #[serde(default)]
-    pub locality_lb_setting: Option<Value>,
+    pub locality_lb_setting: Option<LocalityLbSetting>,
     #[serde(default)]
     pub warmup_duration_secs: Option<String>,
     #[serde(default)]
     pub warmup: Option<Warmup>,
+}
+
+/// Istio's `LocalityLoadBalancerSetting`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityLbSetting {
+    #[serde(default)]
+    pub distribute: Vec<LocalityDistribute>,
+    #[serde(default)]
+    pub failover: Vec<LocalityFailover>,
+    #[serde(default)]
+    pub failover_priority: Vec<String>,
+    /// Unset: enabled (Istio's mesh-wide default).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalityDistribute {
+    #[serde(default)]
+    pub from: String,
+    #[serde(default)]
+    pub to: BTreeMap<String, u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalityFailover {
+    #[serde(default)]
+    pub from: String,
+    #[serde(default)]
+    pub to: String,
 }
 
 /// Istio's `WarmupConfiguration` (Envoy's slow start).

@@ -571,6 +571,9 @@ fn check_load_balancer(lb: &LoadBalancer, at: &str, out: &mut Issues) {
     {
         out.push((format!("{at}.warmupDurationSecs"), e));
     }
+    if let Some(l) = &lb.locality_lb_setting {
+        check_locality_lb(l, &format!("{at}.localityLbSetting"), out);
+    }
     if let Some(w) = &lb.warmup {
         match w.duration.as_deref().map(parse_duration) {
             None => out.push((format!("{at}.warmup.duration"), "is required".into())),
@@ -579,6 +582,51 @@ fn check_load_balancer(lb: &LoadBalancer, at: &str, out: &mut Issues) {
         }
         if w.minimum_percent.is_some_and(|p| !(0.0..=100.0).contains(&p)) {
             out.push((format!("{at}.warmup.minimumPercent"), "must be between 0 and 100".into()));
+        }
+    }
+}
+
+/// Istio's checks on `localityLbSetting`: distribute or failover, not both;
+/// locality patterns with `*` only last; distribute's weights add to 100;
+/// failover between two different regions.
+fn check_locality_lb(l: &crate::objects::routing::LocalityLbSetting, at: &str, out: &mut Issues) {
+    if !l.distribute.is_empty() && !l.failover.is_empty() {
+        out.push((at.to_owned(), "can not simultaneously set 'distribute' and 'failover'".into()));
+    }
+    let pattern = |p: &str| {
+        let parts: Vec<&str> = p.split('/').collect();
+        !p.is_empty()
+            && parts.len() <= 3
+            && parts.iter().enumerate().all(|(i, s)| !s.is_empty() && (*s != "*" || i == parts.len() - 1))
+            && parts.iter().all(|s| *s == "*" || !s.contains('*'))
+    };
+    for (i, d) in l.distribute.iter().enumerate() {
+        let at = format!("{at}.distribute[{i}]");
+        if !pattern(&d.from) {
+            out.push((format!("{at}.from"), format!("{:?}: expected region[/zone[/subzone]], '*' only last", d.from)));
+        }
+        for to in d.to.keys().filter(|t| !pattern(t)) {
+            out.push((format!("{at}.to"), format!("{to:?}: expected region[/zone[/subzone]], '*' only last")));
+        }
+        let sum: u64 = d.to.values().map(|w| u64::from(*w)).sum();
+        if sum != 100 {
+            out.push((format!("{at}.to"), format!("weights add to {sum}: they must add to 100")));
+        }
+    }
+    for (i, f) in l.failover.iter().enumerate() {
+        let at = format!("{at}.failover[{i}]");
+        for (field, region) in [("from", &f.from), ("to", &f.to)] {
+            if region.is_empty() || region.contains('/') || region.contains('*') {
+                out.push((format!("{at}.{field}"), format!("{region:?}: failover names a region")));
+            }
+        }
+        if f.from == f.to {
+            out.push((at, "from and to must be different regions".into()));
+        }
+    }
+    for (i, label) in l.failover_priority.iter().enumerate() {
+        if label.trim().is_empty() {
+            out.push((format!("{at}.failoverPriority[{i}]"), "must not be empty".into()));
         }
     }
 }

@@ -37,6 +37,21 @@ pub struct Workload {
     pub captured: bool,
     /// Runs a waypoint: terminates HBONE itself, never captured by a node.
     pub native_tunnel: bool,
+    /// `region/zone/subzone`, empty when unknown.
+    pub locality: String,
+}
+
+/// A pod's locality: its `istio-locality` label (`region.zone.subzone`, as
+/// label values cannot hold `/`), else its topology labels (on Kubernetes
+/// they are the node's; the pod's own here).
+fn pod_locality(labels: &Labels) -> String {
+    if let Some(l) = labels.get("istio-locality") {
+        return l.replace('.', "/");
+    }
+    let get = |k: &str| labels.get(k).map_or("", String::as_str);
+    let parts =
+        [get("topology.kubernetes.io/region"), get("topology.kubernetes.io/zone"), get("topology.istio.io/subzone")];
+    if parts.iter().all(|p| p.is_empty()) { String::new() } else { parts.join("/") }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -208,6 +223,7 @@ impl MeshModel {
                             identity,
                             ips,
                             node: pod.spec.node_name.clone(),
+                            locality: pod_locality(&pod.metadata.labels),
                             labels: pod.metadata.labels.clone(),
                         },
                     );
@@ -229,6 +245,7 @@ impl MeshModel {
                             identity,
                             ips: we.spec.address.iter().filter_map(|a| a.parse().ok()).collect(),
                             node: None,
+                            locality: we.spec.locality.clone().unwrap_or_else(|| pod_locality(&labels)),
                             labels,
                             captured: false,
                             native_tunnel: false,

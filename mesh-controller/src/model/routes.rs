@@ -172,6 +172,15 @@ fn load_balancer(lb: &LoadBalancer) -> api::LoadBalancer {
         out.warmup_min_percent = lb.warmup.as_ref().and_then(|w| w.minimum_percent).unwrap_or(10.0);
         out.warmup_aggression = lb.warmup.as_ref().and_then(|w| w.aggression).filter(|a| *a > 0.0).unwrap_or(1.0);
     }
+    out.locality = lb.locality_lb_setting.as_ref().filter(|l| l.enabled != Some(false)).map(|l| api::LocalityLb {
+        distribute: l
+            .distribute
+            .iter()
+            .map(|d| api::LocalityDistribute { from: d.from.clone(), to: d.to.clone() })
+            .collect(),
+        failover: l.failover.iter().map(|f| api::LocalityFailover { from: f.from.clone(), to: f.to.clone() }).collect(),
+        failover_priority: l.failover_priority.clone(),
+    });
     if let Some(ch) = &lb.consistent_hash {
         out.hashed = true;
         out.header = ch.http_header_name.clone().unwrap_or_default().to_ascii_lowercase();

@@ -327,3 +327,28 @@ fn warmup_and_peak_ewma_load_balancers() {
     let lb = m.services["shop/ratings"].traffic_policy.as_ref().unwrap().load_balancer.as_ref().unwrap();
     assert!(lb.peak_ewma, "the annotation alone turns it on: {lb:?}");
 }
+
+#[test]
+fn locality_lb_settings_and_workload_localities() {
+    let extra = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: zonal, namespace: shop, labels: {app: ratings, istio-locality: us-west.zone1.s1}}\n\
+                 spec: {nodeName: n1}\nstatus: {podIP: 10.9.0.1}\n---\n\
+                 apiVersion: v1\nkind: Pod\nmetadata: {name: topo, namespace: shop, labels: {app: ratings, topology.kubernetes.io/region: us-east, topology.kubernetes.io/zone: z2}}\n\
+                 spec: {nodeName: n1}\nstatus: {podIP: 10.9.0.2}\n---\n\
+                 apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm, namespace: shop}\n\
+                 spec: {address: 10.9.0.3, locality: eu-west/z1, labels: {app: ratings}}\n---\n\
+                 apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: lb, namespace: shop}\n\
+                 spec:\n  host: ratings\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting: {failover: [{from: us-west, to: us-east}]}\n    \
+                 outlierDetection: {consecutive5xxErrors: 3}\n  subsets:\n  \
+                 - {name: off, labels: {app: ratings}, trafficPolicy: {loadBalancer: {localityLbSetting: {enabled: false}}}}\n";
+    let m = model(&format!("{MESH}{extra}"));
+    let locality = |uid: &str| m.workloads[uid].locality.clone();
+    assert_eq!(locality("Pod/shop/zonal"), "us-west/zone1/s1", "istio-locality, dots for slashes");
+    assert_eq!(locality("Pod/shop/topo"), "us-east/z2/", "topology labels");
+    assert_eq!(locality("WorkloadEntry/shop/vm"), "eu-west/z1");
+    let svc = &m.services["shop/ratings"];
+    let lb = svc.traffic_policy.as_ref().unwrap().load_balancer.as_ref().unwrap();
+    let l = lb.locality.as_ref().expect("localityLbSetting");
+    assert_eq!((l.failover[0].from.as_str(), l.failover[0].to.as_str()), ("us-west", "us-east"));
+    let off = svc.subset_traffic_policies["off"].load_balancer.as_ref().unwrap();
+    assert_eq!(off.locality, None, "enabled: false");
+}
