@@ -69,6 +69,8 @@ pub fn custom<'v>(
     facts: &Facts<'_>,
 ) -> Option<Result<(String, Option<&'v api::ExtAuthz>), Decision>> {
     let policies = view.waypoint_policies(&ds.service, || instance(wp, ds));
+    // Most services have no CUSTOM policy: nothing built for them.
+    policies.clone().find(|p| p.action == authz::Action::Custom)?;
     let found = authz::custom(policies, &connection(ds), facts)?;
     Some(found.map(|p| {
         let provider = view.policy_wire(p).and_then(|w| w.ext_authz.as_ref());

@@ -76,36 +76,67 @@ impl std::fmt::Display for Location {
 /// A rule's token locations; with none set, Istio's default:
 /// `Authorization: Bearer <token>` and the `access_token` query parameter.
 pub fn locations(rule: &JwtRule) -> Vec<Location> {
-    if rule.from_headers.is_empty() && rule.from_params.is_empty() && rule.from_cookies.is_empty() {
-        return vec![
-            Location::Header { name: "authorization".into(), prefix: "Bearer ".into() },
-            Location::Param("access_token".into()),
-        ];
+    places(rule).map(Place::to_owned).collect()
+}
+
+/// A [`Location`] borrowed from its rule: finding a token allocates nothing
+/// until one is found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place<'a> {
+    Header { name: &'a str, prefix: &'a str },
+    Param(&'a str),
+    Cookie(&'a str),
+}
+
+impl Place<'_> {
+    fn to_owned(self) -> Location {
+        match self {
+            Place::Header { name, prefix } => Location::Header { name: name.into(), prefix: prefix.into() },
+            Place::Param(p) => Location::Param(p.into()),
+            Place::Cookie(c) => Location::Cookie(c.into()),
+        }
     }
-    let headers = rule.from_headers.iter().map(|h| Location::Header { name: h.name.clone(), prefix: h.prefix.clone() });
-    let params = rule.from_params.iter().cloned().map(Location::Param);
-    headers.chain(params).chain(rule.from_cookies.iter().cloned().map(Location::Cookie)).collect()
+}
+
+fn places(rule: &JwtRule) -> Box<dyn Iterator<Item = Place<'_>> + '_> {
+    if rule.from_headers.is_empty() && rule.from_params.is_empty() && rule.from_cookies.is_empty() {
+        return Box::new(
+            [Place::Header { name: "authorization", prefix: "Bearer " }, Place::Param("access_token")].into_iter(),
+        );
+    }
+    let headers = rule.from_headers.iter().map(|h| Place::Header { name: &h.name, prefix: &h.prefix });
+    let params = rule.from_params.iter().map(|p| Place::Param(p));
+    Box::new(headers.chain(params).chain(rule.from_cookies.iter().map(|c| Place::Cookie(c))))
 }
 
 /// The token at `loc`, if the request has one there.
 pub fn token_at(req: &dyn HttpRequest, loc: &Location) -> Option<String> {
-    let token = match loc {
-        Location::Header { name, prefix } => {
+    let place = match loc {
+        Location::Header { name, prefix } => Place::Header { name, prefix },
+        Location::Param(p) => Place::Param(p),
+        Location::Cookie(c) => Place::Cookie(c),
+    };
+    token_in(req, place).map(str::to_owned)
+}
+
+fn token_in<'r>(req: &'r dyn HttpRequest, place: Place<'_>) -> Option<&'r str> {
+    let token = match place {
+        Place::Header { name, prefix } => {
             let v = req.header(name)?;
             // Envoy compares the prefix case-insensitively for `Bearer`.
             let head = v.get(..prefix.len())?;
             if !head.eq_ignore_ascii_case(prefix) {
                 return None;
             }
-            v[prefix.len()..].trim().to_owned()
+            v[prefix.len()..].trim()
         }
-        Location::Param(p) => req.query().split('&').find_map(|kv| {
+        Place::Param(p) => req.query().split('&').find_map(|kv| {
             let (k, v) = kv.split_once('=')?;
-            (k == p).then(|| v.to_owned())
+            (k == p).then_some(v)
         })?,
-        Location::Cookie(c) => req.header("cookie")?.split(';').find_map(|kv| {
+        Place::Cookie(c) => req.header("cookie")?.split(';').find_map(|kv| {
             let (k, v) = kv.trim().split_once('=')?;
-            (k == c).then(|| v.to_owned())
+            (k == c).then_some(v)
         })?,
     };
     (!token.is_empty()).then_some(token)
@@ -117,30 +148,43 @@ pub struct Selected {
     pub rule: usize,
     pub token: String,
     pub location: Location,
-    /// Its payload, not yet verified.
-    pub claims: serde_json::Value,
 }
 
 /// The first token found in any rule's locations, and the rule for its
 /// issuer among those that look there. `Ok(None)`: the request has no
-/// token (it passes authentication; authorization decides).
+/// token (it passes authentication; authorization decides). Per request:
+/// nothing is allocated but the token, and of the payload only `iss` is
+/// read.
 pub fn select(rules: &[JwtRule], req: &dyn HttpRequest) -> Result<Option<Selected>, JwtError> {
-    let mut seen: Vec<Location> = Vec::new();
-    for loc in rules.iter().flat_map(locations) {
-        if seen.contains(&loc) {
-            continue;
-        }
-        let Some(token) = token_at(req, &loc) else {
-            seen.push(loc);
-            continue;
-        };
-        let claims = claims(&token)?;
-        let iss = claims.get("iss").and_then(|v| v.as_str()).unwrap_or_default();
-        let rule =
-            rules.iter().position(|r| r.issuer == iss && locations(r).contains(&loc)).ok_or(JwtError::UnknownIssuer)?;
-        return Ok(Some(Selected { rule, token, location: loc, claims }));
+    for place in rules.iter().flat_map(places) {
+        let Some(token) = token_in(req, place) else { continue };
+        let iss = issuer(token)?;
+        let rule = rules
+            .iter()
+            .position(|r| r.issuer == iss && places(r).any(|p| p == place))
+            .ok_or(JwtError::UnknownIssuer)?;
+        return Ok(Some(Selected { rule, token: token.to_owned(), location: place.to_owned() }));
     }
     Ok(None)
+}
+
+/// A token's `iss`, unverified (empty when it has none): the payload must be
+/// a JSON object; its other claims are skipped, not built.
+fn issuer(token: &str) -> Result<String, JwtError> {
+    #[derive(serde::Deserialize)]
+    struct Iss<'a> {
+        #[serde(default, borrow)]
+        iss: Option<std::borrow::Cow<'a, str>>,
+    }
+    let mut parts = token.split('.');
+    let (Some(_), Some(payload), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(JwtError::Malformed);
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| JwtError::Malformed)?;
+    let v: Iss<'_> = serde_json::from_slice(&bytes).map_err(|_| JwtError::Malformed)?;
+    Ok(v.iss.map(|i| i.into_owned()).unwrap_or_default())
 }
 
 /// A token's payload, unverified (for choosing the rule, and for explain).
