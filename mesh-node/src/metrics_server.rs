@@ -15,6 +15,7 @@ pub struct NodeGauges {
     connections_active: Gauge,
     pool_connections: Gauge,
     connections_dialed: Gauge,
+    pool_broken_attempts: Gauge,
     workloads: Gauge,
     services: Gauge,
     policies: Gauge,
@@ -29,6 +30,11 @@ impl NodeGauges {
         add("mesh_node_connections_active", "Connections the proxy carries now", g.connections_active.clone());
         add("mesh_node_hbone_pool_connections", "Pooled HBONE connections", g.pool_connections.clone());
         add("mesh_node_hbone_connections_dialed", "HBONE connections dialed so far", g.connections_dialed.clone());
+        add(
+            "mesh_node_hbone_pool_broken_attempts",
+            "Tunnels tried on a pooled HBONE connection that turned out broken (each retried on a fresh one)",
+            g.pool_broken_attempts.clone(),
+        );
         add("mesh_node_config_workloads", "Workloads in the configuration in force", g.workloads.clone());
         add("mesh_node_config_services", "Services in the configuration in force", g.services.clone());
         add("mesh_node_config_policies", "Policies in the configuration in force", g.policies.clone());
@@ -67,6 +73,7 @@ async fn render(State(s): State<Sources>) -> impl IntoResponse {
     g.connections_active.set(n(proxy.connections.len()));
     g.pool_connections.set(n(pooled));
     g.connections_dialed.set(n(dialed));
+    g.pool_broken_attempts.set(n(proxy.pool.broken_attempts()));
     g.workloads.set(n(workloads));
     g.services.set(n(services));
     g.policies.set(n(policies));

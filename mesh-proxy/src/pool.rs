@@ -4,7 +4,11 @@
 //! and its socket lives in the source pod's namespace (hence the source IP in
 //! the key, beside the identities). A connection carries up to
 //! `hbone::MAX_STREAMS` tunnels; past that another is opened. Connections with
-//! no tunnel for `IDLE` are dropped, which closes them.
+//! no tunnel for `IDLE` are dropped, which closes them; a connection whose
+//! driver has ended (the peer restarted, went away or failed) leaves the pool
+//! at its next look-up, so no tunnel is tried on it. Tunnels that find no
+//! room at once share one dial: 150 opened together make two connections,
+//! not 150.
 use std::{
     collections::HashMap,
     future::Future,
@@ -18,6 +22,7 @@ use std::{
 };
 
 use mesh_common::identity::SpiffeId;
+use tokio::sync::watch;
 
 use crate::hbone::{self, PeerConnection, Tunnel, TunnelError};
 
@@ -49,7 +54,33 @@ impl Drop for StreamSlot {
 #[derive(Default)]
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    /// Dials in progress, by key: tunnels that find no room wait for the one
+    /// dial instead of making their own (`true` once it has ended).
+    dialing: Mutex<HashMap<PoolKey, watch::Receiver<bool>>>,
     dials: AtomicUsize,
+    /// Tunnels tried on a pooled connection that turned out broken.
+    broken: AtomicUsize,
+}
+
+/// Whether this tunnel dials, or waits for another's dial.
+enum Dial<'p> {
+    Mine(DialInProgress<'p>),
+    Theirs(watch::Receiver<bool>),
+}
+
+/// A dial others may wait for; when it ends (or its caller gives up) they
+/// are told and look again.
+struct DialInProgress<'p> {
+    pool: &'p Pool,
+    key: PoolKey,
+    done: watch::Sender<bool>,
+}
+
+impl Drop for DialInProgress<'_> {
+    fn drop(&mut self) {
+        lock(&self.pool.dialing).remove(&self.key);
+        self.done.send_replace(true);
+    }
 }
 
 impl Pool {
@@ -67,16 +98,54 @@ impl Pool {
         F: Fn() -> Fut,
         Fut: Future<Output = io::Result<PeerConnection>>,
     {
-        if let Some((conn, slot)) = self.take_slot(key) {
-            match conn.connect(authority).await {
-                Ok(t) => return Ok((t, slot)),
-                Err(e @ TunnelError::Refused { .. }) => return Err(e),
-                Err(TunnelError::Broken(_)) => {
-                    drop(slot);
-                    self.forget(key, &conn);
+        // A dial shared with others may leave no room for this tunnel (or
+        // fail for them all): a few turns, then a dial of its own.
+        for _ in 0..3 {
+            if let Some((conn, slot)) = self.take_slot(key) {
+                match conn.connect(authority).await {
+                    Ok(t) => return Ok((t, slot)),
+                    Err(e @ TunnelError::Refused { .. }) => return Err(e),
+                    Err(TunnelError::Broken(_)) => {
+                        self.broken.fetch_add(1, Ordering::Relaxed);
+                        drop(slot);
+                        self.forget(key, &conn);
+                        break; // that connection is gone: a fresh one
+                    }
+                }
+            }
+            match self.dial_or_wait(key) {
+                Dial::Theirs(mut done) => {
+                    let _ = done.wait_for(|ended| *ended).await;
+                }
+                Dial::Mine(in_progress) => {
+                    let dialed = self.dial_into_pool(key, &dial).await;
+                    drop(in_progress);
+                    let (conn, slot) = dialed?;
+                    return self.open_on(key, conn, slot, authority).await;
                 }
             }
         }
+        let (conn, slot) = self.dial_into_pool(key, &dial).await?;
+        self.open_on(key, conn, slot, authority).await
+    }
+
+    /// Joins the dial in progress for `key`, or starts one.
+    fn dial_or_wait(&self, key: &PoolKey) -> Dial<'_> {
+        let mut dialing = lock(&self.dialing);
+        if let Some(rx) = dialing.get(key) {
+            return Dial::Theirs(rx.clone());
+        }
+        let (done, rx) = watch::channel(false);
+        dialing.insert(key.clone(), rx);
+        Dial::Mine(DialInProgress { pool: self, key: key.clone(), done })
+    }
+
+    /// Dials a connection for `key` and pools it, with a slot taken for the caller.
+    async fn dial_into_pool<F, Fut>(&self, key: &PoolKey, dial: &F) -> Result<(PeerConnection, StreamSlot), TunnelError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = io::Result<PeerConnection>>,
+    {
         let conn = dial().await.map_err(TunnelError::Broken)?;
         self.dials.fetch_add(1, Ordering::Relaxed);
         let streams = Arc::new(AtomicUsize::new(1));
@@ -86,6 +155,17 @@ impl Pool {
             streams,
             last_used: Instant::now(),
         });
+        Ok((conn, slot))
+    }
+
+    /// A tunnel on a connection just dialed; if it fails, the connection goes.
+    async fn open_on(
+        &self,
+        key: &PoolKey,
+        conn: PeerConnection,
+        slot: StreamSlot,
+        authority: std::net::SocketAddr,
+    ) -> Result<(Tunnel, StreamSlot), TunnelError> {
         match conn.connect(authority).await {
             Ok(t) => Ok((t, slot)),
             Err(e) => {
@@ -97,13 +177,14 @@ impl Pool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Pooled>>> {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.conns)
     }
 
     fn take_slot(&self, key: &PoolKey) -> Option<(PeerConnection, StreamSlot)> {
         let mut conns = self.lock();
-        let p =
-            conns.get_mut(key)?.iter_mut().find(|p| p.streams.load(Ordering::Relaxed) < hbone::MAX_STREAMS as usize)?;
+        let list = conns.get_mut(key)?;
+        list.retain(|p| !p.conn.has_ended()); // the peer closed them: no tunnel is tried there
+        let p = list.iter_mut().find(|p| p.streams.load(Ordering::Relaxed) < hbone::MAX_STREAMS as usize)?;
         p.streams.fetch_add(1, Ordering::Relaxed);
         p.last_used = Instant::now();
         Some((p.conn.clone(), StreamSlot(p.streams.clone())))
@@ -124,7 +205,9 @@ impl Pool {
         let now = Instant::now();
         let mut conns = self.lock();
         for list in conns.values_mut() {
-            list.retain(|p| p.streams.load(Ordering::Relaxed) > 0 || now.duration_since(p.last_used) < IDLE);
+            list.retain(|p| {
+                !p.conn.has_ended() && (p.streams.load(Ordering::Relaxed) > 0 || now.duration_since(p.last_used) < IDLE)
+            });
         }
         conns.retain(|_, l| !l.is_empty());
     }
@@ -133,4 +216,15 @@ impl Pool {
     pub fn stats(&self) -> (usize, usize) {
         (self.lock().values().map(Vec::len).sum(), self.dials.load(Ordering::Relaxed))
     }
+
+    /// Tunnels tried on a pooled connection that turned out broken (each
+    /// cost its caller a failed attempt before a fresh dial).
+    pub fn broken_attempts(&self) -> usize {
+        self.broken.load(Ordering::Relaxed)
+    }
+}
+
+/// A mutex's guard; a panic while it was held leaves these maps consistent.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -46,6 +46,9 @@ pub struct Tunnel {
 pub struct PeerConnection {
     sender: h2::client::SendRequest<Bytes>,
     id: u64,
+    /// Set when the connection's driver ends (the peer closed it, went
+    /// away, or failed): it can carry no more tunnels.
+    ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PeerConnection {
@@ -61,13 +64,21 @@ impl PeerConnection {
             .handshake(tls)
             .await
             .map_err(other)?;
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ended.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(peer = %peer, "HBONE connection ended: {e}");
             }
+            flag.store(true, std::sync::atomic::Ordering::Release);
         });
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        Ok(PeerConnection { sender, id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed) })
+        Ok(PeerConnection { sender, id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed), ended })
+    }
+
+    /// Whether the connection has ended (its driver is done): a pool drops it.
+    pub fn has_ended(&self) -> bool {
+        self.ended.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether both are handles of one connection.

@@ -228,3 +228,89 @@ async fn refused(addr: SocketAddr, me: &Credentials, roots: Arc<RootCertStore>) 
             .unwrap_or(true),
     }
 }
+
+/// An HBONE server whose connections can all be cut at once (a peer's
+/// restart), forwarding to `echo`.
+struct Restartable {
+    accept: tokio::task::JoinHandle<()>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Restartable {
+    async fn start(listener: TcpListener, ca: &Ca, server: &Credentials, echo: SocketAddr) -> Restartable {
+        let handler = Arc::new(Echo { addr: echo, closed: Default::default() });
+        let config = Arc::new(server_config(server, ca.roots(), "cluster.local").unwrap());
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let held = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (config, h) = (config.clone(), handler.clone());
+                let task = tokio::spawn(async move { serve(tcp, config, h, std::future::pending()).await });
+                held.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Restartable { accept, conns }
+    }
+
+    /// Stops listening and cuts every connection.
+    fn kill(self) {
+        self.accept.abort();
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+/// The pool heals itself: 150 tunnels opened at once to one peer share
+/// their dials (two connections of 100 streams, not 150 handshakes); after
+/// the peer restarts, its dead connection leaves the pool and no tunnel is
+/// tried on it first.
+#[tokio::test]
+async fn the_pool_shares_dials_and_forgets_dead_connections() {
+    use crate::pool::{Pool, PoolKey};
+    let ca = Ca::new();
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = ca.issue(B);
+    let peer = Restartable::start(listener, &ca, &server, echo_addr).await;
+    let (me, roots) = (ca.issue(A), ca.roots());
+    let key = PoolKey {
+        src: A.parse().unwrap(),
+        src_ip: "127.0.0.1".parse().unwrap(),
+        dst: B.parse().unwrap(),
+        dst_ip: addr.ip(),
+    };
+    let pool = Pool::default();
+    let target: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+    let open = || pool.tunnel(&key, target, || dial(addr, &me, roots.clone(), B));
+
+    let mut opening = Vec::new();
+    for _ in 0..150 {
+        opening.push(open());
+    }
+    let tunnels: Vec<_> = futures_util::future::join_all(opening).await;
+    assert!(tunnels.iter().all(Result::is_ok), "every tunnel opened");
+    let (pooled, dialed) = pool.stats();
+    assert_eq!((pooled, dialed), (2, 2), "150 tunnels over two shared dials");
+    drop(tunnels);
+
+    // The peer restarts on the same address: the pooled connections' drivers end.
+    peer.kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let _peer = Restartable::start(listener, &ca, &server, echo_addr).await;
+    let (tunnel, _slot) = open().await.expect("a tunnel after the restart");
+    drop(tunnel);
+    assert_eq!(pool.broken_attempts(), 0, "no tunnel was tried on a dead connection");
+    assert_eq!(pool.stats(), (1, 3), "the dead ones left the pool; one fresh dial");
+}
