@@ -187,19 +187,6 @@ fn issuer(token: &str) -> Result<String, JwtError> {
     Ok(v.iss.map(|i| i.into_owned()).unwrap_or_default())
 }
 
-/// A token's payload, unverified (for choosing the rule, and for explain).
-pub fn claims(token: &str) -> Result<serde_json::Value, JwtError> {
-    let mut parts = token.split('.');
-    let (Some(_), Some(payload), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err(JwtError::Malformed);
-    };
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .map_err(|_| JwtError::Malformed)?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| JwtError::Malformed)?;
-    if v.is_object() { Ok(v) } else { Err(JwtError::Malformed) }
-}
-
 /// Verifies `token` for `rule` with the rule's key set: a key of the
 /// token's `kid` (keys without one are tried too) and of its algorithm's
 /// family, the signature, `exp` and `nbf` within [`CLOCK_SKEW_SECS`], the

@@ -30,41 +30,35 @@ pub(super) fn providers(store: &ConfigStore, root_namespace: &str) -> BTreeMap<S
 }
 
 fn to_wire(p: &ExtensionProvider) -> Option<api::ExtAuthz> {
-    let port = |p: &Option<IntOrString>| p.as_ref().and_then(IntOrString::as_number).unwrap_or(0) as u32;
-    let timeout =
-        |t: &Option<String>| t.as_deref().and_then(|t| parse_duration(t).ok()).map_or(0, |d| d.as_millis() as u64);
-    let status = |s: &Option<IntOrString>| s.as_ref().and_then(IntOrString::as_number).unwrap_or(0) as u32;
+    let number = |v: &Option<IntOrString>| v.as_ref().and_then(IntOrString::as_number).unwrap_or(0) as u32;
+    let ms = |t: &Option<String>| t.as_deref().and_then(|t| parse_duration(t).ok()).map_or(0, |d| d.as_millis() as u64);
     let lower = |v: &[String]| v.iter().map(|h| h.to_ascii_lowercase()).collect::<Vec<_>>();
+    // What both protocols have.
+    let common = |grpc, service: &str, port, timeout, fail_open, status_on_error| api::ExtAuthz {
+        name: p.name.clone(),
+        grpc,
+        host: host_of(service),
+        port: number(port),
+        timeout_ms: ms(timeout),
+        fail_open,
+        status_on_error: number(status_on_error),
+        ..Default::default()
+    };
     if let Some(h) = &p.envoy_ext_authz_http {
         let mut include = lower(&h.include_request_headers_in_check);
         include.extend(lower(&h.include_headers_in_check));
         return Some(api::ExtAuthz {
-            name: p.name.clone(),
-            grpc: false,
-            host: host_of(&h.service),
-            port: port(&h.port),
-            timeout_ms: timeout(&h.timeout),
-            fail_open: h.fail_open,
-            status_on_error: status(&h.status_on_error),
             path_prefix: h.path_prefix.clone().unwrap_or_default(),
             include_request_headers: include,
             additional_headers: h.include_additional_headers_in_check.clone(),
             headers_to_upstream_on_allow: lower(&h.headers_to_upstream_on_allow),
             headers_to_downstream_on_deny: lower(&h.headers_to_downstream_on_deny),
             headers_to_downstream_on_allow: lower(&h.headers_to_downstream_on_allow),
+            ..common(false, &h.service, &h.port, &h.timeout, h.fail_open, &h.status_on_error)
         });
     }
     let g = p.envoy_ext_authz_grpc.as_ref()?;
-    Some(api::ExtAuthz {
-        name: p.name.clone(),
-        grpc: true,
-        host: host_of(&g.service),
-        port: port(&g.port),
-        timeout_ms: timeout(&g.timeout),
-        fail_open: g.fail_open,
-        status_on_error: status(&g.status_on_error),
-        ..Default::default()
-    })
+    Some(common(true, &g.service, &g.port, &g.timeout, g.fail_open, &g.status_on_error))
 }
 
 /// `[<namespace>/]<hostname>`: the host name (the namespace only

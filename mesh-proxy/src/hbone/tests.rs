@@ -86,8 +86,8 @@ impl TunnelHandler for Echo {
     }
 }
 
-/// An HBONE server for `server` on loopback, forwarding to an echo server.
-async fn start(ca: &Ca, server: &Credentials) -> (SocketAddr, Arc<Echo>) {
+/// A TCP echo server on loopback.
+async fn echo_server() -> SocketAddr {
     let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let echo_addr = echo.local_addr().unwrap();
     tokio::spawn(async move {
@@ -99,6 +99,12 @@ async fn start(ca: &Ca, server: &Credentials) -> (SocketAddr, Arc<Echo>) {
             });
         }
     });
+    echo_addr
+}
+
+/// An HBONE server for `server` on loopback, forwarding to an echo server.
+async fn start(ca: &Ca, server: &Credentials) -> (SocketAddr, Arc<Echo>) {
+    let echo_addr = echo_server().await;
     let handler = Arc::new(Echo { addr: echo_addr, closed: Default::default() });
     let config = Arc::new(server_config(server, ca.roots(), "cluster.local").unwrap());
     let hbone = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -269,16 +275,7 @@ impl Restartable {
 async fn the_pool_shares_dials_and_forgets_dead_connections() {
     use crate::pool::{Pool, PoolKey};
     let ca = Ca::new();
-    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let echo_addr = echo_server().await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = ca.issue(B);
