@@ -249,6 +249,86 @@ fn authorization_policies() {
     eprintln!("policy edits in force on every node after: {delays:?}");
 }
 
+/// An echo server on `ports` (one thread a connection), and a client that
+/// keeps one connection to `addr` and says when it ends.
+const ECHO: &str = "import socket,sys,threading\n\
+def serve(c):\n\
+\x20   while True:\n\
+\x20       b=c.recv(4096)\n\
+\x20       if not b: break\n\
+\x20       c.sendall(b)\n\
+def listen(port):\n\
+\x20   s=socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+\x20   s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0); s.bind(('::',port)); s.listen(16)\n\
+\x20   while True:\n\
+\x20       c,_=s.accept(); threading.Thread(target=serve,args=(c,),daemon=True).start()\n\
+for p in sys.argv[1:]: threading.Thread(target=listen,args=(int(p),),daemon=True).start()\n\
+print('listening',flush=True)\n\
+threading.Event().wait()\n";
+
+const HOLD: &str = "import socket,sys,time\n\
+s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=30)\n\
+n=0\n\
+while True:\n\
+\x20   try:\n\
+\x20       s.sendall(b'ping'); b=s.recv(64)\n\
+\x20   except OSError as e:\n\
+\x20       b=b''\n\
+\x20   if not b: print('closed after',n,flush=True); break\n\
+\x20   n+=1\n\
+\x20   if n==3: print('connected',flush=True)\n\
+\x20   time.sleep(0.05)\n";
+
+/// Issue 16, point 9: a policy change applies to connections already open,
+/// as ztunnel's connection manager does. A DENY on one port closes A's open
+/// connection to it within about a second, with the policy in node2's log
+/// and access log; A's connection to another port carries on.
+#[test]
+fn a_policy_change_closes_the_open_connections_it_denies() {
+    let Some((mesh, a, b)) = a_and_b("overlay-live-policy") else { return };
+    let log = |name: &str| mesh.t.dir.join(name);
+    let _echo = {
+        let p = Proc::spawn_in("echo", &b.netns, &["python3", "-u", "-c", ECHO, "9100", "9101"], &log("echo.log"));
+        p.wait_for_log("listening", Duration::from_secs(10));
+        p
+    };
+    let hold = |port: &str| {
+        let p = Proc::spawn_in(
+            &format!("hold {port}"),
+            &a.netns,
+            &["python3", "-u", "-c", HOLD, &b.ip4.to_string(), port],
+            &log(&format!("hold-{port}.log")),
+        );
+        p.wait_for_log("connected", Duration::from_secs(10));
+        p
+    };
+    let (denied, mut kept) = (hold("9100"), hold("9101"));
+    let applied = Instant::now();
+    mesh.apply(
+        "deny-9100.yaml",
+        &yaml::authorization(
+            "default",
+            "deny-9100",
+            "{selector: {matchLabels: {app: b}}, action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sa-a]}}], to: [{operation: {ports: ['9100']}}]}]}",
+        ),
+    );
+    let deadline = applied + mesh_tests::patience(Duration::from_secs(5));
+    while !denied.log_text().contains("closed after") {
+        assert!(Instant::now() < deadline, "the denied connection is still open:\n{}", denied.log_text());
+        thread::sleep(Duration::from_millis(20));
+    }
+    println!("the open connection was closed {:?} after the policy was written", applied.elapsed());
+    let node2 = &mesh.node("node2").agent;
+    let line =
+        node2.wait_access("closed by policy", |v| v["policy"] == "default/deny-9100" && v["listener_port"] == 15008);
+    assert_eq!(line["decision"], "deny", "{line}");
+    assert_eq!((line["response_flags"].as_str(), line["outcome"].as_str()), (Some("RBAC"), Some("error")), "{line}");
+    assert!(node2.proc.log_text().contains("open connection closed: the configuration now denies it"));
+    thread::sleep(Duration::from_millis(300));
+    assert!(!kept.log_text().contains("closed after"), "the allowed connection was closed too:\n{}", kept.log_text());
+    assert!(kept.is_running(), "the allowed connection's client ended");
+}
+
 /// Point 5: a service VIP with three endpoints (on both nodes) spreads 300
 /// connections over all three; a removed endpoint gets no more.
 #[test]

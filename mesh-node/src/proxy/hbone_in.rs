@@ -58,7 +58,8 @@ impl TunnelHandler for PodTunnels {
         let conn =
             ctx.proxy.connections.track(ConnInfo::new(Direction::Inbound, &pod.name, self.listener, request.peer_addr));
         let arrival = Arrival::Hbone(request.peer.clone());
-        let (mut tracked, upstream) = match connect_to_app(pod, ctx, conn, arrival, request.target).await {
+        let target = request.target;
+        let (mut tracked, upstream) = match connect_to_app(pod, ctx, conn, arrival.clone(), target).await {
             Ok(admitted) => admitted,
             Err((tracked, e)) => {
                 request.refuse(refusal_status(&e));
@@ -69,8 +70,10 @@ impl TunnelHandler for PodTunnels {
             Ok(t) => t,
             Err(e) => return tracked.refuse(ProxyError::Relay(e)),
         };
+        let admitted = ctx.live.register(pod.local(), tracked.info().src, arrival, target);
         let app = Counted::server(upstream, tracked.relaying());
-        let result = hbone::relay(app, tunnel).await.map(drop).map_err(ProxyError::Relay);
+        let relay = async { hbone::relay(app, tunnel).await.map(drop).map_err(ProxyError::Relay) };
+        let result = ctx.relay_while_admitted(&mut tracked, admitted, relay).await;
         tracked.finish(result);
     }
 }

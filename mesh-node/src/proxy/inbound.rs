@@ -28,8 +28,9 @@ pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, p
         Ok(admitted) => admitted,
         Err((tracked, e)) => return tracked.refuse(e),
     };
+    let admitted = ctx.live.register(pod.local(), tracked.info().src, Arrival::Plaintext, target);
     let mut client = Counted::client(client, tracked.relaying());
-    let result = relay_plain(&mut client, &mut upstream).await;
+    let result = ctx.relay_while_admitted(&mut tracked, admitted, relay_plain(&mut client, &mut upstream)).await;
     tracked.finish(result);
 }
 

@@ -13,6 +13,7 @@
 //! are created in the pod's namespace and marked so the redirect skips them.
 mod hbone_in;
 mod inbound;
+pub mod live;
 mod outbound;
 
 use std::{
@@ -35,7 +36,10 @@ pub struct ProxyContext {
     /// Set on every socket the proxy opens, so the redirect skips it.
     pub mark: u32,
     pub orig_dst: Arc<OrigDstTable>,
+    /// Connections relaying to pods, re-decided on every configuration.
+    pub live: Arc<live::LiveInbound>,
     hbone_errors: Counter,
+    closed_by_policy: Counter,
 }
 
 impl ProxyContext {
@@ -46,7 +50,46 @@ impl ProxyContext {
             "HBONE connections refused at the handshake or failed",
             hbone_errors.clone(),
         );
-        ProxyContext { proxy, mark, orig_dst, hbone_errors }
+        let closed_by_policy = Counter::default();
+        registry.register(
+            "mesh_node_connections_closed_by_policy",
+            "Open connections closed because a new configuration denies them",
+            closed_by_policy.clone(),
+        );
+        let live = Arc::new(live::LiveInbound::default());
+        tokio::spawn(live::enforce(proxy.clone(), live.clone()));
+        ProxyContext { proxy, mark, orig_dst, live, hbone_errors, closed_by_policy }
+    }
+
+    /// Relays `relay` until it ends, or until a configuration put in force
+    /// denies the connection: then it is cut, logged with the policy, counted.
+    async fn relay_while_admitted(
+        &self,
+        conn: &mut mesh_proxy::telemetry::Tracked,
+        mut admitted: live::Registration,
+        relay: impl std::future::Future<Output = Result<(), ProxyError>>,
+    ) -> Result<(), ProxyError> {
+        tokio::select! {
+            result = relay => result,
+            why = admitted.closed() => {
+                if let ProxyError::Denied { policy, reason } = &why {
+                    let info = conn.info_mut();
+                    info.policy = policy.clone();
+                    info.decision = Some("deny");
+                    tracing::info!(
+                        target: "authz",
+                        pod = %info.pod,
+                        src = %info.src,
+                        src_identity = info.src_principal.as_deref().unwrap_or(""),
+                        policy = policy.as_deref().unwrap_or(""),
+                        reason,
+                        "open connection closed: the configuration now denies it"
+                    );
+                }
+                self.closed_by_policy.inc();
+                Err(why)
+            }
+        }
     }
 }
 

@@ -25,10 +25,18 @@ use self::{
     view::MeshView,
 };
 
-#[derive(Default)]
 pub struct State {
     store: Mutex<NodeStore>,
     view: RwLock<Arc<MeshView>>,
+    /// Counts the views put in force, for those that act on a change
+    /// (re-deciding open connections).
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State { store: Mutex::default(), view: RwLock::default(), generation: tokio::sync::watch::Sender::new(0) }
+    }
 }
 
 impl State {
@@ -50,7 +58,13 @@ impl State {
             (MeshView::build(&store), applied)
         };
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+        self.generation.send_modify(|g| *g += 1);
         Ok(applied)
+    }
+
+    /// Told each time a new view is put in force.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Key → version of everything held (sent in `Hello` on reconnect).

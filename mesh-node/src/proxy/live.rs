@@ -1,0 +1,118 @@
+//! Policy applies to live connections, as ztunnel's connection manager
+//! does: each connection admitted to a pod is held here with what it was
+//! admitted on (the pod, its source, how it arrived, its target), and every
+//! configuration put in force re-runs the inbound plan for it. One the plan
+//! now refuses (an AuthorizationPolicy that denies it, a PeerAuthentication
+//! that no longer admits it) is closed at once, its access-log line naming
+//! the policy; a failure that is no policy's decision leaves it open.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use mesh_proxy::{
+    Proxy,
+    error::ProxyError,
+    plan::{self, Arrival, LocalPod},
+    state::view::MeshView,
+};
+use tokio::sync::oneshot;
+
+struct Admitted {
+    pod: String,
+    addresses: Vec<IpAddr>,
+    src: SocketAddr,
+    arrival: Arrival,
+    target: SocketAddr,
+    /// Taken when the connection is closed by a policy.
+    close: Option<oneshot::Sender<ProxyError>>,
+}
+
+/// The connections relaying to pods now.
+#[derive(Default)]
+pub struct LiveInbound {
+    conns: Mutex<HashMap<u64, Admitted>>,
+    next: AtomicU64,
+}
+
+/// A connection's place in [`LiveInbound`], given up when dropped.
+pub struct Registration {
+    table: Arc<LiveInbound>,
+    id: u64,
+    closed: oneshot::Receiver<ProxyError>,
+}
+
+impl Registration {
+    /// Resolves when a new configuration refuses the connection, with why.
+    pub async fn closed(&mut self) -> ProxyError {
+        match (&mut self.closed).await {
+            Ok(why) => why,
+            Err(_) => std::future::pending().await, // never closed by policy
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.table.conns).remove(&self.id);
+    }
+}
+
+impl LiveInbound {
+    /// Holds a connection admitted to `pod` while it relays.
+    pub fn register(
+        self: &Arc<Self>,
+        pod: LocalPod<'_>,
+        src: SocketAddr,
+        arrival: Arrival,
+        target: SocketAddr,
+    ) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (close, closed) = oneshot::channel();
+        let admitted = Admitted {
+            pod: pod.name.to_owned(),
+            addresses: pod.addresses.to_vec(),
+            src,
+            arrival,
+            target,
+            close: Some(close),
+        };
+        lock(&self.conns).insert(id, admitted);
+        Registration { table: self.clone(), id, closed }
+    }
+
+    /// Decides every open connection again under `view`; those it now
+    /// denies are told to close. How many were.
+    pub fn recheck(&self, view: &MeshView) -> usize {
+        let mut closed = 0;
+        for a in lock(&self.conns).values_mut().filter(|a| a.close.is_some()) {
+            let pod = LocalPod { name: &a.pod, addresses: &a.addresses };
+            let verdict = plan::inbound(view, pod, a.src, a.arrival.clone(), a.target).verdict;
+            if let Err(e @ ProxyError::Denied { .. }) = verdict
+                && let Some(close) = a.close.take()
+            {
+                let _ = close.send(e);
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+/// Rechecks the open connections each time a configuration is put in force,
+/// for as long as the proxy lives.
+pub async fn enforce(proxy: Arc<Proxy>, live: Arc<LiveInbound>) {
+    let mut changes = proxy.state.changes();
+    while changes.changed().await.is_ok() {
+        let view = proxy.state.view();
+        live.recheck(&view);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
