@@ -258,12 +258,16 @@ async fn external_authorization(
     rec: &mut Record,
 ) -> Option<Response<HttpBody>> {
     let facts = policy_facts(ds, parts, rec, auth);
+    // A denial is logged with its facts, counted and recorded by policy.
+    let deny = |d: authz::Decision, facts: &crate::authz::Facts<'_>, request_id: &str, what: &str| {
+        crate::authz::log(ds, facts, request_id, &d, what);
+        wp.metrics.authorized(false, false, d.policy.as_deref());
+        d.policy
+    };
     let (policy, provider) = match crate::authz::custom(wp, ds, view, &facts)? {
         Ok(found) => found,
         Err(d) => {
-            crate::authz::log(ds, &facts, rec.request_id(), &d, "request denied by authorization policy");
-            wp.metrics.authorized(false, false, d.policy.as_deref());
-            rec.denied_by = d.policy;
+            rec.denied_by = deny(d, &facts, rec.request_id(), "request denied by authorization policy");
             return Some(local(rec, StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied"));
         }
     };
@@ -294,9 +298,7 @@ async fn external_authorization(
             };
             let d = authz::Decision { allowed: false, policy: Some(policy), reason };
             let facts = policy_facts(ds, parts, rec, auth);
-            crate::authz::log(ds, &facts, rec.request_id(), &d, "request denied by external authorizer");
-            wp.metrics.authorized(false, false, d.policy.as_deref());
-            rec.denied_by = d.policy;
+            rec.denied_by = deny(d, &facts, rec.request_id(), "request denied by external authorizer");
             if rec.grpc {
                 return Some(local(rec, status, "UAEX", &String::from_utf8_lossy(&body)));
             }
@@ -552,9 +554,8 @@ async fn route_and_send(
 }
 
 /// localityLbSetting: the healthy endpoints of the locality that takes
-/// this request. `distribute`'s weights when a rule is for this waypoint's
-/// locality; else, with outlier detection in force (`failover`, as Istio
-/// requires), the best rank that Envoy's priority load gives it; else all.
+/// this request ([`crate::locality::restrict`]), judged from this
+/// waypoint's own instance.
 fn by_locality(
     wp: &Waypoint,
     ds: &Downstream,
@@ -563,41 +564,12 @@ fn by_locality(
     healthy: Vec<Upstream>,
     failover: bool,
 ) -> Vec<Upstream> {
-    use std::collections::BTreeMap;
-
-    use crate::locality::{Locality, choose_distribution, choose_rank, rank};
     let me = crate::authz::instance(wp, ds);
-    let no_labels = BTreeMap::new();
-    let here = Locality::parse(me.as_ref().map_or("", |w| w.wire.locality.as_str()));
-    let my_labels = me.as_ref().map_or(&no_labels, |w| &w.wire.labels);
-    fn of<'u>(u: &'u Upstream, none: &'u BTreeMap<String, String>) -> (Locality<'u>, &'u BTreeMap<String, String>) {
-        u.workload().map_or((Locality::default(), none), |w| (Locality::parse(&w.wire.locality), &w.wire.labels))
+    let here = me.as_ref().map(|w| (w.wire.locality.as_str(), &w.wire.labels));
+    fn whereabouts(u: &Upstream) -> crate::locality::Whereabouts<'_> {
+        u.workload().map(|w| (w.wire.locality.as_str(), &w.wire.labels))
     }
-    if !rules.distribute.is_empty() {
-        let has = |p: &str| healthy.iter().any(|u| of(u, &no_labels).0.matches(p));
-        return match choose_distribution(here, rules, has, fastrand::f64()) {
-            Some(p) => healthy.into_iter().filter(|u| of(u, &no_labels).0.matches(p)).collect(),
-            None => healthy,
-        };
-    }
-    if !failover {
-        return healthy;
-    }
-    let rank_of = |u: &Upstream| {
-        let (l, labels) = of(u, &no_labels);
-        rank(here, my_labels, l, labels, rules)
-    };
-    let mut ranks = std::collections::BTreeMap::<u32, (usize, usize)>::new();
-    for u in all {
-        ranks.entry(rank_of(u)).or_default().0 += 1;
-    }
-    for u in &healthy {
-        ranks.entry(rank_of(u)).or_default().1 += 1;
-    }
-    let ranks: Vec<(u32, usize, usize)> = ranks.into_iter().map(|(r, (t, h))| (r, t, h)).collect();
-    let Some(chosen) = choose_rank(&ranks, fastrand::f64()) else { return healthy };
-    let kept: Vec<Upstream> = healthy.iter().filter(|u| rank_of(u) == chosen).cloned().collect();
-    if kept.is_empty() { healthy } else { kept }
+    crate::locality::restrict(here, rules, all, healthy, failover, whereabouts, fastrand::f64())
 }
 
 /// Where and how an attempt goes.

@@ -118,6 +118,56 @@ pub fn choose_rank(ranks: &[(u32, usize, usize)], roll: f64) -> Option<u32> {
     loads.iter().rev().find(|(_, l)| *l > 0.0).map(|(r, _)| *r)
 }
 
+/// Where a workload is: its locality (`region/zone/subzone`) and labels
+/// (`None`: unknown, as an endpoint outside the mesh).
+pub type Whereabouts<'a> = Option<(&'a str, &'a BTreeMap<String, String>)>;
+
+/// The healthy endpoints of the locality that takes a request from a
+/// waypoint at `here`: `distribute`'s weights when a rule is for `here`;
+/// else, with outlier detection in force (`failover`, as Istio requires),
+/// the rank Envoy's priority load draws over `all` and `healthy`; else
+/// every healthy endpoint. `of` says where an endpoint is; `roll` is in [0, 1).
+pub fn restrict<T: Clone>(
+    here: Whereabouts<'_>,
+    rules: &api::LocalityLb,
+    all: &[T],
+    healthy: Vec<T>,
+    failover: bool,
+    of: impl for<'t> Fn(&'t T) -> Whereabouts<'t>,
+    roll: f64,
+) -> Vec<T> {
+    let none = BTreeMap::new();
+    let (here, my_labels) = here.map_or((Locality::default(), &none), |(l, labels)| (Locality::parse(l), labels));
+    fn locality(w: Whereabouts<'_>) -> Locality<'_> {
+        w.map_or(Locality::default(), |(l, _)| Locality::parse(l))
+    }
+    if !rules.distribute.is_empty() {
+        let has = |p: &str| healthy.iter().any(|u| locality(of(u)).matches(p));
+        return match choose_distribution(here, rules, has, roll) {
+            Some(p) => healthy.into_iter().filter(|u| locality(of(u)).matches(p)).collect(),
+            None => healthy,
+        };
+    }
+    if !failover {
+        return healthy;
+    }
+    let rank_of = |u: &T| {
+        let at = of(u);
+        rank(here, my_labels, locality(at), at.map_or(&none, |(_, labels)| labels), rules)
+    };
+    let mut ranks = BTreeMap::<u32, (usize, usize)>::new();
+    for u in all {
+        ranks.entry(rank_of(u)).or_default().0 += 1;
+    }
+    for u in &healthy {
+        ranks.entry(rank_of(u)).or_default().1 += 1;
+    }
+    let ranks: Vec<(u32, usize, usize)> = ranks.into_iter().map(|(r, (t, h))| (r, t, h)).collect();
+    let Some(chosen) = choose_rank(&ranks, roll) else { return healthy };
+    let kept: Vec<T> = healthy.iter().filter(|u| rank_of(u) == chosen).cloned().collect();
+    if kept.is_empty() { healthy } else { kept }
+}
+
 /// `distribute`: the `to` pattern (of the first rule whose `from` matches
 /// `me`) that takes a request, by weight among those `available` says have
 /// endpoints; `None` when no rule is for `me`.
@@ -230,6 +280,39 @@ mod tests {
         assert!((share(&degraded, 0) - 0.5).abs() < 0.002, "0.28 and 0.28, scaled up: {}", share(&degraded, 0));
         assert_eq!(choose_rank(&[(1, 3, 0), (4, 2, 0)], 0.9), Some(1), "none healthy: the best rank");
         assert_eq!(choose_rank(&[], 0.5), None);
+    }
+
+    /// The whole choice over endpoints: distribute, failover by health, off without outlier detection.
+    #[test]
+    fn restrict_keeps_the_chosen_locality() {
+        let none = BTreeMap::new();
+        let eps = ["r/a", "r/a", "r/b"];
+        static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+        fn of<'t>(e: &'t &'static str) -> Whereabouts<'t> {
+            Some((*e, &EMPTY))
+        }
+        let here: Whereabouts<'_> = Some(("r/a", &none));
+        let failover = lb(&[], &[]);
+        assert_eq!(
+            restrict(here, &failover, &eps, eps.to_vec(), true, of, 0.99),
+            ["r/a", "r/a"],
+            "local while healthy"
+        );
+        assert_eq!(
+            restrict(here, &failover, &eps, vec!["r/b"], true, of, 0.0),
+            ["r/b"],
+            "the next rank once local is down"
+        );
+        assert_eq!(restrict(here, &failover, &eps, eps.to_vec(), false, of, 0.0), eps, "no outlier detection: all");
+        let split = api::LocalityLb {
+            distribute: vec![api::LocalityDistribute {
+                from: "r/a".into(),
+                to: [("r/a".to_string(), 50), ("r/b".to_string(), 50)].into(),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(restrict(here, &split, &eps, eps.to_vec(), false, of, 0.7), ["r/b"]);
+        assert_eq!(restrict(None, &split, &eps, eps.to_vec(), false, of, 0.7), eps, "no rule for an unknown locality");
     }
 
     #[test]

@@ -70,7 +70,7 @@ impl TunnelHandler for PodTunnels {
             Ok(t) => t,
             Err(e) => return tracked.refuse(ProxyError::Relay(e)),
         };
-        let admitted = ctx.live.register(pod.local(), tracked.info().src, arrival, target);
+        let admitted = ctx.live.register(pod, tracked.info().src, arrival, target);
         let app = Counted::server(upstream, tracked.relaying());
         let relay = async { hbone::relay(app, tunnel).await.map(drop).map_err(ProxyError::Relay) };
         let result = ctx.relay_while_admitted(&mut tracked, admitted, relay).await;

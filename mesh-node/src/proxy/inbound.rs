@@ -2,7 +2,7 @@
 //! steered to 15006 (clients outside the mesh) or tunnels arriving on 15008.
 //! Both follow the inbound plan (PeerAuthentication, then
 //! AuthorizationPolicy) before the proxy connects to the app from inside the pod.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use mesh_proxy::{
     error::ProxyError,
@@ -15,7 +15,13 @@ use tracing::info;
 use super::{PodContext, ProxyContext, connect_from, relay_plain};
 
 /// A plaintext connection on 15006; the kernel kept its original local address.
-pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, pod: &PodContext, ctx: &ProxyContext) {
+pub async fn handle(
+    client: TcpStream,
+    listener: SocketAddr,
+    peer: SocketAddr,
+    pod: &Arc<PodContext>,
+    ctx: &ProxyContext,
+) {
     let mut conn = ctx.proxy.connections.track(ConnInfo::new(Direction::Inbound, &pod.name, listener, peer));
     let target = match client.local_addr() {
         Ok(a) => a,
@@ -28,7 +34,7 @@ pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, p
         Ok(admitted) => admitted,
         Err((tracked, e)) => return tracked.refuse(e),
     };
-    let admitted = ctx.live.register(pod.local(), tracked.info().src, Arrival::Plaintext, target);
+    let admitted = ctx.live.register(pod, tracked.info().src, Arrival::Plaintext, target);
     let mut client = Counted::client(client, tracked.relaying());
     let result = ctx.relay_while_admitted(&mut tracked, admitted, relay_plain(&mut client, &mut upstream)).await;
     tracked.finish(result);
@@ -49,7 +55,7 @@ pub(super) async fn connect_to_app(
     plan.describe(conn.info_mut());
     if let Err(e) = plan.verdict {
         if let ProxyError::Denied { reason, .. } = &e {
-            log_denial(conn.info(), reason);
+            log_denial(conn.info(), reason, "connection denied");
         }
         return Err((conn, e));
     }
@@ -61,7 +67,9 @@ pub(super) async fn connect_to_app(
     }
 }
 
-fn log_denial(info: &ConnInfo, reason: &str) {
+/// The node's line for a connection policy refused (`what`: at its
+/// arrival, or while open), with the policy and the reason.
+pub(super) fn log_denial(info: &ConnInfo, reason: &str, what: &str) {
     info!(
         target: "authz",
         pod = %info.pod,
@@ -70,6 +78,6 @@ fn log_denial(info: &ConnInfo, reason: &str) {
         dst = %info.dst.map(|d| d.to_string()).unwrap_or_default(),
         policy = info.policy.as_deref().unwrap_or(""),
         reason,
-        "connection denied"
+        "{what}"
     );
 }

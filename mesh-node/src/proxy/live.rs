@@ -7,7 +7,7 @@
 //! the policy; a failure that is no policy's decision leaves it open.
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -17,14 +17,15 @@ use std::{
 use mesh_proxy::{
     Proxy,
     error::ProxyError,
-    plan::{self, Arrival, LocalPod},
+    plan::{self, Arrival},
     state::view::MeshView,
 };
 use tokio::sync::oneshot;
 
+use super::PodContext;
+
 struct Admitted {
-    pod: String,
-    addresses: Vec<IpAddr>,
+    pod: Arc<PodContext>,
     src: SocketAddr,
     arrival: Arrival,
     target: SocketAddr,
@@ -66,21 +67,14 @@ impl LiveInbound {
     /// Holds a connection admitted to `pod` while it relays.
     pub fn register(
         self: &Arc<Self>,
-        pod: LocalPod<'_>,
+        pod: &Arc<PodContext>,
         src: SocketAddr,
         arrival: Arrival,
         target: SocketAddr,
     ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (close, closed) = oneshot::channel();
-        let admitted = Admitted {
-            pod: pod.name.to_owned(),
-            addresses: pod.addresses.to_vec(),
-            src,
-            arrival,
-            target,
-            close: Some(close),
-        };
+        let admitted = Admitted { pod: pod.clone(), src, arrival, target, close: Some(close) };
         lock(&self.conns).insert(id, admitted);
         Registration { table: self.clone(), id, closed }
     }
@@ -90,8 +84,7 @@ impl LiveInbound {
     pub fn recheck(&self, view: &MeshView) -> usize {
         let mut closed = 0;
         for a in lock(&self.conns).values_mut().filter(|a| a.close.is_some()) {
-            let pod = LocalPod { name: &a.pod, addresses: &a.addresses };
-            let verdict = plan::inbound(view, pod, a.src, a.arrival.clone(), a.target).verdict;
+            let verdict = plan::inbound(view, a.pod.local(), a.src, a.arrival.clone(), a.target).verdict;
             if let Err(e @ ProxyError::Denied { .. }) = verdict
                 && let Some(close) = a.close.take()
             {

@@ -76,15 +76,7 @@ impl ProxyContext {
                     let info = conn.info_mut();
                     info.policy = policy.clone();
                     info.decision = Some("deny");
-                    tracing::info!(
-                        target: "authz",
-                        pod = %info.pod,
-                        src = %info.src,
-                        src_identity = info.src_principal.as_deref().unwrap_or(""),
-                        policy = policy.as_deref().unwrap_or(""),
-                        reason,
-                        "open connection closed: the configuration now denies it"
-                    );
+                    inbound::log_denial(info, reason, "open connection closed: the configuration now denies it");
                 }
                 self.closed_by_policy.inc();
                 Err(why)
