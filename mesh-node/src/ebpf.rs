@@ -153,8 +153,7 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Map { what: names::INBOUND_LISTENERS.into(), source })?;
         let orig = BpfHashMap::try_from(take_map(&mut ebpf, names::ORIG_BY_PEER)?)
             .map_err(|source| DataplaneError::Map { what: names::ORIG_BY_PEER.into(), source })?;
-        info!(pin_dir = %config.pin_dir.display(), cgroup = %config.cgroup.display(), "eBPF programs attached");
-        Ok(Self {
+        let mut dataplane = Self {
             config,
             ebpf,
             enrolled,
@@ -162,7 +161,46 @@ impl Dataplane {
             orig_dst: std::sync::Arc::new(OrigDstTable(Mutex::new(orig))),
             links,
             status,
+        };
+        dataplane.probe_enrolment()?;
+        info!(pin_dir = %dataplane.config.pin_dir.display(), cgroup = %dataplane.config.cgroup.display(), "eBPF programs attached");
+        Ok(dataplane)
+    }
+
+    /// What enrolment needs beyond what `start` attached: an `sk_lookup` link
+    /// on a network namespace and a listening socket in the sockhash. Tried
+    /// at start, in a namespace of its own that no packet ever enters, so a
+    /// kernel without them is named now and not at the first pod.
+    fn probe_enrolment(&mut self) -> Result<(), DataplaneError> {
+        let io = |what: &str| {
+            let what = format!("probing enrolment in a scratch network namespace: {what}");
+            move |source: io::Error| DataplaneError::Io { what, source }
+        };
+        // unshare moves only the calling thread; the namespace lives while
+        // its file and its socket are open.
+        let (netns, listener) = std::thread::spawn(|| -> io::Result<(File, std::net::TcpListener)> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            let netns = File::open("/proc/thread-self/ns/net")?;
+            Ok((netns, std::net::TcpListener::bind(("0.0.0.0", 0))?))
         })
+        .join()
+        .map_err(|_| io("its thread panicked")(io::Error::other("panic")))?
+        .map_err(io("creating it"))?;
+        let program: &mut SkLookup = program_mut(&mut self.ebpf, names::PROG_SK_LOOKUP)?;
+        let id =
+            program.attach(&netns).map_err(|e| unsupported("sk_lookup links on network namespaces", "Linux 5.9", e))?;
+        drop(program.take_link(id).map_err(|s| prog_err(names::PROG_SK_LOOKUP, s))?); // detached
+        // No packet is addressed to 0.0.0.0, so this key steers nothing
+        // while it exists; the kernel drops it anyway when the socket closes.
+        let key = ip_key(IpAddr::from([0, 0, 0, 0]));
+        self.inbound.insert(key, listener.as_raw_fd(), 0).map_err(|e| match e {
+            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                unsupported("listening sockets in SOCKHASH maps", "Linux 5.10", s)
+            }
+            source => DataplaneError::Map { what: "probing the inbound sockhash".into(), source },
+        })?;
+        let _ = self.inbound.remove(&key);
+        Ok(())
     }
 
     pub fn orig_dst_table(&self) -> std::sync::Arc<OrigDstTable> {

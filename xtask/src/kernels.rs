@@ -41,6 +41,8 @@ const LEFT_OUT: &[(&str, &str)] = &[
 /// Emulation computes 15–35× slower than the host: the harness multiplies
 /// its deadlines (never its assertions) by this.
 const PATIENCE: u32 = 10;
+/// Where the guest mounts an empty tmpfs over the host's directory (`INIT`).
+const GUEST_TMPFS: &[&str] = &["/tmp", "/run"];
 
 /// A kernel series of the matrix and how Debian names its image packages.
 #[derive(Clone, Copy, Debug)]
@@ -290,6 +292,17 @@ pub fn run_tests(
     filter: &[String],
     outcome: &mut TestOutcome,
 ) -> anyhow::Result<()> {
+    // The guest sees the host's root with fresh tmpfs on these: binaries
+    // built under them would be missing there.
+    for (_, exe) in tests {
+        if let Some(hidden) = GUEST_TMPFS.iter().find(|d| exe.starts_with(d)) {
+            bail!(
+                "{} is under {hidden}, which the guest replaces with an empty tmpfs: \
+                 set CARGO_TARGET_DIR to a directory elsewhere (e.g. /var/tmp/mesh-target)",
+                exe.display()
+            );
+        }
+    }
     let filter: String = filter.iter().map(|a| format!(" '{}'", a.replace('\'', ""))).collect();
     let mut script = format!(
         "export HOME=/tmp TMPDIR=/tmp MESH_TEST_PATIENCE={PATIENCE} \
@@ -304,6 +317,7 @@ pub fn run_tests(
         ));
     }
     script.push_str("[ -f /tmp/mesh-tests/skipped.txt ] && cat /tmp/mesh-tests/skipped.txt\nexit 0\n");
+    let started = std::time::Instant::now();
     let initrd = Path::new(CACHE).join(format!("initrd-{}.gz", kernel.release));
     initramfs(kernel, &script, &initrd)?;
     let mut run = boot(kernel, &initrd)?;
@@ -331,7 +345,16 @@ pub fn run_tests(
         mine.success = false;
         eprintln!("*** kernel {}: {results} of {} test binaries reported a result", kernel.series, tests.len());
     }
-    println!("kernel {} ({}): {} passed, {} failed", kernel.series, kernel.release, mine.passed, mine.failed);
+    let took = started.elapsed().as_secs();
+    println!(
+        "kernel {} ({}): {} passed, {} failed in {}m{:02}s",
+        kernel.series,
+        kernel.release,
+        mine.passed,
+        mine.failed,
+        took / 60,
+        took % 60
+    );
     outcome.passed += mine.passed;
     outcome.failed += mine.failed;
     outcome.success &= mine.success && mine.failed == 0;
