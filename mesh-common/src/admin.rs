@@ -23,6 +23,10 @@ pub struct NodeStatus {
     pub last_nack: Option<String>,
     /// Resources sent in the first update of the latest stream (0: resumed in sync).
     pub resync_resources: usize,
+    /// When its stream ended (0 while connected): it serves the configuration
+    /// it acknowledged last, and renews no certificate, until it is back.
+    #[serde(default)]
+    pub disconnected_unix: u64,
 }
 
 /// The controller's `/debug/nodes`.
@@ -116,6 +120,14 @@ pub struct ControlStatus {
     pub last_error: Option<String>,
     /// Pods the controller schedules here that could not be enrolled yet, and why.
     pub pending_pods: BTreeMap<String, String>,
+    /// Not connected to the controller since then (unset while connected):
+    /// the configuration served is as of that moment.
+    #[serde(default)]
+    pub disconnected_since_unix: Option<u64>,
+    /// The configuration version persisted by the last run, served from the
+    /// start until the controller answered.
+    #[serde(default)]
+    pub restored_version: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

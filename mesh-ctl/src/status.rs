@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::{
     api::{Client, Result},
-    output::{Report, Table, human_duration},
+    output::{Report, Table, human_duration, rfc3339},
 };
 
 pub fn status(client: &Client) -> Result<Report> {
@@ -41,7 +41,7 @@ pub fn status(client: &Client) -> Result<Report> {
         table.row(vec![
             n.name.clone(),
             if waypoint { "waypoint" } else { "node" }.into(),
-            if n.status.connected { "yes" } else { "no" }.into(),
+            connected(&n.status, now),
             match (waypoint, n.status.admin_addr.is_empty()) {
                 (true, _) => "-".into(),
                 (false, true) => "loopback only".into(),
@@ -81,4 +81,16 @@ pub fn status(client: &Client) -> Result<Report> {
         "rejected": rejected,
     });
     Ok(Report::new(data, text))
+}
+
+/// `yes`, or how long the node has been away: it serves the configuration
+/// it acknowledged last (VERSION ACKED) and renews no certificate meanwhile.
+fn connected(status: &mesh_common::admin::NodeStatus, now: u64) -> String {
+    match (status.connected, status.disconnected_unix) {
+        (true, _) => "yes".into(),
+        (false, 0) => "no".into(),
+        (false, since) => {
+            format!("no, stale since {} ({})", rfc3339(since as i64), human_duration(now as i64 - since as i64))
+        }
+    }
 }

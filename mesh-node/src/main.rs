@@ -189,7 +189,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding the metrics port {}", args.metrics_addr))?;
     let registry = Arc::new(registry);
     tokio::spawn(metrics_server::serve(metrics_listener, registry, gauges, pods.clone(), ctx.clone()));
-    let admin_state = AdminState { pods: pods.clone(), instance: args.instance.clone(), control, proxy: ctx.clone() };
+    let admin_state = AdminState {
+        pods: pods.clone(),
+        instance: args.instance.clone(),
+        control: control.clone(),
+        proxy: ctx.clone(),
+    };
     tokio::spawn(async move { axum::serve(admin, admin::admin_router(admin_state)).await });
     tokio::spawn({
         let ready = ready.clone();
@@ -210,6 +215,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ready.store(false, Ordering::Release);
     drain(&pods, &proxy, args.drain_timeout).await;
     if args.cleanup {
+        if let Some(control) = &control {
+            control.forget_persisted();
+        }
         pods.cleanup().await?;
         info!("cleaned up: no programs, links, pins or state of this instance remain");
     } else {

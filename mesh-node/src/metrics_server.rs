@@ -19,6 +19,7 @@ pub struct NodeGauges {
     workloads: Gauge,
     services: Gauge,
     policies: Gauge,
+    certificates_expired: Gauge,
     resident_bytes: Gauge<f64, AtomicU64>,
 }
 
@@ -38,6 +39,11 @@ impl NodeGauges {
         add("mesh_node_config_workloads", "Workloads in the configuration in force", g.workloads.clone());
         add("mesh_node_config_services", "Services in the configuration in force", g.services.clone());
         add("mesh_node_config_policies", "Policies in the configuration in force", g.policies.clone());
+        add(
+            "mesh_node_certificates_expired",
+            "Workload certificates held past their expiry (not renewed in time: their connections are refused)",
+            g.certificates_expired.clone(),
+        );
         registry.register("process_resident_memory_bytes", "Resident memory", g.resident_bytes.clone());
         g
     }
@@ -77,6 +83,8 @@ async fn render(State(s): State<Sources>) -> impl IntoResponse {
     g.workloads.set(n(workloads));
     g.services.set(n(services));
     g.policies.set(n(policies));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    g.certificates_expired.set(n(proxy.identities.certs().iter().filter(|(_, c)| c.not_after_unix <= now).count()));
     if let Some(rss) = resident_bytes() {
         g.resident_bytes.set(rss as f64);
     }

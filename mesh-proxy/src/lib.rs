@@ -7,11 +7,13 @@
 //! - [`state`]: the configuration pipeline (store → typed view);
 //! - [`plan`]: what to do with one connection, decided from state alone;
 //! - [`error`]: what went wrong, classified once (flag, side, retryable);
+//! - [`files`]: state files written atomically;
 //! - [`telemetry`]: Istio's metrics, the access log and the live connections;
 //! - `control` (feature `control`): the controller client.
 #[cfg(feature = "control")]
 pub mod control;
 pub mod error;
+pub mod files;
 pub mod hbone;
 pub mod identity;
 pub mod plan;

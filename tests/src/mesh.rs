@@ -39,20 +39,28 @@ impl Mesh {
         Self::join(t, controller, test, nodes)
     }
 
-    /// Agents on new nodes `nodes`, joined to `controller`. Each agent's
-    /// admin API listens on its node's bridge address, announced to the
-    /// controller, so `mesh-ctl` finds it.
+    /// Agents on new nodes `nodes`, joined to `controller` ([`agent_args`]).
     pub fn join(t: Topology, controller: Controller, test: &str, nodes: &[&str]) -> Option<Mesh> {
         let mut started = Vec::new();
         for name in nodes {
             let netns = t.node(name);
-            let mut args = controller.agent_args(name);
-            args.extend(["--admin-addr".into(), format!("{}:15000", t.node_ip(&netns))]);
+            let args = agent_args(&t, &controller, name, &netns);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let agent = t.agent_or_skip(test, &netns, name, &args)?;
             started.push(Node { name: (*name).into(), netns, agent });
         }
         Some(Mesh { controller, nodes: started, t })
+    }
+
+    /// Kills node `name`'s agent (SIGKILL: no drain, as a crash) and starts
+    /// a new one with the same instance, state directory and arguments.
+    pub fn restart_agent(&mut self, name: &str) {
+        let i = self.nodes.iter().position(|n| n.name == name).expect("no such node");
+        self.nodes[i].agent.proc.kill();
+        let netns = self.nodes[i].netns.clone();
+        let args = agent_args(&self.t, &self.controller, name, &netns);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.nodes[i].agent = self.t.start_agent(&netns, name, &args).expect("the agent ran here before");
     }
 
     /// Runs `mesh-ctl` in the controller's namespace, pointed at it.
@@ -134,6 +142,15 @@ impl Mesh {
         let text = node_metrics(&self.node(node).netns);
         sum_metric(&text, name, labels)
     }
+}
+
+/// How the harness starts the agent of node `name`: joined to `controller`,
+/// its admin API on the node's bridge address (announced to the controller,
+/// so `mesh-ctl` finds it).
+fn agent_args(t: &Topology, controller: &Controller, name: &str, netns: &std::path::Path) -> Vec<String> {
+    let mut args = controller.agent_args(name);
+    args.extend(["--admin-addr".into(), format!("{}:15000", t.node_ip(netns))]);
+    args
 }
 
 /// The Pods of a YAML text: `namespace/name`, the node they are scheduled

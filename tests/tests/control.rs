@@ -1,13 +1,18 @@
 //! A controller and an agent joined to it, on the real kernel: configuration
 //! edits reach the node's config dump and its enrolled pods within a second;
 //! certificates are issued for the pods scheduled on the node and renewed at
-//! half-life; after a controller restart the node resumes without a resync.
+//! half-life; after a controller restart the node resumes without a resync;
+//! while the controller is away nodes serve, and a restarted node serves at
+//! once from what it persisted.
 use std::{
     thread,
     time::{Duration, Instant},
 };
 
-use mesh_tests::{Agent, Controller, Pod, Topology, http_ok};
+use mesh_tests::{
+    Agent, Controller, Pod, Proc, Topology, http_ok,
+    mesh::{Mesh, exchange, identity, yaml},
+};
 use serde_json::Value;
 
 fn namespace() -> &'static str {
@@ -193,4 +198,164 @@ fn controller_restart_resumes_without_resync() {
     // The node said what it holds; nothing differed, so nothing was resent.
     assert_eq!(controller.metric("mesh_controller_resync_resources_total"), 0.0);
     assert_eq!(controller.json("/debug/nodes")["nodes"]["node1"]["resync_resources"], 0);
+}
+
+/// Issue 16 point 2: the controller goes away. Established connections are
+/// untouched, new ones between known workloads keep working, a node agent
+/// restarted meanwhile serves its pods at once from what it persisted
+/// (configuration and certificates), and on the controller's return it
+/// resumes without a resync; `mesh-ctl status` says which node is stale and
+/// since when.
+#[test]
+fn the_controller_away_nodes_serve_and_restarted_ones_restore() {
+    let Some(mut mesh) = Mesh::start("control-outage", &["node1", "node2"]) else { return };
+    let (a, b) = (mesh.t.pod("a"), mesh.t.pod("b"));
+    let config = format!(
+        "{}{}{}{}",
+        yaml::namespace("default", true),
+        // Only mutual TLS reaches b: a node that forgot the mesh cannot pass.
+        yaml::peer_authentication("default", "STRICT"),
+        yaml::pod(&a, "node1", "sa-a", "a"),
+        yaml::pod(&b, "node2", "sa-b", "b")
+    );
+    mesh.apply("mesh.yaml", &config);
+    mesh.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b")]);
+    let _sink = mesh.t.sink_server(&b, 9000, 777);
+    let target = format!("{}:9000", b.ip4);
+    assert_eq!(exchange(&a, &target, 100), Some(777), "a reaches b before the outage");
+    let version = mesh.node("node1").agent.config_dump()["proxy"]["version"].clone();
+
+    // A connection opened before the outage, used again after it.
+    let go = mesh.t.dir.join("long-go");
+    let script = format!(
+        "import socket,os,time\n\
+         c=socket.create_connection(('{}',9000)); c.sendall(b's'*1000); print('open',flush=True)\n\
+         while not os.path.exists('{}'): time.sleep(0.05)\n\
+         c.sendall(b's'*1000); c.shutdown(socket.SHUT_WR)\n\
+         n=0\n\
+         while True:\n\
+         \x20   b=c.recv(65536)\n\
+         \x20   if not b: break\n\
+         \x20   n+=len(b)\n\
+         print('done',n,flush=True)\n",
+        b.ip4,
+        go.display()
+    );
+    let long =
+        Proc::spawn_in("long connection", &a.netns, &["python3", "-u", "-c", &script], &mesh.t.dir.join("long.log"));
+    long.wait_for_log("open", Duration::from_secs(10));
+
+    mesh.controller.proc.kill();
+    for node in ["node1", "node2"] {
+        wait_dump(&mesh.node(node).agent, "controller lost", Instant::now(), Duration::from_secs(10), |d| {
+            d["controller"]["connected"] == false && d["controller"]["disconnected_since_unix"].as_u64().is_some()
+        });
+    }
+    assert_eq!(exchange(&a, &target, 100), Some(777), "a new connection while the controller is away");
+    // The connection opened before the outage still carries bytes both ways.
+    std::fs::write(&go, "").unwrap();
+    long.wait_for_log("done 777", Duration::from_secs(10));
+
+    // node1's agent dies and comes back while the controller is still away.
+    mesh.restart_agent("node1");
+    let restarted = Instant::now();
+    let served = loop {
+        if exchange(&a, &target, 100) == Some(777) {
+            break restarted.elapsed();
+        }
+        assert!(
+            restarted.elapsed() < mesh_tests::patience(Duration::from_secs(10)),
+            "a restarted node does not serve its pods without the controller:\n{:#}",
+            mesh.node("node1").agent.config_dump()
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("restarted agent served a new cross-node connection {served:?} after it was ready");
+    mesh.node("node1").agent.wait_access("the restarted node's connection over HBONE", |v| {
+        v["original_dst"] == target.as_str() && v["route"] == "hbone"
+    });
+    let dump = mesh.node("node1").agent.config_dump();
+    assert_eq!(dump["controller"]["restored_version"], version, "{:#}", dump["controller"]);
+    assert_eq!(dump["proxy"]["version"], version);
+    assert_eq!(dump["controller"]["connected"], false);
+    assert!(cert(&dump, &identity("default", "sa-a")).is_some(), "{:#}", dump["certificates"]);
+
+    // The controller is back: both nodes resume from what they hold.
+    let netns = mesh.controller.netns.clone();
+    mesh.controller = mesh.t.start_controller(&netns, &[]);
+    for node in ["node1", "node2"] {
+        wait_dump(&mesh.node(node).agent, "reconnected", Instant::now(), Duration::from_secs(15), |d| {
+            d["controller"]["connected"] == true && d["controller"]["disconnected_since_unix"].is_null()
+        });
+    }
+    let nodes = mesh.controller.json("/debug/nodes");
+    for node in ["node1", "node2"] {
+        assert_eq!(nodes["nodes"][node]["resync_resources"], 0, "{node} resumed without a resync: {nodes:#}");
+    }
+
+    // A node that goes away is shown stale, with the moment it left.
+    mesh.nodes[1].agent.proc.kill();
+    let deadline = Instant::now() + mesh_tests::patience(Duration::from_secs(10));
+    loop {
+        let out = mesh.ctl(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(line) = text.lines().find(|l| l.starts_with("node2 ") && l.contains("no, stale since 20")) {
+            eprintln!("{line}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "mesh-ctl status does not show node2 stale:\n{text}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A certificate that expires while the controller is away: its identity's
+/// connections are refused (STRICT mutual TLS only, so never plaintext),
+/// with an error line and `mesh_node_certificates_expired`; the controller
+/// back, it is renewed at once and traffic flows again.
+#[test]
+fn a_certificate_expiring_in_an_outage_fails_closed_until_renewed() {
+    let t = Topology::new("control-expiry");
+    let controller = t.start_controller(&t.node("controller"), &["--cert-lifetime", "16s"]);
+    let Some(mut mesh) = Mesh::join(t, controller, "control-expiry", &["node1", "node2"]) else { return };
+    let (a, b) = (mesh.t.pod("a"), mesh.t.pod("b"));
+    let config = format!(
+        "{}{}{}{}",
+        yaml::namespace("default", true),
+        yaml::peer_authentication("default", "STRICT"),
+        yaml::pod(&a, "node1", "sa-a", "a"),
+        yaml::pod(&b, "node2", "sa-b", "b")
+    );
+    mesh.apply("mesh.yaml", &config);
+    mesh.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b")]);
+    let _sink = mesh.t.sink_server(&b, 9000, 777);
+    let target = format!("{}:9000", b.ip4);
+    assert_eq!(exchange(&a, &target, 100), Some(777));
+
+    mesh.controller.proc.kill();
+    let expired = |mesh: &Mesh| mesh.metric("node1", "mesh_node_certificates_expired", &[]);
+    let deadline = Instant::now() + mesh_tests::patience(Duration::from_secs(30));
+    while expired(&mesh) < 1.0 {
+        assert!(Instant::now() < deadline, "a's certificate never counted as expired");
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_ne!(exchange(&a, &target, 100), Some(777), "an expired identity must not carry traffic");
+    let agent = &mesh.node("node1").agent;
+    agent.proc.wait_for_log("workload certificate expired before it could be renewed", Duration::from_secs(5));
+    let log = agent.proc.log_text();
+    let line = log.lines().find(|l| l.contains("expired before it could be renewed")).unwrap();
+    assert!(line.contains(&identity("default", "sa-a")), "{line}");
+
+    let netns = mesh.controller.netns.clone();
+    mesh.controller = mesh.t.start_controller(&netns, &["--cert-lifetime", "16s"]);
+    let back = Instant::now();
+    while exchange(&a, &target, 100) != Some(777) {
+        assert!(
+            back.elapsed() < mesh_tests::patience(Duration::from_secs(15)),
+            "traffic does not resume once the controller is back:\n{:#}",
+            mesh.node("node1").agent.config_dump()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("certificates renewed and traffic back {:?} after the controller restarted", back.elapsed());
+    assert_eq!(expired(&mesh), 0.0);
 }

@@ -234,13 +234,17 @@ impl NodeControl for NodeService {
             info!(node = %node, known = hello.known.len(), admin = %hello.admin_addr, "node connected");
             hub.status(&node, |s| {
                 s.connected = true;
+                s.disconnected_unix = 0;
                 s.admin_addr = hello.admin_addr;
                 s.role = hello.role;
             });
             if let Err(e) = hub.session(&node, hello.known, &mut inbound, &tx).await {
                 info!(node = %node, "stream ended: {e}");
             }
-            hub.status(&node, |s| s.connected = false);
+            hub.status(&node, |s| {
+                s.connected = false;
+                s.disconnected_unix = unix_now();
+            });
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

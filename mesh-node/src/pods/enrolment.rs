@@ -241,11 +241,9 @@ impl Enrolment {
 
 /// Writes `value` to `path` atomically (a temporary file, then a rename).
 fn write_json(path: &Path, value: &impl Serialize, what: &str) {
-    let tmp = path.with_extension("json.tmp");
     let write = serde_json::to_vec_pretty(value)
         .map_err(io::Error::other)
-        .and_then(|bytes| fs::write(&tmp, bytes))
-        .and_then(|()| fs::rename(&tmp, path));
+        .and_then(|bytes| mesh_proxy::files::write_atomically(path, &bytes, 0o644));
     if let Err(e) = write {
         warn!(file = %path.display(), error = %e, "could not persist {what}");
     }

@@ -8,8 +8,10 @@
 //! [`Control::changed`].
 //!
 //! `channel.rs`: joining and the mTLS channel; `stream.rs`: the configuration
-//! stream into the proxy's state; `renew.rs`: certificates at half-life.
+//! stream into the proxy's state; `renew.rs`: certificates at half-life;
+//! `persist.rs`: the configuration and certificates kept across restarts.
 mod channel;
+mod persist;
 mod renew;
 mod stream;
 
@@ -63,6 +65,10 @@ pub struct Control {
     changed: Notify,
     /// The node certificate was renewed: reconnect with it.
     reconnect: Notify,
+    /// The configuration or the certificates changed: persist them.
+    persist: Notify,
+    /// Serials of expired certificates already reported.
+    expired_reported: Mutex<std::collections::BTreeSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -76,8 +82,13 @@ fn now_unix() -> i64 {
 impl Control {
     pub fn new(config: ControlConfig, proxy: Arc<Proxy>) -> Arc<Control> {
         let node_cert = KeyedCert::load(&config.state_dir.join(NODE_CERT_FILE));
-        let status = ControlStatus { address: config.address.clone(), node: config.node.clone(), ..Default::default() };
-        Arc::new(Control {
+        let status = ControlStatus {
+            address: config.address.clone(),
+            node: config.node.clone(),
+            disconnected_since_unix: Some(now_unix() as u64),
+            ..Default::default()
+        };
+        let control = Arc::new(Control {
             config,
             proxy,
             status: Mutex::new(status),
@@ -85,12 +96,18 @@ impl Control {
             channel: Mutex::default(),
             changed: Notify::new(),
             reconnect: Notify::new(),
-        })
+            persist: Notify::new(),
+            expired_reported: Mutex::default(),
+        });
+        control.restore();
+        control
     }
 
-    /// Starts the configuration stream; each applied configuration goes to the proxy.
+    /// Starts the configuration stream (each applied configuration goes to
+    /// the proxy) and the task that persists it.
     pub fn spawn(self: &Arc<Self>) {
         tokio::spawn(self.clone().stream_loop());
+        tokio::spawn(self.clone().persist_loop());
     }
 
     /// Resolves when an update has been applied (or at once, if one was
@@ -127,6 +144,7 @@ impl Control {
         }
         if lost {
             s.connected = false;
+            s.disconnected_since_unix.get_or_insert(now_unix() as u64);
         }
         s.last_error = Some(text);
     }

@@ -17,7 +17,11 @@ impl Control {
                 Err(e) => self.set_error(&e, true),
             }
             *lock(&self.channel) = None;
-            lock(&self.status).connected = false;
+            {
+                let mut s = lock(&self.status);
+                s.connected = false;
+                s.disconnected_since_unix.get_or_insert(now_unix() as u64);
+            }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
@@ -40,6 +44,7 @@ impl Control {
             s.connected = true;
             s.connects += 1;
             s.last_error = None;
+            s.disconnected_since_unix = None;
         }
         info!(controller = %self.config.address, node = %self.config.node, "connected to the controller");
         *backoff = BACKOFF_MIN;
@@ -71,6 +76,9 @@ impl Control {
             }
             if !update.more {
                 self.changed.notify_one();
+                if matches!(reply, Msg::Ack(_)) {
+                    self.persist_soon();
+                }
             }
             tx.send(api::NodeMessage { kind: Some(reply) }).await?;
         }

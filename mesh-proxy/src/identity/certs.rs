@@ -2,7 +2,7 @@
 //! so a restart does not need the join token) and one per workload identity
 //! scheduled on it (in memory only). Keys are ECDSA P-256, made here; only
 //! CSRs leave the node.
-use std::{fs, io::Write as _, os::unix::fs::OpenOptionsExt as _, path::Path};
+use std::{fs, path::Path};
 
 pub use mesh_common::admin::CertView;
 use mesh_common::api;
@@ -120,11 +120,7 @@ impl KeyedCert {
 
     /// Writes the certificate and its key, readable by root only.
     pub fn store(&self, path: &Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        let _ = fs::remove_file(&tmp);
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
-        fs::rename(&tmp, path)
+        crate::files::write_atomically(path, &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?, 0o600)
     }
 }
 

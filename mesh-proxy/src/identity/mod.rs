@@ -66,8 +66,17 @@ pub struct Identities {
 }
 
 impl Identities {
+    /// The identity's certificate, unless it has expired: a peer would refuse
+    /// it, so the connection is refused here (never sent in plaintext).
     pub fn get(&self, id: &SpiffeId) -> Option<Arc<LocalIdentity>> {
-        self.by_id.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        self.by_id.read().unwrap_or_else(|e| e.into_inner()).get(id).filter(|l| l.cert.not_after_unix > now).cloned()
+    }
+
+    /// Every certificate held, expired or not (to persist, and to report expiry).
+    pub fn certs(&self) -> Vec<(SpiffeId, KeyedCert)> {
+        let map = self.by_id.read().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(id, l)| (id.clone(), l.cert.clone())).collect()
     }
 
     /// Puts a new or renewed certificate in force; true when it replaced one.

@@ -72,6 +72,11 @@ impl State {
         self.store().known()
     }
 
+    /// Everything held, as one full update (what the process persists).
+    pub fn snapshot(&self) -> api::Update {
+        self.store().snapshot()
+    }
+
     /// Whether anything has come from the controller yet.
     pub fn is_empty(&self) -> bool {
         self.store().version.is_empty()

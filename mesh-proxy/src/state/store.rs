@@ -82,6 +82,25 @@ impl NodeStore {
         Ok(Applied { upserted: update.resources.len(), removed: update.removed.len() })
     }
 
+    /// Everything held, as the one full update that rebuilds it (each
+    /// resource under its key and version): what the node persists.
+    pub fn snapshot(&self) -> api::Update {
+        let resources = self
+            .versions
+            .iter()
+            .filter_map(|(key, version)| {
+                let kind = match key.parse::<ResourceKey>().ok()? {
+                    ResourceKey::Workload(n) => Kind::Workload(self.workloads.get(&n)?.clone()),
+                    ResourceKey::Service(n) => Kind::Service(self.services.get(&n)?.clone()),
+                    ResourceKey::Policy(n) => Kind::Authorization(self.policies.get(&n)?.clone()),
+                    ResourceKey::Routes(n) => Kind::Routes(self.routes.get(&n)?.clone()),
+                };
+                Some(api::Resource { key: key.clone(), version: *version, kind: Some(kind) })
+            })
+            .collect();
+        api::Update { version: self.version.clone(), full: true, resources, ..Default::default() }
+    }
+
     /// The pods this node must enroll: captured pods scheduled on `node`.
     pub fn local_pods(&self, node: &str) -> Vec<LocalPod> {
         self.workloads
@@ -190,6 +209,33 @@ mod tests {
         // A full snapshot replaces everything.
         store.apply(&update(true, vec![workload("d", "n1", "10.0.0.4")], &[])).unwrap();
         assert_eq!(store.workloads.keys().collect::<Vec<_>>(), ["Pod/shop/d"]);
+    }
+
+    #[test]
+    fn a_snapshot_rebuilds_the_store_it_was_taken_of() {
+        let mut store = NodeStore::default();
+        let service = api::Resource {
+            key: "service/shop/web".into(),
+            version: 7,
+            kind: Some(Kind::Service(api::Service { vips: vec!["10.96.0.1".into()], ..Default::default() })),
+        };
+        let policy = api::Resource {
+            key: "policy/shop/p".into(),
+            version: 9,
+            kind: Some(Kind::Authorization(api::Authorization::default())),
+        };
+        store.apply(&update(true, vec![workload("a", "n1", "10.0.0.1"), service, policy], &[])).unwrap();
+        store.apply(&update(false, vec![workload("b", "n1", "10.0.0.2")], &["policy/shop/p"])).unwrap();
+
+        let snapshot = store.snapshot();
+        assert!(snapshot.full && !snapshot.more);
+        // A stale store is replaced whole by it.
+        let mut restored = NodeStore::default();
+        restored.apply(&update(true, vec![workload("stale", "n1", "10.0.0.9")], &[])).unwrap();
+        restored.apply(&snapshot).unwrap();
+        assert_eq!(restored.known(), store.known());
+        assert_eq!(restored.version, store.version);
+        assert_eq!(serde_json::to_value(&restored).unwrap(), serde_json::to_value(&store).unwrap());
     }
 
     #[test]
