@@ -8,6 +8,7 @@
 //! removes its namespaces, pins, state and cgroups. Leftovers of a run that was
 //! killed outright are swept by the next one.
 pub mod bench;
+pub mod blackhole;
 pub mod capture;
 pub mod cgroup_prog;
 mod controller;

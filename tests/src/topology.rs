@@ -23,7 +23,9 @@ static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 static SWEEP: Once = Once::new();
 
 /// One test's private network: a bridge in its own namespace, and the pods and
-/// nodes attached to it. Dropping it removes everything it made.
+/// nodes attached to it, with blackhole routes for its subnets on this host
+/// while it exists ([`crate::blackhole`]). Dropping it removes everything it
+/// made.
 pub struct Topology {
     pub id: String,
     /// Where process logs go (kept after the test for post-mortems).
@@ -76,6 +78,8 @@ impl Topology {
             kept: false,
         };
         let net = t.add_netns("net");
+        // After the namespace that marks the routes as in use (sweep).
+        crate::blackhole::add(id);
         ip(&["-n", &ns_name(&net), "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &ns_name(&net), "link", "set", "br0", "up"]);
         t
@@ -256,6 +260,7 @@ impl Drop for Topology {
             kill_netns_processes(name);
             let _ = Command::new("ip").args(["netns", "del", name]).output();
         }
+        crate::blackhole::remove(&self.id);
         for instance in &c.instances {
             // Unlinking the pins detaches links a killed agent left behind.
             let _ = fs::remove_dir_all(Path::new(BPFFS).join("mesh").join(instance));
@@ -455,6 +460,7 @@ fn remove_matching(matches: impl Fn(&str) -> bool) -> Vec<String> {
     for name in &netns {
         let _ = Command::new("ip").args(["netns", "del", name]).output();
     }
+    crate::blackhole::sweep();
     let mut removed = netns;
     let remove_dir: fn(&Path) -> std::io::Result<()> = |p| fs::remove_dir(p);
     let remove_all: fn(&Path) -> std::io::Result<()> = |p| fs::remove_dir_all(p);

@@ -1,5 +1,5 @@
 //! Agents share the kernel with each other and with other programs on the
-//! same hooks (points 5 and 6).
+//! same hooks (points 5 and 6); the test subnets never leave this host.
 use mesh_tests::{Topology, cgroup_prog::DenyPort9, http_ok, run_in};
 
 #[test]
@@ -87,4 +87,34 @@ fn another_program_on_the_same_cgroup_hook_keeps_working() {
     let dst = format!("{}:8080", b.ip4);
     agent.wait_access("redirect beside the other program", |v| v["original_dst"] == dst.as_str());
     assert_eq!(agent.access_log().len(), seen_before + 1, "only the allowed connection reached the proxy");
+}
+
+/// Issue 16 point 11: while a topology exists, this host routes its subnets
+/// nowhere (a blackhole under the topology's own metric), so test traffic
+/// cannot follow the default route out even when a test link is down; its
+/// routes go with it.
+#[test]
+fn test_subnets_are_blackholed_on_this_host_while_a_topology_exists() {
+    let route_to = |addr: &str| {
+        let out = std::process::Command::new("ip").args(["route", "get", addr]).output().unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    let t = Topology::new("blackhole");
+    let metric = mesh_tests::blackhole::metric(&t.id).to_string();
+    // 10.201.0.0/24 may be a running quickstart's link: the other subnets
+    // are routed nowhere but here.
+    for addr in ["10.200.0.77", "10.96.0.77", "fd00:200::77"] {
+        let route = route_to(addr);
+        assert!(route.starts_with("blackhole") || route.contains("Invalid argument"), "{addr}: {route}");
+    }
+    let ours = || {
+        let out = std::process::Command::new("ip").args(["route", "show", "type", "blackhole"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.trim_end().ends_with(&format!(" metric {metric}")))
+            .count()
+    };
+    assert_eq!(ours(), 3, "the IPv4 routes of topology {}", t.id);
+    drop(t);
+    assert_eq!(ours(), 0, "the routes go with the topology");
 }
