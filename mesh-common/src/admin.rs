@@ -6,6 +6,26 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// A pod as the node's admin API takes it (`POST /pods`, `PUT /netns`):
+/// what a caller (the CLI, a CNI hook) asks to enroll or reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSpec {
+    /// `namespace/name` of the pod.
+    pub name: String,
+    /// Path of the pod's network namespace: `/run/netns/NAME` or `/proc/PID/ns/net`.
+    pub netns: std::path::PathBuf,
+}
+
+/// A pod name the node accepts: `namespace/name`, each part a DNS-style
+/// name (letters, digits, `-`, `.`; 1 to 253 characters).
+pub fn valid_pod_name(name: &str) -> bool {
+    let valid_part = |p: &str| {
+        !p.is_empty() && p.len() <= 253 && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    };
+    name.split_once('/').is_some_and(|(ns, pod)| valid_part(ns) && valid_part(pod))
+}
+
 /// A node as the controller sees it (for `/debug/nodes`, metrics and `mesh-ctl status`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct NodeStatus {

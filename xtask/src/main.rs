@@ -5,6 +5,8 @@
 //!   eBPF-centred kernel tests under those kernels in qemu instead.
 //! - `cargo xtask quickstart [--down]`: runs the mesh on this host.
 //! - `cargo xtask bench`: the benchmarks (not part of the tests; figures, no pass/fail).
+//! - `cargo xtask fuzz [--seconds N]`: the libFuzzer targets of every parser of outside input.
+mod fuzz;
 mod kernels;
 mod prereqs;
 mod quickstart;
@@ -44,6 +46,14 @@ enum Cmd {
     },
     /// Only install the prerequisites (Debian packages, bpf-linker, toolchain link).
     Setup,
+    /// Fuzz every parser of outside input (cargo fuzz, libFuzzer), each target for N seconds.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets; all when none is named.
+        targets: Vec<String>,
+    },
     /// Run the benchmarks (release builds) and write JSON reports under /var/tmp/mesh-bench.
     Bench {
         /// Only these benchmarks (`scale`, `dataplane`, `l7`); all when none is named.
@@ -59,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Quickstart { down: true, .. } => quickstart::down(),
         Cmd::Setup => prereqs::ensure(),
         Cmd::Bench { only } => bench(&only),
+        Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
     time::SystemTime,
 };
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -20,17 +20,7 @@ use crate::{
     proxy::{PodContext, PodListeners, Ports, ProxyContext},
 };
 
-/// What a caller (the CLI, a CNI hook, later the controller) asks to enroll.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PodSpec {
-    /// `namespace/name` of the pod.
-    pub name: String,
-    /// Path of the pod's network namespace: `/run/netns/NAME` or `/proc/PID/ns/net`.
-    pub netns: PathBuf,
-}
-
-pub use mesh_common::admin::PodView;
+pub use mesh_common::admin::{PodSpec, PodView};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -250,13 +240,7 @@ fn write_json(path: &Path, value: &impl Serialize, what: &str) {
 }
 
 fn validate_name(name: &str) -> Result<(), EnrollError> {
-    let valid_part = |p: &str| {
-        !p.is_empty() && p.len() <= 253 && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-    };
-    match name.split_once('/') {
-        Some((ns, pod)) if valid_part(ns) && valid_part(pod) => Ok(()),
-        _ => Err(EnrollError::InvalidName(name.into())),
-    }
+    if mesh_common::admin::valid_pod_name(name) { Ok(()) } else { Err(EnrollError::InvalidName(name.into())) }
 }
 
 #[cfg(test)]

@@ -172,12 +172,26 @@ pub async fn serve<H: TunnelHandler>(
         .and_then(|c| c.first())
         .ok_or_else(|| other("no client certificate"))
         .and_then(|c| tls::identity_of(c).map_err(other))?;
+    serve_streams(tls, peer, peer_addr, handler, drain).await
+}
+
+/// Serves the `CONNECT` streams of one connection whose TLS handshake proved
+/// `peer`: the part of [`serve`] that reads what the peer sends (HTTP/2
+/// frames, the request and its headers). Apart so it can be fuzzed from raw
+/// bytes.
+pub async fn serve_streams<H: TunnelHandler, IO: AsyncRead + AsyncWrite + Unpin>(
+    io: IO,
+    peer: SpiffeId,
+    peer_addr: SocketAddr,
+    handler: Arc<H>,
+    drain: impl Future<Output = ()>,
+) -> io::Result<()> {
     let mut connection = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
-        .handshake(tls)
+        .handshake(io)
         .await
         .map_err(other)?;
     let mut drain = std::pin::pin!(drain);
