@@ -200,6 +200,26 @@ fn controller_restart_resumes_without_resync() {
     assert_eq!(controller.json("/debug/nodes")["nodes"]["node1"]["resync_resources"], 0);
 }
 
+/// Pod a (sa-a) on node1 and b (sa-b) on node2 under STRICT mutual TLS (a
+/// node that forgot the mesh cannot reach b in plaintext), a sink server in
+/// b answering 777 bytes at the returned address, reached once.
+fn strict_a_to_b(mesh: &Mesh) -> (Pod, Pod, Proc, String) {
+    let (a, b) = (mesh.t.pod("a"), mesh.t.pod("b"));
+    let config = format!(
+        "{}{}{}{}",
+        yaml::namespace("default", true),
+        yaml::peer_authentication("default", "STRICT"),
+        yaml::pod(&a, "node1", "sa-a", "a"),
+        yaml::pod(&b, "node2", "sa-b", "b")
+    );
+    mesh.apply("mesh.yaml", &config);
+    mesh.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b")]);
+    let sink = mesh.t.sink_server(&b, 9000, 777);
+    let target = format!("{}:9000", b.ip4);
+    assert_eq!(exchange(&a, &target, 100), Some(777), "a reaches b");
+    (a, b, sink, target)
+}
+
 /// Issue 16 point 2: the controller goes away. Established connections are
 /// untouched, new ones between known workloads keep working, a node agent
 /// restarted meanwhile serves its pods at once from what it persisted
@@ -209,20 +229,7 @@ fn controller_restart_resumes_without_resync() {
 #[test]
 fn the_controller_away_nodes_serve_and_restarted_ones_restore() {
     let Some(mut mesh) = Mesh::start("control-outage", &["node1", "node2"]) else { return };
-    let (a, b) = (mesh.t.pod("a"), mesh.t.pod("b"));
-    let config = format!(
-        "{}{}{}{}",
-        yaml::namespace("default", true),
-        // Only mutual TLS reaches b: a node that forgot the mesh cannot pass.
-        yaml::peer_authentication("default", "STRICT"),
-        yaml::pod(&a, "node1", "sa-a", "a"),
-        yaml::pod(&b, "node2", "sa-b", "b")
-    );
-    mesh.apply("mesh.yaml", &config);
-    mesh.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b")]);
-    let _sink = mesh.t.sink_server(&b, 9000, 777);
-    let target = format!("{}:9000", b.ip4);
-    assert_eq!(exchange(&a, &target, 100), Some(777), "a reaches b before the outage");
+    let (a, b, _sink, target) = strict_a_to_b(&mesh);
     let version = mesh.node("node1").agent.config_dump()["proxy"]["version"].clone();
 
     // A connection opened before the outage, used again after it.
@@ -317,19 +324,7 @@ fn a_certificate_expiring_in_an_outage_fails_closed_until_renewed() {
     let t = Topology::new("control-expiry");
     let controller = t.start_controller(&t.node("controller"), &["--cert-lifetime", "16s"]);
     let Some(mut mesh) = Mesh::join(t, controller, "control-expiry", &["node1", "node2"]) else { return };
-    let (a, b) = (mesh.t.pod("a"), mesh.t.pod("b"));
-    let config = format!(
-        "{}{}{}{}",
-        yaml::namespace("default", true),
-        yaml::peer_authentication("default", "STRICT"),
-        yaml::pod(&a, "node1", "sa-a", "a"),
-        yaml::pod(&b, "node2", "sa-b", "b")
-    );
-    mesh.apply("mesh.yaml", &config);
-    mesh.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b")]);
-    let _sink = mesh.t.sink_server(&b, 9000, 777);
-    let target = format!("{}:9000", b.ip4);
-    assert_eq!(exchange(&a, &target, 100), Some(777));
+    let (a, _b, _sink, target) = strict_a_to_b(&mesh);
 
     mesh.controller.proc.kill();
     let expired = |mesh: &Mesh| mesh.metric("node1", "mesh_node_certificates_expired", &[]);
