@@ -17,6 +17,10 @@ use tokio::net::TcpStream;
 use super::{PodContext, ProxyContext, connect_from, relay_plain};
 
 pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, pod: &PodContext, ctx: &ProxyContext) {
+    // A connection the mesh refuses is reset, whatever the app has sent by
+    // then (as ztunnel does): the app reads "connection reset", never an
+    // orderly end it could take for the server's answer. Undone to relay.
+    let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
     // The connection's one record, from here on every way out.
     let mut conn = ctx.proxy.connections.track(ConnInfo::new(Direction::Outbound, &pod.name, listener, peer));
     let Some(dst) = ctx.orig_dst.take(pod.netns.cookie(), peer) else {
@@ -72,6 +76,7 @@ async fn open(hop: &Hop, pod: &PodContext, ctx: &ProxyContext) -> Result<Opened,
 }
 
 async fn relay(client: TcpStream, upstream: Opened, mut tracked: Tracked) {
+    let _ = socket2::SockRef::from(&client).set_linger(None);
     let mut client = Counted::client(client, tracked.relaying());
     let result = match upstream {
         Opened::Plain(mut up) => relay_plain(&mut client, &mut up).await,
