@@ -17,15 +17,29 @@ use tokio::net::TcpStream;
 use super::{PodContext, ProxyContext, connect_from, relay_plain};
 
 pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, pod: &PodContext, ctx: &ProxyContext) {
-    // A connection the mesh refuses is reset, whatever the app has sent by
-    // then (as ztunnel does): the app reads "connection reset", never an
-    // orderly end it could take for the server's answer. Undone to relay.
-    let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+    if let Some(refused) = carry(client, listener, peer, pod, ctx).await {
+        // A connection the mesh refuses is reset, whatever the app has sent
+        // by then (as ztunnel does): the app reads "connection reset", never
+        // an orderly end it could take for the server's answer. Only refused
+        // connections pay for it: relayed ones close as their peers do.
+        let _ = socket2::SockRef::from(&refused).set_linger(Some(std::time::Duration::ZERO));
+    }
+}
+
+/// Relays the connection, or refuses it and hands the client back to be reset.
+async fn carry(
+    client: TcpStream,
+    listener: SocketAddr,
+    peer: SocketAddr,
+    pod: &PodContext,
+    ctx: &ProxyContext,
+) -> Option<TcpStream> {
     // The connection's one record, from here on every way out.
     let mut conn = ctx.proxy.connections.track(ConnInfo::new(Direction::Outbound, &pod.name, listener, peer));
     let Some(dst) = ctx.orig_dst.take(pod.netns.cookie(), peer) else {
         // Only a client that connected to the listener directly gets here.
-        return conn.refuse(ProxyError::NoOriginalDestination);
+        conn.refuse(ProxyError::NoOriginalDestination);
+        return Some(client);
     };
     let view = ctx.proxy.state.view();
     let mut plan = plan::outbound(&view, pod.local(), dst, |id| ctx.proxy.identities.get(id).is_some());
@@ -35,14 +49,21 @@ pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, p
             Ok(hop) => hop,
             Err(e) => {
                 plan.describe(conn.info_mut(), None);
-                return conn.refuse(e);
+                conn.refuse(e);
+                return Some(client);
             }
         };
         plan.describe(conn.info_mut(), Some(&hop));
         match open(&hop, pod, ctx).await {
-            Ok(upstream) => return relay(client, upstream, conn).await,
+            Ok(upstream) => {
+                relay(client, upstream, conn).await;
+                return None;
+            }
             Err(e) if e.retryable() => failure = Some(e),
-            Err(e) => return conn.refuse(e),
+            Err(e) => {
+                conn.refuse(e);
+                return Some(client);
+            }
         }
     }
     // Every hop was tried and failed (the plan is never empty); the record
@@ -50,6 +71,7 @@ pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, p
     if let Some(e) = failure {
         conn.refuse(e);
     }
+    Some(client)
 }
 
 enum Opened {
@@ -76,7 +98,6 @@ async fn open(hop: &Hop, pod: &PodContext, ctx: &ProxyContext) -> Result<Opened,
 }
 
 async fn relay(client: TcpStream, upstream: Opened, mut tracked: Tracked) {
-    let _ = socket2::SockRef::from(&client).set_linger(None);
     let mut client = Counted::client(client, tracked.relaying());
     let result = match upstream {
         Opened::Plain(mut up) => relay_plain(&mut client, &mut up).await,

@@ -34,9 +34,7 @@ impl Control {
         }
         wanted.sort();
         wanted.dedup();
-        let held = proxy.identities.certs().len();
-        proxy.identities.retain(|id| wanted.contains(id));
-        if proxy.identities.certs().len() != held {
+        if proxy.identities.retain(|id| wanted.contains(id)) {
             self.persist_soon();
         }
         for spiffe in wanted {

@@ -92,8 +92,11 @@ impl Identities {
         out
     }
 
-    /// Drops identities no pod of this node has any more.
-    pub fn retain(&self, keep: impl Fn(&SpiffeId) -> bool) {
-        self.by_id.write().unwrap_or_else(|e| e.into_inner()).retain(|id, _| keep(id));
+    /// Drops identities no pod of this node has any more; true when it dropped any.
+    pub fn retain(&self, keep: impl Fn(&SpiffeId) -> bool) -> bool {
+        let mut map = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+        let held = map.len();
+        map.retain(|id, _| keep(id));
+        map.len() != held
     }
 }
