@@ -1,7 +1,7 @@
 //! Reading the mesh: the controller's HTTP port (health, nodes, configuration,
 //! model) and each node's admin API (config dump, live connections). Every
 //! failure says which address was tried and what to do about it.
-use std::{fmt, time::Duration};
+use std::{fmt, path::Path, time::Duration};
 
 use mesh_common::admin::{ConfigDump, NodeList, NodeStatus};
 use serde::Deserialize;
@@ -49,6 +49,8 @@ pub enum Peer<'a> {
 pub struct Client {
     agent: ureq::Agent,
     pub controller: String,
+    /// The nodes' admin token, sent as `Authorization: Bearer`.
+    admin_token: Option<String>,
 }
 
 impl Client {
@@ -58,7 +60,20 @@ impl Client {
         let controller = controller.trim_end_matches('/');
         let controller =
             if controller.contains("://") { controller.to_owned() } else { format!("http://{controller}") };
-        Client { agent, controller }
+        Client { agent, controller, admin_token: None }
+    }
+
+    /// Reads the nodes' admin token from `file`, when given.
+    pub fn with_admin_token(mut self, file: Option<&Path>) -> Result<Client> {
+        let Some(file) = file else { return Ok(self) };
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| CtlError::new(format!("reading the admin token file {}: {e}", file.display())))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(CtlError::new(format!("the admin token file {} is empty", file.display())));
+        }
+        self.admin_token = Some(token.to_owned());
+        Ok(self)
     }
 
     /// `GET` a JSON document from the controller.
@@ -82,9 +97,11 @@ impl Client {
                 "is mesh-node running there, with --admin-addr on an address this host reaches? Or pass --node-addr HOST:PORT",
             ),
         };
-        let mut response = self
-            .agent
-            .get(url)
+        let mut request = self.agent.get(url);
+        if let (Peer::Node(_), Some(token)) = (peer, &self.admin_token) {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let mut response = request
             .call()
             .map_err(|e| CtlError::new(format!("cannot reach {what} at {url}: {}", reason(&e))).hint(hint))?;
         let status = response.status();
@@ -96,7 +113,16 @@ impl Client {
             .map_err(|e| CtlError::new(format!("reading the answer of {what} at {url}: {}", reason(&e))))?;
         if !status.is_success() {
             let first = body.lines().next().unwrap_or("").trim();
-            return Err(CtlError::new(format!("{what} at {url} answered {status}: {first}")));
+            let error = CtlError::new(format!("{what} at {url} answered {status}: {first}"));
+            let refused = matches!(status.as_u16(), 401 | 403) && matches!(peer, Peer::Node(_));
+            return Err(if refused {
+                error.hint(
+                    "reading a node's admin API from another host needs the token it was started with \
+                     (mesh-node --admin-token-file): pass --admin-token-file or MESH_ADMIN_TOKEN_FILE",
+                )
+            } else {
+                error
+            });
         }
         serde_json::from_str(&body).map_err(|e| {
             CtlError::new(format!("{what} at {url} did not answer JSON ({e})"))

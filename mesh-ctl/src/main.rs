@@ -37,6 +37,10 @@ struct Cli {
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
+    /// A file holding the nodes' admin token (their --admin-token-file), to
+    /// read a node's admin API from another host.
+    #[arg(long, global = true, env = "MESH_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Seconds to wait for each answer from the controller or a node.
     #[arg(long, global = true, default_value_t = 5)]
     timeout: u64,
@@ -241,7 +245,15 @@ const EXIT_ERROR: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let client = Client::new(&cli.controller, Duration::from_secs(cli.timeout.max(1)));
+    let client = match Client::new(&cli.controller, Duration::from_secs(cli.timeout.max(1)))
+        .with_admin_token(cli.admin_token_file.as_deref())
+    {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
     let result = match &cli.command {
         Cmd::Status => status::status(&client),
         Cmd::Workloads(sel) => views::workloads(&client, sel),

@@ -55,8 +55,16 @@ struct Args {
     /// The local API and config dump. Bind it to a private address (not
     /// loopback) and it is announced to the controller, so `mesh-ctl` on
     /// another host can read what this node sees.
+    /// Changes (`POST`/`PUT`/`DELETE`) are taken only from this node itself;
+    /// other hosts may only read, with `--admin-token-file`'s token.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
+    /// A file holding the bearer token other hosts (`mesh-ctl
+    /// --admin-token-file`) present to read the admin API. Read again at each
+    /// such request, so it can be rotated in place. Without it, only this
+    /// node may use the admin API.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
     /// `GET /healthz/ready` answers 200 once every listener is bound.
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
@@ -134,6 +142,7 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     raise_fd_limit();
+    let token = args.admin_token_file.clone().map(admin::access::TokenFile::open).transpose()?;
     let cgroup = args.cgroup_path.clone().unwrap_or_else(default_cgroup_path);
     let dataplane = Dataplane::start(DataplaneConfig {
         pin_dir: args.bpffs.join("mesh").join(&args.instance),
@@ -178,6 +187,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let ready = Arc::new(AtomicBool::new(false));
+    let access = admin::access::Access::new(token, &mut registry);
     let admin = tokio::net::TcpListener::bind(args.admin_addr).await.with_context(|| {
         format!("binding the admin port {} (another agent there? use --admin-addr)", args.admin_addr)
     })?;
@@ -195,7 +205,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         control: control.clone(),
         proxy: ctx.clone(),
     };
-    tokio::spawn(async move { axum::serve(admin, admin::admin_router(admin_state)).await });
+    let admin_service =
+        admin::admin_router(admin_state, access).into_make_service_with_connect_info::<admin::access::AdminPeer>();
+    tokio::spawn(async move { axum::serve(admin, admin_service).await });
     tokio::spawn({
         let ready = ready.clone();
         async move { axum::serve(readiness, admin::readiness_router(ready)).await }

@@ -41,6 +41,7 @@ impl Mesh {
 
     /// Agents on new nodes `nodes`, joined to `controller` ([`agent_args`]).
     pub fn join(t: Topology, controller: Controller, test: &str, nodes: &[&str]) -> Option<Mesh> {
+        write_admin_token(&t);
         let mut started = Vec::new();
         for name in nodes {
             let netns = t.node(name);
@@ -63,11 +64,13 @@ impl Mesh {
         self.nodes[i].agent = self.t.start_agent(&netns, name, &args).expect("the agent ran here before");
     }
 
-    /// Runs `mesh-ctl` in the controller's namespace, pointed at it.
+    /// Runs `mesh-ctl` in the controller's namespace, pointed at it, with
+    /// the nodes' admin token.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
         let bin = crate::topology::sibling_bin("mesh-ctl");
         let url = format!("http://{}", self.controller.metrics_addr);
-        let mut all = vec![bin.to_str().unwrap(), "--controller", &url];
+        let token = admin_token_file(&self.t);
+        let mut all = vec![bin.to_str().unwrap(), "--controller", &url, "--admin-token-file", token.to_str().unwrap()];
         all.extend_from_slice(args);
         run_in(&self.controller.netns, &all)
     }
@@ -146,11 +149,35 @@ impl Mesh {
 
 /// How the harness starts the agent of node `name`: joined to `controller`,
 /// its admin API on the node's bridge address (announced to the controller,
-/// so `mesh-ctl` finds it).
+/// so `mesh-ctl` finds it), readable from other hosts with the topology's
+/// admin token.
 fn agent_args(t: &Topology, controller: &Controller, name: &str, netns: &std::path::Path) -> Vec<String> {
     let mut args = controller.agent_args(name);
     args.extend(["--admin-addr".into(), format!("{}:15000", t.node_ip(netns))]);
+    args.extend(["--admin-token-file".into(), admin_token_file(t).display().to_string()]);
     args
+}
+
+/// The file holding the admin token of a topology's nodes.
+pub fn admin_token_file(t: &Topology) -> PathBuf {
+    t.dir.join("admin-token")
+}
+
+/// A fresh random admin token for the topology's nodes, readable by root only.
+fn write_admin_token(t: &Topology) {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let mut random = [0u8; 24];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random)).expect("reading /dev/urandom");
+    let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let path = admin_token_file(t);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    std::io::Write::write_all(&mut file, token.as_bytes()).expect("writing the admin token");
 }
 
 /// The Pods of a YAML text: `namespace/name`, the node they are scheduled

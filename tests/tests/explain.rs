@@ -138,3 +138,65 @@ fn explain(mesh: &Mesh, from: &str, to: &str) -> serde_json::Value {
     assert_eq!(out.status.code(), Some(if allowed { 0 } else { 1 }), "{v:#}");
     v
 }
+
+/// The admin API (issue 16 pt 7): another host can never change a node
+/// (enrol, report a network namespace), and reads it only with the node's
+/// token; `mesh-ctl` without the token says what to pass. The node itself
+/// changes it through its own address (as the harness's CNI stand-in does).
+#[test]
+fn other_hosts_only_read_a_nodes_admin_api_with_its_token() {
+    let Some(mesh) = Mesh::start("admin_access", &["node1"]) else { return };
+    let node = mesh.node("node1");
+    let base = format!("http://{}", node.agent.admin_addr);
+    let token = std::fs::read_to_string(mesh_tests::mesh::admin_token_file(&mesh.t)).unwrap();
+    let from_controller = |method: &str, path: &str, auth: Option<&str>| -> (u16, String) {
+        let url = format!("{base}{path}");
+        let mut args = vec!["curl", "-s", "-m", "5", "-X", method, "-w", "\n%{http_code}", &url];
+        let header;
+        if let Some(t) = auth {
+            header = format!("authorization: Bearer {t}");
+            args.extend_from_slice(&["-H", &header]);
+        }
+        if method != "GET" {
+            args.extend_from_slice(&["-d", r#"{"name":"shop/x","netns":"/run/netns/nowhere"}"#]);
+        }
+        let out = run_in(&mesh.controller.netns, &args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.parse().unwrap_or(0), body.to_owned())
+    };
+
+    for (method, path) in [("POST", "/pods"), ("PUT", "/netns"), ("DELETE", "/netns?name=shop/x")] {
+        for auth in [None, Some(token.as_str())] {
+            let (code, body) = from_controller(method, path, auth);
+            assert_eq!(code, 403, "{method} {path} from another host (token: {}): {body}", auth.is_some());
+            assert!(body.contains("only from this node"), "{body}");
+        }
+    }
+    let (code, body) = from_controller("GET", "/config_dump", None);
+    assert_eq!(code, 401, "a read without the token: {body}");
+    let (code, body) = from_controller("GET", "/connections", Some("not-the-token"));
+    assert_eq!(code, 401, "a read with a wrong token: {body}");
+    let (code, body) = from_controller("GET", "/config_dump", Some(&token));
+    assert_eq!(code, 200, "a read with the token: {body}");
+
+    // The node itself: its own address counts as local.
+    let x = mesh.t.pod_in("shop", "x");
+    node.agent.report_netns("shop/x", &x.netns);
+    assert_eq!(node.agent.config_dump()["pods"], serde_json::json!([]), "reported, not enrolled");
+
+    let refused = |reason: &str| mesh.metric("node1", "mesh_node_admin_requests_refused_total", &[("reason", reason)]);
+    assert_eq!(refused("remote_mutation"), 6.0);
+    assert_eq!(refused("no_token"), 1.0);
+    assert_eq!(refused("wrong_token"), 1.0);
+
+    // mesh-ctl: with the token (the harness's ctl), and without.
+    let with = mesh.ctl(&["workloads"]);
+    assert!(with.status.success(), "{}", String::from_utf8_lossy(&with.stderr));
+    let bin = mesh_tests::sibling_bin("mesh-ctl");
+    let url = format!("http://{}", mesh.controller.metrics_addr);
+    let without = run_in(&mesh.controller.netns, &[bin.to_str().unwrap(), "--controller", &url, "workloads"]);
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert_eq!(without.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("401") && stderr.contains("--admin-token-file"), "{stderr}");
+}

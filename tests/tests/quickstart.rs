@@ -20,8 +20,17 @@ fn xtask(args: &[&str]) -> Output {
     Command::new(sibling_bin("xtask")).args(args).output().expect("running xtask")
 }
 
+/// The nodes' admin token, which the quickstart's alias for mesh-ctl passes.
+const ADMIN_TOKEN: &str = "/var/tmp/mesh-quickstart/admin-token";
+
+/// `mesh-ctl` as the quickstart's alias runs it.
 fn ctl(args: &[&str]) -> Output {
-    Command::new(sibling_bin("mesh-ctl")).args(args).env_remove("MESH_CONTROLLER").output().expect("running mesh-ctl")
+    Command::new(sibling_bin("mesh-ctl"))
+        .args(args)
+        .env_remove("MESH_CONTROLLER")
+        .env("MESH_ADMIN_TOKEN_FILE", ADMIN_TOKEN)
+        .output()
+        .expect("running mesh-ctl")
 }
 
 fn text(out: &Output) -> String {
@@ -50,6 +59,19 @@ impl Drop for Down {
             let _ = xtask(&["quickstart", "--down"]);
         }
     }
+}
+
+/// mesh-ctl on this host is another host to the nodes: without their token
+/// it reads the controller but not them, and says what to pass.
+fn without_the_admin_token() {
+    let out = Command::new(sibling_bin("mesh-ctl"))
+        .args(["certs"])
+        .env_remove("MESH_CONTROLLER")
+        .env_remove("MESH_ADMIN_TOKEN_FILE")
+        .output()
+        .expect("running mesh-ctl");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("answered 401") && text(&out).contains("MESH_ADMIN_TOKEN_FILE"), "{}", text(&out));
 }
 
 /// The demo's pods as the controller holds them: (name, node, service account, IPv4, IPv6).
@@ -112,6 +134,7 @@ fn quickstart_then_every_mesh_ctl_command_then_down() {
         "10 requests with x-tester: yes  ->  backend-v2 on node2",
         "1. VirtualService/demo/backend/marked-tester: MATCHES",
         "the mesh keeps running",
+        &format!("alias mesh-ctl='MESH_ADMIN_TOKEN_FILE={ADMIN_TOKEN} "),
     ] {
         assert!(tour.contains(want), "the tour lacks {want:?}:\n{tour}");
     }
@@ -119,6 +142,7 @@ fn quickstart_then_every_mesh_ctl_command_then_down() {
     let pods = config_pods();
     assert_eq!(pods.len(), 7, "five demo pods, the canary and the waypoint's");
     mesh_ctl_views(&pods);
+    without_the_admin_token();
     mesh_ctl_connections(&pods);
     mesh_ctl_explain_check_status();
     enroll_round_trip(&pods);

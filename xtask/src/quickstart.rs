@@ -67,7 +67,7 @@ pub fn up(no_build: bool) -> anyhow::Result<()> {
     let app = app::App::create(&mesh)?;
     let servers = app.start_servers()?;
 
-    let ctl = Ctl::new();
+    let ctl = Ctl::new(mesh_tests::mesh::admin_token_file(&mesh.t));
     let l7 = tour::run(&mesh, &app, &ctl)?;
 
     let Mesh { controller, nodes, t } = mesh;
@@ -138,11 +138,13 @@ fn stop(pid: i32) {
 /// The `mesh-ctl` built beside this xtask, run on this host.
 pub struct Ctl {
     pub bin: PathBuf,
+    /// The nodes' admin token: mesh-ctl on this host is another host to them.
+    pub admin_token: PathBuf,
 }
 
 impl Ctl {
-    fn new() -> Ctl {
-        Ctl { bin: sibling_bin("mesh-ctl") }
+    fn new(admin_token: PathBuf) -> Ctl {
+        Ctl { bin: sibling_bin("mesh-ctl"), admin_token }
     }
 
     /// Runs `mesh-ctl ARGS` and returns its output (stdout, then stderr).
@@ -150,6 +152,7 @@ impl Ctl {
         let out = std::process::Command::new(&self.bin)
             .args(args)
             .env("MESH_CONTROLLER", format!("http://{METRICS_ADDR}"))
+            .env("MESH_ADMIN_TOKEN_FILE", &self.admin_token)
             .output()
             .with_context(|| format!("running {}", self.bin.display()))?;
         Ok(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))

@@ -246,8 +246,8 @@ fn indent(text: &str) {
 
 pub fn next_steps(ctl: &Ctl) {
     step("the mesh keeps running; try:");
-    let bin = ctl.bin.display();
-    println!("    alias mesh-ctl={bin}");
+    let (bin, token) = (ctl.bin.display(), ctl.admin_token.display());
+    println!("    alias mesh-ctl='MESH_ADMIN_TOKEN_FILE={token} {bin}'   # the token lets it read the nodes");
     println!("    mesh-ctl status                                   # controller, nodes, versions, rejected objects");
     println!("    mesh-ctl workloads | services | policies | certs   # what the nodes see");
     println!("    mesh-ctl connections                              # live connections with identities and bytes");

@@ -1,6 +1,9 @@
 //! The agent's local API on the admin port (a config dump; the pods'
 //! network namespaces as a CNI hook reports them; enrolment by hand when no
-//! controller runs) and its readiness endpoint.
+//! controller runs) and its readiness endpoint. Who may call what is
+//! [`access`]'s decision.
+pub mod access;
+
 use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},
@@ -32,12 +35,13 @@ pub struct AdminState {
     pub proxy: Arc<ProxyContext>,
 }
 
-pub fn admin_router(state: AdminState) -> Router {
+pub fn admin_router(state: AdminState, access: access::Access) -> Router {
     Router::new()
         .route("/config_dump", get(config_dump))
         .route("/pods", get(list_pods).post(enroll).delete(unenroll))
         .route("/netns", get(reported).put(report).delete(forget))
         .route("/connections", get(connections))
+        .layer(axum::middleware::from_fn_with_state(access, access::guard))
         .with_state(state)
 }
 
