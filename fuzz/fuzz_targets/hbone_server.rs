@@ -55,7 +55,7 @@ fuzz_target!(
             let (mut client, server) = tokio::io::duplex(1 << 16);
             let peer = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
             let addr: SocketAddr = "10.0.0.2:41000".parse().unwrap();
-            let serving = tokio::spawn(serve_streams(server, peer, addr, Arc::new(Handler), std::future::pending()));
+            let serving = tokio::spawn(serve_streams(server, peer, addr, Arc::new(Handler), std::future::pending(), tokio::time::Instant::now() + Duration::from_secs(3600)));
             let _ = client.write_all(data).await;
             let _ = client.shutdown().await;
             // Read what the server answers, so it never blocks on a full pipe.

@@ -13,6 +13,8 @@ pub mod authz;
 #[cfg(feature = "std")]
 mod duration;
 #[cfg(feature = "std")]
+pub mod files;
+#[cfg(feature = "std")]
 pub mod identity;
 #[cfg(feature = "routing")]
 pub mod routing;

@@ -29,7 +29,7 @@ use crate::{
     control::{Control, ControlConfig},
     ebpf::{Dataplane, DataplaneConfig, DataplaneError},
     pods::{Enrolment, Pods},
-    proxy::{Ports, ProxyContext},
+    proxy::{Ports, ProxyContext, ProxySettings, limits},
 };
 
 /// Exit code when the kernel lacks an eBPF feature the agent needs.
@@ -103,6 +103,20 @@ struct Args {
     /// default drain duration (`500ms`, `5s`, `1m`).
     #[arg(long, default_value = "5s", value_parser = mesh_common::parse_duration)]
     drain_timeout: std::time::Duration,
+    /// Connections the node proxy holds at once; more are reset on arrival
+    /// (`mesh_node_connections_refused_total`). Default: what the open-file
+    /// limit allows (two descriptors each, 1024 kept for the agent).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Connections one pod holds at once (its outbound ones, and the inbound
+    /// ones and tunnels to it), so a flood to or from one pod cannot starve
+    /// the others. Default: a quarter of --max-connections.
+    #[arg(long)]
+    max_connections_per_pod: Option<usize>,
+    /// A peer on 15008 must finish TLS and HTTP/2's preface within this, or
+    /// it is cut off (a slowloris, a handshake that never finishes).
+    #[arg(long, default_value = "10s", value_parser = mesh_common::parse_duration)]
+    hbone_handshake_timeout: std::time::Duration,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -154,7 +168,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let proxy = Arc::new(mesh_proxy::Proxy::new(&mut registry));
     proxy.spawn_reaper();
-    let ctx = Arc::new(ProxyContext::new(proxy.clone(), args.proxy_mark, dataplane.orig_dst_table(), &mut registry));
+    let max_connections = args.max_connections.unwrap_or_else(|| limits::default_node_max(open_file_limit()));
+    let settings = ProxySettings {
+        mark: args.proxy_mark,
+        max_connections,
+        max_connections_per_pod: args
+            .max_connections_per_pod
+            .unwrap_or_else(|| limits::default_pod_max(max_connections)),
+        hbone_handshake_timeout: args.hbone_handshake_timeout,
+    };
+    info!(
+        open_files = open_file_limit(),
+        max_connections = settings.max_connections,
+        max_connections_per_pod = settings.max_connections_per_pod,
+        "connection limits"
+    );
+    let ctx = Arc::new(ProxyContext::new(proxy.clone(), &settings, dataplane.orig_dst_table(), &mut registry));
     let gauges = metrics_server::NodeGauges::register(&mut registry);
     let ports = Ports {
         outbound: mesh_common::OUTBOUND_PORT,
@@ -258,12 +287,26 @@ async fn drain(pods: &Pods, proxy: &mesh_proxy::Proxy, timeout: std::time::Durat
 /// files, as Envoy and ztunnel do, instead of the usual soft 1024.
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    // The agent runs privileged: it may go past the hard limit it inherited,
+    // up to the kernel's ceiling, as a node proxy carrying every pod's
+    // connections should. Else up to the hard limit.
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse::<u64>().ok());
+    if let Some(ceiling) = ceiling.filter(|c| *c > hard)
+        && setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok()
+    {
+        return;
+    }
+    if soft < hard
         && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
     {
         tracing::warn!(soft, hard, error = %e, "could not raise the open-file limit");
     }
+}
+
+/// The open-file limit in force (after [`raise_fd_limit`]).
+fn open_file_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
 }
 
 /// The error and its causes on one line, skipping a cause whose text the

@@ -13,7 +13,6 @@
 #[cfg(feature = "control")]
 pub mod control;
 pub mod error;
-pub mod files;
 pub mod hbone;
 pub mod identity;
 pub mod plan;

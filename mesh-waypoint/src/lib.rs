@@ -56,6 +56,9 @@ pub struct Waypoint {
     me: RwLock<Option<SpiffeId>>,
     /// Requests whose response has not ended yet.
     in_flight: AtomicUsize,
+    /// HBONE connections being served: a response that has ended may still
+    /// be on its way out through one.
+    hbone_connections: AtomicUsize,
     draining: AtomicBool,
 }
 
@@ -74,6 +77,15 @@ impl Drop for InFlight {
     }
 }
 
+/// Counts one HBONE connection until dropped (when it has been served).
+pub struct Serving(Arc<Waypoint>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.hbone_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Waypoint {
     pub fn new(proxy: Arc<Proxy>, metrics: metrics::RequestMetrics) -> Arc<Waypoint> {
         Arc::new(Waypoint {
@@ -87,6 +99,7 @@ impl Waypoint {
             budget: retry::Budget::default(),
             me: RwLock::default(),
             in_flight: AtomicUsize::new(0),
+            hbone_connections: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
         })
     }
@@ -99,6 +112,16 @@ impl Waypoint {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts an HBONE connection being served for as long as the guard lives.
+    pub fn serving(self: &Arc<Self>) -> Serving {
+        self.hbone_connections.fetch_add(1, Ordering::Relaxed);
+        Serving(self.clone())
+    }
+
+    pub fn hbone_connections(&self) -> usize {
+        self.hbone_connections.load(Ordering::Relaxed)
     }
 
     /// Starts draining: readiness turns false, HBONE peers get GOAWAY (no new

@@ -150,9 +150,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     while wp.in_flight() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    match wp.in_flight() {
-        0 => info!("drained: no request left"),
-        n => tracing::warn!(in_flight = n, "drain deadline reached: cutting the requests still open"),
+    // An ended response may still be on its way out: its HBONE connection
+    // closes (GOAWAY was sent) once its streams are done and flushed.
+    while wp.in_flight() == 0 && wp.hbone_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match (wp.in_flight(), wp.hbone_connections()) {
+        (0, 0) => info!("drained: no request left"),
+        (0, n) => info!(hbone_connections = n, "drained: no request left; closing idle HBONE connections"),
+        (n, _) => tracing::warn!(in_flight = n, "drain deadline reached: cutting the requests still open"),
     }
     Ok(())
 }

@@ -37,11 +37,14 @@ pub async fn serve_hbone(listener: TcpListener, wp: Arc<Waypoint>) {
         let (tcp, peer) = mesh_proxy::accept(&listener).await;
         let (wp, handler) = (wp.clone(), handler.clone());
         tokio::spawn(async move {
+            let _serving = wp.serving();
             let Some(local) = wp.identity().and_then(|id| wp.proxy.identities.get(&id)) else {
                 warn!(peer = %peer, "HBONE connection dropped: no certificate for this waypoint yet");
                 return;
             };
-            if let Err(e) = hbone::serve(tcp, local.server.clone(), handler, wp.proxy.draining()).await {
+            if let Err(e) =
+                hbone::serve(tcp, local.server.clone(), handler, wp.proxy.draining(), hbone::HANDSHAKE_TIMEOUT).await
+            {
                 debug!(peer = %peer, "HBONE connection refused or failed: {e}");
             }
         });

@@ -12,7 +12,7 @@ use std::{path::Path, thread, time::Duration};
 
 use mesh_tests::{
     Pod, Proc,
-    bench::{SECONDS, cpu_ticks, hey, hold_connections, median_all, push, rss_kib, ticks_per_second, wrk},
+    bench::{SECONDS, cpu_ticks, hey, hold_connections, hold_server, median_all, push, rss_kib, ticks_per_second, wrk},
     mesh::{Mesh, yaml},
     run_in,
     waypoint::yaml as l7,
@@ -20,6 +20,9 @@ use mesh_tests::{
 use serde_json::{Value, json};
 
 const ROUNDS: usize = 2;
+/// Idle connections held through both node proxies, for memory per connection.
+const HELD: usize = 10_000;
+const HOLD_PORT: u16 = 9000;
 
 struct Path3<'a> {
     name: &'static str,
@@ -117,10 +120,15 @@ fn main() {
         }
     }
     let waypoint_idle_rss = rss_kib(waypoint.pid());
-    let open = hold_connections(&c, &s_far, 80, 1000, false);
-    thread::sleep(Duration::from_millis(500));
+    // Issue 16 pt 5: 10 000 idle connections across both node proxies.
+    let holder = hold_server(&s_far, HOLD_PORT);
+    let before_hold = (rss_kib(n1), rss_kib(n2));
+    let open = hold_connections(&c, &s_far, HOLD_PORT, HELD, false);
+    thread::sleep(Duration::from_millis(1000));
     let busy_rss = (rss_kib(n1), rss_kib(n2));
-    drop(open);
+    drop((open, holder));
+    let per_connection = |busy: u64, idle: u64| busy.saturating_sub(idle) as f64 * 1024.0 / HELD as f64;
+    let per_conn = (per_connection(busy_rss.0, before_hold.0), per_connection(busy_rss.1, before_hold.1));
 
     let summary: Vec<Value> = results.iter().map(median_all).collect();
     let base = &summary[0];
@@ -131,7 +139,9 @@ fn main() {
         "paths": summary,
         "rss_kib": {
             "node1_idle": idle_rss.0, "node2_idle": idle_rss.1,
-            "node1_1000_connections": busy_rss.0, "node2_1000_connections": busy_rss.1,
+            "node1_before_holding": before_hold.0, "node2_before_holding": before_hold.1,
+            "node1_10000_connections": busy_rss.0, "node2_10000_connections": busy_rss.1,
+            "node1_bytes_per_held_connection": per_conn.0, "node2_bytes_per_held_connection": per_conn.1,
             "waypoint_after_load": waypoint_idle_rss,
         },
     });
@@ -175,7 +185,9 @@ fn main() {
     }
     report["vs_direct"] = Value::Object(ratios);
     println!(
-        "RSS KiB: idle {idle_rss:?}, with 1000 open connections {busy_rss:?} (node1, node2); waypoint {waypoint_idle_rss}"
+        "RSS KiB: idle {idle_rss:?}, before holding {before_hold:?}, with {HELD} open connections {busy_rss:?} \
+         (node1, node2): {:.0} / {:.0} bytes per connection; waypoint {waypoint_idle_rss}",
+        per_conn.0, per_conn.1
     );
     let dir = Path::new("/var/tmp/mesh-bench");
     std::fs::create_dir_all(dir).unwrap();

@@ -121,7 +121,25 @@ pub fn hold_connections(client: &Pod, server: &Pod, port: u16, n: usize, request
     );
     let log = std::env::temp_dir().join(format!("mesh-bench-hold-{port}.log"));
     let proc = Proc::spawn_in("hold", &client.netns, &["python3", "-u", "-c", &script], &log);
-    proc.wait_for_log("open", Duration::from_secs(60));
+    proc.wait_for_log("open", Duration::from_secs(120));
+    proc
+}
+
+/// A server on `port` in `pod` that accepts every connection and holds it,
+/// reading nothing: the far end for [`hold_connections`] beyond what nginx's
+/// worker_connections allows.
+pub fn hold_server(pod: &Pod, port: u16) -> Proc {
+    let script = format!(
+        "import socket,resource\n\
+         _,h=resource.getrlimit(resource.RLIMIT_NOFILE); resource.setrlimit(resource.RLIMIT_NOFILE,(h,h))\n\
+         l=socket.create_server(('0.0.0.0',{port}),backlog=4096)\n\
+         print('listening',flush=True)\n\
+         held=[]\n\
+         while True: held.append(l.accept()[0])\n"
+    );
+    let log = std::env::temp_dir().join(format!("mesh-bench-hold-server-{port}.log"));
+    let proc = Proc::spawn_in("hold server", &pod.netns, &["python3", "-u", "-c", &script], &log);
+    proc.wait_for_log("listening", Duration::from_secs(10));
     proc
 }
 

@@ -24,6 +24,8 @@ pub struct Mesh {
     pub controller: Controller,
     pub nodes: Vec<Node>,
     pub t: Topology,
+    /// Arguments every agent gets besides the harness's own.
+    agent_extra: Vec<String>,
 }
 
 impl Mesh {
@@ -39,18 +41,31 @@ impl Mesh {
         Self::join(t, controller, test, nodes)
     }
 
+    /// Like [`Self::start`], every agent also started with `extra` arguments.
+    pub fn start_with(test: &str, nodes: &[&str], extra: &[&str]) -> Option<Mesh> {
+        let t = Topology::new(test);
+        let cnode = t.node("controller");
+        let controller = t.start_controller(&cnode, &[]);
+        Self::join_with(t, controller, test, nodes, extra)
+    }
+
     /// Agents on new nodes `nodes`, joined to `controller` ([`agent_args`]).
     pub fn join(t: Topology, controller: Controller, test: &str, nodes: &[&str]) -> Option<Mesh> {
+        Self::join_with(t, controller, test, nodes, &[])
+    }
+
+    fn join_with(t: Topology, controller: Controller, test: &str, nodes: &[&str], extra: &[&str]) -> Option<Mesh> {
         write_admin_token(&t);
+        let agent_extra: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
         let mut started = Vec::new();
         for name in nodes {
             let netns = t.node(name);
-            let args = agent_args(&t, &controller, name, &netns);
+            let args = agent_args(&t, &controller, name, &netns, &agent_extra);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let agent = t.agent_or_skip(test, &netns, name, &args)?;
             started.push(Node { name: (*name).into(), netns, agent });
         }
-        Some(Mesh { controller, nodes: started, t })
+        Some(Mesh { controller, nodes: started, t, agent_extra })
     }
 
     /// Kills node `name`'s agent (SIGKILL: no drain, as a crash) and starts
@@ -59,7 +74,7 @@ impl Mesh {
         let i = self.nodes.iter().position(|n| n.name == name).expect("no such node");
         self.nodes[i].agent.proc.kill();
         let netns = self.nodes[i].netns.clone();
-        let args = agent_args(&self.t, &self.controller, name, &netns);
+        let args = agent_args(&self.t, &self.controller, name, &netns, &self.agent_extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.nodes[i].agent = self.t.start_agent(&netns, name, &args).expect("the agent ran here before");
     }
@@ -151,8 +166,15 @@ impl Mesh {
 /// its admin API on the node's bridge address (announced to the controller,
 /// so `mesh-ctl` finds it), readable from other hosts with the topology's
 /// admin token.
-fn agent_args(t: &Topology, controller: &Controller, name: &str, netns: &std::path::Path) -> Vec<String> {
+fn agent_args(
+    t: &Topology,
+    controller: &Controller,
+    name: &str,
+    netns: &std::path::Path,
+    extra: &[String],
+) -> Vec<String> {
     let mut args = controller.agent_args(name);
+    args.extend_from_slice(extra);
     args.extend(["--admin-addr".into(), format!("{}:15000", t.node_ip(netns))]);
     args.extend(["--admin-token-file".into(), admin_token_file(t).display().to_string()]);
     args

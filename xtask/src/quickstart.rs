@@ -70,7 +70,7 @@ pub fn up(no_build: bool) -> anyhow::Result<()> {
     let ctl = Ctl::new(mesh_tests::mesh::admin_token_file(&mesh.t));
     let l7 = tour::run(&mesh, &app, &ctl)?;
 
-    let Mesh { controller, nodes, t } = mesh;
+    let Mesh { controller, nodes, t, .. } = mesh;
     controller.proc.leave_running();
     for node in nodes {
         node.agent.proc.leave_running();

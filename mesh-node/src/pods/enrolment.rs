@@ -130,7 +130,12 @@ impl Enrolment {
         self.dataplane
             .enroll(&spec.netns, netns.cookie(), &addresses, listeners.inbound())
             .map_err(|source| EnrollError::Dataplane { pod: spec.name.clone(), source: Box::new(source) })?;
-        let pod = Arc::new(PodContext { name: spec.name.clone(), netns: netns.clone(), addresses: addresses.clone() });
+        let pod = Arc::new(PodContext {
+            name: spec.name.clone(),
+            netns: netns.clone(),
+            addresses: addresses.clone(),
+            open: self.ctx.limits.pod_slots(),
+        });
         let tasks = match listeners.spawn(pod, self.ctx.clone()) {
             Ok(tasks) => tasks,
             Err(source) => {
@@ -233,7 +238,7 @@ impl Enrolment {
 fn write_json(path: &Path, value: &impl Serialize, what: &str) {
     let write = serde_json::to_vec_pretty(value)
         .map_err(io::Error::other)
-        .and_then(|bytes| mesh_proxy::files::write_atomically(path, &bytes, 0o644));
+        .and_then(|bytes| mesh_common::files::write_atomically(path, &bytes, 0o644));
     if let Err(e) = write {
         warn!(file = %path.display(), error = %e, "could not persist {what}");
     }

@@ -37,7 +37,8 @@ pub async fn serve(
         return;
     };
     let handler = Arc::new(PodTunnels { listener, pod: pod.clone(), ctx: ctx.clone() });
-    if let Err(e) = hbone::serve(tcp, me.server.clone(), handler, ctx.proxy.draining()).await {
+    let timeout = ctx.hbone_handshake_timeout;
+    if let Err(e) = hbone::serve(tcp, me.server.clone(), handler, ctx.proxy.draining(), timeout).await {
         ctx.hbone_errors.inc();
         warn!(pod = %pod.name, peer = %peer, "HBONE connection refused or failed: {e}");
     }
@@ -55,6 +56,10 @@ fn refusal_status(e: &ProxyError) -> StatusCode {
 impl TunnelHandler for PodTunnels {
     async fn handle(&self, request: TunnelRequest) {
         let (pod, ctx) = (&self.pod, &self.ctx);
+        // Each tunnel opens a socket to the app: it counts like a connection.
+        let Some(_permit) = ctx.limits.admit(&pod.name, &pod.open) else {
+            return request.refuse(StatusCode::SERVICE_UNAVAILABLE);
+        };
         let conn =
             ctx.proxy.connections.track(ConnInfo::new(Direction::Inbound, &pod.name, self.listener, request.peer_addr));
         let arrival = Arrival::Hbone(request.peer.clone());

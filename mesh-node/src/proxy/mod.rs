@@ -13,6 +13,7 @@
 //! are created in the pod's namespace and marked so the redirect skips them.
 mod hbone_in;
 mod inbound;
+pub mod limits;
 pub mod live;
 mod outbound;
 
@@ -38,12 +39,29 @@ pub struct ProxyContext {
     pub orig_dst: Arc<OrigDstTable>,
     /// Connections relaying to pods, re-decided on every configuration.
     pub live: Arc<live::LiveInbound>,
+    /// How many connections the node and each pod may hold.
+    pub limits: limits::Limits,
+    /// For TLS and the HTTP/2 preface on 15008.
+    pub hbone_handshake_timeout: std::time::Duration,
     hbone_errors: Counter,
     closed_by_policy: Counter,
 }
 
+/// The node's choices for its proxy.
+pub struct ProxySettings {
+    pub mark: u32,
+    pub max_connections: usize,
+    pub max_connections_per_pod: usize,
+    pub hbone_handshake_timeout: std::time::Duration,
+}
+
 impl ProxyContext {
-    pub fn new(proxy: Arc<Proxy>, mark: u32, orig_dst: Arc<OrigDstTable>, registry: &mut Registry) -> ProxyContext {
+    pub fn new(
+        proxy: Arc<Proxy>,
+        settings: &ProxySettings,
+        orig_dst: Arc<OrigDstTable>,
+        registry: &mut Registry,
+    ) -> ProxyContext {
         let hbone_errors = Counter::default();
         registry.register(
             "mesh_node_hbone_errors",
@@ -58,7 +76,17 @@ impl ProxyContext {
         );
         let live = Arc::new(live::LiveInbound::default());
         tokio::spawn(live::enforce(proxy.clone(), live.clone()));
-        ProxyContext { proxy, mark, orig_dst, live, hbone_errors, closed_by_policy }
+        let limits = limits::Limits::new(settings.max_connections, settings.max_connections_per_pod, registry);
+        ProxyContext {
+            proxy,
+            mark: settings.mark,
+            orig_dst,
+            live,
+            limits,
+            hbone_handshake_timeout: settings.hbone_handshake_timeout,
+            hbone_errors,
+            closed_by_policy,
+        }
     }
 
     /// Relays `relay` until it ends, or until a configuration put in force
@@ -92,6 +120,8 @@ pub struct PodContext {
     pub name: String,
     pub netns: Arc<Netns>,
     pub addresses: Vec<IpAddr>,
+    /// The connections it holds, under the per-pod limit.
+    pub open: Arc<limits::Slots>,
 }
 
 impl PodContext {
@@ -179,6 +209,13 @@ async fn connect_from(pod: &PodContext, dst: SocketAddr, mark: u32) -> Result<to
     connect.await.map_err(|source| ProxyError::Connect { addr: dst, source })
 }
 
+/// Closes a connection the proxy refuses with a reset (SO_LINGER 0), so the
+/// client reads "connection reset", never an orderly end it could take for
+/// the server's answer (as ztunnel does).
+pub(crate) fn reset(stream: tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
 /// Relays plain TCP both ways until both sides close.
 async fn relay_plain<A, B>(client: &mut A, upstream: &mut B) -> Result<(), ProxyError>
 where
@@ -197,8 +234,13 @@ async fn accept_loop(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<Proxy
     };
     loop {
         let (stream, peer) = mesh_proxy::accept(&listener).await;
+        let Some(permit) = ctx.limits.admit(&pod.name, &pod.open) else {
+            reset(stream);
+            continue;
+        };
         let (pod, ctx) = (pod.clone(), ctx.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             match kind {
                 Listener::Outbound => outbound::handle(stream, bound, peer, &pod, &ctx).await,
                 Listener::Inbound => inbound::handle(stream, bound, peer, &pod, &ctx).await,

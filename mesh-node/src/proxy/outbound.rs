@@ -14,15 +14,13 @@ use mesh_proxy::{
 };
 use tokio::net::TcpStream;
 
-use super::{PodContext, ProxyContext, connect_from, relay_plain};
+use super::{PodContext, ProxyContext, connect_from, relay_plain, reset};
 
 pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, pod: &PodContext, ctx: &ProxyContext) {
     if let Some(refused) = carry(client, listener, peer, pod, ctx).await {
-        // A connection the mesh refuses is reset, whatever the app has sent
-        // by then (as ztunnel does): the app reads "connection reset", never
-        // an orderly end it could take for the server's answer. Only refused
-        // connections pay for it: relayed ones close as their peers do.
-        let _ = socket2::SockRef::from(&refused).set_linger(Some(std::time::Duration::ZERO));
+        // Reset whatever the app has sent by then. Only refused connections
+        // pay for it: relayed ones close as their peers do.
+        reset(refused);
     }
 }
 

@@ -115,6 +115,6 @@ impl Control {
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    crate::files::write_atomically(&dir.join(name), bytes, mode)
+    mesh_common::files::write_atomically(&dir.join(name), bytes, mode)
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.join(name).display())))
 }

@@ -29,6 +29,11 @@ const CONNECTION_WINDOW: u32 = 16 << 20;
 const MAX_FRAME: u32 = 256 << 10;
 /// Tunnels one HTTP/2 connection carries at once.
 pub const MAX_STREAMS: u32 = 100;
+/// How long a client on 15008 has to finish TLS and send HTTP/2's preface:
+/// one that stalls (a slowloris, a silent socket) is cut off then, so it
+/// cannot hold a connection and its memory for ever. Envoy's default
+/// transport socket connect timeout is 15 s.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const CHUNK: usize = 64 << 10;
 
 fn other(e: impl std::fmt::Display) -> io::Error {
@@ -156,15 +161,20 @@ pub trait TunnelHandler: Send + Sync + 'static {
 /// Serves one accepted connection on 15008: TLS (the config checks the
 /// client), then every `CONNECT` stream on it until the peer closes it or
 /// `drain` resolves; then it sends GOAWAY (the peer opens no new tunnel here)
-/// and lets the open tunnels finish.
+/// and lets the open tunnels finish. TLS and the HTTP/2 preface must be done
+/// within `handshake_timeout`.
 pub async fn serve<H: TunnelHandler>(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
     drain: impl Future<Output = ()>,
+    handshake_timeout: std::time::Duration,
 ) -> io::Result<()> {
     let peer_addr = tcp.peer_addr()?;
-    let tls = TlsAcceptor::from(config).accept(tcp).await?;
+    let deadline = tokio::time::Instant::now() + handshake_timeout;
+    let tls = tokio::time::timeout_at(deadline, TlsAcceptor::from(config).accept(tcp))
+        .await
+        .map_err(|_| handshake_timed_out(handshake_timeout, "TLS"))??;
     let peer = tls
         .get_ref()
         .1
@@ -172,27 +182,34 @@ pub async fn serve<H: TunnelHandler>(
         .and_then(|c| c.first())
         .ok_or_else(|| other("no client certificate"))
         .and_then(|c| tls::identity_of(c).map_err(other))?;
-    serve_streams(tls, peer, peer_addr, handler, drain).await
+    serve_streams(tls, peer, peer_addr, handler, drain, deadline).await
+}
+
+fn handshake_timed_out(timeout: std::time::Duration, what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, format!("{what} handshake not done within {timeout:?}"))
 }
 
 /// Serves the `CONNECT` streams of one connection whose TLS handshake proved
 /// `peer`: the part of [`serve`] that reads what the peer sends (HTTP/2
 /// frames, the request and its headers). Apart so it can be fuzzed from raw
-/// bytes.
+/// bytes. The peer's HTTP/2 preface must arrive by `handshake_deadline`.
 pub async fn serve_streams<H: TunnelHandler, IO: AsyncRead + AsyncWrite + Unpin>(
     io: IO,
     peer: SpiffeId,
     peer_addr: SocketAddr,
     handler: Arc<H>,
     drain: impl Future<Output = ()>,
+    handshake_deadline: tokio::time::Instant,
 ) -> io::Result<()> {
-    let mut connection = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
-        .handshake(io)
+        .handshake(io);
+    let mut connection = tokio::time::timeout_at(handshake_deadline, handshake)
         .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "HTTP/2 preface not received in time"))?
         .map_err(other)?;
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;

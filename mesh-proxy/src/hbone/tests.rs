@@ -113,7 +113,7 @@ async fn start(ca: &Ca, server: &Credentials) -> (SocketAddr, Arc<Echo>) {
     tokio::spawn(async move {
         while let Ok((tcp, _)) = hbone.accept().await {
             let (config, h) = (config.clone(), h.clone());
-            tokio::spawn(async move { serve(tcp, config, h, std::future::pending()).await });
+            tokio::spawn(async move { serve(tcp, config, h, std::future::pending(), HANDSHAKE_TIMEOUT).await });
         }
     });
     (addr, handler)
@@ -251,7 +251,8 @@ impl Restartable {
         let accept = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (config, h) = (config.clone(), handler.clone());
-                let task = tokio::spawn(async move { serve(tcp, config, h, std::future::pending()).await });
+                let task =
+                    tokio::spawn(async move { serve(tcp, config, h, std::future::pending(), HANDSHAKE_TIMEOUT).await });
                 held.lock().unwrap().push(task.abort_handle());
             }
         });
@@ -310,4 +311,36 @@ async fn the_pool_shares_dials_and_forgets_dead_connections() {
     drop(tunnel);
     assert_eq!(pool.broken_attempts(), 0, "no tunnel was tried on a dead connection");
     assert_eq!(pool.stats(), (1, 3), "the dead ones left the pool; one fresh dial");
+}
+
+/// A client that connects to 15008 and stalls, silent or sending TLS a byte
+/// at a time, is cut off at the handshake timeout (paused time: at once).
+#[tokio::test(start_paused = true)]
+async fn stalled_handshakes_are_cut_off() {
+    let ca = Ca::new();
+    let config = Arc::new(server_config(&ca.issue(B), ca.roots(), "cluster.local").unwrap());
+    let handler = Arc::new(Echo { addr: "127.0.0.1:1".parse().unwrap(), closed: Default::default() });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    for slowloris in [false, true] {
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let serving =
+            tokio::spawn(serve(tcp, config.clone(), handler.clone(), std::future::pending(), HANDSHAKE_TIMEOUT));
+        if slowloris {
+            tokio::spawn(async move {
+                // A TLS record header, then one byte every second.
+                let _ = client.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).await;
+                while client.write_all(&[0x01]).await.is_ok() {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+        } else {
+            std::mem::forget(client);
+        }
+        let started = tokio::time::Instant::now();
+        let e = serving.await.unwrap().expect_err("a stalled handshake fails");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert_eq!(started.elapsed().as_secs(), HANDSHAKE_TIMEOUT.as_secs(), "slowloris: {slowloris}");
+    }
 }

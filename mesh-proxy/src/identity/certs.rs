@@ -120,7 +120,11 @@ impl KeyedCert {
 
     /// Writes the certificate and its key, readable by root only.
     pub fn store(&self, path: &Path) -> std::io::Result<()> {
-        crate::files::write_atomically(path, &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?, 0o600)
+        mesh_common::files::write_atomically(
+            path,
+            &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+            0o600,
+        )
     }
 }
 
