@@ -26,6 +26,16 @@ pub fn valid_pod_name(name: &str) -> bool {
     name.split_once('/').is_some_and(|(ns, pod)| valid_part(ns) && valid_part(pod))
 }
 
+/// Whether a caller of an admin API is on this host: on loopback, or
+/// calling from the very address it called (Linux drops packets from
+/// outside that claim a local source, so only a local process can connect
+/// that way). The node's and the controller's admin APIs take changes only
+/// from such callers.
+pub fn is_local_caller(remote: std::net::IpAddr, local: Option<std::net::IpAddr>) -> bool {
+    let remote = remote.to_canonical();
+    remote.is_loopback() || local.is_some_and(|l| l.to_canonical() == remote)
+}
+
 /// A node as the controller sees it (for `/debug/nodes`, metrics and `mesh-ctl status`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct NodeStatus {
@@ -162,4 +172,28 @@ pub struct PoolStats {
 pub struct ProxyStatus {
     /// The configuration version the proxy enforces now (it follows each applied update).
     pub version: String,
+}
+
+#[cfg(test)]
+mod local_caller_tests {
+    use super::is_local_caller;
+
+    #[test]
+    fn local_callers() {
+        let cases = [
+            ("127.0.0.1", Some("127.0.0.1"), true),
+            ("::1", Some("::1"), true),
+            ("::ffff:127.0.0.1", Some("::ffff:127.0.0.1"), true),
+            ("127.0.0.1", None, true),
+            ("10.0.0.5", Some("10.0.0.5"), true),
+            ("::ffff:10.0.0.5", Some("10.0.0.5"), true),
+            ("10.0.0.6", Some("10.0.0.5"), false),
+            ("fd00::6", Some("fd00::5"), false),
+            ("10.0.0.6", None, false),
+        ];
+        for (remote, local, want) in cases {
+            let local = local.map(|l| l.parse().unwrap());
+            assert_eq!(is_local_caller(remote.parse().unwrap(), local), want, "{remote} -> {local:?}");
+        }
+    }
 }

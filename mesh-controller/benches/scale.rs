@@ -39,6 +39,8 @@ fn main() -> anyhow::Result<()> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-controller"))
         .args(["--config-dir", config.to_str().unwrap(), "--state-dir", dir.join("state").to_str().unwrap()])
         .args(["--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--poll-ms", "20"])
+        // Simulated nodes join with one shared token (the older way).
+        .args(["--join-token-file", dir.join("state").join("join-token").to_str().unwrap()])
         .env("RUST_LOG", "warn,mesh_controller=info")
         .stdout(Stdio::piped())
         .spawn()?;

@@ -49,6 +49,8 @@ pub struct Issued {
     /// Intermediates (if any) then the root.
     pub chain_pem: Vec<String>,
     pub not_after: OffsetDateTime,
+    /// The certificate's serial number as its DER carries it, in hex.
+    pub serial: String,
 }
 
 pub struct CertificateAuthority {
@@ -116,18 +118,24 @@ impl CertificateAuthority {
     /// Issues a certificate for `identity` to the holder of the key in `csr_pem`.
     /// The caller has checked that the requester may hold `identity`.
     pub fn issue(&self, csr_pem: &str, identity: &SpiffeId, now: OffsetDateTime) -> Result<Issued, CaError> {
-        self.issue_uri(csr_pem, &identity.to_string(), now)
+        self.issue_uri(csr_pem, &identity.to_string(), now, self.lifetime)
     }
 
     /// Issues a certificate whose only SAN is the URI `uri` (a workload's or a
-    /// node's SPIFFE ID) to the holder of the key in `csr_pem`.
-    pub fn issue_uri(&self, csr_pem: &str, uri: &str, now: OffsetDateTime) -> Result<Issued, CaError> {
+    /// node's SPIFFE ID), valid for `lifetime`, to the holder of the key in `csr_pem`.
+    pub fn issue_uri(
+        &self,
+        csr_pem: &str,
+        uri: &str,
+        now: OffsetDateTime,
+        lifetime: Duration,
+    ) -> Result<Issued, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
         if *csr.public_key.algorithm() != PKCS_ECDSA_P256_SHA256 {
             return Err(CaError::BadCsr("the key must be ECDSA P-256".into()));
         }
         let san = uri.to_string().try_into().map_err(|source| CaError::Cert { what: format!("SAN {uri}"), source })?;
-        self.sign(&csr.public_key, vec![SanType::URI(san)], now, self.lifetime)
+        self.sign(&csr.public_key, vec![SanType::URI(san)], now, lifetime)
     }
 
     /// A key and certificate for the controller's own gRPC port, with DNS
@@ -174,7 +182,7 @@ impl CertificateAuthority {
             .map_err(|source| CaError::Cert { what: format!("signing for {what}"), source })?;
         let mut chain_pem = vec![self.cert_pem.clone()];
         chain_pem.extend(self.chain_pem.iter().cloned());
-        Ok(Issued { cert_pem: cert.pem(), chain_pem, not_after: params.not_after })
+        Ok(Issued { cert_pem: cert.pem(), chain_pem, not_after: params.not_after, serial: serial_of(cert.der()) })
     }
 }
 
@@ -186,6 +194,13 @@ pub fn may_issue(model: &MeshModel, node: &str, identity: &SpiffeId) -> Result<(
     } else {
         Err(CaError::NotOnNode { node: node.into(), identity: identity.to_string() })
     }
+}
+
+/// A certificate's serial number (hex of its DER integer); empty when unparseable.
+pub fn serial_of(der: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| c.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+        .unwrap_or_default()
 }
 
 /// 128 random bits (RFC 5280 allows up to 20 octets; positive).

@@ -41,9 +41,14 @@ struct Args {
     /// For an intermediate --ca-cert: the chain up to the root (PEM, intermediates first).
     #[arg(long, requires = "ca_cert")]
     ca_chain: Option<PathBuf>,
-    /// Lifetime of workload and node certificates (`24h`, `30m`, `90s`); nodes renew at half-life.
+    /// Lifetime of workload certificates (`24h`, `30m`, `90s`); nodes renew at half-life.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
+    /// Lifetime of node certificates, renewed at half-life. A node whose
+    /// certificate expires (a controller outage longer than half of it)
+    /// needs a new join token, so it is long: a week.
+    #[arg(long, default_value = "168h", value_parser = parse_duration)]
+    node_cert_lifetime: Duration,
     /// The node API (gRPC over TLS; mTLS after joining). Port 0 picks one.
     #[arg(long, default_value = "0.0.0.0:15012")]
     grpc_addr: SocketAddr,
@@ -51,10 +56,15 @@ struct Args {
     /// `mesh-controller` unless told otherwise).
     #[arg(long = "grpc-san")]
     grpc_sans: Vec<String>,
-    /// The token nodes present to join. Default: <state-dir>/join-token,
-    /// created (mode 0600) on first start.
+    /// A shared token any node may join with, under any node name (created,
+    /// mode 0600, when missing). Without it nodes join with their own
+    /// single-use tokens (`mesh-ctl node add NAME`); a <state-dir>/join-token
+    /// left by an earlier version is still honoured.
     #[arg(long)]
     join_token_file: Option<PathBuf>,
+    /// How long a token from `mesh-ctl node add` stays valid, unless it says otherwise.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    node_token_ttl: Duration,
     /// Health (`/healthz/ready`), Prometheus `/metrics` and `/debug/*`. Port 0 picks one.
     #[arg(long, default_value = "127.0.0.1:15014")]
     metrics_addr: SocketAddr,
@@ -103,9 +113,26 @@ async fn main() -> anyhow::Result<()> {
     .context("certificate authority")?;
     let ca = Arc::new(ca);
     info!(state_dir = %args.state_dir.display(), "certificate authority ready");
-    let token_file = args.join_token_file.clone().unwrap_or_else(|| args.state_dir.join("join-token"));
-    let token = node_api::join_token(&token_file).with_context(|| format!("join token {}", token_file.display()))?;
-    let hub = Arc::new(Hub::new(ca.clone(), token, settings.trust_domain.clone()));
+    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("--state-dir {}", args.state_dir.display()))?;
+    let legacy = args.state_dir.join("join-token");
+    let shared = match &args.join_token_file {
+        Some(file) => Some(file.clone()),
+        None => legacy.exists().then_some(legacy),
+    };
+    let shared_token = match &shared {
+        Some(file) => {
+            warn!(
+                file = %file.display(),
+                "a shared join token is in use: whoever holds it can join as any node name; \
+                 prefer per-node tokens (mesh-ctl node add NAME) and remove the file"
+            );
+            Some(node_api::join_token(file).with_context(|| format!("join token {}", file.display()))?)
+        }
+        None => None,
+    };
+    let registry = node_api::Registry::open(&args.state_dir.join("nodes.json"))?;
+    let hub =
+        Arc::new(Hub::new(ca.clone(), shared_token, registry, settings.trust_domain.clone(), args.node_cert_lifetime));
 
     let state = Arc::new(RwLock::new(State {
         config_dir: config_dir.clone(),
@@ -132,8 +159,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {} (use --metrics-addr)", args.metrics_addr))?;
     let addr = listener.local_addr()?;
-    let router = server::router(state.clone(), ca, hub.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let router = server::router(state.clone(), ca, hub.clone(), args.node_token_ttl);
+    let service = router.into_make_service_with_connect_info::<server::Caller>();
+    tokio::spawn(async move { axum::serve(listener, service).await });
     info!(metrics_addr = %addr, grpc_addr = %grpc_addr, config_dir = %config_dir.display(), "mesh-controller ready");
 
     let interval = Duration::from_millis(args.poll_ms.max(10));

@@ -1,11 +1,21 @@
 //! The controller's HTTP port: readiness (with rejected objects), Prometheus
-//! metrics, and JSON dumps of the configuration and the model.
+//! metrics, JSON dumps of the configuration and the model, and the node
+//! registry (`/nodes`: adding a node and removing one only from this host).
 use std::{
     collections::BTreeMap,
+    net::SocketAddr,
     sync::{Arc, RwLock, atomic::AtomicU64},
+    time::Duration,
 };
 
-use axum::{Json, Router, extract::State as AxState, http::header, response::IntoResponse, routing::get};
+use axum::{
+    Json, Router,
+    extract::{ConnectInfo, Path, Query, State as AxState, connect_info::Connected},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    serve::IncomingStream,
+};
 use serde_json::json;
 
 use mesh_controller::{ca::CertificateAuthority, node_api::Hub};
@@ -19,8 +29,12 @@ use crate::State;
 
 type Shared = Arc<RwLock<State>>;
 
-pub fn router(state: Shared, ca: Arc<CertificateAuthority>, hub: Arc<Hub>) -> Router {
+pub fn router(state: Shared, ca: Arc<CertificateAuthority>, hub: Arc<Hub>, token_ttl: Duration) -> Router {
     let nodes_hub = hub.clone();
+    let registry_routes = Router::new()
+        .route("/nodes", get(registered))
+        .route("/nodes/{name}", post(add_node).delete(remove_node))
+        .with_state(Registrar { hub: hub.clone(), token_ttl });
     let reloads = read(&state).reloads.clone();
     let registry = Arc::new(registry(&hub, &reloads));
     Router::new()
@@ -32,6 +46,87 @@ pub fn router(state: Shared, ca: Arc<CertificateAuthority>, hub: Arc<Hub>) -> Ro
         // The trust anchor is public; issuing goes over the authenticated node channel.
         .route("/debug/ca", get(move || async move { ca.root_pem().to_string() }))
         .route("/debug/nodes", get(move || nodes(nodes_hub)))
+        .merge(registry_routes)
+}
+
+/// Both ends of a connection to this port.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    remote: SocketAddr,
+    local: Option<SocketAddr>,
+}
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Caller {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Caller { remote: *stream.remote_addr(), local: stream.io().local_addr().ok() }
+    }
+}
+
+#[derive(Clone)]
+struct Registrar {
+    hub: Arc<Hub>,
+    token_ttl: Duration,
+}
+
+#[derive(serde::Deserialize)]
+struct AddQuery {
+    /// `30m`, `1h`, ...: how long the token may be used.
+    ttl: Option<String>,
+}
+
+/// The refusal of a change from another host: registering and revoking nodes is
+/// done on the controller's host (as `mesh-ctl node add` run there).
+fn local_only(caller: Caller) -> Option<Response> {
+    if mesh_common::admin::is_local_caller(caller.remote.ip(), caller.local.map(|l| l.ip())) {
+        return None;
+    }
+    tracing::warn!(peer = %caller.remote, "node registry change refused: not from this host");
+    Some(error(StatusCode::FORBIDDEN, "nodes are added and removed only from the controller's host".into()))
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+/// `POST /nodes/NAME[?ttl=1h]`: registers a node; answers its single-use join token.
+async fn add_node(
+    AxState(r): AxState<Registrar>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    Path(name): Path<String>,
+    Query(q): Query<AddQuery>,
+) -> Response {
+    if let Some(refusal) = local_only(caller) {
+        return refusal;
+    }
+    let ttl = match q.ttl.as_deref().map(mesh_common::parse_duration).transpose() {
+        Ok(ttl) => ttl.unwrap_or(r.token_ttl),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("ttl: {e}")),
+    };
+    match r.hub.add_node(&name, ttl) {
+        Ok(added) => (StatusCode::CREATED, Json(added)).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+/// `DELETE /nodes/NAME`: revokes a node at once.
+async fn remove_node(
+    AxState(r): AxState<Registrar>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    Path(name): Path<String>,
+) -> Response {
+    if let Some(refusal) = local_only(caller) {
+        return refusal;
+    }
+    match r.hub.revoke(&name) {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("node {name:?} is not registered")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("saving the node registry: {e}")),
+    }
+}
+
+/// `GET /nodes`: the registry (no token hashes: `pending` while unused).
+async fn registered(AxState(r): AxState<Registrar>) -> impl IntoResponse {
+    Json(r.hub.registry.list())
 }
 
 fn read(s: &Shared) -> std::sync::RwLockReadGuard<'_, State> {

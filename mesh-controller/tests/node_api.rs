@@ -46,10 +46,13 @@ struct Mesh {
 
 impl Mesh {
     fn start(name: &str) -> Mesh {
-        let c = Controller::start(name, &[("mesh.yaml", CONFIG)], &[]);
+        // The shared join token (the older way, still honoured when configured).
+        let token_file = std::env::temp_dir().join(format!("mesh-join-token-{name}-{}", std::process::id()));
+        let _ = fs::remove_file(&token_file);
+        let c = Controller::start(name, &[("mesh.yaml", CONFIG)], &["--join-token-file", token_file.to_str().unwrap()]);
         let state = c.dir.join(".state");
         let root = fs::read_to_string(state.join("ca-cert.pem")).unwrap();
-        let token = fs::read_to_string(state.join("join-token")).unwrap().trim().to_owned();
+        let token = fs::read_to_string(&token_file).unwrap().trim().to_owned();
         Mesh { c, root, token }
     }
 
@@ -203,9 +206,14 @@ async fn only_joined_nodes_get_certificates_and_only_for_their_pods() {
     let why = refused(&m, (&ecert, &ekey)).await;
     eprintln!("expired node certificate: {why}");
     assert!(!why.contains("PermissionDenied") && !why.contains("Unauthenticated"), "refused at the handshake: {why}");
-    // ... while the same CA's valid node certificate is served (the test is not vacuous).
+    // ... while the same CA's valid node certificate passes the handshake (the
+    // test is not vacuous), and is refused after it: the controller accepts
+    // only node certificates it issued itself (their serials), so even its
+    // own key cannot mint a node outside the registry.
     let (vcert, vkey) = node_cert(&real, now - Duration::from_secs(60), now + Duration::from_secs(3600));
-    m.certify((&vcert, &vkey), "spiffe://cluster.local/ns/shop/sa/web").await.unwrap();
+    let err = m.certify((&vcert, &vkey), "spiffe://cluster.local/ns/shop/sa/web").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("no longer valid"), "{err:?}");
 
     let metrics = m.c.get_text("/metrics");
     let refused_total: f64 = metrics

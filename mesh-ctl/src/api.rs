@@ -86,24 +86,32 @@ impl Client {
         self.get(&format!("http://{addr}{path}"), Peer::Node(name))
     }
 
+    /// `POST` (or `DELETE`, with `delete`) to the controller; the JSON answer
+    /// (`null` for an empty one).
+    pub fn controller_change(&self, path: &str, delete: bool) -> Result<Value> {
+        let url = format!("{}{path}", self.controller);
+        let request = if delete { self.agent.delete(&url).call() } else { self.agent.post(&url).send_empty() };
+        self.answer(&url, Peer::Controller, request)
+    }
+
     fn get(&self, url: &str, peer: Peer) -> Result<Value> {
-        let (what, hint) = match peer {
-            Peer::Controller => (
-                "the controller".to_owned(),
-                "is mesh-controller running? Point mesh-ctl at its --metrics-addr with --controller URL or MESH_CONTROLLER",
-            ),
-            Peer::Node(name) => (
-                format!("node {name}"),
-                "is mesh-node running there, with --admin-addr on an address this host reaches? Or pass --node-addr HOST:PORT",
-            ),
-        };
         let mut request = self.agent.get(url);
         if let (Peer::Node(_), Some(token)) = (peer, &self.admin_token) {
             request = request.header("authorization", format!("Bearer {token}"));
         }
-        let mut response = request
-            .call()
-            .map_err(|e| CtlError::new(format!("cannot reach {what} at {url}: {}", reason(&e))).hint(hint))?;
+        self.answer(url, peer, request.call())
+    }
+
+    /// The JSON of an answer, or an error that says who answered what.
+    fn answer(
+        &self,
+        url: &str,
+        peer: Peer,
+        response: std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Value> {
+        let (what, hint) = describe(peer);
+        let mut response =
+            response.map_err(|e| CtlError::new(format!("cannot reach {what} at {url}: {}", reason(&e))).hint(hint))?;
         let status = response.status();
         let body = response
             .body_mut()
@@ -114,20 +122,36 @@ impl Client {
         if !status.is_success() {
             let first = body.lines().next().unwrap_or("").trim();
             let error = CtlError::new(format!("{what} at {url} answered {status}: {first}"));
-            let refused = matches!(status.as_u16(), 401 | 403) && matches!(peer, Peer::Node(_));
-            return Err(if refused {
-                error.hint(
+            return Err(match (status.as_u16(), peer) {
+                (401 | 403, Peer::Node(_)) => error.hint(
                     "reading a node's admin API from another host needs the token it was started with \
                      (mesh-node --admin-token-file): pass --admin-token-file or MESH_ADMIN_TOKEN_FILE",
-                )
-            } else {
-                error
+                ),
+                (403, Peer::Controller) => error.hint("run this mesh-ctl command on the controller's host"),
+                _ => error,
             });
+        }
+        if body.trim().is_empty() {
+            return Ok(Value::Null);
         }
         serde_json::from_str(&body).map_err(|e| {
             CtlError::new(format!("{what} at {url} did not answer JSON ({e})"))
                 .hint("is that address really a mesh admin or controller port?")
         })
+    }
+}
+
+/// Who `peer` is, and what to check when it cannot be reached.
+fn describe(peer: Peer) -> (String, &'static str) {
+    match peer {
+        Peer::Controller => (
+            "the controller".to_owned(),
+            "is mesh-controller running? Point mesh-ctl at its --metrics-addr with --controller URL or MESH_CONTROLLER",
+        ),
+        Peer::Node(name) => (
+            format!("node {name}"),
+            "is mesh-node running there, with --admin-addr on an address this host reaches? Or pass --node-addr HOST:PORT",
+        ),
     }
 }
 

@@ -8,6 +8,7 @@ mod endpoints;
 mod enroll;
 mod explain;
 mod explain_l7;
+mod node;
 mod output;
 mod route;
 mod status;
@@ -115,6 +116,9 @@ enum Cmd {
     /// Remove a namespace's ambient label, and wait until every node has released its pods.
     #[command(after_help = "Examples:\n  mesh-ctl unenroll demo")]
     Unenroll(EnrollArgs),
+    /// The nodes allowed to join: add one (a single-use join token), remove one (revoked at once), list them.
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  mesh-ctl completion bash > /etc/bash_completion.d/mesh-ctl\n  mesh-ctl completion zsh > \"${fpath[1]}/_mesh-ctl\""
@@ -204,6 +208,28 @@ enum WaypointCmd {
         #[arg(long, default_value_t = 60)]
         wait: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Register a node and print its join token: single-use, valid for --ttl (default: the controller's --node-token-ttl, 1h).
+    #[command(
+        after_help = "Examples:\n  mesh-ctl node add node3\n  mesh-ctl node add node3 --ttl 10m --token-file /tmp/node3.token\n\nRun it on the controller's host: the controller takes registry changes only from there."
+    )]
+    Add {
+        name: String,
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Write the token to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// Revoke a node: its certificate and token are refused at once, its stream is closed, no workload certificate is issued to it.
+    #[command(after_help = "Examples:\n  mesh-ctl node remove node3")]
+    Remove { name: String },
+    /// The registered nodes: joined or waiting, token state, revoked.
+    #[command(after_help = "Examples:\n  mesh-ctl node list\n  mesh-ctl node list -o json")]
+    List,
 }
 
 #[derive(Subcommand)]
@@ -303,6 +329,11 @@ fn main() -> ExitCode {
             }),
         Cmd::Enroll(a) => enroll::enroll(&client, &a.namespace, true, Duration::from_secs(a.wait)),
         Cmd::Unenroll(a) => enroll::enroll(&client, &a.namespace, false, Duration::from_secs(a.wait)),
+        Cmd::Node(NodeCmd::Add { name, ttl, token_file }) => {
+            node::add(&client, name, ttl.as_deref(), token_file.as_deref())
+        }
+        Cmd::Node(NodeCmd::Remove { name }) => node::remove(&client, name),
+        Cmd::Node(NodeCmd::List) => node::list(&client),
         Cmd::Completion { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "mesh-ctl", &mut std::io::stdout());
             return ExitCode::SUCCESS;

@@ -105,6 +105,7 @@ pub fn apply(client: &Client, a: &Apply<'_>) -> Result<Report> {
         text += &format!(
             "no instance runs yet: connections to the bound services are refused until one does. Run one with\n  \
              a Pod {ns}/<name> labelled {GATEWAY_NAME_LABEL}: {name} and spec.nodeName <node>, and\n  \
+             mesh-ctl node add <node> --token-file <file>   # on the controller's host\n  \
              mesh-waypoint --controller <host:15012> --node-name <node> --join-token <file> --controller-ca <file>\n"
         );
     } else {

@@ -121,6 +121,26 @@ impl Controller {
             .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
     }
 
+    /// A file holding `node`'s join token, registered once with `mesh-ctl
+    /// node add` on the controller's host (its namespace), as an operator
+    /// would; later agents of the node reuse its persisted node certificate.
+    pub fn node_token(&self, node: &str) -> PathBuf {
+        let file = self.state_dir.with_file_name(format!("join-token-{node}"));
+        if !file.exists() {
+            let ctl = sibling_bin("mesh-ctl");
+            let url = format!("http://{}", self.metrics_addr);
+            let args = [ctl.to_str().unwrap(), "--controller", &url, "node", "add", node, "--token-file"];
+            let out = run_in(&self.netns, &[&args[..], &[file.to_str().unwrap()]].concat());
+            assert!(
+                out.status.success(),
+                "mesh-ctl node add {node}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        file
+    }
+
     /// Flags that make an agent join this controller as node `node`.
     pub fn agent_args(&self, node: &str) -> Vec<String> {
         vec![
@@ -129,7 +149,7 @@ impl Controller {
             "--node-name".into(),
             node.into(),
             "--join-token".into(),
-            self.state_dir.join("join-token").display().to_string(),
+            self.node_token(node).display().to_string(),
             "--controller-ca".into(),
             self.state_dir.join("ca-cert.pem").display().to_string(),
         ]

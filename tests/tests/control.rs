@@ -145,7 +145,7 @@ fn edits_reach_the_node_within_a_second() {
 #[test]
 fn certificates_renew_at_half_life() {
     let t = Topology::new("control-renew");
-    let (_controller, agent, _web, _api) = start(&t, &["--cert-lifetime", "16s"]);
+    let (_controller, agent, _web, _api) = start(&t, &["--cert-lifetime", "16s", "--node-cert-lifetime", "16s"]);
     wait_dump(&agent, "web certificate", Instant::now(), Duration::from_secs(10), |d| cert(d, WEB_ID).is_some());
     let dump = agent.config_dump();
     let c = cert(&dump, WEB_ID).unwrap().clone();

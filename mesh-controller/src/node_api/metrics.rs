@@ -1,8 +1,14 @@
 //! The node API's metric families.
 use prometheus_client::{
-    metrics::{counter::Counter, histogram::Histogram},
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
 
 /// The node API's metric families, owned here; [`HubMetrics::register`]
 /// puts them in the process's registry.
@@ -15,6 +21,8 @@ pub struct HubMetrics {
     pub resync_resources: Counter,
     pub certificates: Counter,
     pub refused: Counter,
+    /// Joins and node certificates refused by the node registry, by reason.
+    pub node_refusals: Family<ReasonLabel, Counter>,
 }
 
 pub const LATENCY_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
@@ -28,6 +36,7 @@ impl Default for HubMetrics {
             resync_resources: Counter::default(),
             certificates: Counter::default(),
             refused: Counter::default(),
+            node_refusals: Family::default(),
         }
     }
 }
@@ -51,6 +60,12 @@ impl HubMetrics {
             "mesh_controller_node_requests_refused",
             "Node requests refused (bad token, not a node certificate, identity not on the node).",
             self.refused.clone(),
+        );
+        registry.register(
+            "mesh_controller_node_refusals",
+            "Joins and node certificates refused by the node registry (unknown_node, bad_token, token_used, \
+             token_expired, unknown_certificate, revoked).",
+            self.node_refusals.clone(),
         );
     }
 }

@@ -22,12 +22,14 @@ use tracing::{info, warn};
 
 mod auth;
 mod metrics;
+pub mod registry;
 mod session;
 
 use self::auth::{ca_status, same_token, uri_san};
 pub use self::{
     auth::{join_token, valid_node_name},
     metrics::{HubMetrics, LATENCY_BUCKETS},
+    registry::Registry,
 };
 use crate::{
     ca::{self, CertificateAuthority, Issued},
@@ -79,7 +81,16 @@ impl Held {
 pub struct Hub {
     published: watch::Sender<Arc<Published>>,
     ca: Arc<CertificateAuthority>,
-    join_token: String,
+    /// The older shared join token, when one is configured: any node name
+    /// may join with it (nodes so joined are registered, and revocable).
+    shared_token: Option<String>,
+    /// Per-node tokens and the node certificates in force.
+    pub registry: Registry,
+    /// Bumped at each revocation, so the revoked node's stream ends at once.
+    revocations: watch::Sender<u64>,
+    /// Of node certificates: longer than workload ones, so that a node
+    /// outlives a controller outage without its single-use token.
+    node_lifetime: Duration,
     trust_domain: String,
     pub nodes: Mutex<BTreeMap<String, NodeStatus>>,
     pub metrics: HubMetrics,
@@ -94,13 +105,22 @@ const LARGE_UPDATES_IN_FLIGHT: usize = 8;
 const UPDATE_PART: usize = 500;
 
 impl Hub {
-    pub fn new(ca: Arc<CertificateAuthority>, join_token: String, trust_domain: String) -> Hub {
+    pub fn new(
+        ca: Arc<CertificateAuthority>,
+        shared_token: Option<String>,
+        registry: Registry,
+        trust_domain: String,
+        node_lifetime: Duration,
+    ) -> Hub {
         let empty = Published { model: Arc::default(), wire: Arc::default(), from_previous: None, at: Instant::now() };
         let (published, _) = watch::channel(Arc::new(empty));
         Hub {
             published,
             ca,
-            join_token,
+            shared_token,
+            registry,
+            revocations: watch::channel(0).0,
+            node_lifetime,
             trust_domain,
             nodes: Mutex::default(),
             metrics: HubMetrics::default(),
@@ -131,8 +151,59 @@ impl Hub {
         status
     }
 
-    /// The node named by the verified client certificate of `req`.
+    /// Refuses for a reason of the registry's, counted by reason.
+    fn refuse_node(&self, refusal: registry::Refusal) -> Status {
+        self.metrics.node_refusals.get_or_create(&metrics::ReasonLabel { reason: refusal.reason() }).inc();
+        let status = match refusal {
+            registry::Refusal::Unknown(_) | registry::Refusal::BadToken(_) => Status::unauthenticated,
+            _ => Status::permission_denied,
+        };
+        self.refuse(status(refusal.to_string()))
+    }
+
+    /// Registers `node` with a fresh single-use token valid for `ttl`.
+    pub fn add_node(&self, node: &str, ttl: Duration) -> Result<registry::NewToken, String> {
+        if !valid_node_name(node) {
+            return Err(format!("invalid node name {node:?} (a DNS-1123 subdomain, as Kubernetes names nodes)"));
+        }
+        let token: String =
+            ca::random_bytes::<32>().map_err(|e| e.to_string())?.iter().map(|b| format!("{b:02x}")).collect();
+        let added = self.registry.add(node, token, ttl.as_secs().max(1), unix_now()).map_err(|e| e.to_string())?;
+        info!(node, expires_unix = added.expires_unix, "node registered: a single-use join token was issued");
+        Ok(added)
+    }
+
+    /// Revokes `node` ([`Registry::remove`]) and ends its stream now.
+    pub fn revoke(&self, node: &str) -> std::io::Result<bool> {
+        let known = self.registry.remove(node, unix_now())?;
+        if known {
+            self.revocations.send_modify(|n| *n += 1);
+            warn!(node, "node revoked: its certificate and token are refused from now on");
+        }
+        Ok(known)
+    }
+
+    /// Resolves when `node` is revoked.
+    async fn revoked(&self, node: &str) {
+        let mut revocations = self.revocations.subscribe();
+        while revocations.changed().await.is_ok() {
+            if matches!(self.registry.check(node, ""), Err(registry::Refusal::Revoked(_))) {
+                return;
+            }
+        }
+        std::future::pending().await
+    }
+
+    /// The node named by the verified client certificate of `req`, which
+    /// must be one the registry holds for it (not replaced, not revoked).
     fn node_of<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let node = self.node_named_by(req)?;
+        let leaf = req.peer_certs().and_then(|c| c.first().map(|c| ca::serial_of(c))).unwrap_or_default();
+        self.registry.check(&node, &leaf).map_err(|r| self.refuse_node(r))?;
+        Ok(node)
+    }
+
+    fn node_named_by<T>(&self, req: &Request<T>) -> Result<String, Status> {
         let certs = req.peer_certs().ok_or_else(|| {
             self.refuse(Status::unauthenticated("mTLS with a node certificate is required (join with the token first)"))
         })?;
@@ -159,6 +230,25 @@ impl Hub {
         })
     }
 
+    /// Checks a join: the node's own token, or the shared one if configured.
+    fn admit_join(&self, node: &str, token: &str) -> Result<(), Status> {
+        let now = unix_now();
+        match self.registry.redeem(node, token, now) {
+            Ok(()) => Ok(()),
+            Err(registry::Refusal::Revoked(n)) => Err(self.refuse_node(registry::Refusal::Revoked(n))),
+            Err(refusal) => match &self.shared_token {
+                Some(shared) if same_token(token, shared) => {
+                    self.registry.joined_with_shared_token(node, now).map_err(|r| self.refuse_node(r))
+                }
+                // Neither its own token nor the shared one.
+                Some(_) if matches!(refusal, registry::Refusal::Unknown(_)) => {
+                    Err(self.refuse_node(registry::Refusal::BadToken(node.into())))
+                }
+                _ => Err(self.refuse_node(refusal)),
+            },
+        }
+    }
+
     fn status(&self, node: &str, f: impl FnOnce(&mut NodeStatus)) {
         f(self.nodes.lock().unwrap_or_else(|e| e.into_inner()).entry(node.to_owned()).or_default());
     }
@@ -179,14 +269,15 @@ impl std::ops::Deref for NodeService {
 impl NodeControl for NodeService {
     async fn join(&self, req: Request<api::JoinRequest>) -> Result<Response<api::CertificateResponse>, Status> {
         let req = req.into_inner();
-        if !same_token(&req.token, &self.join_token) {
-            return Err(self.refuse(Status::unauthenticated(format!("node {:?}: invalid join token", req.node))));
-        }
         if !valid_node_name(&req.node) {
             return Err(self.refuse(Status::invalid_argument(format!("invalid node name {:?}", req.node))));
         }
-        let issued = self.ca.issue_uri(&req.csr_pem, &self.node_uri(&req.node), OffsetDateTime::now_utc());
+        // The CSR first, so a bad one does not use the token up.
+        let issued =
+            self.ca.issue_uri(&req.csr_pem, &self.node_uri(&req.node), OffsetDateTime::now_utc(), self.node_lifetime);
         let issued = issued.map_err(|e| self.refuse(ca_status(e)))?;
+        self.admit_join(&req.node, &req.token)?;
+        self.registry.issued(&req.node, &issued.serial);
         info!(node = %req.node, "node joined");
         Ok(self.issued(issued))
     }
@@ -196,7 +287,9 @@ impl NodeControl for NodeService {
         let req = req.into_inner();
         let now = OffsetDateTime::now_utc();
         if req.identity.is_empty() {
-            let issued = self.ca.issue_uri(&req.csr_pem, &self.node_uri(&node), now).map_err(ca_status)?;
+            let issued =
+                self.ca.issue_uri(&req.csr_pem, &self.node_uri(&node), now, self.node_lifetime).map_err(ca_status)?;
+            self.registry.issued(&node, &issued.serial);
             info!(node = %node, "node certificate renewed");
             return Ok(self.issued(issued));
         }
@@ -238,8 +331,16 @@ impl NodeControl for NodeService {
                 s.admin_addr = hello.admin_addr;
                 s.role = hello.role;
             });
-            if let Err(e) = hub.session(&node, hello.known, &mut inbound, &tx).await {
-                info!(node = %node, "stream ended: {e}");
+            tokio::select! {
+                result = hub.session(&node, hello.known, &mut inbound, &tx) => {
+                    if let Err(e) = result {
+                        info!(node = %node, "stream ended: {e}");
+                    }
+                }
+                () = hub.revoked(&node) => {
+                    let _ = tx.send(Err(Status::permission_denied(format!("node {node:?} was removed from the mesh")))).await;
+                    info!(node = %node, "stream ended: the node was revoked");
+                }
             }
             hub.status(&node, |s| {
                 s.connected = false;

@@ -41,8 +41,7 @@ impl Connected<IncomingStream<'_, TcpListener>> for AdminPeer {
 
 /// Whether a caller is on this node.
 pub fn is_local(peer: AdminPeer) -> bool {
-    let remote = peer.remote.ip().to_canonical();
-    remote.is_loopback() || peer.local.is_some_and(|l| l.ip().to_canonical() == remote)
+    mesh_common::admin::is_local_caller(peer.remote.ip(), peer.local.map(|l| l.ip()))
 }
 
 /// Why a request was refused: the status, the metric's reason and the answer.
@@ -200,27 +199,6 @@ pub async fn guard(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn peer(remote: &str, local: &str) -> AdminPeer {
-        AdminPeer { remote: remote.parse().unwrap(), local: Some(local.parse().unwrap()) }
-    }
-
-    #[test]
-    fn local_callers() {
-        let cases = [
-            ("127.0.0.1:4000", "127.0.0.1:15000", true),
-            ("[::1]:4000", "[::1]:15000", true),
-            ("[::ffff:127.0.0.1]:4000", "[::ffff:127.0.0.1]:15000", true),
-            ("10.0.0.5:4000", "10.0.0.5:15000", true),
-            ("[::ffff:10.0.0.5]:4000", "10.0.0.5:15000", true),
-            ("10.0.0.6:4000", "10.0.0.5:15000", false),
-            ("[fd00::6]:4000", "[fd00::5]:15000", false),
-        ];
-        for (remote, local, want) in cases {
-            assert_eq!(is_local(peer(remote, local)), want, "{remote} -> {local}");
-        }
-        assert!(!is_local(AdminPeer { remote: "10.0.0.6:1".parse().unwrap(), local: None }));
-    }
 
     #[test]
     fn decisions() {

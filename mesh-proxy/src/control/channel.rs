@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use mesh_common::api::{self, node_control_client::NodeControlClient};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{Control, NODE_CERT_FILE, lock, now_unix, status_error};
 use crate::identity::{KeyedCert, key_and_csr};
@@ -36,9 +36,11 @@ impl Control {
 
     /// A valid node certificate: the one held, or a new one for the join token.
     pub(super) async fn node_identity(&self) -> anyhow::Result<KeyedCert> {
+        // Held while it is valid: it is renewed at half-life over the channel
+        // it authenticates; the join token is single-use.
         let held = lock(&self.node_cert).clone();
         if let Some(c) = held
-            && c.not_after_unix > now_unix() + 30
+            && c.not_after_unix > now_unix() + 2
         {
             return Ok(c);
         }
@@ -52,6 +54,23 @@ impl Control {
         self.keep_node_cert(cert.clone());
         info!(node = %self.config.node, not_after = cert.not_after_unix, "joined the mesh");
         Ok(cert)
+    }
+
+    /// A refusal of the node itself. PermissionDenied means the controller
+    /// no longer takes this node certificate (the node was removed, or
+    /// registered again): it is dropped, so the next attempt joins with
+    /// the token file, where the operator puts the node's new token.
+    pub(super) fn node_refused(&self, status: tonic::Status) -> anyhow::Error {
+        if status.code() == tonic::Code::PermissionDenied && lock(&self.node_cert).take().is_some() {
+            let _ = std::fs::remove_file(self.config.state_dir.join(NODE_CERT_FILE));
+            error!(
+                node = %self.config.node, token_file = %self.config.token_file.display(),
+                "the controller no longer accepts this node's certificate ({}): it joins again with the token \
+                 in the token file once the operator has put a new one there (mesh-ctl node add)",
+                status.message()
+            );
+        }
+        status_error(status)
     }
 
     pub(super) fn keep_node_cert(&self, cert: KeyedCert) {

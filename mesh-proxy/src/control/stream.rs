@@ -6,7 +6,7 @@ use mesh_common::api::{self, node_control_client::NodeControlClient, node_messag
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{BACKOFF_MAX, BACKOFF_MIN, Control, lock, now_unix, status_error};
+use super::{BACKOFF_MAX, BACKOFF_MIN, Control, lock, now_unix};
 
 impl Control {
     pub(super) async fn stream_loop(self: Arc<Self>) {
@@ -37,8 +37,11 @@ impl Control {
         let hello = api::Hello { known: self.proxy.state.known(), admin_addr, role: self.config.role.into() };
         tx.send(api::NodeMessage { kind: Some(Msg::Hello(hello)) }).await?;
         let mut client = NodeControlClient::new(channel);
-        let mut updates =
-            client.subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(status_error)?.into_inner();
+        let mut updates = client
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| self.node_refused(s))?
+            .into_inner();
         {
             let mut s = lock(&self.status);
             s.connected = true;
@@ -50,7 +53,7 @@ impl Control {
         *backoff = BACKOFF_MIN;
         loop {
             let update = tokio::select! {
-                u = updates.message() => u.map_err(status_error)?,
+                u = updates.message() => u.map_err(|s| self.node_refused(s))?,
                 () = self.reconnect.notified() => return Ok(()),
             };
             let Some(update) = update else { anyhow::bail!("the controller closed the stream") };
