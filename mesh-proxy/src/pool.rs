@@ -8,7 +8,10 @@
 //! driver has ended (the peer restarted, went away or failed) leaves the pool
 //! at its next look-up, so no tunnel is tried on it. Tunnels that find no
 //! room at once share one dial: 150 opened together make two connections,
-//! not 150.
+//! not 150. A connection presents the certificate its source held when it
+//! was dialed: once that certificate is renewed, new tunnels go on
+//! connections dialed with the new one, while those in flight on the old
+//! connection run on until they end and it is dropped.
 use std::{
     collections::HashMap,
     future::Future,
@@ -40,6 +43,8 @@ struct Pooled {
     conn: PeerConnection,
     streams: Arc<AtomicUsize>,
     last_used: Instant,
+    /// Which of the source's certificates it presented (its not-after).
+    credentials: i64,
 }
 
 /// Holds a pooled connection's stream slot while a tunnel is open.
@@ -85,12 +90,14 @@ impl Drop for DialInProgress<'_> {
 
 impl Pool {
     /// Opens a tunnel with `CONNECT authority` over a pooled connection for
-    /// `key`, dialing one with `dial` when none has room. A connection that
-    /// turns out broken is dropped and one fresh connection is tried; a
-    /// refusal by the peer (an HTTP status) is returned as it is.
+    /// `key` that presented the source's current certificate (`credentials`:
+    /// its not-after), dialing one with `dial` when none has room. A
+    /// connection that turns out broken is dropped and one fresh connection
+    /// is tried; a refusal by the peer (an HTTP status) is returned as it is.
     pub async fn tunnel<F, Fut>(
         &self,
         key: &PoolKey,
+        credentials: i64,
         authority: std::net::SocketAddr,
         dial: F,
     ) -> Result<(Tunnel, StreamSlot), TunnelError>
@@ -101,7 +108,7 @@ impl Pool {
         // A dial shared with others may leave no room for this tunnel (or
         // fail for them all): a few turns, then a dial of its own.
         for _ in 0..3 {
-            if let Some((conn, slot)) = self.take_slot(key) {
+            if let Some((conn, slot)) = self.take_slot(key, credentials) {
                 match conn.connect(authority).await {
                     Ok(t) => return Ok((t, slot)),
                     Err(e @ TunnelError::Refused { .. }) => return Err(e),
@@ -118,14 +125,14 @@ impl Pool {
                     let _ = done.wait_for(|ended| *ended).await;
                 }
                 Dial::Mine(in_progress) => {
-                    let dialed = self.dial_into_pool(key, &dial).await;
+                    let dialed = self.dial_into_pool(key, credentials, &dial).await;
                     drop(in_progress);
                     let (conn, slot) = dialed?;
                     return self.open_on(key, conn, slot, authority).await;
                 }
             }
         }
-        let (conn, slot) = self.dial_into_pool(key, &dial).await?;
+        let (conn, slot) = self.dial_into_pool(key, credentials, &dial).await?;
         self.open_on(key, conn, slot, authority).await
     }
 
@@ -141,7 +148,12 @@ impl Pool {
     }
 
     /// Dials a connection for `key` and pools it, with a slot taken for the caller.
-    async fn dial_into_pool<F, Fut>(&self, key: &PoolKey, dial: &F) -> Result<(PeerConnection, StreamSlot), TunnelError>
+    async fn dial_into_pool<F, Fut>(
+        &self,
+        key: &PoolKey,
+        credentials: i64,
+        dial: &F,
+    ) -> Result<(PeerConnection, StreamSlot), TunnelError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = io::Result<PeerConnection>>,
@@ -154,6 +166,7 @@ impl Pool {
             conn: conn.clone(),
             streams,
             last_used: Instant::now(),
+            credentials,
         });
         Ok((conn, slot))
     }
@@ -180,11 +193,15 @@ impl Pool {
         lock(&self.conns)
     }
 
-    fn take_slot(&self, key: &PoolKey) -> Option<(PeerConnection, StreamSlot)> {
+    fn take_slot(&self, key: &PoolKey, credentials: i64) -> Option<(PeerConnection, StreamSlot)> {
         let mut conns = self.lock();
         let list = conns.get_mut(key)?;
-        list.retain(|p| !p.conn.has_ended()); // the peer closed them: no tunnel is tried there
-        let p = list.iter_mut().find(|p| p.streams.load(Ordering::Relaxed) < hbone::MAX_STREAMS as usize)?;
+        // Ended (the peer closed them): no tunnel is tried there. Dialed with
+        // a certificate since renewed and carrying no tunnel: closed now.
+        list.retain(|p| !p.conn.has_ended() && (p.credentials >= credentials || p.streams.load(Ordering::Relaxed) > 0));
+        let p = list.iter_mut().find(|p| {
+            p.credentials >= credentials && p.streams.load(Ordering::Relaxed) < hbone::MAX_STREAMS as usize
+        })?;
         p.streams.fetch_add(1, Ordering::Relaxed);
         p.last_used = Instant::now();
         Some((p.conn.clone(), StreamSlot(p.streams.clone())))

@@ -241,6 +241,7 @@ pub async fn open(proxy: &Proxy, me: &SpiffeId, up: &Upstream) -> io::Result<Eit
             hbone::PeerConnection::handshake(tcp, config).await
         }
     };
-    let (tunnel, slot) = proxy.pool.tunnel(&key, target, dial).await.map_err(io::Error::other)?;
+    let (tunnel, slot) =
+        proxy.pool.tunnel(&key, local.cert.not_after_unix, target, dial).await.map_err(io::Error::other)?;
     Ok(Either::Right(TunnelIo::pooled(tunnel, slot)))
 }

@@ -83,7 +83,18 @@ fn bench(only: &[String]) -> anyhow::Result<()> {
         step("controller at scale: 10 000 pods, 2 000 services, 1 000 policies, 100 nodes");
         cargo(&["bench", "-p", "mesh-controller", "--bench", "scale"])?;
     }
-    cargo(&["build", "--release", "-p", "mesh-node", "-p", "mesh-waypoint", "-p", "mesh-controller"])?;
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "mesh-node",
+        "-p",
+        "mesh-waypoint",
+        "-p",
+        "mesh-controller",
+        "-p",
+        "mesh-ctl",
+    ])?;
     if wanted("dataplane") {
         step("data plane: direct vs mesh across nodes vs mesh on one node (iperf3, hey, wrk against nginx)");
         cargo(&["bench", "-p", "mesh-tests", "--bench", "dataplane"])?;

@@ -87,7 +87,7 @@ async fn open(hop: &Hop, pod: &PodContext, ctx: &ProxyContext) -> Result<Opened,
         let tcp = connect_from(pod, hop.dial, ctx.mark).await.map_err(io::Error::other)?;
         PeerConnection::handshake(tcp, config).await
     };
-    match ctx.proxy.pool.tunnel(&mtls.pool, hop.target, dial).await {
+    match ctx.proxy.pool.tunnel(&mtls.pool, me.cert.not_after_unix, hop.target, dial).await {
         Ok((tunnel, slot)) => Ok(Opened::Hbone(tunnel, slot)),
         Err(e) => {
             Err(ProxyError::Tunnel { peer: hop.dial, identity: Box::new(mtls.peer.clone()), source: Box::new(e) })

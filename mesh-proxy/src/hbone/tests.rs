@@ -290,7 +290,7 @@ async fn the_pool_shares_dials_and_forgets_dead_connections() {
     };
     let pool = Pool::default();
     let target: SocketAddr = "10.0.0.2:8080".parse().unwrap();
-    let open = || pool.tunnel(&key, target, || dial(addr, &me, roots.clone(), B));
+    let open = || pool.tunnel(&key, 0, target, || dial(addr, &me, roots.clone(), B));
 
     let mut opening = Vec::new();
     for _ in 0..150 {
@@ -343,4 +343,47 @@ async fn stalled_handshakes_are_cut_off() {
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
         assert_eq!(started.elapsed().as_secs(), HANDSHAKE_TIMEOUT.as_secs(), "slowloris: {slowloris}");
     }
+}
+
+/// Echoes `n` bytes through `tunnel` and checks they come back.
+async fn echo_through(tunnel: Tunnel, n: usize) {
+    let (mut app, proxy_side) = tokio::io::duplex(1 << 16);
+    let relay = tokio::spawn(relay(proxy_side, tunnel));
+    let payload = vec![7u8; n];
+    app.write_all(&payload).await.unwrap();
+    let mut back = vec![0u8; n];
+    app.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, payload);
+    app.shutdown().await.unwrap();
+    drop(app);
+    relay.await.unwrap().unwrap();
+}
+
+/// A renewed certificate moves new tunnels to a connection dialed with it;
+/// a tunnel in flight on the old connection runs on, and the old connection
+/// is dropped once it carries none.
+#[tokio::test]
+async fn the_pool_moves_to_a_renewed_certificate() {
+    use crate::pool::{Pool, PoolKey};
+    let ca = Ca::new();
+    let (addr, _) = start(&ca, &ca.issue(B)).await;
+    let (old, new) = (ca.issue(A), ca.issue(A));
+    let key = PoolKey {
+        src: A.parse().unwrap(),
+        src_ip: "127.0.0.1".parse().unwrap(),
+        dst: B.parse().unwrap(),
+        dst_ip: addr.ip(),
+    };
+    let pool = Pool::default();
+    let target: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+    let (in_flight, slot) = pool.tunnel(&key, 1, target, || dial(addr, &old, ca.roots(), B)).await.unwrap();
+    let (renewed, slot2) = pool.tunnel(&key, 2, target, || dial(addr, &new, ca.roots(), B)).await.unwrap();
+    assert_eq!(pool.stats(), (2, 2), "a second connection, dialed with the renewed certificate");
+    echo_through(in_flight, 100_000).await;
+    drop(slot);
+    echo_through(renewed, 100_000).await;
+    drop(slot2);
+    let (again, _slot) = pool.tunnel(&key, 2, target, || dial(addr, &new, ca.roots(), B)).await.unwrap();
+    echo_through(again, 10).await;
+    assert_eq!(pool.stats(), (1, 2), "the old connection is gone; the renewed one was reused");
 }
