@@ -453,18 +453,45 @@ fn mesh_signed(
     from: time::OffsetDateTime,
     to: time::OffsetDateTime,
 ) -> (String, String) {
-    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose, SanType};
+    let san = rcgen::SanType::URI(uri.try_into().unwrap());
+    signed(mesh, &mesh_ca(mesh), name, san, from, to)
+}
+
+/// The test controller's CA, as a signer.
+fn mesh_ca(mesh: &Mesh) -> rcgen::Issuer<'static, rcgen::KeyPair> {
     let ca_cert = std::fs::read_to_string(mesh.controller.state_dir.join("ca-cert.pem")).unwrap();
-    let ca_key =
-        KeyPair::from_pem(&std::fs::read_to_string(mesh.controller.state_dir.join("ca-key.pem")).unwrap()).unwrap();
-    let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
+    let ca_key = std::fs::read_to_string(mesh.controller.state_dir.join("ca-key.pem")).unwrap();
+    rcgen::Issuer::from_ca_cert_pem(&ca_cert, rcgen::KeyPair::from_pem(&ca_key).unwrap()).unwrap()
+}
+
+/// A CA of the attacker's own, as a signer.
+fn other_ca() -> rcgen::Issuer<'static, rcgen::KeyPair> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let cert = params.self_signed(&key).unwrap();
+    rcgen::Issuer::from_ca_cert_pem(&cert.pem(), key).unwrap()
+}
+
+/// A client/server certificate with the one SAN `san`, signed by `issuer`.
+fn signed(
+    mesh: &Mesh,
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    name: &str,
+    san: rcgen::SanType,
+    from: time::OffsetDateTime,
+    to: time::OffsetDateTime,
+) -> (String, String) {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![san];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     (params.not_before, params.not_after) = (from, to);
-    let cert = params.signed_by(&key, &issuer).unwrap();
+    let cert = params.signed_by(&key, issuer).unwrap();
     let (cert_file, key_file) = (mesh.t.dir.join(format!("{name}.pem")), mesh.t.dir.join(format!("{name}.key")));
     std::fs::write(&cert_file, cert.pem()).unwrap();
     std::fs::write(&key_file, key.serialize_pem()).unwrap();
@@ -480,10 +507,11 @@ fn openssl_client(pod: &Pod, addr: &str, (cert, key): &(String, String)) {
     run_in(&pod.netns, &["sh", "-c", &script]);
 }
 
-/// Point 4: identity spoofing fails the handshake, with a clear log line on
-/// the proxy that refused it: a client certificate of another trust domain
-/// and an expired one (both signed by the mesh's own CA, so only the checks
-/// stop them), and a server presenting the wrong SPIFFE ID.
+/// Identity spoofing fails the handshake, with a clear log line on the proxy
+/// that refused it and a metric by reason (issue 16 pt 8): client
+/// certificates of another trust domain, expired, not yet valid, without a
+/// SPIFFE ID (all signed by the mesh's own CA, so only the checks stop
+/// them), signed by another CA; and a server presenting the wrong SPIFFE ID.
 #[test]
 fn spoofed_identities_fail_the_handshake() {
     let Some(mesh) = Mesh::start("overlay-spoof", &["node1", "node2"]) else { return };
@@ -520,23 +548,56 @@ fn spoofed_identities_fail_the_handshake() {
             .collect()
     };
 
-    let foreign = mesh_signed(&mesh, "foreign", "spiffe://evil.org/ns/default/sa/sa-a", now - hour, now + hour);
-    openssl_client(&x, &hbone, &foreign);
-    let deadline = Instant::now() + mesh_tests::patience(Duration::from_secs(5));
-    while refusals("is not in trust domain cluster.local").is_empty() {
-        assert!(Instant::now() < deadline, "no refusal of the foreign trust domain:\n{}", node2.proc.log_text());
-        thread::sleep(Duration::from_millis(50));
+    // Client certificates the proxy must refuse at the handshake, each with
+    // its reason in the log line and in mesh_node_hbone_errors_total.
+    let sa_a = identity("default", "sa-a");
+    let uri = |id: &str| rcgen::SanType::URI(id.try_into().unwrap());
+    let cases = [
+        (
+            "foreign",
+            signed(
+                &mesh,
+                &mesh_ca(&mesh),
+                "foreign",
+                uri("spiffe://evil.org/ns/default/sa/sa-a"),
+                now - hour,
+                now + hour,
+            ),
+            "foreign_trust_domain",
+        ),
+        ("expired", signed(&mesh, &mesh_ca(&mesh), "expired", uri(&sa_a), now - hour * 3, now - hour * 2), "expired"),
+        (
+            "not yet valid",
+            signed(&mesh, &mesh_ca(&mesh), "future", uri(&sa_a), now + hour, now + hour * 2),
+            "not_yet_valid",
+        ),
+        ("another CA's", signed(&mesh, &other_ca(), "other-ca", uri(&sa_a), now - hour, now + hour), "unknown_issuer"),
+        (
+            "without a SPIFFE ID",
+            signed(
+                &mesh,
+                &mesh_ca(&mesh),
+                "dns-only",
+                rcgen::SanType::DnsName("a.example".try_into().unwrap()),
+                now - hour,
+                now + hour,
+            ),
+            "bad_identity",
+        ),
+    ];
+    for (what, cert, reason) in &cases {
+        openssl_client(&x, &hbone, cert);
+        let needle = format!("\"reason\":\"{reason}\"");
+        let deadline = Instant::now() + mesh_tests::patience(Duration::from_secs(5));
+        while refusals(&needle).is_empty() {
+            assert!(Instant::now() < deadline, "no refusal of the {what} certificate:\n{}", node2.proc.log_text());
+            thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("{what}: {}", refusals(&needle)[0]);
+        let counted = mesh.metric("node2", "mesh_node_hbone_errors_total", &[("reason", reason)]);
+        assert!(counted >= 1.0, "{what}: not counted as {reason}");
     }
-    eprintln!("{}", refusals("trust domain")[0]);
-
-    let expired = mesh_signed(&mesh, "expired", &identity("default", "sa-a"), now - hour * 3, now - hour * 2);
-    openssl_client(&x, &hbone, &expired);
-    let deadline = Instant::now() + mesh_tests::patience(Duration::from_secs(5));
-    while refusals("xpired").is_empty() {
-        assert!(Instant::now() < deadline, "no refusal of the expired certificate:\n{}", node2.proc.log_text());
-        thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!("{}", refusals("xpired")[0]);
+    assert!(refusals("is not in trust domain cluster.local").len() == 1, "the trust domain is named");
 
     // The wrong server: node1's proxy dials the rogue's 15008 for sa-b and
     // gets a certificate for sa-evil (from the mesh CA, so the chain is fine).

@@ -39,8 +39,9 @@ pub async fn serve(
     let handler = Arc::new(PodTunnels { listener, pod: pod.clone(), ctx: ctx.clone() });
     let timeout = ctx.hbone_handshake_timeout;
     if let Err(e) = hbone::serve(tcp, me.server.clone(), handler, ctx.proxy.draining(), timeout).await {
-        ctx.hbone_errors.inc();
-        warn!(pod = %pod.name, peer = %peer, "HBONE connection refused or failed: {e}");
+        let reason = hbone::failure_reason(&e);
+        ctx.count_hbone_error(reason);
+        warn!(pod = %pod.name, peer = %peer, reason, "HBONE connection refused or failed: {e}");
     }
 }
 

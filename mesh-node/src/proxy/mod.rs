@@ -23,7 +23,11 @@ use std::{
 };
 
 use mesh_proxy::{Proxy, error::ProxyError, plan::LocalPod};
-use prometheus_client::{metrics::counter::Counter, registry::Registry};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::warn;
 
@@ -43,8 +47,13 @@ pub struct ProxyContext {
     pub limits: limits::Limits,
     /// For TLS and the HTTP/2 preface on 15008.
     pub hbone_handshake_timeout: std::time::Duration,
-    hbone_errors: Counter,
+    hbone_errors: Family<ReasonLabel, Counter>,
     closed_by_policy: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 /// The node's choices for its proxy.
@@ -62,10 +71,12 @@ impl ProxyContext {
         orig_dst: Arc<OrigDstTable>,
         registry: &mut Registry,
     ) -> ProxyContext {
-        let hbone_errors = Counter::default();
+        let hbone_errors = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "mesh_node_hbone_errors",
-            "HBONE connections refused at the handshake or failed",
+            "HBONE connections on 15008 refused at the handshake (expired, not_yet_valid, unknown_issuer, \
+             bad_signature, bad_certificate, no_client_certificate, foreign_trust_domain, bad_identity, \
+             handshake_timeout, tls) or failed after it (other)",
             hbone_errors.clone(),
         );
         let closed_by_policy = Counter::default();
@@ -87,6 +98,10 @@ impl ProxyContext {
             hbone_errors,
             closed_by_policy,
         }
+    }
+
+    fn count_hbone_error(&self, reason: &'static str) {
+        self.hbone_errors.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Relays `relay` until it ends, or until a configuration put in force

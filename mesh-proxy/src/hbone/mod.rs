@@ -185,6 +185,29 @@ pub async fn serve<H: TunnelHandler>(
     serve_streams(tls, peer, peer_addr, handler, drain, deadline).await
 }
 
+/// Why serving a connection on 15008 failed, as a metric label: the
+/// certificate check that refused the peer at the handshake, or a timeout,
+/// or `other` (the connection failed after it).
+pub fn failure_reason(e: &io::Error) -> &'static str {
+    use rustls::{CertificateError as C, Error as E};
+    if e.kind() == io::ErrorKind::TimedOut {
+        return "handshake_timeout";
+    }
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) else { return "other" };
+    match tls {
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "expired",
+        E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => "not_yet_valid",
+        E::InvalidCertificate(C::UnknownIssuer) => "unknown_issuer",
+        E::InvalidCertificate(C::BadSignature) => "bad_signature",
+        E::InvalidCertificate(_) => "bad_certificate",
+        E::NoCertificatesPresented => "no_client_certificate",
+        // Our own checks (tls.rs): the SPIFFE ID and its trust domain.
+        E::General(m) if m.contains("trust domain") => "foreign_trust_domain",
+        E::General(_) => "bad_identity",
+        _ => "tls",
+    }
+}
+
 fn handshake_timed_out(timeout: std::time::Duration, what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, format!("{what} handshake not done within {timeout:?}"))
 }

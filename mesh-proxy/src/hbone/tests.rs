@@ -387,3 +387,28 @@ async fn the_pool_moves_to_a_renewed_certificate() {
     echo_through(again, 10).await;
     assert_eq!(pool.stats(), (1, 2), "the old connection is gone; the renewed one was reused");
 }
+
+#[test]
+fn failure_reasons() {
+    use rustls::{CertificateError as C, Error as E};
+    let tls = |e: E| io::Error::new(io::ErrorKind::InvalidData, e);
+    let cases = [
+        (io::Error::new(io::ErrorKind::TimedOut, "TLS handshake not done within 10s"), "handshake_timeout"),
+        (tls(E::InvalidCertificate(C::Expired)), "expired"),
+        (tls(E::InvalidCertificate(C::NotValidYet)), "not_yet_valid"),
+        (tls(E::InvalidCertificate(C::UnknownIssuer)), "unknown_issuer"),
+        (tls(E::InvalidCertificate(C::BadSignature)), "bad_signature"),
+        (tls(E::InvalidCertificate(C::Revoked)), "bad_certificate"),
+        (tls(E::NoCertificatesPresented), "no_client_certificate"),
+        (
+            tls(E::General("client spiffe://evil.org/ns/a/sa/b is not in trust domain cluster.local".into())),
+            "foreign_trust_domain",
+        ),
+        (tls(E::General("certificate without a URI SAN".into())), "bad_identity"),
+        (tls(E::HandshakeNotComplete), "tls"),
+        (io::Error::other("h2 protocol error"), "other"),
+    ];
+    for (e, want) in cases {
+        assert_eq!(failure_reason(&e), want, "{e}");
+    }
+}
