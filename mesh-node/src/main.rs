@@ -4,6 +4,7 @@
 mod admin;
 mod control;
 mod ebpf;
+mod handoff;
 mod metrics_server;
 mod netns;
 mod pods;
@@ -191,43 +192,61 @@ async fn run(args: Args) -> anyhow::Result<()> {
         hbone: mesh_common::HBONE_PORT,
     };
     let state_dir = args.state_dir.join(&args.instance);
-    let enrolment = Enrolment::new(dataplane, ctx.clone(), ports, &state_dir)
+    let mut enrolment = Enrolment::new(dataplane, ctx.clone(), ports, &state_dir)
         .with_context(|| format!("state directory {}", state_dir.display()))?;
-    let pods = Pods::start(enrolment).await;
+    // The configuration and certificates a previous agent persisted are in
+    // force before any pod accepts a connection (a restarted or upgraded
+    // agent serves at once, from the first connection).
     let control = match (&args.controller, &args.node_name, &args.join_token, &args.controller_ca) {
-        (Some(address), Some(node), Some(token_file), Some(ca_file)) => {
-            let control = Control::new(
-                ControlConfig {
-                    address: address.clone(),
-                    node: node.clone(),
-                    token_file: token_file.clone(),
-                    ca_file: ca_file.clone(),
-                    server_name: args.controller_name.clone(),
-                    state_dir: state_dir.clone(),
-                    admin_addr: Some(args.admin_addr).filter(|a| !a.ip().is_loopback()),
-                    role: "",
-                },
-                proxy.clone(),
-            );
-            control::spawn(&control, pods.clone());
-            Some(control)
-        }
+        (Some(address), Some(node), Some(token_file), Some(ca_file)) => Some(Control::new(
+            ControlConfig {
+                address: address.clone(),
+                node: node.clone(),
+                token_file: token_file.clone(),
+                ca_file: ca_file.clone(),
+                server_name: args.controller_name.clone(),
+                state_dir: state_dir.clone(),
+                admin_addr: Some(args.admin_addr).filter(|a| !a.ip().is_loopback()),
+                role: "",
+            },
+            proxy.clone(),
+        )),
         _ => None,
     };
+    // An agent of this instance still running hands its listeners over.
+    let mut takeover = handoff::take_over(&state_dir).unwrap_or_else(|e| {
+        warn!(error = %e, "the running agent did not hand its listeners over; binding afresh");
+        None
+    });
+    if let Some(t) = &mut takeover {
+        info!(pods = t.pods.len(), "taking over from the running agent");
+        enrolment.inherit(std::mem::take(&mut t.pods));
+    }
+    let pods = Pods::start(enrolment).await;
+    if let Some(t) = takeover {
+        // Accepting on the handed sockets now: the old agent may stop, and free its ports.
+        match tokio::task::spawn_blocking(move || t.accepting(std::time::Duration::from_secs(10))).await? {
+            Ok(()) => info!("the previous agent stopped accepting and released its ports"),
+            Err(e) => warn!(error = %e, "the previous agent did not confirm the handoff"),
+        }
+    }
+    if let Some(control) = &control {
+        control::spawn(control, pods.clone());
+    }
 
     let ready = Arc::new(AtomicBool::new(false));
     let access = admin::access::Access::new(token, &mut registry);
-    let admin = tokio::net::TcpListener::bind(args.admin_addr).await.with_context(|| {
+    let admin = bind(args.admin_addr).await.with_context(|| {
         format!("binding the admin port {} (another agent there? use --admin-addr)", args.admin_addr)
     })?;
-    let readiness = tokio::net::TcpListener::bind(args.readiness_addr)
+    let readiness = bind(args.readiness_addr)
         .await
         .with_context(|| format!("binding the readiness port {}", args.readiness_addr))?;
-    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("binding the metrics port {}", args.metrics_addr))?;
+    let metrics_listener =
+        bind(args.metrics_addr).await.with_context(|| format!("binding the metrics port {}", args.metrics_addr))?;
     let registry = Arc::new(registry);
-    tokio::spawn(metrics_server::serve(metrics_listener, registry, gauges, pods.clone(), ctx.clone()));
+    let mut servers =
+        vec![tokio::spawn(metrics_server::serve(metrics_listener, registry, gauges, pods.clone(), ctx.clone()))];
     let admin_state = AdminState {
         pods: pods.clone(),
         instance: args.instance.clone(),
@@ -236,11 +255,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let admin_service =
         admin::admin_router(admin_state, access).into_make_service_with_connect_info::<admin::access::AdminPeer>();
-    tokio::spawn(async move { axum::serve(admin, admin_service).await });
-    tokio::spawn({
+    servers.push(tokio::spawn(async move {
+        let _ = axum::serve(admin, admin_service).await;
+    }));
+    servers.push(tokio::spawn({
         let ready = ready.clone();
-        async move { axum::serve(readiness, admin::readiness_router(ready)).await }
-    });
+        async move {
+            let _ = axum::serve(readiness, admin::readiness_router(ready)).await;
+        }
+    }));
+    let mut upgrades = handoff::offer(&state_dir);
     ready.store(true, Ordering::Release);
     info!(
         instance = %args.instance, admin = %args.admin_addr, readiness = %args.readiness_addr,
@@ -249,13 +273,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
+    let mut handed_over = false;
+    loop {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+            Some(request) = upgrades.recv() => {
+                if !hand_over(request, &pods, &ready, &servers).await {
+                    continue;
+                }
+                handed_over = true;
+            }
+        }
+        break;
     }
     ready.store(false, Ordering::Release);
     drain(&pods, &proxy, args.drain_timeout).await;
-    if args.cleanup {
+    if handed_over {
+        info!("exiting: a new agent serves the pods");
+    } else if args.cleanup {
         if let Some(control) = &control {
             control.forget_persisted();
         }
@@ -265,6 +301,59 @@ async fn run(args: Args) -> anyhow::Result<()> {
         info!("exiting; programs stay attached so enrolled pods fail closed until an agent is back");
     }
     Ok(())
+}
+
+/// Binds `addr`; while a previous agent is letting its ports go (a handoff),
+/// tries again for a while.
+async fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Hands the pods' listeners to the new agent that asked; once it accepts
+/// on them, stops accepting and frees the ports. `false` when the handoff
+/// failed: this agent goes on serving as before.
+async fn hand_over(
+    request: handoff::Request,
+    pods: &Pods,
+    ready: &AtomicBool,
+    servers: &[tokio::task::JoinHandle<()>],
+) -> bool {
+    let handed = pods.hand_off().await;
+    let count = handed.len();
+    let sent = tokio::task::spawn_blocking(move || request.hand_over(&handed).map(|()| request)).await;
+    let request = match sent {
+        Ok(Ok(request)) => request,
+        Ok(Err(e)) => {
+            pods.resume().await;
+            warn!(error = %e, "handoff to a new agent failed; this agent goes on serving");
+            return false;
+        }
+        Err(e) => {
+            pods.resume().await;
+            warn!(error = %e, "handoff to a new agent failed; this agent goes on serving");
+            return false;
+        }
+    };
+    ready.store(false, Ordering::Release);
+    pods.stop_accepting().await;
+    for server in servers {
+        server.abort();
+    }
+    // The aborted servers' listeners close as their tasks are dropped.
+    tokio::task::yield_now().await;
+    if let Err(e) = request.released() {
+        warn!(error = %e, "could not tell the new agent the ports are free (it binds them when it can)");
+    }
+    info!(pods = count, "handed the pods' listeners to a new agent; draining the open connections");
+    true
 }
 
 /// Stops taking connections and waits (up to `timeout`) for the open ones to end.

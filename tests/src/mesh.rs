@@ -79,6 +79,39 @@ impl Mesh {
         self.nodes[i].agent = self.t.start_agent(&netns, name, &args).expect("the agent ran here before");
     }
 
+    /// Starts a new agent on node `name` beside the running one, as an
+    /// upgrade does (same instance, state and arguments): it takes the pods'
+    /// listeners over. Returns the old agent, which drains and exits.
+    pub fn upgrade_agent(&mut self, name: &str) -> Agent {
+        let i = self.nodes.iter().position(|n| n.name == name).expect("no such node");
+        let netns = self.nodes[i].netns.clone();
+        let args = agent_args(&self.t, &self.controller, name, &netns, &self.agent_extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let new = self.t.start_agent(&netns, name, &args).expect("the agent ran here before");
+        // The old agent answered the readiness probe until it handed over.
+        new.proc.wait_for_log("mesh-node ready", crate::patience(Duration::from_secs(20)));
+        std::mem::replace(&mut self.nodes[i].agent, new)
+    }
+
+    /// Pods `a` (sa-a, node1) and `b` (sa-b, node2) in an ambient `default`
+    /// namespace, enrolled and certified, with nginx on b:80 and a one-shot
+    /// iperf3 server on b: the two ends most load tests need.
+    pub fn a_and_b_serving(&self) -> (Pod, Pod, Vec<Proc>) {
+        let (a, b) = (self.t.pod("a"), self.t.pod("b"));
+        let config = [
+            yaml::namespace("default", true),
+            yaml::pod(&a, "node1", "sa-a", "a"),
+            yaml::pod(&b, "node2", "sa-b", "b"),
+        ]
+        .concat();
+        self.apply("mesh.yaml", &config);
+        self.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b")]);
+        let nginx = self.t.nginx(&b, 80, "b\n", 10);
+        let iperf = Proc::spawn_in("iperf3 -s", &b.netns, &["iperf3", "-s", "-1"], &self.t.dir.join("iperf-s.log"));
+        thread::sleep(Duration::from_millis(300));
+        (a, b, vec![nginx, iperf])
+    }
+
     /// Runs `mesh-ctl` in the controller's namespace, pointed at it, with
     /// the nodes' admin token.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
@@ -352,6 +385,47 @@ impl Topology {
         proc.wait_for_log("listening", Duration::from_secs(10));
         proc
     }
+}
+
+/// A client in `pod` opening a new connection to `ip`:80 every 5 ms for
+/// `seconds`, each an HTTP/1.0 GET that must be answered 200; see
+/// [`prober_counts`].
+pub fn connection_prober(pod: &Pod, ip: &str, seconds: u64, log: &std::path::Path) -> Proc {
+    const SCRIPT: &str = r#"
+import socket, sys, time
+ip, seconds = sys.argv[1], float(sys.argv[2])
+ok = failed = 0
+end = time.time() + seconds
+while time.time() < end:
+    try:
+        s = socket.create_connection((ip, 80), timeout=5)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while True:
+            b = s.recv(4096)
+            if not b: break
+            data += b
+        s.close()
+        good = data.startswith(b"HTTP/1.1 200")
+    except OSError as e:
+        good = False
+        print("failed:", e, flush=True)
+    ok += good
+    failed += not good
+    time.sleep(0.005)
+print(ok, failed, flush=True)
+"#;
+    Proc::spawn_in("connection prober", &pod.netns, &["python3", "-c", SCRIPT, ip, &seconds.to_string()], log)
+}
+
+/// (served, failed) of a [`connection_prober`] that has exited.
+pub fn prober_counts(prober: &Proc) -> (u64, u64) {
+    prober
+        .log_text()
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once(' ').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))))
+        .unwrap_or((0, u64::MAX))
 }
 
 /// Sends `send` bytes from `pod` to `addr`, closes its side, and returns how

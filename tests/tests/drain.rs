@@ -136,3 +136,50 @@ fn sigterm_without_connections_exits_at_once_and_cleans_up() {
     assert!(agent.proc.log_text().contains("drained: no connection left"));
     assert!(!agent.pin_dir.exists(), "pins left at {}", agent.pin_dir.display());
 }
+
+/// Hitless upgrade (issue 16 pt 4): a new agent started beside the running
+/// one on each node takes the pods' listening sockets over (SCM_RIGHTS), so
+/// a client opening a connection every 5 ms across both nodes sees none
+/// refused, and a bulk stream open through the old agents runs to its end.
+/// For contrast, the same client through a plain restart (SIGTERM, then a
+/// new agent) of the client's node; both counts are printed.
+#[test]
+fn a_new_agent_takes_over_without_refusing_a_connection() {
+    use mesh_tests::mesh::{Mesh, connection_prober, prober_counts};
+    let Some(mut mesh) = Mesh::start_with("upgrade", &["node1", "node2"], &["--drain-timeout", "30s"]) else { return };
+    let (a, b, _servers) = mesh.a_and_b_serving();
+    let b_ip = b.ip4.to_string();
+
+    let mut stream =
+        Proc::spawn_in("iperf3", &a.netns, &["iperf3", "-c", &b_ip, "-t", "8", "-J"], &mesh.t.dir.join("iperf.log"));
+    let mut prober = connection_prober(&a, &b_ip, 8, &mesh.t.dir.join("prober-upgrade.log"));
+    thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    let mut old = vec![mesh.upgrade_agent("node1"), mesh.upgrade_agent("node2")];
+    let took = started.elapsed();
+    assert_eq!(prober.wait_exit(Duration::from_secs(30)), Some(0));
+    let (served, refused) = prober_counts(&prober);
+    assert_eq!(stream.wait_exit(Duration::from_secs(30)), Some(0), "{}", stream.log_text());
+    let report: serde_json::Value = serde_json::from_str(&stream.log_text()).unwrap_or_default();
+    assert!(report.get("error").is_none(), "the stream through the old agents was cut: {report}");
+    for agent in &mut old {
+        assert_eq!(agent.proc.wait_exit(Duration::from_secs(30)), Some(0), "the old agent exits once drained");
+        assert!(agent.proc.log_text().contains("handed the pods' listeners to a new agent"));
+    }
+    eprintln!("upgrade of both nodes in {took:?}: {served} connections served, {refused} refused or reset");
+    assert_eq!(refused, 0, "{}", prober.log_text());
+    assert!(served > 200, "the prober ran: {served}");
+    let url = format!("http://{b_ip}/");
+    assert!(run_in(&a.netns, &["curl", "-sf", "-m", "5", &url]).status.success(), "served by the new agents");
+
+    // A plain restart of node1's agent, for contrast.
+    let mut prober = connection_prober(&a, &b_ip, 4, &mesh.t.dir.join("prober-restart.log"));
+    thread::sleep(Duration::from_secs(1));
+    let i = mesh.nodes.iter().position(|n| n.name == "node1").unwrap();
+    mesh.nodes[i].agent.proc.signal(libc::SIGTERM);
+    assert_eq!(mesh.nodes[i].agent.proc.wait_exit(Duration::from_secs(30)), Some(0));
+    mesh.restart_agent("node1");
+    assert_eq!(prober.wait_exit(Duration::from_secs(30)), Some(0));
+    let (served, refused) = prober_counts(&prober);
+    eprintln!("plain restart of node1: {served} connections served, {refused} refused or reset");
+}

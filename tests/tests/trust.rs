@@ -13,7 +13,7 @@ use std::{
 
 use mesh_tests::{
     Proc, Topology,
-    mesh::{Mesh, exchange, identity, sum_metric, yaml},
+    mesh::{Mesh, connection_prober, exchange, identity, prober_counts, sum_metric, yaml},
 };
 use serde_json::Value;
 
@@ -110,32 +110,6 @@ fn nodes_join_with_their_own_tokens_and_removed_nodes_are_cut_off() {
     assert_eq!(exchange(&a, &to_b, 10), Some(100), "a reaches b again");
 }
 
-/// New connections every 5 ms for `seconds`: each an HTTP/1.0 GET that must
-/// be answered 200. Prints `ok failed`.
-const NEW_CONNECTIONS: &str = r#"
-import socket, sys, time
-url_ip, seconds = sys.argv[1], float(sys.argv[2])
-ok = failed = 0
-end = time.time() + seconds
-while time.time() < end:
-    try:
-        s = socket.create_connection((url_ip, 80), timeout=5)
-        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        data = b""
-        while True:
-            b = s.recv(4096)
-            if not b: break
-            data += b
-        ok += data.startswith(b"HTTP/1.1 200")
-        failed += not data.startswith(b"HTTP/1.1 200")
-        s.close()
-    except OSError as e:
-        failed += 1
-        print("failed:", e, file=sys.stderr, flush=True)
-    time.sleep(0.005)
-print(ok, failed, flush=True)
-"#;
-
 /// Workload certificates living 12 s (renewed every 6 s) rotate five times
 /// under keep-alive HTTP load (wrk), a bulk stream (iperf3) and new
 /// connections every 5 ms, across two nodes: no request fails, no
@@ -147,16 +121,7 @@ fn certificates_rotate_under_load_without_a_failure() {
     let t = Topology::new("rotation");
     let controller = t.start_controller(&t.node("controller"), &["--cert-lifetime", "12s"]);
     let Some(mesh) = Mesh::join(t, controller, "rotation", &["node1", "node2"]) else { return };
-    let (a, b) = (mesh.t.pod("a"), mesh.t.pod("b"));
-    let config =
-        [yaml::namespace("default", true), yaml::pod(&a, "node1", "sa-a", "a"), yaml::pod(&b, "node2", "sa-b", "b")]
-            .concat();
-    mesh.apply("mesh.yaml", &config);
-    mesh.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b")]);
-    let _nginx = mesh.t.nginx(&b, 80, "b\n", 10);
-    let _iperf_server =
-        Proc::spawn_in("iperf3 server", &b.netns, &["iperf3", "-s", "-1"], &mesh.t.dir.join("iperf-server.log"));
-    thread::sleep(Duration::from_millis(300));
+    let (a, b, _servers) = mesh.a_and_b_serving();
 
     let (b_ip, secs) = (b.ip4.to_string(), SECONDS.to_string());
     let dir = &mesh.t.dir;
@@ -165,12 +130,7 @@ fn certificates_rotate_under_load_without_a_failure() {
     let mut wrk = Proc::spawn_in("wrk", &a.netns, &["wrk", "-t1", "-c4", "-d", &duration, &url], &dir.join("wrk.log"));
     let mut iperf =
         Proc::spawn_in("iperf3", &a.netns, &["iperf3", "-c", &b_ip, "-t", &secs, "-J"], &dir.join("iperf.log"));
-    let mut fresh = Proc::spawn_in(
-        "new connections",
-        &a.netns,
-        &["python3", "-c", NEW_CONNECTIONS, &b_ip, &secs],
-        &dir.join("new.log"),
-    );
+    let mut fresh = connection_prober(&a, &b_ip, SECONDS, &dir.join("new.log"));
 
     let a_id = identity("default", "sa-a");
     let node1 = &mesh.node("node1").agent;
@@ -204,11 +164,7 @@ fn certificates_rotate_under_load_without_a_failure() {
     assert!(report.get("error").is_none(), "iperf3: {report}");
     let streamed = report["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
     let new_log = fresh.log_text();
-    let (ok, failed) = new_log
-        .lines()
-        .rev()
-        .find_map(|l| l.split_once(' ').and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?))))
-        .unwrap_or((0, u64::MAX));
+    let (ok, failed) = prober_counts(&fresh);
     eprintln!(
         "{} serials of {a_id}; {requests} keep-alive requests; {:.1} GB streamed; {ok} new connections, {failed} failed; \
          HBONE connections dialed {dialed_before} -> {dialed_after}",

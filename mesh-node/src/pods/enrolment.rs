@@ -54,6 +54,9 @@ struct EnrolledPod {
     view: PodView,
     spec: PodSpec,
     tasks: Vec<JoinHandle<()>>,
+    /// Other handles to its listening sockets, for a handoff to a new agent;
+    /// dropped with the accept loops, so the sockets close then.
+    listeners: Option<PodListeners>,
 }
 
 pub struct Enrolment {
@@ -67,6 +70,10 @@ pub struct Enrolment {
     /// knowledge the controller never has. Persisted beside the pods.
     reported: BTreeMap<String, PathBuf>,
     reported_file: PathBuf,
+    /// Listeners a previous agent handed over, by pod, used instead of binding.
+    inherited: BTreeMap<String, PodListeners>,
+    /// Set once the pods were handed to a new agent: this one changes nothing.
+    handed_over: bool,
 }
 
 impl Enrolment {
@@ -83,7 +90,47 @@ impl Enrolment {
             pods: BTreeMap::new(),
             reported,
             reported_file,
+            inherited: BTreeMap::new(),
+            handed_over: false,
         })
+    }
+
+    /// Listeners handed over by the agent this one replaces: the pods it
+    /// restores accept on the very sockets the kernel already steers to.
+    pub fn inherit(&mut self, pods: Vec<crate::handoff::HandedPod>) {
+        for pod in pods {
+            match PodListeners::from_fds(pod.outbound, pod.fds) {
+                Some(l) => drop(self.inherited.insert(pod.spec.name, l)),
+                None => warn!(pod = %pod.spec.name, "handed-over listeners unusable; binding afresh"),
+            }
+        }
+    }
+
+    /// Hands every pod's listeners over to a new agent; from then on this one
+    /// changes nothing (see [`Self::handed_over`]).
+    pub fn hand_off(&mut self) -> Vec<crate::handoff::HandedPod> {
+        self.handed_over = true;
+        let mut handed = Vec::new();
+        for pod in self.pods.values() {
+            match pod.listeners.as_ref().map(PodListeners::try_clone) {
+                Some(Ok(l)) => {
+                    let (outbound, fds) = l.into_fds();
+                    handed.push(crate::handoff::HandedPod { spec: pod.spec.clone(), outbound, fds });
+                }
+                Some(Err(e)) => warn!(pod = %pod.spec.name, error = %e, "cannot hand its listeners over"),
+                None => {}
+            }
+        }
+        handed
+    }
+
+    pub fn handed_over(&self) -> bool {
+        self.handed_over
+    }
+
+    /// Owns the pods again after a handoff that failed.
+    pub fn resume(&mut self) {
+        self.handed_over = false;
     }
 
     /// Re-enrolls the pods a previous agent of this instance had, and drops
@@ -125,8 +172,13 @@ impl Enrolment {
         if addresses.is_empty() {
             return Err(EnrollError::NoAddresses(spec.netns));
         }
-        let listeners = PodListeners::bind(&netns, self.ports)
-            .map_err(|source| EnrollError::Listen { pod: spec.name.clone(), source })?;
+        let listeners = match self.inherited.remove(&spec.name) {
+            Some(handed) => handed,
+            None => PodListeners::bind(&netns, self.ports)
+                .map_err(|source| EnrollError::Listen { pod: spec.name.clone(), source })?,
+        };
+        let kept =
+            listeners.try_clone().map_err(|e| warn!(pod = %spec.name, error = %e, "no handoff for this pod")).ok();
         self.dataplane
             .enroll(&spec.netns, netns.cookie(), &addresses, listeners.inbound())
             .map_err(|source| EnrollError::Dataplane { pod: spec.name.clone(), source: Box::new(source) })?;
@@ -154,7 +206,7 @@ impl Enrolment {
                 .unwrap_or(0),
         };
         info!(pod = %view.name, netns = %view.netns.display(), addresses = ?view.addresses, "pod enrolled");
-        self.pods.insert(spec.name.clone(), EnrolledPod { view: view.clone(), spec, tasks });
+        self.pods.insert(spec.name.clone(), EnrolledPod { view: view.clone(), spec, tasks, listeners: kept });
         self.persist();
         Ok(view)
     }
@@ -175,11 +227,12 @@ impl Enrolment {
     /// Closes every pod's listeners and keeps the kernel state: new
     /// connections are refused (outbound) or dropped (inbound), as with the
     /// agent down, while those already accepted run on. The start of a drain.
-    pub fn stop_accepting(&self) {
-        for pod in self.pods.values() {
+    pub fn stop_accepting(&mut self) {
+        for pod in self.pods.values_mut() {
             for task in &pod.tasks {
                 task.abort();
             }
+            pod.listeners = None;
         }
     }
 
@@ -229,6 +282,9 @@ impl Enrolment {
     }
 
     fn persist(&self) {
+        if self.handed_over {
+            return; // the new agent keeps the state now
+        }
         let specs: Vec<&PodSpec> = self.pods.values().map(|p| &p.spec).collect();
         write_json(&self.state_file, &specs, "enrolled pods");
     }

@@ -33,6 +33,9 @@ enum Command {
     Status(Reply<DataplaneStatus>),
     StopAccepting(Reply<()>),
     Cleanup(Reply<Result<(), EnrollError>>),
+    HandOff(Reply<Vec<crate::handoff::HandedPod>>),
+    /// The handoff failed: this agent owns its pods again.
+    Resume(Reply<()>),
 }
 
 /// The handle to the task that owns the enrolled pods.
@@ -133,6 +136,16 @@ impl Pods {
         let _ = self.ask(Command::StopAccepting).await;
     }
 
+    /// Every pod's listeners, for a new agent; this one changes nothing after.
+    pub async fn hand_off(&self) -> Vec<crate::handoff::HandedPod> {
+        self.ask(Command::HandOff).await.unwrap_or_default()
+    }
+
+    /// Takes the pods back after a failed handoff.
+    pub async fn resume(&self) {
+        let _ = self.ask(Command::Resume).await;
+    }
+
     /// Removes every pod and all kernel state, and forgets the persisted pods.
     pub async fn cleanup(&self) -> Result<(), EnrollError> {
         self.ask(Command::Cleanup).await?
@@ -140,6 +153,27 @@ impl Pods {
 }
 
 fn handle(enrolment: &mut Enrolment, command: Command) {
+    // Handed over: the new agent owns the pods; every change is refused.
+    if enrolment.handed_over() {
+        match command {
+            Command::Enroll(_, r) => drop(r.send(Err(EnrollError::Stopped))),
+            Command::Unenroll(_, r) | Command::Report(_, r) | Command::Forget(_, r) | Command::Cleanup(r) => {
+                drop(r.send(Err(EnrollError::Stopped)))
+            }
+            Command::Reconcile(_, r) => drop(r.send(BTreeMap::new())),
+            Command::HandOff(r) => drop(r.send(Vec::new())),
+            Command::Resume(r) => {
+                enrolment.resume();
+                let _ = r.send(());
+            }
+            other => handle_now(enrolment, other),
+        }
+        return;
+    }
+    handle_now(enrolment, command);
+}
+
+fn handle_now(enrolment: &mut Enrolment, command: Command) {
     // A caller that went away does not want the answer.
     match command {
         Command::Enroll(spec, reply) => drop(reply.send(enrolment.enroll(spec))),
@@ -154,6 +188,10 @@ fn handle(enrolment: &mut Enrolment, command: Command) {
             let _ = reply.send(());
         }
         Command::Cleanup(reply) => drop(reply.send(enrolment.cleanup())),
+        Command::HandOff(reply) => drop(reply.send(enrolment.hand_off())),
+        Command::Resume(reply) => {
+            let _ = reply.send(());
+        }
     }
 }
 

@@ -192,6 +192,37 @@ impl PodListeners {
         &self.inbound
     }
 
+    /// Other handles to the same sockets (kept for a handoff).
+    pub fn try_clone(&self) -> std::io::Result<PodListeners> {
+        Ok(Self {
+            outbound: self.outbound.iter().map(std::net::TcpListener::try_clone).collect::<Result<_, _>>()?,
+            inbound: self.inbound.try_clone()?,
+            hbone: self.hbone.try_clone()?,
+        })
+    }
+
+    /// The descriptors, outbound first (how many: the first value), then
+    /// inbound and HBONE: what a handoff sends.
+    pub fn into_fds(self) -> (usize, Vec<std::os::fd::OwnedFd>) {
+        let outbound = self.outbound.len();
+        let fds = self.outbound.into_iter().chain([self.inbound, self.hbone]).map(Into::into).collect();
+        (outbound, fds)
+    }
+
+    /// The listeners a handoff received, in [`Self::into_fds`]'s order.
+    pub fn from_fds(outbound: usize, fds: Vec<std::os::fd::OwnedFd>) -> Option<PodListeners> {
+        if fds.len() != outbound + 2 || outbound == 0 {
+            return None;
+        }
+        let mut listeners: Vec<std::net::TcpListener> = fds.into_iter().map(Into::into).collect();
+        let hbone = listeners.pop()?;
+        let inbound = listeners.pop()?;
+        for l in listeners.iter().chain([&inbound, &hbone]) {
+            l.set_nonblocking(true).ok()?;
+        }
+        Some(Self { outbound: listeners, inbound, hbone })
+    }
+
     /// Starts accepting. Aborting the returned tasks closes the listeners;
     /// connections already accepted run to their end.
     pub fn spawn(self, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) -> std::io::Result<Vec<JoinHandle<()>>> {

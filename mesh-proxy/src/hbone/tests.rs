@@ -274,7 +274,7 @@ impl Restartable {
 /// tried on it first.
 #[tokio::test]
 async fn the_pool_shares_dials_and_forgets_dead_connections() {
-    use crate::pool::{Pool, PoolKey};
+    use crate::pool::Pool;
     let ca = Ca::new();
     let echo_addr = echo_server().await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -282,12 +282,7 @@ async fn the_pool_shares_dials_and_forgets_dead_connections() {
     let server = ca.issue(B);
     let peer = Restartable::start(listener, &ca, &server, echo_addr).await;
     let (me, roots) = (ca.issue(A), ca.roots());
-    let key = PoolKey {
-        src: A.parse().unwrap(),
-        src_ip: "127.0.0.1".parse().unwrap(),
-        dst: B.parse().unwrap(),
-        dst_ip: addr.ip(),
-    };
+    let key = pool_key(addr);
     let pool = Pool::default();
     let target: SocketAddr = "10.0.0.2:8080".parse().unwrap();
     let open = || pool.tunnel(&key, 0, target, || dial(addr, &me, roots.clone(), B));
@@ -345,6 +340,16 @@ async fn stalled_handshakes_are_cut_off() {
     }
 }
 
+/// The pool key of tunnels from A (on loopback) to B at `addr`.
+fn pool_key(addr: SocketAddr) -> crate::pool::PoolKey {
+    crate::pool::PoolKey {
+        src: A.parse().unwrap(),
+        src_ip: "127.0.0.1".parse().unwrap(),
+        dst: B.parse().unwrap(),
+        dst_ip: addr.ip(),
+    }
+}
+
 /// Echoes `n` bytes through `tunnel` and checks they come back.
 async fn echo_through(tunnel: Tunnel, n: usize) {
     let (mut app, proxy_side) = tokio::io::duplex(1 << 16);
@@ -364,16 +369,11 @@ async fn echo_through(tunnel: Tunnel, n: usize) {
 /// is dropped once it carries none.
 #[tokio::test]
 async fn the_pool_moves_to_a_renewed_certificate() {
-    use crate::pool::{Pool, PoolKey};
+    use crate::pool::Pool;
     let ca = Ca::new();
     let (addr, _) = start(&ca, &ca.issue(B)).await;
     let (old, new) = (ca.issue(A), ca.issue(A));
-    let key = PoolKey {
-        src: A.parse().unwrap(),
-        src_ip: "127.0.0.1".parse().unwrap(),
-        dst: B.parse().unwrap(),
-        dst_ip: addr.ip(),
-    };
+    let key = pool_key(addr);
     let pool = Pool::default();
     let target: SocketAddr = "10.0.0.2:8080".parse().unwrap();
     let (in_flight, slot) = pool.tunnel(&key, 1, target, || dial(addr, &old, ca.roots(), B)).await.unwrap();
