@@ -40,6 +40,8 @@ pub enum CaError {
     BadCsr(String),
     #[error("node {node} may not obtain {identity}: no workload with that identity is scheduled on it")]
     NotOnNode { node: String, identity: String },
+    #[error("trust bundle {0}")]
+    BadBundle(String),
 }
 
 /// A certificate issued to a workload, with the chain up to the root.
@@ -59,6 +61,8 @@ pub struct CertificateAuthority {
     /// What issued certificates chain to, after `cert_pem` (empty for a self-signed root).
     chain_pem: Vec<String>,
     lifetime: Duration,
+    /// Roots trusted besides this CA's own (a root rotation in progress).
+    extra_roots: Vec<String>,
 }
 
 impl CertificateAuthority {
@@ -107,12 +111,38 @@ impl CertificateAuthority {
             Some(p) => split_pem(&read(p)?),
             None => Vec::new(),
         };
-        Ok(Self { issuer, cert_pem, chain_pem, lifetime })
+        Ok(Self { issuer, cert_pem, chain_pem, lifetime, extra_roots: Vec::new() })
     }
 
-    /// The trust anchor every workload should trust: the root, PEM.
+    /// The root this CA's certificates chain to, PEM.
     pub fn root_pem(&self) -> &str {
         self.chain_pem.last().unwrap_or(&self.cert_pem)
+    }
+
+    /// Trusts the roots in `pem` too, beside this CA's own: the middle steps
+    /// of a root rotation (every node is sent them, and the controller takes
+    /// node certificates that chain to them). Each must parse as a certificate.
+    pub fn trust_also(&mut self, pem: &str, origin: &Path) -> Result<(), CaError> {
+        for root in split_pem(pem) {
+            let (_, block) = x509_parser::pem::parse_x509_pem(root.as_bytes())
+                .map_err(|e| CaError::BadBundle(format!("{}: {e}", origin.display())))?;
+            x509_parser::parse_x509_certificate(&block.contents)
+                .map_err(|e| CaError::BadBundle(format!("{}: {e}", origin.display())))?;
+            if root.trim() != self.root_pem().trim() && !self.extra_roots.contains(&root) {
+                self.extra_roots.push(root);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every root nodes and workloads must trust, PEM: this CA's root first,
+    /// then those of [`Self::trust_also`].
+    pub fn trust_bundle(&self) -> String {
+        let mut bundle = self.root_pem().to_owned();
+        for root in &self.extra_roots {
+            bundle.push_str(root);
+        }
+        bundle
     }
 
     /// Issues a certificate for `identity` to the holder of the key in `csr_pem`.

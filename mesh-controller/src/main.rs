@@ -41,6 +41,11 @@ struct Args {
     /// For an intermediate --ca-cert: the chain up to the root (PEM, intermediates first).
     #[arg(long, requires = "ca_cert")]
     ca_chain: Option<PathBuf>,
+    /// More roots (PEM) to trust beside the CA's own, sent to every node with
+    /// its certificates: for a root rotation (see ARCHITECTURE.md, "Rotating
+    /// the root CA").
+    #[arg(long)]
+    trust_bundle: Option<PathBuf>,
     /// Lifetime of workload certificates (`24h`, `30m`, `90s`); nodes renew at half-life.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
@@ -111,6 +116,11 @@ async fn main() -> anyhow::Result<()> {
         _ => CertificateAuthority::load_or_create(&args.state_dir, &settings.trust_domain, lifetime),
     }
     .context("certificate authority")?;
+    let mut ca = ca;
+    if let Some(file) = &args.trust_bundle {
+        let pem = std::fs::read_to_string(file).with_context(|| format!("--trust-bundle {}", file.display()))?;
+        ca.trust_also(&pem, file)?;
+    }
     let ca = Arc::new(ca);
     info!(state_dir = %args.state_dir.display(), "certificate authority ready");
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("--state-dir {}", args.state_dir.display()))?;
@@ -252,7 +262,7 @@ fn serving_tls(ca: &CertificateAuthority, addr: SocketAddr, extra: &[String]) ->
     }
     Ok(ServerTlsConfig::new()
         .identity(Identity::from_pem(chain, key))
-        .client_ca_root(Certificate::from_pem(ca.root_pem()))
+        .client_ca_root(Certificate::from_pem(ca.trust_bundle()))
         .client_auth_optional(true))
 }
 

@@ -44,7 +44,7 @@ pub fn router(state: Shared, ca: Arc<CertificateAuthority>, hub: Arc<Hub>, token
         .route("/debug/model", get(model))
         .with_state(state)
         // The trust anchor is public; issuing goes over the authenticated node channel.
-        .route("/debug/ca", get(move || async move { ca.root_pem().to_string() }))
+        .route("/debug/ca", get(move || async move { ca.trust_bundle() }))
         .route("/debug/nodes", get(move || nodes(nodes_hub)))
         .merge(registry_routes)
 }

@@ -184,3 +184,20 @@ spec: {serviceAccountName: db, nodeName: node2}
         assert_eq!(result.is_ok(), ok, "{node} asking for {identity}: {result:?}");
     }
 }
+
+#[test]
+fn the_trust_bundle_is_the_root_then_the_extra_roots() {
+    let dir = TempDir::new("ca-bundle");
+    let mut ca = CertificateAuthority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
+    assert_eq!(ca.trust_bundle(), ca.root_pem(), "no extra root: the root alone");
+    let other = TempDir::new("ca-bundle-other");
+    let new = CertificateAuthority::load_or_create(&other.0, "cluster.local", DAY).unwrap();
+    let file = std::path::Path::new("new-root.pem");
+    // The CA's own root in the file is not repeated; the new one is added once.
+    let pem = format!("{}{}{}", new.root_pem(), ca.root_pem(), new.root_pem());
+    ca.trust_also(&pem, file).unwrap();
+    assert_eq!(ca.trust_bundle(), format!("{}{}", ca.root_pem(), new.root_pem()));
+    let bad = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n";
+    let e = ca.trust_also(bad, file).unwrap_err();
+    assert!(matches!(e, CaError::BadBundle(_)) && e.to_string().contains("new-root.pem"), "{e}");
+}

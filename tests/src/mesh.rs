@@ -388,14 +388,18 @@ impl Topology {
 }
 
 /// A client in `pod` opening a new connection to `ip`:80 every 5 ms for
-/// `seconds`, each an HTTP/1.0 GET that must be answered 200; see
-/// [`prober_counts`].
+/// `seconds` (or until SIGTERM), each an HTTP/1.0 GET that must be answered
+/// 200; see [`prober_counts`].
 pub fn connection_prober(pod: &Pod, ip: &str, seconds: u64, log: &std::path::Path) -> Proc {
     const SCRIPT: &str = r#"
-import socket, sys, time
+import signal, socket, sys, time
 ip, seconds = sys.argv[1], float(sys.argv[2])
 ok = failed = 0
 end = time.time() + seconds
+def stop(*_):
+    global end
+    end = 0
+signal.signal(signal.SIGTERM, stop)
 while time.time() < end:
     try:
         s = socket.create_connection((ip, 80), timeout=5)

@@ -226,7 +226,7 @@ impl Hub {
             cert_pem: issued.cert_pem,
             chain_pem: issued.chain_pem,
             not_after_unix: issued.not_after.unix_timestamp(),
-            root_pem: self.ca.root_pem().to_owned(),
+            root_pem: self.ca.trust_bundle(),
         })
     }
 
