@@ -27,8 +27,6 @@ const BACKDATE: Duration = Duration::from_secs(5 * 60);
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const ROOT_CERT_FILE: &str = "ca-cert.pem";
 const ROOT_KEY_FILE: &str = "ca-key.pem";
-/// The controller's serving certificate is made anew at each start.
-const SERVING_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -175,6 +173,7 @@ impl CertificateAuthority {
         dns_names: &[&str],
         ips: &[IpAddr],
         now: OffsetDateTime,
+        lifetime: Duration,
     ) -> Result<(Issued, String), CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|source| CaError::Cert { what: "generating the serving key".into(), source })?;
@@ -185,7 +184,7 @@ impl CertificateAuthority {
             sans.push(SanType::DnsName(name));
         }
         sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-        let issued = self.sign(&key, sans, now, SERVING_LIFETIME)?;
+        let issued = self.sign(&key, sans, now, lifetime)?;
         Ok((issued, key.serialize_pem()))
     }
 

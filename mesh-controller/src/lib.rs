@@ -7,3 +7,4 @@ pub use mesh_config as config;
 pub mod distribute;
 pub mod model;
 pub mod node_api;
+pub mod serving;

@@ -19,8 +19,8 @@ use mesh_controller::{
     config::{ConfigStore, MeshSettings, ParseCache, Snapshot, read_dir},
     model::MeshModel,
     node_api::{self, Hub, NodeService},
+    serving::{self, ServingCert},
 };
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
@@ -49,6 +49,10 @@ struct Args {
     /// Lifetime of workload certificates (`24h`, `30m`, `90s`); nodes renew at half-life.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
+    /// Lifetime of the node API's serving certificate, renewed at half-life
+    /// while the controller runs.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    serving_cert_lifetime: Duration,
     /// Lifetime of node certificates, renewed at half-life. A node whose
     /// certificate expires (a controller outage longer than half of it)
     /// needs a new join token, so it is long: a week.
@@ -160,10 +164,14 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {} (use --grpc-addr)", args.grpc_addr))?;
     let grpc_addr = grpc.local_addr()?;
-    let tls = serving_tls(&ca, grpc_addr, &args.grpc_sans)?;
+    let (names, ips) = serving_names(grpc_addr, &args.grpc_sans);
+    let serving =
+        ServingCert::new(ca.clone(), names, ips, args.serving_cert_lifetime).context("serving certificate")?;
+    let tls = Arc::new(serving::server_config(&ca, serving.clone())?);
+    tokio::spawn(serving.renew_forever());
     let service = NodeControlServer::new(NodeService(hub.clone()));
-    let server = tonic::transport::Server::builder().tls_config(tls)?.add_service(service);
-    tokio::spawn(server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc)));
+    let server = tonic::transport::Server::builder().add_service(service);
+    tokio::spawn(server.serve_with_incoming(serving::incoming(grpc, tls)));
 
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
@@ -247,23 +255,15 @@ impl Reloader {
 /// TLS for the node API: a serving certificate from the mesh CA; client
 /// certificates are checked against the root when presented (they must be,
 /// for every call but `Join`).
-fn serving_tls(ca: &CertificateAuthority, addr: SocketAddr, extra: &[String]) -> anyhow::Result<ServerTlsConfig> {
-    let mut names = vec!["mesh-controller", "localhost"];
-    names.extend(extra.iter().map(String::as_str));
+/// The names and addresses the serving certificate carries.
+fn serving_names(addr: SocketAddr, extra: &[String]) -> (Vec<String>, Vec<std::net::IpAddr>) {
+    let mut names = vec!["mesh-controller".to_owned(), "localhost".to_owned()];
+    names.extend(extra.iter().cloned());
     let mut ips = vec![std::net::IpAddr::from([127, 0, 0, 1]), std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)];
     if !addr.ip().is_unspecified() && !ips.contains(&addr.ip()) {
         ips.push(addr.ip());
     }
-    let (issued, key) = ca.serving(&names, &ips, time::OffsetDateTime::now_utc()).context("serving certificate")?;
-    // The leaf and any intermediates; the root is what nodes already trust.
-    let mut chain = issued.cert_pem;
-    for pem in issued.chain_pem.iter().take(issued.chain_pem.len().saturating_sub(1)) {
-        chain.push_str(pem);
-    }
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(chain, key))
-        .client_ca_root(Certificate::from_pem(ca.trust_bundle()))
-        .client_auth_optional(true))
+    (names, ips)
 }
 
 /// `24h`, `30m`, `90s` or plain seconds; at least 10 s.

@@ -46,10 +46,16 @@ struct Mesh {
 
 impl Mesh {
     fn start(name: &str) -> Mesh {
+        Self::start_with(name, &[])
+    }
+
+    fn start_with(name: &str, extra: &[&str]) -> Mesh {
         // The shared join token (the older way, still honoured when configured).
         let token_file = std::env::temp_dir().join(format!("mesh-join-token-{name}-{}", std::process::id()));
         let _ = fs::remove_file(&token_file);
-        let c = Controller::start(name, &[("mesh.yaml", CONFIG)], &["--join-token-file", token_file.to_str().unwrap()]);
+        let mut args = vec!["--join-token-file", token_file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let c = Controller::start(name, &[("mesh.yaml", CONFIG)], &args);
         let state = c.dir.join(".state");
         let root = fs::read_to_string(state.join("ca-cert.pem")).unwrap();
         let token = fs::read_to_string(&token_file).unwrap().trim().to_owned();
@@ -324,4 +330,35 @@ async fn a_late_ack_still_counts() {
         assert!(std::time::Instant::now() < deadline, "the delta's ACK was not recorded");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The serial of the certificate the controller's node API serves now.
+fn served_serial(m: &Mesh) -> String {
+    let script = format!(
+        "openssl s_client -connect {} -servername mesh-controller </dev/null 2>/dev/null | openssl x509 -noout -serial",
+        m.c.grpc_addr
+    );
+    let out = std::process::Command::new("sh").args(["-c", &script]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The serving certificate (10 s) is renewed at half-life while the
+/// controller runs: a new one for new handshakes, and a stream opened
+/// before goes on receiving updates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serving_certificate_rotates_under_open_streams() {
+    let m = Mesh::start_with("serving", &["--serving-cert-lifetime", "10s"]);
+    let (cert, key) = m.join(&m.token, "node1").await.unwrap();
+    let (_tx, mut updates) = open(&m, (cert.as_str(), key.as_str()), BTreeMap::new()).await;
+    assert!(next(&mut updates).await.full);
+    let first = served_serial(&m);
+    assert!(first.starts_with("serial="), "{first:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while served_serial(&m) == first {
+        assert!(std::time::Instant::now() < deadline, "the serving certificate was not renewed");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    m.c.write("mesh.yaml", &CONFIG.replace("10.0.0.2", "10.0.0.3"));
+    let delta = next(&mut updates).await;
+    assert_eq!(delta.resources.len(), 1, "the stream opened before the renewal still gets updates: {delta:?}");
 }
