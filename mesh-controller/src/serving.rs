@@ -75,7 +75,8 @@ impl ServingCert {
     }
 
     /// The leaf served now (DER).
-    pub fn leaf(&self) -> CertificateDer<'static> {
+    #[cfg(test)]
+    fn leaf(&self) -> CertificateDer<'static> {
         self.current.read().unwrap_or_else(|e| e.into_inner()).cert[0].clone()
     }
 

@@ -169,7 +169,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let proxy = Arc::new(mesh_proxy::Proxy::new(&mut registry));
     proxy.spawn_reaper();
-    let max_connections = args.max_connections.unwrap_or_else(|| limits::default_node_max(open_file_limit()));
+    let open_files = open_file_limit();
+    let max_connections = args.max_connections.unwrap_or_else(|| limits::default_node_max(open_files));
     let settings = ProxySettings {
         mark: args.proxy_mark,
         max_connections,
@@ -179,7 +180,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         hbone_handshake_timeout: args.hbone_handshake_timeout,
     };
     info!(
-        open_files = open_file_limit(),
+        open_files,
         max_connections = settings.max_connections,
         max_connections_per_pod = settings.max_connections_per_pod,
         "connection limits"
@@ -329,13 +330,8 @@ async fn hand_over(
     let handed = pods.hand_off().await;
     let count = handed.len();
     let sent = tokio::task::spawn_blocking(move || request.hand_over(&handed).map(|()| request)).await;
-    let request = match sent {
-        Ok(Ok(request)) => request,
-        Ok(Err(e)) => {
-            pods.resume().await;
-            warn!(error = %e, "handoff to a new agent failed; this agent goes on serving");
-            return false;
-        }
+    let request = match sent.map_err(std::io::Error::other).and_then(|r| r) {
+        Ok(request) => request,
         Err(e) => {
             pods.resume().await;
             warn!(error = %e, "handoff to a new agent failed; this agent goes on serving");

@@ -187,7 +187,7 @@ impl Hub {
     async fn revoked(&self, node: &str) {
         let mut revocations = self.revocations.subscribe();
         while revocations.changed().await.is_ok() {
-            if matches!(self.registry.check(node, ""), Err(registry::Refusal::Revoked(_))) {
+            if self.registry.is_revoked(node) {
                 return;
             }
         }

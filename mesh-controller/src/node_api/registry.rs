@@ -117,6 +117,20 @@ impl Registry {
         mesh_common::files::write_atomically(path, &bytes, 0o600)
     }
 
+    /// Saves after a join or an issuance; a failure is logged, not returned:
+    /// the node is served either way, but a restart would forget the change
+    /// (a used token usable again, a serial unknown).
+    fn save_or_warn(&self, file: &RegistryFile) {
+        if let Err(e) = self.save(file) {
+            tracing::warn!(error = %e, path = ?self.path, "could not persist the node registry");
+        }
+    }
+
+    /// Whether `node` was removed from the mesh.
+    pub fn is_revoked(&self, node: &str) -> bool {
+        self.file.lock().unwrap().nodes.get(node).is_some_and(|r| r.revoked_unix != 0)
+    }
+
     /// Registers `node` (again) with a fresh token valid for `ttl_secs`. A node
     /// registered again starts over: its earlier certificates are refused.
     pub fn add(&self, node: &str, token: String, ttl_secs: u64, now: u64) -> std::io::Result<NewToken> {
@@ -161,7 +175,7 @@ impl Registry {
         }
         record.token_sha256.clear();
         record.joined_unix = now;
-        let _ = self.save(&file);
+        self.save_or_warn(&file);
         Ok(())
     }
 
@@ -178,7 +192,7 @@ impl Registry {
             record.added_unix = now;
         }
         record.joined_unix = now;
-        let _ = self.save(&file);
+        self.save_or_warn(&file);
         Ok(())
     }
 
@@ -189,7 +203,7 @@ impl Registry {
         record.serials.push(serial.to_owned());
         let excess = record.serials.len().saturating_sub(SERIALS_KEPT);
         record.serials.drain(..excess);
-        let _ = self.save(&file);
+        self.save_or_warn(&file);
     }
 
     /// Whether `node` may use its certificate with `serial`.
