@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use libfuzzer_sys::fuzz_target;
-use mesh_proxy::hbone::{TunnelHandler, TunnelRequest, serve_streams};
+use mesh_proxy::hbone::{Peer, TunnelHandler, TunnelRequest, serve_streams};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Accepts tunnels to even ports, refuses the others (both paths run).
@@ -53,7 +53,7 @@ fuzz_target!(
     |data: &[u8]| {
         runtime().block_on(async {
             let (mut client, server) = tokio::io::duplex(1 << 16);
-            let peer = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+            let peer = Peer { identity: "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap(), serial: "01".into() };
             let addr: SocketAddr = "10.0.0.2:41000".parse().unwrap();
             let serving = tokio::spawn(serve_streams(server, peer, addr, Arc::new(Handler), std::future::pending(), tokio::time::Instant::now() + Duration::from_secs(3600)));
             let _ = client.write_all(data).await;

@@ -10,6 +10,7 @@ use prost::Message as _;
 use crate::{
     config::objects::IntOrString,
     model::{MeshModel, MtlsMode, Service, Workload},
+    node_api::registry::IssuedCert,
 };
 
 /// Every resource a node receives, by key, with the version of the whole.
@@ -35,12 +36,33 @@ impl Delta {
 
 impl WireSet {
     pub fn from_model(model: &MeshModel) -> WireSet {
+        WireSet::from_parts(model, &BTreeMap::new())
+    }
+
+    /// The model's resources, and one per removed node listing the workload
+    /// certificates it held ([`Registry::revoked_certificates`]).
+    ///
+    /// [`Registry::revoked_certificates`]: crate::node_api::Registry::revoked_certificates
+    pub fn from_parts(model: &MeshModel, revoked: &BTreeMap<String, Vec<IssuedCert>>) -> WireSet {
         let mut resources = BTreeMap::new();
         let mut add = |key: api::ResourceKey, kind: Kind| {
             let mut r = api::Resource { key: key.to_string(), version: 0, kind: Some(kind) };
             r.version = fnv1a(&r.encode_to_vec());
             resources.insert(r.key.clone(), Arc::new(r));
         };
+        for (node, certs) in revoked {
+            let certificates = certs
+                .iter()
+                .map(|c| api::RevokedCertificate {
+                    serial: c.serial.clone(),
+                    not_after_unix: i64::try_from(c.not_after_unix).unwrap_or(i64::MAX),
+                })
+                .collect();
+            add(
+                api::ResourceKey::Revoked(node.clone()),
+                Kind::Revoked(api::Revoked { node: node.clone(), certificates }),
+            );
+        }
         for w in model.workloads.values() {
             add(api::ResourceKey::Workload(w.uid.clone()), Kind::Workload(workload(model, w)));
         }

@@ -11,7 +11,8 @@
 //! not 150. A connection presents the certificate its source held when it
 //! was dialed: once that certificate is renewed, new tunnels go on
 //! connections dialed with the new one, while those in flight on the old
-//! connection run on until they end and it is dropped.
+//! connection run on until they end and it is dropped. A connection to a
+//! peer whose certificate the controller revoked is closed, with its tunnels.
 use std::{
     collections::HashMap,
     future::Future,
@@ -227,6 +228,26 @@ impl Pool {
             });
         }
         conns.retain(|_, l| !l.is_empty());
+    }
+
+    /// Closes the connections (and their tunnels) to peers that presented a
+    /// certificate now revoked; how many.
+    pub fn close_revoked(&self, revoked: &crate::hbone::tls::Revocations) -> usize {
+        let mut closed = 0;
+        let mut conns = self.lock();
+        for list in conns.values_mut() {
+            list.retain(|p| match revoked.revoked_by(&p.conn.peer_serial) {
+                None => true,
+                Some(node) => {
+                    tracing::warn!(node, serial = %p.conn.peer_serial, "closing an HBONE connection to a peer whose certificate was revoked");
+                    p.conn.close();
+                    closed += 1;
+                    false
+                }
+            });
+        }
+        conns.retain(|_, l| !l.is_empty());
+        closed
     }
 
     /// (pooled connections, connections dialed so far).

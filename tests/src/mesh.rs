@@ -385,6 +385,58 @@ impl Topology {
         proc.wait_for_log("listening", Duration::from_secs(10));
         proc
     }
+
+    /// An echo server in `pod` on each of `ports`.
+    pub fn echo_server(&self, pod: &Pod, ports: &[u16]) -> Proc {
+        const ECHO: &str = "import socket,sys,threading\n\
+def serve(c):\n\
+\x20   while True:\n\
+\x20       b=c.recv(4096)\n\
+\x20       if not b: break\n\
+\x20       c.sendall(b)\n\
+def listen(port):\n\
+\x20   s=socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+\x20   s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0); s.bind(('::',port)); s.listen(16)\n\
+\x20   while True:\n\
+\x20       c,_=s.accept(); threading.Thread(target=serve,args=(c,),daemon=True).start()\n\
+for p in sys.argv[1:]: threading.Thread(target=listen,args=(int(p),),daemon=True).start()\n\
+print('listening',flush=True)\n\
+threading.Event().wait()\n";
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let mut args = vec!["python3", "-u", "-c", ECHO];
+        args.extend(ports.iter().map(String::as_str));
+        let log = self.dir.join(format!("echo-{}-{}.log", pod.name.replace('/', "_"), ports.join("-")));
+        let proc = Proc::spawn_in("echo", &pod.netns, &args, &log);
+        proc.wait_for_log("listening", Duration::from_secs(10));
+        proc
+    }
+
+    /// A connection from `pod` to an echo server at `ip`:`port` that sends a
+    /// ping every 50 ms and reads it back; returns once three round trips
+    /// are done. Its log says `closed after N` when the connection ends.
+    pub fn held_connection(&self, pod: &Pod, ip: &str, port: u16) -> Proc {
+        const HOLD: &str = "import socket,sys,time\n\
+s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=30)\n\
+n=0\n\
+while True:\n\
+\x20   try:\n\
+\x20       s.sendall(b'ping'); b=s.recv(64)\n\
+\x20   except OSError as e:\n\
+\x20       b=b''\n\
+\x20   if not b: print('closed after',n,flush=True); break\n\
+\x20   n+=1\n\
+\x20   if n==3: print('connected',flush=True)\n\
+\x20   time.sleep(0.05)\n";
+        let log = self.dir.join(format!("hold-{}-{ip}-{port}.log", pod.name.replace('/', "_")));
+        let proc = Proc::spawn_in(
+            &format!("hold {port}"),
+            &pod.netns,
+            &["python3", "-u", "-c", HOLD, ip, &port.to_string()],
+            &log,
+        );
+        proc.wait_for_log("connected", Duration::from_secs(10));
+        proc
+    }
 }
 
 /// A client in `pod` opening a new connection to `ip`:80 every 5 ms for

@@ -126,8 +126,8 @@ fn reaches(pod: &Pod, url: &str) -> bool {
 }
 
 /// Point 2: PeerAuthentication. STRICT refuses plaintext from a pod outside
-/// the mesh and keeps admitting enrolled clients (which arrive as mTLS);
-/// PERMISSIVE admits both.
+/// the mesh, closes such a connection already open, and keeps admitting
+/// enrolled clients (which arrive as mTLS); PERMISSIVE admits both.
 #[test]
 fn peer_authentication_strict_and_permissive() {
     let Some(mesh) = Mesh::start("overlay-peerauthn", &["node1", "node2"]) else { return };
@@ -153,8 +153,12 @@ fn peer_authentication_strict_and_permissive() {
     });
     assert_eq!((line["security"].as_str(), line["listener_port"].as_u64()), (Some("none"), Some(15006)));
 
+    // A plaintext connection open when STRICT comes is closed (pt 9).
+    let _echo = mesh.t.echo_server(&b, &[9100]);
+    let held = mesh.t.held_connection(&c, &b.ip4.to_string(), 9100);
     let took = mesh.apply("peer-authn.yaml", &yaml::peer_authentication("default", "STRICT"));
     assert!(!reaches(&c, &url), "STRICT admitted plaintext");
+    held.wait_for_log("closed after", Duration::from_secs(5));
     let denied = node2.wait_access("c refused", |v| v["response_flags"] == "RBAC" && v["security"] == "none");
     assert!(denied["error"].as_str().unwrap().contains("STRICT"), "{denied}");
     assert!(reaches(&a, &url), "STRICT refused an enrolled client");
@@ -251,34 +255,6 @@ fn authorization_policies() {
 
 /// An echo server on `ports` (one thread a connection), and a client that
 /// keeps one connection to `addr` and says when it ends.
-const ECHO: &str = "import socket,sys,threading\n\
-def serve(c):\n\
-\x20   while True:\n\
-\x20       b=c.recv(4096)\n\
-\x20       if not b: break\n\
-\x20       c.sendall(b)\n\
-def listen(port):\n\
-\x20   s=socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
-\x20   s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0); s.bind(('::',port)); s.listen(16)\n\
-\x20   while True:\n\
-\x20       c,_=s.accept(); threading.Thread(target=serve,args=(c,),daemon=True).start()\n\
-for p in sys.argv[1:]: threading.Thread(target=listen,args=(int(p),),daemon=True).start()\n\
-print('listening',flush=True)\n\
-threading.Event().wait()\n";
-
-const HOLD: &str = "import socket,sys,time\n\
-s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=30)\n\
-n=0\n\
-while True:\n\
-\x20   try:\n\
-\x20       s.sendall(b'ping'); b=s.recv(64)\n\
-\x20   except OSError as e:\n\
-\x20       b=b''\n\
-\x20   if not b: print('closed after',n,flush=True); break\n\
-\x20   n+=1\n\
-\x20   if n==3: print('connected',flush=True)\n\
-\x20   time.sleep(0.05)\n";
-
 /// Issue 16, point 9: a policy change applies to connections already open,
 /// as ztunnel's connection manager does. A DENY on one port closes A's open
 /// connection to it within about a second, with the policy in node2's log
@@ -286,23 +262,9 @@ while True:\n\
 #[test]
 fn a_policy_change_closes_the_open_connections_it_denies() {
     let Some((mesh, a, b)) = a_and_b("overlay-live-policy") else { return };
-    let log = |name: &str| mesh.t.dir.join(name);
-    let _echo = {
-        let p = Proc::spawn_in("echo", &b.netns, &["python3", "-u", "-c", ECHO, "9100", "9101"], &log("echo.log"));
-        p.wait_for_log("listening", Duration::from_secs(10));
-        p
-    };
-    let hold = |port: &str| {
-        let p = Proc::spawn_in(
-            &format!("hold {port}"),
-            &a.netns,
-            &["python3", "-u", "-c", HOLD, &b.ip4.to_string(), port],
-            &log(&format!("hold-{port}.log")),
-        );
-        p.wait_for_log("connected", Duration::from_secs(10));
-        p
-    };
-    let (denied, mut kept) = (hold("9100"), hold("9101"));
+    let _echo = mesh.t.echo_server(&b, &[9100, 9101]);
+    let hold = |port: u16| mesh.t.held_connection(&a, &b.ip4.to_string(), port);
+    let (denied, mut kept) = (hold(9100), hold(9101));
     let applied = Instant::now();
     mesh.apply(
         "deny-9100.yaml",

@@ -5,6 +5,8 @@
 //! stream ends, its certificate and token are refused, no workload
 //! certificate is issued to it) and `mesh-ctl node add` lets it back with a
 //! new token, which the agent picks up from its token file on its own.
+//! The workload certificates of a removed node are revoked: other nodes
+//! close the connections they carry and refuse them at the handshake (pt 9).
 //! Certificates rotate under load without a failed request (pt 3).
 use std::{
     thread,
@@ -82,6 +84,12 @@ fn nodes_join_with_their_own_tokens_and_removed_nodes_are_cut_off() {
     assert!(controller_metric("unknown_node") >= 1.0, "a token for another node name is refused");
     assert_eq!(exchange(&a, &to_b, 10), Some(100), "the real nodes are unaffected");
 
+    // Connections open both ways between b (on node2) and a, to be cut by
+    // node1 when node2's workload certificates are revoked (pt 9).
+    let (_echo_a, _echo_b) = (mesh.t.echo_server(&a, &[9100]), mesh.t.echo_server(&b, &[9100]));
+    let b_to_a = mesh.t.held_connection(&b, &a.ip4.to_string(), 9100);
+    let a_to_b = mesh.t.held_connection(&a, &b.ip4.to_string(), 9100);
+
     // Removing node2: its stream ends at once, and it cannot come back.
     let removed = Instant::now();
     ctl_ok(&mesh, &["node", "remove", "node2"]);
@@ -89,6 +97,19 @@ fn nodes_join_with_their_own_tokens_and_removed_nodes_are_cut_off() {
         mesh.controller.json("/debug/nodes")["nodes"]["node2"]["connected"] == false
     });
     eprintln!("node2 cut off {:?} after mesh-ctl node remove", removed.elapsed());
+    // Its workload certificates are revoked: node1 closes the tunnel b's
+    // certificate opened, and its own connection to b's.
+    for (what, held) in [("b -> a", &b_to_a), ("a -> b", &a_to_b)] {
+        wait_for(&format!("{what} closed"), Duration::from_secs(5), || held.log_text().contains("closed after"));
+    }
+    eprintln!("connections with node2's certificates closed {:?} after mesh-ctl node remove", removed.elapsed());
+    let node1 = &mesh.node("node1").agent;
+    let line = node1.wait_access("b's tunnel closed", |v| {
+        v["src_identity"] == identity("default", "sa-b").as_str() && v["response_flags"] == "RBAC"
+    });
+    assert!(line["error"].as_str().unwrap_or("").contains("revoked: node node2 was removed"), "{line}");
+    assert!(node1.proc.log_text().contains("closing an HBONE connection to a peer whose certificate was revoked"));
+    assert_eq!(exchange(&a, &to_b, 10), None, "a reached b's revoked certificate");
     let node2 = &mesh.node("node2").agent;
     wait_for("node2 told", Duration::from_secs(5), || {
         node2.proc.log_text().contains("the controller no longer accepts this node's certificate")

@@ -14,13 +14,19 @@ pub enum ResourceKey {
     Policy(String),
     /// The HTTP routes of a service, by its `namespace/name`.
     Routes(String),
+    /// The revoked certificates of a node removed from the mesh, by its name.
+    Revoked(String),
 }
 
 impl ResourceKey {
     /// The key's name within its kind (what the node's store is keyed by).
     pub fn name(&self) -> &str {
         match self {
-            ResourceKey::Workload(n) | ResourceKey::Service(n) | ResourceKey::Policy(n) | ResourceKey::Routes(n) => n,
+            ResourceKey::Workload(n)
+            | ResourceKey::Service(n)
+            | ResourceKey::Policy(n)
+            | ResourceKey::Routes(n)
+            | ResourceKey::Revoked(n) => n,
         }
     }
 }
@@ -32,6 +38,7 @@ impl fmt::Display for ResourceKey {
             ResourceKey::Service(n) => write!(f, "service/{n}"),
             ResourceKey::Policy(n) => write!(f, "policy/{n}"),
             ResourceKey::Routes(n) => write!(f, "routes/{n}"),
+            ResourceKey::Revoked(n) => write!(f, "revoked/{n}"),
         }
     }
 }
@@ -45,7 +52,10 @@ impl std::str::FromStr for ResourceKey {
             Some(("service", n)) if !n.is_empty() => Ok(ResourceKey::Service(n.into())),
             Some(("policy", n)) if !n.is_empty() => Ok(ResourceKey::Policy(n.into())),
             Some(("routes", n)) if !n.is_empty() => Ok(ResourceKey::Routes(n.into())),
-            Some((prefix, _)) => Err(format!("key prefix {prefix:?} is not workload, service, policy or routes")),
+            Some(("revoked", n)) if !n.is_empty() => Ok(ResourceKey::Revoked(n.into())),
+            Some((prefix, _)) => {
+                Err(format!("key prefix {prefix:?} is not workload, service, policy, routes or revoked"))
+            }
             None => Err("key without a kind prefix".into()),
         }
     }
@@ -71,6 +81,7 @@ mod tests {
             ResourceKey::Service("shop/back".into()),
             ResourceKey::Policy("istio-system/deny".into()),
             ResourceKey::Routes("shop/back".into()),
+            ResourceKey::Revoked("node1".into()),
         ] {
             assert_eq!(key.to_string().parse::<ResourceKey>(), Ok(key));
         }

@@ -95,6 +95,9 @@ pub struct Hub {
     pub nodes: Mutex<BTreeMap<String, NodeStatus>>,
     pub metrics: HubMetrics,
     large_updates: Arc<tokio::sync::Semaphore>,
+    /// One publication at a time: a revocation republishes the model in
+    /// force, which must not undo a configuration published meanwhile.
+    publishing: Mutex<()>,
 }
 
 /// Updates with this many resources (snapshots, mostly) are sent to at most
@@ -125,12 +128,15 @@ impl Hub {
             nodes: Mutex::default(),
             metrics: HubMetrics::default(),
             large_updates: Arc::new(tokio::sync::Semaphore::new(LARGE_UPDATES_IN_FLIGHT)),
+            publishing: Mutex::default(),
         }
     }
 
     /// Makes `model` what nodes get; every connected stream pushes its delta now.
+    /// The revoked certificates of removed nodes go with it.
     pub fn publish(&self, model: Arc<MeshModel>) {
-        let wire = Arc::new(WireSet::from_model(&model));
+        let _one_at_a_time = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        let wire = Arc::new(WireSet::from_parts(&model, &self.registry.revoked_certificates(unix_now())));
         let previous = self.current().wire.clone();
         let from_previous = Some((previous.version.clone(), wire.delta_from(&previous)));
         self.published.send_replace(Arc::new(Published { model, wire, from_previous, at: Instant::now() }));
@@ -178,7 +184,12 @@ impl Hub {
         let known = self.registry.remove(node, unix_now())?;
         if known {
             self.revocations.send_modify(|n| *n += 1);
-            warn!(node, "node revoked: its certificate and token are refused from now on");
+            self.publish(self.current().model.clone());
+            warn!(
+                node,
+                "node revoked: its certificate and token are refused from now on, and every node refuses the \
+                 workload certificates it held"
+            );
         }
         Ok(known)
     }
@@ -305,6 +316,9 @@ impl NodeControl for NodeService {
         }
         ca::may_issue(&self.current().model, &node, &identity).map_err(|e| self.refuse(ca_status(e)))?;
         let issued = self.ca.issue(&req.csr_pem, &identity, now).map_err(ca_status)?;
+        let not_after_unix = u64::try_from(issued.not_after.unix_timestamp()).unwrap_or(0);
+        let cert = registry::IssuedCert { serial: issued.serial.clone(), not_after_unix };
+        self.registry.issued_workload(&node, cert, unix_now());
         info!(node = %node, identity = %identity, "workload certificate issued");
         Ok(self.issued(issued))
     }

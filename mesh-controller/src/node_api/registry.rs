@@ -2,7 +2,9 @@
 //! bootstrap token (`mesh-ctl node add NAME`: single use, short-lived, only
 //! its hash kept), and the serials of the certificates issued to each node,
 //! so a node is revoked (`mesh-ctl node remove NAME`) by forgetting them:
-//! its certificate is refused at once, though it has not expired. Persisted
+//! its certificate is refused at once, though it has not expired. The
+//! workload certificates issued to a removed node are kept, until they
+//! expire, as revoked: nodes are sent them and refuse them. Persisted
 //! in `<state-dir>/nodes.json` (written atomically, mode 0600).
 use std::{
     collections::BTreeMap,
@@ -35,11 +37,29 @@ pub struct NodeRecord {
     /// Set when the operator removed the node: nothing of it is accepted.
     #[serde(default)]
     pub revoked_unix: u64,
+    /// The workload certificates issued to it that have not expired.
+    #[serde(default)]
+    pub workload_certs: Vec<IssuedCert>,
+}
+
+/// A workload certificate, by serial (hex), and when it expires.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IssuedCert {
+    pub serial: String,
+    pub not_after_unix: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct RegistryFile {
     nodes: BTreeMap<String, NodeRecord>,
+    /// The unexpired workload certificates of removed nodes, by node.
+    #[serde(default)]
+    revoked: BTreeMap<String, Vec<IssuedCert>>,
+}
+
+/// Drops the certificates expired at `now`.
+fn unexpired(certs: &mut Vec<IssuedCert>, now: u64) {
+    certs.retain(|c| c.not_after_unix > now);
 }
 
 /// Why a join or a node certificate was refused.
@@ -135,10 +155,13 @@ impl Registry {
     /// registered again starts over: its earlier certificates are refused.
     pub fn add(&self, node: &str, token: String, ttl_secs: u64, now: u64) -> std::io::Result<NewToken> {
         let mut file = self.file.lock().unwrap();
+        // Certificates it holds stay known (revocable) when it registers again.
+        let workload_certs = file.nodes.remove(node).map(|r| r.workload_certs).unwrap_or_default();
         let record = NodeRecord {
             token_sha256: sha256_hex(token.as_bytes()),
             token_expires_unix: now + ttl_secs,
             added_unix: now,
+            workload_certs,
             ..NodeRecord::default()
         };
         file.nodes.insert(node.to_owned(), record);
@@ -146,14 +169,45 @@ impl Registry {
         Ok(NewToken { node: node.to_owned(), token, expires_unix: now + ttl_secs })
     }
 
-    /// Revokes `node`: its token and certificates are refused from now on.
-    /// `false` when it was never registered.
+    /// Revokes `node`: its token and certificates are refused from now on,
+    /// and its workload certificates join the revoked ones. `false` when it
+    /// was never registered.
     pub fn remove(&self, node: &str, now: u64) -> std::io::Result<bool> {
         let mut file = self.file.lock().unwrap();
         let Some(record) = file.nodes.get_mut(node) else { return Ok(false) };
+        let mut certs = std::mem::take(&mut record.workload_certs);
         *record = NodeRecord { revoked_unix: now, added_unix: record.added_unix, ..NodeRecord::default() };
+        let revoked = file.revoked.entry(node.to_owned()).or_default();
+        revoked.append(&mut certs);
+        revoked.sort();
+        revoked.dedup();
+        for certs in file.revoked.values_mut() {
+            unexpired(certs, now);
+        }
+        file.revoked.retain(|_, certs| !certs.is_empty());
         self.save(&file)?;
         Ok(true)
+    }
+
+    /// Records a workload certificate issued to `node`, forgetting those of
+    /// its that expired.
+    pub fn issued_workload(&self, node: &str, cert: IssuedCert, now: u64) {
+        let mut file = self.file.lock().unwrap();
+        let Some(record) = file.nodes.get_mut(node) else { return };
+        unexpired(&mut record.workload_certs, now);
+        record.workload_certs.push(cert);
+        self.save_or_warn(&file);
+    }
+
+    /// The revoked certificates not expired at `now`, by removed node.
+    pub fn revoked_certificates(&self, now: u64) -> BTreeMap<String, Vec<IssuedCert>> {
+        let file = self.file.lock().unwrap();
+        let mut revoked = file.revoked.clone();
+        for certs in revoked.values_mut() {
+            unexpired(certs, now);
+        }
+        revoked.retain(|_, certs| !certs.is_empty());
+        revoked
     }
 
     /// Checks `node`'s join token and uses it up.
@@ -224,6 +278,7 @@ impl Registry {
         let mut nodes = self.file.lock().unwrap().nodes.clone();
         for r in nodes.values_mut() {
             // The hash is nobody's business but the controller's.
+            r.workload_certs.clear();
             r.token_sha256 = if r.token_sha256.is_empty() { String::new() } else { "pending".into() };
         }
         nodes
@@ -277,6 +332,28 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_nodes_workload_certificates_are_revoked_until_they_expire() {
+        let r = Registry::in_memory();
+        let cert = |serial: &str, not_after_unix| IssuedCert { serial: serial.into(), not_after_unix };
+        for node in ["node1", "node2"] {
+            r.add(node, "t".into(), 60, 0).unwrap();
+        }
+        r.issued_workload("node1", cert("a1", 100), 10);
+        r.issued_workload("node1", cert("a2", 200), 20);
+        r.issued_workload("node2", cert("b1", 300), 20);
+        r.issued_workload("node9", cert("x", 300), 20); // unregistered: not kept
+        assert!(r.revoked_certificates(30).is_empty(), "nothing removed yet");
+        r.issued_workload("node1", cert("a3", 400), 150); // a1 expired: forgotten
+        r.add("node1", "t2".into(), 60, 160).unwrap(); // registered again: still known
+        r.remove("node1", 170).unwrap();
+        let want = BTreeMap::from([("node1".to_string(), vec![cert("a2", 200), cert("a3", 400)])]);
+        assert_eq!(r.revoked_certificates(170), want);
+        assert_eq!(r.revoked_certificates(250)["node1"], vec![cert("a3", 400)], "a2 expired");
+        assert!(r.revoked_certificates(400).is_empty(), "all expired");
+        assert!(r.list()["node2"].workload_certs.is_empty(), "serials are not listed");
+    }
+
+    #[test]
     fn persisted_and_read_back() {
         let dir = std::env::temp_dir().join(format!("mesh-registry-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -288,6 +365,9 @@ mod tests {
         let again = Registry::open(&path).unwrap();
         assert_eq!(again.check("node1", "aa"), Ok(()));
         assert_eq!(again.redeem("node1", "t", 2), Err(Refusal::TokenUsed("node1".into())));
+        again.issued_workload("node1", IssuedCert { serial: "w1".into(), not_after_unix: 100 }, 3);
+        again.remove("node1", 4).unwrap();
+        assert_eq!(Registry::open(&path).unwrap().revoked_certificates(5)["node1"][0].serial, "w1");
         std::fs::write(&path, "{").unwrap();
         assert!(Registry::open(&path).unwrap_err().to_string().contains("nodes.json"));
         std::fs::remove_dir_all(&dir).unwrap();

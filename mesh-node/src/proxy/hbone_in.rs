@@ -1,7 +1,9 @@
 //! 15008: tunnels from other node proxies. TLS with the pod's certificate
 //! (the client must chain to the mesh root and be in its trust domain), then
 //! each `CONNECT` follows the inbound plan: the target must be this pod, and
-//! policy must admit the peer. A refused tunnel gets 401 (policy), 400 (wrong
+//! policy must admit the peer, whose certificate must not be revoked (a
+//! connection made before the revocation carries on to the next `CONNECT`,
+//! which is refused). A refused tunnel gets 401 (policy), 400 (wrong
 //! target) or 503 (the app cannot be reached), so the client's proxy resets
 //! its client.
 use std::{net::SocketAddr, sync::Arc};
@@ -65,18 +67,20 @@ impl TunnelHandler for PodTunnels {
             ctx.proxy.connections.track(ConnInfo::new(Direction::Inbound, &pod.name, self.listener, request.peer_addr));
         let arrival = Arrival::Hbone(request.peer.clone());
         let target = request.target;
-        let (mut tracked, upstream) = match connect_to_app(pod, ctx, conn, arrival.clone(), target).await {
-            Ok(admitted) => admitted,
-            Err((tracked, e)) => {
-                request.refuse(refusal_status(&e));
-                return tracked.refuse(e);
-            }
-        };
+        let serial = Some(request.peer_serial.clone());
+        let (mut tracked, upstream) =
+            match connect_to_app(pod, ctx, conn, arrival.clone(), serial.as_deref(), target).await {
+                Ok(admitted) => admitted,
+                Err((tracked, e)) => {
+                    request.refuse(refusal_status(&e));
+                    return tracked.refuse(e);
+                }
+            };
         let tunnel = match request.accept() {
             Ok(t) => t,
             Err(e) => return tracked.refuse(ProxyError::Relay(e)),
         };
-        let admitted = ctx.live.register(pod, tracked.info().src, arrival, target);
+        let admitted = ctx.live.register(pod, tracked.info().src, arrival, serial, target);
         let app = Counted::server(upstream, tracked.relaying());
         let relay = async { hbone::relay(app, tunnel).await.map(drop).map_err(ProxyError::Relay) };
         let result = ctx.relay_while_admitted(&mut tracked, admitted, relay).await;

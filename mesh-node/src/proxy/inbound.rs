@@ -12,7 +12,7 @@ use mesh_proxy::{
 use tokio::net::TcpStream;
 use tracing::info;
 
-use super::{PodContext, ProxyContext, connect_from, relay_plain};
+use super::{PodContext, ProxyContext, connect_from, live, relay_plain};
 
 /// A plaintext connection on 15006; the kernel kept its original local address.
 pub async fn handle(
@@ -30,30 +30,33 @@ pub async fn handle(
             return conn.refuse(ProxyError::NoLocalAddress(e));
         }
     };
-    let (mut tracked, mut upstream) = match connect_to_app(pod, ctx, conn, Arrival::Plaintext, target).await {
+    let (mut tracked, mut upstream) = match connect_to_app(pod, ctx, conn, Arrival::Plaintext, None, target).await {
         Ok(admitted) => admitted,
         Err((tracked, e)) => return tracked.refuse(e),
     };
-    let admitted = ctx.live.register(pod, tracked.info().src, Arrival::Plaintext, target);
+    let admitted = ctx.live.register(pod, tracked.info().src, Arrival::Plaintext, None, target);
     let mut client = Counted::client(client, tracked.relaying());
     let result = ctx.relay_while_admitted(&mut tracked, admitted, relay_plain(&mut client, &mut upstream)).await;
     tracked.finish(result);
 }
 
 /// Follows the inbound plan for the connection `conn` (from its source to
-/// `target`): refused (with the reason, for the caller to answer and
-/// record) or admitted, with the connection to the app made from inside the pod.
+/// `target`; a tunnel's peer certificate has `serial`): refused (with the
+/// reason, for the caller to answer and record) or admitted, with the
+/// connection to the app made from inside the pod.
 pub(super) async fn connect_to_app(
     pod: &PodContext,
     ctx: &ProxyContext,
     mut conn: Tracked,
     arrival: Arrival,
+    serial: Option<&str>,
     target: SocketAddr,
 ) -> Result<(Tracked, TcpStream), (Tracked, ProxyError)> {
     let view = ctx.proxy.state.view();
     let plan = plan::inbound(&view, pod.local(), conn.info().src, arrival, target);
     plan.describe(conn.info_mut());
-    if let Err(e) = plan.verdict {
+    let verdict = live::unrevoked(&ctx.proxy.state.revocations, serial).and(plan.verdict);
+    if let Err(e) = verdict {
         if let ProxyError::Denied { reason, .. } = &e {
             log_denial(conn.info(), reason, "connection denied");
         }

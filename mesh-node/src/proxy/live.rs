@@ -17,6 +17,7 @@ use std::{
 use mesh_proxy::{
     Proxy,
     error::ProxyError,
+    hbone::tls::Revocations,
     plan::{self, Arrival},
     state::view::MeshView,
 };
@@ -28,6 +29,8 @@ struct Admitted {
     pod: Arc<PodContext>,
     src: SocketAddr,
     arrival: Arrival,
+    /// The serial of a tunnel's peer certificate.
+    serial: Option<Arc<str>>,
     target: SocketAddr,
     /// Taken when the connection is closed by a policy.
     close: Option<oneshot::Sender<ProxyError>>,
@@ -70,21 +73,23 @@ impl LiveInbound {
         pod: &Arc<PodContext>,
         src: SocketAddr,
         arrival: Arrival,
+        serial: Option<Arc<str>>,
         target: SocketAddr,
     ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (close, closed) = oneshot::channel();
-        let admitted = Admitted { pod: pod.clone(), src, arrival, target, close: Some(close) };
+        let admitted = Admitted { pod: pod.clone(), src, arrival, serial, target, close: Some(close) };
         lock(&self.conns).insert(id, admitted);
         Registration { table: self.clone(), id, closed }
     }
 
-    /// Decides every open connection again under `view`; those it now
-    /// denies are told to close. How many were.
-    pub fn recheck(&self, view: &MeshView) -> usize {
+    /// Decides every open connection again under `view` and `revoked`;
+    /// those it now denies are told to close. How many were.
+    pub fn recheck(&self, view: &MeshView, revoked: &Revocations) -> usize {
         let mut closed = 0;
         for a in lock(&self.conns).values_mut().filter(|a| a.close.is_some()) {
-            let verdict = plan::inbound(view, a.pod.local(), a.src, a.arrival.clone(), a.target).verdict;
+            let verdict = unrevoked(revoked, a.serial.as_deref())
+                .and_then(|()| plan::inbound(view, a.pod.local(), a.src, a.arrival.clone(), a.target).verdict);
             if let Err(e @ ProxyError::Denied { .. }) = verdict
                 && let Some(close) = a.close.take()
             {
@@ -97,12 +102,26 @@ impl LiveInbound {
 }
 
 /// Rechecks the open connections each time a configuration is put in force,
-/// for as long as the proxy lives.
+/// for as long as the proxy lives, and closes pooled connections to peers
+/// whose certificate was revoked.
 pub async fn enforce(proxy: Arc<Proxy>, live: Arc<LiveInbound>) {
     let mut changes = proxy.state.changes();
     while changes.changed().await.is_ok() {
         let view = proxy.state.view();
-        live.recheck(&view);
+        live.recheck(&view, &proxy.state.revocations);
+        proxy.pool.close_revoked(&proxy.state.revocations);
+    }
+}
+
+/// Refuses a tunnel whose peer certificate (`serial`) the controller
+/// revoked: at its `CONNECT`, and while it is open.
+pub fn unrevoked(revoked: &Revocations, serial: Option<&str>) -> Result<(), ProxyError> {
+    match serial.and_then(|s| revoked.revoked_by(s)) {
+        None => Ok(()),
+        Some(node) => Err(ProxyError::Denied {
+            policy: None,
+            reason: format!("the peer's certificate was revoked: node {node} was removed from the mesh"),
+        }),
     }
 }
 

@@ -59,10 +59,15 @@ impl Control {
     /// A refusal of the node itself. PermissionDenied means the controller
     /// no longer takes this node certificate (the node was removed, or
     /// registered again): it is dropped, so the next attempt joins with
-    /// the token file, where the operator puts the node's new token.
+    /// the token file, where the operator puts the node's new token. Its
+    /// workload certificates go too: a removed node's are revoked (peers
+    /// refuse them), and it obtains new ones once it is back.
     pub(super) fn node_refused(&self, status: tonic::Status) -> anyhow::Error {
         if status.code() == tonic::Code::PermissionDenied && lock(&self.node_cert).take().is_some() {
             let _ = std::fs::remove_file(self.config.state_dir.join(NODE_CERT_FILE));
+            if self.proxy.identities.retain(|_| false) {
+                self.persist_soon();
+            }
             error!(
                 node = %self.config.node, token_file = %self.config.token_file.display(),
                 "the controller no longer accepts this node's certificate ({}): it joins again with the token \

@@ -60,7 +60,8 @@ impl Control {
                 if cert.not_after_unix <= now {
                     return Err(format!("expired at {}", cert.not_after_unix));
                 }
-                let local = LocalIdentity::from_cert(&id, &cert).map_err(|e| e.to_string())?;
+                let local =
+                    LocalIdentity::from_cert(&id, &cert, &self.proxy.state.revocations).map_err(|e| e.to_string())?;
                 self.proxy.identities.set(id, local);
                 Ok(())
             });

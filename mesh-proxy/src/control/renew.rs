@@ -47,7 +47,9 @@ impl Control {
             let req = api::CertifyRequest { identity: id.clone(), csr_pem: csr };
             let resp = client.certify(req).await.map_err(status_error)?.into_inner();
             let cert = KeyedCert::from_response(resp, key, now)?;
-            let renewed = proxy.identities.set(spiffe.clone(), LocalIdentity::from_cert(&spiffe, &cert)?);
+            let renewed = proxy
+                .identities
+                .set(spiffe.clone(), LocalIdentity::from_cert(&spiffe, &cert, &proxy.state.revocations)?);
             self.persist_soon();
             info!(identity = %id, serial = %cert.serial, not_after = cert.not_after_unix, renewed, "workload certificate");
         }

@@ -54,6 +54,9 @@ pub struct PeerConnection {
     /// Set when the connection's driver ends (the peer closed it, went
     /// away, or failed): it can carry no more tunnels.
     ended: Arc<std::sync::atomic::AtomicBool>,
+    /// The serial (hex) of the certificate the peer presented.
+    pub peer_serial: Arc<str>,
+    driver: tokio::task::AbortHandle,
 }
 
 impl PeerConnection {
@@ -62,6 +65,8 @@ impl PeerConnection {
     pub async fn handshake(tcp: TcpStream, config: Arc<rustls::ClientConfig>) -> io::Result<PeerConnection> {
         let peer = tcp.peer_addr()?;
         let tls = TlsConnector::from(config).connect(ServerName::IpAddress(peer.ip().into()), tcp).await?;
+        let peer_serial = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(tls::serial_of);
+        let peer_serial: Arc<str> = peer_serial.unwrap_or_default().into();
         let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -71,14 +76,21 @@ impl PeerConnection {
             .map_err(other)?;
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = ended.clone();
-        tokio::spawn(async move {
+        let driver = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(peer = %peer, "HBONE connection ended: {e}");
             }
             flag.store(true, std::sync::atomic::Ordering::Release);
         });
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        Ok(PeerConnection { sender, id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed), ended })
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(PeerConnection { sender, id, ended, peer_serial, driver: driver.abort_handle() })
+    }
+
+    /// Closes the connection now, with every tunnel on it.
+    pub fn close(&self) {
+        self.driver.abort();
+        self.ended.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Whether the connection has ended (its driver is done): a pool drops it.
@@ -111,10 +123,20 @@ impl PeerConnection {
     }
 }
 
+/// The client of a connection on 15008, as its certificate proved it.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub identity: SpiffeId,
+    /// The certificate's serial (hex), by which the controller revokes it.
+    pub serial: Arc<str>,
+}
+
 /// A tunnel request that arrived on 15008, from a verified peer. The handler
 /// accepts it (and relays) or refuses it with a status.
 pub struct TunnelRequest {
     pub peer: SpiffeId,
+    /// The serial (hex) of the certificate that proved `peer`.
+    pub peer_serial: Arc<str>,
     /// The peer's TCP address (its pod's IP: it dials from its namespace).
     pub peer_addr: SocketAddr,
     /// The `CONNECT` authority: where the peer's client meant to go.
@@ -175,13 +197,9 @@ pub async fn serve<H: TunnelHandler>(
     let tls = tokio::time::timeout_at(deadline, TlsAcceptor::from(config).accept(tcp))
         .await
         .map_err(|_| handshake_timed_out(handshake_timeout, "TLS"))??;
-    let peer = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or_else(|| other("no client certificate"))
-        .and_then(|c| tls::identity_of(c).map_err(other))?;
+    let leaf =
+        tls.get_ref().1.peer_certificates().and_then(|c| c.first()).ok_or_else(|| other("no client certificate"))?;
+    let peer = Peer { identity: tls::identity_of(leaf).map_err(other)?, serial: tls::serial_of(leaf).into() };
     serve_streams(tls, peer, peer_addr, handler, drain, deadline).await
 }
 
@@ -199,6 +217,7 @@ pub fn failure_reason(e: &io::Error) -> &'static str {
         E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => "not_yet_valid",
         E::InvalidCertificate(C::UnknownIssuer) => "unknown_issuer",
         E::InvalidCertificate(C::BadSignature) => "bad_signature",
+        E::InvalidCertificate(C::Revoked) => "revoked",
         E::InvalidCertificate(_) => "bad_certificate",
         E::NoCertificatesPresented => "no_client_certificate",
         // Our own checks (tls.rs): the SPIFFE ID and its trust domain.
@@ -218,7 +237,7 @@ fn handshake_timed_out(timeout: std::time::Duration, what: &str) -> io::Error {
 /// bytes. The peer's HTTP/2 preface must arrive by `handshake_deadline`.
 pub async fn serve_streams<H: TunnelHandler, IO: AsyncRead + AsyncWrite + Unpin>(
     io: IO,
-    peer: SpiffeId,
+    peer: Peer,
     peer_addr: SocketAddr,
     handler: Arc<H>,
     drain: impl Future<Output = ()>,
@@ -254,7 +273,14 @@ pub async fn serve_streams<H: TunnelHandler, IO: AsyncRead + AsyncWrite + Unpin>
                 continue;
             }
         };
-        let request = TunnelRequest { peer: peer.clone(), peer_addr, target, respond, body: request.into_body() };
+        let request = TunnelRequest {
+            peer: peer.identity.clone(),
+            peer_serial: peer.serial.clone(),
+            peer_addr,
+            target,
+            respond,
+            body: request.into_body(),
+        };
         let handler = handler.clone();
         tokio::spawn(async move { handler.handle(request).await });
     }

@@ -106,7 +106,7 @@ async fn echo_server() -> SocketAddr {
 async fn start(ca: &Ca, server: &Credentials) -> (SocketAddr, Arc<Echo>) {
     let echo_addr = echo_server().await;
     let handler = Arc::new(Echo { addr: echo_addr, closed: Default::default() });
-    let config = Arc::new(server_config(server, ca.roots(), "cluster.local").unwrap());
+    let config = Arc::new(server_config(server, ca.roots(), Arc::default(), "cluster.local").unwrap());
     let hbone = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = hbone.local_addr().unwrap();
     let h = handler.clone();
@@ -125,7 +125,7 @@ async fn dial(
     roots: Arc<RootCertStore>,
     expect: &str,
 ) -> io::Result<PeerConnection> {
-    let config = Arc::new(client_config(me, roots, expect.parse().unwrap()).unwrap());
+    let config = Arc::new(client_config(me, roots, Arc::default(), expect.parse().unwrap()).unwrap());
     PeerConnection::handshake(TcpStream::connect(addr).await?, config).await
 }
 
@@ -223,6 +223,48 @@ async fn handshakes_refuse_the_wrong_identities() {
     assert!(dial(other_addr, &a, ca.roots(), B).await.is_err(), "server from another CA accepted");
 }
 
+/// A certificate the controller revoked is refused by either end at the
+/// handshake, once the revocation is in force, and by nothing before it.
+#[tokio::test]
+async fn revoked_certificates_fail_the_handshake() {
+    let ca = Ca::new();
+    let (a, b) = (ca.issue(A), ca.issue(B));
+    let revoked: Arc<Revocations> = Arc::default();
+    let config = Arc::new(server_config(&b, ca.roots(), revoked.clone(), "cluster.local").unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handler = Arc::new(Echo { addr: echo_server().await, closed: Default::default() });
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (config, h) = (config.clone(), handler.clone());
+            tokio::spawn(async move {
+                if let Err(e) = serve(tcp, config, h, std::future::pending(), HANDSHAKE_TIMEOUT).await {
+                    assert_eq!(failure_reason(&e), "revoked", "{e}");
+                }
+            });
+        }
+    });
+    let client = |me: &Credentials| {
+        let config = client_config(me, ca.roots(), revoked.clone(), B.parse().unwrap()).unwrap();
+        async move {
+            let peer = PeerConnection::handshake(TcpStream::connect(addr).await?, Arc::new(config)).await?;
+            peer.connect("10.0.0.2:8080".parse().unwrap()).await.map_err(|e| io::Error::other(e.to_string()))
+        }
+    };
+    assert!(client(&a).await.is_ok(), "nothing revoked yet");
+
+    let serial = |c: &Credentials| serial_of(&c.chain[0]);
+    revoked.replace([(serial(&a), "node1".to_string())].into());
+    assert_eq!(revoked.revoked_by(&serial(&a)).as_deref(), Some("node1"));
+    assert!(client(&a).await.is_err(), "the server took a revoked client certificate");
+    let a2 = ca.issue(A);
+    assert!(client(&a2).await.is_ok(), "another certificate of the same identity is fine");
+
+    revoked.replace([(serial(&b), "node2".to_string())].into());
+    let err = client(&a).await.err().expect("the client took a revoked server certificate");
+    assert!(err.to_string().to_lowercase().contains("revoked"), "{err}");
+}
+
 /// With TLS 1.3 the client finishes its handshake before the server judges
 /// its certificate: the refusal shows on the first use of the connection.
 async fn refused(addr: SocketAddr, me: &Credentials, roots: Arc<RootCertStore>) -> bool {
@@ -245,7 +287,7 @@ struct Restartable {
 impl Restartable {
     async fn start(listener: TcpListener, ca: &Ca, server: &Credentials, echo: SocketAddr) -> Restartable {
         let handler = Arc::new(Echo { addr: echo, closed: Default::default() });
-        let config = Arc::new(server_config(server, ca.roots(), "cluster.local").unwrap());
+        let config = Arc::new(server_config(server, ca.roots(), Arc::default(), "cluster.local").unwrap());
         let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let held = conns.clone();
         let accept = tokio::spawn(async move {
@@ -313,7 +355,7 @@ async fn the_pool_shares_dials_and_forgets_dead_connections() {
 #[tokio::test(start_paused = true)]
 async fn stalled_handshakes_are_cut_off() {
     let ca = Ca::new();
-    let config = Arc::new(server_config(&ca.issue(B), ca.roots(), "cluster.local").unwrap());
+    let config = Arc::new(server_config(&ca.issue(B), ca.roots(), Arc::default(), "cluster.local").unwrap());
     let handler = Arc::new(Echo { addr: "127.0.0.1:1".parse().unwrap(), closed: Default::default() });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -398,7 +440,8 @@ fn failure_reasons() {
         (tls(E::InvalidCertificate(C::NotValidYet)), "not_yet_valid"),
         (tls(E::InvalidCertificate(C::UnknownIssuer)), "unknown_issuer"),
         (tls(E::InvalidCertificate(C::BadSignature)), "bad_signature"),
-        (tls(E::InvalidCertificate(C::Revoked)), "bad_certificate"),
+        (tls(E::InvalidCertificate(C::Revoked)), "revoked"),
+        (tls(E::InvalidCertificate(C::UnhandledCriticalExtension)), "bad_certificate"),
         (tls(E::NoCertificatesPresented), "no_client_certificate"),
         (
             tls(E::General("client spiffe://evil.org/ns/a/sa/b is not in trust domain cluster.local".into())),

@@ -4,7 +4,12 @@
 //! an IP and is not checked); a server accepts only clients that chain to the
 //! mesh root and belong to its trust domain. Both checks are in the
 //! handshake, so a refused peer never gets a byte of application data.
-use std::sync::Arc;
+//! Both also refuse a certificate the controller revoked (the workload
+//! certificates of a node the operator removed).
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
 
 use mesh_common::identity::SpiffeId;
 use rustls::{
@@ -25,6 +30,43 @@ pub const ALPN_H2: &[u8] = b"h2";
 pub struct Credentials {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: Arc<PrivateKeyDer<'static>>,
+}
+
+/// The certificates the controller revoked: serial (hex, as
+/// [`serial_of`] writes it) → the removed node that held it. Shared by every
+/// TLS config of the proxy, replaced whole with each configuration.
+#[derive(Debug, Default)]
+pub struct Revocations(RwLock<Arc<HashMap<String, String>>>);
+
+impl Revocations {
+    pub fn replace(&self, revoked: HashMap<String, String>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(revoked);
+    }
+
+    /// The removed node that held the certificate with `serial`, if revoked.
+    pub fn revoked_by(&self, serial: &str) -> Option<String> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).get(serial).cloned()
+    }
+
+    /// Refuses a revoked `cert` as rustls refuses a bad one.
+    fn check(&self, cert: &CertificateDer<'_>) -> Result<(), Error> {
+        let serial = serial_of(cert);
+        match self.revoked_by(&serial) {
+            None => Ok(()),
+            Some(node) => {
+                tracing::warn!(serial, node, "refused a revoked certificate (its node was removed from the mesh)");
+                Err(Error::InvalidCertificate(rustls::CertificateError::Revoked))
+            }
+        }
+    }
+}
+
+/// A certificate's serial number in lowercase hex (its DER content bytes),
+/// as the controller names revoked certificates.
+pub fn serial_of(cert: &CertificateDer<'_>) -> String {
+    x509_parser::parse_x509_certificate(cert)
+        .map(|(_, c)| c.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+        .unwrap_or_default()
 }
 
 /// ring with only the TLS 1.3 AES-GCM suites.
@@ -51,9 +93,15 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
 }
 
 /// The client side: our certificate, and the one identity the server must present.
-pub fn client_config(me: &Credentials, roots: Arc<RootCertStore>, expect: SpiffeId) -> Result<ClientConfig, Error> {
+pub fn client_config(
+    me: &Credentials,
+    roots: Arc<RootCertStore>,
+    revoked: Arc<Revocations>,
+    expect: SpiffeId,
+) -> Result<ClientConfig, Error> {
     let provider = provider();
-    let verifier = ExactServerIdentity { roots, expect, algorithms: provider.signature_verification_algorithms };
+    let verifier =
+        ExactServerIdentity { roots, revoked, expect, algorithms: provider.signature_verification_algorithms };
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -64,12 +112,17 @@ pub fn client_config(me: &Credentials, roots: Arc<RootCertStore>, expect: Spiffe
 }
 
 /// The server side: our certificate; clients must chain to `roots` and be in `trust_domain`.
-pub fn server_config(me: &Credentials, roots: Arc<RootCertStore>, trust_domain: &str) -> Result<ServerConfig, Error> {
+pub fn server_config(
+    me: &Credentials,
+    roots: Arc<RootCertStore>,
+    revoked: Arc<Revocations>,
+    trust_domain: &str,
+) -> Result<ServerConfig, Error> {
     let provider = provider();
     let chain = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| Error::General(format!("client verifier: {e}")))?;
-    let verifier = TrustDomainClients { chain, trust_domain: trust_domain.to_owned() };
+    let verifier = TrustDomainClients { chain, revoked, trust_domain: trust_domain.to_owned() };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -81,6 +134,7 @@ pub fn server_config(me: &Credentials, roots: Arc<RootCertStore>, trust_domain: 
 #[derive(Debug)]
 struct ExactServerIdentity {
     roots: Arc<RootCertStore>,
+    revoked: Arc<Revocations>,
     expect: SpiffeId,
     algorithms: WebPkiSupportedAlgorithms,
 }
@@ -106,6 +160,7 @@ impl ServerCertVerifier for ExactServerIdentity {
         if presented != self.expect {
             return Err(Error::General(format!("server presented {presented}, expected {}", self.expect)));
         }
+        self.revoked.check(end_entity)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -136,6 +191,7 @@ impl ServerCertVerifier for ExactServerIdentity {
 #[derive(Debug)]
 struct TrustDomainClients {
     chain: Arc<dyn ClientCertVerifier>,
+    revoked: Arc<Revocations>,
     trust_domain: String,
 }
 
@@ -155,6 +211,7 @@ impl ClientCertVerifier for TrustDomainClients {
         if id.trust_domain() != self.trust_domain {
             return Err(Error::General(format!("client {id} is not in trust domain {}", self.trust_domain)));
         }
+        self.revoked.check(end_entity)?;
         Ok(verified)
     }
 

@@ -22,6 +22,8 @@ use crate::hbone::tls;
 pub struct LocalIdentity {
     pub credentials: tls::Credentials,
     pub roots: Arc<RootCertStore>,
+    /// The controller's revocations, which both directions check peers against.
+    pub revoked: Arc<tls::Revocations>,
     pub server: Arc<rustls::ServerConfig>,
     /// The certificate as issued (dates, serial, for renewal).
     pub cert: KeyedCert,
@@ -31,7 +33,11 @@ pub struct LocalIdentity {
 }
 
 impl LocalIdentity {
-    pub fn from_cert(identity: &SpiffeId, cert: &KeyedCert) -> Result<LocalIdentity, CertError> {
+    pub fn from_cert(
+        identity: &SpiffeId,
+        cert: &KeyedCert,
+        revoked: &Arc<tls::Revocations>,
+    ) -> Result<LocalIdentity, CertError> {
         let bad = |what: &'static str, e: &dyn std::fmt::Display| CertError::Tls {
             what,
             identity: identity.to_string(),
@@ -47,16 +53,16 @@ impl LocalIdentity {
         }
         let roots = Arc::new(roots);
         let credentials = tls::Credentials { chain, key: Arc::new(key) };
-        let server = tls::server_config(&credentials, roots.clone(), identity.trust_domain())
+        let server = tls::server_config(&credentials, roots.clone(), revoked.clone(), identity.trust_domain())
             .map_err(|e| bad("server config", &e))?;
         let server = Arc::new(server);
         let view = cert.view(&identity.to_string());
-        Ok(LocalIdentity { credentials, roots, server, cert: cert.clone(), view })
+        Ok(LocalIdentity { credentials, roots, revoked: revoked.clone(), server, cert: cert.clone(), view })
     }
 
     /// A client config that presents this identity and accepts only `peer`.
     pub fn client_config(&self, peer: SpiffeId) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-        Ok(Arc::new(tls::client_config(&self.credentials, self.roots.clone(), peer)?))
+        Ok(Arc::new(tls::client_config(&self.credentials, self.roots.clone(), self.revoked.clone(), peer)?))
     }
 }
 

@@ -20,6 +20,8 @@ use std::{
 
 use mesh_common::api;
 
+use crate::hbone::tls::Revocations;
+
 use self::{
     store::{Applied, LocalPod, NodeStore},
     view::MeshView,
@@ -31,11 +33,19 @@ pub struct State {
     /// Counts the views put in force, for those that act on a change
     /// (re-deciding open connections).
     generation: tokio::sync::watch::Sender<u64>,
+    /// The revoked certificates of the configuration in force, which the
+    /// TLS configs check peers against.
+    pub revocations: Arc<Revocations>,
 }
 
 impl Default for State {
     fn default() -> Self {
-        State { store: Mutex::default(), view: RwLock::default(), generation: tokio::sync::watch::Sender::new(0) }
+        State {
+            store: Mutex::default(),
+            view: RwLock::default(),
+            generation: tokio::sync::watch::Sender::new(0),
+            revocations: Arc::default(),
+        }
     }
 }
 
@@ -49,14 +59,17 @@ impl State {
     /// publication (`more` unset), the new view is built and put in force for
     /// new connections. `Err` is the reason to NACK: nothing was applied.
     pub fn apply(&self, update: &api::Update) -> Result<Applied, String> {
-        let (view, applied) = {
+        let (view, revoked, applied) = {
             let mut store = self.store();
             let applied = store.apply(update)?;
             if update.more {
                 return Ok(applied); // act on the whole, not on a part
             }
-            (MeshView::build(&store), applied)
+            let revoked =
+                store.revoked.values().flat_map(|r| r.certificates.iter().map(|c| (c.serial.clone(), r.node.clone())));
+            (MeshView::build(&store), revoked.collect(), applied)
         };
+        self.revocations.replace(revoked);
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
         self.generation.send_modify(|g| *g += 1);
         Ok(applied)

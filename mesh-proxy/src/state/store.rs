@@ -20,6 +20,8 @@ pub struct NodeStore {
     pub policies: BTreeMap<String, api::Authorization>,
     /// HTTP routes by service `namespace/name` (a waypoint's).
     pub routes: BTreeMap<String, api::HttpRoutes>,
+    /// The workload certificates of nodes removed from the mesh, by node.
+    pub revoked: BTreeMap<String, api::Revoked>,
     #[serde(skip)]
     versions: BTreeMap<String, u64>,
 }
@@ -60,6 +62,7 @@ impl NodeStore {
                 Ok(ResourceKey::Service(n)) => drop(self.services.remove(&n)),
                 Ok(ResourceKey::Policy(n)) => drop(self.policies.remove(&n)),
                 Ok(ResourceKey::Routes(n)) => drop(self.routes.remove(&n)),
+                Ok(ResourceKey::Revoked(n)) => drop(self.revoked.remove(&n)),
                 Err(_) => {} // nothing is held under a key that does not parse
             }
         }
@@ -72,6 +75,7 @@ impl NodeStore {
                 Some(Kind::Service(s)) => drop(self.services.insert(name, s)),
                 Some(Kind::Authorization(p)) => drop(self.policies.insert(name, p)),
                 Some(Kind::Routes(r)) => drop(self.routes.insert(name, r)),
+                Some(Kind::Revoked(r)) => drop(self.revoked.insert(name, r)),
                 None => {}
             }
             self.versions.insert(r.key.clone(), r.version);
@@ -94,6 +98,7 @@ impl NodeStore {
                     ResourceKey::Service(n) => Kind::Service(self.services.get(&n)?.clone()),
                     ResourceKey::Policy(n) => Kind::Authorization(self.policies.get(&n)?.clone()),
                     ResourceKey::Routes(n) => Kind::Routes(self.routes.get(&n)?.clone()),
+                    ResourceKey::Revoked(n) => Kind::Revoked(self.revoked.get(&n)?.clone()),
                 };
                 Some(api::Resource { key: key.clone(), version: *version, kind: Some(kind) })
             })
@@ -146,6 +151,11 @@ fn check(r: &api::Resource) -> Result<(), String> {
         (ResourceKey::Policy(_), Some(Kind::Authorization(p))) => CompiledPolicy::from_wire(p).map(drop),
         // Likewise routes: a regex the waypoint could not run is rejected here.
         (ResourceKey::Routes(_), Some(Kind::Routes(r))) => CompiledRoutes::from_wire(r).map(drop),
+        (ResourceKey::Revoked(_), Some(Kind::Revoked(r))) => r.certificates.iter().try_for_each(|c| {
+            let hex =
+                !c.serial.is_empty() && c.serial.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if hex { Ok(()) } else { Err(format!("revoked serial {:?} is not lowercase hex", c.serial)) }
+        }),
         (_, kind) => Err(format!("key {key} does not match the content {:?}", kind.as_ref().map(kind_name))),
     }
 }
@@ -156,6 +166,7 @@ fn kind_name(k: &Kind) -> &'static str {
         Kind::Service(_) => "service",
         Kind::Authorization(_) => "authorization",
         Kind::Routes(_) => "routes",
+        Kind::Revoked(_) => "revoked",
     }
 }
 
@@ -256,7 +267,16 @@ mod tests {
             w.identity = "spiffe://cluster.local/ns/UPPER/sa/x".into();
         }
         let mismatched = api::Resource { key: "service/shop/x".into(), ..workload("y", "n1", "10.0.0.8") };
+        let revoked = |serial: &str| api::Resource {
+            key: "revoked/n2".into(),
+            version: 1,
+            kind: Some(Kind::Revoked(api::Revoked {
+                node: "n2".into(),
+                certificates: vec![api::RevokedCertificate { serial: serial.into(), not_after_unix: 1 }],
+            })),
+        };
         let cases = [
+            (revoked("7A:01"), "revoked/n2: revoked serial \"7A:01\" is not lowercase hex"),
             (workload("e", "n1", "10.0.0.300"), "workload/Pod/shop/e: workload IP \"10.0.0.300\""),
             (bad_identity, "workload/Pod/shop/x: identity"),
             (bad_policy.clone(), "policy/shop/p: \"10.0.0.0/40\""),
@@ -274,5 +294,9 @@ mod tests {
             p.rules[0].from[0].ip_blocks = vec!["10.0.0.0/8".into(), "10.1.2.3".into()];
         }
         NodeStore::default().apply(&update(false, vec![bad_policy], &[])).unwrap();
+        let mut store = NodeStore::default();
+        store.apply(&update(false, vec![revoked("7a01")], &[])).unwrap();
+        assert_eq!(store.revoked["n2"].certificates[0].serial, "7a01");
+        assert_eq!(store.snapshot().resources.len(), 1, "persisted with the rest");
     }
 }
