@@ -52,6 +52,25 @@ impl Capture {
         self.between(a, b)
     }
 
+    /// Stops the capture and asserts that everything between `a` and `b` was
+    /// TLS on 15008 (some of it), and that none of `clear` (what the apps
+    /// sent) appears anywhere in the raw capture.
+    pub fn assert_only_tls(self, a: &Pod, b: &Pod, clear: &[&str]) {
+        let (packets, tls_records, raw) = self.packets(a, b);
+        let off_15008: Vec<_> = packets.iter().filter(|(s, d, _)| *s != 15008 && *d != 15008).collect();
+        assert!(
+            off_15008.is_empty(),
+            "segments between a and b not on 15008: {:?}",
+            &off_15008[..off_15008.len().min(5)]
+        );
+        assert!(tls_records > 0, "no TLS between a and b in the capture");
+        let raw = String::from_utf8_lossy(&raw);
+        for text in clear {
+            assert!(!raw.contains(text), "{text:?} in clear on the bridge");
+        }
+        eprintln!("capture: {} segments between a and b, all on 15008, {tls_records} TLS records", packets.len());
+    }
+
     /// Stops the capture (once; later calls do nothing).
     pub fn stop(&mut self) {
         if self.proc.is_running() {

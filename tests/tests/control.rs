@@ -10,7 +10,9 @@ use std::{
 };
 
 use mesh_tests::{
-    Agent, Controller, Pod, Proc, Topology, http_ok,
+    Agent, Controller, Pod, Proc, Topology,
+    capture::Capture,
+    http_ok,
     mesh::{Mesh, exchange, identity, yaml},
 };
 use serde_json::Value;
@@ -200,6 +202,10 @@ fn controller_restart_resumes_without_resync() {
     assert_eq!(controller.json("/debug/nodes")["nodes"]["node1"]["resync_resources"], 0);
 }
 
+/// What `exchange` sends and the sink answers, as a capture would show them in clear.
+const CLEAR_REQUEST: &str = "ssssssssssssssssssssssssssssssss";
+const CLEAR_REPLY: &str = "rrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrr";
+
 /// Pod a (sa-a) on node1 and b (sa-b) on node2 under STRICT mutual TLS (a
 /// node that forgot the mesh cannot reach b in plaintext), a sink server in
 /// b answering 777 bytes at the returned address, reached once.
@@ -230,6 +236,7 @@ fn strict_a_to_b(mesh: &Mesh) -> (Pod, Pod, Proc, String) {
 fn the_controller_away_nodes_serve_and_restarted_ones_restore() {
     let Some(mut mesh) = Mesh::start("control-outage", &["node1", "node2"]) else { return };
     let (a, b, _sink, target) = strict_a_to_b(&mesh);
+    let capture = Capture::start(&mesh, &mesh.t.pod("probe"), &b);
     let version = mesh.node("node1").agent.config_dump()["proxy"]["version"].clone();
 
     // A connection opened before the outage, used again after it.
@@ -299,6 +306,8 @@ fn the_controller_away_nodes_serve_and_restarted_ones_restore() {
     for node in ["node1", "node2"] {
         assert_eq!(nodes["nodes"][node]["resync_resources"], 0, "{node} resumed without a resync: {nodes:#}");
     }
+    // Through the outage and the restart, nothing crossed in clear (pt 8).
+    capture.assert_only_tls(&a, &b, &[CLEAR_REQUEST, CLEAR_REPLY]);
 
     // A node that goes away is shown stale, with the moment it left.
     mesh.nodes[1].agent.proc.kill();
@@ -324,7 +333,8 @@ fn a_certificate_expiring_in_an_outage_fails_closed_until_renewed() {
     let t = Topology::new("control-expiry");
     let controller = t.start_controller(&t.node("controller"), &["--cert-lifetime", "16s"]);
     let Some(mut mesh) = Mesh::join(t, controller, "control-expiry", &["node1", "node2"]) else { return };
-    let (a, _b, _sink, target) = strict_a_to_b(&mesh);
+    let (a, b, _sink, target) = strict_a_to_b(&mesh);
+    let capture = Capture::start(&mesh, &mesh.t.pod("probe"), &b);
 
     mesh.controller.proc.kill();
     let expired = |mesh: &Mesh| mesh.metric("node1", "mesh_node_certificates_expired", &[]);
@@ -353,4 +363,6 @@ fn a_certificate_expiring_in_an_outage_fails_closed_until_renewed() {
     }
     eprintln!("certificates renewed and traffic back {:?} after the controller restarted", back.elapsed());
     assert_eq!(expired(&mesh), 0.0);
+    // Expired, refused, renewed: never in clear (pt 8).
+    capture.assert_only_tls(&a, &b, &[CLEAR_REQUEST, CLEAR_REPLY]);
 }

@@ -187,9 +187,5 @@ fn a_new_agent_takes_over_without_refusing_a_connection() {
     let (served, refused) = prober_counts(&prober);
     eprintln!("plain restart of node1: {served} connections served, {refused} refused or reset");
 
-    let (packets, tls_records, raw) = capture.packets(&a, &b);
-    let off_15008: Vec<_> = packets.iter().filter(|(s, d, _)| *s != 15008 && *d != 15008).collect();
-    assert!(off_15008.is_empty(), "segments between a and b not on 15008: {:?}", &off_15008[..off_15008.len().min(5)]);
-    assert!(tls_records > 0, "no TLS between a and b in the capture");
-    assert!(!String::from_utf8_lossy(&raw).contains("GET / HTTP/1.0"), "a request in clear on the bridge");
+    capture.assert_only_tls(&a, &b, &["GET / HTTP/1.0"]);
 }
