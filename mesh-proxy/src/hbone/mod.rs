@@ -35,6 +35,13 @@ pub const MAX_STREAMS: u32 = 100;
 /// transport socket connect timeout is 15 s.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const CHUNK: usize = 64 << 10;
+/// Each end of an HBONE connection PINGs the other this often, and the
+/// answer must come within `KEEPALIVE_TIMEOUT` (gRPC's keepalive timeout): a
+/// peer that stopped reading (or vanished without a FIN) is cut off, with
+/// its tunnels, so it cannot hold their buffers (h2's send buffer, 400 KiB
+/// a stream) for ever.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 fn other(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
@@ -67,7 +74,7 @@ impl PeerConnection {
         let tls = TlsConnector::from(config).connect(ServerName::IpAddress(peer.ip().into()), tcp).await?;
         let peer_serial = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(tls::serial_of);
         let peer_serial: Arc<str> = peer_serial.unwrap_or_default().into();
-        let (sender, connection) = h2::client::Builder::new()
+        let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
@@ -76,8 +83,15 @@ impl PeerConnection {
             .map_err(other)?;
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = ended.clone();
+        // Pinged like the server's clients: a peer that vanished without a
+        // FIN leaves the pool within the keepalive timeout.
+        let ping_pong = connection.ping_pong();
         let driver = tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let ended = tokio::select! {
+                result = connection => result.map_err(other),
+                e = keepalive(ping_pong) => Err(e),
+            };
+            if let Err(e) = ended {
                 debug!(peer = %peer, "HBONE connection ended: {e}");
             }
             flag.store(true, std::sync::atomic::Ordering::Release);
@@ -208,6 +222,9 @@ pub async fn serve<H: TunnelHandler>(
 /// or `other` (the connection failed after it).
 pub fn failure_reason(e: &io::Error) -> &'static str {
     use rustls::{CertificateError as C, Error as E};
+    if e.get_ref().is_some_and(|inner| inner.is::<KeepaliveTimeout>()) {
+        return "keepalive_timeout";
+    }
     if e.kind() == io::ErrorKind::TimedOut {
         return "handshake_timeout";
     }
@@ -255,9 +272,11 @@ pub async fn serve_streams<H: TunnelHandler, IO: AsyncRead + AsyncWrite + Unpin>
         .map_err(other)?;
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;
+    let mut keepalive = std::pin::pin!(keepalive(connection.ping_pong()));
     loop {
         let stream = tokio::select! {
             stream = connection.accept() => stream,
+            e = &mut keepalive => return Err(e),
             () = &mut drain, if !draining => {
                 connection.graceful_shutdown();
                 draining = true;
@@ -285,6 +304,26 @@ pub async fn serve_streams<H: TunnelHandler, IO: AsyncRead + AsyncWrite + Unpin>
         tokio::spawn(async move { handler.handle(request).await });
     }
     Ok(())
+}
+
+/// The peer did not answer a PING in time.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer to an HTTP/2 PING within {0:?}: the peer stopped reading")]
+pub struct KeepaliveTimeout(std::time::Duration);
+
+/// Pings the peer every `KEEPALIVE_INTERVAL`; resolves with the error that
+/// ends the connection when an answer does not come in time. (The
+/// connection must be polled meanwhile: its answers arrive through it.)
+async fn keepalive(ping_pong: Option<h2::PingPong>) -> io::Error {
+    let Some(mut ping_pong) = ping_pong else { return std::future::pending().await };
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(e)) => return other(e),
+            Err(_) => return io::Error::new(io::ErrorKind::TimedOut, KeepaliveTimeout(KEEPALIVE_TIMEOUT)),
+        }
+    }
 }
 
 fn status(code: StatusCode) -> Response<()> {

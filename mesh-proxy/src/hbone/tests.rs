@@ -455,3 +455,105 @@ fn failure_reasons() {
         assert_eq!(failure_reason(&e), want, "{e}");
     }
 }
+
+/// A client's transport that stops reading when told (writes go on).
+struct StopReading {
+    io: tokio::io::DuplexStream,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AsyncRead for StopReading {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if self.stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for StopReading {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Accepts every tunnel and sends into it as fast as flow control lets it,
+/// counting what h2 took.
+struct Flood(Arc<std::sync::atomic::AtomicUsize>);
+
+impl TunnelHandler for Flood {
+    async fn handle(&self, request: TunnelRequest) {
+        let Ok(Tunnel { mut send, recv: _recv }) = request.accept() else { return };
+        loop {
+            send.reserve_capacity(CHUNK);
+            let Some(Ok(n)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await else { return };
+            if send.send_data(Bytes::from(vec![0u8; n]), false).is_err() {
+                return;
+            }
+            self.0.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// An HTTP/2 client that opens a tunnel, advertises a 16 MiB window and
+/// then never reads: the server's memory for it stays bounded by h2's send
+/// buffer, and the connection is cut off when its keepalive PING goes
+/// unanswered (paused time: at once).
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_reads_is_cut_off() {
+    let (client_io, server_io) = tokio::io::duplex(64 << 10);
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let peer = Peer { identity: A.parse().unwrap(), serial: "01".into() };
+    let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let serving = tokio::spawn(serve_streams(
+        server_io,
+        peer,
+        "10.0.0.1:1000".parse().unwrap(),
+        Arc::new(Flood(sent.clone())),
+        std::future::pending(),
+        far,
+    ));
+    let client_io = StopReading { io: client_io, stopped: stopped.clone() };
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_window_size(16 << 20)
+        .initial_connection_window_size(16 << 20)
+        .handshake::<_, Bytes>(client_io)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = Request::builder().method(Method::CONNECT).uri("10.0.0.2:80").body(()).unwrap();
+    let (response, _send) = sender.ready().await.unwrap().send_request(request, false).unwrap();
+    assert_eq!(response.await.unwrap().status(), StatusCode::OK);
+    stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+    let before = sent.load(std::sync::atomic::Ordering::Relaxed);
+
+    let started = tokio::time::Instant::now();
+    let limit = KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT;
+    let served = tokio::time::timeout(limit + Duration::from_secs(1), serving).await;
+    let err = served.expect("not cut off in time").unwrap().expect_err("the connection must end");
+    assert_eq!(failure_reason(&err), "keepalive_timeout", "{err}");
+    let held = sent.load(std::sync::atomic::Ordering::Relaxed) - before;
+    assert!(held < 1 << 20, "{held} bytes taken for a client that reads nothing: its window was 16 MiB");
+    eprintln!("{held} bytes taken after the client stopped reading; cut off after {:?}", started.elapsed());
+}
