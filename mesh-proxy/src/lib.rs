@@ -17,6 +17,7 @@ pub mod hbone;
 pub mod identity;
 pub mod plan;
 pub mod pool;
+pub mod relay;
 pub mod state;
 pub mod telemetry;
 

@@ -139,7 +139,7 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Inc
             match tokio::try_join!(client, upstream) {
                 Ok((client, upstream)) => {
                     let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    let _ = mesh_proxy::relay::both_ways(&mut client, &mut upstream).await;
                 }
                 Err(e) => tracing::debug!("upgrade failed: {e}"),
             }

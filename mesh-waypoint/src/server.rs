@@ -28,8 +28,6 @@ use crate::{
 
 /// How long an undeclared port waits for the client's first bytes.
 const SNIFF: Duration = Duration::from_millis(200);
-/// Relay buffer per direction for TCP through the waypoint.
-const RELAY: usize = 64 * 1024;
 
 pub async fn serve_hbone(listener: TcpListener, wp: Arc<Waypoint>) {
     let handler = Arc::new(Tunnels { wp: wp.clone() });
@@ -168,8 +166,9 @@ where
     for up in &endpoints {
         match upstream::open(&wp.proxy, &me, up).await {
             Ok(mut upstream) => {
-                // 64 KiB a direction, as the node proxy relays: tokio's 8 KiB default makes small DATA frames.
-                let _ = tokio::io::copy_bidirectional_with_sizes(&mut io, &mut upstream, RELAY, RELAY).await;
+                // Buffers as the node proxy's: growing to 64 KiB for bulk
+                // (tokio's fixed 8 KiB made small DATA frames), small while idle.
+                let _ = mesh_proxy::relay::both_ways(&mut io, &mut upstream).await;
                 return;
             }
             Err(e) => debug!(upstream = %up.addr(), "TCP upstream failed: {e}"),

@@ -240,12 +240,6 @@ impl PodListeners {
     }
 }
 
-/// Relay buffer per direction for plain TCP. tokio's default (8 KiB) held a
-/// two-hop iperf3 stream to 0.24x of direct on the CI machine; 64 KiB gave
-/// 0.47x. The price is 128 KiB per proxied connection: a buffer that grows
-/// only for bulk streams (as ztunnel's does) is the follow-up.
-const RELAY_BUFFER: usize = 64 * 1024;
-
 /// Connects to `dst` from a marked socket in the pod's namespace.
 async fn connect_from(pod: &PodContext, dst: SocketAddr, mark: u32) -> Result<tokio::net::TcpStream, ProxyError> {
     let connect = async {
@@ -268,10 +262,7 @@ where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    tokio::io::copy_bidirectional_with_sizes(client, upstream, RELAY_BUFFER, RELAY_BUFFER)
-        .await
-        .map(drop)
-        .map_err(ProxyError::Relay)
+    mesh_proxy::relay::both_ways(client, upstream).await.map(drop).map_err(ProxyError::Relay)
 }
 
 async fn accept_loop(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>, kind: Listener) {

@@ -16,7 +16,7 @@ use http::{Method, Request, Response, StatusCode};
 use mesh_common::identity::SpiffeId;
 use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -34,7 +34,6 @@ pub const MAX_STREAMS: u32 = 100;
 /// cannot hold a connection and its memory for ever. Envoy's default
 /// transport socket connect timeout is 15 s.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-const CHUNK: usize = 64 << 10;
 /// Each end of an HBONE connection PINGs the other this often, and the
 /// answer must come within `KEEPALIVE_TIMEOUT` (gRPC's keepalive timeout): a
 /// peer that stopped reading (or vanished without a FIN) is cut off, with
@@ -339,14 +338,16 @@ pub async fn relay<S: AsyncRead + AsyncWrite + Unpin>(socket: S, tunnel: Tunnel)
     let Tunnel { mut send, mut recv } = tunnel;
     let up = async {
         let mut total = 0u64;
-        let mut buf = vec![0u8; CHUNK];
+        // Read buffers sized by the stream (small while it waits), each
+        // handed to h2 as it is: no copy.
+        let mut sizer = crate::relay::ReadSizer::default();
         loop {
-            let n = reader.read(&mut buf).await?;
-            if n == 0 {
+            let Some(chunk) = crate::relay::read_chunk(&mut reader, &mut sizer).await? else {
                 send.send_data(Bytes::new(), true).map_err(other)?;
                 return Ok::<u64, io::Error>(total);
-            }
-            let mut chunk = Bytes::copy_from_slice(&buf[..n]);
+            };
+            let n = chunk.len();
+            let mut chunk = chunk.freeze();
             while !chunk.is_empty() {
                 send.reserve_capacity(chunk.len());
                 let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))

@@ -505,7 +505,7 @@ impl TunnelHandler for Flood {
     async fn handle(&self, request: TunnelRequest) {
         let Ok(Tunnel { mut send, recv: _recv }) = request.accept() else { return };
         loop {
-            send.reserve_capacity(CHUNK);
+            send.reserve_capacity(crate::relay::MAX_READ);
             let Some(Ok(n)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await else { return };
             if send.send_data(Bytes::from(vec![0u8; n]), false).is_err() {
                 return;

@@ -1,0 +1,141 @@
+//! Moving bytes between two sockets, with read buffers sized by what the
+//! stream does: a connection that waits holds a small buffer, and only a
+//! bulk stream (reads that fill their buffers) gets large ones. tokio's
+//! `copy_bidirectional` keeps one fixed buffer per direction for the
+//! connection's life: 64 KiB each (what a two-hop iperf3 stream needs: 8 KiB
+//! held it to half the throughput), resident from the first bulk transfer on
+//! even while the connection then sits idle for hours.
+use std::io;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+/// The buffer of a read that is likely to wait, and where bulk streams start.
+pub const MIN_READ: usize = 4 << 10;
+/// The largest read buffer, reached by doubling while reads fill theirs.
+pub const MAX_READ: usize = 64 << 10;
+
+/// The size of each read's buffer (pure). A read that fills its buffer says
+/// more is waiting: the next read gets the stream's bulk size, which doubles
+/// (to [`MAX_READ`]) each time a read of that size fills too. A read that
+/// does not fill its buffer drained the socket, so the next one will likely
+/// wait for data: it gets [`MIN_READ`], which is all an idle connection holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadSizer {
+    bulk: usize,
+    next: usize,
+}
+
+impl Default for ReadSizer {
+    fn default() -> Self {
+        ReadSizer { bulk: MIN_READ, next: MIN_READ }
+    }
+}
+
+impl ReadSizer {
+    /// The buffer size for the next read.
+    pub fn next(&self) -> usize {
+        self.next
+    }
+
+    /// Records that the last read (of a buffer of [`Self::next`]) got `n` bytes.
+    pub fn read(&mut self, n: usize) {
+        if n < self.next {
+            self.next = MIN_READ;
+            return;
+        }
+        if self.next == self.bulk {
+            self.bulk = (self.bulk * 2).min(MAX_READ);
+        }
+        self.next = self.bulk;
+    }
+}
+
+/// Reads from `reader` into a fresh buffer sized by `sizer`; `None` at the end.
+pub async fn read_chunk<R: AsyncRead + Unpin>(reader: &mut R, sizer: &mut ReadSizer) -> io::Result<Option<BytesMut>> {
+    let mut buf = BytesMut::with_capacity(sizer.next());
+    let n = reader.read_buf(&mut buf).await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    sizer.read(n);
+    Ok(Some(buf))
+}
+
+/// Copies `reader` to `writer` until the reader ends, then shuts the
+/// writer down (half-close, as TCP carries it); returns the bytes copied.
+async fn one_way<R, W>(mut reader: R, mut writer: W) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut sizer = ReadSizer::default();
+    let mut total = 0u64;
+    while let Some(chunk) = read_chunk(&mut reader, &mut sizer).await? {
+        writer.write_all(&chunk).await?;
+        total += chunk.len() as u64;
+    }
+    writer.shutdown().await?;
+    Ok(total)
+}
+
+/// Relays both ways between `a` and `b` until both directions have ended;
+/// returns the bytes (a → b, b → a).
+pub async fn both_ways<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    tokio::try_join!(one_way(ar, bw), one_way(br, aw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each case: reads as (buffer offered, bytes got), the buffer offered next.
+    #[test]
+    fn buffers_grow_for_bulk_and_stay_small_while_waiting() {
+        const K: usize = 1 << 10;
+        let cases: &[(&str, &[usize], usize)] = &[
+            ("fresh", &[], 4 * K),
+            ("a small request", &[100], 4 * K),
+            ("bulk doubles", &[4 * K, 8 * K, 16 * K], 32 * K),
+            ("to 64 KiB and no further", &[4 * K, 8 * K, 16 * K, 32 * K, 64 * K, 64 * K], 64 * K),
+            ("a drained socket: the waiting read is small", &[4 * K, 8 * K, 16 * K, 5 * K], 4 * K),
+            ("bulk again: back to its size at once", &[4 * K, 8 * K, 16 * K, 5 * K, 4 * K], 32 * K),
+        ];
+        for (what, reads, want) in cases {
+            let mut s = ReadSizer::default();
+            for &n in *reads {
+                assert!(n <= s.next(), "{what}: a read of {n} from a buffer of {}", s.next());
+                s.read(n);
+            }
+            assert_eq!(s.next(), *want, "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn both_ways_half_closes_and_counts() {
+        let (mut client, mut proxy_a) = tokio::io::duplex(1 << 16);
+        let (mut proxy_b, mut server) = tokio::io::duplex(1 << 16);
+        let relay = tokio::spawn(async move { both_ways(&mut proxy_a, &mut proxy_b).await });
+        let up = vec![7u8; 300_000];
+        let sending = tokio::spawn(async move {
+            client.write_all(&up).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back.len()
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), 300_000, "all of it, then the half-close");
+        server.write_all(&[1u8; 1000]).await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(sending.await.unwrap(), 1000);
+        assert_eq!(relay.await.unwrap().unwrap(), (300_000, 1000));
+    }
+}
