@@ -19,7 +19,9 @@ pub mod waypoint;
 
 pub use controller::{Controller, GRPC_ADDR, METRICS_ADDR, Placement};
 pub use process::{Proc, run_in, run_in_ok};
-pub use topology::{Agent, AgentStart, Pod, Topology, http_clients, remove_named, sibling_bin};
+pub use topology::{
+    Agent, AgentStart, BIN_DIR_VAR, Pod, Topology, http_clients, profile_dir, remove_named, sibling_bin,
+};
 
 /// These tests change the kernel's state (namespaces, eBPF programs): they need root.
 pub fn require_root() {

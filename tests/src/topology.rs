@@ -393,14 +393,30 @@ fn mesh_node_bin() -> PathBuf {
     }
 }
 
-/// A binary of this workspace, built beside the test executable.
-pub fn sibling_bin(name: &str) -> PathBuf {
-    // target/<profile>/deps/<test> (a test) or target/<profile>/xtask -> target/<profile>/<name>
+/// Where [`sibling_bin`] looks instead, when set (the quickstart runs the
+/// release build from a debug xtask).
+pub const BIN_DIR_VAR: &str = "MESH_BIN_DIR";
+
+/// The directory of the executable's own build profile: target/<profile>.
+fn own_profile_dir() -> PathBuf {
+    // target/<profile>/deps/<test> (a test) or target/<profile>/xtask -> target/<profile>
     let exe = std::env::current_exe().expect("current_exe");
-    let mut dir = exe.parent().expect("target dir");
+    let mut dir = exe.parent().expect("target dir").to_path_buf();
     if dir.ends_with("deps") {
-        dir = dir.parent().expect("target dir");
+        dir = dir.parent().expect("target dir").to_path_buf();
     }
+    dir
+}
+
+/// target/`profile`, beside the executable's own profile directory.
+pub fn profile_dir(profile: &str) -> PathBuf {
+    own_profile_dir().parent().expect("target dir").join(profile)
+}
+
+/// A binary of this workspace, built beside the test executable (or in
+/// `$MESH_BIN_DIR`).
+pub fn sibling_bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os(BIN_DIR_VAR).map_or_else(own_profile_dir, PathBuf::from);
     let bin = dir.join(name);
     assert!(bin.exists(), "{} not built: run `cargo build` first (cargo xtask test does)", bin.display());
     bin

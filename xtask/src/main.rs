@@ -43,6 +43,9 @@ enum Cmd {
         /// Use the binaries already built beside xtask (the tests run it this way).
         #[arg(long, hide = true)]
         no_build: bool,
+        /// Build and run debug binaries (faster to build, several times slower to run).
+        #[arg(long)]
+        debug: bool,
     },
     /// Only install the prerequisites (Debian packages, bpf-linker, toolchain link).
     Setup,
@@ -65,7 +68,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Test { kernel: Some(which), args } => test_kernels(&which, &args),
         Cmd::Test { kernel: None, args } => test(&args),
-        Cmd::Quickstart { down: false, no_build } => quickstart::up(no_build),
+        Cmd::Quickstart { down: false, no_build, debug } => quickstart::up(no_build, debug),
         Cmd::Quickstart { down: true, .. } => quickstart::down(),
         Cmd::Setup => prereqs::ensure(),
         Cmd::Bench { only } => bench(&only),
