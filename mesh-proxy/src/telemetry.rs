@@ -344,8 +344,14 @@ impl Tracked {
     }
 
     /// The connection ended: counts it closed with its bytes and writes its access-log line.
-    pub fn finish(mut self, outcome: Result<(), ProxyError>) {
-        self.record(outcome.err().as_ref().map(|e| (e.flag(), e.to_string())));
+    pub fn finish(self, outcome: Result<(), ProxyError>) {
+        self.finish_with(outcome.as_ref().map(drop));
+    }
+
+    /// [`Self::finish`], for an outcome another record owns (the same-node
+    /// path ends two records, the source's and the destination's, with one).
+    pub fn finish_with(mut self, outcome: Result<(), &ProxyError>) {
+        self.record(outcome.err().map(|e| (e.flag(), e.to_string())));
     }
 
     /// Refused before anything was relayed.

@@ -328,9 +328,14 @@ fn service_vip_spreads_connections_over_endpoints() {
         let n = counts.get(e).copied().unwrap_or(0);
         assert!((80..=120).contains(&n), "{e} got {n} of 300: {counts:?}");
     }
-    let line =
-        mesh.node("node1").agent.wait_access("VIP access", |v| v["dst_service"] == "web.default.svc.cluster.local");
-    assert_eq!(line["route"], "hbone");
+    // e1 shares a's node: the same-node path; e2 is across: HBONE.
+    for (e, route) in [(&eps[0], "local"), (&eps[1], "hbone")] {
+        let line = mesh.node("node1").agent.wait_access("VIP access", |v| {
+            v["dst_service"] == "web.default.svc.cluster.local"
+                && v["upstream"].as_str().is_some_and(|u| u.starts_with(&format!("{}:", e.ip4)))
+        });
+        assert_eq!(line["route"], route, "{line}");
+    }
 
     // e2 leaves the service (its label changes): no more traffic to it.
     let config = config.replace(

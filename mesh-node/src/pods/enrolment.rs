@@ -215,6 +215,7 @@ impl Enrolment {
     /// proxied run to their end; new ones go direct.
     pub fn unenroll(&mut self, name: &str) -> Result<(), EnrollError> {
         let pod = self.pods.remove(name).ok_or_else(|| EnrollError::NotEnrolled(name.into()))?;
+        self.ctx.forget_pod(&pod.view.addresses);
         let result = self.dataplane.unenroll(pod.view.netns_cookie, &pod.view.addresses);
         for task in &pod.tasks {
             task.abort();
@@ -229,6 +230,7 @@ impl Enrolment {
     /// agent down, while those already accepted run on. The start of a drain.
     pub fn stop_accepting(&mut self) {
         for pod in self.pods.values_mut() {
+            self.ctx.forget_pod(&pod.view.addresses);
             for task in &pod.tasks {
                 task.abort();
             }

@@ -15,11 +15,13 @@ mod hbone_in;
 mod inbound;
 pub mod limits;
 pub mod live;
+mod local;
 mod outbound;
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, RwLock},
 };
 
 use mesh_proxy::{Proxy, error::ProxyError, plan::LocalPod};
@@ -49,6 +51,9 @@ pub struct ProxyContext {
     pub hbone_handshake_timeout: std::time::Duration,
     hbone_errors: Family<ReasonLabel, Counter>,
     closed_by_policy: Counter,
+    /// The pods accepting here now, by address: a connection between two of
+    /// them takes the same-node path.
+    local_pods: RwLock<HashMap<IpAddr, Arc<PodContext>>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -97,6 +102,28 @@ impl ProxyContext {
             hbone_handshake_timeout: settings.hbone_handshake_timeout,
             hbone_errors,
             closed_by_policy,
+            local_pods: RwLock::default(),
+        }
+    }
+
+    /// The pod enrolled on this node (and accepting) at `ip`.
+    fn local_pod(&self, ip: IpAddr) -> Option<Arc<PodContext>> {
+        self.local_pods.read().unwrap_or_else(|e| e.into_inner()).get(&ip.to_canonical()).cloned()
+    }
+
+    fn serve_locally(&self, pod: &Arc<PodContext>) {
+        let mut pods = self.local_pods.write().unwrap_or_else(|e| e.into_inner());
+        for ip in &pod.addresses {
+            pods.insert(ip.to_canonical(), pod.clone());
+        }
+    }
+
+    /// A pod stops accepting (unenrolled, or the agent drains): connections
+    /// to it no longer take the same-node path.
+    pub fn forget_pod(&self, addresses: &[IpAddr]) {
+        let mut pods = self.local_pods.write().unwrap_or_else(|e| e.into_inner());
+        for ip in addresses {
+            pods.remove(&ip.to_canonical());
         }
     }
 
@@ -236,6 +263,7 @@ impl PodListeners {
             let l = TcpListener::from_std(l)?;
             tasks.push(tokio::spawn(accept_loop(l, pod.clone(), ctx.clone(), kind)));
         }
+        ctx.serve_locally(&pod);
         Ok(tasks)
     }
 }

@@ -2,8 +2,10 @@
 //! going, ask the plan how to get there (a service VIP lists its endpoints),
 //! and carry the connection: over HBONE to a mesh workload, as plain TCP
 //! otherwise. A hop that fails in a way another could not (policy, a missing
-//! certificate) ends it; an unreachable endpoint gives way to the next.
-use std::{io, net::SocketAddr};
+//! certificate) ends it; an unreachable endpoint gives way to the next. A
+//! mesh destination enrolled on this very node takes the same-node path
+//! (`local.rs`) instead of HBONE.
+use std::{io, net::SocketAddr, sync::Arc};
 
 use mesh_proxy::{
     error::ProxyError,
@@ -14,7 +16,7 @@ use mesh_proxy::{
 };
 use tokio::net::TcpStream;
 
-use super::{PodContext, ProxyContext, connect_from, relay_plain, reset};
+use super::{PodContext, ProxyContext, connect_from, local, relay_plain, reset};
 
 pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, pod: &PodContext, ctx: &ProxyContext) {
     if let Some(refused) = carry(client, listener, peer, pod, ctx).await {
@@ -52,9 +54,14 @@ async fn carry(
             }
         };
         plan.describe(conn.info_mut(), Some(&hop));
-        match open(&hop, pod, ctx).await {
+        // A mesh destination enrolled on this node: the same-node path.
+        let local_dst = hop.mtls.as_ref().and_then(|_| ctx.local_pod(hop.dial.ip()));
+        if local_dst.is_some() {
+            conn.info_mut().route = local::ROUTE;
+        }
+        match open(&hop, local_dst, pod, ctx).await {
             Ok(upstream) => {
-                relay(client, upstream, conn).await;
+                relay(client, upstream, conn, ctx).await;
                 return None;
             }
             Err(e) if e.retryable() => failure = Some(e),
@@ -75,13 +82,23 @@ async fn carry(
 enum Opened {
     Plain(TcpStream),
     Hbone(Tunnel, StreamSlot),
+    /// To a pod on this node, without HBONE.
+    Local(Box<local::Delivery>),
 }
 
-async fn open(hop: &Hop, pod: &PodContext, ctx: &ProxyContext) -> Result<Opened, ProxyError> {
+async fn open(
+    hop: &Hop,
+    local_dst: Option<Arc<PodContext>>,
+    pod: &PodContext,
+    ctx: &ProxyContext,
+) -> Result<Opened, ProxyError> {
     let Some(mtls) = &hop.mtls else {
         return connect_from(pod, hop.dial, ctx.mark).await.map(Opened::Plain);
     };
     let me = ctx.proxy.identities.get(&mtls.source).ok_or_else(|| ProxyError::NoCertificate(mtls.source.clone()))?;
+    if let Some(dst) = local_dst {
+        return local::open(pod, &mtls.source, &dst, hop.target, ctx).await.map(|d| Opened::Local(Box::new(d)));
+    }
     let dial = || async {
         let config = me.client_config(mtls.peer.clone()).map_err(io::Error::other)?;
         let tcp = connect_from(pod, hop.dial, ctx.mark).await.map_err(io::Error::other)?;
@@ -95,7 +112,7 @@ async fn open(hop: &Hop, pod: &PodContext, ctx: &ProxyContext) -> Result<Opened,
     }
 }
 
-async fn relay(client: TcpStream, upstream: Opened, mut tracked: Tracked) {
+async fn relay(client: TcpStream, upstream: Opened, mut tracked: Tracked, ctx: &ProxyContext) {
     let mut client = Counted::client(client, tracked.relaying());
     let result = match upstream {
         Opened::Plain(mut up) => relay_plain(&mut client, &mut up).await,
@@ -104,6 +121,7 @@ async fn relay(client: TcpStream, upstream: Opened, mut tracked: Tracked) {
             drop(slot);
             r
         }
+        Opened::Local(delivery) => local::relay(client, *delivery, ctx).await,
     };
     tracked.finish(result);
 }

@@ -169,7 +169,11 @@ fn wire_proof(mesh: &Mesh, tester: &mesh_tests::Pod) -> anyhow::Result<()> {
     println!("    TLS application-data records among them: {tls_data}");
     println!("    segments carrying the reply text \"visit\" in the clear: {plain}");
     ensure!(total > 0 && total == hbone && tls_data > 0 && plain == 0, "the capture does not show HBONE-only traffic");
-    println!("    -> pod-to-pod traffic is mutual TLS on HBONE's port, across nodes and on one node");
+    println!(
+        "    -> traffic between pods on different nodes is mutual TLS on HBONE's port; between two pods \
+         of one node it never reaches the wire (the node proxy relays it in memory: route \"local\" in \
+         mesh-ctl connections)"
+    );
     Ok(())
 }
 
