@@ -31,7 +31,7 @@ const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "veth", "bridge"]
 /// The last line of a guest that ran its command.
 const EXIT_MARK: &str = "MESH-GUEST-EXIT ";
 /// The kernel tests whose subject is the eBPF side: they run on every kernel.
-pub const TESTS: &[&str] = &["redirect", "lifecycle", "isolation", "control", "overlay"];
+pub const TESTS: &[&str] = &["redirect", "lifecycle", "isolation", "control", "overlay", "local"];
 /// Tests of those left out under emulation, and why: nothing in them
 /// depends on the kernel, and they cost many minutes there.
 const LEFT_OUT: &[(&str, &str)] = &[
