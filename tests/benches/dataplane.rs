@@ -4,7 +4,10 @@
 //! and to the same service bound to a waypoint (client -> node proxy ->
 //! waypoint -> node proxy -> server). Figures are ratios to the direct
 //! baseline taken in the same run, interleaved, because these machines are
-//! noisy. Writes /var/tmp/mesh-bench/dataplane.json.
+//! noisy. Latency at a fixed rate comes from `mesh-loadgen` (open loop, to
+//! the microsecond), keep-alive and one connection per request; maximum
+//! rate from wrk; throughput from iperf3. Writes
+//! /var/tmp/mesh-bench/dataplane.json.
 //!
 //! Pinning: clients run on CPU 0, servers on CPU 1; the agents are not pinned
 //! (the kernel places them), as a node proxy would not be.
@@ -12,7 +15,9 @@ use std::{path::Path, thread, time::Duration};
 
 use mesh_tests::{
     Pod, Proc,
-    bench::{SECONDS, cpu_ticks, hey, hold_connections, hold_server, median_all, push, rss_kib, ticks_per_second, wrk},
+    bench::{
+        SECONDS, cpu_ticks, hold_connections, hold_server, loadgen, median_all, push, rss_kib, ticks_per_second, wrk,
+    },
     mesh::{Mesh, yaml},
     run_in,
     waypoint::yaml as l7,
@@ -104,10 +109,20 @@ fn main() {
         for (p, r) in paths.iter().zip(results.iter_mut()) {
             eprintln!("round {round}: {}", p.name);
             push(r, "throughput_gbps", iperf(p));
-            let (rate, fixed) = hey(p.client, &format!("http://{}/", p.target), 1000);
+            // Open loop, microseconds: 1000 rps over 10 keep-alive
+            // connections, then 500 rps each on a connection of its own
+            // (connection setup through the mesh; HBONE pooled).
+            let (rate, errors, fixed) = loadgen(p.client, &format!("{}:80", p.target), 1000, false);
             push(r, "fixed_rate_rps", rate);
+            push(r, "fixed_rate_errors", errors);
             for (k, v) in fixed {
-                push(r, &format!("fixed_{k}_ms"), v);
+                push(r, &format!("fixed_{k}_us"), v);
+            }
+            let (rate, errors, fresh) = loadgen(p.client, &format!("{}:80", p.target), 500, true);
+            push(r, "new_connection_rps", rate);
+            push(r, "new_connection_errors", errors);
+            for (k, v) in fresh {
+                push(r, &format!("new_connection_{k}_us"), v);
             }
             let cpu_before: u64 = p.agents.iter().map(|pid| cpu_ticks(*pid)).sum();
             let (rps, requests, lat) = wrk(p.client, &format!("http://{}/", p.target), 10);
@@ -134,7 +149,7 @@ fn main() {
     let refused = |node: &str| mesh.metric(node, "mesh_node_connections_refused_total", &[]);
     assert_eq!((refused("node1"), refused("node2")), (0.0, 0.0), "held connections were refused");
     // The others' latency meanwhile: the cross-node fixed-rate run again.
-    let (_, held_latency) = hey(&c, &format!("http://{}/", ip(&s_far)), 1000);
+    let (_, _, held_latency) = loadgen(&c, &format!("{}:80", ip(&s_far)), 1000, false);
     drop((open, holder));
     let per_connection = |busy: u64, idle: u64| busy.saturating_sub(idle) as f64 * 1024.0 / HELD as f64;
     let per_conn = (per_connection(busy_rss.0, before_hold.0), per_connection(busy_rss.1, before_hold.1));
@@ -142,6 +157,7 @@ fn main() {
     let summary: Vec<Value> = results.iter().map(median_all).collect();
     let base = &summary[0];
     let ratio = |v: &Value, k: &str| v[k].as_f64().zip(base[k].as_f64()).map(|(a, b)| a / b);
+    let added = |v: &Value, k: &str| v[k].as_f64().zip(base[k].as_f64()).map(|(a, b)| a - b);
     let mut report = json!({
         "rounds": ROUNDS,
         "pinning": "clients on CPU 0, servers on CPU 1, agents unpinned",
@@ -155,18 +171,30 @@ fn main() {
         },
     });
     println!(
-        "\n{:<18} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>12}",
-        "path", "Gbit/s", "p50 ms", "p90 ms", "p99 ms", "max rps", "max p50", "max p99", "CPU ms/1k"
+        "\n{:<18} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10}",
+        "path",
+        "Gbit/s",
+        "p50 µs",
+        "p90 µs",
+        "p99 µs",
+        "new p50",
+        "new p99",
+        "max rps",
+        "max p50",
+        "max p99",
+        "CPU ms/1k"
     );
     for s in &summary {
         let f = |k: &str| s[k].as_f64().map_or("-".into(), |v| format!("{v:.3}"));
         println!(
-            "{:<18} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>12}",
+            "{:<18} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10}",
             s["path"].as_str().unwrap(),
             f("throughput_gbps"),
-            f("fixed_p50_ms"),
-            f("fixed_p90_ms"),
-            f("fixed_p99_ms"),
+            f("fixed_p50_us"),
+            f("fixed_p90_us"),
+            f("fixed_p99_us"),
+            f("new_connection_p50_us"),
+            f("new_connection_p99_us"),
             f("max_rps"),
             f("max_p50_ms"),
             f("max_p99_ms"),
@@ -180,13 +208,15 @@ fn main() {
         let mut r = json!({
             "throughput_vs_direct": ratio(s, "throughput_gbps"),
             "max_rps_vs_direct": ratio(s, "max_rps"),
-            "added_p50_ms_at_fixed_rate": s["fixed_p50_ms"].as_f64().zip(base["fixed_p50_ms"].as_f64()).map(|(a, b)| a - b),
-            "added_p99_ms_at_fixed_rate": s["fixed_p99_ms"].as_f64().zip(base["fixed_p99_ms"].as_f64()).map(|(a, b)| a - b),
+            "added_p50_us_at_fixed_rate": added(s, "fixed_p50_us"),
+            "added_p99_us_at_fixed_rate": added(s, "fixed_p99_us"),
+            "added_p50_us_new_connections": added(s, "new_connection_p50_us"),
+            "added_p99_us_new_connections": added(s, "new_connection_p99_us"),
         });
         if name == "mesh_waypoint" {
             let d = |k: &str| s[k].as_f64().zip(l4[k].as_f64()).map(|(a, b)| a - b);
-            r["added_p50_ms_vs_l4_mesh"] = json!(d("fixed_p50_ms"));
-            r["added_p99_ms_vs_l4_mesh"] = json!(d("fixed_p99_ms"));
+            r["added_p50_us_vs_l4_mesh"] = json!(d("fixed_p50_us"));
+            r["added_p99_us_vs_l4_mesh"] = json!(d("fixed_p99_us"));
             r["max_rps_vs_l4_mesh"] = json!(s["max_rps"].as_f64().zip(l4["max_rps"].as_f64()).map(|(a, b)| a / b));
         }
         println!("{name}: {r}");
@@ -196,9 +226,9 @@ fn main() {
     let cross = summary.iter().find(|s| s["path"] == "mesh_cross_node").cloned().unwrap_or_default();
     let mut with_held = serde_json::Map::new();
     for (k, v) in &held_latency {
-        with_held.insert(format!("fixed_{k}_ms"), json!(v));
-        let without = cross[format!("fixed_{k}_ms")].as_f64();
-        with_held.insert(format!("added_{k}_ms_vs_none_held"), json!(without.map(|w| v - w)));
+        with_held.insert(format!("fixed_{k}_us"), json!(v));
+        let without = cross[format!("fixed_{k}_us")].as_f64();
+        with_held.insert(format!("added_{k}_us_vs_none_held"), json!(without.map(|w| v - w)));
     }
     println!("cross-node at 1000 rps with {HELD} connections held open: {}", Value::Object(with_held.clone()));
     report["cross_node_with_10000_held"] = Value::Object(with_held);

@@ -64,6 +64,24 @@ pub fn hey_with(client: &Pod, url: &str, rps: u32, headers: &[&str]) -> (f64, Ve
     (achieved, lat)
 }
 
+/// `mesh-loadgen` (open loop, microseconds) from `client` on CPU 0: `rps`
+/// requests a second to `target` (`IP:PORT`) over 10 keep-alive
+/// connections, or each on a new connection: (rate achieved, errors,
+/// latency percentiles in µs as `p50`, `p90`, `p99`, `p999`).
+pub fn loadgen(client: &Pod, target: &str, rps: u32, new_connections: bool) -> (f64, f64, Vec<(&'static str, f64)>) {
+    let bin = crate::sibling_bin("mesh-loadgen");
+    let rate = rps.to_string();
+    let mut args = vec!["taskset", "-c", "0", bin.to_str().unwrap(), target, "--rate", &rate, "--seconds", SECONDS];
+    if new_connections {
+        args.push("--new-connections");
+    }
+    let out = run_in(&client.netns, &args);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let lat = vec![("p50", f("p50_us")), ("p90", f("p90_us")), ("p99", f("p99_us")), ("p999", f("p999_us"))];
+    (f("achieved_rps"), f("errors"), lat)
+}
+
 /// wrk from `client` on CPU 0 at its maximum rate (1 thread, `connections`):
 /// (rps, requests, latency percentiles in ms).
 pub fn wrk(client: &Pod, url: &str, connections: u32) -> (f64, f64, Vec<(&'static str, f64)>) {

@@ -97,6 +97,8 @@ fn bench(only: &[String]) -> anyhow::Result<()> {
         "mesh-controller",
         "-p",
         "mesh-ctl",
+        "-p",
+        "mesh-loadgen",
     ])?;
     if wanted("dataplane") {
         step("data plane: direct vs mesh across nodes vs mesh on one node (iperf3, hey, wrk against nginx)");
