@@ -80,8 +80,9 @@ impl ProxyContext {
         registry.register(
             "mesh_node_hbone_errors",
             "HBONE connections on 15008 refused at the handshake (expired, not_yet_valid, unknown_issuer, \
-             bad_signature, bad_certificate, no_client_certificate, foreign_trust_domain, bad_identity, \
-             handshake_timeout, tls) or failed after it (other)",
+             bad_signature, revoked, bad_certificate, no_client_certificate, foreign_trust_domain, bad_identity, \
+             handshake_timeout, tls), cut off when a PING went unanswered (keepalive_timeout), or failed after \
+             the handshake (other)",
             hbone_errors.clone(),
         );
         let closed_by_policy = Counter::default();
