@@ -97,9 +97,29 @@ pub fn valid_segment(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// A certificate's serial number (its DER INTEGER content bytes) as the
+/// mesh names certificates on the wire: lowercase hex, no separators. The
+/// controller issues and revokes by it; nodes match peers against it.
+pub fn serial_hex(raw: &[u8]) -> String {
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `s` is a serial as [`serial_hex`] writes it.
+pub fn is_serial_hex(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serials_are_lowercase_hex() {
+        assert_eq!(serial_hex(&[0x00, 0x7a, 0xff]), "007aff");
+        for (s, ok) in [("007aff", true), ("7A", false), ("7a:01", false), ("", false)] {
+            assert_eq!(is_serial_hex(s), ok, "{s}");
+        }
+    }
 
     #[test]
     fn parse_and_print() {

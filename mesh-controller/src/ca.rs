@@ -228,7 +228,7 @@ pub fn may_issue(model: &MeshModel, node: &str, identity: &SpiffeId) -> Result<(
 /// A certificate's serial number (hex of its DER integer); empty when unparseable.
 pub fn serial_of(der: &[u8]) -> String {
     x509_parser::parse_x509_certificate(der)
-        .map(|(_, c)| c.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+        .map(|(_, c)| mesh_common::identity::serial_hex(c.raw_serial()))
         .unwrap_or_default()
 }
 

@@ -69,7 +69,7 @@ impl TunnelHandler for Tunnels {
             port: target.port(),
             destination: target,
             protocol: port,
-            peer: Some(request.peer.clone()),
+            peer: Some(request.peer.identity.clone()),
             peer_addr: request.peer_addr,
             series: Default::default(),
         });

@@ -65,9 +65,9 @@ impl TunnelHandler for PodTunnels {
         };
         let conn =
             ctx.proxy.connections.track(ConnInfo::new(Direction::Inbound, &pod.name, self.listener, request.peer_addr));
-        let arrival = Arrival::Hbone(request.peer.clone());
+        let arrival = Arrival::Hbone(request.peer.identity.clone());
         let target = request.target;
-        let serial = Some(request.peer_serial.clone());
+        let serial = Some(request.peer.serial.clone());
         let (mut tracked, upstream) =
             match connect_to_app(pod, ctx, conn, arrival.clone(), serial.as_deref(), target).await {
                 Ok(admitted) => admitted,

@@ -67,8 +67,8 @@ pub async fn open(
     // The source as HBONE would show it: the pod's address of the target's family.
     let src_ip = source_pod.addresses.iter().find(|ip| ip.is_ipv4() == target.is_ipv4());
     let src = SocketAddr::new(src_ip.copied().unwrap_or(target.ip()), 0);
-    let mut conn = ctx.proxy.connections.track(ConnInfo::new(Direction::Inbound, &dst.name, LISTENER, src));
-    conn.info_mut().route = ROUTE;
+    let conn = ctx.proxy.connections.track(ConnInfo::new(Direction::Inbound, &dst.name, LISTENER, src));
+    // The plan describes the record as a tunnel; `route` is set after it.
     let arrival = Arrival::Hbone(identity.clone());
     match connect_to_app(dst, ctx, conn, arrival.clone(), None, target).await {
         Ok((mut tracked, app)) => {

@@ -147,9 +147,7 @@ pub struct Peer {
 /// A tunnel request that arrived on 15008, from a verified peer. The handler
 /// accepts it (and relays) or refuses it with a status.
 pub struct TunnelRequest {
-    pub peer: SpiffeId,
-    /// The serial (hex) of the certificate that proved `peer`.
-    pub peer_serial: Arc<str>,
+    pub peer: Peer,
     /// The peer's TCP address (its pod's IP: it dials from its namespace).
     pub peer_addr: SocketAddr,
     /// The `CONNECT` authority: where the peer's client meant to go.
@@ -291,14 +289,7 @@ pub async fn serve_streams<H: TunnelHandler, IO: AsyncRead + AsyncWrite + Unpin>
                 continue;
             }
         };
-        let request = TunnelRequest {
-            peer: peer.identity.clone(),
-            peer_serial: peer.serial.clone(),
-            peer_addr,
-            target,
-            respond,
-            body: request.into_body(),
-        };
+        let request = TunnelRequest { peer: peer.clone(), peer_addr, target, respond, body: request.into_body() };
         let handler = handler.clone();
         tokio::spawn(async move { handler.handle(request).await });
     }

@@ -79,7 +79,7 @@ impl TunnelHandler for Echo {
         let Ok(upstream) = TcpStream::connect(self.addr).await else {
             return request.refuse(StatusCode::SERVICE_UNAVAILABLE);
         };
-        let peer = request.peer.to_string();
+        let peer = request.peer.identity.to_string();
         let Ok(tunnel) = request.accept() else { return };
         let bytes = relay(upstream, tunnel).await.unwrap_or((0, 0));
         self.closed.lock().unwrap().push((peer, bytes));

@@ -65,7 +65,7 @@ impl Revocations {
 /// as the controller names revoked certificates.
 pub fn serial_of(cert: &CertificateDer<'_>) -> String {
     x509_parser::parse_x509_certificate(cert)
-        .map(|(_, c)| c.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+        .map(|(_, c)| mesh_common::identity::serial_hex(c.raw_serial()))
         .unwrap_or_default()
 }
 

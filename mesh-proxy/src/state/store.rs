@@ -152,9 +152,8 @@ fn check(r: &api::Resource) -> Result<(), String> {
         // Likewise routes: a regex the waypoint could not run is rejected here.
         (ResourceKey::Routes(_), Some(Kind::Routes(r))) => CompiledRoutes::from_wire(r).map(drop),
         (ResourceKey::Revoked(_), Some(Kind::Revoked(r))) => r.certificates.iter().try_for_each(|c| {
-            let hex =
-                !c.serial.is_empty() && c.serial.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if hex { Ok(()) } else { Err(format!("revoked serial {:?} is not lowercase hex", c.serial)) }
+            let ok = mesh_common::identity::is_serial_hex(&c.serial);
+            if ok { Ok(()) } else { Err(format!("revoked serial {:?} is not lowercase hex", c.serial)) }
         }),
         (_, kind) => Err(format!("key {key} does not match the content {:?}", kind.as_ref().map(kind_name))),
     }
