@@ -16,7 +16,7 @@ use mesh_proxy::{
 };
 use tokio::net::TcpStream;
 
-use super::{PodContext, ProxyContext, connect_from, local, relay_plain, reset};
+use super::{PodContext, ProxyContext, connect_from, connect_in, local, relay_plain, reset};
 
 pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, pod: &PodContext, ctx: &ProxyContext) {
     if let Some(refused) = carry(client, listener, peer, pod, ctx).await {
@@ -99,10 +99,14 @@ async fn open(
     if let Some(dst) = local_dst {
         return local::open(pod, &mtls.source, &dst, hop.target, ctx).await.map(|d| Opened::Local(Box::new(d)));
     }
-    let dial = || async {
-        let config = me.client_config(mtls.peer.clone()).map_err(io::Error::other)?;
-        let tcp = connect_from(pod, hop.dial, ctx.mark).await.map_err(io::Error::other)?;
-        PeerConnection::handshake(tcp, config).await
+    // Owns what it needs: the pool may dial a spare connection in the background.
+    let dial = || {
+        let (me, peer, netns, addr, mark) = (me.clone(), mtls.peer.clone(), pod.netns.clone(), hop.dial, ctx.mark);
+        async move {
+            let config = me.client_config(peer).map_err(io::Error::other)?;
+            let tcp = connect_in(&netns, addr, mark).await.map_err(io::Error::other)?;
+            PeerConnection::handshake(tcp, config).await
+        }
     };
     match ctx.proxy.pool.tunnel(&mtls.pool, me.cert.not_after_unix, hop.target, dial).await {
         Ok((tunnel, slot)) => Ok(Opened::Hbone(tunnel, slot)),
