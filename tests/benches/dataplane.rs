@@ -6,7 +6,8 @@
 //! baseline taken in the same run, interleaved, because these machines are
 //! noisy. Latency at a fixed rate comes from `mesh-loadgen` (open loop, to
 //! the microsecond), keep-alive and one connection per request; maximum
-//! rate from wrk; throughput from iperf3. Writes
+//! rate from wrk; throughput from iperf3 (1, 4 and 16 streams); a database's
+//! small exchanges from redis-benchmark (50 clients, no pipelining). Writes
 //! /var/tmp/mesh-bench/dataplane.json.
 //!
 //! Pinning: clients run on CPU 0, servers on CPU 1; the agents are not pinned
@@ -16,10 +17,10 @@ use std::{path::Path, thread, time::Duration};
 use mesh_tests::{
     Pod, Proc,
     bench::{
-        SECONDS, cpu_ticks, hold_connections, hold_server, loadgen, median_all, push, rss_kib, ticks_per_second, wrk,
+        cpu_ticks, hold_connections, hold_server, iperf, loadgen, median_all, push, redis_benchmark, redis_server,
+        rss_kib, ticks_per_second, wrk,
     },
     mesh::{Mesh, yaml},
-    run_in,
     waypoint::yaml as l7,
 };
 use serde_json::{Value, json};
@@ -28,6 +29,8 @@ const ROUNDS: usize = 2;
 /// Idle connections held through both node proxies, for memory per connection.
 const HELD: usize = 10_000;
 const HOLD_PORT: u16 = 9000;
+/// Parallel iperf3 streams, beside the single stream.
+const PARALLEL: [u32; 2] = [4, 16];
 
 struct Path3<'a> {
     name: &'static str,
@@ -41,12 +44,12 @@ struct Path3<'a> {
 const L4_VIP: &str = "10.96.0.50";
 const WAYPOINT_VIP: &str = "10.96.0.51";
 
-/// A service over `app` with an HTTP port and iperf3's TCP port, bound to the waypoint or not.
+/// A service over `app` with an HTTP port, iperf3's and redis's TCP ports, bound to the waypoint or not.
 fn service(name: &str, vip: &str, app: &str, bound: bool) -> String {
     let label = if bound { ", labels: {istio.io/use-waypoint: waypoint}" } else { "" };
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default{label}}}\n\
-         spec: {{clusterIP: {vip}, selector: {{app: {app}}}, ports: [{{name: http, port: 80}}, {{name: tcp-iperf, port: 5201}}]}}\n---\n"
+         spec: {{clusterIP: {vip}, selector: {{app: {app}}}, ports: [{{name: http, port: 80}}, {{name: tcp-iperf, port: 5201}}, {{name: tcp-redis, port: 6379}}]}}\n---\n"
     )
 }
 
@@ -89,6 +92,7 @@ fn main() {
             &["taskset", "-c", "1", "iperf3", "-s"],
             &mesh.t.dir.join(format!("iperf-{}.log", s.ip4)),
         ));
+        servers.push(redis_server(s, &mesh.t.dir));
     }
     mesh.reach_controller(&wp_pod);
     let waypoint = mesh.start_waypoint(&wp_pod, "wp");
@@ -108,7 +112,15 @@ fn main() {
     for round in 0..ROUNDS {
         for (p, r) in paths.iter().zip(results.iter_mut()) {
             eprintln!("round {round}: {}", p.name);
-            push(r, "throughput_gbps", iperf(p));
+            push(r, "throughput_gbps", iperf(p.client, &p.target, 1));
+            for streams in PARALLEL {
+                push(r, &format!("throughput_{streams}_streams_gbps"), iperf(p.client, &p.target, streams));
+            }
+            for (test, rps, p50, p99) in redis_benchmark(p.client, &p.target) {
+                push(r, &format!("redis_{test}_rps"), rps);
+                push(r, &format!("redis_{test}_p50_ms"), p50);
+                push(r, &format!("redis_{test}_p99_ms"), p99);
+            }
             // Open loop, microseconds: 1000 rps over 10 keep-alive
             // connections, then 500 rps each on a connection of its own
             // (connection setup through the mesh; HBONE pooled).
@@ -201,12 +213,35 @@ fn main() {
             f("proxy_cpu_ms_per_1000_requests")
         );
     }
+    println!(
+        "\n{:<18} {:>8} {:>8} {:>8} {:>10} {:>10} {:>9} {:>9}",
+        "path", "1 stream", "4", "16", "redis SET", "redis GET", "GET p50", "GET p99"
+    );
+    for s in &summary {
+        let f = |k: &str| s[k].as_f64().map_or("-".into(), |v| format!("{v:.3}"));
+        println!(
+            "{:<18} {:>8} {:>8} {:>8} {:>10} {:>10} {:>9} {:>9}",
+            s["path"].as_str().unwrap(),
+            f("throughput_gbps"),
+            f("throughput_4_streams_gbps"),
+            f("throughput_16_streams_gbps"),
+            f("redis_set_rps"),
+            f("redis_get_rps"),
+            f("redis_get_p50_ms"),
+            f("redis_get_p99_ms")
+        );
+    }
     let mut ratios = serde_json::Map::new();
     let l4 = summary.iter().find(|s| s["path"] == "mesh_l4_service").cloned().unwrap_or_default();
     for s in &summary[1..] {
         let name = s["path"].as_str().unwrap();
         let mut r = json!({
             "throughput_vs_direct": ratio(s, "throughput_gbps"),
+            "throughput_4_streams_vs_direct": ratio(s, "throughput_4_streams_gbps"),
+            "throughput_16_streams_vs_direct": ratio(s, "throughput_16_streams_gbps"),
+            "redis_set_rps_vs_direct": ratio(s, "redis_set_rps"),
+            "redis_get_rps_vs_direct": ratio(s, "redis_get_rps"),
+            "redis_get_added_p50_ms": added(s, "redis_get_p50_ms"),
             "max_rps_vs_direct": ratio(s, "max_rps"),
             "added_p50_us_at_fixed_rate": added(s, "fixed_p50_us"),
             "added_p99_us_at_fixed_rate": added(s, "fixed_p99_us"),
@@ -241,10 +276,4 @@ fn main() {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("dataplane.json"), serde_json::to_string_pretty(&report).unwrap()).unwrap();
     println!("report: {}", dir.join("dataplane.json").display());
-}
-
-fn iperf(p: &Path3) -> f64 {
-    let out = run_in(&p.client.netns, &["taskset", "-c", "0", "iperf3", "-c", &p.target, "-t", SECONDS, "-J"]);
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
 }

@@ -1,5 +1,6 @@
 //! What the benchmarks share: the load generators run inside a pod (wrk at
-//! saturation, hey at a fixed rate) with their output parsed, idle
+//! saturation, mesh-loadgen and hey at a fixed rate, iperf3, redis-benchmark)
+//! with their output parsed, idle
 //! connections held open, a process's RSS and CPU time, and samples reduced
 //! to their medians.
 use std::time::Duration;
@@ -119,6 +120,78 @@ pub fn wrk_with(client: &Pod, url: &str, connections: u32, headers: &[&str]) -> 
 fn wrk_ms(s: &str) -> f64 {
     let num = |suffix: &str| s.strip_suffix(suffix).and_then(|v| v.parse::<f64>().ok());
     num("us").map(|v| v / 1000.0).or_else(|| num("ms")).or_else(|| num("s").map(|v| v * 1000.0)).unwrap_or(f64::NAN)
+}
+
+/// iperf3 from `client` on CPU 0 to `target` for [`SECONDS`] with
+/// `streams` parallel streams: the received Gbit/s.
+pub fn iperf(client: &Pod, target: &str, streams: u32) -> f64 {
+    let p = streams.to_string();
+    let out = run_in(&client.netns, &["taskset", "-c", "0", "iperf3", "-c", target, "-t", SECONDS, "-P", &p, "-J"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
+}
+
+/// A redis server on port 6379 in `pod`, on CPU 1, keeping nothing on disk.
+pub fn redis_server(pod: &Pod, dir: &std::path::Path) -> Proc {
+    let d = dir.display().to_string();
+    let args = [
+        "taskset",
+        "-c",
+        "1",
+        "redis-server",
+        "--port",
+        "6379",
+        "--bind",
+        "0.0.0.0",
+        "--protected-mode",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        &d,
+    ];
+    let proc = Proc::spawn_in("redis", &pod.netns, &args, &dir.join(format!("redis-{}.log", pod.ip4)));
+    proc.wait_for_log("Ready to accept connections", Duration::from_secs(10));
+    proc
+}
+
+/// redis-benchmark from `client` on CPU 0 against `target:6379`: 50 clients,
+/// no pipelining, SET then GET: for each, (rps, p50 ms, p99 ms).
+pub fn redis_benchmark(client: &Pod, target: &str) -> Vec<(&'static str, f64, f64, f64)> {
+    let args = [
+        "taskset",
+        "-c",
+        "0",
+        "redis-benchmark",
+        "-h",
+        target,
+        "-c",
+        "50",
+        "-P",
+        "1",
+        "-n",
+        "100000",
+        "-t",
+        "set,get",
+        "--csv",
+    ];
+    let out = run_in(&client.netns, &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rows = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(',').map(|c| c.trim_matches('"')).collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+        let name = match f.first() {
+            Some(&"SET") => "set",
+            Some(&"GET") => "get",
+            _ => continue,
+        };
+        // test, rps, avg, min, p50, p95, p99, max
+        rows.push((name, num(1), num(4), num(6)));
+    }
+    rows
 }
 
 /// Opens `n` connections from `client` to `server:port` (each sends one

@@ -101,7 +101,9 @@ fn bench(only: &[String]) -> anyhow::Result<()> {
         "mesh-loadgen",
     ])?;
     if wanted("dataplane") {
-        step("data plane: direct vs mesh across nodes vs mesh on one node (iperf3, hey, wrk against nginx)");
+        step(
+            "data plane: direct vs mesh across nodes vs mesh on one node (iperf3, mesh-loadgen, wrk, redis-benchmark)",
+        );
         cargo(&["bench", "-p", "mesh-tests", "--bench", "dataplane"])?;
     }
     if wanted("l7") {
