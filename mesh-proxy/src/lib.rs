@@ -54,7 +54,7 @@ pub struct Proxy {
     /// Written only by the control client; the data path reads views of it.
     pub state: State,
     pub identities: Identities,
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
     pub connections: Arc<Connections>,
     /// Set once the process starts draining.
     drain: tokio::sync::watch::Sender<bool>,
@@ -66,7 +66,7 @@ impl Proxy {
         Proxy {
             state: State::default(),
             identities: Identities::default(),
-            pool: Pool::default(),
+            pool: Arc::default(),
             connections: Arc::new(Connections::new(telemetry::TcpMetrics::register(registry))),
             drain: tokio::sync::watch::Sender::new(false),
         }

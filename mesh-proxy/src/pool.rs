@@ -31,6 +31,9 @@ use tokio::sync::watch;
 use crate::hbone::{self, PeerConnection, Tunnel, TunnelError};
 
 pub const IDLE: Duration = Duration::from_secs(60);
+/// A connection carrying this many tunnels is busy: the next tunnel to its
+/// peer asks for another connection beside it.
+const BUSY_AT: usize = 1;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -57,8 +60,9 @@ impl Drop for StreamSlot {
     }
 }
 
-#[derive(Default)]
 pub struct Pool {
+    /// Connections per key that tunnels are spread over before they share.
+    spread: usize,
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
     /// Dials in progress, by key: tunnels that find no room wait for the one
     /// dial instead of making their own (`true` once it has ended).
@@ -68,21 +72,28 @@ pub struct Pool {
     broken: AtomicUsize,
 }
 
+impl Default for Pool {
+    /// Spreads tunnels over one connection per core (at most 8).
+    fn default() -> Self {
+        Pool::spreading_over(std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
+    }
+}
+
 /// Whether this tunnel dials, or waits for another's dial.
-enum Dial<'p> {
-    Mine(DialInProgress<'p>),
+enum Dial {
+    Mine(DialInProgress),
     Theirs(watch::Receiver<bool>),
 }
 
 /// A dial others may wait for; when it ends (or its caller gives up) they
 /// are told and look again.
-struct DialInProgress<'p> {
-    pool: &'p Pool,
+struct DialInProgress {
+    pool: Arc<Pool>,
     key: PoolKey,
     done: watch::Sender<bool>,
 }
 
-impl Drop for DialInProgress<'_> {
+impl Drop for DialInProgress {
     fn drop(&mut self) {
         lock(&self.pool.dialing).remove(&self.key);
         self.done.send_replace(true);
@@ -90,13 +101,24 @@ impl Drop for DialInProgress<'_> {
 }
 
 impl Pool {
+    /// A pool that keeps up to `spread` connections per key before tunnels share one.
+    pub fn spreading_over(spread: usize) -> Pool {
+        Pool {
+            spread: spread.max(1),
+            conns: Mutex::default(),
+            dialing: Mutex::default(),
+            dials: AtomicUsize::new(0),
+            broken: AtomicUsize::new(0),
+        }
+    }
+
     /// Opens a tunnel with `CONNECT authority` over a pooled connection for
     /// `key` that presented the source's current certificate (`credentials`:
     /// its not-after), dialing one with `dial` when none has room. A
     /// connection that turns out broken is dropped and one fresh connection
     /// is tried; a refusal by the peer (an HTTP status) is returned as it is.
     pub async fn tunnel<F, Fut>(
-        &self,
+        self: &Arc<Self>,
         key: &PoolKey,
         credentials: i64,
         authority: std::net::SocketAddr,
@@ -104,12 +126,15 @@ impl Pool {
     ) -> Result<(Tunnel, StreamSlot), TunnelError>
     where
         F: Fn() -> Fut,
-        Fut: Future<Output = io::Result<PeerConnection>>,
+        Fut: Future<Output = io::Result<PeerConnection>> + Send + 'static,
     {
         // A dial shared with others may leave no room for this tunnel (or
         // fail for them all): a few turns, then a dial of its own.
         for _ in 0..3 {
-            if let Some((conn, slot)) = self.take_slot(key, credentials) {
+            if let Some((conn, slot, grow)) = self.take_slot(key, credentials) {
+                if grow {
+                    self.grow(key, credentials, &dial);
+                }
                 match conn.connect(authority).await {
                     Ok(t) => return Ok((t, slot)),
                     Err(e @ TunnelError::Refused { .. }) => return Err(e),
@@ -138,14 +163,33 @@ impl Pool {
     }
 
     /// Joins the dial in progress for `key`, or starts one.
-    fn dial_or_wait(&self, key: &PoolKey) -> Dial<'_> {
+    fn dial_or_wait(self: &Arc<Self>, key: &PoolKey) -> Dial {
         let mut dialing = lock(&self.dialing);
         if let Some(rx) = dialing.get(key) {
             return Dial::Theirs(rx.clone());
         }
         let (done, rx) = watch::channel(false);
         dialing.insert(key.clone(), rx);
-        Dial::Mine(DialInProgress { pool: self, key: key.clone(), done })
+        Dial::Mine(DialInProgress { pool: self.clone(), key: key.clone(), done })
+    }
+
+    /// Dials another connection for `key` in the background, unless one is
+    /// being dialed already; tunnels that find no room meanwhile wait for it.
+    fn grow<F, Fut>(self: &Arc<Self>, key: &PoolKey, credentials: i64, dial: &F)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = io::Result<PeerConnection>> + Send + 'static,
+    {
+        let Dial::Mine(in_progress) = self.dial_or_wait(key) else { return };
+        let dialing = dial();
+        let (pool, key) = (self.clone(), key.clone());
+        tokio::spawn(async move {
+            match dialing.await {
+                Ok(conn) => drop(pool.pool(&key, conn, credentials, 0)), // no slot taken
+                Err(e) => tracing::debug!(peer = %key.dst_ip, "a spare HBONE connection failed: {e}"),
+            }
+            drop(in_progress);
+        });
     }
 
     /// Dials a connection for `key` and pools it, with a slot taken for the caller.
@@ -160,16 +204,18 @@ impl Pool {
         Fut: Future<Output = io::Result<PeerConnection>>,
     {
         let conn = dial().await.map_err(TunnelError::Broken)?;
-        self.dials.fetch_add(1, Ordering::Relaxed);
-        let streams = Arc::new(AtomicUsize::new(1));
-        let slot = StreamSlot(streams.clone());
-        self.lock().entry(key.clone()).or_default().push(Pooled {
-            conn: conn.clone(),
-            streams,
-            last_used: Instant::now(),
-            credentials,
-        });
+        let slot = StreamSlot(self.pool(key, conn.clone(), credentials, 1));
         Ok((conn, slot))
+    }
+
+    /// Adds a connection just dialed, carrying `streams` tunnels already
+    /// (each must hold a [`StreamSlot`] of the count returned).
+    fn pool(&self, key: &PoolKey, conn: PeerConnection, credentials: i64, streams: usize) -> Arc<AtomicUsize> {
+        self.dials.fetch_add(1, Ordering::Relaxed);
+        let streams = Arc::new(AtomicUsize::new(streams));
+        let pooled = Pooled { conn, streams: streams.clone(), last_used: Instant::now(), credentials };
+        self.lock().entry(key.clone()).or_default().push(pooled);
+        streams
     }
 
     /// A tunnel on a connection just dialed; if it fails, the connection goes.
@@ -194,18 +240,30 @@ impl Pool {
         lock(&self.conns)
     }
 
-    fn take_slot(&self, key: &PoolKey, credentials: i64) -> Option<(PeerConnection, StreamSlot)> {
+    /// A slot on the least busy connection for `key` with room, and whether
+    /// the pool should grow (every current connection is busy and there are
+    /// fewer than `spread`).
+    fn take_slot(&self, key: &PoolKey, credentials: i64) -> Option<(PeerConnection, StreamSlot, bool)> {
         let mut conns = self.lock();
         let list = conns.get_mut(key)?;
         // Ended (the peer closed them): no tunnel is tried there. Dialed with
         // a certificate since renewed and carrying no tunnel: closed now.
         list.retain(|p| !p.conn.has_ended() && (p.credentials >= credentials || p.streams.load(Ordering::Relaxed) > 0));
-        let p = list.iter_mut().find(|p| {
-            p.credentials >= credentials && p.streams.load(Ordering::Relaxed) < hbone::MAX_STREAMS as usize
-        })?;
-        p.streams.fetch_add(1, Ordering::Relaxed);
+        let current = list.iter_mut().filter(|p| p.credentials >= credentials);
+        let (count, least) = current.fold((0, None::<&mut Pooled>), |(n, least), p| {
+            let load = p.streams.load(Ordering::Relaxed);
+            let less = least.as_ref().is_none_or(|l| load < l.streams.load(Ordering::Relaxed));
+            (n + 1, if less { Some(p) } else { least })
+        });
+        let p = least?;
+        let load = p.streams.fetch_add(1, Ordering::Relaxed);
+        if load >= hbone::MAX_STREAMS as usize {
+            p.streams.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
         p.last_used = Instant::now();
-        Some((p.conn.clone(), StreamSlot(p.streams.clone())))
+        let grow = load >= BUSY_AT && count < self.spread;
+        Some((p.conn.clone(), StreamSlot(p.streams.clone()), grow))
     }
 
     fn forget(&self, key: &PoolKey, conn: &PeerConnection) {

@@ -129,6 +129,21 @@ async fn dial(
     PeerConnection::handshake(TcpStream::connect(addr).await?, config).await
 }
 
+/// What a pool dials with: [`dial`], owning what it needs (the pool may dial
+/// in the background).
+fn dialer(
+    addr: SocketAddr,
+    me: &Credentials,
+    roots: Arc<RootCertStore>,
+    expect: &str,
+) -> impl Fn() -> futures_util::future::BoxFuture<'static, io::Result<PeerConnection>> + use<> {
+    let config = Arc::new(client_config(me, roots, Arc::default(), expect.parse().unwrap()).unwrap());
+    move || {
+        let config = config.clone();
+        Box::pin(async move { PeerConnection::handshake(TcpStream::connect(addr).await?, config).await })
+    }
+}
+
 #[tokio::test]
 async fn a_tunnel_carries_bytes_both_ways() {
     let ca = Ca::new();
@@ -325,9 +340,10 @@ async fn the_pool_shares_dials_and_forgets_dead_connections() {
     let peer = Restartable::start(listener, &ca, &server, echo_addr).await;
     let (me, roots) = (ca.issue(A), ca.roots());
     let key = pool_key(addr);
-    let pool = Pool::default();
+    let pool = Arc::new(Pool::spreading_over(2));
     let target: SocketAddr = "10.0.0.2:8080".parse().unwrap();
-    let open = || pool.tunnel(&key, 0, target, || dial(addr, &me, roots.clone(), B));
+    let dial = dialer(addr, &me, roots.clone(), B);
+    let open = || pool.tunnel(&key, 0, target, &dial);
 
     let mut opening = Vec::new();
     for _ in 0..150 {
@@ -416,18 +432,49 @@ async fn the_pool_moves_to_a_renewed_certificate() {
     let (addr, _) = start(&ca, &ca.issue(B)).await;
     let (old, new) = (ca.issue(A), ca.issue(A));
     let key = pool_key(addr);
-    let pool = Pool::default();
+    let pool = Arc::new(Pool::spreading_over(2));
     let target: SocketAddr = "10.0.0.2:8080".parse().unwrap();
-    let (in_flight, slot) = pool.tunnel(&key, 1, target, || dial(addr, &old, ca.roots(), B)).await.unwrap();
-    let (renewed, slot2) = pool.tunnel(&key, 2, target, || dial(addr, &new, ca.roots(), B)).await.unwrap();
+    let (dial_old, dial_new) = (dialer(addr, &old, ca.roots(), B), dialer(addr, &new, ca.roots(), B));
+    let (in_flight, slot) = pool.tunnel(&key, 1, target, &dial_old).await.unwrap();
+    let (renewed, slot2) = pool.tunnel(&key, 2, target, &dial_new).await.unwrap();
     assert_eq!(pool.stats(), (2, 2), "a second connection, dialed with the renewed certificate");
     echo_through(in_flight, 100_000).await;
     drop(slot);
     echo_through(renewed, 100_000).await;
     drop(slot2);
-    let (again, _slot) = pool.tunnel(&key, 2, target, || dial(addr, &new, ca.roots(), B)).await.unwrap();
+    let (again, _slot) = pool.tunnel(&key, 2, target, &dial_new).await.unwrap();
     echo_through(again, 10).await;
     assert_eq!(pool.stats(), (1, 2), "the old connection is gone; the renewed one was reused");
+}
+
+/// Parallel tunnels to one peer are spread over a connection per core: the
+/// second tunnel goes on the busy first connection at once while a spare is
+/// dialed beside it, the third on the spare; past the spread they share.
+#[tokio::test]
+async fn the_pool_spreads_busy_tunnels_over_connections() {
+    use crate::pool::Pool;
+    let ca = Ca::new();
+    let (addr, _) = start(&ca, &ca.issue(B)).await;
+    let key = pool_key(addr);
+    let pool = Arc::new(Pool::spreading_over(2));
+    let target: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+    let dial = dialer(addr, &ca.issue(A), ca.roots(), B);
+    let first = pool.tunnel(&key, 0, target, &dial).await.unwrap();
+    assert_eq!(pool.stats(), (1, 1));
+    let second = pool.tunnel(&key, 0, target, &dial).await.unwrap();
+    for _ in 0..200 {
+        if pool.stats() == (2, 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(pool.stats(), (2, 2), "a spare connection was dialed in the background");
+    let more: Vec<_> = futures_util::future::join_all((0..4).map(|_| pool.tunnel(&key, 0, target, &dial))).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(pool.stats(), (2, 2), "no more than two connections: tunnels share them");
+    for (tunnel, _slot) in [first, second].into_iter().chain(more.into_iter().map(Result::unwrap)) {
+        echo_through(tunnel, 1000).await;
+    }
 }
 
 #[test]
