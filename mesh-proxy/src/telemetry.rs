@@ -434,6 +434,22 @@ impl<S> Counted<S> {
         Counted { inner, bytes, reads_are_requests: false }
     }
 
+    /// The stream, for I/O that bypasses these counts (which then calls
+    /// [`Self::count_read`] and [`Self::count_written`] itself).
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Counts `n` bytes read from the stream.
+    pub fn count_read(&self, n: usize) {
+        self.counters().0.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts `n` bytes written to the stream.
+    pub fn count_written(&self, n: usize) {
+        self.counters().1.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     fn counters(&self) -> (&AtomicU64, &AtomicU64) {
         if self.reads_are_requests {
             (&self.bytes.received, &self.bytes.sent)
@@ -447,8 +463,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.counters().0.fetch_add(n as u64, Ordering::Relaxed);
+        self.count_read(buf.filled().len() - before);
         r
     }
 }
@@ -457,7 +472,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
-            self.counters().1.fetch_add(n as u64, Ordering::Relaxed);
+            self.count_written(n);
         }
         r
     }

@@ -4,7 +4,7 @@
 //! inbound plan, with the source's identity: PeerAuthentication and
 //! AuthorizationPolicy; the destination pod's connection limit), connects to
 //! the app from inside the destination pod, and relays between the two
-//! sockets. Both records are kept as on the HBONE path (the source's
+//! sockets with `splice(2)` (no copy through the proxy: `splice.rs`). Both records are kept as on the HBONE path (the source's
 //! outbound one, the destination's inbound one, each with both identities,
 //! `connection_security_policy` mutual_tls), with route `local`.
 //!
@@ -33,7 +33,7 @@ use mesh_proxy::{
 };
 use tokio::net::TcpStream;
 
-use super::{PodContext, ProxyContext, inbound::connect_to_app, limits::Permit, live, relay_plain};
+use super::{PodContext, ProxyContext, inbound::connect_to_app, limits::Permit, live, splice};
 
 /// The route label of the same-node path, in records and `mesh-ctl connections`.
 pub const ROUTE: &str = "local";
@@ -87,10 +87,11 @@ pub async fn open(
 /// Relays `client` (already counted on the source's record) to the app until
 /// both ends close, or until a configuration denies it; ends the
 /// destination's record and returns the outcome for the source's.
-pub async fn relay(mut client: Counted<TcpStream>, delivery: Delivery, ctx: &ProxyContext) -> Result<(), ProxyError> {
+pub async fn relay(client: Counted<TcpStream>, delivery: Delivery, ctx: &ProxyContext) -> Result<(), ProxyError> {
     let Delivery { mut tracked, app, admitted, _permit } = delivery;
-    let mut app = Counted::server(app, tracked.relaying());
-    let result = ctx.relay_while_admitted(&mut tracked, admitted, relay_plain(&mut client, &mut app)).await;
+    let app = Counted::server(app, tracked.relaying());
+    let relaying = async { splice::both_ways(&client, &app).await.map(drop).map_err(ProxyError::Relay) };
+    let result = ctx.relay_while_admitted(&mut tracked, admitted, relaying).await;
     tracked.finish_with(result.as_ref().map(drop));
     result
 }

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod live;
 mod local;
 mod outbound;
+mod splice;
 
 use std::{
     collections::HashMap,
