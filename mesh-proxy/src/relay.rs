@@ -5,10 +5,14 @@
 //! connection's life: 64 KiB each (what a two-hop iperf3 stream needs: 8 KiB
 //! held it to half the throughput), resident from the first bulk transfer on
 //! even while the connection then sits idle for hours.
-use std::io;
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 
 /// The buffer of a read that is likely to wait, and where bulk streams start.
 pub const MIN_READ: usize = 4 << 10;
@@ -49,6 +53,40 @@ impl ReadSizer {
         }
         self.next = self.bulk;
     }
+}
+
+/// A stream that can wait until it has something to read before a buffer
+/// is offered, so that an idle connection holds no read buffer (4 KiB a
+/// direction, the largest part of what an idle connection cost).
+pub trait ReadReady {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for tokio::net::TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+/// In-memory pipes cannot tell: they read at once.
+impl ReadReady for tokio::io::DuplexStream {
+    fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Reads into `buf`'s spare capacity; the bytes read.
+pub fn poll_read_into<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    let mut spare = ReadBuf::uninit(buf.spare_capacity_mut());
+    ready!(Pin::new(reader).poll_read(cx, &mut spare))?;
+    let n = spare.filled().len();
+    // SAFETY: the reader initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Poll::Ready(Ok(n))
 }
 
 /// Reads from `reader` into a fresh buffer sized by `sizer`; `None` at the end.

@@ -69,7 +69,9 @@ impl TunnelHandler for PodTunnels {
         let target = request.target;
         let serial = Some(request.peer.serial.clone());
         let (mut tracked, upstream) =
-            match connect_to_app(pod, ctx, conn, arrival.clone(), serial.as_deref(), target).await {
+            // Boxed: connecting takes state the tunnel's task need not keep
+            // for its whole life (a task is as large as its largest future).
+            match Box::pin(connect_to_app(pod, ctx, conn, arrival.clone(), serial.as_deref(), target)).await {
                 Ok(admitted) => admitted,
                 Err((tracked, e)) => {
                     request.refuse(refusal_status(&e));

@@ -311,13 +311,21 @@ async fn accept_loop(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<Proxy
             continue;
         };
         let (pod, ctx) = (pod.clone(), ctx.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            match kind {
-                Listener::Outbound => outbound::handle(stream, bound, peer, &pod, &ctx).await,
-                Listener::Inbound => inbound::handle(stream, bound, peer, &pod, &ctx).await,
-                Listener::Hbone => hbone_in::serve(stream, bound, peer, pod, ctx).await,
-            }
-        });
+        // One task per kind, not one task matching on the kind: a task is as
+        // large as its largest future, and it lives as long as the connection.
+        match kind {
+            Listener::Outbound => tokio::spawn(async move {
+                let _permit = permit;
+                outbound::handle(stream, bound, peer, &pod, &ctx).await
+            }),
+            Listener::Inbound => tokio::spawn(async move {
+                let _permit = permit;
+                inbound::handle(stream, bound, peer, &pod, &ctx).await
+            }),
+            Listener::Hbone => tokio::spawn(async move {
+                let _permit = permit;
+                hbone_in::serve(stream, bound, peer, pod, ctx).await
+            }),
+        };
     }
 }

@@ -19,27 +19,33 @@ use tokio::net::TcpStream;
 use super::{PodContext, ProxyContext, connect_from, connect_in, local, relay_plain, reset};
 
 pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, pod: &PodContext, ctx: &ProxyContext) {
-    if let Some(refused) = carry(client, listener, peer, pod, ctx).await {
+    // Deciding and opening run on the heap and are freed before the relay:
+    // a task is as large as its largest future, kept for the connection's
+    // life, and dialing (TLS, HTTP/2) and planning take kilobytes that an
+    // idle connection need not hold.
+    match Box::pin(open_upstream(client, listener, peer, pod, ctx)).await {
+        Ok((client, upstream, conn)) => relay(client, upstream, conn, ctx).await,
         // Reset whatever the app has sent by then. Only refused connections
         // pay for it: relayed ones close as their peers do.
-        reset(refused);
+        Err(refused) => reset(refused),
     }
 }
 
-/// Relays the connection, or refuses it and hands the client back to be reset.
-async fn carry(
+/// Opens the upstream the plan chooses, or refuses the connection and
+/// hands the client back to be reset.
+async fn open_upstream(
     client: TcpStream,
     listener: SocketAddr,
     peer: SocketAddr,
     pod: &PodContext,
     ctx: &ProxyContext,
-) -> Option<TcpStream> {
+) -> Result<(TcpStream, Opened, Tracked), TcpStream> {
     // The connection's one record, from here on every way out.
     let mut conn = ctx.proxy.connections.track(ConnInfo::new(Direction::Outbound, &pod.name, listener, peer));
     let Some(dst) = ctx.orig_dst.take(pod.netns.cookie(), peer) else {
         // Only a client that connected to the listener directly gets here.
         conn.refuse(ProxyError::NoOriginalDestination);
-        return Some(client);
+        return Err(client);
     };
     let view = ctx.proxy.state.view();
     let mut plan = plan::outbound(&view, pod.local(), dst, |id| ctx.proxy.identities.get(id).is_some());
@@ -50,7 +56,7 @@ async fn carry(
             Err(e) => {
                 plan.describe(conn.info_mut(), None);
                 conn.refuse(e);
-                return Some(client);
+                return Err(client);
             }
         };
         plan.describe(conn.info_mut(), Some(&hop));
@@ -60,14 +66,11 @@ async fn carry(
             conn.info_mut().route = local::ROUTE;
         }
         match open(&hop, local_dst, pod, ctx).await {
-            Ok(upstream) => {
-                relay(client, upstream, conn, ctx).await;
-                return None;
-            }
+            Ok(upstream) => return Ok((client, upstream, conn)),
             Err(e) if e.retryable() => failure = Some(e),
             Err(e) => {
                 conn.refuse(e);
-                return Some(client);
+                return Err(client);
             }
         }
     }
@@ -76,7 +79,7 @@ async fn carry(
     if let Some(e) = failure {
         conn.refuse(e);
     }
-    Some(client)
+    Err(client)
 }
 
 enum Opened {
@@ -119,13 +122,14 @@ async fn open(
 async fn relay(client: TcpStream, upstream: Opened, mut tracked: Tracked, ctx: &ProxyContext) {
     let mut client = Counted::client(client, tracked.relaying());
     let result = match upstream {
-        Opened::Plain(mut up) => relay_plain(&mut client, &mut up).await,
+        // Each way boxed: the task is as large as its largest future.
+        Opened::Plain(mut up) => Box::pin(relay_plain(&mut client, &mut up)).await,
         Opened::Hbone(tunnel, slot) => {
             let r = hbone::relay(client, tunnel).await.map(drop).map_err(ProxyError::Relay);
             drop(slot);
             r
         }
-        Opened::Local(delivery) => local::relay(client, *delivery, ctx).await,
+        Opened::Local(delivery) => Box::pin(local::relay(client, *delivery, ctx)).await,
     };
     tracked.finish(result);
 }

@@ -8,7 +8,7 @@ pub mod tls;
 
 pub use stream::TunnelIo;
 
-use std::{future::Future, io, net::SocketAddr, sync::Arc};
+use std::{future::Future, io, net::SocketAddr, pin::Pin, sync::Arc};
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
@@ -16,7 +16,7 @@ use http::{Method, Request, Response, StatusCode};
 use mesh_common::identity::SpiffeId;
 use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -324,8 +324,17 @@ fn status(code: StatusCode) -> Response<()> {
 
 /// Copies both ways between `socket` and `tunnel` until both directions end.
 /// Returns bytes (socket → tunnel, tunnel → socket).
-pub async fn relay<S: AsyncRead + AsyncWrite + Unpin>(socket: S, tunnel: Tunnel) -> io::Result<(u64, u64)> {
-    let (mut reader, mut writer) = tokio::io::split(socket);
+pub async fn relay<S>(socket: S, tunnel: Tunnel) -> io::Result<(u64, u64)>
+where
+    S: AsyncRead + AsyncWrite + crate::relay::ReadReady + Unpin,
+{
+    // Both directions run in this one task; each takes the socket only for
+    // the length of a poll (never contended, so the lock is uncontended).
+    let socket = std::sync::Mutex::new(socket);
+    let with = |f: &mut dyn FnMut(&mut S) -> std::task::Poll<io::Result<usize>>| {
+        let mut s = socket.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut s)
+    };
     let Tunnel { mut send, mut recv } = tunnel;
     let up = async {
         let mut total = 0u64;
@@ -333,12 +342,16 @@ pub async fn relay<S: AsyncRead + AsyncWrite + Unpin>(socket: S, tunnel: Tunnel)
         // handed to h2 as it is: no copy.
         let mut sizer = crate::relay::ReadSizer::default();
         loop {
-            let Some(chunk) = crate::relay::read_chunk(&mut reader, &mut sizer).await? else {
+            // The buffer is taken once there is data: an idle tunnel holds none.
+            std::future::poll_fn(|cx| socket.lock().unwrap_or_else(|e| e.into_inner()).poll_read_ready(cx)).await?;
+            let mut buf = bytes::BytesMut::with_capacity(sizer.next());
+            let n = std::future::poll_fn(|cx| with(&mut |s| crate::relay::poll_read_into(s, cx, &mut buf))).await?;
+            if n == 0 {
                 send.send_data(Bytes::new(), true).map_err(other)?;
                 return Ok::<u64, io::Error>(total);
-            };
-            let n = chunk.len();
-            let mut chunk = chunk.freeze();
+            }
+            sizer.read(n);
+            let mut chunk = buf.freeze();
             while !chunk.is_empty() {
                 send.reserve_capacity(chunk.len());
                 let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
@@ -354,11 +367,18 @@ pub async fn relay<S: AsyncRead + AsyncWrite + Unpin>(socket: S, tunnel: Tunnel)
         let mut total = 0u64;
         while let Some(data) = recv.data().await {
             let data = data.map_err(other)?;
-            writer.write_all(&data).await?;
+            let mut written = 0;
+            while written < data.len() {
+                let n = std::future::poll_fn(|cx| with(&mut |s| Pin::new(s).poll_write(cx, &data[written..]))).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                written += n;
+            }
             let _ = recv.flow_control().release_capacity(data.len());
             total += data.len() as u64;
         }
-        writer.shutdown().await?;
+        std::future::poll_fn(|cx| with(&mut |s| Pin::new(s).poll_shutdown(cx).map_ok(|()| 0))).await?;
         Ok::<u64, io::Error>(total)
     };
     tokio::try_join!(up, down)
