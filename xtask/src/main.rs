@@ -59,7 +59,8 @@ enum Cmd {
     },
     /// Run the benchmarks (release builds) and write JSON reports under /var/tmp/mesh-bench.
     Bench {
-        /// Only these benchmarks (`scale`, `dataplane`, `l7`); all when none is named.
+        /// Only these benchmarks (`scale`, `dataplane`, `l7`, `profile`); all
+        /// but `profile` when none is named.
         only: Vec<String>,
     },
 }
@@ -77,9 +78,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn bench(only: &[String]) -> anyhow::Result<()> {
-    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
-    if let Some(unknown) = only.iter().find(|o| !["scale", "dataplane", "l7"].contains(&o.as_str())) {
-        anyhow::bail!("no benchmark named {unknown:?} (there are scale, dataplane and l7)");
+    let named = |name: &str| only.iter().any(|o| o == name);
+    let wanted = |name: &str| only.is_empty() || named(name);
+    if let Some(unknown) = only.iter().find(|o| !["scale", "dataplane", "l7", "profile"].contains(&o.as_str())) {
+        anyhow::bail!("no benchmark named {unknown:?} (there are scale, dataplane, l7 and profile)");
     }
     prereqs::ensure()?;
     if wanted("scale") {
@@ -114,6 +116,11 @@ fn bench(only: &[String]) -> anyhow::Result<()> {
         // SAFETY: single-threaded here; the bench reads it.
         unsafe { std::env::set_var("MESH_ENVOY_BIN", &envoy) };
         cargo(&["bench", "-p", "mesh-tests", "--bench", "l7"])?;
+    }
+    if named("profile") {
+        step("where the node proxies' CPU time goes: perf on both agents under iperf3 and wrk (PERFORMANCE.md)");
+        prereqs::ensure_debian(&["linux-perf"])?;
+        cargo(&["bench", "-p", "mesh-tests", "--bench", "profile"])?;
     }
     Ok(())
 }
