@@ -189,7 +189,7 @@ fn hbone_hop(
 }
 
 /// How a connection arrived at a pod.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Arrival {
     /// Plain TCP steered to 15006: no identity.
     Plaintext,

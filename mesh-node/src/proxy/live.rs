@@ -7,7 +7,7 @@
 //! the policy; a failure that is no policy's decision leaves it open.
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -86,13 +86,24 @@ impl LiveInbound {
     /// Decides every open connection again under `view` and `revoked`;
     /// those it now denies are told to close. How many were.
     pub fn recheck(&self, view: &MeshView, revoked: &Revocations) -> usize {
+        let decide = |a: &Admitted| {
+            unrevoked(revoked, a.serial.as_deref())
+                .and_then(|()| plan::inbound(view, a.pod.local(), a.src, a.arrival.clone(), a.target).verdict)
+        };
+        // The verdict depends on the source's address, not its port: ten
+        // thousand connections from one client to one port are decided
+        // once, not ten thousand times under the table's lock.
+        let mut allowed: HashMap<(*const PodContext, IpAddr, &Arrival, Option<&str>, SocketAddr), bool> =
+            HashMap::new();
         let mut closed = 0;
-        for a in lock(&self.conns).values_mut().filter(|a| a.close.is_some()) {
-            let verdict = unrevoked(revoked, a.serial.as_deref())
-                .and_then(|()| plan::inbound(view, a.pod.local(), a.src, a.arrival.clone(), a.target).verdict);
-            if let Err(e @ ProxyError::Denied { .. }) = verdict
-                && let Some(close) = a.close.take()
-            {
+        let mut conns = lock(&self.conns);
+        for a in conns.values_mut().filter(|a| a.close.is_some()) {
+            let key = (Arc::as_ptr(&a.pod), a.src.ip(), &a.arrival, a.serial.as_deref(), a.target);
+            if *allowed.entry(key).or_insert_with(|| !matches!(decide(a), Err(ProxyError::Denied { .. }))) {
+                continue;
+            }
+            // Denied: decided again for the reason it is closed with.
+            if let (Err(e), Some(close)) = (decide(a), a.close.take()) {
                 let _ = close.send(e);
                 closed += 1;
             }
