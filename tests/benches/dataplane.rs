@@ -18,7 +18,7 @@ use mesh_tests::{
     Pod, Proc,
     bench::{
         cpu_ticks, hold_connections, hold_server, iperf, loadgen, median_all, push, redis_benchmark, redis_server,
-        rss_kib, ticks_per_second, wrk,
+        rss_kib, ticks_per_second, wait_until_idle, wrk,
     },
     mesh::{Mesh, yaml},
     waypoint::yaml as l7,
@@ -119,7 +119,7 @@ fn main() {
     let first_rss = {
         let _holder = hold_server(&s_far, HOLD_PORT);
         let _open = hold_connections(&c, &s_far, HOLD_PORT, FIRST_HELD, false);
-        thread::sleep(Duration::from_millis(1000));
+        wait_until_idle(&[n1, n2]);
         (rss_kib(n1), rss_kib(n2))
     };
 
@@ -171,7 +171,7 @@ fn main() {
         let holder = hold_server(&s_far, HOLD_PORT + 1);
         let before_hold = (rss_kib(n1), rss_kib(n2));
         let open = hold_connections(&c, &s_far, HOLD_PORT + 1, HELD, false);
-        thread::sleep(Duration::from_millis(1000));
+        wait_until_idle(&[n1, n2]);
         let busy_rss = (rss_kib(n1), rss_kib(n2));
         // Every one of them carried, or the figure per connection means nothing.
         let refused = |node: &str| mesh.metric(node, "mesh_node_connections_refused_total", &[]);

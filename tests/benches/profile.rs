@@ -13,54 +13,14 @@ use std::{collections::BTreeMap, path::Path, process::Command, thread, time::Dur
 
 use mesh_tests::{
     Pod, Proc,
-    bench::{SECONDS, iperf, wrk},
+    bench::{
+        SECONDS, iperf,
+        profile::{TABLE_ORDER, category},
+        wrk,
+    },
     mesh::{Mesh, yaml},
 };
 use serde_json::{Value, json};
-
-/// Categories in the order of the tables, each with the substrings of the
-/// symbols it takes (the first category that matches wins).
-const CATEGORIES: &[(&str, &[&str])] = &[
-    ("AES-GCM", &["aes", "gcm", "ghash", "clmul"]),
-    ("memcpy, memmove (user space, and the kernel's own)", &["memmove", "memcpy", "memset"]),
-    (
-        "kernel copies to and from user space",
-        &["_copy_to_iter", "_copy_from_iter", "copy_user", "rep_movs", "copy_page_to_iter", "copy_page_from_iter"],
-    ),
-    ("softirq network processing", &["_raw_spin_unlock_irqrestore", "softirq", "net_rx_action"]),
-    (
-        "scheduling, wake-ups, locks",
-        &[
-            "finish_task_switch",
-            "schedule",
-            "futex",
-            "wake",
-            "epoll",
-            "ep_",
-            "pthread_mutex",
-            "pthread_cond",
-            "_raw_spin_lock",
-            "select_task_rq",
-            "enqueue_",
-            "dequeue_",
-            "update_curr",
-            "pick_next",
-            "psi_",
-        ],
-    ),
-    (
-        "kernel TCP/IP, veth, bridge",
-        &[
-            "tcp_", "ip_", "ip6_", "br_", "veth", "skb", "netif", "__dev_", "dev_", "nf_", "sock_", "sk_", "inet_",
-            "__tcp", "__ip", "__sk", "__sock", "__inet", "__netif", "splice", "pipe_",
-        ],
-    ),
-    ("syscall entry and exit, fd lookup", &["entry_SYSCALL", "syscall", "__fget", "fdget", "__x64_sys", "fput"]),
-    ("allocation", &["malloc", "free", "realloc", "kmem_cache", "kmalloc", "kfree", "alloc_pages", "__alloc"]),
-    ("rustls (records, state)", &["rustls::"]),
-    ("h2 (framing, flow control)", &["h2::"]),
-    ("tokio runtime", &["tokio::", "mio::"]),
-];
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -162,25 +122,14 @@ fn shares(data: &Path) -> BTreeMap<String, f64> {
     shares
 }
 
-/// The category of a sample's symbol (pure).
-fn category(symbol: &str, kernel: bool) -> &'static str {
-    for (name, needles) in CATEGORIES {
-        if needles.iter().any(|n| symbol.contains(n)) {
-            return name;
-        }
-    }
-    if kernel { "other kernel" } else { "other user space" }
-}
-
 fn print_table(name: &str, figure: &str, columns: &[(&str, BTreeMap<String, f64>)]) {
     println!("\n{name} ({figure}), share of each agent's CPU samples\n");
     let header: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
     println!("| category | {} |", header.join(" | "));
     println!("| --- |{}", " --- |".repeat(columns.len()));
-    let names = CATEGORIES.iter().map(|(n, _)| *n).chain(["other kernel", "other user space"]);
-    for cat in names {
+    for cat in TABLE_ORDER {
         let cells: Vec<String> =
-            columns.iter().map(|(_, s)| s.get(cat).map_or("–".into(), |v| format!("{v:.1}%"))).collect();
+            columns.iter().map(|(_, s)| s.get(*cat).map_or("–".into(), |v| format!("{v:.1}%"))).collect();
         println!("| {cat} | {} |", cells.join(" | "));
     }
 }

@@ -3,6 +3,8 @@
 //! with their output parsed, idle
 //! connections held open, a process's RSS and CPU time, and samples reduced
 //! to their medians.
+pub mod profile;
+
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -238,6 +240,25 @@ pub fn hold_server(pod: &Pod, port: u16) -> Proc {
 pub fn rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+/// Waits (up to 60 s) until `pids` have used almost no CPU for half a
+/// second together: after opening thousands of connections, the proxies go
+/// on setting up their far ends for seconds after the client's connects
+/// return, and a measurement started then would time that instead.
+pub fn wait_until_idle(pids: &[i32]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let total = || pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>();
+    let mut before = total();
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = total();
+        // A tick is 10 ms: at most 2% of one core over the half second.
+        if now - before <= 1 {
+            return;
+        }
+        before = now;
+    }
 }
 
 /// utime + stime of a process, in clock ticks.
