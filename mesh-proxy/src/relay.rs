@@ -8,7 +8,7 @@
 use std::{
     io,
     pin::Pin,
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
 };
 
 use bytes::BytesMut;
@@ -75,18 +75,47 @@ impl ReadReady for tokio::io::DuplexStream {
     }
 }
 
-/// Reads into `buf`'s spare capacity; the bytes read.
-pub fn poll_read_into<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    cx: &mut Context<'_>,
-    buf: &mut BytesMut,
-) -> Poll<io::Result<usize>> {
-    let mut spare = ReadBuf::uninit(buf.spare_capacity_mut());
-    ready!(Pin::new(reader).poll_read(cx, &mut spare))?;
-    let n = spare.filled().len();
-    // SAFETY: the reader initialised the first `n` bytes of the spare capacity.
-    unsafe { buf.set_len(buf.len() + n) };
-    Poll::Ready(Ok(n))
+/// One stream used by both directions of a relay running in one task: each
+/// poll takes it for its own length only, so the lock is never contended.
+/// It lets a relay wait for the stream to be readable (see [`ReadReady`])
+/// while the other direction writes to it.
+pub struct Shared<S>(std::sync::Mutex<S>);
+
+impl<S> Shared<S> {
+    pub fn new(stream: S) -> Self {
+        Shared(std::sync::Mutex::new(stream))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, S> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<S: ReadReady> Shared<S> {
+    /// Resolves once the stream has something to read.
+    pub async fn readable(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.lock().poll_read_ready(cx)).await
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for &Shared<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for &Shared<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.lock()).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_shutdown(cx)
+    }
 }
 
 /// Reads from `reader` into a fresh buffer sized by `sizer`; `None` at the end.

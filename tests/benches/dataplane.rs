@@ -196,55 +196,33 @@ fn main() {
             "waypoint_after_load": waypoint_idle_rss,
         },
     });
-    println!(
-        "\n{:<18} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10}",
-        "path",
-        "Gbit/s",
-        "p50 µs",
-        "p90 µs",
-        "p99 µs",
-        "new p50",
-        "new p99",
-        "max rps",
-        "max p50",
-        "max p99",
-        "CPU ms/1k"
+    print_table(
+        &summary,
+        &[
+            ("Gbit/s", "throughput_gbps"),
+            ("p50 µs", "fixed_p50_us"),
+            ("p90 µs", "fixed_p90_us"),
+            ("p99 µs", "fixed_p99_us"),
+            ("new p50", "new_connection_p50_us"),
+            ("new p99", "new_connection_p99_us"),
+            ("max rps", "max_rps"),
+            ("max p50", "max_p50_ms"),
+            ("max p99", "max_p99_ms"),
+            ("CPU ms/1k", "proxy_cpu_ms_per_1000_requests"),
+        ],
     );
-    for s in &summary {
-        let f = |k: &str| s[k].as_f64().map_or("-".into(), |v| format!("{v:.3}"));
-        println!(
-            "{:<18} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10}",
-            s["path"].as_str().unwrap(),
-            f("throughput_gbps"),
-            f("fixed_p50_us"),
-            f("fixed_p90_us"),
-            f("fixed_p99_us"),
-            f("new_connection_p50_us"),
-            f("new_connection_p99_us"),
-            f("max_rps"),
-            f("max_p50_ms"),
-            f("max_p99_ms"),
-            f("proxy_cpu_ms_per_1000_requests")
-        );
-    }
-    println!(
-        "\n{:<18} {:>8} {:>8} {:>8} {:>10} {:>10} {:>9} {:>9}",
-        "path", "1 stream", "4", "16", "redis SET", "redis GET", "GET p50", "GET p99"
+    print_table(
+        &summary,
+        &[
+            ("1 stream", "throughput_gbps"),
+            ("4", "throughput_4_streams_gbps"),
+            ("16", "throughput_16_streams_gbps"),
+            ("redis SET", "redis_set_rps"),
+            ("redis GET", "redis_get_rps"),
+            ("GET p50", "redis_get_p50_ms"),
+            ("GET p99", "redis_get_p99_ms"),
+        ],
     );
-    for s in &summary {
-        let f = |k: &str| s[k].as_f64().map_or("-".into(), |v| format!("{v:.3}"));
-        println!(
-            "{:<18} {:>8} {:>8} {:>8} {:>10} {:>10} {:>9} {:>9}",
-            s["path"].as_str().unwrap(),
-            f("throughput_gbps"),
-            f("throughput_4_streams_gbps"),
-            f("throughput_16_streams_gbps"),
-            f("redis_set_rps"),
-            f("redis_get_rps"),
-            f("redis_get_p50_ms"),
-            f("redis_get_p99_ms")
-        );
-    }
     let mut ratios = serde_json::Map::new();
     let l4 = summary.iter().find(|s| s["path"] == "mesh_l4_service").cloned().unwrap_or_default();
     for s in &summary[1..] {
@@ -303,4 +281,17 @@ fn main() {
     let file = dir.join(if quick { "dataplane-quick.json" } else { "dataplane.json" });
     std::fs::write(&file, serde_json::to_string_pretty(&report).unwrap()).unwrap();
     println!("report: {}", file.display());
+}
+
+/// One row per path, a column per (header, key of the summary).
+fn print_table(summary: &[Value], columns: &[(&str, &str)]) {
+    let headers: String = columns.iter().map(|(h, _)| format!(" {h:>10}")).collect();
+    println!("\n{:<18}{headers}", "path");
+    for s in summary {
+        let cells: String = columns
+            .iter()
+            .map(|(_, k)| format!(" {:>10}", s[*k].as_f64().map_or("-".into(), |v| format!("{v:.3}"))))
+            .collect();
+        println!("{:<18}{cells}", s["path"].as_str().unwrap_or("?"));
+    }
 }

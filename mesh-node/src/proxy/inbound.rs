@@ -64,7 +64,7 @@ pub(super) async fn connect_to_app(
     }
     // The app listens in the pod: connecting to the pod's own address from
     // inside it stays in the pod (the steering leaves self-connections alone).
-    match connect_from(pod, plan.target, ctx.mark).await {
+    match connect_from(&pod.netns, plan.target, ctx.mark).await {
         Ok(up) => Ok((conn, up)),
         Err(e) => Err((conn, e)),
     }

@@ -4,8 +4,9 @@
 //! inbound plan, with the source's identity: PeerAuthentication and
 //! AuthorizationPolicy; the destination pod's connection limit), connects to
 //! the app from inside the destination pod, and relays between the two
-//! sockets with `splice(2)` (no copy through the proxy: `splice.rs`). Both records are kept as on the HBONE path (the source's
-//! outbound one, the destination's inbound one, each with both identities,
+//! sockets with `splice(2)` (no copy through the proxy: `splice.rs`). Both
+//! records are kept as on the HBONE path (the source's outbound one, the
+//! destination's inbound one, each with both identities,
 //! `connection_security_policy` mutual_tls), with route `local`.
 //!
 //! Why this is as safe as HBONE. HBONE proves two things: who the client is

@@ -270,13 +270,8 @@ impl PodListeners {
     }
 }
 
-/// Connects to `dst` from a marked socket in the pod's namespace.
-async fn connect_from(pod: &PodContext, dst: SocketAddr, mark: u32) -> Result<tokio::net::TcpStream, ProxyError> {
-    connect_in(&pod.netns, dst, mark).await
-}
-
-/// Connects to `dst` from a marked socket in `netns`.
-async fn connect_in(netns: &Netns, dst: SocketAddr, mark: u32) -> Result<tokio::net::TcpStream, ProxyError> {
+/// Connects to `dst` from a marked socket in `netns` (a pod's).
+async fn connect_from(netns: &Netns, dst: SocketAddr, mark: u32) -> Result<tokio::net::TcpStream, ProxyError> {
     let connect = async {
         let socket = netns.tcp_socket(dst, mark).map_err(std::io::Error::other)?;
         socket.connect(dst).await

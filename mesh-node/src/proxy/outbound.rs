@@ -16,7 +16,7 @@ use mesh_proxy::{
 };
 use tokio::net::TcpStream;
 
-use super::{PodContext, ProxyContext, connect_from, connect_in, local, relay_plain, reset};
+use super::{PodContext, ProxyContext, connect_from, local, relay_plain, reset};
 
 pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, pod: &PodContext, ctx: &ProxyContext) {
     // Deciding and opening run on the heap and are freed before the relay:
@@ -96,7 +96,7 @@ async fn open(
     ctx: &ProxyContext,
 ) -> Result<Opened, ProxyError> {
     let Some(mtls) = &hop.mtls else {
-        return connect_from(pod, hop.dial, ctx.mark).await.map(Opened::Plain);
+        return connect_from(&pod.netns, hop.dial, ctx.mark).await.map(Opened::Plain);
     };
     let me = ctx.proxy.identities.get(&mtls.source).ok_or_else(|| ProxyError::NoCertificate(mtls.source.clone()))?;
     if let Some(dst) = local_dst {
@@ -107,7 +107,7 @@ async fn open(
         let (me, peer, netns, addr, mark) = (me.clone(), mtls.peer.clone(), pod.netns.clone(), hop.dial, ctx.mark);
         async move {
             let config = me.client_config(peer).map_err(io::Error::other)?;
-            let tcp = connect_in(&netns, addr, mark).await.map_err(io::Error::other)?;
+            let tcp = connect_from(&netns, addr, mark).await.map_err(io::Error::other)?;
             PeerConnection::handshake(tcp, config).await
         }
     };

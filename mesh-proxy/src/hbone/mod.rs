@@ -8,7 +8,7 @@ pub mod tls;
 
 pub use stream::TunnelIo;
 
-use std::{future::Future, io, net::SocketAddr, pin::Pin, sync::Arc};
+use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
@@ -16,7 +16,7 @@ use http::{Method, Request, Response, StatusCode};
 use mesh_common::identity::SpiffeId;
 use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -328,13 +328,7 @@ pub async fn relay<S>(socket: S, tunnel: Tunnel) -> io::Result<(u64, u64)>
 where
     S: AsyncRead + AsyncWrite + crate::relay::ReadReady + Unpin,
 {
-    // Both directions run in this one task; each takes the socket only for
-    // the length of a poll (never contended, so the lock is uncontended).
-    let socket = std::sync::Mutex::new(socket);
-    let with = |f: &mut dyn FnMut(&mut S) -> std::task::Poll<io::Result<usize>>| {
-        let mut s = socket.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut s)
-    };
+    let socket = crate::relay::Shared::new(socket);
     let Tunnel { mut send, mut recv } = tunnel;
     let up = async {
         let mut total = 0u64;
@@ -343,15 +337,13 @@ where
         let mut sizer = crate::relay::ReadSizer::default();
         loop {
             // The buffer is taken once there is data: an idle tunnel holds none.
-            std::future::poll_fn(|cx| socket.lock().unwrap_or_else(|e| e.into_inner()).poll_read_ready(cx)).await?;
-            let mut buf = bytes::BytesMut::with_capacity(sizer.next());
-            let n = std::future::poll_fn(|cx| with(&mut |s| crate::relay::poll_read_into(s, cx, &mut buf))).await?;
-            if n == 0 {
+            socket.readable().await?;
+            let Some(chunk) = crate::relay::read_chunk(&mut &socket, &mut sizer).await? else {
                 send.send_data(Bytes::new(), true).map_err(other)?;
                 return Ok::<u64, io::Error>(total);
-            }
-            sizer.read(n);
-            let mut chunk = buf.freeze();
+            };
+            let n = chunk.len();
+            let mut chunk = chunk.freeze();
             while !chunk.is_empty() {
                 send.reserve_capacity(chunk.len());
                 let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
@@ -367,18 +359,11 @@ where
         let mut total = 0u64;
         while let Some(data) = recv.data().await {
             let data = data.map_err(other)?;
-            let mut written = 0;
-            while written < data.len() {
-                let n = std::future::poll_fn(|cx| with(&mut |s| Pin::new(s).poll_write(cx, &data[written..]))).await?;
-                if n == 0 {
-                    return Err(io::ErrorKind::WriteZero.into());
-                }
-                written += n;
-            }
+            (&socket).write_all(&data).await?;
             let _ = recv.flow_control().release_capacity(data.len());
             total += data.len() as u64;
         }
-        std::future::poll_fn(|cx| with(&mut |s| Pin::new(s).poll_shutdown(cx).map_ok(|()| 0))).await?;
+        (&socket).shutdown().await?;
         Ok::<u64, io::Error>(total)
     };
     tokio::try_join!(up, down)
