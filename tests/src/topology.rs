@@ -28,7 +28,7 @@ static SWEEP: Once = Once::new();
 /// made.
 pub struct Topology {
     pub id: String,
-    /// Where process logs go (kept after the test for post-mortems).
+    /// Where process logs go (kept after a failed test for post-mortems).
     pub dir: PathBuf,
     net: PathBuf,
     created: Mutex<Created>,
@@ -253,6 +253,9 @@ impl Drop for Topology {
             return;
         }
         let c = std::mem::take(&mut *self.created.lock().unwrap_or_else(|e| e.into_inner()));
+        // A failed test's logs stay for the post-mortem; a passing test's go
+        // (hundreds of runs had filled /tmp with gigabytes), unless asked.
+        let keep_logs = thread::panicking() || std::env::var_os("MESH_KEEP_LOGS").is_some();
         if thread::panicking() {
             eprintln!("test topology {} failed; logs are in {}", self.id, self.dir.display());
         }
@@ -268,6 +271,9 @@ impl Drop for Topology {
         let _ = fs::remove_dir_all(Path::new(STATE_ROOT).join(&self.id));
         for cg in &c.cgroups {
             let _ = fs::remove_dir(cg);
+        }
+        if !keep_logs {
+            let _ = fs::remove_dir_all(&self.dir);
         }
     }
 }
