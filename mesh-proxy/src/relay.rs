@@ -59,6 +59,9 @@ impl ReadSizer {
 /// is offered, so that an idle connection holds no read buffer (4 KiB a
 /// direction, the largest part of what an idle connection cost).
 pub trait ReadReady {
+    /// Whether [`Self::poll_read_ready`] can pend: false for a stream that
+    /// cannot tell, which then reads into a buffer at once.
+    const TELLS: bool = true;
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
@@ -70,6 +73,7 @@ impl ReadReady for tokio::net::TcpStream {
 
 /// In-memory pipes cannot tell: they read at once.
 impl ReadReady for tokio::io::DuplexStream {
+    const TELLS: bool = false;
     fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
@@ -95,6 +99,36 @@ impl<S: ReadReady> Shared<S> {
     /// Resolves once the stream has something to read.
     pub async fn readable(&self) -> io::Result<()> {
         std::future::poll_fn(|cx| self.lock().poll_read_ready(cx)).await
+    }
+}
+
+impl<S: ReadReady + AsyncRead + Unpin> Shared<S> {
+    /// [`read_chunk`] that holds no buffer while the stream has nothing to
+    /// read. Readiness can be stale (tokio reports a socket readable until a
+    /// read has seen it empty, and a fresh socket can start so): a buffer
+    /// taken then would be held by the pending read for as long as the
+    /// connection idles, which was 4 KiB on most of a thousand idle
+    /// connections. So the read is tried once, and if it would wait, the
+    /// buffer goes and the wait is for readiness again.
+    pub async fn read_chunk(&self, sizer: &mut ReadSizer) -> io::Result<Option<BytesMut>> {
+        loop {
+            self.readable().await?;
+            let mut buf = BytesMut::with_capacity(sizer.next());
+            let mut reader = self;
+            let n = {
+                let mut read = std::pin::pin!(reader.read_buf(&mut buf));
+                match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+                    Poll::Ready(n) => n?,
+                    Poll::Pending if S::TELLS => continue,
+                    Poll::Pending => read.await?,
+                }
+            };
+            if n == 0 {
+                return Ok(None);
+            }
+            sizer.read(n);
+            return Ok(Some(buf));
+        }
     }
 }
 

@@ -337,8 +337,7 @@ where
         let mut sizer = crate::relay::ReadSizer::default();
         loop {
             // The buffer is taken once there is data: an idle tunnel holds none.
-            socket.readable().await?;
-            let Some(chunk) = crate::relay::read_chunk(&mut &socket, &mut sizer).await? else {
+            let Some(chunk) = socket.read_chunk(&mut sizer).await? else {
                 send.send_data(Bytes::new(), true).map_err(other)?;
                 return Ok::<u64, io::Error>(total);
             };
