@@ -7,8 +7,9 @@
 //! no tunnel for `IDLE` are dropped, which closes them; a connection whose
 //! driver has ended (the peer restarted, went away or failed) leaves the pool
 //! at its next look-up, so no tunnel is tried on it. Tunnels that find no
-//! room at once share one dial: 150 opened together make two connections,
-//! not 150. A connection presents the certificate its source held when it
+//! room at once share a dial, as many as the connection will have room for;
+//! more start another dial beside it: 1000 opened together make ten
+//! connections (and perhaps a spare), not 1000 handshakes. A connection presents the certificate its source held when it
 //! was dialed: once that certificate is renewed, new tunnels go on
 //! connections dialed with the new one, while those in flight on the old
 //! connection run on until they end and it is dropped. A connection to a
@@ -64,9 +65,10 @@ pub struct Pool {
     /// Connections per key that tunnels are spread over before they share.
     spread: usize,
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
-    /// Dials in progress, by key: tunnels that find no room wait for the one
-    /// dial instead of making their own (`true` once it has ended).
-    dialing: Mutex<HashMap<PoolKey, watch::Receiver<bool>>>,
+    /// Dials in progress, by key: tunnels that find no room wait for one
+    /// with room instead of making their own.
+    dialing: Mutex<HashMap<PoolKey, Vec<Dialing>>>,
+    next_dial: AtomicUsize,
     dials: AtomicUsize,
     /// Tunnels tried on a pooled connection that turned out broken.
     broken: AtomicUsize,
@@ -77,6 +79,15 @@ impl Default for Pool {
     fn default() -> Self {
         Pool::spreading_over(std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
     }
+}
+
+/// A dial in progress and the tunnels it will carry.
+struct Dialing {
+    id: usize,
+    /// `true` once the dial has ended.
+    done: watch::Receiver<bool>,
+    /// Its dialer (if a tunnel dials it) and the tunnels waiting for it.
+    tunnels: usize,
 }
 
 /// Whether this tunnel dials, or waits for another's dial.
@@ -90,12 +101,19 @@ enum Dial {
 struct DialInProgress {
     pool: Arc<Pool>,
     key: PoolKey,
+    id: usize,
     done: watch::Sender<bool>,
 }
 
 impl Drop for DialInProgress {
     fn drop(&mut self) {
-        lock(&self.pool.dialing).remove(&self.key);
+        let mut dialing = lock(&self.pool.dialing);
+        if let Some(list) = dialing.get_mut(&self.key) {
+            list.retain(|d| d.id != self.id);
+            if list.is_empty() {
+                dialing.remove(&self.key);
+            }
+        }
         self.done.send_replace(true);
     }
 }
@@ -107,6 +125,7 @@ impl Pool {
             spread: spread.max(1),
             conns: Mutex::default(),
             dialing: Mutex::default(),
+            next_dial: AtomicUsize::new(0),
             dials: AtomicUsize::new(0),
             broken: AtomicUsize::new(0),
         }
@@ -162,15 +181,24 @@ impl Pool {
         self.open_on(key, conn, slot, authority).await
     }
 
-    /// Joins the dial in progress for `key`, or starts one.
+    /// Joins a dial in progress for `key` that will have room for this
+    /// tunnel, or starts one.
     fn dial_or_wait(self: &Arc<Self>, key: &PoolKey) -> Dial {
         let mut dialing = lock(&self.dialing);
-        if let Some(rx) = dialing.get(key) {
-            return Dial::Theirs(rx.clone());
+        let list = dialing.entry(key.clone()).or_default();
+        if let Some(d) = list.iter_mut().find(|d| d.tunnels < hbone::MAX_STREAMS as usize) {
+            d.tunnels += 1;
+            return Dial::Theirs(d.done.clone());
         }
+        Dial::Mine(self.start_dial(key, list, 1))
+    }
+
+    /// Records a dial for `key` in `list` (the pool's `dialing`), carrying `tunnels`.
+    fn start_dial(self: &Arc<Self>, key: &PoolKey, list: &mut Vec<Dialing>, tunnels: usize) -> DialInProgress {
+        let id = self.next_dial.fetch_add(1, Ordering::Relaxed);
         let (done, rx) = watch::channel(false);
-        dialing.insert(key.clone(), rx);
-        Dial::Mine(DialInProgress { pool: self.clone(), key: key.clone(), done })
+        list.push(Dialing { id, done: rx, tunnels });
+        DialInProgress { pool: self.clone(), key: key.clone(), id, done }
     }
 
     /// Dials another connection for `key` in the background, unless one is
@@ -180,7 +208,14 @@ impl Pool {
         F: Fn() -> Fut,
         Fut: Future<Output = io::Result<PeerConnection>> + Send + 'static,
     {
-        let Dial::Mine(in_progress) = self.dial_or_wait(key) else { return };
+        let in_progress = {
+            let mut dialing = lock(&self.dialing);
+            let list = dialing.entry(key.clone()).or_default();
+            if !list.is_empty() {
+                return;
+            }
+            self.start_dial(key, list, 0)
+        };
         let dialing = dial();
         let (pool, key) = (self.clone(), key.clone());
         tokio::spawn(async move {
