@@ -219,7 +219,7 @@ pub struct Bytes {
 }
 
 struct Live {
-    info: ConnInfo,
+    info: Arc<ConnInfo>,
     bytes: Arc<Bytes>,
 }
 
@@ -260,7 +260,7 @@ impl Connections {
             .iter()
             .map(|(id, l)| ConnView {
                 id: *id,
-                info: l.info.clone(),
+                info: (*l.info).clone(),
                 bytes_received: l.bytes.received.load(Ordering::Relaxed),
                 bytes_sent: l.bytes.sent.load(Ordering::Relaxed),
                 duration_ms: now.saturating_sub(l.info.started_unix_ms),
@@ -273,15 +273,15 @@ impl Connections {
     /// counted opened, with its labels, once they are final (when relaying
     /// starts, or when it ends first), and closed exactly once.
     pub fn track(self: &Arc<Self>, info: ConnInfo) -> Tracked {
-        Tracked {
+        Tracked(Box::new(Record {
             id: None,
             table: self.clone(),
-            info,
-            labels: None,
+            info: Arc::new(info),
+            opened: false,
             bytes: Arc::default(),
             started: Instant::now(),
             recorded: false,
-        }
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Live>> {
@@ -297,50 +297,57 @@ fn unix_ms() -> u64 {
 /// the live table and its bytes count as they move. Its close is recorded
 /// once: by [`Tracked::finish`] or [`Tracked::refuse`], or, on any other way
 /// out (an early return, a panic, a cancelled task), by its drop.
-pub struct Tracked {
+///
+/// Boxed: a record is almost a kilobyte, and a connection's task would
+/// otherwise hold it two or three times over (rustc keeps an async fn's
+/// arguments beside the locals they move into, and a matched value beside
+/// the future it was moved into), for the connection's whole life.
+pub struct Tracked(Box<Record>);
+
+struct Record {
     /// Set while it is in the live table.
     id: Option<u64>,
     table: Arc<Connections>,
-    info: ConnInfo,
-    /// Set once it is counted opened (its labels are fixed from then on).
-    labels: Option<TcpLabels>,
-    pub bytes: Arc<Bytes>,
+    /// Shared with the live table once relaying starts (a connection's
+    /// strings once, not twice). Its labels are not kept: made again at the
+    /// close, they are the same, as their facts are fixed by then.
+    info: Arc<ConnInfo>,
+    /// Set once it is counted opened (its facts are fixed from then on).
+    opened: bool,
+    bytes: Arc<Bytes>,
     started: Instant,
     recorded: bool,
 }
 
 impl Tracked {
     pub fn info(&self) -> &ConnInfo {
-        &self.info
+        &self.0.info
     }
 
     /// The connection's facts, while they are still being decided (before
-    /// relaying starts: the labels are fixed from then on).
+    /// relaying starts: the labels' facts are fixed from then on; what is
+    /// set later, a denial's policy, is for the access log).
     pub fn info_mut(&mut self) -> &mut ConnInfo {
-        &mut self.info
+        Arc::make_mut(&mut self.0.info)
     }
 
     /// Counts it opened (once), with the labels its facts give now.
-    fn opened(&mut self) -> TcpLabels {
-        if let Some(labels) = &self.labels {
-            return labels.clone();
+    fn opened(&mut self) {
+        if !std::mem::replace(&mut self.0.opened, true) {
+            self.0.table.metrics.opened.get_or_create(&self.0.info.labels()).inc();
         }
-        let labels = self.info.labels();
-        self.table.metrics.opened.get_or_create(&labels).inc();
-        self.labels = Some(labels.clone());
-        labels
     }
 
     /// Relaying starts: counted opened, and shown in the live table.
     pub fn relaying(&mut self) -> Arc<Bytes> {
         self.opened();
-        if self.id.is_none() {
-            let id = self.table.next.fetch_add(1, Ordering::Relaxed);
-            let live = Live { info: self.info.clone(), bytes: self.bytes.clone() };
-            self.table.lock().insert(id, live);
-            self.id = Some(id);
+        if self.0.id.is_none() {
+            let id = self.0.table.next.fetch_add(1, Ordering::Relaxed);
+            let live = Live { info: self.0.info.clone(), bytes: self.0.bytes.clone() };
+            self.0.table.lock().insert(id, live);
+            self.0.id = Some(id);
         }
-        self.bytes.clone()
+        self.0.bytes.clone()
     }
 
     /// The connection ended: counts it closed with its bytes and writes its access-log line.
@@ -360,21 +367,22 @@ impl Tracked {
     }
 
     fn record(&mut self, error: Option<(Flag, String)>) {
-        if std::mem::replace(&mut self.recorded, true) {
+        if std::mem::replace(&mut self.0.recorded, true) {
             return;
         }
-        if let Some(id) = self.id.take() {
-            self.table.lock().remove(&id);
+        if let Some(id) = self.0.id.take() {
+            self.0.table.lock().remove(&id);
         }
-        let received = self.bytes.received.load(Ordering::Relaxed);
-        let sent = self.bytes.sent.load(Ordering::Relaxed);
+        let received = self.0.bytes.received.load(Ordering::Relaxed);
+        let sent = self.0.bytes.sent.load(Ordering::Relaxed);
         let flags = error.as_ref().map_or("-", |(f, _)| f.as_str());
-        let labels = TcpLabels { response_flags: flags, ..self.opened() };
-        let m = &self.table.metrics;
+        self.opened();
+        let labels = TcpLabels { response_flags: flags, ..self.0.info.labels() };
+        let m = &self.0.table.metrics;
         m.closed.get_or_create(&labels).inc();
         m.received.get_or_create(&labels).inc_by(received);
         m.sent.get_or_create(&labels).inc_by(sent);
-        access_log(&self.info, received, sent, self.started.elapsed().as_secs_f64() * 1e3, flags, error);
+        access_log(&self.0.info, received, sent, self.0.started.elapsed().as_secs_f64() * 1e3, flags, error);
     }
 }
 

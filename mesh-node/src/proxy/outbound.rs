@@ -23,12 +23,15 @@ pub async fn handle(client: TcpStream, listener: SocketAddr, peer: SocketAddr, p
     // a task is as large as its largest future, kept for the connection's
     // life, and dialing (TLS, HTTP/2) and planning take kilobytes that an
     // idle connection need not hold.
-    match Box::pin(open_upstream(client, listener, peer, pod, ctx)).await {
-        Ok((client, upstream, conn)) => relay(client, upstream, conn, ctx).await,
+    // The relay is made inside the statement and awaited after it: awaited
+    // inside the match, the opened value would be kept beside it.
+    let relaying = match Box::pin(open_upstream(client, listener, peer, pod, ctx)).await {
+        Ok((client, upstream, conn)) => relay(client, upstream, conn, ctx),
         // Reset whatever the app has sent by then. Only refused connections
         // pay for it: relayed ones close as their peers do.
-        Err(refused) => reset(refused),
-    }
+        Err(refused) => return reset(refused),
+    };
+    relaying.await
 }
 
 /// Opens the upstream the plan chooses, or refuses the connection and
@@ -100,16 +103,21 @@ async fn open(
     };
     let me = ctx.proxy.identities.get(&mtls.source).ok_or_else(|| ProxyError::NoCertificate(mtls.source.clone()))?;
     if let Some(dst) = local_dst {
-        return local::open(pod, &mtls.source, &dst, hop.target, ctx).await.map(|d| Opened::Local(Box::new(d)));
+        // Boxed: only the same-node path needs room for its opening.
+        let opening = Box::pin(local::open(pod, &mtls.source, &dst, hop.target, ctx));
+        return opening.await.map(|d| Opened::Local(Box::new(d)));
     }
     // Owns what it needs: the pool may dial a spare connection in the background.
+    // Boxed: of a burst of new tunnels, one per hundred dials and the rest
+    // wait for it, and a waiting tunnel's future (each one's part of the
+    // heap's high-water mark) need not have room for a TLS handshake.
     let dial = || {
         let (me, peer, netns, addr, mark) = (me.clone(), mtls.peer.clone(), pod.netns.clone(), hop.dial, ctx.mark);
-        async move {
+        Box::pin(async move {
             let config = me.client_config(peer).map_err(io::Error::other)?;
             let tcp = connect_from(&netns, addr, mark).await.map_err(io::Error::other)?;
             PeerConnection::handshake(tcp, config).await
-        }
+        })
     };
     match ctx.proxy.pool.tunnel(&mtls.pool, me.cert.not_after_unix, hop.target, dial).await {
         Ok((tunnel, slot)) => Ok(Opened::Hbone(tunnel, slot)),
