@@ -14,6 +14,7 @@
 pub mod control;
 pub mod error;
 pub mod hbone;
+pub mod heap;
 pub mod identity;
 pub mod plan;
 pub mod pool;
@@ -86,8 +87,10 @@ impl Proxy {
         }
     }
 
-    /// Drops idle pooled connections every few seconds, for as long as the proxy lives.
+    /// Drops idle pooled connections every few seconds, for as long as the
+    /// proxy lives, and gives the heap a burst freed back ([`heap`]).
     pub fn spawn_reaper(self: &Arc<Self>) {
+        heap::spawn_trimmer();
         let proxy = Arc::downgrade(self);
         tokio::spawn(async move {
             while let Some(proxy) = proxy.upgrade() {
