@@ -34,9 +34,10 @@ const HELD: usize = 10_000;
 const HOLD_PORT: u16 = 9000;
 /// RSS is also read with this many held (the goal is stated there).
 const FIRST_HELD: usize = 1000;
-/// The agents give the heap a burst freed back within a second
-/// (`mesh_proxy::heap`): RSS is read after that, as a user would see it.
-const HEAP_TRIMMED: Duration = Duration::from_secs(2);
+/// The agents give back the heap a burst freed a second after their size
+/// holds still (`mesh_proxy::heap`): RSS is read after that, as a user
+/// would see it.
+const HEAP_TRIMMED: Duration = Duration::from_secs(3);
 /// Parallel iperf3 streams, beside the single stream.
 const PARALLEL: [u32; 2] = [4, 16];
 
@@ -115,7 +116,7 @@ fn main() {
     ];
     let quick = std::env::var(QUICK).is_ok_and(|v| v == "1");
     let (rounds, paths) = if quick { (1, &paths[..3]) } else { (ROUNDS, &paths[..]) };
-    thread::sleep(Duration::from_millis(500));
+    thread::sleep(HEAP_TRIMMED);
     let idle_rss = (rss_kib(n1), rss_kib(n2));
     // Fresh agents holding a thousand idle connections (the goal is
     // stated there), before any load has grown their heaps.
