@@ -71,6 +71,13 @@ impl ReadReady for tokio::net::TcpStream {
     }
 }
 
+impl<S: ReadReady + ?Sized> ReadReady for &mut S {
+    const TELLS: bool = S::TELLS;
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_read_ready(cx)
+    }
+}
+
 /// In-memory pipes cannot tell: they read at once.
 impl ReadReady for tokio::io::DuplexStream {
     const TELLS: bool = false;
@@ -180,6 +187,33 @@ where
     Ok(total)
 }
 
+/// [`both_ways`] for streams that can wait for data without a buffer
+/// ([`ReadReady`]): both directions run in one task on the shared streams,
+/// and an idle connection holds no read buffer (8 KiB with `both_ways`).
+pub async fn both_ways_when_ready<A, B>(a: A, b: B) -> io::Result<(u64, u64)>
+where
+    A: ReadReady + AsyncRead + AsyncWrite + Unpin,
+    B: ReadReady + AsyncRead + AsyncWrite + Unpin,
+{
+    let (a, b) = (Shared::new(a), Shared::new(b));
+    tokio::try_join!(one_way_when_ready(&a, &b), one_way_when_ready(&b, &a))
+}
+
+async fn one_way_when_ready<R, W>(reader: &Shared<R>, mut writer: &Shared<W>) -> io::Result<u64>
+where
+    R: ReadReady + AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut sizer = ReadSizer::default();
+    let mut total = 0u64;
+    while let Some(chunk) = reader.read_chunk(&mut sizer).await? {
+        writer.write_all(&chunk).await?;
+        total += chunk.len() as u64;
+    }
+    writer.shutdown().await?;
+    Ok(total)
+}
+
 /// Relays both ways between `a` and `b` until both directions have ended;
 /// returns the bytes (a → b, b → a).
 pub async fn both_ways<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
@@ -220,9 +254,35 @@ mod tests {
 
     #[tokio::test]
     async fn both_ways_half_closes_and_counts() {
-        let (mut client, mut proxy_a) = tokio::io::duplex(1 << 16);
-        let (mut proxy_b, mut server) = tokio::io::duplex(1 << 16);
+        let (client, mut proxy_a) = tokio::io::duplex(1 << 16);
+        let (mut proxy_b, server) = tokio::io::duplex(1 << 16);
         let relay = tokio::spawn(async move { both_ways(&mut proxy_a, &mut proxy_b).await });
+        half_closes_and_counts(client, server, relay).await;
+    }
+
+    /// The same over real sockets, which wait for data without a buffer.
+    #[tokio::test]
+    async fn both_ways_when_ready_half_closes_and_counts() {
+        use tokio::net::{TcpListener, TcpStream};
+        let pair = || async {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let dial = TcpStream::connect(l.local_addr().unwrap());
+            let (dialed, accepted) = tokio::join!(dial, l.accept());
+            (dialed.unwrap(), accepted.unwrap().0)
+        };
+        let ((client, mut proxy_a), (mut proxy_b, server)) = (pair().await, pair().await);
+        let relay = tokio::spawn(async move { both_ways_when_ready(&mut proxy_a, &mut proxy_b).await });
+        half_closes_and_counts(client, server, relay).await;
+    }
+
+    /// 300 000 bytes up and a half-close, then 1000 back and a close.
+    async fn half_closes_and_counts<S>(
+        mut client: S,
+        mut server: S,
+        relay: tokio::task::JoinHandle<io::Result<(u64, u64)>>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let up = vec![7u8; 300_000];
         let sending = tokio::spawn(async move {
             client.write_all(&up).await.unwrap();

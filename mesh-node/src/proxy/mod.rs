@@ -286,13 +286,14 @@ pub(crate) fn reset(stream: tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// Relays plain TCP both ways until both sides close.
+/// Relays plain TCP both ways until both sides close (holding no read
+/// buffer while the connection idles).
 async fn relay_plain<A, B>(client: &mut A, upstream: &mut B) -> Result<(), ProxyError>
 where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    A: mesh_proxy::relay::ReadReady + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: mesh_proxy::relay::ReadReady + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    mesh_proxy::relay::both_ways(client, upstream).await.map(drop).map_err(ProxyError::Relay)
+    mesh_proxy::relay::both_ways_when_ready(client, upstream).await.map(drop).map_err(ProxyError::Relay)
 }
 
 async fn accept_loop(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>, kind: Listener) {
