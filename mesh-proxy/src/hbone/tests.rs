@@ -374,13 +374,7 @@ async fn the_pool_shares_dials_and_forgets_dead_connections() {
 /// buffers each on both nodes.)
 #[tokio::test]
 async fn a_burst_of_tunnels_makes_only_the_connections_it_needs() {
-    use crate::pool::Pool;
-    let ca = Ca::new();
-    let (addr, _) = start(&ca, &ca.issue(B)).await;
-    let key = pool_key(addr);
-    let pool = Arc::new(Pool::spreading_over(2));
-    let target: SocketAddr = "10.0.0.2:8080".parse().unwrap();
-    let dial = dialer(addr, &ca.issue(A), ca.roots(), B);
+    let (pool, key, target, dial) = pool_to_a_peer().await;
     let opening: Vec<_> = (0..1000).map(|_| pool.tunnel(&key, 0, target, &dial)).collect();
     let tunnels = futures_util::future::join_all(opening).await;
     assert!(tunnels.iter().all(Result::is_ok), "every tunnel opened");
@@ -420,6 +414,21 @@ async fn stalled_handshakes_are_cut_off() {
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
         assert_eq!(started.elapsed().as_secs(), HANDSHAKE_TIMEOUT.as_secs(), "slowloris: {slowloris}");
     }
+}
+
+/// A pool spreading over two connections, with the key, a tunnel target
+/// and the dialer of tunnels from A to a running B.
+async fn pool_to_a_peer() -> (
+    Arc<crate::pool::Pool>,
+    crate::pool::PoolKey,
+    SocketAddr,
+    impl Fn() -> futures_util::future::BoxFuture<'static, io::Result<PeerConnection>>,
+) {
+    let ca = Ca::new();
+    let (addr, _) = start(&ca, &ca.issue(B)).await;
+    let pool = Arc::new(crate::pool::Pool::spreading_over(2));
+    let dial = dialer(addr, &ca.issue(A), ca.roots(), B);
+    (pool, pool_key(addr), "10.0.0.2:8080".parse().unwrap(), dial)
 }
 
 /// The pool key of tunnels from A (on loopback) to B at `addr`.
@@ -476,13 +485,7 @@ async fn the_pool_moves_to_a_renewed_certificate() {
 /// dialed beside it, the third on the spare; past the spread they share.
 #[tokio::test]
 async fn the_pool_spreads_busy_tunnels_over_connections() {
-    use crate::pool::Pool;
-    let ca = Ca::new();
-    let (addr, _) = start(&ca, &ca.issue(B)).await;
-    let key = pool_key(addr);
-    let pool = Arc::new(Pool::spreading_over(2));
-    let target: SocketAddr = "10.0.0.2:8080".parse().unwrap();
-    let dial = dialer(addr, &ca.issue(A), ca.roots(), B);
+    let (pool, key, target, dial) = pool_to_a_peer().await;
     let first = pool.tunnel(&key, 0, target, &dial).await.unwrap();
     assert_eq!(pool.stats(), (1, 1));
     let second = pool.tunnel(&key, 0, target, &dial).await.unwrap();
