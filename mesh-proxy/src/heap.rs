@@ -48,22 +48,30 @@ impl Trimmer {
 }
 
 /// Checks every second, for the life of the runtime, and trims the heap
-/// when [`Trimmer`] says so. Only glibc has the call; elsewhere a no-op.
+/// when [`Trimmer`] says so: once per process, however many proxies it
+/// runs, as the heap is the process's. Only glibc has the call; elsewhere
+/// a no-op.
 pub fn spawn_trimmer() {
+    static SPAWNED: std::sync::Once = std::sync::Once::new();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    tokio::spawn(async {
-        let mut trimmer = Trimmer::default();
-        let mut tick = tokio::time::interval(CHECK_EVERY);
-        loop {
-            tick.tick().await;
-            let Some(now) = resident() else { return };
-            if trimmer.observe(now) {
-                // Off the workers: it takes each arena's lock while it walks it.
-                let _ = tokio::task::spawn_blocking(trim).await;
-                trimmer.trimmed(resident().unwrap_or(now));
-            }
-        }
+    SPAWNED.call_once(|| {
+        tokio::spawn(trim_when_grown());
     });
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+async fn trim_when_grown() {
+    let mut trimmer = Trimmer::default();
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    loop {
+        tick.tick().await;
+        let Some(now) = resident() else { return };
+        if trimmer.observe(now) {
+            // Off the workers: it takes each arena's lock while it walks it.
+            let _ = tokio::task::spawn_blocking(trim).await;
+            trimmer.trimmed(resident().unwrap_or(now));
+        }
+    }
 }
 
 /// The process's resident size in bytes.

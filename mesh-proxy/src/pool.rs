@@ -9,8 +9,9 @@
 //! at its next look-up, so no tunnel is tried on it. Tunnels that find no
 //! room at once share a dial, as many as the connection will have room for;
 //! more start another dial beside it: 1000 opened together make ten
-//! connections (and perhaps a spare), not 1000 handshakes. A connection presents the certificate its source held when it
-//! was dialed: once that certificate is renewed, new tunnels go on
+//! connections (and perhaps a spare), not 1000 handshakes. A connection
+//! presents the certificate its source held when it was dialed: once that
+//! certificate is renewed, new tunnels go on
 //! connections dialed with the new one, while those in flight on the old
 //! connection run on until they end and it is dropped. A connection to a
 //! peer whose certificate the controller revoked is closed, with its tunnels.

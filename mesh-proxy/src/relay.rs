@@ -170,16 +170,35 @@ pub async fn read_chunk<R: AsyncRead + Unpin>(reader: &mut R, sizer: &mut ReadSi
     Ok(Some(buf))
 }
 
-/// Copies `reader` to `writer` until the reader ends, then shuts the
-/// writer down (half-close, as TCP carries it); returns the bytes copied.
+/// Where one direction of a relay gets its chunks: any reader
+/// ([`read_chunk`]), or a shared stream that waits for data without a
+/// buffer ([`Shared::read_chunk`]).
+trait Chunks {
+    async fn next_chunk(&mut self, sizer: &mut ReadSizer) -> io::Result<Option<BytesMut>>;
+}
+
+impl<R: AsyncRead + Unpin> Chunks for tokio::io::ReadHalf<R> {
+    async fn next_chunk(&mut self, sizer: &mut ReadSizer) -> io::Result<Option<BytesMut>> {
+        read_chunk(self, sizer).await
+    }
+}
+
+impl<S: ReadReady + AsyncRead + Unpin> Chunks for &Shared<S> {
+    async fn next_chunk(&mut self, sizer: &mut ReadSizer) -> io::Result<Option<BytesMut>> {
+        self.read_chunk(sizer).await
+    }
+}
+
+/// Copies `reader`'s chunks to `writer` until the reader ends, then shuts
+/// the writer down (half-close, as TCP carries it); returns the bytes copied.
 async fn one_way<R, W>(mut reader: R, mut writer: W) -> io::Result<u64>
 where
-    R: AsyncRead + Unpin,
+    R: Chunks,
     W: AsyncWrite + Unpin,
 {
     let mut sizer = ReadSizer::default();
     let mut total = 0u64;
-    while let Some(chunk) = read_chunk(&mut reader, &mut sizer).await? {
+    while let Some(chunk) = reader.next_chunk(&mut sizer).await? {
         writer.write_all(&chunk).await?;
         total += chunk.len() as u64;
     }
@@ -196,22 +215,7 @@ where
     B: ReadReady + AsyncRead + AsyncWrite + Unpin,
 {
     let (a, b) = (Shared::new(a), Shared::new(b));
-    tokio::try_join!(one_way_when_ready(&a, &b), one_way_when_ready(&b, &a))
-}
-
-async fn one_way_when_ready<R, W>(reader: &Shared<R>, mut writer: &Shared<W>) -> io::Result<u64>
-where
-    R: ReadReady + AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut sizer = ReadSizer::default();
-    let mut total = 0u64;
-    while let Some(chunk) = reader.read_chunk(&mut sizer).await? {
-        writer.write_all(&chunk).await?;
-        total += chunk.len() as u64;
-    }
-    writer.shutdown().await?;
-    Ok(total)
+    tokio::try_join!(one_way(&a, &b), one_way(&b, &a))
 }
 
 /// Relays both ways between `a` and `b` until both directions have ended;
