@@ -1,11 +1,13 @@
 //! mesh's configuration: source (files) → parse and validate → store (last good).
 //! The controller and `mesh-ctl check` both read configuration through this crate.
+pub mod crds;
 mod enforced;
 mod locate;
 pub mod objects;
 mod parse;
 mod source;
 mod store;
+mod unmodelled;
 mod validate;
 
 use std::{fmt, path::PathBuf};

@@ -7,7 +7,7 @@ use super::{
     locate::line_of,
     objects::{Kind, Opaque},
     store::ObjectKey,
-    validate,
+    unmodelled, validate,
 };
 use crate::Document;
 
@@ -78,6 +78,7 @@ fn typed(kind: Kind, mut value: Value, text: &str) -> Result<Resource, (String, 
         map.remove("apiVersion");
         map.remove("kind");
     }
+    unmodelled::remove(kind, &mut value);
     Ok(match kind {
         Kind::Namespace => Resource::Namespace(de(value, text)?),
         Kind::ServiceAccount => Resource::ServiceAccount(de(value, text)?),

@@ -57,6 +57,8 @@ enum Cmd {
         /// Only these targets; all when none is named.
         targets: Vec<String>,
     },
+    /// Write deploy/crds/ from mesh's kind table (a test fails when they drift).
+    Crds,
     /// Run the benchmarks (release builds) and write JSON reports under /var/tmp/mesh-bench.
     Bench {
         /// Only these benchmarks (`scale`, `dataplane`, `l7`, `profile`); all
@@ -74,7 +76,18 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => prereqs::ensure(),
         Cmd::Bench { only } => bench(&only),
         Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
+        Cmd::Crds => write_crds(),
     }
+}
+
+fn write_crds() -> anyhow::Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+    std::fs::create_dir_all(&dir)?;
+    for (name, yaml) in mesh_config::crds::files() {
+        std::fs::write(dir.join(&name), yaml)?;
+        println!("wrote deploy/crds/{name}");
+    }
+    Ok(())
 }
 
 fn bench(only: &[String]) -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! The configuration kinds, as users write them: Kubernetes objects and Istio's
-//! security/networking resources. Unknown fields are rejected everywhere
-//! except in `metadata`'s bookkeeping fields, which Kubernetes tools add.
+//! security/networking resources. Unknown fields are rejected everywhere;
+//! the fields Kubernetes defines that mesh does not read are removed before
+//! (`unmodelled.rs`).
 pub mod mesh_config;
 pub mod routing;
 
@@ -21,17 +22,8 @@ pub struct ObjectMeta {
     pub labels: Labels,
     #[serde(default)]
     pub annotations: Labels,
-    // Bookkeeping that `kubectl get -o yaml` adds; accepted and ignored.
-    #[serde(default, skip_serializing)]
-    pub uid: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub resource_version: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub generation: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub creation_timestamp: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub managed_fields: Option<Value>,
+    // What else Kubernetes keeps in `metadata` (uid, resourceVersion, ...)
+    // is removed before this is read: `unmodelled.rs`.
 }
 
 impl ObjectMeta {
@@ -742,6 +734,40 @@ impl Kind {
         self.info().opaque
     }
 
+    /// Every kind mesh reads.
+    pub fn all() -> impl Iterator<Item = Kind> {
+        KINDS.iter().map(|i| i.kind)
+    }
+
+    /// `kind` as written in objects (`HTTPRoute`; `Gateway` for both gateways).
+    pub fn written(self) -> &'static str {
+        self.info().written
+    }
+
+    /// The `apiVersion`s read (`group/version`, or `v1` for the core group),
+    /// the preferred one first.
+    pub fn api_versions(self) -> &'static [&'static str] {
+        self.info().versions
+    }
+
+    /// The API group (empty for the core group).
+    pub fn group(self) -> &'static str {
+        self.api_versions()[0].rsplit_once('/').map_or("", |(group, _)| group)
+    }
+
+    /// The resource's plural name, as in its URL and its CRD's name.
+    pub fn plural(self) -> String {
+        let lower = self.written().to_ascii_lowercase();
+        let consonant_y = lower.ends_with('y') && !lower[..lower.len() - 1].ends_with(['a', 'e', 'i', 'o', 'u']);
+        if consonant_y {
+            format!("{}ies", &lower[..lower.len() - 1])
+        } else if lower.ends_with('s') {
+            format!("{lower}es")
+        } else {
+            format!("{lower}s")
+        }
+    }
+
     /// Whether objects of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
         !matches!(self, Kind::Namespace | Kind::GatewayClass)
@@ -764,5 +790,27 @@ mod tests {
         assert_eq!(Kind::IstioGateway.name(), "Gateway.networking.istio.io");
         assert!(Kind::from_type("v1", "Frobnicator").unwrap_err().contains("HTTPRoute (gateway.networking.k8s.io/v1)"));
         assert!(Kind::from_type("v2", "Pod").unwrap_err().contains("expected \"v1\""));
+        let plurals: Vec<String> = [
+            Kind::Telemetry,
+            Kind::ServiceEntry,
+            Kind::HttpLocalRateLimitPolicy,
+            Kind::GatewayClass,
+            Kind::Gateway,
+            Kind::Pod,
+        ]
+        .iter()
+        .map(|k| format!("{}.{}", k.plural(), k.group()))
+        .collect();
+        assert_eq!(
+            plurals,
+            [
+                "telemetries.telemetry.istio.io",
+                "serviceentries.networking.istio.io",
+                "httplocalratelimitpolicies.policy.linkerd.io",
+                "gatewayclasses.gateway.networking.k8s.io",
+                "gateways.gateway.networking.k8s.io",
+                "pods."
+            ]
+        );
     }
 }
