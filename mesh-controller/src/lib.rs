@@ -5,6 +5,7 @@
 pub mod ca;
 pub use mesh_config as config;
 pub mod distribute;
+pub mod kubernetes;
 pub mod model;
 pub mod node_api;
 pub mod serving;

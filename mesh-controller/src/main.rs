@@ -1,6 +1,6 @@
 //! `mesh-controller`: reads the mesh's configuration from a directory of
-//! Kubernetes-style YAML, validates it, keeps it current as files change, and
-//! serves what it holds. See ARCHITECTURE.md.
+//! Kubernetes-style YAML or from a Kubernetes API server, validates it, keeps
+//! it current as it changes, and serves what it holds. See ARCHITECTURE.md.
 mod server;
 mod watch;
 
@@ -16,7 +16,8 @@ use clap::Parser;
 use mesh_common::api::node_control_server::NodeControlServer;
 use mesh_controller::{
     ca::CertificateAuthority,
-    config::{ConfigStore, MeshSettings, ParseCache, Snapshot, read_dir},
+    config::{ConfigStore, Document, MeshSettings, ParseCache, Problem, Snapshot, read_dir},
+    kubernetes,
     model::MeshModel,
     node_api::{self, Hub, NodeService},
     serving::{self, ServingCert},
@@ -27,8 +28,16 @@ use tracing::{info, warn};
 #[command(name = "mesh-controller", version, about = "mesh control plane")]
 struct Args {
     /// Directory of YAML files (several objects per file, `---` separated); watched for changes.
+    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    config_dir: Option<PathBuf>,
+    /// Read the configuration from the Kubernetes API server instead: every
+    /// kind mesh reads, watched. In a pod it uses its service account;
+    /// elsewhere --kubeconfig, $KUBECONFIG or ~/.kube/config.
     #[arg(long)]
-    config_dir: PathBuf,
+    kubernetes: bool,
+    /// The kubeconfig file for --kubernetes.
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
     /// Where the CA root (key mode 0600) is created on first start and found after.
     #[arg(long, default_value = "/var/lib/mesh-controller")]
     state_dir: PathBuf,
@@ -90,8 +99,9 @@ struct Args {
 
 /// What the controller holds: the configuration in force and the model built from it.
 pub struct State {
-    /// The configuration source (`mesh-ctl enroll` edits files there).
-    pub config_dir: PathBuf,
+    /// The configuration directory (`mesh-ctl enroll` edits files there);
+    /// `None` when the configuration comes from Kubernetes.
+    pub config_dir: Option<PathBuf>,
     pub store: ConfigStore,
     pub model: Arc<MeshModel>,
     /// Times the directory was read (a Prometheus counter: the registry shares it).
@@ -108,11 +118,21 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings =
         MeshSettings { trust_domain: args.trust_domain.clone(), root_namespace: args.root_namespace.clone() };
-    anyhow::ensure!(args.config_dir.is_dir(), "--config-dir {}: not a directory", args.config_dir.display());
-    // Absolute, so problems and origins name files the same way wherever the
-    // reader (a person, `mesh-ctl`) stands.
-    let config_dir = std::fs::canonicalize(&args.config_dir)
-        .with_context(|| format!("--config-dir {}", args.config_dir.display()))?;
+    let config_dir = match &args.config_dir {
+        Some(dir) => {
+            anyhow::ensure!(dir.is_dir(), "--config-dir {}: not a directory", dir.display());
+            // Absolute, so problems and origins name files the same way wherever the
+            // reader (a person, `mesh-ctl`) stands.
+            Some(std::fs::canonicalize(dir).with_context(|| format!("--config-dir {}", dir.display()))?)
+        }
+        None => None,
+    };
+    // Before anything is served: a controller that cannot reach its API
+    // server says so at once instead of serving an empty mesh.
+    let kubernetes = match args.kubernetes {
+        true => Some(kubernetes::client(args.kubeconfig.as_deref()).await?),
+        false => None,
+    };
 
     let lifetime = args.cert_lifetime;
     let ca = match (&args.ca_cert, &args.ca_key) {
@@ -155,10 +175,18 @@ async fn main() -> anyhow::Result<()> {
         reloads: Default::default(),
         last_reload_seconds: 0.0,
     }));
-    let mut seen = watch::fingerprint(&config_dir);
     let cache = Arc::new(Mutex::new(ParseCache::default()));
-    let reloader = Reloader { dir: config_dir.clone(), settings, state: state.clone(), hub: hub.clone(), cache };
-    reloader.reload();
+    let root_namespace = settings.root_namespace.clone();
+    let reloader = Reloader { settings, state: state.clone(), hub: hub.clone(), cache };
+    let mut source = match (&config_dir, kubernetes) {
+        (Some(dir), _) => {
+            let (docs, problems) = read_dir(dir);
+            reloader.reload(docs, problems);
+            Source::Directory { dir: dir.clone(), seen: watch::fingerprint(dir) }
+        }
+        (None, Some(client)) => Source::kubernetes(client, root_namespace, &reloader).await?,
+        (None, None) => unreachable!("clap requires --config-dir or --kubernetes"),
+    };
 
     let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
@@ -180,17 +208,16 @@ async fn main() -> anyhow::Result<()> {
     let router = server::router(state.clone(), ca, hub.clone(), args.node_token_ttl);
     let service = router.into_make_service_with_connect_info::<server::Caller>();
     tokio::spawn(async move { axum::serve(listener, service).await });
-    info!(metrics_addr = %addr, grpc_addr = %grpc_addr, config_dir = %config_dir.display(), "mesh-controller ready");
+    info!(metrics_addr = %addr, grpc_addr = %grpc_addr, source = %source, "mesh-controller ready");
 
     let interval = Duration::from_millis(args.poll_ms.max(10));
     loop {
         tokio::select! {
-            now = watch::changed(&config_dir, &seen, interval) => {
-                seen = now;
+            (docs, problems) = source.changed(interval) => {
                 // Parsing and building the model is CPU work: off the async workers
                 // that serve the nodes' streams.
                 let r = reloader.clone();
-                let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+                let _ = tokio::task::spawn_blocking(move || r.reload(docs, problems)).await;
             }
             _ = tokio::signal::ctrl_c() => {
                 info!("interrupted; exiting");
@@ -200,10 +227,73 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Where the configuration comes from, and what it has seen of it.
+enum Source {
+    Directory { dir: PathBuf, seen: watch::Fingerprint },
+    Kubernetes { changes: tokio::sync::mpsc::Receiver<kubernetes::Change>, objects: kubernetes::Objects },
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Directory { dir, .. } => write!(f, "directory {}", dir.display()),
+            Source::Kubernetes { .. } => f.write_str("Kubernetes API server"),
+        }
+    }
+}
+
+impl Source {
+    /// Watches the API server, and applies what it holds once every kind
+    /// has been listed completely (a model of part of the cluster would
+    /// remove the rest from the nodes).
+    async fn kubernetes(client: kube::Client, root_namespace: String, reloader: &Reloader) -> anyhow::Result<Source> {
+        let (served, missing) = kubernetes::discover(&client).await.context("discovering the API server's kinds")?;
+        if !missing.is_empty() {
+            let names: Vec<String> = missing.iter().map(|k| format!("{}.{}", k.plural(), k.group())).collect();
+            warn!(
+                "the API server does not serve {}: objects of these kinds are not read until their CRDs \
+                 are installed (deploy/crds) and the controller restarted",
+                names.join(", ")
+            );
+        }
+        let kinds: Vec<mesh_controller::config::Kind> = served.iter().map(|s| s.kind).collect();
+        let mut changes = kubernetes::watch(client, served, root_namespace);
+        let mut objects = kubernetes::Objects::default();
+        while !objects.listed(&kinds) {
+            let change = changes.recv().await.context("the API server's watches ended")?;
+            objects.apply(change);
+        }
+        let docs = objects.documents();
+        let r = reloader.clone();
+        tokio::task::spawn_blocking(move || r.reload(docs, Vec::new())).await?;
+        Ok(Source::Kubernetes { changes, objects })
+    }
+
+    /// The documents, once they have changed.
+    async fn changed(&mut self, interval: Duration) -> (Vec<Document>, Vec<Problem>) {
+        match self {
+            Source::Directory { dir, seen } => {
+                *seen = watch::changed(dir, seen, interval).await;
+                read_dir(dir)
+            }
+            Source::Kubernetes { changes, objects } => loop {
+                let Some(change) = changes.recv().await else { return std::future::pending().await };
+                let mut changed = objects.apply(change);
+                // A burst (a relist, `kubectl apply` of many objects) is one reload.
+                while let Ok(change) = changes.try_recv() {
+                    changed |= objects.apply(change);
+                }
+                if changed {
+                    return (objects.documents(), Vec::new());
+                }
+            },
+        }
+    }
+}
+
 /// Everything a reload needs.
 #[derive(Clone)]
 struct Reloader {
-    dir: PathBuf,
     settings: MeshSettings,
     state: Arc<RwLock<State>>,
     hub: Arc<Hub>,
@@ -211,12 +301,11 @@ struct Reloader {
 }
 
 impl Reloader {
-    /// Reads, validates and applies the directory on a copy of the store,
+    /// Validates and applies the source's documents on a copy of the store,
     /// and swaps the result in: readers never wait on parsing, and never see a
     /// half-applied or empty configuration. Unchanged documents are not parsed again.
-    fn reload(&self) {
+    fn reload(&self, docs: Vec<Document>, read_problems: Vec<Problem>) {
         let started = Instant::now();
-        let (docs, read_problems) = read_dir(&self.dir);
         let snapshot = {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             Snapshot::from_documents_cached(&docs, read_problems, &mut cache)

@@ -151,6 +151,7 @@ async fn config(AxState(s): AxState<Shared>) -> impl IntoResponse {
         .collect();
     Json(json!({
         "config_dir": s.config_dir,
+        "source": if s.config_dir.is_some() { "directory" } else { "kubernetes" },
         "generation": s.store.generation(),
         "objects": objects,
         "problems": s.store.problems(),

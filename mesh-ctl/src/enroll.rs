@@ -25,10 +25,9 @@ pub fn enroll(client: &Client, namespace: &str, enroll: bool, timeout: Duration)
     let started = Instant::now();
     let config = client.controller("/debug/config")?;
     let generation = config["generation"].as_u64().unwrap_or(0);
-    let dir = PathBuf::from(config["config_dir"].as_str().ok_or_else(|| {
-        CtlError::new(format!("the controller at {} does not say where its configuration is", client.controller))
-            .hint("mesh-ctl and mesh-controller should be the same version")
-    })?);
+    let value = if enroll { "=ambient" } else { "-" };
+    let dir =
+        crate::waypoint::config_dir(&config, client, &format!("kubectl label namespace {namespace} {LABEL}{value}"))?;
     let key = format!("Namespace {namespace}");
     let existing = config["objects"].as_array().into_iter().flatten().find(|o| o["key"] == key.as_str());
     let edit = match existing {

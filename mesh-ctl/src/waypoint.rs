@@ -30,7 +30,16 @@ pub struct Apply<'a> {
     pub timeout: Duration,
 }
 
-fn config_dir(config: &Value, client: &Client) -> Result<PathBuf> {
+/// The controller's configuration directory, which mesh-ctl edits; on
+/// Kubernetes, an error whose hint is `kubectl`, the way to make the edit there.
+pub(crate) fn config_dir(config: &Value, client: &Client, kubectl: &str) -> Result<PathBuf> {
+    if config["source"] == "kubernetes" {
+        return Err(CtlError::new(format!(
+            "the controller at {} reads its configuration from Kubernetes, not from a directory mesh-ctl can edit",
+            client.controller
+        ))
+        .hint(format!("make the change on the API server: {kubectl}")));
+    }
     config["config_dir"].as_str().map(PathBuf::from).ok_or_else(|| {
         CtlError::new(format!("the controller at {} does not say where its configuration is", client.controller))
             .hint("mesh-ctl and mesh-controller should be the same version")
@@ -52,7 +61,7 @@ pub fn apply(client: &Client, a: &Apply<'_>) -> Result<Report> {
     let started = Instant::now();
     let config = client.controller("/debug/config")?;
     let generation = config["generation"].as_u64().unwrap_or(0);
-    let dir = config_dir(&config, client)?;
+    let dir = config_dir(&config, client, "kubectl apply -f a Gateway with gatewayClassName: istio-waypoint")?;
     let (ns, name) = (a.namespace, a.name);
     let mut steps = Vec::new();
     let mut written = Vec::new();

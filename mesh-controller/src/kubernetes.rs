@@ -1,0 +1,286 @@
+//! The controller's Kubernetes source: every kind mesh reads, watched on the
+//! API server (kube-rs reflectors' watcher), kept as one document per object,
+//! and fed to the same parse → validate → store → model pipeline as the YAML
+//! directory. Both sources produce the same model from the same objects
+//! because past this module they are the same code.
+//!
+//! Watching is split from deciding: [`Objects`] is the pure state of what the
+//! server holds (tested with tables of watch events); [`watch`] is the I/O
+//! that feeds it.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
+
+use futures::StreamExt as _;
+use kube::{
+    Api, Client, Discovery, ResourceExt as _,
+    api::{ApiResource, DynamicObject},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use mesh_config::{Document, Kind, objects::mesh_config::MESH_CONFIG_MAP};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+/// A client from `--kubeconfig`, or else the usual places (in-cluster
+/// service account, `$KUBECONFIG`, `~/.kube/config`).
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
+    use anyhow::Context as _;
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes configuration (in-cluster, $KUBECONFIG or ~/.kube/config)")?,
+    };
+    Client::try_from(config).context("Kubernetes client")
+}
+
+/// One kind as this API server serves it.
+#[derive(Clone, Debug)]
+pub struct Served {
+    pub kind: Kind,
+    pub resource: ApiResource,
+}
+
+/// The kinds the server serves, each at the first of mesh's versions it has;
+/// and the kinds it does not serve (their CRDs are not installed).
+pub async fn discover(client: &Client) -> anyhow::Result<(Vec<Served>, Vec<Kind>)> {
+    let groups: BTreeSet<&str> = Kind::all().map(Kind::group).collect();
+    let groups: Vec<&str> = groups.into_iter().collect();
+    let discovery = Discovery::new(client.clone()).filter(&groups).run().await?;
+    let mut served = Vec::new();
+    let mut missing = Vec::new();
+    for kind in Kind::all() {
+        let found = kind.api_versions().iter().find_map(|api_version| {
+            let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+            let group = discovery.get(group)?;
+            let resources = group.versioned_resources(version);
+            resources.into_iter().map(|(r, _)| r).find(|r| r.kind == kind.written())
+        });
+        match found {
+            Some(resource) => served.push(Served { kind, resource }),
+            None => missing.push(kind),
+        }
+    }
+    Ok((served, missing))
+}
+
+/// What a watcher reports, with its objects already made documents.
+#[derive(Debug)]
+pub enum Change {
+    /// A (re)list of `kind` begins: what it does not list again is gone.
+    Relist(Kind),
+    Apply(Kind, Document),
+    Delete(Kind, Document),
+    /// The (re)list of `kind` is complete.
+    Listed(Kind),
+}
+
+/// Watches every served kind, sending [`Change`]s until the receiver is gone.
+/// A failed watch is retried with backoff (kube's default: up to 30 s apart)
+/// and resumes from its last resourceVersion, or relists when that expired.
+pub fn watch(client: Client, served: Vec<Served>, root_namespace: String) -> mpsc::Receiver<Change> {
+    let (tx, rx) = mpsc::channel(1024);
+    for Served { kind, resource } in served {
+        let tx = tx.clone();
+        let (api, config) = if kind == Kind::ConfigMap {
+            // The one ConfigMap mesh reads: MeshConfig, in the root namespace.
+            let api = Api::<DynamicObject>::namespaced_with(client.clone(), &root_namespace, &resource);
+            (api, watcher::Config::default().fields(&format!("metadata.name={MESH_CONFIG_MAP}")))
+        } else {
+            (Api::<DynamicObject>::all_with(client.clone(), &resource), watcher::Config::default())
+        };
+        tokio::spawn(async move {
+            let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+            while let Some(event) = events.next().await {
+                let change = match event {
+                    Ok(watcher::Event::Init) => Change::Relist(kind),
+                    Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o)) => {
+                        Change::Apply(kind, document(kind, &resource, o))
+                    }
+                    Ok(watcher::Event::Delete(o)) => Change::Delete(kind, document(kind, &resource, o)),
+                    Ok(watcher::Event::InitDone) => Change::Listed(kind),
+                    Err(e) => {
+                        warn!(kind = kind.name(), "watch failed, retrying: {e}");
+                        continue;
+                    }
+                };
+                if tx.send(change).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    info!("watching the API server");
+    rx
+}
+
+/// The object as a document the parser reads: YAML, with the type fields a
+/// list's items lack, without `managedFields` (bookkeeping, often larger than
+/// the object). Problems name it by its API path, which `kubectl get --raw`
+/// reads, and a line of this rendering: keys in alphabetical order, as
+/// `kubectl get -o yaml` prints a custom resource, so the lines agree.
+pub fn document(kind: Kind, resource: &ApiResource, object: DynamicObject) -> Document {
+    let namespace = object.namespace();
+    let name = object.name_any();
+    let mut value = serde_json::to_value(&object).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        map.insert("apiVersion".into(), resource.api_version.clone().into());
+        map.insert("kind".into(), kind.written().into());
+        if let Some(meta) = map.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            meta.remove("managedFields");
+        }
+    }
+    let text = serde_yaml_ng::to_string(&value).unwrap_or_default();
+    let base = if resource.group.is_empty() {
+        format!("/api/{}", resource.version)
+    } else {
+        format!("/apis/{}/{}", resource.group, resource.version)
+    };
+    let path = match namespace {
+        Some(ns) => format!("{base}/namespaces/{ns}/{}/{name}", resource.plural),
+        None => format!("{base}/{}/{name}", resource.plural),
+    };
+    Document { file: PathBuf::from(path), line: 1, text }
+}
+
+/// What the API server holds, as documents, by kind. Pure: the watch tasks'
+/// changes are applied here in order.
+#[derive(Debug, Default)]
+pub struct Objects {
+    by_kind: BTreeMap<Kind, BTreeMap<PathBuf, Document>>,
+    /// Kinds being relisted, with what the relist has shown so far.
+    relisting: BTreeMap<Kind, BTreeMap<PathBuf, Document>>,
+    /// Kinds listed completely at least once.
+    listed: BTreeSet<Kind>,
+}
+
+impl Objects {
+    /// Applies one change; says whether the documents in force changed.
+    pub fn apply(&mut self, change: Change) -> bool {
+        match change {
+            Change::Relist(kind) => {
+                self.relisting.insert(kind, BTreeMap::new());
+                false
+            }
+            Change::Apply(kind, doc) => {
+                if let Some(list) = self.relisting.get_mut(&kind) {
+                    list.insert(doc.file.clone(), doc);
+                    return false;
+                }
+                let docs = self.by_kind.entry(kind).or_default();
+                docs.insert(doc.file.clone(), doc.clone()).as_ref() != Some(&doc)
+            }
+            Change::Delete(kind, doc) => {
+                if let Some(list) = self.relisting.get_mut(&kind) {
+                    list.remove(&doc.file);
+                }
+                self.by_kind.get_mut(&kind).is_some_and(|docs| docs.remove(&doc.file).is_some())
+            }
+            Change::Listed(kind) => {
+                self.listed.insert(kind);
+                let Some(list) = self.relisting.remove(&kind) else { return false };
+                let old = self.by_kind.insert(kind, list);
+                old.as_ref() != self.by_kind.get(&kind)
+            }
+        }
+    }
+
+    /// Whether every one of `kinds` has been listed completely: before that,
+    /// the model would be built from part of the cluster.
+    pub fn listed(&self, kinds: &[Kind]) -> bool {
+        kinds.iter().all(|k| self.listed.contains(k))
+    }
+
+    /// Every document, in a stable order.
+    pub fn documents(&self) -> Vec<Document> {
+        self.by_kind.values().flat_map(|docs| docs.values().cloned()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(path: &str, text: &str) -> Document {
+        Document { file: path.into(), line: 1, text: text.into() }
+    }
+
+    #[test]
+    fn watch_events_become_the_documents_in_force() {
+        use Change::*;
+        let pod = Kind::Pod;
+        let policy = Kind::AuthorizationPolicy;
+        // (change, whether it changes what is in force, the files in force after it)
+        let steps: Vec<(Change, bool, &[&str])> = vec![
+            (Relist(pod), false, &[]),
+            (Apply(pod, doc("p/a", "1")), false, &[]),
+            (Apply(pod, doc("p/b", "1")), false, &[]),
+            (Listed(pod), true, &["p/a", "p/b"]),
+            (Apply(pod, doc("p/a", "1")), false, &["p/a", "p/b"]),
+            (Apply(pod, doc("p/a", "2")), true, &["p/a", "p/b"]),
+            (Apply(policy, doc("x/p", "1")), true, &["p/a", "p/b", "x/p"]),
+            (Delete(pod, doc("p/b", "1")), true, &["p/a", "x/p"]),
+            (Delete(pod, doc("p/b", "1")), false, &["p/a", "x/p"]),
+            // A relist after a lost watch: p/a is gone, p/c came meanwhile.
+            // Nothing changes until the relist is complete.
+            (Relist(pod), false, &["p/a", "x/p"]),
+            (Apply(pod, doc("p/c", "1")), false, &["p/a", "x/p"]),
+            (Listed(pod), true, &["p/c", "x/p"]),
+            // A relist that finds what was there changes nothing.
+            (Relist(pod), false, &["p/c", "x/p"]),
+            (Apply(pod, doc("p/c", "1")), false, &["p/c", "x/p"]),
+            (Listed(pod), false, &["p/c", "x/p"]),
+        ];
+        let mut objects = Objects::default();
+        for (i, (change, changed, files)) in steps.into_iter().enumerate() {
+            let what = format!("step {i}: {change:?}");
+            assert_eq!(objects.apply(change), changed, "{what}");
+            let got: Vec<String> = objects.documents().iter().map(|d| d.file.display().to_string()).collect();
+            assert_eq!(got, *files, "{what}");
+        }
+        assert!(objects.listed(&[pod]));
+        assert!(!objects.listed(&[pod, policy]), "policies were never listed");
+    }
+
+    #[test]
+    fn a_listed_object_reads_as_the_same_object_written_by_hand() {
+        let resource = ApiResource {
+            group: "security.istio.io".into(),
+            version: "v1".into(),
+            api_version: "security.istio.io/v1".into(),
+            kind: "AuthorizationPolicy".into(),
+            plural: "authorizationpolicies".into(),
+        };
+        // As a list returns an item: no type fields, bookkeeping, a status.
+        let object: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "deny", "namespace": "shop", "uid": "1", "resourceVersion": "7",
+                "managedFields": [{"manager": "kubectl"}], "finalizers": ["x"],
+            },
+            "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["80"]}}]}]},
+            "status": {"validationMessages": []},
+        }))
+        .unwrap();
+        let doc = document(Kind::AuthorizationPolicy, &resource, object);
+        assert_eq!(doc.file, PathBuf::from("/apis/security.istio.io/v1/namespaces/shop/authorizationpolicies/deny"));
+        assert!(!doc.text.contains("managedFields"), "{}", doc.text);
+        let by_hand = doc_of(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: shop}\n\
+             spec: {action: DENY, rules: [{to: [{operation: {ports: ['80']}}]}]}\n",
+        );
+        let (key, resource) = mesh_config::parse_document(&doc).expect("valid");
+        let (hand_key, hand_resource) = mesh_config::parse_document(&by_hand).expect("valid");
+        assert_eq!((key, resource), (hand_key, hand_resource));
+    }
+
+    fn doc_of(text: &str) -> Document {
+        doc("by-hand.yaml", text)
+    }
+}
