@@ -2,6 +2,7 @@
 //! into validated objects (keeping the last good version of anything that
 //! breaks); `model` turns those into what nodes need: workloads with
 //! identities, services, and compiled L4 authorization.
+pub mod admission;
 pub mod ca;
 pub use mesh_config as config;
 pub mod distribute;

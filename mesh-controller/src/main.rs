@@ -15,6 +15,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use mesh_common::api::node_control_server::NodeControlServer;
 use mesh_controller::{
+    admission,
     ca::CertificateAuthority,
     config::{ConfigStore, Document, MeshSettings, ParseCache, Problem, Snapshot, read_dir},
     kubernetes,
@@ -38,6 +39,14 @@ struct Args {
     /// The kubeconfig file for --kubernetes.
     #[arg(long, requires = "kubernetes")]
     kubeconfig: Option<PathBuf>,
+    /// With --kubernetes: the validating admission webhook (HTTPS, the
+    /// serving certificate of --grpc-san's names), at path /validate.
+    #[arg(long, default_value = "0.0.0.0:15017")]
+    webhook_addr: SocketAddr,
+    /// With --kubernetes: the ValidatingWebhookConfiguration whose CA bundle
+    /// the controller sets to the mesh's trust bundle (deploy/controller/).
+    #[arg(long, requires = "kubernetes")]
+    webhook_config: Option<String>,
     /// Where the CA root (key mode 0600) is created on first start and found after.
     #[arg(long, default_value = "/var/lib/mesh-controller")]
     state_dir: PathBuf,
@@ -178,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
     let cache = Arc::new(Mutex::new(ParseCache::default()));
     let root_namespace = settings.root_namespace.clone();
     let reloader = Reloader { settings, state: state.clone(), hub: hub.clone(), cache };
+    let webhook_client = kubernetes.clone();
     let mut source = match (&config_dir, kubernetes) {
         (Some(dir), _) => {
             let (docs, problems) = read_dir(dir);
@@ -196,10 +206,20 @@ async fn main() -> anyhow::Result<()> {
     let serving =
         ServingCert::new(ca.clone(), names, ips, args.serving_cert_lifetime).context("serving certificate")?;
     let tls = Arc::new(serving::server_config(&ca, serving.clone())?);
+    if let Some(client) = webhook_client {
+        let listener = tokio::net::TcpListener::bind(args.webhook_addr)
+            .await
+            .with_context(|| format!("binding {} (use --webhook-addr)", args.webhook_addr))?;
+        let addr = admission::serve(listener, serving.clone())?;
+        info!(webhook_addr = %addr, path = admission::PATH, "admission webhook serving");
+        if let Some(name) = args.webhook_config.clone() {
+            tokio::spawn(admission::keep_ca_bundle(client, name, ca.trust_bundle()));
+        }
+    }
     tokio::spawn(serving.renew_forever());
     let service = NodeControlServer::new(NodeService(hub.clone()));
     let server = tonic::transport::Server::builder().add_service(service);
-    tokio::spawn(server.serve_with_incoming(serving::incoming(grpc, tls)));
+    tokio::spawn(server.serve_with_incoming(serving::incoming("node API", grpc, tls)));
 
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await

@@ -142,9 +142,26 @@ pub fn server_config(ca: &CertificateAuthority, cert: Arc<ServingCert>) -> Resul
     Ok(config)
 }
 
+/// TLS for the admission webhook (HTTP/1.1): the same serving certificate,
+/// no client certificates (the API server authenticates by reaching the
+/// address its webhook configuration names, and checks ours against the CA
+/// bundle the controller patched into that configuration).
+pub fn webhook_config(cert: Arc<ServingCert>) -> Result<ServerConfig, ServingError> {
+    let bad = |e: &dyn std::fmt::Display| ServingError::Tls(e.to_string());
+    let mut config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(&e))?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// Connections on `listener` after their TLS handshake, for tonic's
-/// `serve_with_incoming`. A handshake that fails or stalls is dropped.
+/// `serve_with_incoming` (or [`TlsListener`]). A handshake that fails or
+/// stalls is dropped; `what` names the service in the log.
 pub fn incoming(
+    what: &'static str,
     listener: TcpListener,
     config: Arc<ServerConfig>,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
@@ -155,7 +172,7 @@ pub fn incoming(
             let (tcp, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    warn!(error = %e, "node API: accept failed");
+                    warn!(error = %e, "{what}: accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -166,13 +183,42 @@ pub fn incoming(
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
-                    Ok(Err(e)) => warn!(peer = %peer, "node API: TLS handshake failed: {e}"),
-                    Err(_) => warn!(peer = %peer, "node API: TLS handshake not done within {HANDSHAKE_TIMEOUT:?}"),
+                    Ok(Err(e)) => warn!(peer = %peer, "{what}: TLS handshake failed: {e}"),
+                    Err(_) => warn!(peer = %peer, "{what}: TLS handshake not done within {HANDSHAKE_TIMEOUT:?}"),
                 }
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// [`incoming`]'s connections as an axum listener.
+pub struct TlsListener {
+    pub connections: tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<TcpStream>>>,
+    pub local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt as _;
+        loop {
+            match self.connections.next().await {
+                Some(Ok(tls)) => {
+                    let Ok(peer) = tls.get_ref().0.peer_addr() else { continue };
+                    return (tls, peer);
+                }
+                Some(Err(_)) => continue,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 #[cfg(test)]
