@@ -57,10 +57,12 @@ impl Topology {
         fs::create_dir_all(&config_dir).expect("config dir");
         let bin = sibling_bin("mesh-controller");
         let log = self.dir.join(format!("controller-{}.log", now_millis()));
-        let mut args = vec![
-            bin.to_str().unwrap(),
-            "--config-dir",
-            config_dir.to_str().unwrap(),
+        let mut args = vec![bin.to_str().unwrap()];
+        // `--kubernetes` (with its --kubeconfig) in `extra` replaces the directory.
+        if !extra.contains(&"--kubernetes") {
+            args.extend(["--config-dir", config_dir.to_str().unwrap()]);
+        }
+        args.extend([
             "--state-dir",
             state_dir.to_str().unwrap(),
             "--grpc-addr",
@@ -69,7 +71,7 @@ impl Topology {
             at.metrics_addr,
             "--poll-ms",
             "20",
-        ];
+        ]);
         args.extend_from_slice(extra);
         let mut proc = Proc::spawn_in("controller", netns, &args, &log);
         let deadline = Instant::now() + crate::patience(Duration::from_secs(20));

@@ -12,6 +12,7 @@ pub mod blackhole;
 pub mod capture;
 pub mod cgroup_prog;
 mod controller;
+pub mod kube;
 pub mod mesh;
 mod process;
 mod topology;

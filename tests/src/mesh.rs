@@ -10,6 +10,7 @@ use std::{
 
 use crate::{
     controller::Controller,
+    kube::Kube,
     process::{Proc, run_in},
     topology::{Agent, Pod, Topology},
 };
@@ -23,6 +24,8 @@ pub struct Node {
 pub struct Mesh {
     pub controller: Controller,
     pub nodes: Vec<Node>,
+    /// The API server the controller reads, for a mesh on Kubernetes.
+    pub kube: Option<Kube>,
     pub t: Topology,
     /// Arguments every agent gets besides the harness's own.
     agent_extra: Vec<String>,
@@ -39,6 +42,21 @@ impl Mesh {
         let cnode = t.node("controller");
         let controller = t.start_controller(&cnode, &[]);
         Self::join(t, controller, test, nodes)
+    }
+
+    /// Like [`Self::start`], with the controller reading a real API server
+    /// (on the controller's node, with mesh's CRDs installed) instead of a
+    /// directory; [`Self::apply`] is then `kubectl apply`.
+    pub fn start_on_kubernetes(test: &str, nodes: &[&str]) -> Option<Mesh> {
+        let t = Topology::new(test);
+        let cnode = t.node("controller");
+        let kube = t.start_kube(&cnode);
+        kube.install_crds();
+        let kubeconfig = kube.kubeconfig.display().to_string();
+        let controller = t.start_controller(&cnode, &["--kubernetes", "--kubeconfig", &kubeconfig]);
+        let mut mesh = Self::join(t, controller, test, nodes)?;
+        mesh.kube = Some(kube);
+        Some(mesh)
     }
 
     /// Like [`Self::start`], every agent also started with `extra` arguments.
@@ -65,7 +83,7 @@ impl Mesh {
             let agent = t.agent_or_skip(test, &netns, name, &args)?;
             started.push(Node { name: (*name).into(), netns, agent });
         }
-        Some(Mesh { controller, nodes: started, t, agent_extra })
+        Some(Mesh { controller, nodes: started, kube: None, t, agent_extra })
     }
 
     /// Kills node `name`'s agent (SIGKILL: no drain, as a crash) and starts
@@ -129,12 +147,22 @@ impl Mesh {
 
     /// Writes (or replaces) a configuration file, then waits until every
     /// node's proxy enforces the configuration that results. Returns how long
-    /// that took.
+    /// that took. On Kubernetes, `kubectl apply`s the objects instead (and
+    /// writes the Pods' status, as a kubelet would): objects of an earlier
+    /// apply that `yaml` leaves out stay, as with kubectl.
     pub fn apply(&self, file: &str, yaml: &str) -> Duration {
         self.report_pods(yaml);
         let before = self.controller.json("/debug/nodes")["version"].clone();
         let start = Instant::now();
-        self.controller.write(file, yaml);
+        match &self.kube {
+            Some(kube) => {
+                kube.apply_ok(yaml);
+                for (namespace, name, ips) in pod_ips_in(yaml) {
+                    kube.set_pod_ips(&namespace, &name, &ips);
+                }
+            }
+            None => self.controller.write(file, yaml),
+        }
         let deadline = start + crate::patience(Duration::from_secs(10));
         loop {
             let now = self.controller.json("/debug/nodes")["version"].clone();
@@ -257,6 +285,29 @@ pub fn pods_in(yaml: &str) -> Vec<(String, String, PathBuf)> {
     out
 }
 
+/// The Pods of a YAML text that have addresses in their status: namespace,
+/// name, addresses.
+fn pod_ips_in(yaml: &str) -> Vec<(String, String, Vec<std::net::IpAddr>)> {
+    use serde::Deserialize as _;
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let Ok(v) = serde_yaml_ng::Value::deserialize(doc) else { continue };
+        let ips: Vec<std::net::IpAddr> = v["status"]["podIPs"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["ip"].as_str()?.parse().ok())
+            .collect();
+        if v["kind"].as_str() != Some("Pod") || ips.is_empty() {
+            continue;
+        }
+        let meta = &v["metadata"];
+        let namespace = meta["namespace"].as_str().unwrap_or("default").to_owned();
+        out.push((namespace, meta["name"].as_str().unwrap_or_default().to_owned(), ips));
+    }
+    out
+}
+
 /// Where the harness's Pod YAML names the pod's network namespace, for its
 /// stand-in CNI ([`Mesh::report_pods`]); the controller ignores it.
 pub const NETNS_ANNOTATION: &str = "mesh.io/netns";
@@ -294,7 +345,8 @@ pub mod yaml {
         let (ns, name) = p.name.split_once('/').unwrap();
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}, \
-             annotations: {{{NETNS_ANNOTATION}: {}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\n{}---\n",
+             annotations: {{{NETNS_ANNOTATION}: {}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}, \
+             containers: [{{name: app, image: app}}]}}\n{}---\n",
             p.netns.display(),
             status(p)
         )

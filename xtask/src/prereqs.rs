@@ -63,7 +63,40 @@ pub fn ensure() -> anyhow::Result<()> {
     ensure_bpf_linker()?;
     ensure_toolchain_link()?;
     ensure_ext_authz_python()?;
+    ensure_kubernetes()?;
     Ok(())
+}
+
+/// A real Kubernetes control plane for the tests: kube-apiserver,
+/// kube-controller-manager and kube-scheduler v1.20.2 built from Debian's own
+/// source package with Debian's Go, and etcd from Debian's package
+/// (`xtask/k8s/build-k8s-1.20.sh`; about 4 minutes on 2 cores, once). And
+/// kubectl, which the tests drive as users do.
+fn ensure_kubernetes() -> anyhow::Result<()> {
+    if which("kubectl").is_none() {
+        ensure_debian(&["kubernetes-client"])?;
+    }
+    let dir = Path::new(mesh_tests::kube::K8S_DIR);
+    if dir.join("bin/kube-apiserver").exists() && dir.join("bin/etcd").exists() {
+        return Ok(());
+    }
+    ensure_debian(&["golang-go", "dpkg-dev"])?;
+    step(
+        "building kube-apiserver v1.20.2 from Debian's source package for the Kubernetes tests (about 4 minutes; once)",
+    );
+    let staging = PathBuf::from(format!("{}.partial", dir.display()));
+    let _ = std::fs::remove_dir_all(&staging);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/build-k8s-1.20.sh");
+    run(Command::new("bash").arg(&script).arg(&staging), "building Kubernetes")?;
+    // The sources and Go's caches (about 2 GB) are not needed again.
+    let _ = std::fs::remove_dir_all(staging.join("work"));
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&staging, dir).context("moving the Kubernetes binaries into place")?;
+    Ok(())
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(program)).find(|p| p.exists())
 }
 
 /// Installs [`EXT_AUTHZ_PYTHON`] into `mesh_tests::EXT_AUTHZ_PYTHONPATH` (once).

@@ -1,0 +1,221 @@
+//! A real Kubernetes API server (kube-apiserver v1.20.2 and etcd, built by
+//! `cargo xtask setup` from Debian's packages) in one of a topology's
+//! namespaces. It listens on that namespace's loopback only, so its fixed
+//! ports clash with nothing: not another test's server, not a quickstart.
+//! There is no kubelet: a test plays its part (binds pods to nodes by
+//! `spec.nodeName`, writes `status.podIP`).
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Output,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    process::{Proc, run_in},
+    topology::Topology,
+};
+
+/// Where `cargo xtask setup` puts the binaries (`bin/`), outside any clone.
+pub const K8S_DIR: &str = "/var/tmp/mesh-tools/k8s-1.20.2";
+
+/// The API server, as its users reach it from inside `netns`.
+pub const SERVER: &str = "https://127.0.0.1:6443";
+
+/// A CA, the API server's serving certificate, an admin client certificate
+/// (X.509 v3: rustls refuses v1) and the service-account signing key.
+const MAKE_PKI: &str = r#"set -e
+openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 -subj "/CN=mesh-test-ca" 2>/dev/null
+openssl genrsa -out sa.key 2048 2>/dev/null; openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n' > server.ext
+printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' > client.ext
+cert() { openssl req -newkey rsa:2048 -nodes -keyout $1.key -out $1.csr -subj "$2" 2>/dev/null
+         openssl x509 -req -in $1.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out $1.crt -days 30 -extfile $3 2>/dev/null; }
+cert apiserver "/CN=kube-apiserver" server.ext
+cert admin "/CN=admin/O=system:masters" client.ext
+"#;
+
+pub struct Kube {
+    pub netns: PathBuf,
+    pub dir: PathBuf,
+    /// An admin kubeconfig for [`SERVER`].
+    pub kubeconfig: PathBuf,
+    // Dropped in this order: the API server before its etcd.
+    apiserver: Proc,
+    _etcd: Proc,
+}
+
+impl Topology {
+    /// Starts etcd and kube-apiserver on `netns`'s loopback and waits until
+    /// the server is ready (3–4 s here).
+    pub fn start_kube(&self, netns: &Path) -> Kube {
+        let bin = Path::new(K8S_DIR).join("bin");
+        assert!(
+            bin.join("kube-apiserver").exists(),
+            "no kube-apiserver in {}: run `cargo xtask setup` (it builds one from Debian's source package)",
+            bin.display()
+        );
+        let dir = self.dir.join("kube");
+        let pki = dir.join("pki");
+        fs::create_dir_all(&pki).expect("kube dir");
+        let out = std::process::Command::new("bash").args(["-c", MAKE_PKI]).current_dir(&pki).output().expect("bash");
+        assert!(out.status.success(), "making the API server's certificates: {}", String::from_utf8_lossy(&out.stderr));
+        let p = |f: &str| pki.join(f).display().to_string();
+        let etcd = Proc::spawn_in(
+            "etcd",
+            netns,
+            &[
+                bin.join("etcd").to_str().unwrap(),
+                "--data-dir",
+                dir.join("etcd").to_str().unwrap(),
+                "--listen-client-urls=http://127.0.0.1:2379",
+                "--advertise-client-urls=http://127.0.0.1:2379",
+                "--listen-peer-urls=http://127.0.0.1:2380",
+                "--listen-metrics-urls=http://127.0.0.1:2381",
+                "--log-level=warn",
+                "--logger=zap",
+            ],
+            &dir.join("etcd.log"),
+        );
+        let flags = [
+            "--etcd-servers=http://127.0.0.1:2379".to_owned(),
+            "--bind-address=127.0.0.1".to_owned(),
+            "--secure-port=6443".to_owned(),
+            "--advertise-address=127.0.0.1".to_owned(),
+            "--endpoint-reconciler-type=none".to_owned(),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--api-audiences=https://kubernetes.default.svc.cluster.local".to_owned(),
+            "--authorization-mode=Node,RBAC".to_owned(),
+            "--service-cluster-ip-range=10.96.0.0/16".to_owned(),
+            "--profiling=false".to_owned(),
+            // The node agent's DaemonSet runs privileged.
+            "--allow-privileged=true".to_owned(),
+            // Pods need not name service accounts that exist, nor mount
+            // their tokens (there is no controller-manager to make them).
+            "--disable-admission-plugins=ServiceAccount".to_owned(),
+        ];
+        let mut args = vec![bin.join("kube-apiserver").display().to_string()];
+        args.extend(flags);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut apiserver = Proc::spawn_in("kube-apiserver", netns, &args, &dir.join("apiserver.log"));
+        let kubeconfig = dir.join("admin.kubeconfig");
+        fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: \"{SERVER}\", certificate-authority: {}}}\n\
+                 users:\n- name: admin\n  user: {{client-certificate: {}, client-key: {}}}\n\
+                 contexts:\n- name: test\n  context: {{cluster: test, user: admin}}\ncurrent-context: test\n",
+                p("ca.crt"),
+                p("admin.crt"),
+                p("admin.key")
+            ),
+        )
+        .expect("kubeconfig");
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(60));
+        let ready = || {
+            let out = run_in(netns, &["curl", "-s", "-m", "2", "--cacert", &p("ca.crt"), &format!("{SERVER}/readyz")]);
+            out.stdout.starts_with(b"ok")
+        };
+        while !ready() {
+            assert!(apiserver.is_running(), "kube-apiserver exited:\n{}", apiserver.log_text());
+            assert!(Instant::now() < deadline, "kube-apiserver not ready after 60 s:\n{}", apiserver.log_text());
+            thread::sleep(Duration::from_millis(100));
+        }
+        Kube { netns: netns.into(), dir, kubeconfig, apiserver, _etcd: etcd }
+    }
+}
+
+impl Kube {
+    /// `kubectl ARGS` against this server; its output, whether it succeeded or not.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        let mut all = vec!["kubectl", "--kubeconfig", self.kubeconfig.to_str().unwrap()];
+        all.extend_from_slice(args);
+        run_in(&self.netns, &all)
+    }
+
+    /// `kubectl ARGS`, which must succeed; its standard output.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `kubectl apply -f -` of `yaml`; its output, whether it succeeded or not.
+    pub fn apply(&self, yaml: &str) -> Output {
+        let file = self.dir.join(format!("apply-{}.yaml", crate::topology::now_millis()));
+        fs::write(&file, yaml).expect("writing the manifest");
+        self.kubectl(&["apply", "-f", file.to_str().unwrap()])
+    }
+
+    pub fn apply_ok(&self, yaml: &str) {
+        let out = self.apply(yaml);
+        assert!(
+            out.status.success(),
+            "kubectl apply failed: {}{}\n{yaml}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Installs mesh's CRDs (`deploy/crds/`) and waits until they are served.
+    pub fn install_crds(&self) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+        self.kubectl_ok(&["apply", "-f", dir.to_str().unwrap()]);
+        self.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]);
+    }
+
+    /// Plays the kubelet: sets a pod's `status.podIP(s)` (the status
+    /// subresource, which `kubectl apply` does not write).
+    pub fn set_pod_ips(&self, namespace: &str, name: &str, ips: &[std::net::IpAddr]) {
+        let list: Vec<String> = ips.iter().map(|ip| format!("{{\"ip\":\"{ip}\"}}")).collect();
+        let patch = format!(
+            "{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{}\",\"podIPs\":[{}]}}}}",
+            ips[0],
+            list.join(",")
+        );
+        let pki = self.dir.join("pki");
+        let p = |f: &str| pki.join(f).display().to_string();
+        let url = format!("{SERVER}/api/v1/namespaces/{namespace}/pods/{name}/status");
+        let out = run_in(
+            &self.netns,
+            &[
+                "curl",
+                "-sS",
+                "-f",
+                "-m",
+                "10",
+                "--cacert",
+                &p("ca.crt"),
+                "--cert",
+                &p("admin.crt"),
+                "--key",
+                &p("admin.key"),
+                "-X",
+                "PATCH",
+                "-H",
+                "Content-Type: application/merge-patch+json",
+                "--data",
+                &patch,
+                &url,
+            ],
+        );
+        assert!(out.status.success(), "PATCH {url}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The API server's log, for a failure's message.
+    pub fn log_text(&self) -> String {
+        self.apiserver.log_text()
+    }
+}

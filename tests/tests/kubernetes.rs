@@ -1,0 +1,304 @@
+//! The controller reading a real kube-apiserver (v1.20.2, with etcd) instead
+//! of a directory: objects applied with kubectl reach the nodes and are
+//! enforced; an invalid version is refused with its API path while the last
+//! good one stays in force; deletions take effect; and the same objects make
+//! the same model from either source.
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    Placement, Pod, http_ok,
+    mesh::{Mesh, yaml},
+};
+use serde_json::Value;
+
+/// Retries `pred` until it holds, for up to `limit` (with patience).
+fn eventually(what: &str, limit: Duration, pred: impl Fn() -> bool) -> Duration {
+    let start = Instant::now();
+    let limit = mesh_tests::patience(limit);
+    while !pred() {
+        assert!(start.elapsed() < limit, "{what}: not so after {limit:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+fn reaches(from: &Pod, to: &Pod) -> bool {
+    http_ok(&from.curl(&format!("http://{}/", to.ip4)))
+}
+
+#[test]
+fn objects_applied_with_kubectl_are_enforced_on_the_nodes() {
+    let Some(mesh) = Mesh::start_on_kubernetes("kube-source", &["node1", "node2"]) else { return };
+    let kube = mesh.kube.as_ref().unwrap();
+    // Namespace and Pods through `kubectl apply`; the pods' addresses as a kubelet writes them.
+    let (a, b, _servers) = mesh.a_and_b_serving();
+    assert!(reaches(&a, &b), "a → b through the mesh");
+    let tunnels = mesh.metric("node2", "istio_tcp_connections_opened_total", &[("reporter", "destination")]);
+    assert!(tunnels >= 1.0, "the connection crossed over HBONE to node2's proxy ({tunnels})");
+
+    // A policy from kubectl is enforced.
+    let deny = "{action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sa-a]}}]}]}";
+    mesh.apply("deny.yaml", &yaml::authorization("default", "deny-a", deny));
+    assert!(!reaches(&a, &b), "a is denied by the policy applied with kubectl");
+
+    // An invalid version gets into the API server (the CRD keeps spec open:
+    // the controller validates, as Istio's does) and is refused with the
+    // object's API path; the last good version stays in force.
+    let bad = "{action: DENY, rules: [{from: [{source: {principals: ['not a principal']}}]}]}";
+    kube.apply_ok(&yaml::authorization("default", "deny-a", bad));
+    let path = "/apis/security.istio.io/v1/namespaces/default/authorizationpolicies/deny-a:";
+    let field = "AuthorizationPolicy default/deny-a: spec.rules[0].from[0].source.principals[0]: \"not a principal\"";
+    eventually("the bad version is reported", Duration::from_secs(10), || {
+        let ready = mesh.controller.json("/healthz/ready");
+        ready["rejected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .any(|r| r.starts_with(path) && r.contains(field))
+    });
+    assert!(!reaches(&a, &b), "the last good version of the policy still denies a");
+
+    // Deleted on the API server: a gets in again.
+    kube.kubectl_ok(&["delete", "authorizationpolicy", "-n", "default", "deny-a"]);
+    let took = eventually("a is allowed after the policy is deleted", Duration::from_secs(10), || reaches(&a, &b));
+    eprintln!("policy deletion in force after {took:?}");
+
+    // A pod's status changing in ways mesh does not read (a kubelet's
+    // conditions) pushes nothing to the nodes.
+    let version = mesh.controller.json("/debug/nodes")["version"].clone();
+    kube.kubectl_ok(&["annotate", "pod", "-n", "default", "a", "example.com/touched=yes"]);
+    kube.kubectl_ok(&["label", "pod", "-n", "default", "b", "tier=web"]);
+    eventually("the label change reaches the model", Duration::from_secs(10), || {
+        mesh.controller.json("/debug/model")["workloads"]["Pod/default/b"]["labels"]["tier"] == "web"
+    });
+    let after_label = mesh.controller.json("/debug/nodes")["version"].clone();
+    assert_ne!(after_label, version, "a label is a change the nodes are sent");
+}
+
+/// The model of the objects of namespaces `shop` and `istio-system` only (an
+/// API server adds its own: `default`, `kube-system`, the `kubernetes` Service).
+fn model_of_test_namespaces(model: &Value) -> Value {
+    let mut model = model.clone();
+    for (_, map) in model.as_object_mut().unwrap().iter_mut() {
+        if let Some(map) = map.as_object_mut() {
+            map.retain(|key, _| key.contains("shop/") || key.contains("istio-system/"));
+        }
+    }
+    model
+}
+
+const OBJECTS: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: istio-system}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: web, namespace: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web, version: v1}}
+spec:
+  nodeName: node1
+  serviceAccountName: web
+  restartPolicy: Always
+  containers: [{name: web, image: nginx, ports: [{containerPort: 8080}]}]
+status: {podIP: 10.200.0.10, podIPs: [{ip: 10.200.0.10}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web, version: v2}}
+spec:
+  nodeName: node2
+  serviceAccountName: web
+  containers: [{name: web, image: nginx}]
+status: {podIP: 10.200.0.11, podIPs: [{ip: 10.200.0.11}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.50
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-from-shop, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{from: [{source: {namespaces: [shop]}}], to: [{operation: {ports: ['8080']}}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop, labels: {istio.io/waypoint-for: service}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-canary, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web}]
+  rules:
+  - backendRefs: [{name: web, port: 80, weight: 90}]
+";
+
+#[test]
+fn the_same_objects_make_the_same_model_from_a_directory_and_from_the_api_server() {
+    let t = mesh_tests::Topology::new("kube-model");
+    let node = t.node("controller");
+    let kube = t.start_kube(&node);
+    kube.install_crds();
+    kube.apply_ok(OBJECTS);
+    for (name, ip) in [("web-1", "10.200.0.10"), ("web-2", "10.200.0.11")] {
+        kube.set_pod_ips("shop", name, &[ip.parse().unwrap()]);
+    }
+    let kubeconfig = kube.kubeconfig.display().to_string();
+    let from_kube = t.start_controller_at(
+        Placement { netns: &node, grpc_addr: "127.0.0.1:0", metrics_addr: "127.0.0.1:15114", dial: String::new() },
+        &["--kubernetes", "--kubeconfig", &kubeconfig],
+    );
+    let from_dir = t.start_controller_at(
+        Placement { netns: &node, grpc_addr: "127.0.0.1:0", metrics_addr: "127.0.0.1:15214", dial: String::new() },
+        &[],
+    );
+    from_dir.write("objects.yaml", OBJECTS);
+
+    let models = || {
+        (
+            model_of_test_namespaces(&from_dir.json("/debug/model")),
+            model_of_test_namespaces(&from_kube.json("/debug/model")),
+        )
+    };
+    eventually("both controllers hold the workloads", Duration::from_secs(10), || {
+        let (dir, kube) = models();
+        [dir, kube].iter().all(|m| m["workloads"].as_object().unwrap().len() == 2)
+    });
+    let (dir, kube_model) = models();
+    assert_eq!(dir, kube_model, "the two sources' models differ");
+    for (what, got) in [
+        ("workloads", &dir["workloads"]),
+        ("services", &dir["services"]),
+        ("policies", &dir["policies"]),
+        ("waypoints", &dir["waypoints"]),
+        ("routes", &dir["routes"]),
+    ] {
+        assert!(!got.as_object().unwrap().is_empty(), "the model has no {what}: {dir:#}");
+    }
+    let ready = from_kube.json("/healthz/ready");
+    assert_eq!(ready["rejected"], Value::Array(vec![]), "{ready:#}");
+}
+
+/// The manifests of `deploy/`, as a user applies them.
+fn deploy(file: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn kubectl_apply_of_an_invalid_object_is_refused_at_admission_with_its_field() {
+    let t = mesh_tests::Topology::new("kube-webhook");
+    let node = t.node("controller");
+    let kube = t.start_kube(&node);
+    kube.install_crds();
+    kube.apply_ok("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
+    let kubeconfig = kube.kubeconfig.display().to_string();
+    let controller = t.start_controller_at(
+        Placement { netns: &node, grpc_addr: "127.0.0.1:0", metrics_addr: "127.0.0.1:15014", dial: String::new() },
+        &["--kubernetes", "--kubeconfig", &kubeconfig, "--webhook-config", "mesh-validation"],
+    );
+    // deploy/'s webhook configuration, pointed at the controller's address
+    // instead of its in-cluster Service (there are no Services' endpoints here).
+    let manifest = deploy("controller/mesh-controller.yaml");
+    let webhook = manifest.split("\n---\n").find(|d| d.contains("kind: ValidatingWebhookConfiguration")).unwrap();
+    let service = "service: { name: mesh-controller, namespace: mesh-system, path: /validate, port: 443 }";
+    assert!(webhook.contains(service), "the manifest's clientConfig changed: {webhook}");
+    kube.apply_ok(&webhook.replace(service, "url: https://127.0.0.1:15017/validate"));
+    eventually("the controller sets the webhook's CA bundle", Duration::from_secs(20), || {
+        let bundle = kube.kubectl_ok(&[
+            "get",
+            "validatingwebhookconfiguration",
+            "mesh-validation",
+            "-o",
+            "jsonpath={.webhooks[0].clientConfig.caBundle}",
+        ]);
+        !bundle.trim().is_empty()
+    });
+
+    // A bad principal: refused by the API server, with the field and the reason.
+    let bad = "{rules: [{from: [{source: {principals: ['not a principal']}}]}]}";
+    let out = kube.apply(&yaml::authorization("shop", "bad", bad));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the bad policy was admitted");
+    assert!(
+        stderr.contains("denied the request")
+            && stderr.contains("spec.rules[0].from[0].source.principals[0]: \"not a principal\" is not a principal"),
+        "kubectl said: {stderr}"
+    );
+    let got = kube.kubectl(&["get", "authorizationpolicy", "-n", "shop", "bad"]);
+    assert!(!got.status.success(), "a refused object is not stored");
+
+    // A typo in a field name, on an update of a good object: refused, and
+    // the good version is what the API server (and so the mesh) keeps.
+    let good = "{action: DENY, rules: [{to: [{operation: {ports: ['9000']}}]}]}";
+    kube.apply_ok(&yaml::authorization("shop", "deny-9000", good));
+    let out = kube.apply(&yaml::authorization("shop", "deny-9000", "{acton: ALLOW}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("spec.acton: unknown field `acton`"), "kubectl said: {stderr}");
+    let action =
+        kube.kubectl_ok(&["get", "authorizationpolicy", "-n", "shop", "deny-9000", "-o", "jsonpath={.spec.action}"]);
+    assert_eq!(action, "DENY");
+    eventually("the good version is in force", Duration::from_secs(10), || {
+        controller.json("/debug/model")["policies"]["shop/deny-9000"]["policy"]["action"] == "Deny"
+    });
+
+    // Valid but not enforced by mesh: admitted, with a warning saying so.
+    let out = kube.apply(
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: shop}\nspec: {}\n",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the Sidecar was refused: {stderr}");
+    assert!(stderr.contains("Warning:") && stderr.contains("Sidecar"), "no warning from the webhook: {stderr}");
+
+    // Deleting is never refused.
+    kube.kubectl_ok(&["delete", "authorizationpolicy", "-n", "shop", "deny-9000"]);
+}
+
+#[test]
+fn the_manifests_in_deploy_are_accepted_by_the_api_server() {
+    let t = mesh_tests::Topology::new("kube-manifests");
+    let node = t.node("controller");
+    let kube = t.start_kube(&node);
+    kube.install_crds();
+    // The namespaces they go to (a dry run creates none): mesh-system, and
+    // the example namespace of the waypoint template.
+    kube.apply_ok("apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh-system}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n");
+    for file in ["controller/mesh-controller.yaml", "daemonset/mesh-node.yaml", "waypoint/waypoint.yaml"] {
+        // The manifests target current Kubernetes; the one thing this 1.20
+        // server lacks (a DaemonSet's maxSurge, 1.22+, without which
+        // maxUnavailable must be at least 1) is replaced here, so everything
+        // else is still validated field by field.
+        let text = deploy(file)
+            .replace("rollingUpdate: { maxSurge: 1, maxUnavailable: 0 }", "rollingUpdate: { maxUnavailable: 1 }");
+        let copy = t.dir.join(file.replace('/', "-"));
+        std::fs::write(&copy, text).unwrap();
+        let out = kube.kubectl_ok(&["apply", "--dry-run=server", "-f", copy.to_str().unwrap()]);
+        assert!(out.contains("(server dry run)"), "{file}: {out}");
+    }
+}
