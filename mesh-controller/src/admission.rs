@@ -18,7 +18,7 @@ use kube::{
     core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
 };
 use mesh_config::{Kind, not_enforced, parse_document};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::{
     kubernetes,
@@ -123,20 +123,6 @@ pub async fn patch_ca_bundle(client: &Client, name: &str, trust_bundle: &str) ->
         info!(webhook_configuration = name, "CA bundle set");
     }
     Ok(())
-}
-
-/// [`patch_ca_bundle`] until it succeeds: the configuration may be applied
-/// after the controller starts.
-pub async fn keep_ca_bundle(client: Client, name: String, trust_bundle: String) {
-    let mut delay = std::time::Duration::from_millis(200);
-    loop {
-        match patch_ca_bundle(&client, &name, &trust_bundle).await {
-            Ok(()) => return,
-            Err(e) => warn!(webhook_configuration = %name, "cannot set the webhook's CA bundle yet: {e}"),
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(std::time::Duration::from_secs(10));
-    }
 }
 
 #[cfg(test)]

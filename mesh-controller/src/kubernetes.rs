@@ -41,6 +41,43 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Clie
     Client::try_from(config).context("Kubernetes client")
 }
 
+/// Runs `attempt` until it succeeds, backing off from 200 ms to 10 s and
+/// saying why each time: for what the controller writes to the API server,
+/// whose objects (a namespace, a webhook configuration) may come later.
+pub async fn until_done<F, Fut>(what: &str, mut attempt: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        match attempt().await {
+            Ok(()) => return,
+            Err(e) => warn!("{what}: not yet: {e:#}"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(10));
+    }
+}
+
+/// Publishes the mesh's trust bundle in the ConfigMap `namespace/name`
+/// (key `root-cert.pem`, as Istio's `istio-ca-root-cert`): node agents mount
+/// it to verify the controller before they have joined.
+pub async fn publish_trust_bundle(client: &Client, namespace: &str, name: &str, pem: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Patch, PatchParams};
+    let config_map = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "mesh"}},
+        "data": {"root-cert.pem": pem},
+    });
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    api.patch(name, &PatchParams::apply("mesh-controller").force(), &Patch::Apply(&config_map)).await?;
+    info!(config_map = %format!("{namespace}/{name}"), "trust bundle published");
+    Ok(())
+}
+
 /// One kind as this API server serves it.
 #[derive(Clone, Debug)]
 pub struct Served {

@@ -39,6 +39,15 @@ struct Args {
     /// The kubeconfig file for --kubernetes.
     #[arg(long, requires = "kubernetes")]
     kubeconfig: Option<PathBuf>,
+    /// With --kubernetes: the ConfigMap (NAMESPACE/NAME) where the trust
+    /// bundle is published (key `root-cert.pem`) for node agents to mount.
+    #[arg(long, default_value = "mesh-system/mesh-ca-root")]
+    trust_bundle_configmap: String,
+    /// With --kubernetes: the node agents' service account (NAMESPACE/NAME).
+    /// An agent joins with its pod's projected token for audience
+    /// `mesh-controller`, and only as the node its pod is scheduled on.
+    #[arg(long, default_value = "mesh-system/mesh-node")]
+    node_service_account: String,
     /// With --kubernetes: the validating admission webhook (HTTPS, the
     /// serving certificate of --grpc-san's names), at path /validate.
     #[arg(long, default_value = "0.0.0.0:15017")]
@@ -174,8 +183,17 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let registry = node_api::Registry::open(&args.state_dir.join("nodes.json"))?;
-    let hub =
-        Arc::new(Hub::new(ca.clone(), shared_token, registry, settings.trust_domain.clone(), args.node_cert_lifetime));
+    let mut hub = Hub::new(ca.clone(), shared_token, registry, settings.trust_domain.clone(), args.node_cert_lifetime);
+    if let Some(client) = &kubernetes {
+        let (namespace, service_account) =
+            args.node_service_account.split_once('/').context("--node-service-account: expected NAMESPACE/NAME")?;
+        hub = hub.with_token_join(node_api::service_account::TokenJoin {
+            client: client.clone(),
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+        });
+    }
+    let hub = Arc::new(hub);
 
     let state = Arc::new(RwLock::new(State {
         config_dir: config_dir.clone(),
@@ -212,9 +230,22 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("binding {} (use --webhook-addr)", args.webhook_addr))?;
         let addr = admission::serve(listener, serving.clone())?;
         info!(webhook_addr = %addr, path = admission::PATH, "admission webhook serving");
+        let bundle = ca.trust_bundle();
         if let Some(name) = args.webhook_config.clone() {
-            tokio::spawn(admission::keep_ca_bundle(client, name, ca.trust_bundle()));
+            let (client, bundle) = (client.clone(), bundle.clone());
+            tokio::spawn(async move {
+                let what = format!("setting the CA bundle of ValidatingWebhookConfiguration {name}");
+                kubernetes::until_done(&what, || admission::patch_ca_bundle(&client, &name, &bundle)).await;
+            });
         }
+        let (namespace, name) =
+            args.trust_bundle_configmap.split_once('/').context("--trust-bundle-configmap: expected NAMESPACE/NAME")?;
+        let (namespace, name) = (namespace.to_owned(), name.to_owned());
+        tokio::spawn(async move {
+            let what = format!("publishing the trust bundle in ConfigMap {namespace}/{name}");
+            let publish = || kubernetes::publish_trust_bundle(&client, &namespace, &name, &bundle);
+            kubernetes::until_done(&what, publish).await;
+        });
     }
     tokio::spawn(serving.renew_forever());
     let service = NodeControlServer::new(NodeService(hub.clone()));

@@ -123,6 +123,12 @@ impl Controller {
             .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
     }
 
+    /// Makes `token` what `node`'s agent joins with (instead of a token from
+    /// `mesh-ctl node add`): a Kubernetes service-account token, say.
+    pub fn set_node_token(&self, node: &str, token: &str) {
+        fs::write(self.state_dir.with_file_name(format!("join-token-{node}")), token).expect("writing the token");
+    }
+
     /// A file holding `node`'s join token, registered once with `mesh-ctl
     /// node add` on the controller's host (its namespace), as an operator
     /// would; later agents of the node reuse its persisted node certificate.

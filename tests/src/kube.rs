@@ -185,9 +185,52 @@ impl Kube {
             ips[0],
             list.join(",")
         );
+        let path = format!("/api/v1/namespaces/{namespace}/pods/{name}/status");
+        self.call("PATCH", &path, "application/merge-patch+json", &patch);
+    }
+
+    /// Plays the kubelet for a node agent's pod: the DaemonSet's pod of
+    /// `node` (service account mesh-system/mesh-node, created on first use)
+    /// and the projected token the kubelet would mount for it: bound to the
+    /// pod, for the controller's audience.
+    pub fn node_agent_token(&self, node: &str) -> String {
+        let pod = format!("mesh-node-{node}");
+        self.apply_ok(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: mesh-system}}\n---\n\
+             apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: mesh-node, namespace: mesh-system}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: mesh-system}}\n\
+             spec: {{nodeName: {node}, serviceAccountName: mesh-node, containers: [{{name: mesh-node, image: mesh-node}}]}}\n"
+        ));
+        let uid = self.kubectl_ok(&["get", "pod", "-n", "mesh-system", &pod, "-o", "jsonpath={.metadata.uid}"]);
+        self.token_request("mesh-system", "mesh-node", &pod, &uid, "mesh-controller")
+    }
+
+    /// A service-account token from the TokenRequest API, bound to a pod.
+    pub fn token_request(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod: &str,
+        uid: &str,
+        audience: &str,
+    ) -> String {
+        let body = format!(
+            "{{\"apiVersion\":\"authentication.k8s.io/v1\",\"kind\":\"TokenRequest\",\"spec\":{{\
+             \"audiences\":[\"{audience}\"],\"expirationSeconds\":3600,\
+             \"boundObjectRef\":{{\"apiVersion\":\"v1\",\"kind\":\"Pod\",\"name\":\"{pod}\",\"uid\":\"{uid}\"}}}}}}"
+        );
+        let path = format!("/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token");
+        let reply: serde_json::Value =
+            serde_json::from_str(&self.call("POST", &path, "application/json", &body)).expect("TokenRequest JSON");
+        reply["status"]["token"].as_str().expect("a token").to_owned()
+    }
+
+    /// `method path` on the API server as its admin, with `body`; the reply's body.
+    fn call(&self, method: &str, path: &str, content_type: &str, body: &str) -> String {
         let pki = self.dir.join("pki");
         let p = |f: &str| pki.join(f).display().to_string();
-        let url = format!("{SERVER}/api/v1/namespaces/{namespace}/pods/{name}/status");
+        let url = format!("{SERVER}{path}");
+        let content_type = format!("Content-Type: {content_type}");
         let out = run_in(
             &self.netns,
             &[
@@ -203,15 +246,16 @@ impl Kube {
                 "--key",
                 &p("admin.key"),
                 "-X",
-                "PATCH",
+                method,
                 "-H",
-                "Content-Type: application/merge-patch+json",
+                &content_type,
                 "--data",
-                &patch,
+                body,
                 &url,
             ],
         );
-        assert!(out.status.success(), "PATCH {url}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{method} {url}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// The API server's log, for a failure's message.

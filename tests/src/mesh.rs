@@ -54,6 +54,10 @@ impl Mesh {
         kube.install_crds();
         let kubeconfig = kube.kubeconfig.display().to_string();
         let controller = t.start_controller(&cnode, &["--kubernetes", "--kubeconfig", &kubeconfig]);
+        // Each agent joins with its pod's service-account token: no join tokens on Kubernetes.
+        for node in nodes {
+            controller.set_node_token(node, &kube.node_agent_token(node));
+        }
         let mut mesh = Self::join(t, controller, test, nodes)?;
         mesh.kube = Some(kube);
         Some(mesh)

@@ -39,6 +39,36 @@ fn objects_applied_with_kubectl_are_enforced_on_the_nodes() {
     let tunnels = mesh.metric("node2", "istio_tcp_connections_opened_total", &[("reporter", "destination")]);
     assert!(tunnels >= 1.0, "the connection crossed over HBONE to node2's proxy ({tunnels})");
 
+    // The trust bundle the DaemonSet's agents mount to verify the controller.
+    let bundle = mesh.controller.get("/debug/ca");
+    eventually("the trust bundle is published", Duration::from_secs(10), || {
+        let get = ["get", "configmap", "-n", "mesh-system", "mesh-ca-root", "-o", "jsonpath={.data.root-cert\\.pem}"];
+        kube.kubectl(&get).stdout == bundle.as_bytes()
+    });
+
+    // The agents joined with their pods' service-account tokens. Such a
+    // token names its node: node1's agent token does not join node9.
+    let token = mesh.t.dir.join("node1-agent-token");
+    std::fs::write(&token, kube.node_agent_token("node1")).unwrap();
+    let root = mesh.controller.state_dir.join("ca-cert.pem");
+    let rogue_node = mesh.t.node("rogue");
+    let args = [
+        "--controller",
+        &mesh.controller.address,
+        "--node-name",
+        "node9",
+        "--join-token",
+        token.to_str().unwrap(),
+        "--controller-ca",
+        root.to_str().unwrap(),
+    ];
+    let rogue = mesh.t.start_agent(&rogue_node, "rogue", &args).expect("the agent runs here");
+    eventually("the rogue join is refused", Duration::from_secs(10), || {
+        let log = rogue.proc.log_text();
+        log.contains("controller refused") && log.contains("the token's pod runs on node node1, not on node9")
+    });
+    drop(rogue);
+
     // A policy from kubectl is enforced.
     let deny = "{action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sa-a]}}]}]}";
     mesh.apply("deny.yaml", &yaml::authorization("default", "deny-a", deny));

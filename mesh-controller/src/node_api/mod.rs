@@ -23,6 +23,7 @@ use tracing::{info, warn};
 mod auth;
 mod metrics;
 pub mod registry;
+pub mod service_account;
 mod session;
 
 use self::auth::{ca_status, same_token, uri_san};
@@ -98,6 +99,8 @@ pub struct Hub {
     /// One publication at a time: a revocation republishes the model in
     /// force, which must not undo a configuration published meanwhile.
     publishing: Mutex<()>,
+    /// On Kubernetes: nodes may join with their agent's service-account token.
+    token_join: Option<service_account::TokenJoin>,
 }
 
 /// Updates with this many resources (snapshots, mostly) are sent to at most
@@ -129,7 +132,15 @@ impl Hub {
             metrics: HubMetrics::default(),
             large_updates: Arc::new(tokio::sync::Semaphore::new(LARGE_UPDATES_IN_FLIGHT)),
             publishing: Mutex::default(),
+            token_join: None,
         }
+    }
+
+    /// Lets node agents join with their Kubernetes service-account tokens
+    /// ([`service_account`]) besides join tokens.
+    pub fn with_token_join(mut self, token_join: service_account::TokenJoin) -> Hub {
+        self.token_join = Some(token_join);
+        self
     }
 
     /// Makes `model` what nodes get; every connected stream pushes its delta now.
@@ -249,7 +260,7 @@ impl Hub {
             Err(registry::Refusal::Revoked(n)) => Err(self.refuse_node(registry::Refusal::Revoked(n))),
             Err(refusal) => match &self.shared_token {
                 Some(shared) if same_token(token, shared) => {
-                    self.registry.joined_with_shared_token(node, now).map_err(|r| self.refuse_node(r))
+                    self.registry.joined_without_own_token(node, now).map_err(|r| self.refuse_node(r))
                 }
                 // Neither its own token nor the shared one.
                 Some(_) if matches!(refusal, registry::Refusal::Unknown(_)) => {
@@ -287,7 +298,18 @@ impl NodeControl for NodeService {
         let issued =
             self.ca.issue_uri(&req.csr_pem, &self.node_uri(&req.node), OffsetDateTime::now_utc(), self.node_lifetime);
         let issued = issued.map_err(|e| self.refuse(ca_status(e)))?;
-        self.admit_join(&req.node, &req.token)?;
+        match &self.token_join {
+            Some(token_join) if service_account::is_jwt(&req.token) => {
+                let node =
+                    token_join.node_of(&req.token).await.map_err(|m| self.refuse(Status::permission_denied(m)))?;
+                if node != req.node {
+                    let m = format!("the token's pod runs on node {node}, not on {}", req.node);
+                    return Err(self.refuse(Status::permission_denied(m)));
+                }
+                self.registry.joined_without_own_token(&req.node, unix_now()).map_err(|r| self.refuse_node(r))?;
+            }
+            _ => self.admit_join(&req.node, &req.token)?,
+        }
         self.registry.issued(&req.node, &issued.serial);
         info!(node = %req.node, "node joined");
         Ok(self.issued(issued))

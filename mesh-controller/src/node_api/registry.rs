@@ -233,9 +233,10 @@ impl Registry {
         Ok(())
     }
 
-    /// Registers a node that joined with the shared join token (the older
-    /// way), so that it can be revoked like the others.
-    pub fn joined_with_shared_token(&self, node: &str, now: u64) -> Result<(), Refusal> {
+    /// Registers a node that joined without a token of its own (the older
+    /// shared join token, or its agent's Kubernetes service-account token),
+    /// so that it can be revoked like the others.
+    pub fn joined_without_own_token(&self, node: &str, now: u64) -> Result<(), Refusal> {
         let mut file = self.file.lock().unwrap();
         match file.nodes.get(node) {
             Some(r) if r.revoked_unix != 0 => return Err(Refusal::Revoked(node.into())),
