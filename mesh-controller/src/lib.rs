@@ -7,6 +7,8 @@ pub mod ca;
 pub use mesh_config as config;
 pub mod distribute;
 pub mod kubernetes;
+pub mod leader;
 pub mod model;
 pub mod node_api;
 pub mod serving;
+pub mod status;

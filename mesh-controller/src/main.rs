@@ -18,10 +18,11 @@ use mesh_controller::{
     admission,
     ca::CertificateAuthority,
     config::{ConfigStore, Document, MeshSettings, ParseCache, Problem, Snapshot, read_dir},
-    kubernetes,
+    kubernetes, leader,
     model::MeshModel,
     node_api::{self, Hub, NodeService},
     serving::{self, ServingCert},
+    status::StatusWriter,
 };
 use tracing::{info, warn};
 
@@ -43,6 +44,13 @@ struct Args {
     /// bundle is published (key `root-cert.pem`) for node agents to mount.
     #[arg(long, default_value = "mesh-system/mesh-ca-root")]
     trust_bundle_configmap: String,
+    /// With --kubernetes: the Lease (NAMESPACE/NAME) controller replicas
+    /// elect their leader with; only the leader writes objects' status.
+    #[arg(long, default_value = "mesh-system/mesh-controller")]
+    leader_lease: String,
+    /// How long a leader's lease holds unrenewed (renewed every third of it).
+    #[arg(long, default_value = "15s", value_parser = mesh_common::parse_duration)]
+    leader_lease_duration: Duration,
     /// With --kubernetes: the node agents' service account (NAMESPACE/NAME).
     /// An agent joins with its pod's projected token for audience
     /// `mesh-controller`, and only as the node its pod is scheduled on.
@@ -125,6 +133,8 @@ pub struct State {
     /// Times the directory was read (a Prometheus counter: the registry shares it).
     pub reloads: prometheus_client::metrics::counter::Counter,
     pub last_reload_seconds: f64,
+    /// On Kubernetes: whether this replica holds the leader lease.
+    pub leader: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 #[tokio::main]
@@ -201,11 +211,35 @@ async fn main() -> anyhow::Result<()> {
         model: Arc::default(),
         reloads: Default::default(),
         last_reload_seconds: 0.0,
+        leader: None,
     }));
     let cache = Arc::new(Mutex::new(ParseCache::default()));
     let root_namespace = settings.root_namespace.clone();
     let reloader = Reloader { settings, state: state.clone(), hub: hub.clone(), cache };
     let webhook_client = kubernetes.clone();
+    // Leader election and, for the leader, objects' status.
+    let status = match &kubernetes {
+        Some(client) => {
+            let (namespace, name) =
+                args.leader_lease.split_once('/').context("--leader-lease: expected NAMESPACE/NAME")?;
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            let election = leader::run(
+                client.clone(),
+                namespace.to_owned(),
+                name.to_owned(),
+                leader::identity(),
+                args.leader_lease_duration,
+                tx,
+            );
+            tokio::spawn(election);
+            state.write().unwrap_or_else(|e| e.into_inner()).leader = Some(rx.clone());
+            let (docs_tx, docs_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+            let writer = StatusWriter::new(client.clone());
+            tokio::spawn(write_status(writer, state.clone(), docs_rx, rx));
+            Some(docs_tx)
+        }
+        None => None,
+    };
     let mut source = match (&config_dir, kubernetes) {
         (Some(dir), _) => {
             let (docs, problems) = read_dir(dir);
@@ -215,6 +249,9 @@ async fn main() -> anyhow::Result<()> {
         (None, Some(client)) => Source::kubernetes(client, root_namespace, &reloader).await?,
         (None, None) => unreachable!("clap requires --config-dir or --kubernetes"),
     };
+    if let (Some(docs), Source::Kubernetes { objects, .. }) = (&status, &source) {
+        docs.send_replace(Arc::new(objects.documents()));
+    }
 
     let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
@@ -268,7 +305,11 @@ async fn main() -> anyhow::Result<()> {
                 // Parsing and building the model is CPU work: off the async workers
                 // that serve the nodes' streams.
                 let r = reloader.clone();
+                let for_status = status.is_some().then(|| docs.clone());
                 let _ = tokio::task::spawn_blocking(move || r.reload(docs, problems)).await;
+                if let (Some(tx), Some(docs)) = (&status, for_status) {
+                    tx.send_replace(Arc::new(docs));
+                }
             }
             _ = tokio::signal::ctrl_c() => {
                 info!("interrupted; exiting");
@@ -338,6 +379,33 @@ impl Source {
                     return (objects.documents(), Vec::new());
                 }
             },
+        }
+    }
+}
+
+/// While this replica leads: brings the `Accepted` condition of every Istio
+/// object up to date after each reload, and once on gaining leadership.
+async fn write_status(
+    writer: StatusWriter,
+    state: Arc<RwLock<State>>,
+    mut docs: tokio::sync::watch::Receiver<Arc<Vec<Document>>>,
+    mut leader: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let leads = *leader.borrow_and_update();
+        let current = docs.borrow_and_update().clone();
+        if leads && !current.is_empty() {
+            let (problems, in_force) = {
+                let s = state.read().unwrap_or_else(|e| e.into_inner());
+                let in_force: std::collections::BTreeSet<PathBuf> =
+                    s.store.objects().values().map(|o| o.origin.file.clone()).collect();
+                (s.store.problems().to_vec(), in_force)
+            };
+            writer.update(&current, &problems, &in_force).await;
+        }
+        tokio::select! {
+            changed = docs.changed() => if changed.is_err() { return },
+            changed = leader.changed() => if changed.is_err() { return },
         }
     }
 }

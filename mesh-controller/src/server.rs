@@ -138,7 +138,15 @@ async fn ready(AxState(s): AxState<Shared>) -> impl IntoResponse {
     let s = read(&s);
     let rejected: Vec<String> = s.store.problems().iter().map(ToString::to_string).collect();
     let warnings: Vec<String> = s.store.warnings().iter().map(ToString::to_string).collect();
-    Json(json!({ "ready": true, "generation": s.store.generation(), "rejected": rejected, "warnings": warnings }))
+    // On Kubernetes: whether this replica leads (writes objects' status).
+    let leader = s.leader.as_ref().map(|l| *l.borrow());
+    Json(json!({
+        "ready": true,
+        "generation": s.store.generation(),
+        "rejected": rejected,
+        "warnings": warnings,
+        "leader": leader,
+    }))
 }
 
 async fn config(AxState(s): AxState<Shared>) -> impl IntoResponse {

@@ -332,3 +332,71 @@ fn the_manifests_in_deploy_are_accepted_by_the_api_server() {
         assert!(out.contains("(server dry run)"), "{file}: {out}");
     }
 }
+
+/// The `Accepted` condition on an object's status: (status, message).
+fn accepted(kube: &mesh_tests::kube::Kube, kind: &str, namespace: &str, name: &str) -> Option<(String, String)> {
+    let out = kube.kubectl(&["get", kind, "-n", namespace, name, "-o", "json"]);
+    let object: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let conditions = object["status"]["conditions"].as_array()?;
+    let c = conditions.iter().find(|c| c["type"] == "Accepted")?;
+    Some((c["status"].as_str()?.to_owned(), c["message"].as_str()?.to_owned()))
+}
+
+#[test]
+fn two_controllers_elect_one_leader_which_marks_each_istio_object_accepted_or_not() {
+    let t = mesh_tests::Topology::new("kube-leader");
+    let node = t.node("controller");
+    let kube = t.start_kube(&node);
+    kube.install_crds();
+    kube.apply_ok("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: mesh-system}\n");
+    // Objects that got in without admission (no webhook here): one good, one not.
+    kube.apply_ok(&yaml::authorization(
+        "shop",
+        "good",
+        "{action: DENY, rules: [{to: [{operation: {ports: ['9000']}}]}]}",
+    ));
+    kube.apply_ok(&yaml::authorization(
+        "shop",
+        "bad",
+        "{rules: [{from: [{source: {principals: ['not a principal']}}]}]}",
+    ));
+
+    let kubeconfig = kube.kubeconfig.display().to_string();
+    let start = |n: u16| {
+        let (metrics, webhook) = (format!("127.0.0.1:{n}14"), format!("127.0.0.1:{n}17"));
+        let args =
+            ["--kubernetes", "--kubeconfig", &kubeconfig, "--webhook-addr", &webhook, "--leader-lease-duration", "3s"];
+        let at = Placement { netns: &node, grpc_addr: "127.0.0.1:0", metrics_addr: &metrics, dial: String::new() };
+        t.start_controller_at(at, &args)
+    };
+    let mut replicas = [start(151), start(152)];
+    let leads = |c: &mesh_tests::Controller| c.json("/healthz/ready")["leader"] == true;
+    eventually("one replica leads", Duration::from_secs(20), || replicas.iter().filter(|c| leads(c)).count() == 1);
+
+    eventually("the leader marks both objects", Duration::from_secs(20), || {
+        accepted(&kube, "authorizationpolicy", "shop", "good").is_some_and(|(s, _)| s == "True")
+            && accepted(&kube, "authorizationpolicy", "shop", "bad").is_some_and(|(s, _)| s == "False")
+    });
+    let (_, why) = accepted(&kube, "authorizationpolicy", "shop", "bad").unwrap();
+    assert!(
+        why.contains("spec.rules[0].from[0].source.principals[0]: \"not a principal\" is not a principal")
+            && why.ends_with("no version of it is in force"),
+        "{why}"
+    );
+
+    // The leader goes away: the other replica takes over within the lease's
+    // duration, and marks what changes from then on.
+    let leader = replicas.iter().position(&leads).unwrap();
+    replicas[leader].proc.kill();
+    let follower = &replicas[1 - leader];
+    let took = eventually("the other replica leads", Duration::from_secs(20), || leads(follower));
+    eprintln!("leadership taken over after {took:?}");
+    kube.apply_ok(&yaml::authorization(
+        "shop",
+        "bad",
+        "{action: DENY, rules: [{from: [{source: {principals: ['cluster.local/ns/shop/sa/x']}}]}]}",
+    ));
+    eventually("the new leader marks the fixed object", Duration::from_secs(20), || {
+        accepted(&kube, "authorizationpolicy", "shop", "bad").is_some_and(|(s, _)| s == "True")
+    });
+}
