@@ -2,6 +2,7 @@
 //! (redirecting their TCP traffic to itself) and proxies that traffic.
 //! See ARCHITECTURE.md for the path of one connection.
 mod admin;
+mod cni;
 mod control;
 mod ebpf;
 mod handoff;
@@ -233,6 +234,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(control) = &control {
         control::spawn(control, pods.clone());
+        let socket = cni::serve(&state_dir, pods.clone(), control.clone())
+            .with_context(|| format!("the CNI plugin's socket in {}", state_dir.display()))?;
+        info!(socket = %socket.display(), "serving the CNI plugin");
     }
 
     let ready = Arc::new(AtomicBool::new(false));

@@ -155,17 +155,22 @@ impl Mesh {
     /// writes the Pods' status, as a kubelet would): objects of an earlier
     /// apply that `yaml` leaves out stay, as with kubectl.
     pub fn apply(&self, file: &str, yaml: &str) -> Duration {
-        self.report_pods(yaml);
         let before = self.controller.json("/debug/nodes")["version"].clone();
         let start = Instant::now();
         match &self.kube {
             Some(kube) => {
                 kube.apply_ok(yaml);
+                // The pods' sandboxes are made after they are scheduled: the
+                // CNI plugin runs, and returns once the pod is enrolled.
+                self.cni_add_pods(yaml);
                 for (namespace, name, ips) in pod_ips_in(yaml) {
                     kube.set_pod_ips(&namespace, &name, &ips);
                 }
             }
-            None => self.controller.write(file, yaml),
+            None => {
+                self.report_pods(yaml);
+                self.controller.write(file, yaml);
+            }
         }
         let deadline = start + crate::patience(Duration::from_secs(10));
         loop {
@@ -175,6 +180,21 @@ impl Mesh {
             }
             assert!(Instant::now() < deadline, "{file}: configuration not in force on every node after 10 s");
             thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Plays the container runtime's part: runs the real CNI plugin's ADD for
+    /// each Pod in `yaml` scheduled on one of the nodes, and checks that when
+    /// it returns the pod is already enrolled (a pod of an ambient namespace)
+    /// or not (any other): the app would start only then.
+    pub fn cni_add_pods(&self, yaml: &str) {
+        for (name, node, netns) in pods_in(yaml) {
+            let Some(n) = self.nodes.iter().find(|n| n.name == node) else { continue };
+            let (ok, out) = n.agent.cni("ADD", &name, &netns);
+            assert!(ok, "mesh-cni ADD {name} failed: {out}");
+            let enrolled = n.agent.config_dump()["pods"].as_array().into_iter().flatten().any(|p| p["name"] == name);
+            let captured = self.controller.json("/debug/model")["workloads"][format!("Pod/{name}")]["captured"] == true;
+            assert_eq!(enrolled, captured, "{name} when mesh-cni ADD returned: {out}");
         }
     }
 

@@ -201,7 +201,8 @@ impl Topology {
             thread::sleep(Duration::from_millis(50));
         }
         let pin_dir = Path::new(BPFFS).join("mesh").join(&instance);
-        Ok(Agent { proc, node: node.into(), instance, pin_dir, admin_addr })
+        let state_dir = Path::new(&state_dir).join(&instance);
+        Ok(Agent { proc, node: node.into(), instance, pin_dir, admin_addr, state_dir })
     }
 
     /// Like [`Self::start_agent`], but says SKIPPED and returns `None` where the
@@ -289,6 +290,8 @@ pub struct Agent {
     pub pin_dir: PathBuf,
     /// `ip:port` of its admin API (reached from inside its node).
     pub admin_addr: String,
+    /// Its instance's state directory (persisted state, the CNI plugin's socket).
+    pub state_dir: PathBuf,
 }
 
 impl Agent {
@@ -316,6 +319,35 @@ impl Agent {
         let body = format!(r#"{{"name":"{name}","netns":"{}"}}"#, netns.display());
         let (code, text) = self.admin("PUT", "/netns", Some(&body));
         assert_eq!(code, 204, "reporting the network namespace of {name}: {text}");
+    }
+
+    /// Runs the real CNI plugin (`mesh-cni`) as a container runtime does
+    /// for the pod `name` (`namespace/name`) in `netns`: command `command`
+    /// (ADD, DEL), the CNI environment, the network configuration on stdin
+    /// with the previous plugin's result. Its exit status and standard output.
+    pub fn cni(&self, command: &str, name: &str, netns: &Path) -> (bool, String) {
+        use std::io::Write as _;
+        let (namespace, pod) = name.split_once('/').expect("namespace/name");
+        let conf = format!(
+            r#"{{"cniVersion":"1.0.0","name":"mesh-test","type":"mesh-cni","agent_socket":"{}",
+                "prevResult":{{"cniVersion":"1.0.0","interfaces":[{{"name":"eth0","sandbox":"{}"}}],"ips":[]}}}}"#,
+            self.state_dir.join("cni.sock").display(),
+            netns.display()
+        );
+        let mut child = std::process::Command::new(sibling_bin("mesh-cni"))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", format!("test-{}", pod))
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}"))
+            .env("CNI_PATH", "/opt/cni/bin")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("running mesh-cni");
+        child.stdin.take().unwrap().write_all(conf.as_bytes()).unwrap();
+        let out = child.wait_with_output().expect("mesh-cni");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     pub fn unenroll(&self, pod: &Pod) {

@@ -400,3 +400,39 @@ fn two_controllers_elect_one_leader_which_marks_each_istio_object_accepted_or_no
         accepted(&kube, "authorizationpolicy", "shop", "bad").is_some_and(|(s, _)| s == "True")
     });
 }
+
+#[test]
+fn the_cni_plugin_lets_a_pod_start_only_once_it_is_enrolled_and_fails_closed_without_the_agent() {
+    let Some(mut mesh) = Mesh::start_on_kubernetes("kube-cni", &["node1"]) else { return };
+    // Mesh::apply runs mesh-cni ADD for each pod and checks, the moment it
+    // returns, that the pod is enrolled exactly when it is captured.
+    let (a, plain) = (mesh.t.pod_in("shop", "a"), mesh.t.pod_in("plain", "p"));
+    let config = [
+        yaml::namespace("shop", true),
+        yaml::namespace("plain", false),
+        yaml::pod(&a, "node1", "sa-a", "a"),
+        yaml::pod(&plain, "node1", "sa-p", "p"),
+    ]
+    .concat();
+    mesh.apply("pods.yaml", &config);
+    let agent = &mesh.node("node1").agent;
+    let enrolled = |name: &str| agent.config_dump()["pods"].as_array().unwrap().iter().any(|p| p["name"] == name);
+    assert!(enrolled("shop/a") && !enrolled("plain/p"));
+
+    // DEL releases the pod's namespace: the agent lets the pod go.
+    let (ok, out) = agent.cni("DEL", "shop/a", &a.netns);
+    assert!(ok, "mesh-cni DEL: {out}");
+    eventually("the deleted pod is unenrolled", Duration::from_secs(10), || !enrolled("shop/a"));
+
+    // Without its agent, a pod starts only in an excluded namespace.
+    mesh.nodes[0].agent.proc.kill();
+    let agent = &mesh.node("node1").agent;
+    let (ok, out) = agent.cni("ADD", "shop/a", &a.netns);
+    assert!(!ok && out.contains("unreachable"), "ADD without the agent: {out}");
+    let error: Value = serde_json::from_str(&out).expect("a CNI error result");
+    assert_eq!(error["code"], 999);
+    let (ok, out) = agent.cni("ADD", "kube-system/coredns", &plain.netns);
+    assert!(ok, "a kube-system pod starts without the agent: {out}");
+    let (ok, out) = agent.cni("DEL", "shop/a", &a.netns);
+    assert!(ok, "DEL succeeds without the agent: {out}");
+}

@@ -100,6 +100,13 @@ impl State {
         self.store().local_pods(node)
     }
 
+    /// Where the controller places pod `namespace/name`: its node, and
+    /// whether it is captured; `None` while the controller has not told of it.
+    pub fn pod_placement(&self, pod: &str) -> Option<(String, bool)> {
+        let uid = format!("Pod/{pod}");
+        self.store().workloads.values().find(|w| w.uid == uid).map(|w| (w.node.clone(), w.captured))
+    }
+
     /// The waypoint instances `node` runs.
     pub fn native_tunnels(&self, node: &str) -> Vec<LocalPod> {
         self.store().native_tunnels(node)
