@@ -9,8 +9,11 @@ fn main() {
 fn api() {
     let stubs = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["mesh/v1/node.proto", "envoy/service/auth/v3/external_auth.proto"], ["proto"])
-        .unwrap_or_else(|e| panic!("proto/: {e}"));
+    let fds = protox::compile(
+        ["mesh/v1/node.proto", "envoy/service/auth/v3/external_auth.proto", "istio/v1/auth/ca.proto"],
+        ["proto"],
+    )
+    .unwrap_or_else(|e| panic!("proto/: {e}"));
     tonic_prost_build::configure()
         .build_client(stubs)
         .build_server(stubs)

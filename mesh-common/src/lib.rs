@@ -178,6 +178,14 @@ pub mod api {
     pub use keys::ResourceKey;
 }
 
+/// Istio's certificate service (`proto/istio/v1/auth/ca.proto`), which the
+/// controller serves for Istio's own agents.
+#[cfg(feature = "api")]
+pub mod istio_ca {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/istio.v1.auth.rs"));
+}
+
 /// Envoy's ext_authz gRPC API (`proto/envoy/service/auth/v3`), as the
 /// waypoint calls external authorizers.
 #[cfg(feature = "api")]

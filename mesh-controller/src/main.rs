@@ -13,12 +13,15 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Parser;
-use mesh_common::api::node_control_server::NodeControlServer;
+use mesh_common::{
+    api::node_control_server::NodeControlServer,
+    istio_ca::istio_certificate_service_server::IstioCertificateServiceServer,
+};
 use mesh_controller::{
     admission,
     ca::CertificateAuthority,
     config::{ConfigStore, Document, MeshSettings, ParseCache, Problem, Snapshot, read_dir},
-    kubernetes, leader,
+    istio_ca, kubernetes, leader,
     model::MeshModel,
     node_api::{self, Hub, NodeService},
     serving::{self, ServingCert},
@@ -51,6 +54,11 @@ struct Args {
     /// How long a leader's lease holds unrenewed (renewed every third of it).
     #[arg(long, default_value = "15s", value_parser = mesh_common::parse_duration)]
     leader_lease_duration: Duration,
+    /// With --kubernetes: the service accounts (NAMESPACE/NAME, comma
+    /// separated) of Istio node agents that may ask Istio's certificate API
+    /// for the certificates of workloads on their node (ImpersonatedIdentity).
+    #[arg(long, default_value = "istio-system/ztunnel")]
+    istio_ca_impersonators: String,
     /// With --kubernetes: the node agents' service account (NAMESPACE/NAME).
     /// An agent joins with its pod's projected token for audience
     /// `mesh-controller`, and only as the node its pod is scheduled on.
@@ -217,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
     let root_namespace = settings.root_namespace.clone();
     let reloader = Reloader { settings, state: state.clone(), hub: hub.clone(), cache };
     let webhook_client = kubernetes.clone();
+    let istio_ca_client = kubernetes.clone();
     // Leader election and, for the leader, objects' status.
     let status = match &kubernetes {
         Some(client) => {
@@ -286,7 +295,18 @@ async fn main() -> anyhow::Result<()> {
     }
     tokio::spawn(serving.renew_forever());
     let service = NodeControlServer::new(NodeService(hub.clone()));
-    let server = tonic::transport::Server::builder().add_service(service);
+    // On Kubernetes, Istio's certificate API beside the node API, as istiod serves it.
+    let istio_ca = match &istio_ca_client {
+        Some(client) => Some(IstioCertificateServiceServer::new(istio_ca::IstioCa {
+            ca: ca.clone(),
+            hub: hub.clone(),
+            client: client.clone(),
+            trust_domain: args.trust_domain.clone(),
+            impersonators: parse_service_accounts(&args.istio_ca_impersonators)?,
+        })),
+        None => None,
+    };
+    let server = tonic::transport::Server::builder().add_service(service).add_optional_service(istio_ca);
     tokio::spawn(server.serve_with_incoming(serving::incoming("node API", grpc, tls)));
 
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
@@ -472,6 +492,17 @@ fn serving_names(addr: SocketAddr, extra: &[String]) -> (Vec<String>, Vec<std::n
         ips.push(addr.ip());
     }
     (names, ips)
+}
+
+/// `ns/name,ns/name`.
+fn parse_service_accounts(list: &str) -> anyhow::Result<Vec<(String, String)>> {
+    list.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            let (ns, name) = s.trim().split_once('/').with_context(|| format!("{s:?}: expected NAMESPACE/NAME"))?;
+            Ok((ns.to_owned(), name.to_owned()))
+        })
+        .collect()
 }
 
 /// `24h`, `30m`, `90s` or plain seconds; at least 10 s.

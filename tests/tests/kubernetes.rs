@@ -436,3 +436,149 @@ fn the_cni_plugin_lets_a_pod_start_only_once_it_is_enrolled_and_fails_closed_wit
     let (ok, out) = agent.cni("DEL", "shop/a", &a.netns);
     assert!(ok, "DEL succeeds without the agent: {out}");
 }
+
+/// A gRPC client of Istio's certificate API, built on grpcio and protobuf's
+/// own google.protobuf.Struct, with Istio's messages described field by
+/// field (not generated from mesh's copy of the proto). Prints `OK n`, the
+/// leaf and the last certificate of the chain, or `ERR <code> <details>`.
+const ISTIO_CA_CLIENT: &str = r#"
+import sys, grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
+addr, ca, token, csr, impersonate = sys.argv[1:6]
+F = descriptor_pb2.FieldDescriptorProto
+fdp = descriptor_pb2.FileDescriptorProto(name="istio-ca-client.proto", package="istio.v1.auth", syntax="proto3",
+                                         dependency=["google/protobuf/struct.proto"])
+m = fdp.message_type.add(name="IstioCertificateRequest")
+m.field.add(name="csr", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+m.field.add(name="validity_duration", number=3, type=F.TYPE_INT64, label=F.LABEL_OPTIONAL)
+m.field.add(name="metadata", number=4, type=F.TYPE_MESSAGE, type_name=".google.protobuf.Struct", label=F.LABEL_OPTIONAL)
+r = fdp.message_type.add(name="IstioCertificateResponse")
+r.field.add(name="cert_chain", number=1, type=F.TYPE_STRING, label=F.LABEL_REPEATED)
+pool = descriptor_pool.Default()
+pool.AddSerializedFile(fdp.SerializeToString())
+Req = message_factory.GetMessageClass(pool.FindMessageTypeByName("istio.v1.auth.IstioCertificateRequest"))
+Resp = message_factory.GetMessageClass(pool.FindMessageTypeByName("istio.v1.auth.IstioCertificateResponse"))
+req = Req(csr=open(csr).read(), validity_duration=3600)
+if impersonate:
+    req.metadata.fields["ImpersonatedIdentity"].string_value = impersonate
+creds = grpc.ssl_channel_credentials(root_certificates=open(ca, "rb").read())
+channel = grpc.secure_channel(addr, creds, options=[("grpc.ssl_target_name_override", "mesh-controller")])
+call = channel.unary_unary("/istio.v1.auth.IstioCertificateService/CreateCertificate",
+                           request_serializer=Req.SerializeToString, response_deserializer=Resp.FromString)
+try:
+    resp = call(req, metadata=[("authorization", "Bearer " + open(token).read().strip())], timeout=20)
+    print("OK", len(resp.cert_chain))
+    print(resp.cert_chain[0].strip())
+    print(resp.cert_chain[-1].strip())
+except grpc.RpcError as e:
+    print("ERR", e.code().name, e.details())
+"#;
+
+#[test]
+fn istios_own_agents_obtain_mesh_certificates_through_istios_certificate_api() {
+    let t = mesh_tests::Topology::new("kube-istio-ca");
+    let node = t.node("controller");
+    let kube = t.start_kube(&node);
+    kube.install_crds();
+    let pod = |ns: &str, name: &str, sa: &str, on: &str| {
+        format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {sa}, namespace: {ns}}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec: {{nodeName: {on}, serviceAccountName: {sa}, containers: [{{name: c, image: c}}]}}\n---\n"
+        )
+    };
+    kube.apply_ok(
+        &[
+            yaml::namespace("shop", true),
+            yaml::namespace("istio-system", false),
+            yaml::namespace("mesh-system", false),
+            pod("shop", "web-1", "web", "node1"),
+            pod("shop", "db-1", "db", "node2"),
+            pod("istio-system", "ztunnel-node1", "ztunnel", "node1"),
+        ]
+        .concat(),
+    );
+    let kubeconfig = kube.kubeconfig.display().to_string();
+    let controller = t.start_controller_at(
+        Placement { netns: &node, grpc_addr: "127.0.0.1:15012", metrics_addr: "127.0.0.1:15014", dial: String::new() },
+        &["--kubernetes", "--kubeconfig", &kubeconfig],
+    );
+    eventually("the controller knows the pods", Duration::from_secs(10), || {
+        controller.json("/debug/model")["workloads"].as_object().is_some_and(|w| w.contains_key("Pod/shop/db-1"))
+    });
+    let token = |ns: &str, sa: &str, pod: &str, audience: &str| {
+        let uid = kube.kubectl_ok(&["get", "pod", "-n", ns, pod, "-o", "jsonpath={.metadata.uid}"]);
+        let file = t.dir.join(format!("token-{sa}-{audience}"));
+        std::fs::write(&file, kube.token_request(ns, sa, pod, &uid, audience)).unwrap();
+        file
+    };
+    let (web, ztunnel) =
+        (token("shop", "web", "web-1", "istio-ca"), token("istio-system", "ztunnel", "ztunnel-node1", "istio-ca"));
+    let web_for_mesh = token("shop", "web", "web-1", "mesh-controller");
+    let csr = t.dir.join("csr.pem");
+    let key = t.dir.join("key.pem");
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/O=istio"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    let root = controller.state_dir.join("ca-cert.pem");
+    let ask = |token: &std::path::Path, impersonate: &str| {
+        let pythonpath = format!("PYTHONPATH={}", mesh_tests::EXT_AUTHZ_PYTHONPATH);
+        let out = mesh_tests::run_in(
+            &node,
+            &[
+                "env",
+                &pythonpath,
+                "/usr/bin/python3",
+                "-c",
+                ISTIO_CA_CLIENT,
+                "127.0.0.1:15012",
+                root.to_str().unwrap(),
+                token.to_str().unwrap(),
+                csr.to_str().unwrap(),
+                impersonate,
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "the client failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        text
+    };
+    let san = |text: &str| {
+        let leaf = t.dir.join("leaf.pem");
+        let pem: String = text.lines().skip(1).take_while(|l| !l.is_empty()).collect::<Vec<_>>().join("\n");
+        let end = pem.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
+        std::fs::write(&leaf, &pem[..end]).unwrap();
+        let out = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+            .arg(&leaf)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    // A workload's own identity, with the chain up to the mesh's root.
+    let own = ask(&web, "");
+    assert!(own.starts_with("OK "), "{own}");
+    assert!(san(&own).contains("URI:spiffe://cluster.local/ns/shop/sa/web"), "{own}");
+    let root_pem = std::fs::read_to_string(&root).unwrap();
+    assert!(own.trim_end().ends_with(root_pem.trim_end()), "the chain ends with the mesh's root: {own}");
+
+    // ztunnel, on behalf of a workload on its own node.
+    let on_behalf = ask(&ztunnel, "spiffe://cluster.local/ns/shop/sa/web");
+    assert!(on_behalf.starts_with("OK "), "{on_behalf}");
+    assert!(san(&on_behalf).contains("URI:spiffe://cluster.local/ns/shop/sa/web"));
+
+    // Refused: a workload on another node, an ordinary workload asking for
+    // another's identity, a token for another audience.
+    let other_node = ask(&ztunnel, "spiffe://cluster.local/ns/shop/sa/db");
+    assert!(other_node.starts_with("ERR PERMISSION_DENIED"), "{other_node}");
+    let not_agent = ask(&web, "spiffe://cluster.local/ns/shop/sa/db");
+    assert!(not_agent.starts_with("ERR PERMISSION_DENIED"), "{not_agent}");
+    let audience = ask(&web_for_mesh, "");
+    assert!(audience.starts_with("ERR UNAUTHENTICATED") && audience.contains("audience"), "{audience}");
+}

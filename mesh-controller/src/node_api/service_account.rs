@@ -24,36 +24,62 @@ pub fn is_jwt(token: &str) -> bool {
     token.split('.').count() == 3 && token.len() > 32
 }
 
-/// The pod a reviewed token was issued to.
+/// Who a reviewed token belongs to.
 #[derive(Debug, PartialEq, Eq)]
-pub struct TokenPod {
+pub struct Caller {
     pub namespace: String,
-    pub name: String,
-    pub uid: String,
+    pub service_account: String,
+    /// The pod the token is bound to (name, uid), for a projected token.
+    pub pod: Option<(String, String)>,
 }
 
-/// What a TokenReview's answer says of the caller: the pod its token is
-/// bound to, when the token is valid, for [`AUDIENCE`], and of
-/// `namespace/service_account`. Pure.
-pub fn token_pod(status: &TokenReviewStatus, namespace: &str, service_account: &str) -> Result<TokenPod, String> {
+/// What a TokenReview's answer says of the caller, when the token is valid
+/// for `audience` and a service account's. Pure.
+pub fn caller(status: &TokenReviewStatus, audience: &str) -> Result<Caller, String> {
     if status.authenticated != Some(true) {
         let why = status.error.as_deref().unwrap_or("not authenticated");
         return Err(format!("the API server does not accept the token: {why}"));
     }
-    if !status.audiences.iter().flatten().any(|a| a == AUDIENCE) {
-        return Err(format!("the token is not for audience {AUDIENCE:?}"));
+    if !status.audiences.iter().flatten().any(|a| a == audience) {
+        return Err(format!("the token is not for audience {audience:?}"));
     }
     let user = status.user.as_ref().ok_or("the token names no user")?;
     let username = user.username.as_deref().unwrap_or_default();
-    let expected = format!("system:serviceaccount:{namespace}:{service_account}");
-    if username != expected {
-        return Err(format!("the token is of {username:?}, not of the node agents' {expected:?}"));
-    }
-    let extra = |key: &str| user.extra.as_ref()?.get(key)?.first().cloned();
-    let (Some(name), Some(uid)) = (extra(POD_NAME), extra(POD_UID)) else {
-        return Err("the token is not bound to a pod (use a projected service-account token)".into());
+    let Some((namespace, service_account)) =
+        username.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':'))
+    else {
+        return Err(format!("the token is of {username:?}, not of a service account"));
     };
-    Ok(TokenPod { namespace: namespace.to_owned(), name, uid })
+    let extra = |key: &str| user.extra.as_ref()?.get(key)?.first().cloned();
+    let pod = extra(POD_NAME).zip(extra(POD_UID));
+    Ok(Caller { namespace: namespace.to_owned(), service_account: service_account.to_owned(), pod })
+}
+
+/// Asks the API server whose `token` is (TokenReview), for `audience`.
+pub async fn review(client: &Client, token: &str, audience: &str) -> Result<Caller, String> {
+    let review = TokenReview {
+        spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: Some(vec![audience.to_owned()]) },
+        ..Default::default()
+    };
+    let reviewed = Api::<TokenReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .map_err(|e| format!("cannot review the token with the API server: {e}"))?;
+    caller(&reviewed.status.unwrap_or_default(), audience)
+}
+
+/// The node a token's pod runs on: the pod read back (the same uid, not a
+/// namesake made since) and its `spec.nodeName`.
+pub async fn node_of_pod(client: &Client, namespace: &str, (name, uid): &(String, String)) -> Result<String, String> {
+    let found = Api::<Pod>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("cannot read pod {namespace}/{name}: {e}"))?;
+    let found = found.ok_or_else(|| format!("the token's pod {namespace}/{name} is gone"))?;
+    if found.metadata.uid.as_deref() != Some(uid.as_str()) {
+        return Err(format!("the token's pod {namespace}/{name} was replaced"));
+    }
+    found.spec.and_then(|s| s.node_name).ok_or_else(|| format!("the token's pod {namespace}/{name} is not scheduled"))
 }
 
 /// Verifies node agents' service-account tokens with the API server.
@@ -66,28 +92,17 @@ pub struct TokenJoin {
 impl TokenJoin {
     /// The node whose agent holds `token`, or why it is refused.
     pub async fn node_of(&self, token: &str) -> Result<String, String> {
-        let review = TokenReview {
-            spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: Some(vec![AUDIENCE.to_owned()]) },
-            ..Default::default()
-        };
-        let reviewed = Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| format!("cannot review the token with the API server: {e}"))?;
-        let status = reviewed.status.unwrap_or_default();
-        let pod = token_pod(&status, &self.namespace, &self.service_account)?;
-        let found = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace)
-            .get_opt(&pod.name)
-            .await
-            .map_err(|e| format!("cannot read pod {}/{}: {e}", pod.namespace, pod.name))?;
-        let found = found.ok_or_else(|| format!("the token's pod {}/{} is gone", pod.namespace, pod.name))?;
-        if found.metadata.uid.as_deref() != Some(pod.uid.as_str()) {
-            return Err(format!("the token's pod {}/{} was replaced", pod.namespace, pod.name));
+        let caller = review(&self.client, token, AUDIENCE).await?;
+        if (caller.namespace.as_str(), caller.service_account.as_str())
+            != (self.namespace.as_str(), self.service_account.as_str())
+        {
+            return Err(format!(
+                "the token is of service account {}/{}, not of the node agents' {}/{}",
+                caller.namespace, caller.service_account, self.namespace, self.service_account
+            ));
         }
-        found
-            .spec
-            .and_then(|s| s.node_name)
-            .ok_or_else(|| format!("the token's pod {}/{} is not scheduled", pod.namespace, pod.name))
+        let pod = caller.pod.ok_or("the token is not bound to a pod (use a projected service-account token)")?;
+        node_of_pod(&self.client, &caller.namespace, &pod).await
     }
 }
 
@@ -114,25 +129,30 @@ mod tests {
     }
 
     #[test]
-    fn only_a_node_agents_pod_bound_token_for_mesh_names_a_pod() {
+    fn a_valid_service_account_token_for_the_audience_names_its_caller_and_pod() {
         let agent = "system:serviceaccount:mesh-system:mesh-node";
         let pod = Some(("mesh-node-x", "uid-1"));
+        let bound = Some(("mesh-node-x".to_owned(), "uid-1".to_owned()));
+        let caller = |ns: &str, sa: &str, pod| Ok(Caller { namespace: ns.into(), service_account: sa.into(), pod });
         let cases = [
-            (status(true, AUDIENCE, agent, pod), Ok("mesh-node-x")),
+            (status(true, AUDIENCE, agent, pod), caller("mesh-system", "mesh-node", bound)),
+            (status(true, AUDIENCE, agent, None), caller("mesh-system", "mesh-node", None)),
             (status(false, AUDIENCE, agent, pod), Err("does not accept")),
             (status(true, "https://kubernetes.default.svc", agent, pod), Err("audience")),
-            (status(true, AUDIENCE, "system:serviceaccount:shop:web", pod), Err("not of the node agents'")),
-            (status(true, AUDIENCE, agent, None), Err("not bound to a pod")),
+            (status(true, AUDIENCE, "admin", pod), Err("not of a service account")),
         ];
         for (status, want) in cases {
-            let got = token_pod(&status, "mesh-system", "mesh-node");
-            match (got, want) {
-                (Ok(p), Ok(name)) => assert_eq!((p.name.as_str(), p.uid.as_str()), (name, "uid-1")),
+            match (caller_of(&status), want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want),
                 (Err(e), Err(text)) => assert!(e.contains(text), "{e:?} does not say {text:?}"),
                 (got, want) => panic!("{got:?}, wanted {want:?}"),
             }
         }
         assert!(is_jwt("eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOlsibWVzaCJdfQ.c2lnbmF0dXJl"));
         assert!(!is_jwt("4f0c2a9e1b7d3c5a8e6f0b2d4c6a8e0f4f0c2a9e1b7d3c5a8e6f0b2d4c6a8e0f"));
+    }
+
+    fn caller_of(status: &TokenReviewStatus) -> Result<Caller, String> {
+        caller(status, AUDIENCE)
     }
 }
