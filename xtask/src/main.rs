@@ -47,7 +47,7 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
-    /// Only install the prerequisites (Debian packages, bpf-linker, toolchain link).
+    /// Only install the prerequisites (Debian packages, bpf-linker, toolchain link, the tests' API server).
     Setup,
     /// Fuzz every parser of outside input (cargo fuzz, libFuzzer), each target for N seconds.
     Fuzz {
@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { kernel: None, args } => test(&args),
         Cmd::Quickstart { down: false, no_build, debug } => quickstart::up(no_build, debug),
         Cmd::Quickstart { down: true, .. } => quickstart::down(),
-        Cmd::Setup => prereqs::ensure(),
+        Cmd::Setup => prereqs::ensure_for_tests(),
         Cmd::Bench { only } => bench(&only),
         Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Cmd::Crds => write_crds(),
@@ -140,7 +140,7 @@ fn bench(only: &[String]) -> anyhow::Result<()> {
 
 fn test(args: &[String]) -> anyhow::Result<()> {
     prereqs::require_root("cargo xtask test")?;
-    prereqs::ensure()?;
+    prereqs::ensure_for_tests()?;
     step("building the workspace");
     cargo(&["build"])?;
     step("running every test (unit tests, then the kernel tests in network namespaces)");

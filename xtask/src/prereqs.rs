@@ -63,8 +63,14 @@ pub fn ensure() -> anyhow::Result<()> {
     ensure_bpf_linker()?;
     ensure_toolchain_link()?;
     ensure_ext_authz_python()?;
-    ensure_kubernetes()?;
     Ok(())
+}
+
+/// [`ensure`], and what only the tests need: a Kubernetes API server (not
+/// the quickstart, which would wait minutes for a build it does not use).
+pub fn ensure_for_tests() -> anyhow::Result<()> {
+    ensure()?;
+    ensure_kubernetes()
 }
 
 /// A real Kubernetes control plane for the tests: kube-apiserver,
