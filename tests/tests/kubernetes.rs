@@ -1,18 +1,43 @@
-//! The controller reading a real kube-apiserver (v1.20.2, with etcd) instead
-//! of a directory: objects applied with kubectl reach the nodes and are
-//! enforced; an invalid version is refused with its API path while the last
-//! good one stays in force; deletions take effect; and the same objects make
-//! the same model from either source.
+//! mesh on a real kube-apiserver (v1.20.2, with etcd): objects applied with
+//! kubectl reach the nodes and are enforced, and make the same model as the
+//! same objects in a directory; bad ones are refused at admission with their
+//! field, or marked on their status by the elected leader while the last
+//! good version stays in force; node agents join with their pods' tokens;
+//! the CNI plugin lets a pod start only once it is enrolled; Istio's agents
+//! obtain certificates through Istio's API; deploy/ passes a dry run.
 use std::{
+    path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
 };
 
 use mesh_tests::{
-    Placement, Pod, http_ok,
+    Controller, Placement, Pod, Topology, http_ok,
+    kube::Kube,
     mesh::{Mesh, yaml},
 };
 use serde_json::Value;
+
+/// A test's topology with a real API server (mesh's CRDs installed) on its
+/// controller node's loopback. Bound in this order, the server stops before
+/// the topology goes.
+fn cluster(test: &str) -> (Topology, PathBuf, Kube) {
+    let t = Topology::new(test);
+    let node = t.node("controller");
+    let kube = t.start_kube(&node);
+    kube.install_crds();
+    (t, node, kube)
+}
+
+/// A controller on `node` reading `kube`, its node API on `grpc` and its
+/// HTTP port on `metrics` (loopback), with `extra` arguments.
+fn kube_controller(t: &Topology, node: &Path, kube: &Kube, grpc: &str, metrics: &str, extra: &[&str]) -> Controller {
+    let kubeconfig = kube.kubeconfig.display().to_string();
+    let mut args = vec!["--kubernetes", "--kubeconfig", &kubeconfig];
+    args.extend_from_slice(extra);
+    let at = Placement { netns: node, grpc_addr: grpc, metrics_addr: metrics, dial: String::new() };
+    t.start_controller_at(at, &args)
+}
 
 /// Retries `pred` until it holds, for up to `limit` (with patience).
 fn eventually(what: &str, limit: Duration, pred: impl Fn() -> bool) -> Duration {
@@ -191,19 +216,12 @@ spec:
 
 #[test]
 fn the_same_objects_make_the_same_model_from_a_directory_and_from_the_api_server() {
-    let t = mesh_tests::Topology::new("kube-model");
-    let node = t.node("controller");
-    let kube = t.start_kube(&node);
-    kube.install_crds();
+    let (t, node, kube) = cluster("kube-model");
     kube.apply_ok(OBJECTS);
     for (name, ip) in [("web-1", "10.200.0.10"), ("web-2", "10.200.0.11")] {
         kube.set_pod_ips("shop", name, &[ip.parse().unwrap()]);
     }
-    let kubeconfig = kube.kubeconfig.display().to_string();
-    let from_kube = t.start_controller_at(
-        Placement { netns: &node, grpc_addr: "127.0.0.1:0", metrics_addr: "127.0.0.1:15114", dial: String::new() },
-        &["--kubernetes", "--kubeconfig", &kubeconfig],
-    );
+    let from_kube = kube_controller(&t, &node, &kube, "127.0.0.1:0", "127.0.0.1:15114", &[]);
     let from_dir = t.start_controller_at(
         Placement { netns: &node, grpc_addr: "127.0.0.1:0", metrics_addr: "127.0.0.1:15214", dial: String::new() },
         &[],
@@ -243,16 +261,10 @@ fn deploy(file: &str) -> String {
 
 #[test]
 fn kubectl_apply_of_an_invalid_object_is_refused_at_admission_with_its_field() {
-    let t = mesh_tests::Topology::new("kube-webhook");
-    let node = t.node("controller");
-    let kube = t.start_kube(&node);
-    kube.install_crds();
-    kube.apply_ok("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
-    let kubeconfig = kube.kubeconfig.display().to_string();
-    let controller = t.start_controller_at(
-        Placement { netns: &node, grpc_addr: "127.0.0.1:0", metrics_addr: "127.0.0.1:15014", dial: String::new() },
-        &["--kubernetes", "--kubeconfig", &kubeconfig, "--webhook-config", "mesh-validation"],
-    );
+    let (t, node, kube) = cluster("kube-webhook");
+    kube.apply_ok(&yaml::namespace("shop", false));
+    let webhook_config = ["--webhook-config", "mesh-validation"];
+    let controller = kube_controller(&t, &node, &kube, "127.0.0.1:0", "127.0.0.1:15014", &webhook_config);
     // deploy/'s webhook configuration, pointed at the controller's address
     // instead of its in-cluster Service (there are no Services' endpoints here).
     let manifest = deploy("controller/mesh-controller.yaml");
@@ -312,10 +324,7 @@ fn kubectl_apply_of_an_invalid_object_is_refused_at_admission_with_its_field() {
 
 #[test]
 fn the_manifests_in_deploy_are_accepted_by_the_api_server() {
-    let t = mesh_tests::Topology::new("kube-manifests");
-    let node = t.node("controller");
-    let kube = t.start_kube(&node);
-    kube.install_crds();
+    let (t, _node, kube) = cluster("kube-manifests");
     // The namespaces they go to (a dry run creates none): mesh-system, and
     // the example namespace of the waypoint template.
     kube.apply_ok("apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh-system}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n");
@@ -334,7 +343,7 @@ fn the_manifests_in_deploy_are_accepted_by_the_api_server() {
 }
 
 /// The `Accepted` condition on an object's status: (status, message).
-fn accepted(kube: &mesh_tests::kube::Kube, kind: &str, namespace: &str, name: &str) -> Option<(String, String)> {
+fn accepted(kube: &Kube, kind: &str, namespace: &str, name: &str) -> Option<(String, String)> {
     let out = kube.kubectl(&["get", kind, "-n", namespace, name, "-o", "json"]);
     let object: Value = serde_json::from_slice(&out.stdout).ok()?;
     let conditions = object["status"]["conditions"].as_array()?;
@@ -344,11 +353,8 @@ fn accepted(kube: &mesh_tests::kube::Kube, kind: &str, namespace: &str, name: &s
 
 #[test]
 fn two_controllers_elect_one_leader_which_marks_each_istio_object_accepted_or_not() {
-    let t = mesh_tests::Topology::new("kube-leader");
-    let node = t.node("controller");
-    let kube = t.start_kube(&node);
-    kube.install_crds();
-    kube.apply_ok("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: mesh-system}\n");
+    let (t, node, kube) = cluster("kube-leader");
+    kube.apply_ok(&[yaml::namespace("shop", false), yaml::namespace("mesh-system", false)].concat());
     // Objects that got in without admission (no webhook here): one good, one not.
     kube.apply_ok(&yaml::authorization(
         "shop",
@@ -361,16 +367,13 @@ fn two_controllers_elect_one_leader_which_marks_each_istio_object_accepted_or_no
         "{rules: [{from: [{source: {principals: ['not a principal']}}]}]}",
     ));
 
-    let kubeconfig = kube.kubeconfig.display().to_string();
     let start = |n: u16| {
         let (metrics, webhook) = (format!("127.0.0.1:{n}14"), format!("127.0.0.1:{n}17"));
-        let args =
-            ["--kubernetes", "--kubeconfig", &kubeconfig, "--webhook-addr", &webhook, "--leader-lease-duration", "3s"];
-        let at = Placement { netns: &node, grpc_addr: "127.0.0.1:0", metrics_addr: &metrics, dial: String::new() };
-        t.start_controller_at(at, &args)
+        let args = ["--webhook-addr", &webhook, "--leader-lease-duration", "3s"];
+        kube_controller(&t, &node, &kube, "127.0.0.1:0", &metrics, &args)
     };
     let mut replicas = [start(151), start(152)];
-    let leads = |c: &mesh_tests::Controller| c.json("/healthz/ready")["leader"] == true;
+    let leads = |c: &Controller| c.json("/healthz/ready")["leader"] == true;
     eventually("one replica leads", Duration::from_secs(20), || replicas.iter().filter(|c| leads(c)).count() == 1);
 
     eventually("the leader marks both objects", Duration::from_secs(20), || {
@@ -476,10 +479,7 @@ except grpc.RpcError as e:
 
 #[test]
 fn istios_own_agents_obtain_mesh_certificates_through_istios_certificate_api() {
-    let t = mesh_tests::Topology::new("kube-istio-ca");
-    let node = t.node("controller");
-    let kube = t.start_kube(&node);
-    kube.install_crds();
+    let (t, node, kube) = cluster("kube-istio-ca");
     let pod = |ns: &str, name: &str, sa: &str, on: &str| {
         format!(
             "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {sa}, namespace: {ns}}}\n---\n\
@@ -498,11 +498,7 @@ fn istios_own_agents_obtain_mesh_certificates_through_istios_certificate_api() {
         ]
         .concat(),
     );
-    let kubeconfig = kube.kubeconfig.display().to_string();
-    let controller = t.start_controller_at(
-        Placement { netns: &node, grpc_addr: "127.0.0.1:15012", metrics_addr: "127.0.0.1:15014", dial: String::new() },
-        &["--kubernetes", "--kubeconfig", &kubeconfig],
-    );
+    let controller = kube_controller(&t, &node, &kube, "127.0.0.1:15012", "127.0.0.1:15014", &[]);
     eventually("the controller knows the pods", Duration::from_secs(10), || {
         controller.json("/debug/model")["workloads"].as_object().is_some_and(|w| w.contains_key("Pod/shop/db-1"))
     });
