@@ -30,7 +30,7 @@ use std::{
 use mesh_common::identity::SpiffeId;
 use tokio::sync::watch;
 
-use crate::hbone::{self, PeerConnection, Tunnel, TunnelError};
+use crate::hbone::{self, Connect, PeerConnection, Tunnel, TunnelError};
 
 pub const IDLE: Duration = Duration::from_secs(60);
 /// A connection carrying this many tunnels is busy: the next tunnel to its
@@ -132,7 +132,7 @@ impl Pool {
         }
     }
 
-    /// Opens a tunnel with `CONNECT authority` over a pooled connection for
+    /// Opens a tunnel with `CONNECT authority` (and `target`'s headers) over a pooled connection for
     /// `key` that presented the source's current certificate (`credentials`:
     /// its not-after), dialing one with `dial` when none has room. A
     /// connection that turns out broken is dropped and one fresh connection
@@ -141,13 +141,14 @@ impl Pool {
         self: &Arc<Self>,
         key: &PoolKey,
         credentials: i64,
-        authority: std::net::SocketAddr,
+        target: impl Into<Connect>,
         dial: F,
     ) -> Result<(Tunnel, StreamSlot), TunnelError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = io::Result<PeerConnection>> + Send + 'static,
     {
+        let target = target.into();
         // A dial shared with others may leave no room for this tunnel (or
         // fail for them all): a few turns, then a dial of its own.
         for _ in 0..3 {
@@ -155,7 +156,7 @@ impl Pool {
                 if grow {
                     self.grow(key, credentials, &dial);
                 }
-                match conn.connect(authority).await {
+                match conn.connect(target.clone()).await {
                     Ok(t) => return Ok((t, slot)),
                     Err(e @ TunnelError::Refused { .. }) => return Err(e),
                     Err(TunnelError::Broken(_)) => {
@@ -174,12 +175,12 @@ impl Pool {
                     let dialed = self.dial_into_pool(key, credentials, &dial).await;
                     drop(in_progress);
                     let (conn, slot) = dialed?;
-                    return self.open_on(key, conn, slot, authority).await;
+                    return self.open_on(key, conn, slot, target).await;
                 }
             }
         }
         let (conn, slot) = self.dial_into_pool(key, credentials, &dial).await?;
-        self.open_on(key, conn, slot, authority).await
+        self.open_on(key, conn, slot, target).await
     }
 
     /// Joins a dial in progress for `key` that will have room for this
@@ -260,9 +261,9 @@ impl Pool {
         key: &PoolKey,
         conn: PeerConnection,
         slot: StreamSlot,
-        authority: std::net::SocketAddr,
+        target: Connect,
     ) -> Result<(Tunnel, StreamSlot), TunnelError> {
-        match conn.connect(authority).await {
+        match conn.connect(target).await {
             Ok(t) => Ok((t, slot)),
             Err(e) => {
                 drop(slot);

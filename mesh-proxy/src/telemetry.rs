@@ -30,6 +30,7 @@ use tracing::info;
 
 use crate::{
     error::{Flag, ProxyError},
+    hbone::headers::{Baggage, DEFAULT_CLUSTER},
     state::view::{ServiceInfo, WorkloadInfo},
 };
 
@@ -127,6 +128,35 @@ impl ConnInfo {
         self.src_namespace = Some(w.wire.namespace.clone());
         self.src_principal = Some(w.identity.to_string());
         self.src_canonical = Some(w.canonical_service().to_owned());
+    }
+
+    /// The source as a tunnel's `baggage` tells a peer of it.
+    pub fn source_baggage(&self) -> Baggage {
+        Baggage {
+            cluster: Some(DEFAULT_CLUSTER.to_owned()),
+            namespace: self.src_namespace.clone(),
+            workload: self.src_workload.clone(),
+            service: self.src_canonical.clone(),
+            revision: None,
+        }
+    }
+
+    /// Fills in what the configuration did not say, from what the peer's
+    /// `CONNECT` said (a stock Istio peer's workload mesh has no record of):
+    /// the source workload only within the namespace its verified identity
+    /// proves, and the service its client addressed.
+    pub fn complete_from_peer(&mut self, baggage: Option<&Baggage>, service_host: Option<&str>) {
+        if let Some(b) = baggage
+            && self.src_workload.is_none()
+            && b.namespace.is_some()
+            && b.namespace == self.src_namespace
+        {
+            self.src_workload = b.workload.clone();
+            self.src_canonical = b.service.clone();
+        }
+        if self.dst_service.is_none() {
+            self.dst_service = service_host.map(str::to_owned);
+        }
     }
 
     pub fn set_destination(&mut self, w: &WorkloadInfo) {
@@ -505,6 +535,52 @@ mod tests {
     use prometheus_client::encoding::text::encode;
 
     use super::*;
+
+    #[test]
+    fn a_peers_baggage_fills_in_only_what_the_configuration_did_not_say() {
+        let peer = Baggage {
+            namespace: Some("shop".into()),
+            workload: Some("reviews-v2".into()),
+            service: Some("reviews".into()),
+            ..Baggage::default()
+        };
+        let info = |workload: Option<&str>, namespace: &str| {
+            let mut i = ConnInfo::new(
+                Direction::Inbound,
+                "shop/b",
+                "10.0.0.2:15008".parse().unwrap(),
+                "10.0.0.1:1".parse().unwrap(),
+            );
+            i.src_workload = workload.map(str::to_owned);
+            i.src_namespace = Some(namespace.to_owned());
+            i
+        };
+        // (what the configuration said, the namespace the identity proves, what the labels end up saying)
+        let cases = [
+            (None, "shop", Some("reviews-v2"), Some("reviews")),
+            // Known from the configuration: kept.
+            (Some("reviews-v1"), "shop", Some("reviews-v1"), None),
+            // Baggage naming another namespace than the peer's identity: ignored.
+            (None, "other", None, None),
+        ];
+        for (known, namespace, workload, service) in cases {
+            let mut i = info(known, namespace);
+            i.complete_from_peer(Some(&peer), Some("reviews.shop.svc.cluster.local"));
+            assert_eq!(
+                (i.src_workload.as_deref(), i.src_canonical.as_deref()),
+                (workload, service),
+                "{known:?} {namespace}"
+            );
+            assert_eq!(i.dst_service.as_deref(), Some("reviews.shop.svc.cluster.local"));
+        }
+        let mut i = info(Some("a-1"), "shop");
+        i.src_canonical = Some("a".into());
+        let sent = i.source_baggage().to_header().unwrap();
+        assert_eq!(
+            sent.to_str().unwrap(),
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,k8s.pod.name=a-1,service.name=a"
+        );
+    }
 
     fn connections() -> (Registry, Arc<Connections>) {
         let mut registry = Registry::default();

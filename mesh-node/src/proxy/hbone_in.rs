@@ -68,10 +68,12 @@ impl TunnelHandler for PodTunnels {
         let arrival = Arrival::Hbone(request.peer.identity.clone());
         let target = request.target;
         let serial = Some(request.peer.serial.clone());
+        // What the peer's CONNECT said of its source (Istio's baggage and forwarded).
+        let said = Some((request.baggage.as_ref(), request.service_host.as_deref()));
         let (mut tracked, upstream) =
             // Boxed: connecting takes state the tunnel's task need not keep
             // for its whole life (a task is as large as its largest future).
-            match Box::pin(connect_to_app(pod, ctx, conn, arrival.clone(), serial.as_deref(), target)).await {
+            match Box::pin(connect_to_app(pod, ctx, conn, arrival.clone(), serial.as_deref(), target, said)).await {
                 Ok(admitted) => admitted,
                 Err((tracked, e)) => {
                     request.refuse(refusal_status(&e));

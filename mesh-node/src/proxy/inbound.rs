@@ -6,6 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use mesh_proxy::{
     error::ProxyError,
+    hbone::Baggage,
     plan::{self, Arrival},
     telemetry::{ConnInfo, Counted, Direction, Tracked},
 };
@@ -30,7 +31,8 @@ pub async fn handle(
             return conn.refuse(ProxyError::NoLocalAddress(e));
         }
     };
-    let (mut tracked, mut upstream) = match connect_to_app(pod, ctx, conn, Arrival::Plaintext, None, target).await {
+    let (mut tracked, mut upstream) = match connect_to_app(pod, ctx, conn, Arrival::Plaintext, None, target, None).await
+    {
         Ok(admitted) => admitted,
         Err((tracked, e)) => return tracked.refuse(e),
     };
@@ -51,10 +53,14 @@ pub(super) async fn connect_to_app(
     arrival: Arrival,
     serial: Option<&str>,
     target: SocketAddr,
+    peer_said: Option<(Option<&Baggage>, Option<&str>)>,
 ) -> Result<(Tracked, TcpStream), (Tracked, ProxyError)> {
     let view = ctx.proxy.state.view();
     let plan = plan::inbound(&view, pod.local(), conn.info().src, arrival, target);
     plan.describe(conn.info_mut());
+    if let Some((baggage, service_host)) = peer_said {
+        conn.info_mut().complete_from_peer(baggage, service_host);
+    }
     let verdict = live::unrevoked(&ctx.proxy.state.revocations, serial).and(plan.verdict);
     if let Err(e) = verdict {
         if let ProxyError::Denied { reason, .. } = &e {

@@ -71,7 +71,7 @@ pub async fn open(
     let conn = ctx.proxy.connections.track(ConnInfo::new(Direction::Inbound, &dst.name, LISTENER, src));
     // The plan describes the record as a tunnel; `route` is set after it.
     let arrival = Arrival::Hbone(identity.clone());
-    match connect_to_app(dst, ctx, conn, arrival.clone(), None, target).await {
+    match connect_to_app(dst, ctx, conn, arrival.clone(), None, target, None).await {
         Ok((mut tracked, app)) => {
             tracked.info_mut().route = ROUTE;
             let admitted = ctx.live.register(dst, src, arrival, None, target);

@@ -9,7 +9,7 @@ use std::{io, net::SocketAddr, sync::Arc};
 
 use mesh_proxy::{
     error::ProxyError,
-    hbone::{self, PeerConnection, Tunnel},
+    hbone::{self, Connect, PeerConnection, Tunnel, headers},
     plan::{self, Hop},
     pool::StreamSlot,
     telemetry::{ConnInfo, Counted, Direction, Tracked},
@@ -68,7 +68,7 @@ async fn open_upstream(
         if local_dst.is_some() {
             conn.info_mut().route = local::ROUTE;
         }
-        match open(&hop, local_dst, pod, ctx).await {
+        match open(&hop, local_dst, pod, ctx, conn.info()).await {
             Ok(upstream) => return Ok((client, upstream, conn)),
             Err(e) if e.retryable() => failure = Some(e),
             Err(e) => {
@@ -97,6 +97,7 @@ async fn open(
     local_dst: Option<Arc<PodContext>>,
     pod: &PodContext,
     ctx: &ProxyContext,
+    info: &ConnInfo,
 ) -> Result<Opened, ProxyError> {
     let Some(mtls) = &hop.mtls else {
         return connect_from(&pod.netns, hop.dial, ctx.mark).await.map(Opened::Plain);
@@ -119,7 +120,14 @@ async fn open(
             PeerConnection::handshake(tcp, config).await
         })
     };
-    match ctx.proxy.pool.tunnel(&mtls.pool, me.cert.not_after_unix, hop.target, dial).await {
+    // Istio's baggage and forwarded headers: a stock peer (ztunnel, Istio's
+    // waypoints) attributes the connection to its source workload and service.
+    let target = Connect {
+        authority: hop.target,
+        baggage: info.source_baggage().to_header(),
+        forwarded: headers::forwarded(info.src.ip(), info.dst_service.as_deref()),
+    };
+    match ctx.proxy.pool.tunnel(&mtls.pool, me.cert.not_after_unix, target, dial).await {
         Ok((tunnel, slot)) => Ok(Opened::Hbone(tunnel, slot)),
         Err(e) => {
             Err(ProxyError::Tunnel { peer: hop.dial, identity: Box::new(mtls.peer.clone()), source: Box::new(e) })

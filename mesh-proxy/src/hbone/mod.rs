@@ -3,9 +3,11 @@
 //! form Istio's ztunnel speaks. This module is the protocol: dialing a peer
 //! and opening a tunnel, serving tunnels, and moving bytes between a tunnel
 //! and a socket. Choosing peers and authorizing tunnels is the caller's.
+pub mod headers;
 mod stream;
 pub mod tls;
 
+pub use headers::{Baggage, Connect};
 pub use stream::TunnelIo;
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc};
@@ -119,14 +121,19 @@ impl PeerConnection {
     /// Opens a tunnel with `CONNECT authority` (the original destination, or
     /// a service's address when the peer is a waypoint). A refusal by the
     /// peer is [`TunnelError::Refused`] with its HTTP status.
-    pub async fn connect(&self, authority: SocketAddr) -> Result<Tunnel, TunnelError> {
+    /// Istio's `baggage` and `forwarded` go with it when `target` has them.
+    pub async fn connect(&self, target: impl Into<Connect>) -> Result<Tunnel, TunnelError> {
+        let Connect { authority, baggage, forwarded } = target.into();
         let broken = |e: h2::Error| TunnelError::Broken(other(e));
         let mut sender = self.sender.clone().ready().await.map_err(broken)?;
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(authority.to_string())
-            .body(())
-            .map_err(|e| TunnelError::Broken(other(e)))?;
+        let mut request = Request::builder().method(Method::CONNECT).uri(authority.to_string());
+        if let Some(baggage) = baggage {
+            request = request.header("baggage", baggage);
+        }
+        if let Some(forwarded) = forwarded {
+            request = request.header(http::header::FORWARDED, forwarded);
+        }
+        let request = request.body(()).map_err(|e| TunnelError::Broken(other(e)))?;
         let (response, send) = sender.send_request(request, false).map_err(broken)?;
         let response = response.await.map_err(broken)?;
         match response.status() {
@@ -152,6 +159,10 @@ pub struct TunnelRequest {
     pub peer_addr: SocketAddr,
     /// The `CONNECT` authority: where the peer's client meant to go.
     pub target: SocketAddr,
+    /// What the peer's `baggage` says of the source workload.
+    pub baggage: Option<Baggage>,
+    /// The service host the peer's client addressed (`forwarded: host=`).
+    pub service_host: Option<String>,
     respond: h2::server::SendResponse<Bytes>,
     body: RecvStream,
 }
@@ -289,7 +300,18 @@ pub async fn serve_streams<H: TunnelHandler, IO: AsyncRead + AsyncWrite + Unpin>
                 continue;
             }
         };
-        let request = TunnelRequest { peer: peer.clone(), peer_addr, target, respond, body: request.into_body() };
+        let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+        let baggage = header("baggage").map(Baggage::parse);
+        let service_host = header("forwarded").and_then(headers::forwarded_host);
+        let request = TunnelRequest {
+            peer: peer.clone(),
+            peer_addr,
+            target,
+            baggage,
+            service_host,
+            respond,
+            body: request.into_body(),
+        };
         let handler = handler.clone();
         tokio::spawn(async move { handler.handle(request).await });
     }

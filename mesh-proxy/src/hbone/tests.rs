@@ -65,14 +65,23 @@ impl Ca {
 const A: &str = "spiffe://cluster.local/ns/shop/sa/a";
 const B: &str = "spiffe://cluster.local/ns/shop/sa/b";
 
-/// Echoes what it reads, and refuses targets on port 9 with 403.
+/// Echoes what it reads, and refuses targets on port 9 with 403. Keeps what
+/// each tunnel's request said of its source.
 struct Echo {
     addr: SocketAddr,
     closed: std::sync::Mutex<Vec<(String, (u64, u64))>>,
+    said: std::sync::Mutex<Vec<(Option<Baggage>, Option<String>)>>,
+}
+
+impl Echo {
+    fn new(addr: SocketAddr) -> Echo {
+        Echo { addr, closed: Default::default(), said: Default::default() }
+    }
 }
 
 impl TunnelHandler for Echo {
     async fn handle(&self, request: TunnelRequest) {
+        self.said.lock().unwrap().push((request.baggage.clone(), request.service_host.clone()));
         if request.target.port() == 9 {
             return request.refuse(StatusCode::FORBIDDEN);
         }
@@ -105,7 +114,7 @@ async fn echo_server() -> SocketAddr {
 /// An HBONE server for `server` on loopback, forwarding to an echo server.
 async fn start(ca: &Ca, server: &Credentials) -> (SocketAddr, Arc<Echo>) {
     let echo_addr = echo_server().await;
-    let handler = Arc::new(Echo { addr: echo_addr, closed: Default::default() });
+    let handler = Arc::new(Echo::new(echo_addr));
     let config = Arc::new(server_config(server, ca.roots(), Arc::default(), "cluster.local").unwrap());
     let hbone = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = hbone.local_addr().unwrap();
@@ -152,7 +161,7 @@ async fn a_tunnel_carries_bytes_both_ways() {
 
     // Several tunnels on one connection (multiplexed), each with its own data.
     for round in 0..3u8 {
-        let tunnel = peer.connect("10.0.0.2:8080".parse().unwrap()).await.unwrap();
+        let tunnel = peer.connect("10.0.0.2:8080".parse::<SocketAddr>().unwrap()).await.unwrap();
         let (mut app, proxy_side) = tokio::io::duplex(1 << 16);
         let relay = tokio::spawn(relay(proxy_side, tunnel));
         let payload: Vec<u8> = (0..300_000u32).map(|i| (i as u8).wrapping_add(round)).collect();
@@ -174,9 +183,34 @@ async fn a_tunnel_carries_bytes_both_ways() {
     assert!(closed.iter().all(|(peer, bytes)| peer == A && *bytes == (300_000, 300_000)), "{closed:?}");
 
     // A refused tunnel carries the server's status.
-    let err = peer.connect("10.0.0.2:9".parse().unwrap()).await.err().unwrap();
+    let err = peer.connect("10.0.0.2:9".parse::<SocketAddr>().unwrap()).await.err().unwrap();
     assert!(err.is_policy_refusal(), "{err:?}");
     assert!(err.to_string().contains("403"), "{err}");
+}
+
+/// Istio's `baggage` and `forwarded` go with a tunnel's CONNECT and are read
+/// by the server; a tunnel without them has none.
+#[tokio::test]
+async fn a_tunnel_says_its_source_as_istios_proxies_do() {
+    let ca = Ca::new();
+    let (addr, echo) = start(&ca, &ca.issue(B)).await;
+    let peer = dial(addr, &ca.issue(A), ca.roots(), B).await.unwrap();
+    let source = Baggage {
+        namespace: Some("shop".into()),
+        workload: Some("a-1".into()),
+        service: Some("a".into()),
+        ..Baggage::default()
+    };
+    let host = "web.shop.svc.cluster.local";
+    let target = Connect {
+        authority: "10.0.0.2:8080".parse().unwrap(),
+        baggage: source.to_header(),
+        forwarded: headers::forwarded("10.0.0.1".parse().unwrap(), Some(host)),
+    };
+    drop(peer.connect(target).await.unwrap());
+    drop(peer.connect("10.0.0.2:8080".parse::<SocketAddr>().unwrap()).await.unwrap());
+    let said = echo.said.lock().unwrap().clone();
+    assert_eq!(said, [(Some(source), Some(host.to_owned())), (None, None)]);
 }
 
 /// A tunnel read and written as a stream (TunnelIo): a megabyte each way,
@@ -186,7 +220,7 @@ async fn a_tunnel_is_a_stream() {
     let ca = Ca::new();
     let (addr, _) = start(&ca, &ca.issue(B)).await;
     let peer = dial(addr, &ca.issue(A), ca.roots(), B).await.unwrap();
-    let tunnel = peer.connect("10.0.0.2:8080".parse().unwrap()).await.unwrap();
+    let tunnel = peer.connect("10.0.0.2:8080".parse::<SocketAddr>().unwrap()).await.unwrap();
     let io = TunnelIo::new(tunnel, Bytes::new());
     let payload: Vec<u8> = (0..(5u32 << 20)).map(|i| (i % 251) as u8).collect();
     let (mut r, mut w) = tokio::io::split(io);
@@ -200,7 +234,7 @@ async fn a_tunnel_is_a_stream() {
     assert!(back == payload, "echoed bytes differ");
 
     // Bytes a caller took before (a protocol sniff) come first.
-    let tunnel = peer.connect("10.0.0.2:8080".parse().unwrap()).await.unwrap();
+    let tunnel = peer.connect("10.0.0.2:8080".parse::<SocketAddr>().unwrap()).await.unwrap();
     let mut io = TunnelIo::new(tunnel, Bytes::from_static(b"sniffed "));
     io.write_all(b"rest").await.unwrap();
     io.shutdown().await.unwrap();
@@ -248,7 +282,7 @@ async fn revoked_certificates_fail_the_handshake() {
     let config = Arc::new(server_config(&b, ca.roots(), revoked.clone(), "cluster.local").unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let handler = Arc::new(Echo { addr: echo_server().await, closed: Default::default() });
+    let handler = Arc::new(Echo::new(echo_server().await));
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let (config, h) = (config.clone(), handler.clone());
@@ -263,7 +297,9 @@ async fn revoked_certificates_fail_the_handshake() {
         let config = client_config(me, ca.roots(), revoked.clone(), B.parse().unwrap()).unwrap();
         async move {
             let peer = PeerConnection::handshake(TcpStream::connect(addr).await?, Arc::new(config)).await?;
-            peer.connect("10.0.0.2:8080".parse().unwrap()).await.map_err(|e| io::Error::other(e.to_string()))
+            peer.connect("10.0.0.2:8080".parse::<SocketAddr>().unwrap())
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))
         }
     };
     assert!(client(&a).await.is_ok(), "nothing revoked yet");
@@ -285,10 +321,12 @@ async fn revoked_certificates_fail_the_handshake() {
 async fn refused(addr: SocketAddr, me: &Credentials, roots: Arc<RootCertStore>) -> bool {
     match dial(addr, me, roots, B).await {
         Err(_) => true,
-        Ok(peer) => tokio::time::timeout(Duration::from_secs(5), peer.connect("10.0.0.2:8080".parse().unwrap()))
-            .await
-            .map(|r| r.is_err())
-            .unwrap_or(true),
+        Ok(peer) => {
+            tokio::time::timeout(Duration::from_secs(5), peer.connect("10.0.0.2:8080".parse::<SocketAddr>().unwrap()))
+                .await
+                .map(|r| r.is_err())
+                .unwrap_or(true)
+        }
     }
 }
 
@@ -301,7 +339,7 @@ struct Restartable {
 
 impl Restartable {
     async fn start(listener: TcpListener, ca: &Ca, server: &Credentials, echo: SocketAddr) -> Restartable {
-        let handler = Arc::new(Echo { addr: echo, closed: Default::default() });
+        let handler = Arc::new(Echo::new(echo));
         let config = Arc::new(server_config(server, ca.roots(), Arc::default(), "cluster.local").unwrap());
         let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let held = conns.clone();
@@ -390,7 +428,7 @@ async fn a_burst_of_tunnels_makes_only_the_connections_it_needs() {
 async fn stalled_handshakes_are_cut_off() {
     let ca = Ca::new();
     let config = Arc::new(server_config(&ca.issue(B), ca.roots(), Arc::default(), "cluster.local").unwrap());
-    let handler = Arc::new(Echo { addr: "127.0.0.1:1".parse().unwrap(), closed: Default::default() });
+    let handler = Arc::new(Echo::new("127.0.0.1:1".parse().unwrap()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     for slowloris in [false, true] {
