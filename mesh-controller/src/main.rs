@@ -25,7 +25,7 @@ use mesh_controller::{
     model::MeshModel,
     node_api::{self, Hub, NodeService},
     serving::{self, ServingCert},
-    status::StatusWriter,
+    status::{self, StatusWriter},
 };
 use tracing::{info, warn};
 
@@ -45,25 +45,25 @@ struct Args {
     kubeconfig: Option<PathBuf>,
     /// With --kubernetes: the ConfigMap (NAMESPACE/NAME) where the trust
     /// bundle is published (key `root-cert.pem`) for node agents to mount.
-    #[arg(long, default_value = "mesh-system/mesh-ca-root")]
-    trust_bundle_configmap: String,
+    #[arg(long, default_value = "mesh-system/mesh-ca-root", value_parser = namespaced)]
+    trust_bundle_configmap: (String, String),
     /// With --kubernetes: the Lease (NAMESPACE/NAME) controller replicas
     /// elect their leader with; only the leader writes objects' status.
-    #[arg(long, default_value = "mesh-system/mesh-controller")]
-    leader_lease: String,
+    #[arg(long, default_value = "mesh-system/mesh-controller", value_parser = namespaced)]
+    leader_lease: (String, String),
     /// How long a leader's lease holds unrenewed (renewed every third of it).
     #[arg(long, default_value = "15s", value_parser = mesh_common::parse_duration)]
     leader_lease_duration: Duration,
     /// With --kubernetes: the service accounts (NAMESPACE/NAME, comma
     /// separated) of Istio node agents that may ask Istio's certificate API
     /// for the certificates of workloads on their node (ImpersonatedIdentity).
-    #[arg(long, default_value = "istio-system/ztunnel")]
-    istio_ca_impersonators: String,
+    #[arg(long, default_value = "istio-system/ztunnel", value_parser = namespaced, value_delimiter = ',')]
+    istio_ca_impersonators: Vec<(String, String)>,
     /// With --kubernetes: the node agents' service account (NAMESPACE/NAME).
     /// An agent joins with its pod's projected token for audience
     /// `mesh-controller`, and only as the node its pod is scheduled on.
-    #[arg(long, default_value = "mesh-system/mesh-node")]
-    node_service_account: String,
+    #[arg(long, default_value = "mesh-system/mesh-node", value_parser = namespaced)]
+    node_service_account: (String, String),
     /// With --kubernetes: the validating admission webhook (HTTPS, the
     /// serving certificate of --grpc-san's names), at path /validate.
     #[arg(long, default_value = "0.0.0.0:15017")]
@@ -203,12 +203,11 @@ async fn main() -> anyhow::Result<()> {
     let registry = node_api::Registry::open(&args.state_dir.join("nodes.json"))?;
     let mut hub = Hub::new(ca.clone(), shared_token, registry, settings.trust_domain.clone(), args.node_cert_lifetime);
     if let Some(client) = &kubernetes {
-        let (namespace, service_account) =
-            args.node_service_account.split_once('/').context("--node-service-account: expected NAMESPACE/NAME")?;
+        let (namespace, service_account) = args.node_service_account.clone();
         hub = hub.with_token_join(node_api::service_account::TokenJoin {
             client: client.clone(),
-            namespace: namespace.to_owned(),
-            service_account: service_account.to_owned(),
+            namespace,
+            service_account,
         });
     }
     let hub = Arc::new(hub);
@@ -224,22 +223,13 @@ async fn main() -> anyhow::Result<()> {
     let cache = Arc::new(Mutex::new(ParseCache::default()));
     let root_namespace = settings.root_namespace.clone();
     let reloader = Reloader { settings, state: state.clone(), hub: hub.clone(), cache };
-    let webhook_client = kubernetes.clone();
-    let istio_ca_client = kubernetes.clone();
     // Leader election and, for the leader, objects' status.
     let status = match &kubernetes {
         Some(client) => {
-            let (namespace, name) =
-                args.leader_lease.split_once('/').context("--leader-lease: expected NAMESPACE/NAME")?;
+            let (namespace, name) = args.leader_lease.clone();
             let (tx, rx) = tokio::sync::watch::channel(false);
-            let election = leader::run(
-                client.clone(),
-                namespace.to_owned(),
-                name.to_owned(),
-                leader::identity(),
-                args.leader_lease_duration,
-                tx,
-            );
+            let election =
+                leader::run(client.clone(), namespace, name, leader::identity(), args.leader_lease_duration, tx);
             tokio::spawn(election);
             state.write().unwrap_or_else(|e| e.into_inner()).leader = Some(rx.clone());
             let (docs_tx, docs_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
@@ -249,17 +239,17 @@ async fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut source = match (&config_dir, kubernetes) {
+    let mut source = match (&config_dir, &kubernetes) {
         (Some(dir), _) => {
             let (docs, problems) = read_dir(dir);
             reloader.reload(docs, problems);
             Source::Directory { dir: dir.clone(), seen: watch::fingerprint(dir) }
         }
-        (None, Some(client)) => Source::kubernetes(client, root_namespace, &reloader).await?,
+        (None, Some(client)) => Source::kubernetes(client.clone(), root_namespace, &reloader).await?,
         (None, None) => unreachable!("clap requires --config-dir or --kubernetes"),
     };
     if let (Some(docs), Source::Kubernetes { objects, .. }) = (&status, &source) {
-        docs.send_replace(Arc::new(objects.documents()));
+        docs.send_replace(Arc::new(status::marked_documents(&objects.documents())));
     }
 
     let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
@@ -270,7 +260,7 @@ async fn main() -> anyhow::Result<()> {
     let serving =
         ServingCert::new(ca.clone(), names, ips, args.serving_cert_lifetime).context("serving certificate")?;
     let tls = Arc::new(serving::server_config(&ca, serving.clone())?);
-    if let Some(client) = webhook_client {
+    if let Some(client) = &kubernetes {
         let listener = tokio::net::TcpListener::bind(args.webhook_addr)
             .await
             .with_context(|| format!("binding {} (use --webhook-addr)", args.webhook_addr))?;
@@ -284,9 +274,7 @@ async fn main() -> anyhow::Result<()> {
                 kubernetes::until_done(&what, || admission::patch_ca_bundle(&client, &name, &bundle)).await;
             });
         }
-        let (namespace, name) =
-            args.trust_bundle_configmap.split_once('/').context("--trust-bundle-configmap: expected NAMESPACE/NAME")?;
-        let (namespace, name) = (namespace.to_owned(), name.to_owned());
+        let ((namespace, name), client) = (args.trust_bundle_configmap.clone(), client.clone());
         tokio::spawn(async move {
             let what = format!("publishing the trust bundle in ConfigMap {namespace}/{name}");
             let publish = || kubernetes::publish_trust_bundle(&client, &namespace, &name, &bundle);
@@ -296,16 +284,15 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(serving.renew_forever());
     let service = NodeControlServer::new(NodeService(hub.clone()));
     // On Kubernetes, Istio's certificate API beside the node API, as istiod serves it.
-    let istio_ca = match &istio_ca_client {
-        Some(client) => Some(IstioCertificateServiceServer::new(istio_ca::IstioCa {
+    let istio_ca = kubernetes.as_ref().map(|client| {
+        IstioCertificateServiceServer::new(istio_ca::IstioCa {
             ca: ca.clone(),
             hub: hub.clone(),
             client: client.clone(),
             trust_domain: args.trust_domain.clone(),
-            impersonators: parse_service_accounts(&args.istio_ca_impersonators)?,
-        })),
-        None => None,
-    };
+            impersonators: args.istio_ca_impersonators.clone(),
+        })
+    });
     let server = tonic::transport::Server::builder().add_service(service).add_optional_service(istio_ca);
     tokio::spawn(server.serve_with_incoming(serving::incoming("node API", grpc, tls)));
 
@@ -325,7 +312,7 @@ async fn main() -> anyhow::Result<()> {
                 // Parsing and building the model is CPU work: off the async workers
                 // that serve the nodes' streams.
                 let r = reloader.clone();
-                let for_status = status.is_some().then(|| docs.clone());
+                let for_status = status.is_some().then(|| status::marked_documents(&docs));
                 let _ = tokio::task::spawn_blocking(move || r.reload(docs, problems)).await;
                 if let (Some(tx), Some(docs)) = (&status, for_status) {
                     tx.send_replace(Arc::new(docs));
@@ -494,15 +481,14 @@ fn serving_names(addr: SocketAddr, extra: &[String]) -> (Vec<String>, Vec<std::n
     (names, ips)
 }
 
-/// `ns/name,ns/name`.
-fn parse_service_accounts(list: &str) -> anyhow::Result<Vec<(String, String)>> {
-    list.split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| {
-            let (ns, name) = s.trim().split_once('/').with_context(|| format!("{s:?}: expected NAMESPACE/NAME"))?;
+/// A Kubernetes object's `NAMESPACE/NAME`, as flags name them.
+fn namespaced(s: &str) -> Result<(String, String), String> {
+    match s.trim().split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
             Ok((ns.to_owned(), name.to_owned()))
-        })
-        .collect()
+        }
+        _ => Err(format!("{s:?}: expected NAMESPACE/NAME")),
+    }
 }
 
 /// `24h`, `30m`, `90s` or plain seconds; at least 10 s.

@@ -25,6 +25,12 @@ pub struct Accepted {
     pub message: String,
 }
 
+/// The documents whose status mesh writes: what the writer needs to be
+/// given of a reload (not the Pods and Services, the bulk of a cluster).
+pub fn marked_documents(docs: &[Document]) -> Vec<Document> {
+    docs.iter().filter(|d| marked(&d.file)).cloned().collect()
+}
+
 /// Whether mesh writes the status of the object at this API path.
 fn marked(path: &Path) -> bool {
     let path = path.to_string_lossy();
@@ -93,7 +99,8 @@ impl StatusWriter {
         written.retain(|path, _| by_path.contains_key(path));
         for (path, condition) in desired(docs, problems, in_force) {
             let doc = by_path[&path];
-            if current(doc).as_ref() == Some(&condition) || written.get(&path) == Some(&condition) {
+            // What was written is known without parsing the object again.
+            if written.get(&path) == Some(&condition) || current(doc).as_ref() == Some(&condition) {
                 continue;
             }
             match self.write(&path, doc, &condition).await {

@@ -287,16 +287,20 @@ fn write_admin_token(t: &Topology) {
     std::io::Write::write_all(&mut file, token.as_bytes()).expect("writing the admin token");
 }
 
+/// The Pod documents of a YAML text.
+fn pod_documents(yaml: &str) -> Vec<serde_yaml_ng::Value> {
+    use serde::Deserialize as _;
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .filter_map(|doc| serde_yaml_ng::Value::deserialize(doc).ok())
+        .filter(|v| v["kind"].as_str() == Some("Pod"))
+        .collect()
+}
+
 /// The Pods of a YAML text: `namespace/name`, the node they are scheduled
 /// on, and the network namespace their `mesh.io/netns` annotation names.
 pub fn pods_in(yaml: &str) -> Vec<(String, String, PathBuf)> {
-    use serde::Deserialize as _;
     let mut out = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
-        let Ok(v) = serde_yaml_ng::Value::deserialize(doc) else { continue };
-        if v["kind"].as_str() != Some("Pod") {
-            continue;
-        }
+    for v in pod_documents(yaml) {
         let meta = &v["metadata"];
         let (Some(name), Some(node), Some(netns)) =
             (meta["name"].as_str(), v["spec"]["nodeName"].as_str(), meta["annotations"][NETNS_ANNOTATION].as_str())
@@ -312,17 +316,15 @@ pub fn pods_in(yaml: &str) -> Vec<(String, String, PathBuf)> {
 /// The Pods of a YAML text that have addresses in their status: namespace,
 /// name, addresses.
 fn pod_ips_in(yaml: &str) -> Vec<(String, String, Vec<std::net::IpAddr>)> {
-    use serde::Deserialize as _;
     let mut out = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
-        let Ok(v) = serde_yaml_ng::Value::deserialize(doc) else { continue };
+    for v in pod_documents(yaml) {
         let ips: Vec<std::net::IpAddr> = v["status"]["podIPs"]
             .as_sequence()
             .into_iter()
             .flatten()
             .filter_map(|i| i["ip"].as_str()?.parse().ok())
             .collect();
-        if v["kind"].as_str() != Some("Pod") || ips.is_empty() {
+        if ips.is_empty() {
             continue;
         }
         let meta = &v["metadata"];
