@@ -458,9 +458,12 @@ fn route(parts: &RouteParts<'_>, out: &mut Vec<(Option<String>, String)>) {
 }
 
 impl ConfigStore {
-    /// Every warning of the objects in force, at their files and lines.
+    /// Every warning of the objects in force, at their files and lines, and
+    /// the objects of kinds mesh does not read.
     pub fn warnings(&self) -> Vec<Problem> {
-        self.objects().keys().flat_map(|key| self.warnings_of(key)).collect()
+        let mut all: Vec<Problem> = self.objects().keys().flat_map(|key| self.warnings_of(key)).collect();
+        all.extend(self.not_read().iter().cloned());
+        all
     }
 
     /// The warnings of one object in force: what of it is not enforced, and

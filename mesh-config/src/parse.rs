@@ -11,11 +11,62 @@ use super::{
 };
 use crate::Document;
 
-/// The outcome for one document: the object, or its key (when readable) and
-/// everything wrong with it.
+/// The object of one document, or its key (when readable) and everything
+/// wrong with it (a kind mesh does not read is one problem here).
 pub type Parsed = Result<(ObjectKey, Resource), (Option<ObjectKey>, Vec<Problem>)>;
 
+/// What one document is to the configuration.
+// Nearly every document is an object: boxing it would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum Reading {
+    Object(ObjectKey, Resource),
+    /// A valid object of a kind mesh does not read (a Deployment, another
+    /// project's resource): it has no effect, and the problem is a warning.
+    Ignored(Problem),
+    Rejected(Option<ObjectKey>, Vec<Problem>),
+}
+
 pub fn parse_document(doc: &Document) -> Parsed {
+    match read_document(doc) {
+        Reading::Object(key, resource) => Ok((key, resource)),
+        Reading::Ignored(problem) => Err((None, vec![problem])),
+        Reading::Rejected(key, problems) => Err((key, problems)),
+    }
+}
+
+pub fn read_document(doc: &Document) -> Reading {
+    match read(doc) {
+        Ok(Some((key, resource))) => Reading::Object(key, resource),
+        Ok(None) => {
+            let value: Value = serde_yaml_ng::from_str(&doc.text).unwrap_or_default();
+            let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
+            let meta = |key: &str| value.get("metadata").and_then(|m| m.get(key)).and_then(Value::as_str);
+            let kind = text("kind");
+            let object = match (meta("namespace"), meta("name")) {
+                (Some(ns), Some(name)) => format!("{kind} {ns}/{name}"),
+                (None, Some(name)) => format!("{kind} {name}"),
+                _ => kind.clone(),
+            };
+            Reading::Ignored(Problem {
+                file: doc.file.clone(),
+                line: doc.line,
+                object: Some(object),
+                field: Some("kind".into()),
+                message: format!(
+                    "{kind} ({}) is not a kind mesh reads: accepted, no effect on the mesh",
+                    text("apiVersion")
+                ),
+            })
+        }
+        Err((key, problems)) => Reading::Rejected(key, problems),
+    }
+}
+
+/// The object, `None` for a kind mesh does not read, or the problems.
+type Outcome = Result<Option<(ObjectKey, Resource)>, (Option<ObjectKey>, Vec<Problem>)>;
+
+fn read(doc: &Document) -> Outcome {
     let problem = |line: usize, object: Option<String>, field: Option<&str>, message: String| Problem {
         file: doc.file.clone(),
         line,
@@ -33,11 +84,14 @@ pub fn parse_document(doc: &Document) -> Parsed {
         return Err((None, vec![problem(doc.line, None, None, "not an object: needs apiVersion and kind".into())]));
     };
     let name = value.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).map(str::to_owned);
-    let kind = Kind::from_type(&api_version, &kind_name).map_err(|m| {
+    let Some(kind) = Kind::from_type(&api_version, &kind_name).map_err(|m| {
         let field = if m.starts_with("apiVersion") { "apiVersion" } else { "kind" };
         let line = line_of(&doc.text, field).map_or(doc.line, |l| doc.line + l - 1);
         (None, vec![problem(line, None, Some(field), m)])
-    })?;
+    })?
+    else {
+        return Ok(None);
+    };
     let Some(name) = name else {
         return Err((None, vec![problem(doc.line, Some(kind_name), Some("metadata.name"), "is required".into())]));
     };
@@ -59,7 +113,7 @@ pub fn parse_document(doc: &Document) -> Parsed {
     // 3. Meaning: names, addresses, selectors, principals, L4-vs-L7.
     let issues = validate::validate(&resource);
     if issues.is_empty() {
-        return Ok((key, resource));
+        return Ok(Some((key, resource)));
     }
     let problems = issues
         .into_iter()

@@ -10,7 +10,11 @@ use std::{
 
 use serde::Serialize;
 
-use super::{Document, Origin, Problem, Resource, objects::Kind, parse::Parsed, parse_document};
+use super::{
+    Document, Origin, Problem, Resource,
+    objects::Kind,
+    parse::{Reading, read_document},
+};
 
 /// Identity of an object: kind, namespace (empty when cluster-scoped), name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -43,12 +47,14 @@ pub struct Snapshot {
     /// Objects that failed, with their key when it could be read.
     pub rejected: Vec<(Option<ObjectKey>, Origin)>,
     pub problems: Vec<Problem>,
+    /// Warnings: objects of kinds mesh does not read, which have no effect.
+    pub not_read: Vec<Problem>,
 }
 
 /// Parse results by document (file, line, text): a reload re-parses only the
 /// documents that changed, which keeps edits cheap in large directories.
 #[derive(Debug, Default)]
-pub struct ParseCache(HashMap<Document, Parsed>);
+pub struct ParseCache(HashMap<Document, Reading>);
 
 impl Snapshot {
     /// Parses and validates documents (as read by [`super::read_dir`]).
@@ -62,11 +68,12 @@ impl Snapshot {
         let mut next = HashMap::with_capacity(docs.len());
         for doc in docs {
             let origin = Origin { file: doc.file.clone(), line: doc.line };
-            let parsed = cache.0.remove(doc).unwrap_or_else(|| parse_document(doc));
-            next.insert(doc.clone(), parsed.clone());
-            match parsed {
-                Ok((key, resource)) => snap.valid.push((key, resource, origin)),
-                Err((key, problems)) => {
+            let read = cache.0.remove(doc).unwrap_or_else(|| read_document(doc));
+            next.insert(doc.clone(), read.clone());
+            match read {
+                Reading::Object(key, resource) => snap.valid.push((key, resource, origin)),
+                Reading::Ignored(warning) => snap.not_read.push(warning),
+                Reading::Rejected(key, problems) => {
                     snap.rejected.push((key, origin));
                     snap.problems.extend(problems);
                 }
@@ -98,6 +105,7 @@ impl ApplyReport {
 pub struct ConfigStore {
     objects: BTreeMap<ObjectKey, Stored>,
     problems: Vec<Problem>,
+    not_read: Vec<Problem>,
     generation: u64,
 }
 
@@ -109,6 +117,11 @@ impl ConfigStore {
     /// Problems of the latest snapshot (rejected objects, unreadable files, duplicates).
     pub fn problems(&self) -> &[Problem] {
         &self.problems
+    }
+
+    /// The latest snapshot's objects of kinds mesh does not read (warnings).
+    pub fn not_read(&self) -> &[Problem] {
+        &self.not_read
     }
 
     /// Bumped whenever the objects in force change.
@@ -166,6 +179,7 @@ impl ConfigStore {
         }
         self.objects = next;
         self.problems = problems;
+        self.not_read = snap.not_read;
         report
     }
 }

@@ -39,7 +39,7 @@ pub fn review(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     let Some(object) = request.object.clone() else { return allow };
     let gvk = &request.kind;
     let api_version = if gvk.group.is_empty() { gvk.version.clone() } else { format!("{}/{}", gvk.group, gvk.version) };
-    let Ok(kind) = Kind::from_type(&api_version, &gvk.kind) else { return allow };
+    let Ok(Some(kind)) = Kind::from_type(&api_version, &gvk.kind) else { return allow };
     let resource = ApiResource {
         group: gvk.group.clone(),
         version: gvk.version.clone(),

@@ -62,7 +62,7 @@ fn each_problem_is_reported_once_and_valid_objects_are_served() {
     dir.write(
         "mixed.yaml",
         "\
-apiVersion: example.com/v1
+apiVersion: networking.istio.io/v1
 kind: Frobnicator
 metadata: {name: x}
 ---
@@ -92,13 +92,19 @@ spec:
 ",
     );
     dir.write("z-duplicate.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n");
+    // Valid Kubernetes objects of kinds mesh does not read: warnings, not problems.
+    dir.write(
+        "app.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  replicas: 2\n\
+         ---\napiVersion: cert-manager.io/v1\nkind: Certificate\nmetadata:\n  name: web-tls\n",
+    );
 
     let mut store = ConfigStore::default();
     let problems = load(&dir.0, &mut store);
     let d = dir.0.display();
     let expected = [
         format!("{d}/broken.yaml:5: invalid YAML: did not find expected ',' or ']', while parsing a flow sequence"),
-        format!("{d}/mixed.yaml:2: kind: unknown kind \"Frobnicator\""),
+        format!("{d}/mixed.yaml:2: kind: unknown kind \"Frobnicator\" in Istio's group networking.istio.io"),
         format!("{d}/mixed.yaml:14: Service shop/web: spec.ports[0].targetPrt: unknown field `targetPrt`"),
         format!(
             "{d}/mixed.yaml:27: AuthorizationPolicy shop/bad-principal: spec.rules[0].from[0].source.principals[1]: \"not a principal\" is not a principal"
@@ -116,6 +122,18 @@ spec:
             &key(Kind::Namespace, "", "shop"),
             &key(Kind::Pod, "shop", "web-1"),
             &key(Kind::AuthorizationPolicy, "shop", "allow-frontend"),
+        ]
+    );
+    let not_read: Vec<String> = store.not_read().iter().map(ToString::to_string).collect();
+    assert_eq!(
+        not_read,
+        [
+            format!(
+                "{d}/app.yaml:1: Deployment shop/web: kind: Deployment (apps/v1) is not a kind mesh reads: accepted, no effect on the mesh"
+            ),
+            format!(
+                "{d}/app.yaml:9: Certificate web-tls: kind: Certificate (cert-manager.io/v1) is not a kind mesh reads: accepted, no effect on the mesh"
+            ),
         ]
     );
 }

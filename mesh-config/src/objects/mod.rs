@@ -633,6 +633,16 @@ pub enum Kind {
 const ISTIO_NETWORKING: &[&str] =
     &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
 const ISTIO_SECURITY: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
+/// Istio's API groups: every kind in them is in [`KINDS`], so another
+/// name there is a mistake (the API server refuses it too).
+const ISTIO_GROUPS: &[&str] =
+    &["networking.istio.io", "security.istio.io", "telemetry.istio.io", "extensions.istio.io"];
+
+/// The group of an `apiVersion` (`group/version`; empty for the core group's `v1`).
+fn group_of(api_version: &str) -> &str {
+    api_version.rsplit_once('/').map_or("", |(group, _)| group)
+}
+
 const GATEWAY_API: &[&str] = &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"];
 
 /// One kind as users write it: `kind`, the `apiVersion`s served (the first is
@@ -699,29 +709,39 @@ impl Kind {
         KINDS.iter().find(|i| i.kind == self).expect("every Kind is in KINDS")
     }
 
-    /// The kind for an `apiVersion` and `kind` pair, or what was expected.
+    /// The kind for an `apiVersion` and `kind` pair: `None` for a kind mesh
+    /// does not read (a Deployment, another project's resource, Linkerd's
+    /// AuthorizationPolicy), which is valid and has no effect on the mesh;
+    /// an error, with what was expected, for a version of one of mesh's
+    /// kinds that its group does not serve and for a kind that does not
+    /// exist in Istio's groups (every kind of those is in the table).
     /// Every version Istio and Gateway API still serve of a schema is accepted.
-    pub fn from_type(api_version: &str, kind: &str) -> Result<Kind, String> {
-        let mut named = KINDS.iter().filter(|i| i.written == kind).peekable();
-        let Some(first) = named.peek().map(|i| i.versions[0]) else {
+    pub fn from_type(api_version: &str, kind: &str) -> Result<Option<Kind>, String> {
+        let named = || KINDS.iter().filter(|i| i.written == kind);
+        if let Some(info) = named().find(|i| i.versions.contains(&api_version)) {
+            return Ok(Some(info.kind));
+        }
+        let group = group_of(api_version);
+        if let Some(info) = named().find(|i| i.versions.iter().any(|v| group_of(v) == group)) {
+            let first = info.versions.iter().find(|v| group_of(v) == group).unwrap_or(&info.versions[0]);
+            return Err(format!("apiVersion {api_version:?} for kind {kind}: expected {first:?}"));
+        }
+        if ISTIO_GROUPS.contains(&group) {
             let list = |opaque: bool| {
                 let names: Vec<String> = KINDS
                     .iter()
-                    .filter(|i| i.opaque == opaque)
+                    .filter(|i| i.opaque == opaque && ISTIO_GROUPS.contains(&group_of(i.versions[0])))
                     .map(|i| format!("{} ({})", i.written, i.versions[0]))
                     .collect();
                 names.join(", ")
             };
             return Err(format!(
-                "unknown kind {kind:?}; supported: {}; read without effect yet: {}",
+                "unknown kind {kind:?} in Istio's group {group}; supported: {}; read without effect yet: {}",
                 list(false),
                 list(true)
             ));
-        };
-        named
-            .find(|i| i.versions.contains(&api_version))
-            .map(|i| i.kind)
-            .ok_or_else(|| format!("apiVersion {api_version:?} for kind {kind}: expected {first:?}"))
+        }
+        Ok(None)
     }
 
     /// The kind as problems name it.
@@ -752,7 +772,7 @@ impl Kind {
 
     /// The API group (empty for the core group).
     pub fn group(self) -> &'static str {
-        self.api_versions()[0].rsplit_once('/').map_or("", |(group, _)| group)
+        group_of(self.api_versions()[0])
     }
 
     /// The resource's plural name, as in its URL and its CRD's name.
@@ -782,14 +802,28 @@ mod tests {
     fn the_kind_table_round_trips() {
         for info in KINDS {
             for v in info.versions {
-                assert_eq!(Kind::from_type(v, info.written), Ok(info.kind), "{v} {}", info.written);
+                assert_eq!(Kind::from_type(v, info.written), Ok(Some(info.kind)), "{v} {}", info.written);
             }
             assert_eq!(KINDS.iter().filter(|i| i.kind == info.kind).count(), 1, "{:?} listed once", info.kind);
         }
-        assert_eq!(Kind::from_type("networking.istio.io/v1", "Gateway"), Ok(Kind::IstioGateway));
+        assert_eq!(Kind::from_type("networking.istio.io/v1", "Gateway"), Ok(Some(Kind::IstioGateway)));
         assert_eq!(Kind::IstioGateway.name(), "Gateway.networking.istio.io");
-        assert!(Kind::from_type("v1", "Frobnicator").unwrap_err().contains("HTTPRoute (gateway.networking.k8s.io/v1)"));
+        let typo = Kind::from_type("security.istio.io/v1", "AuthorisationPolicy").unwrap_err();
+        assert!(typo.contains("AuthorizationPolicy (security.istio.io/v1)"), "{typo}");
+        assert!(!typo.contains("HTTPRoute"), "only Istio's kinds are listed: {typo}");
         assert!(Kind::from_type("v2", "Pod").unwrap_err().contains("expected \"v1\""));
+        assert!(Kind::from_type("security.istio.io/v2", "PeerAuthentication").unwrap_err().contains("expected"));
+        // Kinds mesh does not read, valid elsewhere: no effect, not an error.
+        for (api_version, kind) in [
+            ("apps/v1", "Deployment"),
+            ("v1", "Secret"),
+            ("policy.linkerd.io/v1alpha1", "AuthorizationPolicy"),
+            ("policy.linkerd.io/v1beta3", "HTTPRoute"),
+            ("gateway.networking.k8s.io/v1alpha2", "UDPRoute"),
+            ("cert-manager.io/v1", "Certificate"),
+        ] {
+            assert_eq!(Kind::from_type(api_version, kind), Ok(None), "{api_version} {kind}");
+        }
         let plurals: Vec<String> = [
             Kind::Telemetry,
             Kind::ServiceEntry,
