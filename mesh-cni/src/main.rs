@@ -21,9 +21,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("install") | Some("uninstall") => return setup(&args),
+        Some("--version") => {
+            println!("mesh-cni {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
         Some(other) => {
             eprintln!(
-                "mesh-cni: unknown command {other:?}; the runtime runs it with CNI_COMMAND set, or: install|uninstall"
+                "mesh-cni: unknown command {other:?}; the runtime runs it with CNI_COMMAND set, or: install|uninstall|--version"
             );
             return ExitCode::from(2);
         }

@@ -6,7 +6,9 @@
 //! - `cargo xtask quickstart [--down]`: runs the mesh on this host.
 //! - `cargo xtask bench`: the benchmarks (not part of the tests; figures, no pass/fail).
 //! - `cargo xtask fuzz [--seconds N]`: the libFuzzer targets of every parser of outside input.
+//! - `cargo xtask image`: OCI archives of the node agent, the controller and the waypoint.
 mod fuzz;
+mod image;
 mod kernels;
 mod prereqs;
 mod quickstart;
@@ -59,6 +61,20 @@ enum Cmd {
     },
     /// Write deploy/crds/ from mesh's kind table (a test fails when they drift).
     Crds,
+    /// Build the OCI images deploy/ names (node agent with the CNI plugin,
+    /// controller, waypoint) from release binaries, as OCI archives to push
+    /// with `skopeo copy oci-archive:<file> docker://<registry>/<name>:<version>`.
+    Image {
+        /// Where the archives go (default: <target dir>/images).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// From debug binaries (faster to build, larger and slower).
+        #[arg(long)]
+        debug: bool,
+        /// Use the binaries already built beside xtask (the tests run it this way).
+        #[arg(long, hide = true)]
+        no_build: bool,
+    },
     /// Run the benchmarks (release builds) and write JSON reports under /var/tmp/mesh-bench.
     Bench {
         /// Only these benchmarks (`scale`, `dataplane`, `l7`, `profile`); all
@@ -77,7 +93,27 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { only } => bench(&only),
         Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Cmd::Crds => write_crds(),
+        Cmd::Image { out, debug, no_build } => images(out, debug, no_build),
     }
+}
+
+fn images(out: Option<std::path::PathBuf>, debug: bool, no_build: bool) -> anyhow::Result<()> {
+    let bin_dir = if no_build {
+        std::env::current_exe()?.parent().context("xtask's directory")?.to_path_buf()
+    } else {
+        let profile = if debug { "debug" } else { "release" };
+        step(&format!("building the images' binaries ({profile})"));
+        let mut args = vec!["build", "-p", "mesh-node", "-p", "mesh-cni", "-p", "mesh-controller"];
+        args.extend(["-p", "mesh-waypoint", "-p", "mesh-ctl"]);
+        if !debug {
+            args.push("--release");
+        }
+        cargo(&args)?;
+        mesh_tests::profile_dir(profile)
+    };
+    let out = out.unwrap_or_else(|| bin_dir.parent().expect("a target directory").join("images"));
+    image::build_all(&bin_dir, &out)?;
+    Ok(())
 }
 
 fn write_crds() -> anyhow::Result<()> {

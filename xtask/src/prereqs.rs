@@ -33,6 +33,8 @@ const PACKAGES: &[&str] = &[
     "python3-grpcio", // a real gRPC client and server (all four call kinds) through the waypoint
     "nghttp2-client", // h2load: many HTTP/2 requests on one connection (curl 7.88 cannot reuse one with prior knowledge)
     "python3-pip",    // the external authorizers' Python packages (below)
+    "umoci",          // cargo xtask image writes OCI images with it
+    "skopeo",         // the image test reads them back as a user's push would
 ];
 
 /// Envoy's generated data-plane API for Python (PyPI's `xds-protos`, with the
