@@ -16,6 +16,8 @@ mod duration;
 pub mod files;
 #[cfg(feature = "std")]
 pub mod identity;
+#[cfg(feature = "kube")]
+pub mod kube_client;
 #[cfg(feature = "routing")]
 pub mod routing;
 #[cfg(feature = "std")]

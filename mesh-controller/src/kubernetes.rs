@@ -25,20 +25,7 @@ use tracing::{info, warn};
 /// A client from `--kubeconfig`, or else the usual places (in-cluster
 /// service account, `$KUBECONFIG`, `~/.kube/config`).
 pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
-    use anyhow::Context as _;
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("--kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default())
-                .await
-                .with_context(|| format!("--kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no Kubernetes configuration (in-cluster, $KUBECONFIG or ~/.kube/config)")?,
-    };
-    Client::try_from(config).context("Kubernetes client")
+    mesh_common::kube_client::client(kubeconfig).await.map_err(anyhow::Error::msg)
 }
 
 /// Runs `attempt` until it succeeds, backing off from 200 ms to 10 s and
@@ -119,9 +106,28 @@ pub enum Change {
     Listed(Kind),
 }
 
+/// How a failed watch is retried: from 0.5 s, doubling, at most 5 s apart
+/// (with jitter), the schedule starting over after two quiet minutes.
+/// kube's default (client-go's) waits up to 30 s: an API server back from a
+/// restart took 15 s to be watched again in the restart test, during which
+/// edits did not reach the nodes. Some twenty watches retried every 5 s are
+/// no load for a server.
+fn retry_schedule() -> impl kube::runtime::utils::Backoff {
+    let schedule = backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(500))
+        .with_max_delay(std::time::Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    kube::runtime::utils::ResetTimerBackoff::new(
+        watcher::ExponentialBackoff::from(schedule),
+        std::time::Duration::from_secs(120),
+    )
+}
+
 /// Watches every served kind, sending [`Change`]s until the receiver is gone.
-/// A failed watch is retried with backoff (kube's default: up to 30 s apart)
-/// and resumes from its last resourceVersion, or relists when that expired.
+/// A failed watch is retried ([`retry_schedule`]) and resumes from its last
+/// resourceVersion, or relists when that expired.
 pub fn watch(client: Client, served: Vec<Served>, root_namespace: String) -> mpsc::Receiver<Change> {
     let (tx, rx) = mpsc::channel(1024);
     for Served { kind, resource } in served {
@@ -134,7 +140,7 @@ pub fn watch(client: Client, served: Vec<Served>, root_namespace: String) -> mps
             (Api::<DynamicObject>::all_with(client.clone(), &resource), watcher::Config::default())
         };
         tokio::spawn(async move {
-            let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+            let mut events = std::pin::pin!(watcher(api, config).backoff(retry_schedule()));
             while let Some(event) = events.next().await {
                 let change = match event {
                     Ok(watcher::Event::Init) => Change::Relist(kind),

@@ -1,7 +1,8 @@
 //! `mesh-ctl enroll|unenroll NAMESPACE`: sets or removes the ambient label on
-//! the Namespace in the controller's configuration directory (the file that
-//! defines it, or a new one), then waits until every node has enrolled (or
-//! released) the namespace's pods.
+//! the Namespace, in the controller's configuration directory (the file that
+//! defines it, or a new one) or, when the controller reads Kubernetes, on the
+//! API server with the user's kubeconfig; then waits until every node has
+//! enrolled (or released) the namespace's pods.
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{IsTerminal as _, Write as _},
@@ -21,31 +22,23 @@ use crate::{
 
 const LABEL: &str = "istio.io/dataplane-mode";
 
-pub fn enroll(client: &Client, namespace: &str, enroll: bool, timeout: Duration) -> Result<Report> {
+pub fn enroll(
+    client: &Client,
+    namespace: &str,
+    enroll: bool,
+    timeout: Duration,
+    kubeconfig: Option<&Path>,
+) -> Result<Report> {
     let started = Instant::now();
     let config = client.controller("/debug/config")?;
     let generation = config["generation"].as_u64().unwrap_or(0);
-    let value = if enroll { "=ambient" } else { "-" };
-    let dir =
-        crate::waypoint::config_dir(&config, client, &format!("kubectl label namespace {namespace} {LABEL}{value}"))?;
-    let key = format!("Namespace {namespace}");
-    let existing = config["objects"].as_array().into_iter().flatten().find(|o| o["key"] == key.as_str());
-    let edit = match existing {
-        Some(o) => {
-            let file = PathBuf::from(o["origin"]["file"].as_str().unwrap_or_default());
-            let line = o["origin"]["line"].as_u64().unwrap_or(0) as usize;
-            set_label_in_file(&file, line, LABEL, enroll.then_some("ambient"))?.then_some(file)
-        }
-        None if enroll => {
-            let file = dir.join(format!("namespace-{namespace}.yaml"));
-            let text = format!(
-                "# Written by `mesh-ctl enroll {namespace}`.\napiVersion: v1\nkind: Namespace\nmetadata:\n  \
-                 name: {namespace}\n  labels:\n    {LABEL}: ambient\n"
-            );
-            write_atomic(&file, &text)?;
-            Some(file)
-        }
-        None => None, // no Namespace object: nothing is labelled
+    let edit = if config["source"] == "kubernetes" {
+        // The Namespace on the API server, which the controller watches;
+        // its problems name it by its API path.
+        let changed = crate::kubernetes::label_namespace(kubeconfig, namespace, LABEL, enroll.then_some("ambient"))?;
+        changed.then(|| PathBuf::from(format!("/api/v1/namespaces/{namespace}")))
+    } else {
+        label_in_directory(client, &config, namespace, enroll)?
     };
     if let Some(file) = &edit {
         wait_applied(client, generation, file, started + timeout)?;
@@ -67,6 +60,35 @@ pub fn enroll(client: &Client, namespace: &str, enroll: bool, timeout: Duration)
     let data = json!({ "namespace": namespace, "enrolled": enroll, "file": edit, "pods": pods,
         "seconds": started.elapsed().as_secs_f64() });
     Ok(Report::new(data, text))
+}
+
+/// Sets or removes the label on the Namespace in the controller's
+/// configuration directory (the file defining it, or a new one); the file
+/// changed, if any.
+fn label_in_directory(client: &Client, config: &Value, namespace: &str, enroll: bool) -> Result<Option<PathBuf>> {
+    let value = if enroll { "=ambient" } else { "-" };
+    let dir =
+        crate::waypoint::config_dir(config, client, &format!("kubectl label namespace {namespace} {LABEL}{value}"))?;
+    let key = format!("Namespace {namespace}");
+    let existing = config["objects"].as_array().into_iter().flatten().find(|o| o["key"] == key.as_str());
+    let edit = match existing {
+        Some(o) => {
+            let file = PathBuf::from(o["origin"]["file"].as_str().unwrap_or_default());
+            let line = o["origin"]["line"].as_u64().unwrap_or(0) as usize;
+            set_label_in_file(&file, line, LABEL, enroll.then_some("ambient"))?.then_some(file)
+        }
+        None if enroll => {
+            let file = dir.join(format!("namespace-{namespace}.yaml"));
+            let text = format!(
+                "# Written by `mesh-ctl enroll {namespace}`.\napiVersion: v1\nkind: Namespace\nmetadata:\n  \
+                 name: {namespace}\n  labels:\n    {LABEL}: ambient\n"
+            );
+            write_atomic(&file, &text)?;
+            Some(file)
+        }
+        None => None, // no Namespace object: nothing is labelled
+    };
+    Ok(edit)
 }
 
 /// Sets label `label` to `want` (`None`: removes it) on the document

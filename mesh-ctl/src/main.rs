@@ -8,6 +8,7 @@ mod endpoints;
 mod enroll;
 mod explain;
 mod explain_l7;
+mod kubernetes;
 mod node;
 mod output;
 mod route;
@@ -264,6 +265,11 @@ struct EnrollArgs {
     /// Give up waiting for the nodes after this many seconds.
     #[arg(long, default_value_t = 60)]
     wait: u64,
+    /// When the controller reads Kubernetes, the Namespace is labelled on
+    /// the API server with this kubeconfig (default: in-cluster,
+    /// $KUBECONFIG or ~/.kube/config, as kubectl).
+    #[arg(long)]
+    kubeconfig: Option<std::path::PathBuf>,
 }
 
 const EXIT_FOUND_PROBLEM: u8 = 1;
@@ -327,8 +333,12 @@ fn main() -> ExitCode {
                 let req = route::Request { to, method, path, authority: authority.as_deref(), headers: &headers };
                 route::explain(&client, nodes, &req)
             }),
-        Cmd::Enroll(a) => enroll::enroll(&client, &a.namespace, true, Duration::from_secs(a.wait)),
-        Cmd::Unenroll(a) => enroll::enroll(&client, &a.namespace, false, Duration::from_secs(a.wait)),
+        Cmd::Enroll(a) => {
+            enroll::enroll(&client, &a.namespace, true, Duration::from_secs(a.wait), a.kubeconfig.as_deref())
+        }
+        Cmd::Unenroll(a) => {
+            enroll::enroll(&client, &a.namespace, false, Duration::from_secs(a.wait), a.kubeconfig.as_deref())
+        }
         Cmd::Node(NodeCmd::Add { name, ttl, token_file }) => {
             node::add(&client, name, ttl.as_deref(), token_file.as_deref())
         }

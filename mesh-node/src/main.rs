@@ -115,6 +115,12 @@ struct Args {
     /// the others. Default: a quarter of --max-connections.
     #[arg(long)]
     max_connections_per_pod: Option<usize>,
+    /// Where the container runtime pins pods' network namespaces
+    /// (containerd and CRI-O: /run/netns). With it, the agent finds there
+    /// the namespaces of pods the controller places on this node that no CNI
+    /// ADD reported (pods that predate the CNI plugin), by their addresses.
+    #[arg(long, requires = "controller")]
+    discover_netns_dir: Option<PathBuf>,
     /// A peer on 15008 must finish TLS and HTTP/2's preface within this, or
     /// it is cut off (a slowloris, a handshake that never finishes).
     #[arg(long, default_value = "10s", value_parser = mesh_common::parse_duration)]
@@ -233,7 +239,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     if let Some(control) = &control {
-        control::spawn(control, pods.clone());
+        control::spawn(control, pods.clone(), args.discover_netns_dir.clone());
         let socket = cni::serve(&state_dir, pods.clone(), control.clone())
             .with_context(|| format!("the CNI plugin's socket in {}", state_dir.display()))?;
         info!(socket = %socket.display(), "serving the CNI plugin");

@@ -42,7 +42,8 @@ pub struct Kube {
     /// An admin kubeconfig for [`SERVER`].
     pub kubeconfig: PathBuf,
     // Dropped in this order: the API server before its etcd.
-    apiserver: Proc,
+    apiserver: Option<Proc>,
+    apiserver_args: Vec<String>,
     _etcd: Proc,
 }
 
@@ -102,8 +103,6 @@ impl Topology {
         ];
         let mut args = vec![bin.join("kube-apiserver").display().to_string()];
         args.extend(flags);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut apiserver = Proc::spawn_in("kube-apiserver", netns, &args, &dir.join("apiserver.log"));
         let kubeconfig = dir.join("admin.kubeconfig");
         fs::write(
             &kubeconfig,
@@ -117,21 +116,44 @@ impl Topology {
             ),
         )
         .expect("kubeconfig");
-        let deadline = Instant::now() + crate::patience(Duration::from_secs(60));
-        let ready = || {
-            let out = run_in(netns, &["curl", "-s", "-m", "2", "--cacert", &p("ca.crt"), &format!("{SERVER}/readyz")]);
-            out.stdout.starts_with(b"ok")
-        };
-        while !ready() {
-            assert!(apiserver.is_running(), "kube-apiserver exited:\n{}", apiserver.log_text());
-            assert!(Instant::now() < deadline, "kube-apiserver not ready after 60 s:\n{}", apiserver.log_text());
-            thread::sleep(Duration::from_millis(100));
-        }
-        Kube { netns: netns.into(), dir, kubeconfig, apiserver, _etcd: etcd }
+        let apiserver = spawn_apiserver(netns, &args, &dir, &pki);
+        Kube { netns: netns.into(), dir, kubeconfig, apiserver: Some(apiserver), apiserver_args: args, _etcd: etcd }
     }
 }
 
+/// Starts kube-apiserver with `args` and waits until it is ready.
+fn spawn_apiserver(netns: &Path, args: &[String], dir: &Path, pki: &Path) -> Proc {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let log = dir.join(format!("apiserver-{}.log", crate::topology::now_millis()));
+    let mut apiserver = Proc::spawn_in("kube-apiserver", netns, &args, &log);
+    let ca = pki.join("ca.crt").display().to_string();
+    let deadline = Instant::now() + crate::patience(Duration::from_secs(60));
+    let ready = || {
+        let out = run_in(netns, &["curl", "-s", "-m", "2", "--cacert", &ca, &format!("{SERVER}/readyz")]);
+        out.stdout.starts_with(b"ok")
+    };
+    while !ready() {
+        assert!(apiserver.is_running(), "kube-apiserver exited:\n{}", apiserver.log_text());
+        assert!(Instant::now() < deadline, "kube-apiserver not ready after 60 s:\n{}", apiserver.log_text());
+        thread::sleep(Duration::from_millis(100));
+    }
+    apiserver
+}
+
 impl Kube {
+    /// Stops the API server (etcd keeps the cluster's state).
+    pub fn stop_apiserver(&mut self) {
+        if let Some(mut apiserver) = self.apiserver.take() {
+            apiserver.kill();
+        }
+    }
+
+    /// Starts the API server again, with the same state, and waits until it is ready.
+    pub fn start_apiserver(&mut self) {
+        assert!(self.apiserver.is_none(), "the API server runs already");
+        self.apiserver = Some(spawn_apiserver(&self.netns, &self.apiserver_args, &self.dir, &self.dir.join("pki")));
+    }
+
     /// `kubectl ARGS` against this server; its output, whether it succeeded or not.
     pub fn kubectl(&self, args: &[&str]) -> Output {
         let mut all = vec!["kubectl", "--kubeconfig", self.kubeconfig.to_str().unwrap()];
@@ -260,6 +282,6 @@ impl Kube {
 
     /// The API server's log, for a failure's message.
     pub fn log_text(&self) -> String {
-        self.apiserver.log_text()
+        self.apiserver.as_ref().map(Proc::log_text).unwrap_or_default()
     }
 }

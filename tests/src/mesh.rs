@@ -48,6 +48,11 @@ impl Mesh {
     /// (on the controller's node, with mesh's CRDs installed) instead of a
     /// directory; [`Self::apply`] is then `kubectl apply`.
     pub fn start_on_kubernetes(test: &str, nodes: &[&str]) -> Option<Mesh> {
+        Self::start_on_kubernetes_with(test, nodes, &[])
+    }
+
+    /// Like [`Self::start_on_kubernetes`], every agent also started with `extra` arguments.
+    pub fn start_on_kubernetes_with(test: &str, nodes: &[&str], extra: &[&str]) -> Option<Mesh> {
         let t = Topology::new(test);
         let cnode = t.node("controller");
         let kube = t.start_kube(&cnode);
@@ -58,7 +63,7 @@ impl Mesh {
         for node in nodes {
             controller.set_node_token(node, &kube.node_agent_token(node));
         }
-        let mut mesh = Self::join(t, controller, test, nodes)?;
+        let mut mesh = Self::join_with(t, controller, test, nodes, extra)?;
         mesh.kube = Some(kube);
         Some(mesh)
     }

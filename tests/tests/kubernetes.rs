@@ -578,3 +578,158 @@ fn istios_own_agents_obtain_mesh_certificates_through_istios_certificate_api() {
     let audience = ask(&web_for_mesh, "");
     assert!(audience.starts_with("ERR UNAUTHENTICATED") && audience.contains("audience"), "{audience}");
 }
+
+/// Issue 14's restarts: the controller goes away and an edit is made
+/// meanwhile; the API server goes away. The nodes serve throughout; the
+/// returning controller resends a node only what differs from what it holds,
+/// and the edit made while it was away reaches the nodes; after the API
+/// server's return the watches resume (a relist replaces a kind's objects
+/// at once, never a part of them), and the next edit is the only push.
+#[test]
+fn the_controller_and_the_api_server_restart_while_the_nodes_serve() {
+    let Some(mut mesh) = Mesh::start_on_kubernetes("kube-restarts", &["node1", "node2"]) else { return };
+    let (a, b, _servers) = mesh.a_and_b_serving();
+    assert!(reaches(&a, &b), "a → b through the mesh");
+    let kubeconfig = mesh.kube.as_ref().unwrap().kubeconfig.display().to_string();
+    let deny = yaml::authorization(
+        "default",
+        "deny-a",
+        "{action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sa-a]}}]}]}",
+    );
+
+    // The controller goes away; a policy is applied while it is.
+    mesh.controller.proc.kill();
+    mesh.kube.as_ref().unwrap().apply_ok(&deny);
+    assert!(reaches(&a, &b), "the nodes serve on what they hold while the controller is away");
+
+    let netns = mesh.controller.netns.clone();
+    mesh.controller = mesh.t.start_controller(&netns, &["--kubernetes", "--kubeconfig", &kubeconfig]);
+    let took = eventually("the edit made while the controller was away is enforced", Duration::from_secs(20), || {
+        !reaches(&a, &b)
+    });
+    eprintln!("the returning controller's edit enforced {took:?} after it was ready");
+    let nodes = mesh.controller.json("/debug/nodes");
+    let model = mesh.controller.json("/debug/model");
+    let workloads = model["workloads"].as_object().map_or(0, |w| w.len());
+    for node in ["node1", "node2"] {
+        let resent = nodes["nodes"][node]["resync_resources"].as_u64().expect("resync_resources");
+        eprintln!("{node}: {resent} resources resent on its return (the model has {workloads} workloads)");
+        assert!(resent <= 2, "{node} was resent {resent} resources for one policy added: {nodes:#}");
+    }
+
+    // The API server goes away: the nodes and the controller go on.
+    let kube = mesh.kube.as_mut().unwrap();
+    kube.kubectl_ok(&["delete", "authorizationpolicy", "-n", "default", "deny-a"]);
+    eventually("a is allowed after the policy is deleted", Duration::from_secs(10), || reaches(&a, &b));
+    let pushes = mesh.controller.metric("mesh_controller_pushes_total");
+    let version = mesh.controller.json("/debug/nodes")["version"].clone();
+    kube.stop_apiserver();
+    assert!(reaches(&a, &b), "the nodes serve while the API server is down");
+    thread::sleep(Duration::from_secs(2));
+    assert!(mesh.controller.proc.is_running(), "the controller survives the API server's absence");
+    assert_eq!(
+        mesh.controller.json("/debug/nodes")["version"],
+        version,
+        "nothing changed while the API server was away"
+    );
+    kube.start_apiserver();
+
+    // The watches resume by themselves (kube's backoff, at most 30 s apart);
+    // the next edit is the only push each node gets.
+    let start = Instant::now();
+    kube.apply_ok(&deny);
+    let took =
+        eventually("an edit after the API server's return is enforced", Duration::from_secs(40), || !reaches(&a, &b));
+    eprintln!("the first edit after the API server's return enforced after {took:?}");
+    thread::sleep(Duration::from_millis(500));
+    let pushed = mesh.controller.metric("mesh_controller_pushes_total") - pushes;
+    assert_eq!(pushed, 2.0, "one push per node, for the edit, since the API server went away ({:?})", start.elapsed());
+    assert!(mesh.controller.proc.is_running());
+}
+
+/// Issue 14 points 6 and 9: pods running before the node's CNI plugin was
+/// installed never had a CNI ADD. The agent finds their network namespaces
+/// among those the runtime pinned (`--discover-netns-dir`) by their
+/// addresses, and enrolls them once `mesh-ctl enroll` has labelled their
+/// namespace on the API server; a pod whose address two namespaces hold is
+/// left alone until only one does.
+#[test]
+fn pods_that_predate_the_cni_plugin_are_found_by_their_addresses_and_enrolled() {
+    let pinned = std::env::temp_dir().join("mesh-tests").join(format!("pinned-netns-{}", std::process::id()));
+    std::fs::create_dir_all(&pinned).unwrap();
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove = Remove(pinned.clone());
+    let dir = pinned.display().to_string();
+    let Some(mesh) =
+        Mesh::start_on_kubernetes_with("kube-discover", &["node1", "node2"], &["--discover-netns-dir", &dir])
+    else {
+        return;
+    };
+    let kube = mesh.kube.as_ref().unwrap();
+    let (a, b, c) = (mesh.t.pod("a"), mesh.t.pod("b"), mesh.t.pod("c"));
+    // Created, scheduled and started before mesh was installed: no CNI ADD
+    // through mesh-cni; the runtime pinned their namespaces.
+    let config = [
+        yaml::namespace("default", false),
+        yaml::pod(&a, "node1", "sa-a", "a"),
+        yaml::pod(&b, "node2", "sa-b", "b"),
+        yaml::pod(&c, "node1", "sa-c", "c"),
+    ]
+    .concat();
+    kube.apply_ok(&config);
+    let pin = |pod: &Pod, as_name: &str| std::os::unix::fs::symlink(&pod.netns, pinned.join(as_name)).unwrap();
+    for (pod, name) in [(&a, "cni-a"), (&b, "cni-b"), (&c, "cni-c")] {
+        let (namespace, pod_name) = pod.name.split_once('/').unwrap();
+        kube.set_pod_ips(namespace, pod_name, &[pod.ip4.into(), pod.ip6.into()]);
+        pin(pod, name);
+    }
+    // Another namespace holding c's address too (a stale sandbox, say).
+    let decoy = mesh.t.pod("decoy");
+    let c_address = format!("{}/32", c.ip4);
+    mesh_tests::run_in_ok(&decoy.netns, &["ip", "addr", "add", &c_address, "dev", "lo"]);
+    pin(&decoy, "cni-decoy");
+    let _nginx = mesh.t.nginx(&b, 80, "b\n", 10);
+
+    // `mesh-ctl enroll` labels the Namespace on the API server (with the
+    // user's kubeconfig) and waits for the nodes: a and b are found and
+    // enrolled, c is not, and it says so.
+    let kubeconfig = kube.kubeconfig.display().to_string();
+    let out = mesh.ctl(&["enroll", "default", "--wait", "8", "--kubeconfig", &kubeconfig]);
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && said.contains("2/3 pods enrolled (node1 1/2, node2 1/1)"), "{said}");
+    let labels = kube.kubectl_ok(&["get", "namespace", "default", "-o", "jsonpath={.metadata.labels}"]);
+    assert!(labels.contains("\"istio.io/dataplane-mode\":\"ambient\""), "{labels}");
+    mesh.wait_ready(&[(&a, "node1", "sa-a"), (&b, "node2", "sa-b")]);
+    assert!(reaches(&a, &b), "a → b once both are found and enrolled");
+    let tunnels = mesh.metric("node2", "istio_tcp_connections_opened_total", &[("reporter", "destination")]);
+    assert!(tunnels >= 1.0, "the connection crossed over HBONE to node2's proxy ({tunnels})");
+
+    let node1 = &mesh.node("node1").agent;
+    let enrolled = |name: &str| node1.config_dump()["pods"].as_array().into_iter().flatten().any(|p| p["name"] == name);
+    eventually("the agent says why c is left alone", Duration::from_secs(10), || {
+        node1.proc.log_text().contains("its address is held by several network namespaces")
+    });
+    assert!(!enrolled("default/c"), "c enrolled though two namespaces hold its address");
+
+    mesh_tests::run_in_ok(&decoy.netns, &["ip", "addr", "del", &c_address, "dev", "lo"]);
+    mesh.wait_ready(&[(&c, "node1", "sa-c")]);
+    let dump = node1.config_dump();
+    let c_pod = dump["pods"].as_array().unwrap().iter().find(|p| p["name"] == "default/c").unwrap().clone();
+    assert_eq!(c_pod["netns"], pinned.join("cni-c").display().to_string(), "c is enrolled in its own namespace");
+
+    // And out again, through the API server.
+    let out = mesh.ctl(&["unenroll", "default", "--kubeconfig", &kubeconfig]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        said.contains("label istio.io/dataplane-mode removed in /api/v1/namespaces/default; 3 pods released"),
+        "{said}"
+    );
+    let labels = kube.kubectl_ok(&["get", "namespace", "default", "-o", "jsonpath={.metadata.labels}"]);
+    assert!(!labels.contains("dataplane-mode"), "{labels}");
+}

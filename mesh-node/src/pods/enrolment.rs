@@ -248,6 +248,12 @@ impl Enrolment {
         if !spec.netns.is_absolute() {
             return Err(EnrollError::RelativeNetns(spec.netns));
         }
+        // Another path to the namespace already reported (`/var/run/netns/x`
+        // from the runtime, `/run/netns/x` found by discovery) changes
+        // nothing: a new path would re-enroll the pod.
+        if self.reported.get(&spec.name).is_some_and(|old| same_namespace(old, &spec.netns)) {
+            return Ok(());
+        }
         if self.reported.insert(spec.name, spec.netns.clone()).as_ref() != Some(&spec.netns) {
             write_json(&self.reported_file, &self.reported, "reported network namespaces");
         }
@@ -304,6 +310,15 @@ fn write_json(path: &Path, value: &impl Serialize, what: &str) {
 
 fn validate_name(name: &str) -> Result<(), EnrollError> {
     if mesh_common::admin::valid_pod_name(name) { Ok(()) } else { Err(EnrollError::InvalidName(name.into())) }
+}
+
+/// Whether two paths name one network namespace (one nsfs inode).
+fn same_namespace(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => a == b,
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! API, the metrics, the controller client, shutdown) talks to it through a
 //! [`Pods`] handle, and reads the enrolled list from a published snapshot
 //! without waiting on it. [`reconcile`] decides, purely, what to change to
-//! reach the set the controller wants.
+//! reach the set the controller wants; [`discover`] finds the network
+//! namespaces of pods that predate the CNI plugin.
+pub mod discover;
 mod enrolment;
 pub mod reconcile;
 

@@ -14,7 +14,8 @@ pub mod store;
 pub mod view;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     sync::{Arc, Mutex, MutexGuard, RwLock},
 };
 
@@ -98,6 +99,18 @@ impl State {
     /// The pods node `node` must enroll.
     pub fn local_pods(&self, node: &str) -> Vec<LocalPod> {
         self.store().local_pods(node)
+    }
+
+    /// The addresses the controller gives each of `pods` (`namespace/name`):
+    /// their `status.podIPs`; an unparsable one is left out.
+    pub fn pod_addresses(&self, pods: &BTreeSet<String>) -> BTreeMap<String, Vec<IpAddr>> {
+        let mut found: BTreeMap<String, Vec<IpAddr>> = pods.iter().map(|p| (p.clone(), Vec::new())).collect();
+        for w in self.store().workloads.values() {
+            if let Some(ips) = w.uid.strip_prefix("Pod/").and_then(|name| found.get_mut(name)) {
+                *ips = w.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+            }
+        }
+        found
     }
 
     /// Where the controller places pod `namespace/name`: its node, and
