@@ -508,9 +508,12 @@ impl ConfigStore {
     /// what it names appears.
     fn undefined_references(&self, resource: &Resource) -> Vec<(Option<String>, String)> {
         let mut out = Vec::new();
-        let services = self.services();
-        let known = || services.iter().map(|(k, h)| (k.as_str(), h.as_slice()));
-        let service_missing = |key: &str| !services.iter().any(|(k, _)| k == key);
+        // Listed only for the kinds that name services: most objects are
+        // Pods and Services, and a first load asks for each one's warnings.
+        let services = std::cell::OnceCell::new();
+        let services = || services.get_or_init(|| self.services());
+        let known = || services().iter().map(|(k, h)| (k.as_str(), h.as_slice()));
+        let service_missing = |key: &str| !services().iter().any(|(k, _)| k == key);
         match resource {
             Resource::VirtualService(vs) => {
                 let ns = vs.metadata.namespace();
