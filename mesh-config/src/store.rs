@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
 };
 
@@ -181,5 +181,164 @@ impl ConfigStore {
         self.problems = problems;
         self.not_read = snap.not_read;
         report
+    }
+
+    /// Applies a change to some documents of a source whose every document
+    /// holds one object at a path of its own (the API server's objects, by
+    /// API path): `changed` are read anew, the objects at `removed` paths
+    /// go. The outcome of [`Self::apply`] with the whole snapshot, for the
+    /// work of the documents named: an invalid new version keeps the last
+    /// good one; the problems and warnings of other documents stay.
+    pub fn apply_changed(&mut self, changed: &[Document], removed: &[PathBuf]) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let touched: BTreeSet<&Path> =
+            changed.iter().map(|d| d.file.as_path()).chain(removed.iter().map(PathBuf::as_path)).collect();
+        self.problems.retain(|p| !touched.contains(p.file.as_path()));
+        self.not_read.retain(|p| !touched.contains(p.file.as_path()));
+        let at = |objects: &BTreeMap<ObjectKey, Stored>, file: &Path| -> Vec<ObjectKey> {
+            objects.iter().filter(|(_, s)| s.origin.file == file).map(|(k, _)| k.clone()).collect()
+        };
+        for path in removed {
+            for key in at(&self.objects, path) {
+                self.objects.remove(&key);
+                report.removed.push(key);
+            }
+        }
+        for doc in changed {
+            let before = at(&self.objects, &doc.file);
+            match read_document(doc) {
+                Reading::Object(key, resource) => {
+                    if let Some(other) = self.objects.get(&key).filter(|s| s.origin.file != doc.file) {
+                        let message = format!(
+                            "duplicate: already defined at {}:{}; this definition is ignored",
+                            other.origin.file.display(),
+                            other.origin.line
+                        );
+                        let (object, field) = (Some(key.to_string()), Some("metadata.name".into()));
+                        self.problems.push(Problem { file: doc.file.clone(), line: doc.line, object, field, message });
+                        continue;
+                    }
+                    for old in before.iter().filter(|k| **k != key) {
+                        self.objects.remove(old);
+                        report.removed.push(old.clone());
+                    }
+                    match self.objects.get(&key) {
+                        Some(old) if *old.resource == resource => continue,
+                        Some(_) => report.updated.push(key.clone()),
+                        None => report.added.push(key.clone()),
+                    }
+                    let origin = Origin { file: doc.file.clone(), line: doc.line };
+                    self.objects.insert(key, Stored { resource: Arc::new(resource), origin });
+                }
+                Reading::Ignored(warning) => {
+                    for old in before {
+                        self.objects.remove(&old);
+                        report.removed.push(old);
+                    }
+                    self.not_read.push(warning);
+                }
+                Reading::Rejected(_, problems) => {
+                    self.problems.extend(problems);
+                    report.kept.extend(before);
+                }
+            }
+        }
+        if report.changed() {
+            self.generation += 1;
+        }
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, extra: &str) -> Document {
+        Document {
+            file: format!("/api/v1/namespaces/shop/pods/{name}").into(),
+            line: 1,
+            text: format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop{extra}}}\nspec: {{}}\n"
+            ),
+        }
+    }
+
+    fn policy(name: &str, principal: &str) -> Document {
+        Document {
+            file: format!("/apis/security.istio.io/v1/namespaces/shop/authorizationpolicies/{name}").into(),
+            line: 1,
+            text: format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{rules: [{{from: [{{source: {{principals: ['{principal}']}}}}]}}]}}\n"
+            ),
+        }
+    }
+
+    fn deployment() -> Document {
+        Document {
+            file: "/apis/apps/v1/namespaces/shop/deployments/web".into(),
+            line: 1,
+            text: "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n".into(),
+        }
+    }
+
+    /// What a store holds, comparably.
+    fn state(s: &ConfigStore) -> (Vec<(ObjectKey, Stored)>, BTreeSet<String>, BTreeSet<String>) {
+        let problems = s.problems().iter().map(ToString::to_string).collect();
+        let not_read = s.not_read().iter().map(ToString::to_string).collect();
+        (s.objects().iter().map(|(k, v)| (k.clone(), v.clone())).collect(), problems, not_read)
+    }
+
+    fn sorted(mut r: ApplyReport) -> ApplyReport {
+        for v in [&mut r.added, &mut r.updated, &mut r.removed, &mut r.kept] {
+            v.sort();
+        }
+        r
+    }
+
+    /// Each step's changed documents and removed paths applied one by one
+    /// give what the whole snapshot after the step gives.
+    #[test]
+    fn applying_the_changed_documents_equals_applying_the_whole_snapshot() {
+        let good = "cluster.local/ns/shop/sa/a";
+        // (documents changed, paths removed)
+        let steps: Vec<(Vec<Document>, Vec<&str>)> = vec![
+            (vec![pod("a", ""), pod("b", ""), policy("p", good)], vec![]),
+            // A label: an update.
+            (vec![pod("a", ", labels: {app: a}")], vec![]),
+            // Only bookkeeping (resourceVersion): no change at all.
+            (vec![pod("b", ", resourceVersion: '7'")], vec![]),
+            // An invalid new version: the last good one stays, with a problem.
+            (vec![policy("p", "not a principal")], vec![]),
+            // Valid again: the problem goes.
+            (vec![policy("p", "cluster.local/ns/shop/sa/b")], vec![]),
+            // A kind mesh does not read: a warning only.
+            (vec![deployment(), pod("c", "")], vec![]),
+            // Deleted.
+            (vec![], vec!["/api/v1/namespaces/shop/pods/a", "/apis/apps/v1/namespaces/shop/deployments/web"]),
+            // An invalid first version: nothing in force, a problem.
+            (vec![policy("q", "not a principal")], vec![]),
+            (vec![], vec!["/apis/security.istio.io/v1/namespaces/shop/authorizationpolicies/q"]),
+        ];
+        let mut whole = ConfigStore::default();
+        let mut by_change = ConfigStore::default();
+        let mut docs: BTreeMap<PathBuf, Document> = BTreeMap::new();
+        for (i, (changed, removed)) in steps.into_iter().enumerate() {
+            for d in &changed {
+                docs.insert(d.file.clone(), d.clone());
+            }
+            let removed: Vec<PathBuf> = removed.into_iter().map(PathBuf::from).collect();
+            for r in &removed {
+                docs.remove(r);
+            }
+            let all: Vec<Document> = docs.values().cloned().collect();
+            let want = sorted(whole.apply(Snapshot::from_documents(&all, Vec::new())));
+            let got = sorted(by_change.apply_changed(&changed, &removed));
+            assert_eq!(got, want, "step {i}: report");
+            assert_eq!(state(&by_change), state(&whole), "step {i}: what is in force");
+            assert_eq!(by_change.generation(), whole.generation(), "step {i}: generation");
+        }
+        assert!(!whole.objects().is_empty());
     }
 }

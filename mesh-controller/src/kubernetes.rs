@@ -202,6 +202,18 @@ pub struct Objects {
     relisting: BTreeMap<Kind, BTreeMap<PathBuf, Document>>,
     /// Kinds listed completely at least once.
     listed: BTreeSet<Kind>,
+    /// What changed since [`Self::take_delta`] was last called.
+    delta: Delta,
+}
+
+/// The documents in force that changed: so one edit costs one object's
+/// parsing, not the cluster's.
+#[derive(Debug, Default, PartialEq)]
+pub struct Delta {
+    pub changed: BTreeMap<PathBuf, Document>,
+    pub removed: BTreeSet<PathBuf>,
+    /// A relist replaced a kind's documents: read them all again.
+    pub everything: bool,
 }
 
 impl Objects {
@@ -218,19 +230,31 @@ impl Objects {
                     return false;
                 }
                 let docs = self.by_kind.entry(kind).or_default();
-                docs.insert(doc.file.clone(), doc.clone()).as_ref() != Some(&doc)
+                let changed = docs.insert(doc.file.clone(), doc.clone()).as_ref() != Some(&doc);
+                if changed {
+                    self.delta.removed.remove(&doc.file);
+                    self.delta.changed.insert(doc.file.clone(), doc);
+                }
+                changed
             }
             Change::Delete(kind, doc) => {
                 if let Some(list) = self.relisting.get_mut(&kind) {
                     list.remove(&doc.file);
                 }
-                self.by_kind.get_mut(&kind).is_some_and(|docs| docs.remove(&doc.file).is_some())
+                let removed = self.by_kind.get_mut(&kind).is_some_and(|docs| docs.remove(&doc.file).is_some());
+                if removed {
+                    self.delta.changed.remove(&doc.file);
+                    self.delta.removed.insert(doc.file);
+                }
+                removed
             }
             Change::Listed(kind) => {
                 self.listed.insert(kind);
                 let Some(list) = self.relisting.remove(&kind) else { return false };
                 let old = self.by_kind.insert(kind, list);
-                old.as_ref() != self.by_kind.get(&kind)
+                let changed = old.as_ref() != self.by_kind.get(&kind);
+                self.delta.everything |= changed;
+                changed
             }
         }
     }
@@ -244,6 +268,16 @@ impl Objects {
     /// Every document, in a stable order.
     pub fn documents(&self) -> Vec<Document> {
         self.by_kind.values().flat_map(|docs| docs.values().cloned()).collect()
+    }
+
+    /// The documents of the kinds `wanted` says, in a stable order.
+    pub fn documents_of(&self, wanted: impl Fn(Kind) -> bool) -> Vec<Document> {
+        self.by_kind.iter().filter(|(k, _)| wanted(**k)).flat_map(|(_, docs)| docs.values().cloned()).collect()
+    }
+
+    /// What changed since the last call (after a relist: everything).
+    pub fn take_delta(&mut self) -> Delta {
+        std::mem::take(&mut self.delta)
     }
 }
 
@@ -284,9 +318,26 @@ mod tests {
         let mut objects = Objects::default();
         for (i, (change, changed, files)) in steps.into_iter().enumerate() {
             let what = format!("step {i}: {change:?}");
+            let (relisted, path) = match &change {
+                Listed(_) => (true, None),
+                Apply(_, d) | Delete(_, d) => (false, Some(d.file.clone())),
+                Relist(_) => (false, None),
+            };
+            let deleted = matches!(change, Delete(..));
             assert_eq!(objects.apply(change), changed, "{what}");
             let got: Vec<String> = objects.documents().iter().map(|d| d.file.display().to_string()).collect();
             assert_eq!(got, *files, "{what}");
+            // The delta names exactly what changed (a relist: everything).
+            let delta = objects.take_delta();
+            match (changed, relisted, path) {
+                (false, _, _) => assert_eq!(delta, Delta::default(), "{what}"),
+                (true, true, _) => assert!(delta.everything, "{what}"),
+                (true, false, Some(path)) if deleted => assert_eq!(delta.removed, BTreeSet::from([path]), "{what}"),
+                (true, false, Some(path)) => {
+                    assert_eq!(delta.changed.keys().collect::<Vec<_>>(), [&path], "{what}")
+                }
+                (true, false, None) => unreachable!("{what}"),
+            }
         }
         assert!(objects.listed(&[pod]));
         assert!(!objects.listed(&[pod, policy]), "policies were never listed");
