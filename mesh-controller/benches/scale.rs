@@ -1,11 +1,14 @@
 //! Controller at scale (`cargo xtask bench`): 10 000 pods, 2 000 services,
 //! 1 000 policies, 100 simulated nodes joined over mTLS. Records the time to
 //! load the configuration, the time for every node to receive its snapshot,
-//! the latency from a file edit to the update on every node (p50/p99), and
-//! the controller's memory. Writes a JSON report; asserts nothing on time.
+//! the latency from an edit to the update on every node (p50/p99), and the
+//! controller's memory; once from a directory of YAML, once from a real
+//! kube-apiserver (the same objects created through its API, the edit a
+//! PATCH of a pod's labels), where it also counts the requests the
+//! controller makes of the API server per edit. Writes a JSON report;
+//! asserts nothing on time.
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     fs,
     io::{BufRead as _, BufReader},
     net::SocketAddr,
@@ -20,6 +23,9 @@ use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use tokio::sync::{Barrier, mpsc};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
+#[path = "scale/kubernetes.rs"]
+mod kubernetes;
+
 const NAMESPACES: usize = 100;
 const PODS: usize = 10_000;
 const SERVICES: usize = 2_000;
@@ -28,6 +34,28 @@ const NODES: usize = 100;
 const EDITS: usize = 20;
 
 fn main() -> anyhow::Result<()> {
+    let mut report = directory()?;
+    let kubernetes = match kubernetes::measure() {
+        Ok(r) => serde_json::Value::Object(r),
+        Err(e) => format!("not measured: {e:#}").into(),
+    };
+    report.insert("kubernetes".into(), kubernetes);
+    let text = serde_json::to_string_pretty(&report)?;
+    let out = bench_dir();
+    fs::write(out.join("controller.json"), &text)?;
+    println!("{text}\nreport: {}", out.join("controller.json").display());
+    Ok(())
+}
+
+/// Where reports (and the controllers' logs) go.
+fn bench_dir() -> PathBuf {
+    let dir = PathBuf::from(std::env::var("MESH_BENCH_DIR").unwrap_or_else(|_| "/var/tmp/mesh-bench".into()));
+    let _ = fs::create_dir_all(&dir);
+    dir
+}
+
+/// The configuration from a directory of YAML; an edit rewrites a file.
+fn directory() -> anyhow::Result<Report> {
     let dir = std::env::temp_dir().join(format!("mesh-bench-controller-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     let config = dir.join("config");
@@ -35,49 +63,92 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     write_config(&config, 0)?;
     eprintln!("wrote {PODS} pods, {SERVICES} services, {POLICIES} policies in {:?}", started.elapsed());
-
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-controller"))
-        .args(["--config-dir", config.to_str().unwrap(), "--state-dir", dir.join("state").to_str().unwrap()])
-        .args(["--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--poll-ms", "20"])
-        // Simulated nodes join with one shared token (the older way).
-        .args(["--join-token-file", dir.join("state").join("join-token").to_str().unwrap()])
-        .env("RUST_LOG", "warn,mesh_controller=info")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let launched = Instant::now();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let field = |line: &str, name: &str| -> Option<SocketAddr> {
-        line.split(name).nth(1)?.split_whitespace().next()?.parse().ok()
-    };
-    let (metrics_addr, grpc_addr) = loop {
-        let line = lines.next().ok_or_else(|| anyhow::anyhow!("controller exited"))??;
-        if let (Some(m), Some(g)) = (field(&line, "metrics_addr="), field(&line, "grpc_addr=")) {
-            break (m, g);
-        }
-    };
-    let ready = launched.elapsed();
-    std::thread::spawn(move || for _ in lines {});
-    let pid = child.id();
-
+    let mut controller = Started::spawn(&["--config-dir", config.to_str().unwrap()], &dir.join("state"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let result = runtime.block_on(run(&dir, &config, grpc_addr, metrics_addr, pid));
-    let _ = child.kill();
-    let _ = child.wait();
+    let state = dir.join("state");
+    let result = runtime.block_on(run(&state, &controller, &Edits::Directory(config.clone())));
+    controller.stop();
     let _ = fs::remove_dir_all(&dir);
     let mut report = result?;
-    report.insert("controller_ready_seconds".into(), ready.as_secs_f64().into());
-    let text = serde_json::to_string_pretty(&report)?;
-    let out = PathBuf::from(std::env::var("MESH_BENCH_DIR").unwrap_or_else(|_| "/var/tmp/mesh-bench".into()));
-    fs::create_dir_all(&out)?;
-    fs::write(out.join("controller.json"), &text)?;
-    println!("{text}\nreport: {}", out.join("controller.json").display());
-    Ok(())
+    report.insert("controller_ready_seconds".into(), controller.ready.as_secs_f64().into());
+    Ok(report)
+}
+
+/// A running controller: its addresses and how long it took to be ready.
+struct Started {
+    child: std::process::Child,
+    metrics: SocketAddr,
+    grpc: SocketAddr,
+    ready: Duration,
+}
+
+impl Started {
+    /// `mesh-controller` with `source` arguments, its state in `state`;
+    /// returns once it says it is ready (its configuration loaded).
+    fn spawn(source: &[&str], state: &Path) -> anyhow::Result<Started> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-controller"))
+            .args(source)
+            .args(["--state-dir", state.to_str().unwrap()])
+            .args(["--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--poll-ms", "20"])
+            // Simulated nodes join with one shared token (the older way).
+            .args(["--join-token-file", state.join("join-token").to_str().unwrap()])
+            .env("RUST_LOG", "warn,mesh_controller=info")
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let launched = Instant::now();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let field = |line: &str, name: &str| -> Option<SocketAddr> {
+            line.split(name).nth(1)?.split_whitespace().next()?.parse().ok()
+        };
+        let (metrics, grpc) = loop {
+            let line = lines.next().ok_or_else(|| anyhow::anyhow!("controller exited"))??;
+            if let (Some(m), Some(g)) = (field(&line, "metrics_addr="), field(&line, "grpc_addr=")) {
+                break (m, g);
+            }
+        };
+        let ready = launched.elapsed();
+        // Its log beside the report, for where the time of a reload goes.
+        let log_name = if source.contains(&"--kubernetes") { "kubernetes" } else { "directory" };
+        let log = bench_dir().join(format!("controller-{log_name}.log"));
+        let mut log = std::io::LineWriter::new(fs::File::create(log)?);
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            for line in lines.map_while(Result::ok) {
+                let _ = writeln!(log, "{line}");
+            }
+        });
+        Ok(Started { child, metrics, grpc, ready })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How the bench makes its edit: one pod of namespace ns0 relabelled.
+enum Edits {
+    Directory(PathBuf),
+    Kubernetes(kube::Client),
+}
+
+impl Edits {
+    async fn make(&self, round: usize) -> anyhow::Result<()> {
+        match self {
+            Edits::Directory(config) => write_namespace_pods(config, 0, round),
+            Edits::Kubernetes(client) => kubernetes::relabel(client, round).await,
+        }
+    }
 }
 
 type Report = serde_json::Map<String, serde_json::Value>;
 
-async fn run(dir: &Path, config: &Path, grpc: SocketAddr, metrics: SocketAddr, pid: u32) -> anyhow::Result<Report> {
-    let state = dir.join("state");
+async fn run(state: &Path, controller: &Started, editor: &Edits) -> anyhow::Result<Report> {
+    let (grpc, metrics, pid) = (controller.grpc, controller.metrics, controller.pid());
     let root = fs::read_to_string(state.join("ca-cert.pem"))?;
     let token = fs::read_to_string(state.join("join-token"))?.trim().to_owned();
     let reload_seconds = metric(metrics, "mesh_controller_config_reload_seconds").await?;
@@ -123,7 +194,8 @@ async fn run(dir: &Path, config: &Path, grpc: SocketAddr, metrics: SocketAddr, p
                 }
             }
             let took = t.elapsed();
-            anyhow::ensure!(received == PODS + SERVICES + POLICIES, "snapshot of {received} resources");
+            // An API server adds its own `kubernetes` Service.
+            anyhow::ensure!(received >= PODS + SERVICES + POLICIES, "snapshot of {received} resources");
             tokio::spawn(async move {
                 while let Ok(Some(update)) = updates.message().await {
                     if let Ok(edited) = edits.try_recv() {
@@ -150,7 +222,7 @@ async fn run(dir: &Path, config: &Path, grpc: SocketAddr, metrics: SocketAddr, p
         tokio::time::sleep(Duration::from_millis(150)).await;
         let t = Instant::now();
         let _ = edits_tx.send(t);
-        write_namespace_pods(config, 0, round)?;
+        editor.make(round).await?;
         for _ in 0..NODES {
             let (_, d) = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv())
                 .await?
@@ -224,51 +296,53 @@ fn write_config(dir: &Path, round: usize) -> anyhow::Result<()> {
 }
 
 fn write_namespace_pods(dir: &Path, ns: usize, round: usize) -> anyhow::Result<()> {
-    let per_ns = PODS / NAMESPACES;
     let mut y = String::new();
-    let _ = write!(
-        y,
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns{ns}, labels: {{istio.io/dataplane-mode: ambient}}}}\n"
-    );
-    for p in 0..per_ns {
-        let i = ns * per_ns + p;
-        // The edit: the first pod of the namespace gets a new label each round.
-        let rev = if p == 0 { round } else { 0 };
-        let _ = write!(
-            y,
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: pod{p}, namespace: ns{ns}, \
-             labels: {{app: app{}, rev: r{rev}}}, annotations: {{mesh.io/netns: /run/netns/p{i}}}}}\n\
-             spec: {{nodeName: node{}, serviceAccountName: sa{}}}\nstatus: {{podIP: 10.{}.{}.{}}}\n",
-            p / 5,
-            i % NODES,
-            p % 10,
-            1 + i / 65536,
-            (i / 256) % 256,
-            i % 256
-        );
-    }
-    for s in 0..SERVICES / NAMESPACES {
-        let vip = ns * (SERVICES / NAMESPACES) + s;
-        let _ = write!(
-            y,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc{s}, namespace: ns{ns}}}\n\
-             spec: {{selector: {{app: app{}}}, clusterIP: 10.96.{}.{}, ports: [{{port: 80, targetPort: 8080}}]}}\n",
-            s % (per_ns / 5),
-            vip / 256,
-            vip % 256
-        );
-    }
-    for p in 0..POLICIES / NAMESPACES {
-        let _ = write!(
-            y,
-            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: pol{p}, namespace: ns{ns}}}\n\
-             spec: {{selector: {{matchLabels: {{app: app{p}}}}}, rules: [{{from: [{{source: \
-             {{principals: [cluster.local/ns/ns{ns}/sa/sa{p}]}}}}], to: [{{operation: {{ports: ['8080']}}}}]}}]}}\n"
-        );
+    for object in namespace_objects(ns, round) {
+        y.push_str("---\n");
+        y.push_str(&serde_yaml_ng::to_string(&object)?);
     }
     let path = dir.join(format!("ns{ns}.yaml"));
     let tmp = dir.join(format!(".ns{ns}.yaml.tmp"));
     fs::write(&tmp, y)?;
     fs::rename(tmp, path)?;
     Ok(())
+}
+
+/// The objects of namespace `ns`, the Namespace first: the same for both
+/// sources. In round `round` of the edits, its first pod's `rev` label is
+/// `r<round>`.
+fn namespace_objects(ns: usize, round: usize) -> Vec<serde_json::Value> {
+    use serde_json::json;
+    let per_ns = PODS / NAMESPACES;
+    let name = format!("ns{ns}");
+    let mut out = vec![json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": {"istio.io/dataplane-mode": "ambient"}}})];
+    for p in 0..per_ns {
+        let i = ns * per_ns + p;
+        let rev = if p == 0 { round } else { 0 };
+        let ip = format!("10.{}.{}.{}", 1 + i / 65536, (i / 256) % 256, i % 256);
+        out.push(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("pod{p}"), "namespace": name,
+                "labels": {"app": format!("app{}", p / 5), "rev": format!("r{rev}")}},
+            "spec": {"nodeName": format!("node{}", i % NODES), "serviceAccountName": format!("sa{}", p % 10),
+                "containers": [{"name": "app", "image": "app"}]},
+            "status": {"podIP": ip, "podIPs": [{"ip": ip}]}}));
+    }
+    for s in 0..SERVICES / NAMESPACES {
+        let vip = ns * (SERVICES / NAMESPACES) + s;
+        // 10.96.0.x is left to the API server's own `kubernetes` Service.
+        out.push(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("svc{s}"), "namespace": name},
+            "spec": {"selector": {"app": format!("app{}", s % (per_ns / 5))},
+                "clusterIP": format!("10.96.{}.{}", 1 + vip / 256, vip % 256),
+                "ports": [{"port": 80, "targetPort": 8080}]}}));
+    }
+    for p in 0..POLICIES / NAMESPACES {
+        out.push(json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": format!("pol{p}"), "namespace": name},
+            "spec": {"selector": {"matchLabels": {"app": format!("app{p}")}},
+                "rules": [{"from": [{"source": {"principals": [format!("cluster.local/ns/{name}/sa/sa{p}")]}}],
+                    "to": [{"operation": {"ports": ["8080"]}}]}]}}));
+    }
+    out
 }
