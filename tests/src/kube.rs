@@ -95,8 +95,7 @@ impl Topology {
             "--authorization-mode=Node,RBAC".to_owned(),
             "--service-cluster-ip-range=10.96.0.0/16".to_owned(),
             "--profiling=false".to_owned(),
-            // The node agent's DaemonSet runs privileged.
-            "--allow-privileged=true".to_owned(),
+            // No --allow-privileged: nothing in deploy/ may need it.
             // Pods need not name service accounts that exist, nor mount
             // their tokens (there is no controller-manager to make them).
             "--disable-admission-plugins=ServiceAccount".to_owned(),

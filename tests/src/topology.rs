@@ -34,6 +34,8 @@ pub struct Topology {
     created: Mutex<Created>,
     /// Set by [`Topology::keep`]: dropping leaves everything running.
     kept: bool,
+    /// A command agents are started through ([`Topology::launch_agents_with`]).
+    agent_launcher: Mutex<Vec<String>>,
 }
 
 #[derive(Default)]
@@ -76,6 +78,7 @@ impl Topology {
             dir: dir.into(),
             created: Mutex::default(),
             kept: false,
+            agent_launcher: Mutex::default(),
         };
         let net = t.add_netns("net");
         // After the namespace that marks the routes as in use (sweep).
@@ -174,8 +177,17 @@ impl Topology {
         let bin = mesh_node_bin();
         let state_dir = format!("{STATE_ROOT}/{}", self.id);
         let log = self.dir.join(format!("agent-{name}-{}.log", now_millis()));
-        let mut args =
-            vec![bin.to_str().unwrap(), "--instance", &instance, "--state-dir", &state_dir, "--log-format", "json"];
+        let launcher = self.agent_launcher.lock().unwrap().clone();
+        let mut args: Vec<&str> = launcher.iter().map(String::as_str).collect();
+        args.extend([
+            bin.to_str().unwrap(),
+            "--instance",
+            &instance,
+            "--state-dir",
+            &state_dir,
+            "--log-format",
+            "json",
+        ]);
         args.extend_from_slice(extra);
         let admin_addr = extra
             .iter()
@@ -203,6 +215,13 @@ impl Topology {
         let pin_dir = Path::new(BPFFS).join("mesh").join(&instance);
         let state_dir = Path::new(&state_dir).join(&instance);
         Ok(Agent { proc, node: node.into(), instance, pin_dir, admin_addr, state_dir })
+    }
+
+    /// Agents started from now on are started through `launcher` (a command
+    /// that execs its arguments, such as `setpriv` with fewer capabilities),
+    /// so the agent's own process is the one the test holds.
+    pub fn launch_agents_with(&self, launcher: &[&str]) {
+        *self.agent_launcher.lock().unwrap() = launcher.iter().map(|a| (*a).to_owned()).collect();
     }
 
     /// Like [`Self::start_agent`], but says SKIPPED and returns `None` where the
