@@ -14,6 +14,8 @@ pub mod authz;
 mod duration;
 #[cfg(feature = "std")]
 pub mod files;
+#[cfg(feature = "heap")]
+pub mod heap;
 #[cfg(feature = "std")]
 pub mod identity;
 #[cfg(feature = "kube")]

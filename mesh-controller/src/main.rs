@@ -152,6 +152,9 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
+    // Each reload builds a new model and frees the old one on a blocking
+    // thread's arena: without a trim, glibc keeps every arena at its high water.
+    mesh_common::heap::spawn_trimmer();
     let settings =
         MeshSettings { trust_domain: args.trust_domain.clone(), root_namespace: args.root_namespace.clone() };
     let config_dir = match &args.config_dir {

@@ -14,7 +14,7 @@
 pub mod control;
 pub mod error;
 pub mod hbone;
-pub mod heap;
+pub use mesh_common::heap;
 pub mod identity;
 pub mod plan;
 pub mod pool;
