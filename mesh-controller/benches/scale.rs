@@ -230,6 +230,10 @@ async fn run(state: &Path, controller: &Started, editor: &Edits) -> anyhow::Resu
             push.push(d);
         }
     }
+    let rss_edited = rss_kib(pid);
+    // As a user would see it: the heap trim follows a quiet second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_settled = rss_kib(pid);
     let server_push_p50 = metric(metrics, "mesh_controller_push_latency_seconds_sum").await?
         / metric(metrics, "mesh_controller_push_latency_seconds_count").await?;
 
@@ -249,7 +253,8 @@ async fn run(state: &Path, controller: &Started, editor: &Edits) -> anyhow::Resu
     report.insert("edit_samples".into(), push.len().into());
     report.insert("rss_mib_loaded".into(), (rss_loaded / 1024).into());
     report.insert("rss_mib_100_nodes".into(), (rss_connected / 1024).into());
-    report.insert("rss_mib_end".into(), (rss_kib(pid) / 1024).into());
+    report.insert("rss_mib_after_edits".into(), (rss_edited / 1024).into());
+    report.insert("rss_mib_end".into(), (rss_settled / 1024).into());
     Ok(report)
 }
 
