@@ -33,7 +33,7 @@ pub struct Origin {
 }
 
 /// One thing wrong with the configuration, precise enough to fix without searching.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Problem {
     pub file: PathBuf,
     pub line: usize,

@@ -505,8 +505,14 @@ impl Reloader {
             in_force
         };
         let published = started.elapsed();
-        for p in store.problems() {
-            warn!("rejected: {p}");
+        // Said when a problem appears, not again at every reload after it
+        // (at scale each edit had repeated every standing rejection).
+        {
+            let s = self.state.read().unwrap_or_else(|e| e.into_inner());
+            let known: std::collections::HashSet<&Problem> = s.store.problems().iter().collect();
+            for p in store.problems().iter().filter(|p| !known.contains(p)) {
+                warn!("rejected: {p}");
+            }
         }
         // Said once per change of the object, not at every reload.
         for w in report.added.iter().chain(&report.updated).flat_map(|k| store.warnings_of(k)) {
