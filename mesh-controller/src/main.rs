@@ -505,19 +505,11 @@ impl Reloader {
             in_force
         };
         let published = started.elapsed();
-        // Said when a problem appears, not again at every reload after it
-        // (at scale each edit had repeated every standing rejection).
-        {
-            let s = self.state.read().unwrap_or_else(|e| e.into_inner());
-            let known: std::collections::HashSet<&Problem> = s.store.problems().iter().collect();
-            for p in store.problems().iter().filter(|p| !known.contains(p)) {
-                warn!("rejected: {p}");
-            }
-        }
         // Said once per change of the object, not at every reload.
         for w in report.added.iter().chain(&report.updated).flat_map(|k| store.warnings_of(k)) {
             warn!("warning: {w}");
         }
+        let problems = store.problems().to_vec();
         let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
         let old = (std::mem::replace(&mut s.store, store), std::mem::replace(&mut s.model, model));
         s.reloads.inc();
@@ -537,6 +529,12 @@ impl Reloader {
             "configuration applied"
         );
         drop(s);
+        // Said when a problem appears, not again at every reload after it
+        // (at scale each edit had repeated every standing rejection).
+        let known: std::collections::HashSet<&Problem> = old.0.problems().iter().collect();
+        for p in problems.iter().filter(|p| !known.contains(p)) {
+            warn!("rejected: {p}");
+        }
         drop(old); // freed outside the lock
     }
 }

@@ -70,3 +70,25 @@ pub fn skip(test: &str, reason: &str) {
         let _ = writeln!(f, "SKIPPED {test}: {reason}");
     }
 }
+
+/// A test's own directory outside any topology (`<tmp>/mesh-tests/<name>-<pid>`,
+/// made empty), removed when the test passes and kept for the post-mortem
+/// when it fails, as a topology's logs are.
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join("mesh-tests").join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the scratch directory");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

@@ -8,7 +8,7 @@ use std::{
     process::Command,
 };
 
-use mesh_tests::sibling_bin;
+use mesh_tests::{Scratch, sibling_bin};
 use serde_json::Value;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -19,17 +19,6 @@ const IMAGES: &[(&str, &[&str])] = &[
     ("mesh-controller", &["mesh-controller", "mesh-ctl"]),
     ("mesh-waypoint", &["mesh-waypoint"]),
 ];
-
-/// A directory removed when the test ends (kept when it fails).
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -45,8 +34,7 @@ fn run(cmd: &mut Command) -> String {
 #[test]
 fn each_image_runs_its_binaries_from_its_own_files_and_deploy_names_it() {
     mesh_tests::require_root();
-    let dir = Scratch(std::env::temp_dir().join("mesh-tests").join(format!("images-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
+    let dir = Scratch::new("images");
     // The binaries this test run was built with (beside the xtask binary).
     run(Command::new(sibling_bin("xtask")).args(["image", "--no-build", "--out"]).arg(&dir.0));
 

@@ -655,15 +655,8 @@ fn the_controller_and_the_api_server_restart_while_the_nodes_serve() {
 /// left alone until only one does.
 #[test]
 fn pods_that_predate_the_cni_plugin_are_found_by_their_addresses_and_enrolled() {
-    let pinned = std::env::temp_dir().join("mesh-tests").join(format!("pinned-netns-{}", std::process::id()));
-    std::fs::create_dir_all(&pinned).unwrap();
-    struct Remove(PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _remove = Remove(pinned.clone());
+    let scratch = mesh_tests::Scratch::new("pinned-netns");
+    let pinned = scratch.0.clone();
     let dir = pinned.display().to_string();
     let Some(mesh) =
         Mesh::start_on_kubernetes_with("kube-discover", &["node1", "node2"], &["--discover-netns-dir", &dir])
