@@ -135,6 +135,7 @@ fn typed(kind: Kind, mut value: Value, text: &str) -> Result<Resource, (String, 
     unmodelled::remove(kind, &mut value);
     Ok(match kind {
         Kind::Namespace => Resource::Namespace(de(value, text)?),
+        Kind::Node => Resource::Node(de(value, text)?),
         Kind::ServiceAccount => Resource::ServiceAccount(de(value, text)?),
         Kind::Pod => Resource::Pod(de(value, text)?),
         Kind::Service => Resource::Service(de(value, text)?),

@@ -179,6 +179,12 @@ pub fn document(kind: Kind, resource: &ApiResource, object: DynamicObject) -> Do
         if let Some(meta) = map.get_mut("metadata").and_then(|m| m.as_object_mut()) {
             meta.remove("managedFields");
         }
+        if kind == Kind::Node {
+            // Mesh reads a Node's labels only; its status (the images it
+            // holds, conditions) is most of it and changes with heartbeats.
+            map.remove("spec");
+            map.remove("status");
+        }
     }
     let text = serde_yaml_ng::to_string(&value).unwrap_or_default();
     let base = if resource.group.is_empty() {

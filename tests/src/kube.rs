@@ -215,6 +215,7 @@ impl Kube {
     /// and the projected token the kubelet would mount for it: bound to the
     /// pod, for the controller's audience.
     pub fn node_agent_token(&self, node: &str) -> String {
+        self.register_node(node);
         let pod = format!("mesh-node-{node}");
         self.apply_ok(&format!(
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: mesh-system}}\n---\n\
@@ -224,6 +225,16 @@ impl Kube {
         ));
         let uid = self.kubectl_ok(&["get", "pod", "-n", "mesh-system", &pod, "-o", "jsonpath={.metadata.uid}"]);
         self.token_request("mesh-system", "mesh-node", &pod, &uid, "mesh-controller")
+    }
+
+    /// Plays the kubelet's registration: the Node `node`, labelled as a
+    /// cloud's kubelet labels it: region `test-region`, zone `zone-<node>`.
+    pub fn register_node(&self, node: &str) {
+        self.apply_ok(&format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  labels:\n    \
+             kubernetes.io/hostname: {node}\n    topology.kubernetes.io/region: test-region\n    \
+             topology.kubernetes.io/zone: zone-{node}\n"
+        ));
     }
 
     /// A service-account token from the TokenRequest API, bound to a pod.

@@ -132,6 +132,16 @@ fn objects_applied_with_kubectl_are_enforced_on_the_nodes() {
     });
     let after_label = mesh.controller.json("/debug/nodes")["version"].clone();
     assert_ne!(after_label, version, "a label is a change the nodes are sent");
+
+    // Pods are in their Node's locality (its topology labels), which a
+    // relabelled Node changes, as a cloud's kubelet relabels it.
+    let locality = |pod: &str| mesh.controller.json("/debug/model")["workloads"][pod]["locality"].clone();
+    assert_eq!(locality("Pod/default/a"), "test-region/zone-node1/");
+    assert_eq!(locality("Pod/default/b"), "test-region/zone-node2/");
+    kube.kubectl_ok(&["label", "node", "node2", "--overwrite", "topology.kubernetes.io/zone=zone-moved"]);
+    eventually("the Node's new zone is its pods'", Duration::from_secs(10), || {
+        locality("Pod/default/b") == "test-region/zone-moved/"
+    });
 }
 
 /// The model of the objects of namespaces `shop` and `istio-system` only (an
@@ -147,6 +157,14 @@ fn model_of_test_namespaces(model: &Value) -> Value {
 }
 
 const OBJECTS: &str = "\
+apiVersion: v1
+kind: Node
+metadata: {name: node1, labels: {topology.kubernetes.io/region: eu, topology.kubernetes.io/zone: eu-1}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node2, labels: {topology.kubernetes.io/region: eu, topology.kubernetes.io/zone: eu-2}}
+---
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
@@ -240,6 +258,7 @@ fn the_same_objects_make_the_same_model_from_a_directory_and_from_the_api_server
     });
     let (dir, kube_model) = models();
     assert_eq!(dir, kube_model, "the two sources' models differ");
+    assert_eq!(dir["workloads"]["Pod/shop/web-2"]["locality"], "eu/eu-2/", "from its Node");
     for (what, got) in [
         ("workloads", &dir["workloads"]),
         ("services", &dir["services"]),

@@ -44,6 +44,20 @@ pub struct Namespace {
     pub status: Option<Value>,
 }
 
+/// `v1/Node`: mesh reads its labels only, the topology labels that place
+/// the pods scheduled on it (`topology.kubernetes.io/region`, `.../zone`,
+/// `topology.istio.io/subzone`), as Istio does. Its spec and status are the
+/// kubelet's and the API server's (the status changes at every heartbeat).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub spec: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub status: Option<Value>,
+}
+
 /// `v1/ServiceAccount`.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -528,6 +542,7 @@ pub struct ClientRef {
 #[serde(tag = "kind")]
 pub enum Resource {
     Namespace(Namespace),
+    Node(Node),
     ServiceAccount(ServiceAccount),
     Pod(Pod),
     Service(Service),
@@ -551,6 +566,7 @@ impl Resource {
     pub fn metadata(&self) -> &ObjectMeta {
         match self {
             Self::Namespace(o) => &o.metadata,
+            Self::Node(o) => &o.metadata,
             Self::ServiceAccount(o) => &o.metadata,
             Self::Pod(o) => &o.metadata,
             Self::Service(o) => &o.metadata,
@@ -573,6 +589,7 @@ impl Resource {
     pub fn kind(&self) -> Kind {
         match self {
             Self::Namespace(_) => Kind::Namespace,
+            Self::Node(_) => Kind::Node,
             Self::ServiceAccount(_) => Kind::ServiceAccount,
             Self::Pod(_) => Kind::Pod,
             Self::Service(_) => Kind::Service,
@@ -596,6 +613,7 @@ impl Resource {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Kind {
     Namespace,
+    Node,
     ServiceAccount,
     Pod,
     Service,
@@ -667,6 +685,7 @@ const fn opaque(kind: Kind, written: &'static str, versions: &'static [&'static 
 /// Every kind mesh reads: the one table behind [`Kind::from_type`], [`Kind::name`] and [`Kind::is_opaque`].
 const KINDS: &[KindInfo] = &[
     typed(Kind::Namespace, "Namespace", &["v1"]),
+    typed(Kind::Node, "Node", &["v1"]),
     typed(Kind::ServiceAccount, "ServiceAccount", &["v1"]),
     typed(Kind::Pod, "Pod", &["v1"]),
     typed(Kind::Service, "Service", &["v1"]),
@@ -790,7 +809,7 @@ impl Kind {
 
     /// Whether objects of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Namespace | Kind::GatewayClass)
+        !matches!(self, Kind::Namespace | Kind::Node | Kind::GatewayClass)
     }
 }
 

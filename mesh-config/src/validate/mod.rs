@@ -45,7 +45,7 @@ pub fn validate(resource: &Resource) -> Issues {
                 ));
             }
         }
-        Resource::ServiceAccount(_) => {}
+        Resource::ServiceAccount(_) | Resource::Node(_) => {}
         Resource::Pod(pod) => {
             if let Some(sa) = &pod.spec.service_account_name
                 && !valid_segment(sa)

@@ -41,10 +41,11 @@ pub struct Workload {
     pub locality: String,
 }
 
-/// A pod's locality: its `istio-locality` label (`region.zone.subzone`, as
-/// label values cannot hold `/`), else its topology labels (on Kubernetes
-/// they are the node's; the pod's own here).
-fn pod_locality(labels: &Labels) -> String {
+/// The locality `labels` give: `istio-locality` (`region.zone.subzone`, as
+/// label values cannot hold `/`), else the topology labels. A pod's own
+/// labels come first; without them it is in its Node's locality (on
+/// Kubernetes the topology labels are the Node's, as Istio reads them).
+fn locality(labels: &Labels) -> String {
     if let Some(l) = labels.get("istio-locality") {
         return l.replace('.', "/");
     }
@@ -180,12 +181,19 @@ impl MeshModel {
         let mut model = MeshModel { root_namespace: settings.root_namespace.clone(), ..Default::default() };
         let mut ambient_namespaces = Vec::new();
         let mut namespace_labels = BTreeMap::new();
+        let mut node_localities = BTreeMap::new();
         for stored in store.objects().values() {
-            if let Resource::Namespace(ns) = stored.resource.as_ref() {
-                if ns.metadata.labels.get(DATAPLANE_MODE).map(String::as_str) == Some("ambient") {
-                    ambient_namespaces.push(ns.metadata.name.clone());
+            match stored.resource.as_ref() {
+                Resource::Namespace(ns) => {
+                    if ns.metadata.labels.get(DATAPLANE_MODE).map(String::as_str) == Some("ambient") {
+                        ambient_namespaces.push(ns.metadata.name.clone());
+                    }
+                    namespace_labels.insert(ns.metadata.name.clone(), ns.metadata.labels.clone());
                 }
-                namespace_labels.insert(ns.metadata.name.clone(), ns.metadata.labels.clone());
+                Resource::Node(node) => {
+                    node_localities.insert(node.metadata.name.as_str(), locality(&node.metadata.labels));
+                }
+                _ => {}
             }
         }
         model.waypoints = routes::waypoints(store);
@@ -223,7 +231,15 @@ impl MeshModel {
                             identity,
                             ips,
                             node: pod.spec.node_name.clone(),
-                            locality: pod_locality(&pod.metadata.labels),
+                            locality: match locality(&pod.metadata.labels) {
+                                own if own.is_empty() => pod
+                                    .spec
+                                    .node_name
+                                    .as_deref()
+                                    .and_then(|n| node_localities.get(n).cloned())
+                                    .unwrap_or_default(),
+                                own => own,
+                            },
                             labels: pod.metadata.labels.clone(),
                         },
                     );
@@ -245,7 +261,7 @@ impl MeshModel {
                             identity,
                             ips: we.spec.address.iter().filter_map(|a| a.parse().ok()).collect(),
                             node: None,
-                            locality: we.spec.locality.clone().unwrap_or_else(|| pod_locality(&labels)),
+                            locality: we.spec.locality.clone().unwrap_or_else(|| locality(&labels)),
                             labels,
                             captured: false,
                             native_tunnel: false,
@@ -721,5 +737,45 @@ spec: {selector: {matchLabels: {app: db}}, mtls: {mode: PERMISSIVE}, portLevelMt
             assert_eq!(m.mtls_mode(w(uid), port), want, "{uid}:{port}");
         }
         assert_eq!(model("").mtls_mode(w("Pod/shop/web-1"), 80), MtlsMode::Permissive, "Istio's default");
+    }
+
+    #[test]
+    fn a_pods_locality_is_its_own_labels_else_its_nodes() {
+        let objects = "\
+apiVersion: v1
+kind: Node
+metadata: {name: n1, labels: {topology.kubernetes.io/region: eu, topology.kubernetes.io/zone: eu-1, topology.istio.io/subzone: rack7}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2, labels: {topology.kubernetes.io/region: us}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n3}
+";
+        let pod = |name: &str, node: &str, labels: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: a, labels: {{{labels}}}}}\n\
+                 spec: {{nodeName: {node}}}\nstatus: {{podIP: 10.0.0.1}}\n"
+            )
+        };
+        // (pod, its node, its labels, locality)
+        let cases = [
+            ("on-n1", "n1", "", "eu/eu-1/rack7"),
+            ("on-n2", "n2", "", "us//"),
+            ("on-n3", "n3", "", ""),
+            ("on-unknown-node", "gone", "", ""),
+            ("own-label", "n1", "istio-locality: ap.ap-2", "ap/ap-2"),
+            ("own-topology", "n1", "topology.kubernetes.io/zone: z9", "/z9/"),
+        ];
+        let mut yaml = objects.to_owned();
+        for (name, node, labels, _) in cases {
+            yaml += &pod(name, node, labels);
+        }
+        let m = model(&yaml);
+        for (name, node, labels, want) in cases {
+            assert_eq!(m.workloads[&format!("Pod/a/{name}")].locality, want, "{name} on {node} with {labels:?}");
+        }
     }
 }
