@@ -53,6 +53,91 @@ pub struct Issued {
     pub serial: String,
 }
 
+/// A CA's certificate, key and chain (intermediates, then the root; empty
+/// for a root), PEM: what is kept in files or in a Kubernetes Secret.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaFiles {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub chain_pem: Vec<String>,
+}
+
+/// The keys of a Secret holding a CA, Istio's (`istio-ca-secret`, and the
+/// plugged-in `cacerts`): so a Secret made for istiod serves mesh as it is.
+pub const SECRET_CERT: &str = "ca-cert.pem";
+pub const SECRET_KEY: &str = "ca-key.pem";
+pub const SECRET_CHAIN: &str = "cert-chain.pem";
+pub const SECRET_ROOT: &str = "root-cert.pem";
+
+impl CaFiles {
+    /// A new self-signed root (ECDSA P-256, ten years) for `trust_domain`.
+    pub fn new_root(trust_domain: &str) -> Result<Self, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|source| CaError::Cert { what: "generating the root key".into(), source })?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        dn.push(DnType::CommonName, "mesh root CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ROOT_LIFETIME;
+        params.serial_number = Some(random_serial()?);
+        let cert = params
+            .self_signed(&key)
+            .map_err(|source| CaError::Cert { what: "self-signing the root".into(), source })?;
+        Ok(Self { cert_pem: cert.pem(), key_pem: key.serialize_pem(), chain_pem: Vec::new() })
+    }
+
+    /// The CA in a Secret's data, laid out as Istio lays it: `ca-cert.pem`
+    /// and `ca-key.pem`; for an intermediate, `cert-chain.pem` (Istio writes
+    /// the CA's own certificate first, then up to the root) or else
+    /// `root-cert.pem`. `None` when the CA's certificate or key is missing.
+    pub fn from_secret_data(data: &std::collections::BTreeMap<String, String>) -> Option<Self> {
+        let cert_pem = data.get(SECRET_CERT)?.clone();
+        let key_pem = data.get(SECRET_KEY)?.clone();
+        let own = cert_pem.trim();
+        let chain_pem = match (data.get(SECRET_CHAIN), data.get(SECRET_ROOT)) {
+            (Some(chain), _) => split_pem(chain).into_iter().filter(|c| c.trim() != own).collect(),
+            (None, Some(root)) if root.trim() != own => split_pem(root),
+            _ => Vec::new(),
+        };
+        Some(Self { cert_pem, key_pem, chain_pem })
+    }
+
+    /// The Secret's data for this CA (Istio's keys; the root in `root-cert.pem`).
+    pub fn secret_data(&self) -> std::collections::BTreeMap<String, String> {
+        let root = self.chain_pem.last().unwrap_or(&self.cert_pem).clone();
+        let mut data = std::collections::BTreeMap::from([
+            (SECRET_CERT.to_owned(), self.cert_pem.clone()),
+            (SECRET_KEY.to_owned(), self.key_pem.clone()),
+            (SECRET_ROOT.to_owned(), root),
+        ]);
+        if !self.chain_pem.is_empty() {
+            data.insert(SECRET_CHAIN.to_owned(), format!("{}{}", self.cert_pem, self.chain_pem.concat()));
+        }
+        data
+    }
+
+    /// The CA these make, issuing for `lifetime`; `origin` names them in errors.
+    pub fn authority(&self, origin: &str, lifetime: Duration) -> Result<CertificateAuthority, CaError> {
+        let key = KeyPair::from_pem(&self.key_pem)
+            .map_err(|source| CaError::Cert { what: format!("reading the CA key of {origin}"), source })?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, key)
+            .map_err(|source| CaError::Cert { what: format!("reading the CA certificate of {origin}"), source })?;
+        Ok(CertificateAuthority {
+            issuer,
+            cert_pem: self.cert_pem.clone(),
+            chain_pem: self.chain_pem.clone(),
+            lifetime,
+            extra_roots: Vec::new(),
+        })
+    }
+}
+
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
@@ -71,26 +156,10 @@ impl CertificateAuthority {
             return Self::from_files(&cert_path, &key_path, None, lifetime);
         }
         fs::create_dir_all(state_dir).map_err(|source| CaError::Io { path: state_dir.into(), source })?;
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(|source| CaError::Cert { what: "generating the root key".into(), source })?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, trust_domain);
-        dn.push(DnType::CommonName, "mesh root CA");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
-        params.not_after = now + ROOT_LIFETIME;
-        params.serial_number = Some(random_serial()?);
-        let cert = params
-            .self_signed(&key)
-            .map_err(|source| CaError::Cert { what: "self-signing the root".into(), source })?;
-        write_private(&key_path, key.serialize_pem().as_bytes())
+        let root = CaFiles::new_root(trust_domain)?;
+        write_private(&key_path, root.key_pem.as_bytes())
             .map_err(|source| CaError::Io { path: key_path.clone(), source })?;
-        fs::write(&cert_path, cert.pem()).map_err(|source| CaError::Io { path: cert_path.clone(), source })?;
+        fs::write(&cert_path, &root.cert_pem).map_err(|source| CaError::Io { path: cert_path.clone(), source })?;
         Self::from_files(&cert_path, &key_path, None, lifetime)
     }
 
@@ -98,18 +167,15 @@ impl CertificateAuthority {
     /// intermediate, the chain up to the root (PEM, intermediates first).
     pub fn from_files(cert: &Path, key: &Path, chain: Option<&Path>, lifetime: Duration) -> Result<Self, CaError> {
         let read = |p: &Path| fs::read_to_string(p).map_err(|source| CaError::Io { path: p.into(), source });
-        let cert_pem = read(cert)?;
-        let key = KeyPair::from_pem(&read(key)?)
-            .map_err(|source| CaError::Cert { what: format!("reading the CA key {}", key.display()), source })?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|source| CaError::Cert {
-            what: format!("reading the CA certificate {}", cert.display()),
-            source,
-        })?;
-        let chain_pem = match chain {
-            Some(p) => split_pem(&read(p)?),
-            None => Vec::new(),
+        let files = CaFiles {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            chain_pem: match chain {
+                Some(p) => split_pem(&read(p)?),
+                None => Vec::new(),
+            },
         };
-        Ok(Self { issuer, cert_pem, chain_pem, lifetime, extra_roots: Vec::new() })
+        files.authority(&format!("{} and {}", cert.display(), key.display()), lifetime)
     }
 
     /// The root this CA's certificates chain to, PEM.
@@ -263,4 +329,61 @@ fn split_pem(text: &str) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An intermediate CA signed by `root`.
+    fn intermediate(root: &CaFiles) -> CaFiles {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "intermediate");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let issuer = Issuer::from_ca_cert_pem(&root.cert_pem, KeyPair::from_pem(&root.key_pem).unwrap()).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        CaFiles { cert_pem: cert.pem(), key_pem: key.serialize_pem(), chain_pem: vec![root.cert_pem.clone()] }
+    }
+
+    #[test]
+    fn a_ca_in_a_secret_reads_back_as_itself_and_as_istio_lays_it_out() {
+        let root = CaFiles::new_root("cluster.local").unwrap();
+        let inter = intermediate(&root);
+        let data = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let (cert, key, root_pem) = (inter.cert_pem.as_str(), inter.key_pem.as_str(), root.cert_pem.as_str());
+        let istio_chain = format!("{cert}{root_pem}");
+        // (what, the Secret's data, the CA read from it)
+        let cases = [
+            ("mesh's own root", root.secret_data(), Some(root.clone())),
+            ("mesh's own intermediate", inter.secret_data(), Some(inter.clone())),
+            (
+                "istio cacerts, chain with the CA first",
+                data(&[(SECRET_CERT, cert), (SECRET_KEY, key), (SECRET_CHAIN, &istio_chain), (SECRET_ROOT, root_pem)]),
+                Some(inter.clone()),
+            ),
+            (
+                "istio cacerts, root only",
+                data(&[(SECRET_CERT, cert), (SECRET_KEY, key), (SECRET_ROOT, root_pem)]),
+                Some(inter.clone()),
+            ),
+            (
+                "istio-ca-secret, a root",
+                data(&[(SECRET_CERT, root_pem), (SECRET_KEY, &root.key_pem), (SECRET_ROOT, root_pem)]),
+                Some(root.clone()),
+            ),
+            ("no key", data(&[(SECRET_CERT, cert)]), None),
+        ];
+        for (what, data, want) in cases {
+            let got = CaFiles::from_secret_data(&data);
+            assert_eq!(got, want, "{what}");
+            if let Some(files) = got {
+                let ca = files.authority(what, Duration::from_secs(60)).expect(what);
+                assert_eq!(ca.root_pem(), root_pem, "{what}: its root");
+            }
+        }
+    }
 }

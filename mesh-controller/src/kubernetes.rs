@@ -19,6 +19,8 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use mesh_config::{Document, Kind, objects::mesh_config::MESH_CONFIG_MAP};
+
+use crate::ca::{CaFiles, SECRET_CERT, SECRET_KEY};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -31,15 +33,15 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Clie
 /// Runs `attempt` until it succeeds, backing off from 200 ms to 10 s and
 /// saying why each time: for what the controller writes to the API server,
 /// whose objects (a namespace, a webhook configuration) may come later.
-pub async fn until_done<F, Fut>(what: &str, mut attempt: F)
+pub async fn until_done<T, F, Fut>(what: &str, mut attempt: F) -> T
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     let mut delay = std::time::Duration::from_millis(200);
     loop {
         match attempt().await {
-            Ok(()) => return,
+            Ok(done) => return done,
             Err(e) => warn!("{what}: not yet: {e:#}"),
         }
         tokio::time::sleep(delay).await;
@@ -63,6 +65,49 @@ pub async fn publish_trust_bundle(client: &Client, namespace: &str, name: &str, 
     api.patch(name, &PatchParams::apply("mesh-controller").force(), &Patch::Apply(&config_map)).await?;
     info!(config_map = %format!("{namespace}/{name}"), "trust bundle published");
     Ok(())
+}
+
+/// The CA kept in Secret `namespace/name` (Istio's keys, [`CaFiles`]):
+/// read when it exists (another replica made it, or the operator did, such
+/// as the `cacerts` Secret made for istiod), else made with a new root for
+/// `trust_domain`. Replicas starting together race to create it: one
+/// creation wins, the others read what it made, so every replica and every
+/// restart issues from one root, with no state on the controller's disk.
+pub async fn ca_in_secret(client: &Client, namespace: &str, name: &str, trust_domain: &str) -> anyhow::Result<CaFiles> {
+    use k8s_openapi::{ByteString, api::core::v1::Secret};
+    use kube::api::PostParams;
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let read = |secret: Secret| {
+        let data = secret.data.unwrap_or_default();
+        let text = data.into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned())).collect();
+        CaFiles::from_secret_data(&text).ok_or_else(|| {
+            anyhow::anyhow!("Secret {namespace}/{name} has no {SECRET_CERT} and {SECRET_KEY}: not a CA's Secret")
+        })
+    };
+    if let Some(secret) = api.get_opt(name).await? {
+        info!(secret = %format!("{namespace}/{name}"), "certificate authority read from its Secret");
+        return read(secret);
+    }
+    let files = CaFiles::new_root(trust_domain)?;
+    let data = files.secret_data().into_iter().map(|(k, v)| (k, ByteString(v.into_bytes()))).collect();
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some([("app.kubernetes.io/part-of".to_owned(), "mesh".to_owned())].into()),
+            ..Default::default()
+        },
+        data: Some(data),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            info!(secret = %format!("{namespace}/{name}"), "new root CA created, kept in its Secret");
+            Ok(files)
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => read(api.get(name).await?),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// One kind as this API server serves it.

@@ -72,7 +72,15 @@ struct Args {
     /// the controller sets to the mesh's trust bundle (deploy/controller/).
     #[arg(long, requires = "kubernetes")]
     webhook_config: Option<String>,
-    /// Where the CA root (key mode 0600) is created on first start and found after.
+    /// With --kubernetes (and no --ca-cert): the Secret (NAMESPACE/NAME)
+    /// holding the CA, with Istio's keys (ca-cert.pem, ca-key.pem, and for an
+    /// intermediate cert-chain.pem or root-cert.pem); created with a new root
+    /// by the first replica to start when missing. Istio's plugged-in CA
+    /// Secret (istio-system/cacerts) can be named as it is.
+    #[arg(long, default_value = "mesh-system/mesh-ca", value_parser = namespaced)]
+    ca_secret: (String, String),
+    /// Where the CA root (key mode 0600) is created on first start and found
+    /// after, when the configuration is a directory.
     #[arg(long, default_value = "/var/lib/mesh-controller")]
     state_dir: PathBuf,
     /// An operator-supplied CA certificate (root or intermediate) instead of the generated root.
@@ -174,8 +182,15 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let lifetime = args.cert_lifetime;
-    let ca = match (&args.ca_cert, &args.ca_key) {
-        (Some(cert), Some(key)) => CertificateAuthority::from_files(cert, key, args.ca_chain.as_deref(), lifetime),
+    let ca = match (&args.ca_cert, &args.ca_key, &kubernetes) {
+        (Some(cert), Some(key), _) => CertificateAuthority::from_files(cert, key, args.ca_chain.as_deref(), lifetime),
+        (_, _, Some(client)) => {
+            let (namespace, name) = &args.ca_secret;
+            let what = format!("the CA in Secret {namespace}/{name}");
+            let td = &settings.trust_domain;
+            let files = kubernetes::until_done(&what, || kubernetes::ca_in_secret(client, namespace, name, td)).await;
+            files.authority(&what, lifetime)
+        }
         _ => CertificateAuthority::load_or_create(&args.state_dir, &settings.trust_domain, lifetime),
     }
     .context("certificate authority")?;

@@ -159,7 +159,20 @@ impl Controller {
             "--join-token".into(),
             self.node_token(node).display().to_string(),
             "--controller-ca".into(),
-            self.state_dir.join("ca-cert.pem").display().to_string(),
+            self.root_cert().display().to_string(),
         ]
+    }
+
+    /// A file with the root agents verify this controller with: its state
+    /// directory's, or on Kubernetes (where the CA is kept in a Secret) the
+    /// trust bundle it serves, as the DaemonSet mounts it from mesh-ca-root.
+    pub fn root_cert(&self) -> PathBuf {
+        let own = self.state_dir.join("ca-cert.pem");
+        if own.exists() {
+            return own;
+        }
+        let served = self.state_dir.with_file_name("controller-trust-bundle.pem");
+        fs::write(&served, self.get("/debug/ca")).expect("writing the trust bundle");
+        served
     }
 }

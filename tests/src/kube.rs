@@ -190,11 +190,15 @@ impl Kube {
         );
     }
 
-    /// Installs mesh's CRDs (`deploy/crds/`) and waits until they are served.
-    pub fn install_crds(&self) {
+    /// What deploy/ installs before the controller runs: mesh's CRDs
+    /// (`deploy/crds/`, waited for until served) and its namespace
+    /// mesh-system, where the controller keeps its CA's Secret, the trust
+    /// bundle and its Lease.
+    pub fn install_crds_and_namespace(&self) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
         self.kubectl_ok(&["apply", "-f", dir.to_str().unwrap()]);
         self.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]);
+        self.apply_ok("apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh-system}\n");
     }
 
     /// Plays the kubelet: sets a pod's `status.podIP(s)` (the status

@@ -56,7 +56,7 @@ impl Mesh {
         let t = Topology::new(test);
         let cnode = t.node("controller");
         let kube = t.start_kube(&cnode);
-        kube.install_crds();
+        kube.install_crds_and_namespace();
         let kubeconfig = kube.kubeconfig.display().to_string();
         let controller = t.start_controller(&cnode, &["--kubernetes", "--kubeconfig", &kubeconfig]);
         // Each agent joins with its pod's service-account token: no join tokens on Kubernetes.

@@ -25,7 +25,7 @@ fn cluster(test: &str) -> (Topology, PathBuf, Kube) {
     let t = Topology::new(test);
     let node = t.node("controller");
     let kube = t.start_kube(&node);
-    kube.install_crds();
+    kube.install_crds_and_namespace();
     (t, node, kube)
 }
 
@@ -75,7 +75,7 @@ fn objects_applied_with_kubectl_are_enforced_on_the_nodes() {
     // token names its node: node1's agent token does not join node9.
     let token = mesh.t.dir.join("node1-agent-token");
     std::fs::write(&token, kube.node_agent_token("node1")).unwrap();
-    let root = mesh.controller.state_dir.join("ca-cert.pem");
+    let root = mesh.controller.root_cert();
     let rogue_node = mesh.t.node("rogue");
     let args = [
         "--controller",
@@ -392,6 +392,13 @@ fn two_controllers_elect_one_leader_which_marks_each_istio_object_accepted_or_no
         kube_controller(&t, &node, &kube, "127.0.0.1:0", &metrics, &args)
     };
     let mut replicas = [start(151), start(152)];
+    // They issue from one CA, which the first to start made and keeps in a
+    // Secret (not in either's state directory).
+    let root = replicas[0].get("/debug/ca");
+    assert_eq!(replicas[1].get("/debug/ca"), root, "the replicas share one root");
+    let template = r#"go-template={{index .data "root-cert.pem" | base64decode}}"#;
+    let in_secret = kube.kubectl_ok(&["get", "secret", "-n", "mesh-system", "mesh-ca", "-o", template]);
+    assert_eq!(in_secret.trim(), root.trim(), "the root is the Secret's");
     let leads = |c: &Controller| c.json("/healthz/ready")["leader"] == true;
     eventually("one replica leads", Duration::from_secs(20), || replicas.iter().filter(|c| leads(c)).count() == 1);
 
@@ -496,6 +503,18 @@ except grpc.RpcError as e:
     print("ERR", e.code().name, e.details())
 "#;
 
+/// Istio's plugged-in CA, as its documentation makes one (tools/certs): a
+/// root, an intermediate for the cluster, and the files of Secret cacerts.
+const PLUGGED_IN_CA: &str = r#"
+openssl req -x509 -newkey rsa:2048 -nodes -keyout root-key.pem -out root-cert.pem -days 30 \
+  -subj "/O=Istio/CN=Root CA" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca.csr -subj "/O=Istio/CN=Intermediate CA/L=cluster1" 2>/dev/null
+printf 'basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign,digitalSignature\n' > ca.ext
+openssl x509 -req -in ca.csr -CA root-cert.pem -CAkey root-key.pem -CAcreateserial -days 30 -extfile ca.ext \
+  -out ca-cert.pem 2>/dev/null
+cat ca-cert.pem root-cert.pem > cert-chain.pem
+"#;
+
 #[test]
 fn istios_own_agents_obtain_mesh_certificates_through_istios_certificate_api() {
     let (t, node, kube) = cluster("kube-istio-ca");
@@ -517,10 +536,27 @@ fn istios_own_agents_obtain_mesh_certificates_through_istios_certificate_api() {
         ]
         .concat(),
     );
-    let controller = kube_controller(&t, &node, &kube, "127.0.0.1:15012", "127.0.0.1:15014", &[]);
+    // The cluster comes from Istio with a plugged-in CA: an intermediate in
+    // Secret istio-system/cacerts, made as Istio's documentation makes it
+    // (RSA keys, openssl). The controller issues from it as it is.
+    let pki = t.dir.join("cacerts");
+    std::fs::create_dir_all(&pki).unwrap();
+    let made = std::process::Command::new("bash").arg("-ec").arg(PLUGGED_IN_CA).current_dir(&pki).output().unwrap();
+    assert!(made.status.success(), "making the CA: {}", String::from_utf8_lossy(&made.stderr));
+    let files: Vec<String> = ["ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem"]
+        .iter()
+        .map(|f| format!("--from-file={}", pki.join(f).display()))
+        .collect();
+    let mut create = vec!["create", "secret", "generic", "cacerts", "-n", "istio-system"];
+    create.extend(files.iter().map(String::as_str));
+    kube.kubectl_ok(&create);
+    let args = ["--ca-secret", "istio-system/cacerts"];
+    let controller = kube_controller(&t, &node, &kube, "127.0.0.1:15012", "127.0.0.1:15014", &args);
     eventually("the controller knows the pods", Duration::from_secs(10), || {
         controller.json("/debug/model")["workloads"].as_object().is_some_and(|w| w.contains_key("Pod/shop/db-1"))
     });
+    let istio_root = std::fs::read_to_string(pki.join("root-cert.pem")).unwrap();
+    assert_eq!(controller.get("/debug/ca").trim(), istio_root.trim(), "the mesh trusts the plugged-in CA's root");
     let token = |ns: &str, sa: &str, pod: &str, audience: &str| {
         let uid = kube.kubectl_ok(&["get", "pod", "-n", ns, pod, "-o", "jsonpath={.metadata.uid}"]);
         let file = t.dir.join(format!("token-{sa}-{audience}"));
@@ -541,7 +577,7 @@ fn istios_own_agents_obtain_mesh_certificates_through_istios_certificate_api() {
         .output()
         .unwrap();
     assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
-    let root = controller.state_dir.join("ca-cert.pem");
+    let root = controller.root_cert();
     let ask = |token: &std::path::Path, impersonate: &str| {
         let pythonpath = format!("PYTHONPATH={}", mesh_tests::EXT_AUTHZ_PYTHONPATH);
         let out = mesh_tests::run_in(
@@ -576,9 +612,10 @@ fn istios_own_agents_obtain_mesh_certificates_through_istios_certificate_api() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
 
-    // A workload's own identity, with the chain up to the mesh's root.
+    // A workload's own identity, with the chain up to the mesh's root
+    // (leaf, the plugged-in intermediate, Istio's root).
     let own = ask(&web, "");
-    assert!(own.starts_with("OK "), "{own}");
+    assert!(own.starts_with("OK 3\n"), "{own}");
     assert!(san(&own).contains("URI:spiffe://cluster.local/ns/shop/sa/web"), "{own}");
     let root_pem = std::fs::read_to_string(&root).unwrap();
     assert!(own.trim_end().ends_with(root_pem.trim_end()), "the chain ends with the mesh's root: {own}");

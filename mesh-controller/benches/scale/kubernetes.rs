@@ -27,7 +27,7 @@ pub fn measure() -> anyhow::Result<Report> {
     let t = mesh_tests::Topology::new("bench-scale");
     let netns = t.node("controller");
     let kube = t.start_kube(&netns);
-    kube.install_crds();
+    kube.install_crds_and_namespace();
     // This thread, the controller it starts and the runtime's threads all
     // live in the API server's namespace: its loopback is theirs. Back home
     // before the topology goes: it kills the processes in its namespaces.
