@@ -16,9 +16,10 @@ use crate::Kind;
 /// has Istio's or Gateway API's own CRDs keeps them and skips that file.
 pub fn family(group: &str) -> Option<&'static str> {
     match group {
-        "" => None, // Kubernetes' own kinds
         g if g.ends_with(".istio.io") => Some("istio"),
         "gateway.networking.k8s.io" => Some("gateway-api"),
+        // Kubernetes' own kinds (the core group, discovery.k8s.io).
+        g if g.is_empty() || g.ends_with(".k8s.io") => None,
         _ => Some("mesh"),
     }
 }

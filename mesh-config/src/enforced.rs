@@ -63,6 +63,14 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
             out.push((Some("spec.infrastructure".into()), "ignored: the operator runs the waypoint's pods".into()));
         }
         Resource::Gateway(g) if g.spec.gateway_class_name == WAYPOINT_CLASS => {}
+        Resource::EndpointSlice(slice) if slice.service().is_none() => out.push((
+            Some(format!("metadata.labels[{}]", crate::objects::endpoint_slice::SERVICE_NAME_LABEL)),
+            "missing: the slice belongs to no Service and is not used".into(),
+        )),
+        Resource::EndpointSlice(slice) if !slice.routable() => out.push((
+            Some("addressType".into()),
+            "FQDN endpoints are not used: mesh routes a Service to IP addresses (as Istio's ambient mode)".into(),
+        )),
         Resource::Gateway(g) => out.push((
             None,
             format!(

@@ -114,6 +114,10 @@ const SERVICE_SPEC: &[&str] = &[
 /// `v1/ServicePort`, less what `ServicePort` models.
 const SERVICE_PORT: &[&str] = &["nodePort"];
 
+/// `discovery.k8s.io/v1/Endpoint` (and v1beta1's `topology`), less what
+/// `SliceEndpoint` models: where an endpoint runs, not where it is.
+const SLICE_ENDPOINT: &[&str] = &["hostname", "nodeName", "zone", "hints", "deprecatedTopology", "topology"];
+
 /// Top-level fields of `v1/ServiceAccount` and `v1/ConfigMap`.
 const SERVICE_ACCOUNT: &[&str] = &["secrets", "imagePullSecrets", "automountServiceAccountToken"];
 const CONFIG_MAP: &[&str] = &["binaryData", "immutable"];
@@ -143,6 +147,13 @@ pub fn remove(kind: Kind, object: &mut Value) {
                     }
                 }
                 drop_keys(Some(spec), SERVICE_SPEC);
+            }
+        }
+        Kind::EndpointSlice => {
+            if let Some(Value::Sequence(endpoints)) = top.get_mut("endpoints") {
+                for endpoint in endpoints {
+                    drop_keys(Some(endpoint), SLICE_ENDPOINT);
+                }
             }
         }
         Kind::ServiceAccount => drop_from(top, SERVICE_ACCOUNT),
@@ -192,6 +203,12 @@ mod tests {
                 "metadata: {name: s}\nspec: {ports: [{port: 80, targetPrt: 1}]}",
             ),
             (Kind::ServiceAccount, "metadata: {name: sa}\nsecrets: [{name: t}]", "metadata: {name: sa}"),
+            (
+                Kind::EndpointSlice,
+                "metadata: {name: e}\naddressType: IPv4\n\
+                 endpoints: [{addresses: [10.0.0.1], nodeName: n, zone: z, hints: {}, adresses: typo}]",
+                "metadata: {name: e}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.1], adresses: typo}]",
+            ),
             (
                 Kind::AuthorizationPolicy,
                 "metadata: {name: p, finalizers: [x], annotations: {kubectl.kubernetes.io/last-applied-configuration: '{}', a: b}}\n\

@@ -170,6 +170,10 @@ fn retry_schedule() -> impl kube::runtime::utils::Backoff {
     )
 }
 
+/// Who manages an EndpointSlice, and the value of Kubernetes' own controller.
+const SLICE_MANAGER_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+const KUBERNETES_SLICE_MANAGER: &str = "endpointslice-controller.k8s.io";
+
 /// Watches every served kind, sending [`Change`]s until the receiver is gone.
 /// A failed watch is retried ([`retry_schedule`]) and resumes from its last
 /// resourceVersion, or relists when that expired.
@@ -181,6 +185,13 @@ pub fn watch(client: Client, served: Vec<Served>, root_namespace: String) -> mps
             // The one ConfigMap mesh reads: MeshConfig, in the root namespace.
             let api = Api::<DynamicObject>::namespaced_with(client.clone(), &root_namespace, &resource);
             (api, watcher::Config::default().fields(&format!("metadata.name={MESH_CONFIG_MAP}")))
+        } else if kind == Kind::EndpointSlice {
+            // Not the slices Kubernetes makes for Services with a selector
+            // (one per Service, rewritten at each pod change): mesh reads
+            // those Services' pods. The rest: written by hand, by other
+            // controllers, or mirrored from hand-written Endpoints.
+            let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+            (api, watcher::Config::default().labels(&format!("{SLICE_MANAGER_LABEL}!={KUBERNETES_SLICE_MANAGER}")))
         } else {
             (Api::<DynamicObject>::all_with(client.clone(), &resource), watcher::Config::default())
         };

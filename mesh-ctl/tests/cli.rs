@@ -51,6 +51,12 @@ spec:
   clusterIP: 10.96.0.1
   ports:
   - port: 70000
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: ['fd00::1']}]
 "#,
     ),
     (
@@ -103,6 +109,9 @@ fn check_names_every_problem_with_file_line_and_field() {
         format!("{d}/workloads.yaml:5: Pod shop/web: spec.serviceAccountName: \"Web_SA\" is not a valid name"),
         format!("{d}/workloads.yaml:6: Pod shop/web: status.podIP: \"10.0.0.300\" is not an IP address"),
         format!("{d}/workloads.yaml:14: Service shop/web: spec.ports[0].port: 70000 is not a port"),
+        format!(
+            "{d}/workloads.yaml:20: EndpointSlice shop/web-1: endpoints[0].addresses[0]: \"fd00::1\" is not an IPv4 address"
+        ),
         format!("{d}/policy.yaml:5: AuthorizationPolicy shop/p: spec.action: \"MAYBE\""),
         format!("{d}/policy.yaml:7: AuthorizationPolicy shop/p: spec.rules[0].from[0].source.principals[0]:"),
         format!(
@@ -113,13 +122,13 @@ fn check_names_every_problem_with_file_line_and_field() {
     ] {
         assert!(stdout.lines().any(|l| l.starts_with(&want)), "missing {want:?} in:\n{stdout}");
     }
-    assert!(stdout.contains("9 problems"), "{stdout}");
+    assert!(stdout.contains("10 problems"), "{stdout}");
 
     // The same as JSON, for scripts.
     let out = mesh_ctl(&["check", dir.to_str().unwrap(), "-o", "json"]);
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(v["problems"].as_array().unwrap().len(), 9);
+    assert_eq!(v["problems"].as_array().unwrap().len(), 10);
     assert_eq!(v["problems"][0]["field"], "metadata.labels[istio.io/dataplane-mode]");
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -64,6 +64,28 @@ fn objects_applied_with_kubectl_are_enforced_on_the_nodes() {
     let tunnels = mesh.metric("node2", "istio_tcp_connections_opened_total", &[("reporter", "destination")]);
     assert!(tunnels >= 1.0, "the connection crossed over HBONE to node2's proxy ({tunnels})");
 
+    // A Service without a selector goes where its EndpointSlice says, on the
+    // slice's port (this server serves discovery.k8s.io/v1beta1). The slices
+    // Kubernetes makes for selector Services are not watched.
+    kube.apply_ok(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: by-hand, namespace: default}}\n\
+         spec: {{clusterIP: 10.96.0.77, ports: [{{name: http, port: 8080}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\n\
+         metadata: {{name: by-hand-1, namespace: default, labels: {{kubernetes.io/service-name: by-hand}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 80}}]\n\
+         endpoints: [{{addresses: ['{}'], targetRef: {{kind: Pod, name: b}}}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\n\
+         metadata: {{name: by-kubernetes, namespace: default, labels: {{kubernetes.io/service-name: by-hand, \
+         endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io}}}}\n\
+         addressType: IPv4\nendpoints: [{{addresses: [10.9.9.9]}}]\n",
+        b.ip4
+    ));
+    eventually("a reaches b through the Service's slice", Duration::from_secs(10), || {
+        http_ok(&a.curl("http://10.96.0.77:8080/"))
+    });
+    let endpoints = mesh.controller.json("/debug/model")["services"]["default/by-hand"]["endpoints"].clone();
+    assert_eq!(endpoints, serde_json::json!([{"workload": "Pod/default/b", "ip": b.ip4.to_string()}]));
+
     // The trust bundle the DaemonSet's agents mount to verify the controller.
     let bundle = mesh.controller.get("/debug/ca");
     eventually("the trust bundle is published", Duration::from_secs(10), || {
@@ -204,6 +226,20 @@ spec:
   selector: {app: web}
   ports: [{name: http, port: 80, targetPort: 8080}]
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy-db, namespace: shop}
+spec:
+  clusterIP: 10.96.0.51
+  ports: [{name: tcp-sql, port: 5432}]
+---
+apiVersion: discovery.k8s.io/v1beta1
+kind: EndpointSlice
+metadata: {name: legacy-db-1, namespace: shop, labels: {kubernetes.io/service-name: legacy-db}}
+addressType: IPv4
+ports: [{name: tcp-sql, port: 15432}]
+endpoints: [{addresses: [192.168.50.5]}, {addresses: [192.168.50.6], conditions: {ready: false}}]
+---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {name: default, namespace: istio-system}
@@ -259,6 +295,8 @@ fn the_same_objects_make_the_same_model_from_a_directory_and_from_the_api_server
     let (dir, kube_model) = models();
     assert_eq!(dir, kube_model, "the two sources' models differ");
     assert_eq!(dir["workloads"]["Pod/shop/web-2"]["locality"], "eu/eu-2/", "from its Node");
+    let legacy_db = &dir["services"]["shop/legacy-db"];
+    assert_eq!(legacy_db["endpoints"], serde_json::json!([{"workload": "", "ip": "192.168.50.5"}]), "from its slice");
     for (what, got) in [
         ("workloads", &dir["workloads"]),
         ("services", &dir["services"]),

@@ -2,6 +2,7 @@
 //! security/networking resources. Unknown fields are rejected everywhere;
 //! the fields Kubernetes defines that mesh does not read are removed before
 //! (`unmodelled.rs`).
+pub mod endpoint_slice;
 pub mod mesh_config;
 pub mod routing;
 
@@ -546,6 +547,7 @@ pub enum Resource {
     ServiceAccount(ServiceAccount),
     Pod(Pod),
     Service(Service),
+    EndpointSlice(endpoint_slice::EndpointSlice),
     PeerAuthentication(PeerAuthentication),
     AuthorizationPolicy(AuthorizationPolicy),
     RequestAuthentication(RequestAuthentication),
@@ -570,6 +572,7 @@ impl Resource {
             Self::ServiceAccount(o) => &o.metadata,
             Self::Pod(o) => &o.metadata,
             Self::Service(o) => &o.metadata,
+            Self::EndpointSlice(o) => &o.metadata,
             Self::PeerAuthentication(o) => &o.metadata,
             Self::AuthorizationPolicy(o) => &o.metadata,
             Self::RequestAuthentication(o) => &o.metadata,
@@ -593,6 +596,7 @@ impl Resource {
             Self::ServiceAccount(_) => Kind::ServiceAccount,
             Self::Pod(_) => Kind::Pod,
             Self::Service(_) => Kind::Service,
+            Self::EndpointSlice(_) => Kind::EndpointSlice,
             Self::PeerAuthentication(_) => Kind::PeerAuthentication,
             Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Self::RequestAuthentication(_) => Kind::RequestAuthentication,
@@ -617,6 +621,7 @@ pub enum Kind {
     ServiceAccount,
     Pod,
     Service,
+    EndpointSlice,
     ConfigMap,
     PeerAuthentication,
     AuthorizationPolicy,
@@ -689,6 +694,7 @@ const KINDS: &[KindInfo] = &[
     typed(Kind::ServiceAccount, "ServiceAccount", &["v1"]),
     typed(Kind::Pod, "Pod", &["v1"]),
     typed(Kind::Service, "Service", &["v1"]),
+    typed(Kind::EndpointSlice, "EndpointSlice", &["discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"]),
     typed(Kind::ConfigMap, "ConfigMap", &["v1"]),
     typed(Kind::PeerAuthentication, "PeerAuthentication", ISTIO_SECURITY),
     typed(Kind::AuthorizationPolicy, "AuthorizationPolicy", ISTIO_SECURITY),

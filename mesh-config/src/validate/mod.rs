@@ -94,6 +94,7 @@ pub fn validate(resource: &Resource) -> Issues {
                 check_labels(selector, "spec.selector", &mut out);
             }
         }
+        Resource::EndpointSlice(slice) => endpoint_slice(slice, &mut out),
         Resource::PeerAuthentication(pa) => {
             let check_mode = |mode: &Option<String>, field: String, out: &mut Issues| {
                 if let Some(m) = mode
@@ -373,6 +374,35 @@ fn valid_pattern(v: &str, valid: impl Fn(&str) -> bool) -> bool {
     !core.is_empty()
         && !core.contains('*')
         && (valid(core) || core.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'))
+}
+
+/// The API server's checks on an EndpointSlice that mesh relies on: the
+/// address type, addresses of that type, port numbers.
+fn endpoint_slice(slice: &crate::objects::endpoint_slice::EndpointSlice, out: &mut Issues) {
+    let family = match slice.address_type.as_str() {
+        "IPv4" => Some(true),
+        "IPv6" => Some(false),
+        "FQDN" => None,
+        other => {
+            out.push(("addressType".into(), format!("{other:?}: expected IPv4, IPv6 or FQDN")));
+            return;
+        }
+    };
+    for (i, e) in slice.endpoints.iter().enumerate() {
+        for (j, a) in e.addresses.iter().enumerate() {
+            let field = format!("endpoints[{i}].addresses[{j}]");
+            match (family, a.parse::<IpAddr>()) {
+                (None, _) => {}
+                (Some(v4), Ok(ip)) if ip.is_ipv4() == v4 => {}
+                (Some(_), _) => out.push((field, format!("{a:?} is not an {} address", slice.address_type))),
+            }
+        }
+    }
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        if let Some(port) = p.port {
+            check_port(port, &format!("ports[{i}].port"), out);
+        }
+    }
 }
 
 fn check_ip(v: &str, field: &str, out: &mut Issues) {

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::config::{
     ConfigStore, MeshSettings, Resource,
-    objects::{IntOrString, Labels, PeerAuthentication},
+    objects::{IntOrString, Labels, PeerAuthentication, endpoint_slice::EndpointSlice},
 };
 
 const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
@@ -182,6 +182,7 @@ impl MeshModel {
         let mut ambient_namespaces = Vec::new();
         let mut namespace_labels = BTreeMap::new();
         let mut node_localities = BTreeMap::new();
+        let mut slices = BTreeMap::new();
         for stored in store.objects().values() {
             match stored.resource.as_ref() {
                 Resource::Namespace(ns) => {
@@ -192,6 +193,12 @@ impl MeshModel {
                 }
                 Resource::Node(node) => {
                     node_localities.insert(node.metadata.name.as_str(), locality(&node.metadata.labels));
+                }
+                Resource::EndpointSlice(slice) if slice.routable() => {
+                    if let Some(service) = slice.service() {
+                        let key = format!("{}/{service}", slice.metadata.namespace());
+                        slices.entry(key).or_insert_with(Vec::new).push(slice);
+                    }
                 }
                 _ => {}
             }
@@ -324,9 +331,17 @@ impl MeshModel {
                             }
                             v
                         });
-                    let endpoints = match &svc.spec.selector {
-                        Some(sel) if !sel.is_empty() => model.endpoints(&namespace, sel),
-                        _ => Vec::new(),
+                    let key = format!("{namespace}/{}", svc.metadata.name);
+                    // Without a selector, the Service's EndpointSlices say
+                    // where it is, and on which port of each endpoint.
+                    let sliced = match &svc.spec.selector {
+                        Some(sel) if !sel.is_empty() => None,
+                        _ => Some(slices.get(&key).map_or(&[][..], Vec::as_slice)),
+                    };
+                    let endpoints = match (sliced, &svc.spec.selector) {
+                        (Some(sliced), _) => model.sliced_endpoints(&namespace, sliced),
+                        (None, Some(sel)) => model.endpoints(&namespace, sel),
+                        (None, None) => Vec::new(),
                     };
                     let ports = svc
                         .spec
@@ -334,12 +349,18 @@ impl MeshModel {
                         .iter()
                         .map(|p| ServicePort {
                             port: p.port as u16,
-                            target: p.target_port.clone(),
+                            target: match sliced {
+                                Some(sliced) => {
+                                    let name = p.name.as_deref().unwrap_or_default();
+                                    let served = sliced.iter().find_map(|s| s.port_named(name));
+                                    served.map(|port| IntOrString::Int(port.into())).or_else(|| p.target_port.clone())
+                                }
+                                None => p.target_port.clone(),
+                            },
                             protocol: routes::port_protocol(p.name.as_deref(), p.app_protocol.as_deref()),
                         })
                         .collect();
                     let hosts = vec![format!("{}.{namespace}.svc.{}", svc.metadata.name, settings.trust_domain)];
-                    let key = format!("{namespace}/{}", svc.metadata.name);
                     let name = svc.metadata.name.clone();
                     let waypoint = routes::binding(&namespace, &svc.metadata.labels, namespace_labels.get(&namespace))
                         .map(|gateway| model.waypoint_binding(gateway));
@@ -453,6 +474,28 @@ impl MeshModel {
             _ => Vec::new(),
         };
         WaypointBinding { gateway, instances }
+    }
+
+    /// The ready endpoints of `slices` (of a Service in `namespace`), each
+    /// the workload its `targetRef` names when that workload holds the address.
+    fn sliced_endpoints(&self, namespace: &str, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
+        let mut out: Vec<Endpoint> = Vec::new();
+        for endpoint in slices.iter().flat_map(|s| &s.endpoints) {
+            if endpoint.conditions.ready == Some(false) {
+                continue;
+            }
+            let named = endpoint.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| {
+                let ns = r.namespace.as_deref().unwrap_or(namespace);
+                self.workloads.get(&format!("Pod/{ns}/{}", r.name.as_deref()?))
+            });
+            for ip in endpoint.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+                let workload = named.filter(|w| w.ips.contains(&ip)).map(|w| w.uid.clone()).unwrap_or_default();
+                if !out.iter().any(|e| e.ip == ip) {
+                    out.push(Endpoint { workload, ip });
+                }
+            }
+        }
+        out
     }
 
     /// Endpoints of the workloads in `namespace` whose labels match `selector`.
@@ -777,5 +820,77 @@ metadata: {name: n3}
         for (name, node, labels, want) in cases {
             assert_eq!(m.workloads[&format!("Pod/a/{name}")].locality, want, "{name} on {node} with {labels:?}");
         }
+    }
+
+    #[test]
+    fn a_service_without_a_selector_is_where_its_endpoint_slices_say() {
+        let m = model(
+            "\
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: a, labels: {app: db}}
+spec: {nodeName: n1}
+status: {podIP: 10.0.0.5}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: a}
+spec: {clusterIP: 10.96.0.9, ports: [{name: sql, port: 5432, targetPort: 1}, {name: admin, port: 9000}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-x, namespace: a, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: sql, port: 15432}]
+endpoints:
+- {addresses: [10.0.0.5], targetRef: {kind: Pod, name: db-0}, nodeName: n1}
+- {addresses: [192.168.1.7], conditions: {ready: true}}
+- {addresses: [192.168.1.8], conditions: {ready: false}}
+---
+apiVersion: discovery.k8s.io/v1beta1
+kind: EndpointSlice
+metadata: {name: db-y, namespace: a, labels: {kubernetes.io/service-name: db}}
+addressType: IPv6
+endpoints: [{addresses: ['fd00::7'], topology: {kubernetes.io/hostname: n2}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-dns, namespace: a, labels: {kubernetes.io/service-name: db}}
+addressType: FQDN
+endpoints: [{addresses: [db.example.com]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-elsewhere, namespace: b, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+endpoints: [{addresses: [10.9.9.9]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: a}
+spec: {selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-x, namespace: a, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.0.0.99]}]
+",
+        );
+        let db = &m.services["a/db"];
+        let endpoints: Vec<(String, &str)> =
+            db.endpoints.iter().map(|e| (e.ip.to_string(), e.workload.as_str())).collect();
+        assert_eq!(
+            endpoints,
+            [("10.0.0.5".to_owned(), "Pod/a/db-0"), ("192.168.1.7".to_owned(), ""), ("fd00::7".to_owned(), "")],
+            "ready IP endpoints of its own namespace's slices; not FQDN ones"
+        );
+        let targets: Vec<_> = db.ports.iter().map(|p| (p.port, p.target.clone())).collect();
+        assert_eq!(
+            targets,
+            [(5432, Some(IntOrString::Int(15432))), (9000, None)],
+            "a slice's port for the Service port of its name"
+        );
+        assert!(m.services["a/web"].endpoints.is_empty(), "a selector's pods, not slices, make a Service's endpoints");
     }
 }
