@@ -149,7 +149,8 @@ type Report = serde_json::Map<String, serde_json::Value>;
 
 async fn run(state: &Path, controller: &Started, editor: &Edits) -> anyhow::Result<Report> {
     let (grpc, metrics, pid) = (controller.grpc, controller.metrics, controller.pid());
-    let root = fs::read_to_string(state.join("ca-cert.pem"))?;
+    // The trust bundle it serves (on Kubernetes its CA is in a Secret).
+    let root = http_get(metrics, "/debug/ca").await?;
     let token = fs::read_to_string(state.join("join-token"))?.trim().to_owned();
     let reload_seconds = metric(metrics, "mesh_controller_config_reload_seconds").await?;
     let rss_loaded = rss_kib(pid);
@@ -274,12 +275,19 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn metric(addr: SocketAddr, name: &str) -> anyhow::Result<f64> {
+/// The body of `GET path` on the controller's HTTP port.
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
     let mut text = String::new();
     s.read_to_string(&mut text).await?;
+    let (_, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("GET {path}: no body"))?;
+    Ok(body.to_owned())
+}
+
+async fn metric(addr: SocketAddr, name: &str) -> anyhow::Result<f64> {
+    let text = http_get(addr, "/metrics").await?;
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no metric {name}"))

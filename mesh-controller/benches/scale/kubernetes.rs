@@ -86,12 +86,10 @@ fn in_namespace(t: &mesh_tests::Topology, kube: &mesh_tests::kube::Kube) -> anyh
     Ok(report)
 }
 
-/// Creates every namespace's objects (and mesh-system, where the leader's
-/// lease lives); the number created.
+/// Creates every namespace's objects (mesh-system, where the leader's lease
+/// and the CA's Secret live, is installed with the CRDs); the number created.
 async fn create_all(client: &Client) -> anyhow::Result<usize> {
-    let system = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "mesh-system"}});
-    let namespaces: Vec<Value> =
-        std::iter::once(system).chain((0..NAMESPACES).map(|ns| namespace_objects(ns, 0).remove(0))).collect();
+    let namespaces: Vec<Value> = (0..NAMESPACES).map(|ns| namespace_objects(ns, 0).remove(0)).collect();
     let mut created = create(client, namespaces).await?;
     let rest: Vec<Value> = (0..NAMESPACES).flat_map(|ns| namespace_objects(ns, 0).into_iter().skip(1)).collect();
     created += create(client, rest).await?;
