@@ -21,7 +21,7 @@ pub use enforced::{
 pub use objects::{Kind, Resource};
 pub use parse::parse_document;
 pub use source::{Document, read_dir, split_documents};
-pub use store::{ApplyReport, ConfigStore, ObjectKey, ParseCache, Snapshot, Stored};
+pub use store::{ApplyReport, ConfigStore, ObjectKey, Objects, ParseCache, Snapshot, Stored};
 pub use validate::{WAYPOINT_CLASS, WAYPOINT_FOR_LABEL};
 
 /// Where an object was defined.

@@ -2,7 +2,7 @@
 //! broke, its last good version. Applying a new snapshot of the directory
 //! reports what changed, so nodes can be sent only that.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap},
     fmt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -100,18 +100,42 @@ impl ApplyReport {
     }
 }
 
-/// Cloning is cheap: objects are shared (`Arc`).
+/// The objects in force, by key: a persistent map, shared between copies.
+pub type Objects = imbl::OrdMap<ObjectKey, Stored>;
+
+/// Cloning is O(1): the maps are persistent and objects are shared (`Arc`);
+/// an edit of a copy costs O(log n).
 #[derive(Clone, Debug, Default)]
 pub struct ConfigStore {
-    objects: BTreeMap<ObjectKey, Stored>,
+    objects: Objects,
+    /// The keys of the objects each file (or API path) holds.
+    files: imbl::OrdMap<PathBuf, Vec<ObjectKey>>,
     problems: Vec<Problem>,
     not_read: Vec<Problem>,
     generation: u64,
 }
 
 impl ConfigStore {
-    pub fn objects(&self) -> &BTreeMap<ObjectKey, Stored> {
+    pub fn objects(&self) -> &Objects {
         &self.objects
+    }
+
+    /// Keeps `key` in the index of `file`'s objects.
+    fn index(&mut self, file: &Path, key: &ObjectKey) {
+        let keys = self.files.entry(file.to_path_buf()).or_default();
+        if !keys.contains(key) {
+            keys.push(key.clone());
+        }
+    }
+
+    /// Takes `key` out of the index of `file`'s objects.
+    fn unindex(&mut self, file: &Path, key: &ObjectKey) {
+        if let Some(keys) = self.files.get_mut(file) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.files.remove(file);
+            }
+        }
     }
 
     /// Problems of the latest snapshot (rejected objects, unreadable files, duplicates).
@@ -134,7 +158,7 @@ impl ConfigStore {
     /// vanished from a file with an unreadable document is kept too (it may be
     /// that document).
     pub fn apply(&mut self, snap: Snapshot) -> ApplyReport {
-        let mut next: BTreeMap<ObjectKey, Stored> = BTreeMap::new();
+        let mut next: Objects = Objects::new();
         let mut problems = snap.problems;
         for (key, resource, origin) in snap.valid {
             if let Some(first) = next.get(&key) {
@@ -173,9 +197,13 @@ impl ConfigStore {
                 Some(_) => {}
             }
         }
-        report.removed = self.objects.keys().filter(|k| !next.contains_key(k)).cloned().collect();
+        report.removed = self.objects.keys().filter(|k| !next.contains_key(*k)).cloned().collect();
         if report.changed() {
             self.generation += 1;
+        }
+        self.files = imbl::OrdMap::new();
+        for (key, stored) in &next {
+            self.index(&stored.origin.file, key);
         }
         self.objects = next;
         self.problems = problems;
@@ -195,17 +223,16 @@ impl ConfigStore {
             changed.iter().map(|d| d.file.as_path()).chain(removed.iter().map(PathBuf::as_path)).collect();
         self.problems.retain(|p| !touched.contains(p.file.as_path()));
         self.not_read.retain(|p| !touched.contains(p.file.as_path()));
-        let at = |objects: &BTreeMap<ObjectKey, Stored>, file: &Path| -> Vec<ObjectKey> {
-            objects.iter().filter(|(_, s)| s.origin.file == file).map(|(k, _)| k.clone()).collect()
-        };
+        let at = |store: &Self, file: &Path| -> Vec<ObjectKey> { store.files.get(file).cloned().unwrap_or_default() };
         for path in removed {
-            for key in at(&self.objects, path) {
+            for key in at(self, path) {
                 self.objects.remove(&key);
+                self.unindex(path, &key);
                 report.removed.push(key);
             }
         }
         for doc in changed {
-            let before = at(&self.objects, &doc.file);
+            let before = at(self, &doc.file);
             match read_document(doc) {
                 Reading::Object(key, resource) => {
                     if let Some(other) = self.objects.get(&key).filter(|s| s.origin.file != doc.file) {
@@ -220,6 +247,7 @@ impl ConfigStore {
                     }
                     for old in before.iter().filter(|k| **k != key) {
                         self.objects.remove(old);
+                        self.unindex(&doc.file, old);
                         report.removed.push(old.clone());
                     }
                     match self.objects.get(&key) {
@@ -228,11 +256,13 @@ impl ConfigStore {
                         None => report.added.push(key.clone()),
                     }
                     let origin = Origin { file: doc.file.clone(), line: doc.line };
+                    self.index(&doc.file, &key);
                     self.objects.insert(key, Stored { resource: Arc::new(resource), origin });
                 }
                 Reading::Ignored(warning) => {
                     for old in before {
                         self.objects.remove(&old);
+                        self.unindex(&doc.file, &old);
                         report.removed.push(old);
                     }
                     self.not_read.push(warning);
@@ -252,6 +282,8 @@ impl ConfigStore {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn pod(name: &str, extra: &str) -> Document {
@@ -338,6 +370,15 @@ mod tests {
             assert_eq!(got, want, "step {i}: report");
             assert_eq!(state(&by_change), state(&whole), "step {i}: what is in force");
             assert_eq!(by_change.generation(), whole.generation(), "step {i}: generation");
+            for store in [&whole, &by_change] {
+                let mut index: BTreeMap<&Path, Vec<&ObjectKey>> = BTreeMap::new();
+                for (key, stored) in store.objects() {
+                    index.entry(&stored.origin.file).or_default().push(key);
+                }
+                let indexed: BTreeMap<&Path, Vec<&ObjectKey>> =
+                    store.files.iter().map(|(f, keys)| (f.as_path(), keys.iter().collect())).collect();
+                assert_eq!(indexed, index, "step {i}: the index of files is the objects'");
+            }
         }
         assert!(!whole.objects().is_empty());
     }
