@@ -16,9 +16,13 @@ use crate::{
 /// Every resource a node receives, by key, with the version of the whole.
 #[derive(Clone, Debug, Default)]
 pub struct WireSet {
-    pub resources: BTreeMap<String, Arc<api::Resource>>,
+    /// Persistent (imbl): a successor set shares what did not change.
+    pub resources: imbl::OrdMap<String, Arc<api::Resource>>,
     /// Changes whenever any resource does; stable for the same content.
     pub version: String,
+    /// The sum `version` is written from (commutative: kept up to date
+    /// entry by entry).
+    sum: u64,
 }
 
 /// An update for a node that holds `known` (key -> version).
@@ -44,44 +48,80 @@ impl WireSet {
     ///
     /// [`Registry::revoked_certificates`]: crate::node_api::Registry::revoked_certificates
     pub fn from_parts(model: &MeshModel, revoked: &BTreeMap<String, Vec<IssuedCert>>) -> WireSet {
-        let mut resources = BTreeMap::new();
-        let mut add = |key: api::ResourceKey, kind: Kind| {
-            let mut r = api::Resource { key: key.to_string(), version: 0, kind: Some(kind) };
-            r.version = fnv1a(&r.encode_to_vec());
-            resources.insert(r.key.clone(), Arc::new(r));
-        };
-        for (node, certs) in revoked {
-            let certificates = certs
-                .iter()
-                .map(|c| api::RevokedCertificate {
-                    serial: c.serial.clone(),
-                    not_after_unix: i64::try_from(c.not_after_unix).unwrap_or(i64::MAX),
-                })
-                .collect();
-            add(
-                api::ResourceKey::Revoked(node.clone()),
-                Kind::Revoked(api::Revoked { node: node.clone(), certificates }),
-            );
-        }
+        let mut set = Changes::from(&WireSet::default());
+        set.revoked(revoked);
         for w in model.workloads.values() {
-            add(api::ResourceKey::Workload(w.uid.clone()), Kind::Workload(workload(model, w)));
+            set.put(workload_key(w), Kind::Workload(workload(model, w)));
         }
         for (key, s) in &model.services {
-            add(api::ResourceKey::Service(key.clone()), Kind::Service(service(s)));
+            set.put(service_key(key), Kind::Service(service(s)));
         }
         for (key, p) in &model.policies {
-            add(api::ResourceKey::Policy(key.clone()), Kind::Authorization(p.to_wire()));
+            set.put(policy_key(key), Kind::Authorization(p.to_wire()));
         }
         for (key, routes) in &model.routes {
-            let (namespace, service) = key.split_once('/').unwrap_or_default();
-            let wire = api::HttpRoutes { namespace: namespace.into(), service: service.into(), routes: routes.clone() };
-            add(api::ResourceKey::Routes(key.clone()), Kind::Routes(wire));
+            set.put(routes_key(key), routes_wire(key, routes));
         }
-        let mut whole = 0u64;
-        for r in resources.values() {
-            whole = whole.wrapping_add(fnv1a(r.key.as_bytes()) ^ r.version);
+        set.done().0
+    }
+
+    /// The set of `new`, the model that followed `old` (this set's), and the
+    /// delta from this set to it: only what differs is encoded again, and
+    /// imbl's diff skips what the two models share, so a change to a few
+    /// pods costs their entries, not the mesh's. Equal to [`Self::from_parts`]
+    /// and [`Self::delta_from`] (a table test holds them so).
+    pub fn next(
+        &self,
+        old: &MeshModel,
+        new: &MeshModel,
+        revoked: &BTreeMap<String, Vec<IssuedCert>>,
+    ) -> (WireSet, Delta) {
+        use imbl::ordmap::DiffItem;
+        let mut set = Changes::from(self);
+        set.revoked(revoked);
+        // A workload's entry carries its PeerAuthentication modes.
+        if old.same_peer_authentications(new) {
+            for item in old.workloads.diff(&new.workloads) {
+                match item {
+                    DiffItem::Add(_, w) | DiffItem::Update { new: (_, w), .. } => {
+                        set.put(workload_key(w), Kind::Workload(workload(new, w)))
+                    }
+                    DiffItem::Remove(_, w) => set.remove(&workload_key(w)),
+                }
+            }
+        } else {
+            for w in old.workloads.values().filter(|w| !new.workloads.contains_key(&w.uid)) {
+                set.remove(&workload_key(w));
+            }
+            for w in new.workloads.values() {
+                set.put(workload_key(w), Kind::Workload(workload(new, w)));
+            }
         }
-        WireSet { resources, version: format!("{whole:016x}") }
+        for item in old.services.diff(&new.services) {
+            match item {
+                DiffItem::Add(key, s) | DiffItem::Update { new: (key, s), .. } => {
+                    set.put(service_key(key), Kind::Service(service(s)))
+                }
+                DiffItem::Remove(key, _) => set.remove(&service_key(key)),
+            }
+        }
+        for item in old.policies.diff(&new.policies) {
+            match item {
+                DiffItem::Add(key, p) | DiffItem::Update { new: (key, p), .. } => {
+                    set.put(policy_key(key), Kind::Authorization(p.to_wire()))
+                }
+                DiffItem::Remove(key, _) => set.remove(&policy_key(key)),
+            }
+        }
+        for item in old.routes.diff(&new.routes) {
+            match item {
+                DiffItem::Add(key, r) | DiffItem::Update { new: (key, r), .. } => {
+                    set.put(routes_key(key), routes_wire(key, r))
+                }
+                DiffItem::Remove(key, _) => set.remove(&routes_key(key)),
+            }
+        }
+        set.done()
     }
 
     /// What a node holding `known` lacks, and what it holds that is gone.
@@ -91,34 +131,22 @@ impl WireSet {
         Delta { upserts, removed }
     }
 
-    /// What changed from `older` to this set (one merge walk over both).
+    /// What changed from `older` to this set (imbl's diff: what the two
+    /// sets share is skipped).
     pub fn delta_from(&self, older: &WireSet) -> Delta {
+        use imbl::ordmap::DiffItem;
         let mut delta = Delta::default();
-        let (mut old, mut new) = (older.resources.values().peekable(), self.resources.values().peekable());
-        loop {
-            match (old.peek(), new.peek()) {
-                (None, None) => return delta,
-                (Some(o), Some(n)) if o.key == n.key => {
-                    if o.version != n.version {
-                        delta.upserts.push((*n).clone());
-                    }
-                    old.next();
-                    new.next();
+        for item in older.resources.diff(&self.resources) {
+            match item {
+                DiffItem::Add(_, r) => delta.upserts.push(r.clone()),
+                DiffItem::Update { old: (_, o), new: (_, n) } if o.version != n.version => {
+                    delta.upserts.push(n.clone())
                 }
-                (Some(o), Some(n)) if o.key < n.key => {
-                    delta.removed.push(o.key.clone());
-                    old.next();
-                }
-                (Some(o), None) => {
-                    delta.removed.push(o.key.clone());
-                    old.next();
-                }
-                (_, Some(n)) => {
-                    delta.upserts.push((*n).clone());
-                    new.next();
-                }
+                DiffItem::Update { .. } => {}
+                DiffItem::Remove(key, _) => delta.removed.push(key.clone()),
             }
         }
+        delta
     }
 
     /// Key -> version of everything in the set (what a node holds after a full
@@ -126,6 +154,106 @@ impl WireSet {
     pub fn versions(&self) -> BTreeMap<String, u64> {
         self.resources.values().map(|r| (r.key.clone(), r.version)).collect()
     }
+}
+
+/// A set being made from another: its resources, its version's sum, and
+/// what changed (the delta from the set it started from).
+struct Changes {
+    resources: imbl::OrdMap<String, Arc<api::Resource>>,
+    sum: u64,
+    delta: Delta,
+}
+
+impl From<&WireSet> for Changes {
+    fn from(set: &WireSet) -> Self {
+        Changes { resources: set.resources.clone(), sum: set.sum, delta: Delta::default() }
+    }
+}
+
+impl Changes {
+    /// Sets the resource at `key` to `kind`, versioned by its encoding.
+    fn put(&mut self, key: api::ResourceKey, kind: Kind) {
+        let mut r = api::Resource { key: key.to_string(), version: 0, kind: Some(kind) };
+        r.version = fnv1a(&r.encode_to_vec());
+        if let Some(old) = self.resources.get(&r.key) {
+            if old.version == r.version {
+                return;
+            }
+            self.sum = self.sum.wrapping_sub(contribution(old));
+        }
+        self.sum = self.sum.wrapping_add(contribution(&r));
+        let r = Arc::new(r);
+        self.delta.upserts.push(r.clone());
+        self.resources.insert(r.key.clone(), r);
+    }
+
+    fn remove(&mut self, key: &api::ResourceKey) {
+        if let Some(old) = self.resources.remove(&key.to_string()) {
+            self.sum = self.sum.wrapping_sub(contribution(&old));
+            self.delta.removed.push(old.key.clone());
+        }
+    }
+
+    /// One entry per removed node, listing the workload certificates it held
+    /// ([`Registry::revoked_certificates`]); the entries of nodes no longer
+    /// listed go.
+    ///
+    /// [`Registry::revoked_certificates`]: crate::node_api::Registry::revoked_certificates
+    fn revoked(&mut self, revoked: &BTreeMap<String, Vec<IssuedCert>>) {
+        let gone: Vec<String> = self
+            .resources
+            .values()
+            .filter_map(|r| match &r.kind {
+                Some(Kind::Revoked(v)) if !revoked.contains_key(&v.node) => Some(v.node.clone()),
+                _ => None,
+            })
+            .collect();
+        for node in gone {
+            self.remove(&api::ResourceKey::Revoked(node));
+        }
+        for (node, certs) in revoked {
+            let certificates = certs
+                .iter()
+                .map(|c| api::RevokedCertificate {
+                    serial: c.serial.clone(),
+                    not_after_unix: i64::try_from(c.not_after_unix).unwrap_or(i64::MAX),
+                })
+                .collect();
+            let wire = api::Revoked { node: node.clone(), certificates };
+            self.put(api::ResourceKey::Revoked(node.clone()), Kind::Revoked(wire));
+        }
+    }
+
+    fn done(self) -> (WireSet, Delta) {
+        let version = format!("{:016x}", self.sum);
+        (WireSet { resources: self.resources, version, sum: self.sum }, self.delta)
+    }
+}
+
+/// What one resource adds to its set's version.
+fn contribution(r: &api::Resource) -> u64 {
+    fnv1a(r.key.as_bytes()) ^ r.version
+}
+
+fn workload_key(w: &Workload) -> api::ResourceKey {
+    api::ResourceKey::Workload(w.uid.clone())
+}
+
+fn service_key(key: &str) -> api::ResourceKey {
+    api::ResourceKey::Service(key.to_owned())
+}
+
+fn policy_key(key: &str) -> api::ResourceKey {
+    api::ResourceKey::Policy(key.to_owned())
+}
+
+fn routes_key(key: &str) -> api::ResourceKey {
+    api::ResourceKey::Routes(key.to_owned())
+}
+
+fn routes_wire(key: &str, routes: &[api::HttpRoute]) -> Kind {
+    let (namespace, service) = key.split_once('/').unwrap_or_default();
+    Kind::Routes(api::HttpRoutes { namespace: namespace.into(), service: service.into(), routes: routes.to_vec() })
 }
 
 /// FNV-1a, 64 bits: stable across builds and restarts (unlike std's hasher).
@@ -282,5 +410,77 @@ spec: {action: DENY, rules: [{from: [{source: {namespaces: [evil]}}], when: [{ke
         let Some(Kind::Authorization(p)) = &s.resources["policy/shop/deny-evil"].kind else { panic!() };
         assert_eq!((p.action, p.scope), (i32::from(api::Action::Deny), i32::from(api::Scope::Namespace)));
         assert_eq!(p.rules[0].when[0].values, ["10.9.0.0/16"]);
+    }
+
+    /// Each model of a sequence (changed by pods, so sharing most of the one
+    /// before, or built anew) makes by [`WireSet::next`] the set and the
+    /// delta that building its set whole gives.
+    #[test]
+    fn the_next_set_is_the_set_built_anew() {
+        use crate::{config::Document, model::Changed};
+        let doc = |path: &str, text: &str| Document { file: path.into(), line: 1, text: text.into() };
+        let pod = |name: &str, labels: &str, ip: &str| {
+            doc(
+                &format!("pods/{name}"),
+                &format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{{labels}}}}}\n\
+                     spec: {{nodeName: n1}}\nstatus: {{podIP: {ip}}}\n"
+                ),
+            )
+        };
+        let peer_auth = |mode: &str| {
+            doc(
+                "pa",
+                &format!(
+                    "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+                     metadata: {{name: default, namespace: shop}}\nspec: {{mtls: {{mode: {mode}}}}}\n"
+                ),
+            )
+        };
+        let revoked = |serials: &[&str]| -> BTreeMap<String, Vec<IssuedCert>> {
+            match serials {
+                [] => BTreeMap::new(),
+                _ => BTreeMap::from([(
+                    "gone-node".to_owned(),
+                    serials.iter().map(|s| IssuedCert { serial: (*s).into(), not_after_unix: 9 }).collect(),
+                )]),
+            }
+        };
+        let base: Vec<Document> = BASE.split("---").enumerate().map(|(i, t)| doc(&format!("base/{i}"), t)).collect();
+        /// What, documents changed, paths removed, serials of a removed node.
+        type Step<'a> = (&'a str, Vec<Document>, Vec<&'a str>, &'a [&'a str]);
+        let steps: Vec<Step> = vec![
+            ("a pod", vec![pod("web-2", "app: web", "10.0.0.2")], vec![], &[]),
+            ("a pod of no service", vec![pod("job", "app: job", "10.0.0.3")], vec![], &[]),
+            ("a node removed", vec![], vec![], &["aa", "bb"]),
+            ("relabelled", vec![pod("web-2", "app: job", "10.0.0.2")], vec![], &["aa", "bb"]),
+            ("a PeerAuthentication: every workload's entry", vec![peer_auth("STRICT")], vec![], &["aa"]),
+            ("deleted", vec![], vec!["pods/job"], &[]),
+            ("the policy deleted", vec![], vec!["base/3"], &[]),
+        ];
+        let settings = MeshSettings::default();
+        let mut store = ConfigStore::default();
+        store.apply_changed(&base, &[]);
+        let mut model = MeshModel::build(&store, &settings);
+        let mut wire = WireSet::from_model(&model);
+        let sorted = |mut d: Delta| {
+            d.upserts.sort_by(|a, b| a.key.cmp(&b.key));
+            d.removed.sort();
+            d
+        };
+        for (what, changed, removed, serials) in steps {
+            let removed: Vec<std::path::PathBuf> = removed.into_iter().map(Into::into).collect();
+            let report = store.apply_changed(&changed, &removed);
+            let by = Changed { added: &report.added, updated: &report.updated, removed: &report.removed };
+            let next_model =
+                model.with_pods_changed(&store, &settings, by).unwrap_or_else(|| MeshModel::build(&store, &settings));
+            let whole = WireSet::from_parts(&next_model, &revoked(serials));
+            let (next, delta) = wire.next(&model, &next_model, &revoked(serials));
+            assert_eq!(next.version, whole.version, "{what}: version");
+            assert_eq!(next.versions(), whole.versions(), "{what}: resources");
+            assert_eq!(sorted(delta.clone()), whole.delta_from(&wire), "{what}: delta");
+            assert!(!delta.is_empty(), "{what}: something changed");
+            (model, wire) = (next_model, next);
+        }
     }
 }

@@ -22,7 +22,7 @@ use mesh_controller::{
     ca::CertificateAuthority,
     config::{ApplyReport, ConfigStore, Document, MeshSettings, ParseCache, Problem, Snapshot, read_dir},
     istio_ca, kubernetes, leader,
-    model::MeshModel,
+    model::{Changed, MeshModel},
     node_api::{self, Hub, NodeService},
     serving::{self, ServingCert},
     status::{self, StatusWriter},
@@ -511,8 +511,14 @@ impl Reloader {
             (s.reloads.get() == 0, s.model.clone())
         };
         let mut built = parsed;
+        let mut rebuilt = false;
         let model = if report.changed() || first {
-            let model = Arc::new(MeshModel::build(&store, &self.settings));
+            // Pods alone change their workloads and their services'
+            // endpoints; anything else builds the model anew.
+            let changed = Changed { added: &report.added, updated: &report.updated, removed: &report.removed };
+            let by_pods = (!first).then(|| in_force.with_pods_changed(&store, &self.settings, changed)).flatten();
+            rebuilt = by_pods.is_none();
+            let model = Arc::new(by_pods.unwrap_or_else(|| MeshModel::build(&store, &self.settings)));
             built = started.elapsed();
             self.hub.publish(model.clone());
             model
@@ -540,6 +546,7 @@ impl Reloader {
             ms = s.last_reload_seconds * 1e3,
             parse_and_store_ms = parsed.as_secs_f64() * 1e3,
             model_ms = (built - parsed).as_secs_f64() * 1e3,
+            model_rebuilt = rebuilt,
             publish_ms = (published - built).as_secs_f64() * 1e3,
             "configuration applied"
         );

@@ -14,7 +14,7 @@ use super::{
     routes::{self, GATEWAY_NAME_LABEL, Waypoint},
 };
 use crate::config::{
-    ConfigStore, MeshSettings, Resource,
+    ConfigStore, Kind, MeshSettings, ObjectKey, Resource,
     objects::{IntOrString, Labels, PeerAuthentication, endpoint_slice::EndpointSlice},
 };
 
@@ -41,11 +41,78 @@ pub struct Workload {
     pub locality: String,
 }
 
+/// Whether a Namespace's labels enrol its pods in the ambient mesh.
+pub(super) fn is_ambient(labels: &Labels) -> bool {
+    labels.get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
+}
+
+/// What a pod's workload depends on besides the pod itself.
+pub(super) struct PodContext<'a> {
+    pub trust_domain: &'a str,
+    pub waypoints: &'a imbl::OrdMap<String, Waypoint>,
+    /// Whether a namespace is ambient (labelled `istio.io/dataplane-mode: ambient`).
+    pub ambient: &'a dyn Fn(&str) -> bool,
+    /// A node's locality, from its Node's labels.
+    pub node_locality: &'a dyn Fn(&str) -> Option<String>,
+}
+
+/// The workload a pod is (`None` when its service account makes no identity).
+pub(super) fn pod_workload(pod: &crate::config::objects::Pod, cx: &PodContext) -> Option<Workload> {
+    let namespace = pod.metadata.namespace().to_owned();
+    let sa = pod.spec.service_account_name.clone().unwrap_or_else(|| "default".into());
+    let identity = SpiffeId::new(cx.trust_domain, &namespace, &sa).ok()?;
+    let mut ips: Vec<IpAddr> = pod.status.pod_ips.iter().filter_map(|i| i.ip.parse().ok()).collect();
+    if let Some(ip) = pod.status.pod_ip.as_ref().and_then(|i| i.parse().ok())
+        && !ips.contains(&ip)
+    {
+        ips.insert(0, ip);
+    }
+    let opted_out = pod.metadata.labels.get(DATAPLANE_MODE).map(String::as_str) == Some("none");
+    // A waypoint's pod (labelled with its Gateway, as Kubernetes labels a
+    // Gateway's pods) speaks HBONE itself.
+    let native_tunnel = pod
+        .metadata
+        .labels
+        .get(GATEWAY_NAME_LABEL)
+        .is_some_and(|gw| cx.waypoints.contains_key(&format!("{namespace}/{gw}")));
+    let locality = match locality(&pod.metadata.labels) {
+        own if own.is_empty() => pod.spec.node_name.as_deref().and_then(cx.node_locality).unwrap_or_default(),
+        own => own,
+    };
+    Some(Workload {
+        uid: format!("Pod/{namespace}/{}", pod.metadata.name),
+        name: pod.metadata.name.clone(),
+        captured: (cx.ambient)(&namespace) && !opted_out && !native_tunnel,
+        native_tunnel,
+        namespace,
+        service_account: sa,
+        identity,
+        ips,
+        node: pod.spec.node_name.clone(),
+        locality,
+        labels: pod.metadata.labels.clone(),
+    })
+}
+
+/// The routable EndpointSlices of Service `namespace/name` (labelled with its name).
+pub(super) fn slices_of<'a>(store: &'a ConfigStore, namespace: &str, name: &str) -> Vec<&'a EndpointSlice> {
+    let from = ObjectKey { kind: Kind::EndpointSlice, namespace: namespace.to_owned(), name: String::new() };
+    store
+        .objects()
+        .range(from..)
+        .take_while(|(k, _)| k.kind == Kind::EndpointSlice && k.namespace == namespace)
+        .filter_map(|(_, s)| match s.resource.as_ref() {
+            Resource::EndpointSlice(slice) if slice.routable() && slice.service() == Some(name) => Some(slice),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The locality `labels` give: `istio-locality` (`region.zone.subzone`, as
 /// label values cannot hold `/`), else the topology labels. A pod's own
 /// labels come first; without them it is in its Node's locality (on
 /// Kubernetes the topology labels are the Node's, as Istio reads them).
-fn locality(labels: &Labels) -> String {
+pub(super) fn locality(labels: &Labels) -> String {
     if let Some(l) = labels.get("istio-locality") {
         return l.replace('.', "/");
     }
@@ -114,17 +181,20 @@ pub enum MtlsMode {
 
 /// Everything the controller knows, derived from the configuration in force.
 #[derive(Clone, Debug, Default, Serialize)]
+///
+/// Its maps are persistent (imbl): a copy is O(1), so a change to a few pods
+/// ([`Self::with_pods_changed`]) costs those pods' work, not the mesh's.
 pub struct MeshModel {
-    pub workloads: BTreeMap<String, Workload>,
-    pub services: BTreeMap<String, Service>,
+    pub workloads: imbl::OrdMap<String, Workload>,
+    pub services: imbl::OrdMap<String, Service>,
     /// Policies the node proxy enforces, by `namespace/name`, with their scope.
-    pub policies: BTreeMap<String, ScopedPolicy>,
-    peer_authentications: Vec<PeerAuthentication>,
+    pub policies: imbl::OrdMap<String, ScopedPolicy>,
+    peer_authentications: imbl::Vector<PeerAuthentication>,
     pub root_namespace: String,
     /// Waypoint Gateways by `namespace/name`.
-    pub waypoints: BTreeMap<String, Waypoint>,
+    pub waypoints: imbl::OrdMap<String, Waypoint>,
     /// HTTP routes by service `namespace/name`, in the order they are tried.
-    pub routes: BTreeMap<String, Vec<mesh_common::api::HttpRoute>>,
+    pub routes: imbl::OrdMap<String, Vec<mesh_common::api::HttpRoute>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -182,11 +252,10 @@ impl MeshModel {
         let mut ambient_namespaces = Vec::new();
         let mut namespace_labels = BTreeMap::new();
         let mut node_localities = BTreeMap::new();
-        let mut slices = BTreeMap::new();
         for stored in store.objects().values() {
             match stored.resource.as_ref() {
                 Resource::Namespace(ns) => {
-                    if ns.metadata.labels.get(DATAPLANE_MODE).map(String::as_str) == Some("ambient") {
+                    if is_ambient(&ns.metadata.labels) {
                         ambient_namespaces.push(ns.metadata.name.clone());
                     }
                     namespace_labels.insert(ns.metadata.name.clone(), ns.metadata.labels.clone());
@@ -194,62 +263,23 @@ impl MeshModel {
                 Resource::Node(node) => {
                     node_localities.insert(node.metadata.name.as_str(), locality(&node.metadata.labels));
                 }
-                Resource::EndpointSlice(slice) if slice.routable() => {
-                    if let Some(service) = slice.service() {
-                        let key = format!("{}/{service}", slice.metadata.namespace());
-                        slices.entry(key).or_insert_with(Vec::new).push(slice);
-                    }
-                }
                 _ => {}
             }
         }
-        model.waypoints = routes::waypoints(store);
+        model.waypoints = routes::waypoints(store).into();
         let authorizers = super::ext_authz::providers(store, &model.root_namespace);
         for stored in store.objects().values() {
             match stored.resource.as_ref() {
                 Resource::Pod(pod) => {
-                    let namespace = pod.metadata.namespace().to_owned();
-                    let sa = pod.spec.service_account_name.clone().unwrap_or_else(|| "default".into());
-                    let Ok(identity) = SpiffeId::new(&settings.trust_domain, &namespace, &sa) else { continue };
-                    let mut ips: Vec<IpAddr> = pod.status.pod_ips.iter().filter_map(|i| i.ip.parse().ok()).collect();
-                    if let Some(ip) = pod.status.pod_ip.as_ref().and_then(|i| i.parse().ok())
-                        && !ips.contains(&ip)
-                    {
-                        ips.insert(0, ip);
+                    let cx = PodContext {
+                        trust_domain: &settings.trust_domain,
+                        waypoints: &model.waypoints,
+                        ambient: &|ns| ambient_namespaces.iter().any(|a| a == ns),
+                        node_locality: &|node| node_localities.get(node).cloned(),
+                    };
+                    if let Some(w) = pod_workload(pod, &cx) {
+                        model.workloads.insert(w.uid.clone(), w);
                     }
-                    let opted_out = pod.metadata.labels.get(DATAPLANE_MODE).map(String::as_str) == Some("none");
-                    // A waypoint's pod (labelled with its Gateway, as Kubernetes
-                    // labels a Gateway's pods) speaks HBONE itself.
-                    let native_tunnel = pod
-                        .metadata
-                        .labels
-                        .get(GATEWAY_NAME_LABEL)
-                        .is_some_and(|gw| model.waypoints.contains_key(&format!("{namespace}/{gw}")));
-                    let uid = format!("Pod/{namespace}/{}", pod.metadata.name);
-                    model.workloads.insert(
-                        uid.clone(),
-                        Workload {
-                            uid,
-                            name: pod.metadata.name.clone(),
-                            captured: ambient_namespaces.contains(&namespace) && !opted_out && !native_tunnel,
-                            native_tunnel,
-                            namespace,
-                            service_account: sa,
-                            identity,
-                            ips,
-                            node: pod.spec.node_name.clone(),
-                            locality: match locality(&pod.metadata.labels) {
-                                own if own.is_empty() => pod
-                                    .spec
-                                    .node_name
-                                    .as_deref()
-                                    .and_then(|n| node_localities.get(n).cloned())
-                                    .unwrap_or_default(),
-                                own => own,
-                            },
-                            labels: pod.metadata.labels.clone(),
-                        },
-                    );
                 }
                 Resource::WorkloadEntry(we) => {
                     let namespace = we.metadata.namespace().to_owned();
@@ -311,7 +341,7 @@ impl MeshModel {
                         },
                     );
                 }
-                Resource::PeerAuthentication(pa) => model.peer_authentications.push(pa.clone()),
+                Resource::PeerAuthentication(pa) => model.peer_authentications.push_back(pa.clone()),
                 _ => {}
             }
         }
@@ -336,9 +366,9 @@ impl MeshModel {
                     // where it is, and on which port of each endpoint.
                     let sliced = match &svc.spec.selector {
                         Some(sel) if !sel.is_empty() => None,
-                        _ => Some(slices.get(&key).map_or(&[][..], Vec::as_slice)),
+                        _ => Some(slices_of(store, &namespace, &svc.metadata.name)),
                     };
-                    let endpoints = match (sliced, &svc.spec.selector) {
+                    let endpoints = match (&sliced, &svc.spec.selector) {
                         (Some(sliced), _) => model.sliced_endpoints(&namespace, sliced),
                         (None, Some(sel)) => model.endpoints(&namespace, sel),
                         (None, None) => Vec::new(),
@@ -349,7 +379,7 @@ impl MeshModel {
                         .iter()
                         .map(|p| ServicePort {
                             port: p.port as u16,
-                            target: match sliced {
+                            target: match &sliced {
                                 Some(sliced) => {
                                     let name = p.name.as_deref().unwrap_or_default();
                                     let served = sliced.iter().find_map(|s| s.port_named(name));
@@ -437,7 +467,7 @@ impl MeshModel {
         };
         let compiled = routes::compile(store, &cx);
         let policies = routes::traffic_policies(&cx);
-        model.routes = compiled;
+        model.routes = compiled.into();
         for (key, (top, subsets)) in policies {
             if let Some(svc) = model.services.get_mut(&key) {
                 svc.traffic_policy = Some(top);
@@ -478,7 +508,7 @@ impl MeshModel {
 
     /// The ready endpoints of `slices` (of a Service in `namespace`), each
     /// the workload its `targetRef` names when that workload holds the address.
-    fn sliced_endpoints(&self, namespace: &str, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
+    pub(super) fn sliced_endpoints(&self, namespace: &str, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
         let mut out: Vec<Endpoint> = Vec::new();
         for endpoint in slices.iter().flat_map(|s| &s.endpoints) {
             if endpoint.conditions.ready == Some(false) {
@@ -499,7 +529,7 @@ impl MeshModel {
     }
 
     /// Endpoints of the workloads in `namespace` whose labels match `selector`.
-    fn endpoints(&self, namespace: &str, selector: &Labels) -> Vec<Endpoint> {
+    pub(super) fn endpoints(&self, namespace: &str, selector: &Labels) -> Vec<Endpoint> {
         // Workload keys are `<kind>/<namespace>/<name>`: each namespace is a
         // contiguous range per kind, so a service looks only at its own namespace.
         ["Pod", "WorkloadEntry"]
@@ -525,9 +555,15 @@ impl MeshModel {
         self.workloads.values().filter(move |w| (w.captured || w.native_tunnel) && w.node.as_deref() == Some(node))
     }
 
+    /// Whether `other` has this model's PeerAuthentications (which every
+    /// workload's entry for the nodes carries).
+    pub fn same_peer_authentications(&self, other: &MeshModel) -> bool {
+        self.peer_authentications == other.peer_authentications
+    }
+
     /// Policies that apply to `w`: mesh-wide ones in the root namespace, and
     /// those of its namespace, unless their selector does not match it.
-    pub fn policies_for<'a>(&'a self, w: &'a Workload) -> impl Iterator<Item = &'a CompiledPolicy> + Clone + 'a {
+    pub fn policies_for<'a>(&'a self, w: &'a Workload) -> Vec<&'a CompiledPolicy> {
         self.policies
             .values()
             .filter(move |p| {
@@ -535,6 +571,7 @@ impl MeshModel {
                 in_scope(p.scope, &p.policy.namespace, selector, &w.namespace, &w.labels)
             })
             .map(|p| &p.policy)
+            .collect()
     }
 
     /// The decision for a connection to `destination`.
@@ -754,7 +791,7 @@ spec: {selector: {matchLabels: {app: db}}, mtls: {mode: PERMISSIVE}, portLevelMt
     fn policies_apply_by_namespace_selector_and_root() {
         let m = model(MESH);
         let names = |uid: &str| -> Vec<String> {
-            m.policies_for(&m.workloads[uid]).map(|p| format!("{}/{}", p.namespace, p.name)).collect()
+            m.policies_for(&m.workloads[uid]).into_iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect()
         };
         assert_eq!(names("Pod/shop/web-1"), vec!["istio-system/mesh-deny", "shop/web-only"]);
         assert_eq!(names("Pod/shop/db"), vec!["istio-system/mesh-deny"]);

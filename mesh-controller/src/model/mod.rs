@@ -3,10 +3,12 @@
 pub mod authz;
 mod bypass;
 mod ext_authz;
+mod incremental;
 mod jwt;
 mod mesh;
 pub mod routes;
 
+pub use incremental::Changed;
 pub use mesh::{
     Endpoint, MeshModel, MtlsMode, ScopedPolicy, Service, ServicePort, WaypointBinding, Workload, selector_matches,
 };

@@ -147,9 +147,11 @@ impl Hub {
     /// The revoked certificates of removed nodes go with it.
     pub fn publish(&self, model: Arc<MeshModel>) {
         let _one_at_a_time = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
-        let wire = Arc::new(WireSet::from_parts(&model, &self.registry.revoked_certificates(unix_now())));
-        let previous = self.current().wire.clone();
-        let from_previous = Some((previous.version.clone(), wire.delta_from(&previous)));
+        // Only what changed from the previous model is encoded again.
+        let previous = self.current();
+        let revoked = self.registry.revoked_certificates(unix_now());
+        let (wire, delta) = previous.wire.next(&previous.model, &model, &revoked);
+        let (wire, from_previous) = (Arc::new(wire), Some((previous.wire.version.clone(), delta)));
         self.published.send_replace(Arc::new(Published { model, wire, from_previous, at: Instant::now() }));
     }
 
