@@ -17,10 +17,11 @@ pub type Parsed = Result<(ObjectKey, Resource), (Option<ObjectKey>, Vec<Problem>
 
 /// What one document is to the configuration.
 // Nearly every document is an object: boxing it would cost an allocation each.
-#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Reading {
-    Object(ObjectKey, Resource),
+    /// Shared: the parse cache, a snapshot and the store hold one copy, and
+    /// an unchanged document's object is known unchanged by its pointer.
+    Object(ObjectKey, std::sync::Arc<Resource>),
     /// A valid object of a kind mesh does not read (a Deployment, another
     /// project's resource): it has no effect, and the problem is a warning.
     Ignored(Problem),
@@ -29,7 +30,7 @@ pub enum Reading {
 
 pub fn parse_document(doc: &Document) -> Parsed {
     match read_document(doc) {
-        Reading::Object(key, resource) => Ok((key, resource)),
+        Reading::Object(key, resource) => Ok((key, std::sync::Arc::unwrap_or_clone(resource))),
         Reading::Ignored(problem) => Err((None, vec![problem])),
         Reading::Rejected(key, problems) => Err((key, problems)),
     }
@@ -37,7 +38,7 @@ pub fn parse_document(doc: &Document) -> Parsed {
 
 pub fn read_document(doc: &Document) -> Reading {
     match read(doc) {
-        Ok(Some((key, resource))) => Reading::Object(key, resource),
+        Ok(Some((key, resource))) => Reading::Object(key, std::sync::Arc::new(resource)),
         Ok(None) => {
             let value: Value = serde_yaml_ng::from_str(&doc.text).unwrap_or_default();
             let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();

@@ -43,7 +43,7 @@ pub struct Stored {
 /// One reading of the configuration source, parsed and validated.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub valid: Vec<(ObjectKey, Resource, Origin)>,
+    pub valid: Vec<(ObjectKey, Arc<Resource>, Origin)>,
     /// Objects that failed, with their key when it could be read.
     pub rejected: Vec<(Option<ObjectKey>, Origin)>,
     pub problems: Vec<Problem>,
@@ -68,8 +68,9 @@ impl Snapshot {
         let mut next = HashMap::with_capacity(docs.len());
         for doc in docs {
             let origin = Origin { file: doc.file.clone(), line: doc.line };
-            let read = cache.0.remove(doc).unwrap_or_else(|| read_document(doc));
-            next.insert(doc.clone(), read.clone());
+            // The cached key is moved over: a document's text is not copied at each reload.
+            let (doc, read) = cache.0.remove_entry(doc).unwrap_or_else(|| (doc.clone(), read_document(doc)));
+            next.insert(doc, read.clone());
             match read {
                 Reading::Object(key, resource) => snap.valid.push((key, resource, origin)),
                 Reading::Ignored(warning) => snap.not_read.push(warning),
@@ -175,7 +176,7 @@ impl ConfigStore {
                 });
                 continue;
             }
-            next.insert(key, Stored { resource: Arc::new(resource), origin });
+            next.insert(key, Stored { resource, origin });
         }
         let mut report = ApplyReport::default();
         let unkeyed_files: BTreeSet<PathBuf> =
@@ -193,7 +194,10 @@ impl ConfigStore {
         for (key, new) in &next {
             match self.objects.get(key) {
                 None => report.added.push(key.clone()),
-                Some(old) if old.resource != new.resource => report.updated.push(key.clone()),
+                // The parse cache hands an unchanged document's object back as is.
+                Some(old) if !Arc::ptr_eq(&old.resource, &new.resource) && old.resource != new.resource => {
+                    report.updated.push(key.clone())
+                }
                 Some(_) => {}
             }
         }
@@ -201,10 +205,12 @@ impl ConfigStore {
         if report.changed() {
             self.generation += 1;
         }
-        self.files = imbl::OrdMap::new();
+        // Keys are unique here: no need for index()'s check.
+        let mut files: imbl::OrdMap<PathBuf, Vec<ObjectKey>> = imbl::OrdMap::new();
         for (key, stored) in &next {
-            self.index(&stored.origin.file, key);
+            files.entry(stored.origin.file.clone()).or_default().push(key.clone());
         }
+        self.files = files;
         self.objects = next;
         self.problems = problems;
         self.not_read = snap.not_read;
@@ -251,13 +257,13 @@ impl ConfigStore {
                         report.removed.push(old.clone());
                     }
                     match self.objects.get(&key) {
-                        Some(old) if *old.resource == resource => continue,
+                        Some(old) if old.resource == resource => continue,
                         Some(_) => report.updated.push(key.clone()),
                         None => report.added.push(key.clone()),
                     }
                     let origin = Origin { file: doc.file.clone(), line: doc.line };
                     self.index(&doc.file, &key);
-                    self.objects.insert(key, Stored { resource: Arc::new(resource), origin });
+                    self.objects.insert(key, Stored { resource, origin });
                 }
                 Reading::Ignored(warning) => {
                     for old in before {
