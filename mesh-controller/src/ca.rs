@@ -1,8 +1,9 @@
 //! The mesh's certificate authority. A root generated on first start and
 //! persisted (key mode 0600) in the state directory, or a CA the operator
-//! supplies. Workload certificates are issued from CSRs: ECDSA P-256 keys
-//! only, the SPIFFE URI SAN set by the CA from the authorized identity (never
-//! copied from the request), server and client auth, a bounded lifetime.
+//! supplies. Workload certificates are issued from CSRs: ECDSA P-256 or
+//! P-384 keys, or RSA (2048-4096 bits, as Istio's agents make); the SPIFFE
+//! URI SAN set by the CA from the authorized identity (never copied from the
+//! request), server and client auth, a bounded lifetime.
 //! Private keys of workloads never reach the controller.
 use std::{
     fs,
@@ -225,9 +226,7 @@ impl CertificateAuthority {
         lifetime: Duration,
     ) -> Result<Issued, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
-        if *csr.public_key.algorithm() != PKCS_ECDSA_P256_SHA256 {
-            return Err(CaError::BadCsr("the key must be ECDSA P-256".into()));
-        }
+        check_key(csr_pem, &csr)?;
         let san = uri.to_string().try_into().map_err(|source| CaError::Cert { what: format!("SAN {uri}"), source })?;
         self.sign(&csr.public_key, vec![SanType::URI(san)], now, lifetime)
     }
@@ -278,6 +277,28 @@ impl CertificateAuthority {
         let mut chain_pem = vec![self.cert_pem.clone()];
         chain_pem.extend(self.chain_pem.iter().cloned());
         Ok(Issued { cert_pem: cert.pem(), chain_pem, not_after: params.not_after, serial: serial_of(cert.der()) })
+    }
+}
+
+/// Keys mesh issues for: ECDSA P-256 (what node agents make) and P-384, and
+/// RSA of 2048 to 4096 bits, what Istio's agents make by default (so their
+/// workloads can migrate); the CSR's signature was verified in parsing.
+fn check_key(csr_pem: &str, csr: &CertificateSigningRequestParams) -> Result<(), CaError> {
+    let alg = csr.public_key.algorithm();
+    if *alg == PKCS_ECDSA_P256_SHA256 || *alg == rcgen::PKCS_ECDSA_P384_SHA384 {
+        return Ok(());
+    }
+    if *alg != rcgen::PKCS_RSA_SHA256 {
+        return Err(CaError::BadCsr(format!("{alg:?} keys are not issued for: ECDSA P-256 or P-384, or RSA")));
+    }
+    use x509_parser::prelude::FromDer as _;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|e| CaError::BadCsr(e.to_string()))?;
+    let (_, request) = x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
+        .map_err(|e| CaError::BadCsr(e.to_string()))?;
+    let bits = request.certification_request_info.subject_pki.parsed().map_or(0, |k| k.key_size());
+    match bits {
+        2048..=4096 => Ok(()),
+        _ => Err(CaError::BadCsr(format!("an RSA key of {bits} bits: 2048 to 4096 are issued for"))),
     }
 }
 

@@ -96,10 +96,6 @@ fn bad_requests_are_refused() {
     let identity = id("spiffe://cluster.local/ns/shop/sa/web");
     let now = OffsetDateTime::now_utc();
 
-    let p384 = {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).unwrap();
-        CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap()
-    };
     let tampered = {
         // Flip one byte inside the request: its signature no longer verifies.
         let pem = csr(None);
@@ -111,13 +107,57 @@ fn bad_requests_are_refused() {
         lines.join("\n") + "\n"
     };
     for (what, request, want) in [
-        ("P-384 key", p384, "ECDSA P-256"),
         ("tampered", tampered, "certificate signing request"),
         ("not a CSR", "hello".to_string(), "certificate signing request"),
     ] {
         let err = ca.issue(&request, &identity, now).err().unwrap_or_else(|| panic!("{what}: issued"));
         assert!(matches!(err, CaError::BadCsr(_)), "{what}: {err}");
         assert!(err.to_string().contains(want), "{what}: {err}");
+    }
+}
+
+/// A CSR for a new RSA key of `bits`, made by openssl as Istio's agent
+/// makes one (rcgen's crypto cannot make RSA keys).
+fn rsa_csr(bits: u32) -> String {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("openssl req -new -newkey rsa:{bits} -nodes -keyout /dev/null -subj /O=istio 2>/dev/null"))
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "openssl req");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn keys_of_node_agents_and_of_istios_agents_are_issued_for() {
+    let dir = TempDir::new("keys");
+    let ca = CertificateAuthority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
+    let identity = id("spiffe://cluster.local/ns/shop/sa/web");
+    let now = OffsetDateTime::now_utc();
+    let rcgen_csr = |alg| {
+        let key = KeyPair::generate_for(alg).unwrap();
+        CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap()
+    };
+    // (key, its CSR, refused with)
+    let cases = [
+        ("ECDSA P-256", rcgen_csr(&PKCS_ECDSA_P256_SHA256), None),
+        ("ECDSA P-384", rcgen_csr(&PKCS_ECDSA_P384_SHA384), None),
+        ("RSA 2048 (Istio's agent's default)", rsa_csr(2048), None),
+        // Too weak for its signature to be verified (ring's floor is 2048 bits).
+        ("RSA 1024", rsa_csr(1024), Some("certificate signing request")),
+        ("Ed25519", rcgen_csr(&rcgen::PKCS_ED25519), Some("keys are not issued for")),
+    ];
+    for (what, request, refused) in cases {
+        match (ca.issue(&request, &identity, now), refused) {
+            (Ok(issued), None) => {
+                let (_, cert) = x509_parser::pem::parse_x509_pem(issued.cert_pem.as_bytes()).unwrap();
+                let cert = cert.parse_x509().unwrap();
+                let uri = format!("{:?}", cert.subject_alternative_name().unwrap().unwrap().value.general_names);
+                assert!(uri.contains("spiffe://cluster.local/ns/shop/sa/web"), "{what}: {uri}");
+            }
+            (Err(e), Some(why)) => assert!(e.to_string().contains(why), "{what}: {e}"),
+            (got, _) => panic!("{what}: {:?}", got.map(|i| i.serial)),
+        }
     }
 }
 

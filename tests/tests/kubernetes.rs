@@ -671,6 +671,20 @@ fn istios_own_agents_obtain_mesh_certificates_through_istios_certificate_api() {
     assert!(not_agent.starts_with("ERR PERMISSION_DENIED"), "{not_agent}");
     let audience = ask(&web_for_mesh, "");
     assert!(audience.starts_with("ERR UNAUTHENTICATED") && audience.contains("audience"), "{audience}");
+
+    // Istio's agent makes RSA 2048 keys by default: issued for too.
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/O=istio"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    let rsa = ask(&web, "");
+    assert!(rsa.starts_with("OK 3\n"), "{rsa}");
+    assert!(san(&rsa).contains("URI:spiffe://cluster.local/ns/shop/sa/web"), "{rsa}");
 }
 
 /// Issue 14's restarts: the controller goes away and an edit is made
