@@ -449,13 +449,13 @@ async fn write_status(
         let leads = *leader.borrow_and_update();
         let current = docs.borrow_and_update().clone();
         if leads && !current.is_empty() {
-            let (problems, in_force) = {
+            let (problems, in_force, instances) = {
                 let s = state.read().unwrap_or_else(|e| e.into_inner());
                 let in_force: std::collections::BTreeSet<PathBuf> =
                     s.store.objects().values().map(|o| o.origin.file.clone()).collect();
-                (s.store.problems().to_vec(), in_force)
+                (s.store.problems().to_vec(), in_force, s.model.waypoint_instances())
             };
-            writer.update(&current, &problems, &in_force).await;
+            writer.update(&current, &problems, &in_force, &instances).await;
         }
         tokio::select! {
             changed = docs.changed() => if changed.is_err() { return },

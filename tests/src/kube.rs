@@ -214,6 +214,12 @@ impl Kube {
         self.call("PATCH", &path, "application/merge-patch+json", &patch);
     }
 
+    /// Merge-patches the status of the object at API `path` with `patch`
+    /// (JSON), as another controller writes it.
+    pub fn patch_status(&self, path: &str, patch: &str) {
+        self.call("PATCH", &format!("{path}/status"), "application/merge-patch+json", patch);
+    }
+
     /// Plays the kubelet for a node agent's pod: the DaemonSet's pod of
     /// `node` (service account mesh-system/mesh-node, created on first use)
     /// and the projected token the kubelet would mount for it: bound to the

@@ -451,6 +451,43 @@ fn two_controllers_elect_one_leader_which_marks_each_istio_object_accepted_or_no
         "{why}"
     );
 
+    // Gateway API's status: a waypoint Gateway is Accepted, and not
+    // Programmed while no instance runs; a mesh route gets an entry for
+    // the Service it attaches to, beside another controller's entry for
+    // its own Gateway, which stays.
+    kube.apply_ok(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+         metadata: {name: waypoint, namespace: shop, labels: {istio.io/waypoint-for: service}}\n\
+         spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+         spec: {selector: {app: web}, ports: [{port: 80}]}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: shop}\n\
+         spec: {parentRefs: [{group: '', kind: Service, name: web}, {name: ingress}], \
+         rules: [{backendRefs: [{name: web, port: 80}]}]}\n",
+    );
+    let route = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/web";
+    let theirs = r#"{"status":{"parents":[{"parentRef":{"name":"ingress"},"controllerName":"example.net/gateway","conditions":[{"type":"Accepted","status":"True","reason":"Accepted","message":"theirs","lastTransitionTime":"2026-01-01T00:00:00Z"}]}]}}"#;
+    kube.patch_status(route, theirs);
+    let jsonpath = |kind: &str, name: &str, path: &str| {
+        kube.kubectl(&["get", kind, "-n", "shop", name, "-o", &format!("jsonpath={path}")]).stdout
+    };
+    eventually("the waypoint Gateway's status is written", Duration::from_secs(20), || {
+        jsonpath("gateway", "waypoint", r#"{.status.conditions[?(@.type=="Programmed")].reason}"#) == b"NoResources"
+    });
+    assert_eq!(jsonpath("gateway", "waypoint", r#"{.status.conditions[?(@.type=="Accepted")].status}"#), b"True");
+    eventually("the route's entry is written beside the other controller's", Duration::from_secs(20), || {
+        jsonpath("httproute", "web", "{.status.parents[*].controllerName}")
+            == b"example.net/gateway istio.io/gateway-controller"
+    });
+    assert_eq!(
+        jsonpath(
+            "httproute",
+            "web",
+            r#"{.status.parents[?(@.controllerName=="istio.io/gateway-controller")].parentRef.kind}"#
+        ),
+        b"Service"
+    );
+
     // The leader goes away: the other replica takes over within the lease's
     // duration, and marks what changes from then on.
     let leader = replicas.iter().position(&leads).unwrap();

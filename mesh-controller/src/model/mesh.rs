@@ -555,6 +555,18 @@ impl MeshModel {
         self.workloads.values().filter(move |w| (w.captured || w.native_tunnel) && w.node.as_deref() == Some(node))
     }
 
+    /// The running instances of each waypoint Gateway (`namespace/name`):
+    /// its pods, labelled with its name, that the model knows.
+    pub fn waypoint_instances(&self) -> BTreeMap<String, usize> {
+        let mut out: BTreeMap<String, usize> = self.waypoints.keys().map(|k| (k.clone(), 0)).collect();
+        for w in self.workloads.values().filter(|w| w.native_tunnel && !w.ips.is_empty()) {
+            if let Some(gateway) = w.labels.get(GATEWAY_NAME_LABEL) {
+                *out.entry(format!("{}/{gateway}", w.namespace)).or_default() += 1;
+            }
+        }
+        out
+    }
+
     /// Whether `other` has this model's PeerAuthentications (which every
     /// workload's entry for the nodes carries).
     pub fn same_peer_authentications(&self, other: &MeshModel) -> bool {
