@@ -642,16 +642,22 @@ fn istios_own_agents_obtain_mesh_certificates_through_istios_certificate_api() {
         (token("shop", "web", "web-1", "istio-ca"), token("istio-system", "ztunnel", "ztunnel-node1", "istio-ca"));
     let web_for_mesh = token("shop", "web", "web-1", "mesh-controller");
     let csr = t.dir.join("csr.pem");
-    let key = t.dir.join("key.pem");
-    let out = std::process::Command::new("openssl")
-        .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/O=istio"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&csr)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    // A new key (openssl's `-newkey` argument and options) and its CSR, in `csr`.
+    let new_csr = |newkey: &[&str]| {
+        let key = t.dir.join("key.pem");
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-new", "-newkey"])
+            .args(newkey)
+            .args(["-nodes", "-subj", "/O=istio"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    new_csr(&["ec", "-pkeyopt", "ec_paramgen_curve:P-256"]);
     let root = controller.root_cert();
     let ask = |token: &std::path::Path, impersonate: &str| {
         let pythonpath = format!("PYTHONPATH={}", mesh_tests::EXT_AUTHZ_PYTHONPATH);
@@ -710,15 +716,7 @@ fn istios_own_agents_obtain_mesh_certificates_through_istios_certificate_api() {
     assert!(audience.starts_with("ERR UNAUTHENTICATED") && audience.contains("audience"), "{audience}");
 
     // Istio's agent makes RSA 2048 keys by default: issued for too.
-    let out = std::process::Command::new("openssl")
-        .args(["req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/O=istio"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&csr)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    new_csr(&["rsa:2048"]);
     let rsa = ask(&web, "");
     assert!(rsa.starts_with("OK 3\n"), "{rsa}");
     assert!(san(&rsa).contains("URI:spiffe://cluster.local/ns/shop/sa/web"), "{rsa}");
