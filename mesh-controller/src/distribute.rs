@@ -417,7 +417,7 @@ spec: {action: DENY, rules: [{from: [{source: {namespaces: [evil]}}], when: [{ke
     /// delta that building its set whole gives.
     #[test]
     fn the_next_set_is_the_set_built_anew() {
-        use crate::{config::Document, model::Changed};
+        use crate::config::Document;
         let doc = |path: &str, text: &str| Document { file: path.into(), line: 1, text: text.into() };
         let pod = |name: &str, labels: &str, ip: &str| {
             doc(
@@ -471,9 +471,9 @@ spec: {action: DENY, rules: [{from: [{source: {namespaces: [evil]}}], when: [{ke
         for (what, changed, removed, serials) in steps {
             let removed: Vec<std::path::PathBuf> = removed.into_iter().map(Into::into).collect();
             let report = store.apply_changed(&changed, &removed);
-            let by = Changed { added: &report.added, updated: &report.updated, removed: &report.removed };
-            let next_model =
-                model.with_pods_changed(&store, &settings, by).unwrap_or_else(|| MeshModel::build(&store, &settings));
+            let next_model = model
+                .with_pods_changed(&store, &settings, &report)
+                .unwrap_or_else(|| MeshModel::build(&store, &settings));
             let whole = WireSet::from_parts(&next_model, &revoked(serials));
             let (next, delta) = wire.next(&model, &next_model, &revoked(serials));
             assert_eq!(next.version, whole.version, "{what}: version");

@@ -22,7 +22,7 @@ use mesh_controller::{
     ca::CertificateAuthority,
     config::{ApplyReport, ConfigStore, Document, MeshSettings, ParseCache, Problem, Snapshot, read_dir},
     istio_ca, kubernetes, leader,
-    model::{Changed, MeshModel},
+    model::MeshModel,
     node_api::{self, Hub, NodeService},
     serving::{self, ServingCert},
     status::{self, StatusWriter},
@@ -515,8 +515,7 @@ impl Reloader {
         let model = if report.changed() || first {
             // Pods alone change their workloads and their services'
             // endpoints; anything else builds the model anew.
-            let changed = Changed { added: &report.added, updated: &report.updated, removed: &report.removed };
-            let by_pods = (!first).then(|| in_force.with_pods_changed(&store, &self.settings, changed)).flatten();
+            let by_pods = (!first).then(|| in_force.with_pods_changed(&store, &self.settings, &report)).flatten();
             rebuilt = by_pods.is_none();
             let model = Arc::new(by_pods.unwrap_or_else(|| MeshModel::build(&store, &self.settings)));
             built = started.elapsed();

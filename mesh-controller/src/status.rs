@@ -88,10 +88,15 @@ pub fn desired(
     in_force: &BTreeSet<PathBuf>,
     instances: &BTreeMap<String, usize>,
 ) -> Vec<(PathBuf, Desired)> {
+    // Only Gateway API's objects are read (parentRefs, gatewayClassName):
+    // Istio's kinds, most of what is marked, need only their problems.
     let parsed: Vec<(&Document, Value)> = docs
         .iter()
         .filter(|d| marked(&d.file))
-        .map(|d| (d, serde_yaml_ng::from_str(&d.text).unwrap_or(Value::Null)))
+        .map(|d| match group(&d.file) == GATEWAY_API {
+            true => (d, serde_yaml_ng::from_str(&d.text).unwrap_or(Value::Null)),
+            false => (d, Value::Null),
+        })
         .collect();
     // The waypoint Gateways, by `namespace/name`.
     let waypoints: BTreeSet<String> = parsed

@@ -9,20 +9,19 @@ use super::{
     routes::GATEWAY_NAME_LABEL,
     selector_matches,
 };
-use crate::config::{ConfigStore, Kind, MeshSettings, ObjectKey, Resource, objects::Labels};
-
-/// What changed in the store, as [`crate::config::ApplyReport`] says it.
-pub struct Changed<'a> {
-    pub added: &'a [ObjectKey],
-    pub updated: &'a [ObjectKey],
-    pub removed: &'a [ObjectKey],
-}
+use crate::config::{ApplyReport, ConfigStore, Kind, MeshSettings, ObjectKey, Resource, objects::Labels};
 
 impl MeshModel {
-    /// The model of `store`, which is this model's store after `changed`;
-    /// `None` when the change is not pods alone (build the model anew).
-    pub fn with_pods_changed(&self, store: &ConfigStore, settings: &MeshSettings, changed: Changed) -> Option<Self> {
-        let keys: Vec<&ObjectKey> = changed.added.iter().chain(changed.updated).chain(changed.removed).collect();
+    /// The model of `store`, which is this model's store after the change
+    /// `report` says; `None` when the change is not pods alone (build the
+    /// model anew).
+    pub fn with_pods_changed(
+        &self,
+        store: &ConfigStore,
+        settings: &MeshSettings,
+        report: &ApplyReport,
+    ) -> Option<Self> {
+        let keys: Vec<&ObjectKey> = report.added.iter().chain(&report.updated).chain(&report.removed).collect();
         if keys.iter().any(|k| k.kind != Kind::Pod) {
             return None;
         }
@@ -262,8 +261,7 @@ mod tests {
             let report = store.apply_changed(&changed, &removed);
             assert!(report.changed(), "{what}: a change");
             let full = MeshModel::build(&store, &settings);
-            let changed = Changed { added: &report.added, updated: &report.updated, removed: &report.removed };
-            match model.with_pods_changed(&store, &settings, changed) {
+            match model.with_pods_changed(&store, &settings, &report) {
                 Some(incremental) => {
                     assert!(pods_only, "{what}: taken as pods alone");
                     assert_eq!(json(&incremental), json(&full), "{what}");

@@ -492,18 +492,21 @@ impl MeshModel {
     /// instances, when it is a waypoint Gateway for services.
     fn waypoint_binding(&self, gateway: String) -> WaypointBinding {
         let instances = match self.waypoints.get(&gateway) {
-            Some(w) if w.for_services() => {
-                let prefix = format!("Pod/{}/", w.namespace);
-                self.workloads
-                    .range(prefix.clone()..)
-                    .take_while(|(k, _)| k.starts_with(&prefix))
-                    .filter(|(_, wl)| wl.native_tunnel && wl.labels.get(GATEWAY_NAME_LABEL) == Some(&w.name))
-                    .map(|(k, _)| k.clone())
-                    .collect()
-            }
+            Some(w) if w.for_services() => self.instances_of(w).map(|i| i.uid.clone()).collect(),
             _ => Vec::new(),
         };
         WaypointBinding { gateway, instances }
+    }
+
+    /// The pods of waypoint `w`: in its namespace, labelled with its name,
+    /// speaking HBONE themselves.
+    fn instances_of<'a>(&'a self, w: &'a Waypoint) -> impl Iterator<Item = &'a Workload> + 'a {
+        let prefix = format!("Pod/{}/", w.namespace);
+        self.workloads
+            .range(prefix.clone()..)
+            .take_while(move |(k, _)| k.starts_with(&prefix))
+            .map(|(_, wl)| wl)
+            .filter(|wl| wl.native_tunnel && wl.labels.get(GATEWAY_NAME_LABEL) == Some(&w.name))
     }
 
     /// The ready endpoints of `slices` (of a Service in `namespace`), each
@@ -555,16 +558,11 @@ impl MeshModel {
         self.workloads.values().filter(move |w| (w.captured || w.native_tunnel) && w.node.as_deref() == Some(node))
     }
 
-    /// The running instances of each waypoint Gateway (`namespace/name`):
-    /// its pods, labelled with its name, that the model knows.
+    /// The running instances (with an address) of each waypoint Gateway
+    /// (`namespace/name`).
     pub fn waypoint_instances(&self) -> BTreeMap<String, usize> {
-        let mut out: BTreeMap<String, usize> = self.waypoints.keys().map(|k| (k.clone(), 0)).collect();
-        for w in self.workloads.values().filter(|w| w.native_tunnel && !w.ips.is_empty()) {
-            if let Some(gateway) = w.labels.get(GATEWAY_NAME_LABEL) {
-                *out.entry(format!("{}/{gateway}", w.namespace)).or_default() += 1;
-            }
-        }
-        out
+        let running = |w: &Waypoint| self.instances_of(w).filter(|i| !i.ips.is_empty()).count();
+        self.waypoints.iter().map(|(key, w)| (key.clone(), running(w))).collect()
     }
 
     /// Whether `other` has this model's PeerAuthentications (which every

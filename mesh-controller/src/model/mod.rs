@@ -8,7 +8,6 @@ mod jwt;
 mod mesh;
 pub mod routes;
 
-pub use incremental::Changed;
 pub use mesh::{
     Endpoint, MeshModel, MtlsMode, ScopedPolicy, Service, ServicePort, WaypointBinding, Workload, selector_matches,
 };
