@@ -163,6 +163,7 @@ pub fn not_enforced(resource: &Resource) -> Vec<(Option<String>, String)> {
                 ));
             }
         }
+        Resource::Telemetry(t) => telemetry(&t.spec, &mut out),
         Resource::HttpLocalRateLimitPolicy(r) => {
             let t = &r.spec.target_ref;
             if t.kind != "Service" || t.group.as_deref().is_some_and(|g| !g.is_empty() && g != "core") {
@@ -207,16 +208,88 @@ fn mesh_config(cm: &ConfigMap, out: &mut Vec<(Option<String>, String)>) {
                 ));
             }
         }
-        if p.envoy_ext_authz_http.is_none() && p.envoy_ext_authz_grpc.is_none() {
-            for kind in p.kinds() {
+        for kind in p.kinds() {
+            if !matches!(kind, "envoyExtAuthzHttp" | "envoyExtAuthzGrpc" | "zipkin" | "opentelemetry") {
                 out.push((
                     Some(format!("{at}.{kind}")),
-                    "tracing, metrics and access-log providers are for the Telemetry API, which mesh does not \
-                     implement yet: no effect"
+                    "not read by mesh: its waypoints export spans to zipkin and opentelemetry providers only, \
+                     and its metrics and access logs are not sent to providers: no effect"
                         .into(),
                 ));
             }
         }
+        for (kind, t) in [("zipkin", &p.zipkin), ("opentelemetry", &p.opentelemetry)] {
+            for key in t.iter().flat_map(|t| t.other.keys()) {
+                out.push((Some(format!("{at}.{kind}.{key}")), "not read by mesh: no effect".into()));
+            }
+        }
+        if let Some(o) = &p.opentelemetry
+            && o.http.is_none()
+        {
+            out.push((
+                Some(format!("{at}.opentelemetry")),
+                "spans go over OTLP/gRPC (set `http` for OTLP/HTTP)".into(),
+            ));
+        }
+    }
+}
+
+/// What of a Telemetry mesh does not honour: tracing happens at waypoints
+/// (node proxies stay L4 and make no spans), with the first tracing entry
+/// and its first provider, as Istio's proxies do.
+fn telemetry(spec: &crate::objects::telemetry::TelemetrySpec, out: &mut Vec<(Option<String>, String)>) {
+    if spec.selector.is_some() {
+        out.push((
+            Some("spec.selector".into()),
+            "tracing happens at waypoints: this Telemetry applies to the services of the waypoints whose pods it \
+             selects"
+                .into(),
+        ));
+    }
+    for (i, t) in spec.target_ref.iter().chain(&spec.target_refs).enumerate() {
+        if !matches!(t.kind.as_str(), "Gateway" | "Service" | "GatewayClass") {
+            let field =
+                if spec.target_ref.is_some() { "spec.targetRef".to_owned() } else { format!("spec.targetRefs[{i}]") };
+            out.push((
+                Some(format!("{field}.kind")),
+                format!("{:?}: mesh applies Telemetry at waypoints, through Gateways and Services only; this reference applies nowhere", t.kind),
+            ));
+        }
+    }
+    if spec.tracing.len() > 1 {
+        out.push((Some("spec.tracing".into()), "multiple tracing is not supported: the first entry applies".into()));
+    }
+    if let Some(t) = spec.tracing.first() {
+        if t.providers.len() > 1 {
+            out.push((
+                Some("spec.tracing[0].providers".into()),
+                "multiple providers are not supported: the first applies".into(),
+            ));
+        }
+        if t.match_.as_ref().and_then(|m| m.mode.as_deref()).is_some_and(|m| m != "CLIENT_AND_SERVER") {
+            out.push((
+                Some("spec.tracing[0].match.mode".into()),
+                "a waypoint is both server and client of each request: it reports both spans".into(),
+            ));
+        }
+        if t.use_request_id_for_trace_sampling.is_some() {
+            out.push((
+                Some("spec.tracing[0].useRequestIdForTraceSampling".into()),
+                "not read by mesh: sampling draws from the trace id".into(),
+            ));
+        }
+    }
+    if !spec.metrics.is_empty() {
+        out.push((
+            Some("spec.metrics".into()),
+            "not honoured yet: every Istio metric is reported with all its labels".into(),
+        ));
+    }
+    if !spec.access_logging.is_empty() {
+        out.push((
+            Some("spec.accessLogging".into()),
+            "not honoured yet: node proxies and waypoints log every connection and request".into(),
+        ));
     }
 }
 

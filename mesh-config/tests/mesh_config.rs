@@ -48,13 +48,28 @@ extensionProviders:
   envoyExtAuthzGrpc: {service: opa.opa.svc.cluster.local, port: 9191, includeRequestBodyInCheck: {maxRequestBytes: 4096}}
 - name: zipkin
   zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}
+- name: otel
+  opentelemetry: {service: opentelemetry-collector.observability.svc.cluster.local, port: 4317, resourceDetectors: {environment: {}}}
+- name: otel-http
+  opentelemetry:
+    service: opentelemetry-collector.observability.svc.cluster.local
+    port: 4318
+    http: {path: /v1/traces, timeout: 5s, headers: [{name: custom-header, value: custom value}]}
+- name: datadog
+  datadog: {service: datadog-agent.datadog.svc.cluster.local, port: 8126}
+defaultProviders:
+  tracing: [zipkin]
 "#;
     let text = config_map(mesh);
     let (_, resource) = parse_document(&doc(&text)).unwrap_or_else(|(_, p)| panic!("rejected: {p:?}\n{text}"));
     let warnings = not_enforced(&resource);
     let has = |field: &str, what: &str| warnings.iter().any(|(f, w)| f.as_deref() == Some(field) && w.contains(what));
     assert!(has("data.mesh.accessLogFile", "not read by mesh"), "{warnings:?}");
-    assert!(has("data.mesh.extensionProviders[4].zipkin", "Telemetry API"), "{warnings:?}");
+    assert!(!warnings.iter().any(|(f, _)| f.as_deref().is_some_and(|f| f.contains("zipkin"))), "{warnings:?}");
+    assert!(has("data.mesh.extensionProviders[5].opentelemetry", "OTLP/gRPC"), "{warnings:?}");
+    assert!(has("data.mesh.extensionProviders[5].opentelemetry.resourceDetectors", "not read"), "{warnings:?}");
+    assert!(!warnings.iter().any(|(f, _)| f.as_deref().is_some_and(|f| f.contains("[6]"))), "{warnings:?}");
+    assert!(has("data.mesh.extensionProviders[7].datadog", "zipkin and opentelemetry providers only"), "{warnings:?}");
     assert!(
         has("data.mesh.extensionProviders[3].envoyExtAuthzGrpc.includeRequestBodyInCheck", "not its body"),
         "{warnings:?}"

@@ -325,6 +325,7 @@ fn service(s: &Service) -> api::Service {
         subset_traffic_policies: s.subset_traffic_policies.clone().into_iter().collect(),
         rate_limit: s.rate_limit.clone(),
         jwt_rules: s.jwt_rules.clone(),
+        tracing: s.tracing.clone(),
         waypoint: s.waypoint.as_ref().map(|w| {
             let (namespace, name) = w.gateway.split_once('/').unwrap_or_default();
             api::WaypointRef { namespace: namespace.into(), name: name.into(), workloads: w.instances.clone() }

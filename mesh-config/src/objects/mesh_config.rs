@@ -53,8 +53,23 @@ impl ConfigMap {
 pub struct MeshConfig {
     #[serde(default)]
     pub extension_providers: Vec<ExtensionProvider>,
+    /// The providers that apply where no Telemetry names one.
+    #[serde(default)]
+    pub default_providers: Option<DefaultProviders>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
+}
+
+/// `MeshConfig.DefaultProviders`: provider names by signal.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DefaultProviders {
+    #[serde(default)]
+    pub tracing: Vec<String>,
+    #[serde(default)]
+    pub metrics: Vec<String>,
+    #[serde(default)]
+    pub access_logging: Vec<String>,
 }
 
 /// `MeshConfig.ExtensionProvider`: a name and exactly one provider.
@@ -67,10 +82,9 @@ pub struct ExtensionProvider {
     pub envoy_ext_authz_http: Option<ExtAuthzHttp>,
     #[serde(default)]
     pub envoy_ext_authz_grpc: Option<ExtAuthzGrpc>,
-    // Tracing, metrics and access-log providers: read by the Telemetry API,
-    // which mesh does not implement yet.
+    /// Tracing providers, named by Telemetry's `tracing.providers`.
     #[serde(default)]
-    pub zipkin: Option<Value>,
+    pub zipkin: Option<TracingProvider>,
     #[serde(default)]
     pub lightstep: Option<Value>,
     #[serde(default)]
@@ -82,7 +96,7 @@ pub struct ExtensionProvider {
     #[serde(default)]
     pub skywalking: Option<Value>,
     #[serde(default)]
-    pub opentelemetry: Option<Value>,
+    pub opentelemetry: Option<TracingProvider>,
     #[serde(default)]
     pub prometheus: Option<Value>,
     #[serde(default)]
@@ -119,6 +133,43 @@ impl ExtensionProvider {
         ];
         set.into_iter().filter(|(_, on)| *on).map(|(k, _)| k).collect()
     }
+}
+
+/// `ZipkinTracingProvider` and `OpenTelemetryTracingProvider`: where spans
+/// go. The fields mesh does not read (Zipkin's `enable64bitTraceId`,
+/// `traceContextOption`, OpenTelemetry's resource detectors and samplers,
+/// ...) are kept in `other` and named by a warning.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingProvider {
+    #[serde(default)]
+    pub service: String,
+    #[serde(default)]
+    pub port: Option<IntOrString>,
+    #[serde(default)]
+    pub max_tag_length: Option<u32>,
+    /// Zipkin's collector path (default `/api/v2/spans`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// OpenTelemetry over HTTP (OTLP/HTTP, protobuf); unset: OTLP/gRPC.
+    #[serde(default)]
+    pub http: Option<OtlpHttp>,
+    #[serde(default)]
+    pub grpc: Option<Value>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OtlpHttp {
+    /// Default `/v1/traces`.
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<Value>,
 }
 
 /// `EnvoyExternalAuthorizationHttpProvider`.

@@ -5,6 +5,7 @@
 pub mod endpoint_slice;
 pub mod mesh_config;
 pub mod routing;
+pub mod telemetry;
 
 use std::collections::BTreeMap;
 
@@ -551,6 +552,7 @@ pub enum Resource {
     PeerAuthentication(PeerAuthentication),
     AuthorizationPolicy(AuthorizationPolicy),
     RequestAuthentication(RequestAuthentication),
+    Telemetry(telemetry::Telemetry),
     ServiceEntry(ServiceEntry),
     WorkloadEntry(WorkloadEntry),
     Gateway(routing::Gateway),
@@ -576,6 +578,7 @@ impl Resource {
             Self::PeerAuthentication(o) => &o.metadata,
             Self::AuthorizationPolicy(o) => &o.metadata,
             Self::RequestAuthentication(o) => &o.metadata,
+            Self::Telemetry(o) => &o.metadata,
             Self::ServiceEntry(o) => &o.metadata,
             Self::WorkloadEntry(o) => &o.metadata,
             Self::Gateway(o) => &o.metadata,
@@ -600,6 +603,7 @@ impl Resource {
             Self::PeerAuthentication(_) => Kind::PeerAuthentication,
             Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Self::RequestAuthentication(_) => Kind::RequestAuthentication,
+            Self::Telemetry(_) => Kind::Telemetry,
             Self::ServiceEntry(_) => Kind::ServiceEntry,
             Self::WorkloadEntry(_) => Kind::WorkloadEntry,
             Self::Gateway(_) => Kind::Gateway,
@@ -710,7 +714,7 @@ const KINDS: &[KindInfo] = &[
     opaque(Kind::WorkloadGroup, "WorkloadGroup", ISTIO_NETWORKING),
     opaque(Kind::ProxyConfig, "ProxyConfig", &["networking.istio.io/v1beta1"]),
     typed(Kind::RequestAuthentication, "RequestAuthentication", ISTIO_SECURITY),
-    opaque(Kind::Telemetry, "Telemetry", &["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"]),
+    typed(Kind::Telemetry, "Telemetry", &["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"]),
     opaque(Kind::WasmPlugin, "WasmPlugin", &["extensions.istio.io/v1alpha1"]),
     opaque(Kind::GatewayClass, "GatewayClass", GATEWAY_API),
     typed(

@@ -83,8 +83,15 @@ fn check_provider(p: &ExtensionProvider, at: &str, out: &mut Issues) {
         check_authorizer(&g.service, g.port.as_ref(), g.timeout.as_deref(), g.status_on_error.as_ref(), &at, out);
         check_body(g.include_request_body_in_check.as_ref(), &at, out);
     }
+    for (kind, t) in [("zipkin", &p.zipkin), ("opentelemetry", &p.opentelemetry)] {
+        let Some(t) = t else { continue };
+        let at = format!("{at}.{kind}");
+        let timeout = t.http.as_ref().and_then(|h| h.timeout.as_deref());
+        check_authorizer(&t.service, t.port.as_ref(), timeout, None, &at, out);
+    }
 }
 
+/// A service the proxies call: `[<namespace>/]<hostname>`, a port, a timeout, an error status.
 fn check_authorizer(
     service: &str,
     port: Option<&IntOrString>,

@@ -14,6 +14,7 @@ use super::{
 mod jwt;
 mod mesh_config;
 mod routing;
+mod telemetry;
 
 pub use routing::{WAYPOINT_CLASS, WAYPOINT_FOR_LABEL};
 
@@ -126,6 +127,7 @@ pub fn validate(resource: &Resource) -> Issues {
         }
         Resource::AuthorizationPolicy(ap) => check_authorization(&ap.spec, &mut out),
         Resource::RequestAuthentication(ra) => jwt::check_request_authentication(&ra.spec, &mut out),
+        Resource::Telemetry(t) => telemetry::check_telemetry(&t.spec, &mut out),
         Resource::ServiceEntry(se) => {
             if se.spec.hosts.is_empty() {
                 out.push(("spec.hosts".into(), "at least one host is required".into()));

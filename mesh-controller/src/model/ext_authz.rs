@@ -12,21 +12,24 @@ use crate::config::{
     ConfigStore, Resource,
     objects::{
         IntOrString,
-        mesh_config::{ExtensionProvider, MESH_CONFIG_MAP},
+        mesh_config::{ExtensionProvider, MESH_CONFIG_MAP, MeshConfig},
     },
 };
 
 /// The external authorizers by name.
 pub(super) fn providers(store: &ConfigStore, root_namespace: &str) -> BTreeMap<String, api::ExtAuthz> {
-    let Some(config) = store.objects().values().find_map(|s| match s.resource.as_ref() {
+    let Some(config) = mesh_config(store, root_namespace) else { return BTreeMap::new() };
+    config.extension_providers.iter().filter_map(|p| Some((p.name.clone(), to_wire(p)?))).collect()
+}
+
+/// The MeshConfig of the `istio` ConfigMap in the root namespace, as istiod reads it.
+pub(super) fn mesh_config(store: &ConfigStore, root_namespace: &str) -> Option<MeshConfig> {
+    store.objects().values().find_map(|s| match s.resource.as_ref() {
         Resource::ConfigMap(cm) if cm.metadata.name == MESH_CONFIG_MAP && cm.metadata.namespace() == root_namespace => {
             cm.mesh_config().and_then(Result::ok)
         }
         _ => None,
-    }) else {
-        return BTreeMap::new();
-    };
-    config.extension_providers.iter().filter_map(|p| Some((p.name.clone(), to_wire(p)?))).collect()
+    })
 }
 
 fn to_wire(p: &ExtensionProvider) -> Option<api::ExtAuthz> {
@@ -63,7 +66,7 @@ fn to_wire(p: &ExtensionProvider) -> Option<api::ExtAuthz> {
 
 /// `[<namespace>/]<hostname>`: the host name (the namespace only
 /// disambiguates in Istio's registry; mesh's hosts are unique).
-fn host_of(service: &str) -> String {
+pub(super) fn host_of(service: &str) -> String {
     service.split_once('/').map_or(service, |(_, h)| h).to_ascii_lowercase()
 }
 

@@ -1,50 +1,16 @@
-//! RequestAuthentications onto the services whose waypoint enforces them:
-//! a targetRef to a Service, to the waypoint's Gateway (every service bound
-//! to it) or, from the root namespace, to the `istio-waypoint` GatewayClass;
-//! without targetRefs, the services of the waypoints whose pods the
-//! selector picks (Istio's workload selection, applied to waypoint pods).
-//! Istio applies the union of every applying policy's rules.
+//! RequestAuthentications onto the services whose waypoint enforces them
+//! (`at_waypoint`). Istio applies the union of every applying policy's rules.
 use mesh_common::{api, parse_duration};
 
-use super::mesh::{MeshModel, selector_matches};
+use super::mesh::MeshModel;
 use crate::config::objects::{JwtRule, RequestAuthentication};
 
 pub(super) fn apply(model: &mut MeshModel, ra: &RequestAuthentication) {
     let ns = ra.metadata.namespace().to_owned();
     let spec = &ra.spec;
     let targets: Vec<_> = spec.target_ref.iter().chain(&spec.target_refs).collect();
-    let root = model.root_namespace.clone();
-    let keys: Vec<String> = model
-        .services
-        .iter()
-        .filter(|(key, svc)| {
-            // A Service target holds wherever a waypoint serves the service
-            // (bound to it, or on a waypoint's plaintext listener).
-            let waypoint = svc.waypoint.as_ref();
-            if !targets.is_empty() {
-                return targets.iter().any(|t| {
-                    let t_ns = t.namespace.as_deref().unwrap_or(&ns);
-                    match t.kind.as_str() {
-                        "Service" => **key == format!("{t_ns}/{}", t.name),
-                        "Gateway" => waypoint.is_some_and(|w| w.gateway == format!("{t_ns}/{}", t.name)),
-                        "GatewayClass" => waypoint.is_some() && ns == root && t.name == "istio-waypoint",
-                        _ => false,
-                    }
-                });
-            }
-            let Some(w) = waypoint else { return false };
-            let (w_ns, _) = w.gateway.split_once('/').unwrap_or_default();
-            if ns != root && ns != w_ns {
-                return false;
-            }
-            let selector = spec.selector.as_ref().map(|s| &s.match_labels);
-            w.instances
-                .iter()
-                .filter_map(|uid| model.workloads.get(uid))
-                .any(|wl| wl.namespace == w_ns && selector.is_none_or(|s| selector_matches(s, &wl.labels)))
-        })
-        .map(|(k, _)| k.clone())
-        .collect();
+    let selector = spec.selector.as_ref().map(|s| &s.match_labels);
+    let keys = super::at_waypoint::services(model, &ns, selector, &targets);
     let policy = format!("{ns}/{}", ra.metadata.name);
     for key in keys {
         if let Some(svc) = model.services.get_mut(&key) {

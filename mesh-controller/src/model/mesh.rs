@@ -158,6 +158,8 @@ pub struct Service {
     pub rate_limit: Option<mesh_common::api::RateLimit>,
     /// The jwtRules of the RequestAuthentications applying at its waypoint.
     pub jwt_rules: Vec<mesh_common::api::JwtRule>,
+    /// Tracing at its waypoint (the Telemetry that applies there).
+    pub tracing: Option<mesh_common::api::Tracing>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -484,6 +486,7 @@ impl MeshModel {
                 super::jwt::apply(&mut model, ra);
             }
         }
+        super::telemetry::apply(&mut model, store);
         super::bypass::guard_waypoint_services(&mut model);
         model
     }

@@ -1,5 +1,6 @@
 //! The node-facing model, built from the configuration in force: pure
 //! functions over the store, tested with tables.
+mod at_waypoint;
 pub mod authz;
 mod bypass;
 mod ext_authz;
@@ -7,6 +8,7 @@ mod incremental;
 mod jwt;
 mod mesh;
 pub mod routes;
+mod telemetry;
 
 pub use mesh::{
     Endpoint, MeshModel, MtlsMode, ScopedPolicy, Service, ServicePort, WaypointBinding, Workload, selector_matches,

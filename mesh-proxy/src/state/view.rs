@@ -67,6 +67,8 @@ pub struct ServiceInfo {
     pub rate_limit: Option<api::RateLimit>,
     /// The JWTs its waypoint accepts (RequestAuthentication jwtRules).
     pub jwt_rules: Vec<api::JwtRule>,
+    /// How its waypoint traces its requests (Telemetry), if it does.
+    pub tracing: Option<api::Tracing>,
 }
 
 /// A service's waypoint: its Gateway (`namespace/name`) and running instances.
@@ -223,6 +225,7 @@ impl MeshView {
                 subset_traffic_policies: s.subset_traffic_policies.clone().into_iter().collect(),
                 rate_limit: s.rate_limit.clone(),
                 jwt_rules: s.jwt_rules.clone(),
+                tracing: s.tracing.clone(),
             });
             for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
                 view.by_vip.insert(vip, info.clone());
@@ -467,6 +470,7 @@ mod tests {
                 .into(),
                 rate_limit: None,
                 jwt_rules: vec![],
+                tracing: None,
             },
         );
         store.services.insert(

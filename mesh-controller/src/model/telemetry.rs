@@ -1,0 +1,287 @@
+//! Telemetry `tracing` onto the services whose waypoint traces them.
+//! Istio's order: the mesh's Telemetry (root namespace, no selector), then
+//! the namespace's, then those that select or target; each more specific
+//! one overrides the fields it sets (providers, sampling, reporting) and
+//! adds its custom tags. Only a Telemetry's first `tracing` entry and that
+//! entry's first provider apply, as in Istio. Where no Telemetry names a
+//! provider, MeshConfig's `defaultProviders.tracing` does.
+use std::collections::BTreeMap;
+
+use mesh_common::api;
+
+use super::{
+    ext_authz::{host_of, mesh_config},
+    mesh::MeshModel,
+};
+use crate::config::{
+    ConfigStore, Resource,
+    objects::{
+        IntOrString,
+        mesh_config::ExtensionProvider,
+        telemetry::{CustomTag, Telemetry, Tracing},
+    },
+};
+
+/// Istio's sampling when nothing sets it (`defaultConfig.tracing.sampling`).
+pub const DEFAULT_SAMPLING_PERCENTAGE: f64 = 1.0;
+
+/// The tracing fields set so far, from the least specific level up.
+#[derive(Default)]
+struct Merged {
+    provider: Option<String>,
+    percentage: Option<f64>,
+    disable_reporting: Option<bool>,
+    tags: BTreeMap<String, CustomTag>,
+}
+
+impl Merged {
+    fn over(&mut self, t: &Tracing) {
+        if let Some(p) = t.providers.first() {
+            self.provider = Some(p.name.clone());
+        }
+        self.percentage = t.random_sampling_percentage.or(self.percentage);
+        self.disable_reporting = t.disable_span_reporting.or(self.disable_reporting);
+        self.tags.extend(t.custom_tags.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+}
+
+pub(super) fn apply(model: &mut MeshModel, store: &ConfigStore) {
+    let root = model.root_namespace.clone();
+    let config = mesh_config(store, &root);
+    let default_provider =
+        config.as_ref().and_then(|c| c.default_providers.as_ref()).and_then(|d| d.tracing.first().cloned());
+    let collectors: BTreeMap<&str, api::TraceCollector> = config
+        .iter()
+        .flat_map(|c| &c.extension_providers)
+        .filter_map(|p| Some((p.name.as_str(), collector(p)?)))
+        .collect();
+    // By level (mesh, namespace, workload); within one, by namespace and name.
+    let mut levels: [Vec<&Telemetry>; 3] = Default::default();
+    for stored in store.objects().values() {
+        if let Resource::Telemetry(t) = stored.resource.as_ref()
+            && !t.spec.tracing.is_empty()
+        {
+            let level = match (t.spec.is_namespace_wide(), t.metadata.namespace() == root) {
+                (true, true) => 0,
+                (true, false) => 1,
+                (false, _) => 2,
+            };
+            levels[level].push(t);
+        }
+    }
+    let mut merged: BTreeMap<String, Merged> = BTreeMap::new();
+    if default_provider.is_some() {
+        // Every waypoint traces with the default provider, Telemetry or not.
+        for (key, svc) in model.services.iter() {
+            if svc.waypoint.is_some() {
+                merged.insert(key.clone(), Merged { provider: default_provider.clone(), ..Default::default() });
+            }
+        }
+    }
+    for t in levels.iter().flatten() {
+        let spec = &t.spec;
+        let targets: Vec<_> = spec.target_ref.iter().chain(&spec.target_refs).collect();
+        let selector = spec.selector.as_ref().map(|s| &s.match_labels);
+        for key in super::at_waypoint::services(model, t.metadata.namespace(), selector, &targets) {
+            merged.entry(key).or_default().over(&spec.tracing[0]);
+        }
+    }
+    for (key, m) in merged {
+        let provider = m.provider.or_else(|| default_provider.clone());
+        let Some(collector) = provider.and_then(|p| collectors.get(p.as_str()).cloned()) else {
+            // No provider, or one not (yet) defined: nothing is traced.
+            continue;
+        };
+        if let Some(svc) = model.services.get_mut(&key) {
+            svc.tracing = Some(api::Tracing {
+                collector: Some(collector),
+                sampling_percentage: m.percentage.unwrap_or(DEFAULT_SAMPLING_PERCENTAGE),
+                custom_tags: m.tags.iter().filter_map(|(name, tag)| custom_tag(name, tag)).collect(),
+                disable_reporting: m.disable_reporting.unwrap_or(false),
+            });
+        }
+    }
+}
+
+/// A tracing provider's collector (`zipkin` or `opentelemetry`).
+fn collector(p: &ExtensionProvider) -> Option<api::TraceCollector> {
+    use api::trace_collector::Protocol;
+    let (protocol, t, path) = match (&p.zipkin, &p.opentelemetry) {
+        (Some(z), _) => (Protocol::Zipkin, z, z.path.clone().unwrap_or_else(|| "/api/v2/spans".into())),
+        (_, Some(o)) => match &o.http {
+            Some(h) => (Protocol::OtlpHttp, o, h.path.clone().unwrap_or_else(|| "/v1/traces".into())),
+            None => (Protocol::OtlpGrpc, o, String::new()),
+        },
+        _ => return None,
+    };
+    let port = t.port.as_ref().and_then(IntOrString::as_number).unwrap_or(0) as u32;
+    let path = if path.is_empty() || path.starts_with('/') { path } else { format!("/{path}") };
+    Some(api::TraceCollector {
+        name: p.name.clone(),
+        protocol: protocol as i32,
+        host: host_of(&t.service),
+        port,
+        path,
+        max_tag_length: t.max_tag_length.unwrap_or(0),
+    })
+}
+
+fn custom_tag(name: &str, tag: &CustomTag) -> Option<api::CustomTag> {
+    use api::custom_tag::Value;
+    let (value, default_value) = match (&tag.literal, &tag.environment, &tag.header) {
+        (Some(l), _, _) => (Value::Literal(l.value.clone()), None),
+        (_, Some(e), _) => (Value::Environment(e.name.clone()), e.default_value.clone()),
+        (_, _, Some(h)) => (Value::Header(h.name.to_ascii_lowercase()), h.default_value.clone()),
+        _ => return None,
+    };
+    Some(api::CustomTag { name: name.to_owned(), value: Some(value), default_value: default_value.unwrap_or_default() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::from_yaml;
+    use mesh_common::api::custom_tag::Value;
+
+    const BASE: &str = "\
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    extensionProviders:
+    - name: zipkin
+      zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}
+    - name: otel
+      opentelemetry: {service: istio-system/otel.istio-system.svc.cluster.local, port: 4318, http: {path: /v1/traces}}
+    - name: otel-grpc
+      opentelemetry: {service: otel.istio-system.svc.cluster.local, port: 4317}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: default, labels: {istio.io/waypoint-for: service}}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-1, namespace: default, labels: {gateway.networking.k8s.io/gateway-name: waypoint}, annotations: {ambient.istio.io/redirection: disabled}}
+spec: {nodeName: n1, serviceAccountName: waypoint}
+status: {podIPs: [{ip: 10.0.0.9}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: default}
+spec: {clusterIP: 10.96.0.2, selector: {app: api}, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: other}
+spec: {clusterIP: 10.96.0.3, selector: {app: db}, ports: [{name: tcp, port: 5432}]}
+";
+
+    fn telemetry(ns: &str, name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
+        )
+    }
+
+    /// A service's tracing: collector, protocol, percentage, reporting off, tags.
+    type Traced = (String, i32, f64, bool, Vec<String>);
+
+    /// Per service, its tracing.
+    fn traced(extra: &str) -> Vec<(String, Option<Traced>)> {
+        let model = from_yaml(&format!("{BASE}{extra}"));
+        model
+            .services
+            .iter()
+            .map(|(k, s)| {
+                let t = s.tracing.as_ref().map(|t| {
+                    let c = t.collector.clone().unwrap_or_default();
+                    let tags = t
+                        .custom_tags
+                        .iter()
+                        .map(|c| match c.value.as_ref().unwrap() {
+                            Value::Literal(v) => format!("{}={v}", c.name),
+                            Value::Environment(e) => format!("{}=env:{e}:{}", c.name, c.default_value),
+                            Value::Header(h) => format!("{}=header:{h}", c.name),
+                        })
+                        .collect();
+                    (
+                        format!("{}@{}:{}{}", c.name, c.host, c.port, c.path),
+                        c.protocol,
+                        t.sampling_percentage,
+                        t.disable_reporting,
+                        tags,
+                    )
+                });
+                (k.clone(), t)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn levels_merge_and_providers_resolve() {
+        let none = traced("");
+        assert!(none.iter().all(|(_, t)| t.is_none()), "no Telemetry, no default provider: nothing traced");
+
+        let mesh = telemetry(
+            "istio-system",
+            "mesh",
+            "{tracing: [{providers: [{name: zipkin}], randomSamplingPercentage: 10, customTags: {cluster: {literal: {value: east}}}}]}",
+        );
+        let t = traced(&mesh);
+        let web = t.iter().find(|(k, _)| k == "default/web").unwrap().1.clone().unwrap();
+        assert_eq!(web.0, "zipkin@zipkin.istio-system.svc.cluster.local:9411/api/v2/spans");
+        assert_eq!((web.1, web.2, web.3), (0, 10.0, false));
+        assert_eq!(web.4, ["cluster=east"]);
+        assert!(t.iter().find(|(k, _)| k == "other/db").unwrap().1.is_none(), "no waypoint, no tracing");
+
+        // The namespace's Telemetry overrides the percentage and adds a tag;
+        // the one targeting `api` switches its provider and turns reporting off.
+        let ns = telemetry(
+            "default",
+            "ns",
+            "{tracing: [{randomSamplingPercentage: 100, customTags: {who: {header: {name: X-User}}}}]}",
+        );
+        let api = telemetry(
+            "default",
+            "api",
+            "{targetRefs: [{kind: Service, group: '', name: api}], tracing: [{providers: [{name: otel}], disableSpanReporting: true, customTags: {pod: {environment: {name: POD_NAME, defaultValue: unknown}}}}]}",
+        );
+        let t = traced(&format!("{mesh}{ns}{api}"));
+        let get = |key: &str| t.iter().find(|(k, _)| k == key).unwrap().1.clone().unwrap();
+        let web = get("default/web");
+        assert_eq!((web.2, web.3), (100.0, false));
+        assert_eq!(web.4, ["cluster=east", "who=header:x-user"]);
+        let api = get("default/api");
+        assert_eq!(api.0, "otel@otel.istio-system.svc.cluster.local:4318/v1/traces");
+        assert_eq!((api.1, api.2, api.3), (1, 100.0, true));
+        assert_eq!(api.4, ["cluster=east", "pod=env:POD_NAME:unknown", "who=header:x-user"]);
+    }
+
+    #[test]
+    fn default_provider_and_undefined_provider() {
+        let with_default = BASE.replace(
+            "    extensionProviders:",
+            "    defaultProviders: {tracing: [otel-grpc]}\n    extensionProviders:",
+        );
+        let model = from_yaml(&with_default);
+        let web = model.services["default/web"].tracing.clone().expect("the default provider traces waypoints");
+        let c = web.collector.unwrap();
+        assert_eq!((c.name.as_str(), c.protocol, c.path.as_str()), ("otel-grpc", 2, ""));
+        assert_eq!(web.sampling_percentage, super::DEFAULT_SAMPLING_PERCENTAGE);
+
+        // A provider not (yet) defined: no tracing until it is.
+        let missing = telemetry("default", "ns", "{tracing: [{providers: [{name: jaeger}]}]}");
+        let t = traced(&missing);
+        assert!(t.iter().all(|(_, t)| t.is_none()));
+    }
+}
