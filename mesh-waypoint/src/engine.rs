@@ -87,6 +87,8 @@ struct Record {
     set_cookie: Option<HeaderValue>,
     /// Headers an external authorizer that allowed the request has for its response.
     ext_authz_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Its spans, when its service's Telemetry traces it.
+    trace: Option<crate::trace::RequestTrace>,
 }
 
 pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Incoming>) -> Response<HttpBody> {
@@ -107,6 +109,20 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Inc
     // Normalized once (Istio's BASE): policies, routes and the upstream all see the same path.
     let path = authz::normalize_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
     let grpc = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let trace = ds.service.tracing.as_ref().map(|tracing| {
+        let start = crate::trace::Start {
+            service: &ds.service.host,
+            port: ds.port,
+            method: parts.method.as_str(),
+            authority: &authority,
+            path: &path,
+            protocol: if parts.version == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" },
+            request_id: request_id.to_str().unwrap_or_default(),
+            peer_addr: ds.peer_addr,
+            source_principal: ds.peer.as_ref().map(ToString::to_string),
+        };
+        crate::trace::RequestTrace::start(wp.tracers.traced(&wp, tracing), tracing, &parts.headers, start)
+    });
     let mut rec = Record {
         started: Instant::now(),
         method: parts.method.clone(),
@@ -125,6 +141,7 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Inc
         load: None,
         set_cookie: None,
         ext_authz_headers: Vec::new(),
+        trace,
     };
     let (body, recorded) = Recording::new(body);
     let mut response = route_and_send(&wp, &ds, &view, &mut parts, body, &recorded, &mut rec).await;
@@ -447,6 +464,11 @@ async fn route_and_send(
         "" => parts.version == Version::HTTP_2,
         _ => false,
     };
+    if let Some(t) = &mut rec.trace {
+        let cluster = upstream_cluster(svc, port, &backend.subset);
+        let url = format!("http://{}{}", rec.authority, rec.path);
+        t.start_client(&mut parts.headers, &cluster, parts.method.as_str(), url);
+    }
     let policy = route.retry();
     let per_try = Duration::from_millis(policy.per_try_timeout_ms);
     let attempts = async {
@@ -856,7 +878,7 @@ impl Record {
 fn finish(
     wp: Arc<Waypoint>,
     ds: Arc<Downstream>,
-    rec: Record,
+    mut rec: Record,
     recorded: Recorded,
     response: Response<HttpBody>,
     in_flight: crate::InFlight,
@@ -883,6 +905,16 @@ fn finish(
         });
         let ms = rec.started.elapsed().as_secs_f64() * 1000.0;
         series.record(ms, recorded.bytes(), ended.bytes);
+        if let Some(t) = rec.trace.take() {
+            t.end(crate::trace::End {
+                status,
+                response_flags: flags,
+                request_size: recorded.bytes(),
+                response_size: ended.bytes,
+                upstream_address: rec.upstream,
+                destination_principal: rec.upstream_workload.as_ref().map(|_| labels.destination_principal.as_str()),
+            });
+        }
         info!(
             target: "access",
             method = %rec.method,
@@ -907,6 +939,12 @@ fn finish(
         );
     });
     Response::from_parts(parts, body.boxed())
+}
+
+/// Envoy's name for the cluster of a service's port (and subset):
+/// `outbound|<port>|<subset>|<host>`.
+fn upstream_cluster(svc: &ServiceInfo, port: u16, subset: &str) -> String {
+    format!("outbound|{port}|{subset}|{}", svc.host)
 }
 
 fn labels(

@@ -158,30 +158,13 @@ pub fn undefined() -> Verdict {
     }
 }
 
-/// A connection to the authorizer: one of its service's endpoints in the
-/// mesh, else the host itself (an address, or a name DNS resolves).
+/// A connection to the authorizer.
 async fn connect(
     wp: &Waypoint,
     provider: &api::ExtAuthz,
 ) -> Result<(Upstream, Sender, Arc<crate::breaker::Cluster>), String> {
-    let port = u16::try_from(provider.port).map_err(|_| "bad port")?;
-    let candidates = crate::upstream::in_mesh(&wp.proxy.state.view(), &provider.host, port)?;
-    let up = match candidates.len() {
-        0 => {
-            let addr = tokio::net::lookup_host(format!("{}:{port}", provider.host))
-                .await
-                .map_err(|e| format!("resolving {}: {e}", provider.host))?
-                .next()
-                .ok_or_else(|| format!("{} has no address", provider.host))?;
-            Upstream::Plain { workload: None, addr }
-        }
-        n => candidates[fastrand::usize(..n)].clone(),
-    };
-    let me = wp.identity().ok_or("this waypoint has no identity yet")?;
-    let cluster = wp.clusters.get(&format!("ext-authz/{}", provider.name), "", port);
-    let sender =
-        wp.upstreams.connect(&wp.proxy, &me, &up, provider.grpc, &cluster, None).await.map_err(|e| e.to_string())?;
-    Ok((up, sender, cluster))
+    let cluster = format!("ext-authz/{}", provider.name);
+    crate::upstream::connect_host(wp, &cluster, &provider.host, provider.port, provider.grpc).await
 }
 
 async fn ask_http(wp: &Waypoint, provider: &api::ExtAuthz, req: &Check<'_>) -> Result<Verdict, String> {

@@ -17,7 +17,8 @@
 //! - [`locality`]: locality-aware balancing (`localityLbSetting`);
 //! - [`ratelimit`]: local rate limits (`HTTPLocalRateLimitPolicy`);
 //! - [`body`]: replayable request bodies, counted response bodies;
-//! - [`metrics`]: Istio's request metrics.
+//! - [`metrics`]: Istio's request metrics;
+//! - [`trace`]: distributed tracing (W3C and B3 propagation, spans exported to Zipkin or OTLP).
 pub mod authz;
 pub mod balance;
 pub mod body;
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod retry;
 pub mod server;
+pub mod trace;
 pub mod upstream;
 
 use std::sync::{
@@ -51,6 +53,7 @@ pub struct Waypoint {
     pub verified: jwt::Verified,
     pub metrics: metrics::RequestMetrics,
     pub budget: retry::Budget,
+    pub tracers: trace::Tracers,
     /// The identity this waypoint serves as (its instance's), once the
     /// controller has named it and a certificate is held.
     me: RwLock<Option<SpiffeId>>,
@@ -97,6 +100,7 @@ impl Waypoint {
             verified: jwt::Verified::default(),
             metrics,
             budget: retry::Budget::default(),
+            tracers: trace::Tracers::default(),
             me: RwLock::default(),
             in_flight: AtomicUsize::new(0),
             hbone_connections: AtomicUsize::new(0),

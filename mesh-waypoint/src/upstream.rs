@@ -211,6 +211,36 @@ pub fn in_mesh(view: &MeshView, host: &str, port: u16) -> Result<Vec<Upstream>, 
     Ok(candidates.into_iter().filter(|c| !matches!(c, Upstream::Plain { workload: None, .. })).collect())
 }
 
+/// A connection to a service the waypoint itself calls (an external
+/// authorizer, a trace collector): one of its endpoints in the mesh (over
+/// HBONE), else the host itself (an address, or a name DNS resolves),
+/// pooled in `cluster`.
+pub async fn connect_host(
+    wp: &crate::Waypoint,
+    cluster: &str,
+    host: &str,
+    port: u32,
+    h2: bool,
+) -> Result<(Upstream, Sender, Arc<Cluster>), String> {
+    let port = u16::try_from(port).map_err(|_| "bad port")?;
+    let candidates = in_mesh(&wp.proxy.state.view(), host, port)?;
+    let up = match candidates.len() {
+        0 => {
+            let addr = tokio::net::lookup_host(format!("{host}:{port}"))
+                .await
+                .map_err(|e| format!("resolving {host}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{host} has no address"))?;
+            Upstream::Plain { workload: None, addr }
+        }
+        n => candidates[fastrand::usize(..n)].clone(),
+    };
+    let me = wp.identity().ok_or("this waypoint has no identity yet")?;
+    let cluster = wp.clusters.get(cluster, "", port);
+    let sender = wp.upstreams.connect(&wp.proxy, &me, &up, h2, &cluster, None).await.map_err(|e| e.to_string())?;
+    Ok((up, sender, cluster))
+}
+
 /// A byte stream to `up`: an HBONE tunnel (CONNECT the endpoint's address
 /// to its 15008), or plain TCP.
 pub async fn open(proxy: &Proxy, me: &SpiffeId, up: &Upstream) -> io::Result<Either<TcpStream, TunnelIo>> {
