@@ -4,7 +4,8 @@
 //! does not honour is said.
 use mesh_config::{Document, not_enforced, parse_document};
 
-const HEAD: &str = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata:\n  name: t\n  namespace: istio-system\nspec:\n";
+const HEAD: &str =
+    "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata:\n  name: t\n  namespace: istio-system\nspec:\n";
 
 fn doc(text: &str) -> Document {
     Document { file: "telemetry.yaml".into(), line: 3, text: text.into() }
