@@ -90,6 +90,9 @@ pub struct ConnInfo {
     pub decision: Option<&'static str>,
     pub policy: Option<String>,
     pub started_unix_ms: u64,
+    /// The connection's id in access logs: this proxy's own, or, for a
+    /// tunnel from another mesh proxy, the one that proxy logs it by.
+    pub connection_id: String,
 }
 
 impl ConnInfo {
@@ -120,6 +123,7 @@ impl ConnInfo {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
+            connection_id: crate::hbone::headers::new_connection_id(),
         }
     }
 
@@ -428,6 +432,7 @@ fn access_log(info: &ConnInfo, received: u64, sent: u64, duration_ms: f64, flags
     let addr = |a: &Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
     info!(
         target: "access",
+        connection_id = %info.connection_id,
         direction = info.direction.as_str(),
         pod = %info.pod,
         listener = %info.listener,

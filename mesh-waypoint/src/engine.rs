@@ -45,6 +45,8 @@ pub struct Downstream {
     /// plaintext listener: a client outside the mesh).
     pub peer: Option<SpiffeId>,
     pub peer_addr: SocketAddr,
+    /// The id the node proxy that sent the tunnel logs its connection by.
+    pub connection_id: Option<String>,
     /// The request series this connection's requests were counted in.
     pub series: crate::metrics::SeriesCache,
 }
@@ -120,6 +122,7 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Inc
             request_id: request_id.to_str().unwrap_or_default(),
             peer_addr: ds.peer_addr,
             source_principal: ds.peer.as_ref().map(ToString::to_string),
+            connection_id: ds.connection_id.as_deref(),
         };
         crate::trace::RequestTrace::start(wp.tracers.traced(&wp, tracing), tracing, &parts.headers, start)
     });
@@ -935,6 +938,7 @@ fn finish(
             destination = %labels.destination_principal,
             destination_service = %labels.destination_service,
             request_id = rec.request_id(),
+            connection_id = ds.connection_id.as_deref().unwrap_or(""),
             "request"
         );
     });

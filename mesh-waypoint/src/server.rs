@@ -71,6 +71,7 @@ impl TunnelHandler for Tunnels {
             protocol: port,
             peer: Some(request.peer.identity.clone()),
             peer_addr: request.peer_addr,
+            connection_id: request.connection_id.clone(),
             series: Default::default(),
         });
         let Ok(mut tunnel) = request.accept() else { return };
@@ -118,6 +119,7 @@ pub async fn serve_plain(listener: TcpListener, wp: Arc<Waypoint>, service: Stri
             protocol,
             peer: None,
             peer_addr,
+            connection_id: None,
             series: Default::default(),
         });
         tokio::spawn(serve_http(tcp, wp.clone(), ds));

@@ -224,6 +224,8 @@ pub struct Start<'a> {
     pub request_id: &'a str,
     pub peer_addr: std::net::SocketAddr,
     pub source_principal: Option<String>,
+    /// The id the sending node's access log gives the tunnel's connection.
+    pub connection_id: Option<&'a str>,
 }
 
 /// What they say at the end.
@@ -253,6 +255,9 @@ impl RequestTrace {
         }
         if let Some(p) = s.source_principal {
             attributes.push(KeyValue::new("source.principal", p));
+        }
+        if let Some(id) = s.connection_id {
+            attributes.push(KeyValue::new("connection_id", id.to_owned()));
         }
         let tags: Vec<KeyValue> = tracing.custom_tags.iter().filter_map(|t| custom_tag(t, headers)).collect();
         attributes.extend(tags.iter().cloned());

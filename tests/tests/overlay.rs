@@ -68,6 +68,11 @@ fn cross_node_traffic_is_mutual_tls_and_counted() {
     let in_line = node2.wait_access("B's inbound", |v| v["pod"] == "default/b" && v["route"] == "hbone");
     assert_eq!(in_line["src_identity"], a_id.as_str(), "{in_line}");
     assert_eq!((in_line["security"].as_str(), in_line["decision"].as_str()), (Some("mutual_tls"), Some("allow")));
+    // The tunnel's CONNECT names the connection: B's node logs A's line's id.
+    let id = out_line["connection_id"].as_str().filter(|id| id.len() == 16).expect("a connection id").to_owned();
+    node2.wait_access("B's inbound, by A's connection id", |v| {
+        v["pod"] == "default/b" && v["connection_id"] == id.as_str()
+    });
 
     // 6. A known exchange: 12 345 bytes up, 70 000 back, counted on both nodes.
     let got = exchange(&a, &format!("{}:9000", b.ip4), 12_345);

@@ -7,7 +7,8 @@
 //! package exists here), while the sending side is opentelemetry's real
 //! Zipkin v2 exporter. Checked: one trace of four spans with the right
 //! parents; sampling at 0 % and 100 %; W3C, B3 multi and B3 single callers
-//! continued; a Telemetry change in force within a second.
+//! continued; a Telemetry change in force within a second; a span joined
+//! with the client node's access-log line by its connection id.
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
@@ -225,6 +226,17 @@ fn one_trace_across_two_waypoints() {
     assert_eq!(check_chain(&spans), None, "the mesh began this trace");
     let backend_client = span(&spans, "waypoint.default", "CLIENT");
     assert_eq!(sent.split('-').nth(2), backend_client["id"].as_str(), "the backend is sent the last span's context");
+    // Node proxies stay L4 and make no spans; the client's node logs the
+    // connection by the id the waypoint's span carries.
+    let shop_server = span(&spans, "shop-wp.shop", "SERVER");
+    let id =
+        shop_server["tags"]["connection_id"].as_str().unwrap_or_else(|| panic!("no connection_id: {shop_server:#}"));
+    let line = s.mesh.node("node1").agent.wait_access("the client's connection to front", |v| {
+        v["direction"] == "outbound" && v["pod"] == s.client.name.as_str() && v["connection_id"] == id
+    });
+    assert_eq!(line["dst_service"], "front.shop.svc.cluster.local", "{line}");
+    let logged = mesh_tests::waypoint::access_log(&shop);
+    assert!(logged.iter().any(|l| l["connection_id"] == id), "the waypoint's access log carries it too: {logged:?}");
 
     // --- 0 %, and a change in force within a second.
     let applied = Instant::now();

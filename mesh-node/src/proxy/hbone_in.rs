@@ -63,8 +63,12 @@ impl TunnelHandler for PodTunnels {
         let Some(_permit) = ctx.limits.admit(&pod.name, &pod.open) else {
             return request.refuse(StatusCode::SERVICE_UNAVAILABLE);
         };
-        let conn =
-            ctx.proxy.connections.track(ConnInfo::new(Direction::Inbound, &pod.name, self.listener, request.peer_addr));
+        let mut info = ConnInfo::new(Direction::Inbound, &pod.name, self.listener, request.peer_addr);
+        // Logged by the id the source's proxy logs it by, so the two lines join.
+        if let Some(id) = &request.connection_id {
+            info.connection_id.clone_from(id);
+        }
+        let conn = ctx.proxy.connections.track(info);
         let arrival = Arrival::Hbone(request.peer.identity.clone());
         let target = request.target;
         let serial = Some(request.peer.serial.clone());

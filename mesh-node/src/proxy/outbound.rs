@@ -126,6 +126,7 @@ async fn open(
         authority: hop.target,
         baggage: info.source_baggage().to_header(),
         forwarded: headers::forwarded(info.src.ip(), info.dst_service.as_deref()),
+        connection_id: http::HeaderValue::from_str(&info.connection_id).ok(),
     };
     match ctx.proxy.pool.tunnel(&mtls.pool, me.cert.not_after_unix, target, dial).await {
         Ok((tunnel, slot)) => Ok(Opened::Hbone(tunnel, slot)),

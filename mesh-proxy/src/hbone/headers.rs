@@ -5,7 +5,10 @@
 //!   workload name and canonical service and revision, with the keys
 //!   Istio's proxies use (`k8s.namespace.name`, `service.name`, ...);
 //! - `forwarded` (RFC 7239): `for=` the client's address and, when the
-//!   client addressed a service, `host=` the service's hostname.
+//!   client addressed a service, `host=` the service's hostname;
+//! - `x-mesh-connection-id`: mesh's own, the id the source node's access log
+//!   gives the connection, so the destination's log line and a waypoint's
+//!   spans and log lines can be joined with it (other peers ignore it).
 //!
 //! Pure: making and reading the values; `hbone` sends and receives them.
 use std::net::{IpAddr, SocketAddr};
@@ -18,12 +21,26 @@ pub struct Connect {
     pub authority: SocketAddr,
     pub baggage: Option<HeaderValue>,
     pub forwarded: Option<HeaderValue>,
+    pub connection_id: Option<HeaderValue>,
 }
 
 impl From<SocketAddr> for Connect {
     fn from(authority: SocketAddr) -> Connect {
-        Connect { authority, baggage: None, forwarded: None }
+        Connect { authority, baggage: None, forwarded: None, connection_id: None }
     }
+}
+
+pub const CONNECTION_ID_HEADER: &str = "x-mesh-connection-id";
+
+/// A new connection's id: 16 lowercase hex digits.
+pub fn new_connection_id() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}
+
+/// A peer's connection id, if it is one (1 to 32 hex digits).
+pub fn connection_id(value: &str) -> Option<String> {
+    let ok = (1..=32).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_hexdigit());
+    ok.then(|| value.to_ascii_lowercase())
 }
 
 /// Istio's cluster name when none is configured.

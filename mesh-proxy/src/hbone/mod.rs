@@ -123,7 +123,7 @@ impl PeerConnection {
     /// peer is [`TunnelError::Refused`] with its HTTP status.
     /// Istio's `baggage` and `forwarded` go with it when `target` has them.
     pub async fn connect(&self, target: impl Into<Connect>) -> Result<Tunnel, TunnelError> {
-        let Connect { authority, baggage, forwarded } = target.into();
+        let Connect { authority, baggage, forwarded, connection_id } = target.into();
         let broken = |e: h2::Error| TunnelError::Broken(other(e));
         let mut sender = self.sender.clone().ready().await.map_err(broken)?;
         let mut request = Request::builder().method(Method::CONNECT).uri(authority.to_string());
@@ -132,6 +132,9 @@ impl PeerConnection {
         }
         if let Some(forwarded) = forwarded {
             request = request.header(http::header::FORWARDED, forwarded);
+        }
+        if let Some(id) = connection_id {
+            request = request.header(headers::CONNECTION_ID_HEADER, id);
         }
         let request = request.body(()).map_err(|e| TunnelError::Broken(other(e)))?;
         let (response, send) = sender.send_request(request, false).map_err(broken)?;
@@ -163,6 +166,8 @@ pub struct TunnelRequest {
     pub baggage: Option<Baggage>,
     /// The service host the peer's client addressed (`forwarded: host=`).
     pub service_host: Option<String>,
+    /// The id the peer's access log gives the connection.
+    pub connection_id: Option<String>,
     respond: h2::server::SendResponse<Bytes>,
     body: RecvStream,
 }
@@ -303,12 +308,14 @@ pub async fn serve_streams<H: TunnelHandler, IO: AsyncRead + AsyncWrite + Unpin>
         let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
         let baggage = header("baggage").map(Baggage::parse);
         let service_host = header("forwarded").and_then(headers::forwarded_host);
+        let connection_id = header(headers::CONNECTION_ID_HEADER).and_then(headers::connection_id);
         let request = TunnelRequest {
             peer: peer.clone(),
             peer_addr,
             target,
             baggage,
             service_host,
+            connection_id,
             respond,
             body: request.into_body(),
         };

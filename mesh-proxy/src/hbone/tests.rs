@@ -67,10 +67,13 @@ const B: &str = "spiffe://cluster.local/ns/shop/sa/b";
 
 /// Echoes what it reads, and refuses targets on port 9 with 403. Keeps what
 /// each tunnel's request said of its source.
+/// What a tunnel's CONNECT said: baggage, forwarded host, connection id.
+type Said = (Option<Baggage>, Option<String>, Option<String>);
+
 struct Echo {
     addr: SocketAddr,
     closed: std::sync::Mutex<Vec<(String, (u64, u64))>>,
-    said: std::sync::Mutex<Vec<(Option<Baggage>, Option<String>)>>,
+    said: std::sync::Mutex<Vec<Said>>,
 }
 
 impl Echo {
@@ -81,7 +84,11 @@ impl Echo {
 
 impl TunnelHandler for Echo {
     async fn handle(&self, request: TunnelRequest) {
-        self.said.lock().unwrap().push((request.baggage.clone(), request.service_host.clone()));
+        self.said.lock().unwrap().push((
+            request.baggage.clone(),
+            request.service_host.clone(),
+            request.connection_id.clone(),
+        ));
         if request.target.port() == 9 {
             return request.refuse(StatusCode::FORBIDDEN);
         }
@@ -188,8 +195,9 @@ async fn a_tunnel_carries_bytes_both_ways() {
     assert!(err.to_string().contains("403"), "{err}");
 }
 
-/// Istio's `baggage` and `forwarded` go with a tunnel's CONNECT and are read
-/// by the server; a tunnel without them has none.
+/// Istio's `baggage` and `forwarded`, and mesh's connection id, go with a
+/// tunnel's CONNECT and are read by the server; a tunnel without them has
+/// none; an id that is not one is dropped.
 #[tokio::test]
 async fn a_tunnel_says_its_source_as_istios_proxies_do() {
     let ca = Ca::new();
@@ -206,11 +214,22 @@ async fn a_tunnel_says_its_source_as_istios_proxies_do() {
         authority: "10.0.0.2:8080".parse().unwrap(),
         baggage: source.to_header(),
         forwarded: headers::forwarded("10.0.0.1".parse().unwrap(), Some(host)),
+        connection_id: Some(http::HeaderValue::from_static("00F067aa0ba902b7")),
     };
-    drop(peer.connect(target).await.unwrap());
+    drop(peer.connect(target.clone()).await.unwrap());
     drop(peer.connect("10.0.0.2:8080".parse::<SocketAddr>().unwrap()).await.unwrap());
+    let bad = Connect { connection_id: Some(http::HeaderValue::from_static("../etc")), ..target };
+    drop(peer.connect(bad).await.unwrap());
     let said = echo.said.lock().unwrap().clone();
-    assert_eq!(said, [(Some(source), Some(host.to_owned())), (None, None)]);
+    let id = Some("00f067aa0ba902b7".to_owned());
+    assert_eq!(
+        said,
+        [
+            (Some(source.clone()), Some(host.to_owned()), id),
+            (None, None, None),
+            (Some(source), Some(host.to_owned()), None)
+        ]
+    );
 }
 
 /// A tunnel read and written as a stream (TunnelIo): a megabyte each way,

@@ -22,6 +22,7 @@ fn hop(percentage: f64, incoming: &[(&str, &str)]) -> HeaderMap {
         request_id: "r1",
         peer_addr: "10.0.0.1:5000".parse().unwrap(),
         source_principal: None,
+        connection_id: None,
     };
     let mut t = RequestTrace::start(unreported(percentage), &tracing, &h, start);
     t.start_client(&mut h, "outbound|80||web.default.svc.cluster.local", "GET", "http://web/".into());
