@@ -223,14 +223,6 @@ fn mesh_config(cm: &ConfigMap, out: &mut Vec<(Option<String>, String)>) {
                 out.push((Some(format!("{at}.{kind}.{key}")), "not read by mesh: no effect".into()));
             }
         }
-        if let Some(o) = &p.opentelemetry
-            && o.http.is_none()
-        {
-            out.push((
-                Some(format!("{at}.opentelemetry")),
-                "spans go over OTLP/gRPC (set `http` for OTLP/HTTP)".into(),
-            ));
-        }
     }
 }
 

@@ -66,7 +66,6 @@ defaultProviders:
     let has = |field: &str, what: &str| warnings.iter().any(|(f, w)| f.as_deref() == Some(field) && w.contains(what));
     assert!(has("data.mesh.accessLogFile", "not read by mesh"), "{warnings:?}");
     assert!(!warnings.iter().any(|(f, _)| f.as_deref().is_some_and(|f| f.contains("zipkin"))), "{warnings:?}");
-    assert!(has("data.mesh.extensionProviders[5].opentelemetry", "OTLP/gRPC"), "{warnings:?}");
     assert!(has("data.mesh.extensionProviders[5].opentelemetry.resourceDetectors", "not read"), "{warnings:?}");
     assert!(!warnings.iter().any(|(f, _)| f.as_deref().is_some_and(|f| f.contains("[6]"))), "{warnings:?}");
     assert!(has("data.mesh.extensionProviders[7].datadog", "zipkin and opentelemetry providers only"), "{warnings:?}");

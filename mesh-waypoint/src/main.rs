@@ -160,6 +160,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (0, n) => info!(hbone_connections = n, "drained: no request left; closing idle HBONE connections"),
         (n, _) => tracing::warn!(in_flight = n, "drain deadline reached: cutting the requests still open"),
     }
+    // The spans still batched go out (the exports block, off the runtime's threads).
+    let flushing = wp.clone();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(move || flushing.tracers.flush()))
+        .await;
     Ok(())
 }
 

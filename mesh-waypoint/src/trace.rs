@@ -8,45 +8,38 @@
 //! Sampling follows the caller's decision when there is one, else
 //! Telemetry's `randomSamplingPercentage` (by trace id, so every hop of an
 //! undecided trace agrees). The OpenTelemetry SDK makes the spans and
-//! batches them; its Zipkin v2 or OTLP/HTTP exporter sends them to the
-//! collector Telemetry's provider names, through [`CollectorClient`].
+//! batches them; its Zipkin v2, OTLP/HTTP or OTLP/gRPC exporter sends them
+//! to the collector Telemetry's provider names ([`export`]).
 use std::{
     collections::HashMap,
-    fmt,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
-use bytes::Bytes;
-use http::{HeaderMap, Request, Response};
-use http_body_util::{BodyExt as _, Limited};
-use mesh_common::api::{self, trace_collector::Protocol};
+use http::HeaderMap;
+use mesh_common::api;
 use opentelemetry::{
     Context, KeyValue,
     propagation::{TextMapCompositePropagator, TextMapPropagator},
     trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _},
 };
-use opentelemetry_http::{HeaderExtractor, HeaderInjector, HttpClient, HttpError};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_sdk::{
     Resource,
     propagation::TraceContextPropagator,
     trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, Tracer},
 };
-// opentelemetry-zipkin is deprecated upstream in favour of OTLP, but Istio's
-// `zipkin` providers (and Jaeger's and Zipkin's 9411 endpoints) take Zipkin
-// v2 JSON, which only it speaks; B3 is still what Envoy's Zipkin tracer and
-// many applications propagate.
+// opentelemetry-zipkin is deprecated upstream in favour of OTLP; B3 is still
+// what Envoy's Zipkin tracer and many applications propagate.
 #[allow(deprecated)]
-use opentelemetry_zipkin::{B3Encoding, Propagator as B3Propagator, ZipkinExporter};
+use opentelemetry_zipkin::{B3Encoding, Propagator as B3Propagator};
 
-use crate::{Waypoint, body::full, lock, upstream::Sender};
+use crate::{Waypoint, lock};
 
 /// How long spans wait to be sent in a batch.
 const EXPORT_DELAY: Duration = Duration::from_secs(1);
 /// One export's limit (the collector may be down: spans are then dropped).
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A collector's answer is read up to this size, then dropped.
-const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// The B3 headers a hop replaces with its own (stale ones would point the
 /// next hop at the caller's span).
@@ -87,7 +80,7 @@ impl Tracers {
     /// The tracer for a service's `tracing`.
     pub fn traced(&self, wp: &Arc<Waypoint>, tracing: &api::Tracing) -> Arc<Traced> {
         let c = tracing.collector.as_ref();
-        let report = !tracing.disable_reporting && c.is_some_and(|c| c.protocol() != Protocol::OtlpGrpc);
+        let report = !tracing.disable_reporting && c.is_some();
         let setting = Setting {
             collector: c
                 .filter(|_| report)
@@ -125,61 +118,18 @@ fn build(wp: Option<&Arc<Waypoint>>, s: &Setting, collector: Option<&api::TraceC
         .with_sampler(sampler)
         .with_resource(Resource::builder_empty().with_service_name(name.clone()).build());
     if let (Some(c), Some(wp)) = (collector.filter(|_| s.report), wp) {
-        let client = CollectorClient {
-            wp: Arc::downgrade(wp),
-            runtime: tokio::runtime::Handle::current(),
-            collector: c.clone(),
-            zipkin_service_name: (c.protocol() == Protocol::Zipkin).then_some(name),
-        };
-        let url = format!("http://{}:{}{}", c.host, c.port, c.path);
-        let config = BatchConfigBuilder::default().with_scheduled_delay(EXPORT_DELAY).build();
-        match exporter(c.protocol(), client, url) {
-            Ok(Exporter::Zipkin(e)) => {
-                builder = builder.with_span_processor(BatchSpanProcessor::builder(e).with_batch_config(config).build())
-            }
-            Ok(Exporter::Otlp(e)) => {
-                builder = builder.with_span_processor(BatchSpanProcessor::builder(e).with_batch_config(config).build())
+        match export::exporter(wp, c, &name) {
+            Ok(exporter) => {
+                let config = BatchConfigBuilder::default().with_scheduled_delay(EXPORT_DELAY).build();
+                builder = builder
+                    .with_span_processor(BatchSpanProcessor::builder(exporter).with_batch_config(config).build());
             }
             Err(e) => tracing::warn!(collector = %c.name, "spans will not be reported: {e}"),
         }
-    } else if collector.is_some_and(|c| c.protocol() == Protocol::OtlpGrpc) {
-        tracing::warn!(
-            "OTLP/gRPC is not supported yet: spans are propagated, not reported (set the provider's `http`)"
-        );
     }
     let provider = builder.build();
     let tracer = provider.tracer("mesh-waypoint");
     Traced { provider, tracer }
-}
-
-#[allow(deprecated)]
-enum Exporter {
-    Zipkin(ZipkinExporter),
-    Otlp(opentelemetry_otlp::SpanExporter),
-}
-
-#[allow(deprecated)]
-fn exporter(protocol: Protocol, client: CollectorClient, url: String) -> Result<Exporter, String> {
-    use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
-    Ok(match protocol {
-        Protocol::Zipkin => Exporter::Zipkin(
-            ZipkinExporter::builder()
-                .with_http_client(client)
-                .with_collector_endpoint(url)
-                .build()
-                .map_err(|e| e.to_string())?,
-        ),
-        Protocol::OtlpHttp | Protocol::OtlpGrpc => Exporter::Otlp(
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_http_client(client)
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_endpoint(url)
-                .with_timeout(EXPORT_TIMEOUT)
-                .build()
-                .map_err(|e| e.to_string())?,
-        ),
-    })
 }
 
 /// `<name>.<namespace>` of the waypoint's identity, as Istio names a proxy's spans.
@@ -347,77 +297,6 @@ fn custom_tag(t: &api::CustomTag, headers: &HeaderMap) -> Option<KeyValue> {
     Some(KeyValue::new(t.name.clone(), value))
 }
 
-/// The exporters' HTTP client: the waypoint's own connections (a collector
-/// in the mesh is reached over HBONE, with the waypoint's identity, like
-/// any endpoint; one outside by its address or DNS name). The exporters
-/// run on the SDK's batch thread, outside Tokio, where Tokio's I/O would
-/// panic: each request is spawned onto the waypoint's runtime and awaited.
-struct CollectorClient {
-    wp: Weak<Waypoint>,
-    runtime: tokio::runtime::Handle,
-    collector: api::TraceCollector,
-    /// opentelemetry-zipkin 0.33 writes no `localEndpoint.serviceName`
-    /// (Zipkin then shows every span as "unknown") and gives a root span
-    /// an all-zero `parentId` where Zipkin wants none: both are mended here.
-    zipkin_service_name: Option<String>,
-}
-
-impl fmt::Debug for CollectorClient {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CollectorClient({}:{})", self.collector.host, self.collector.port)
-    }
-}
-
-#[async_trait::async_trait]
-impl HttpClient for CollectorClient {
-    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        let wp = self.wp.upgrade().ok_or("the waypoint has stopped")?;
-        let c = self.collector.clone();
-        let request = match &self.zipkin_service_name {
-            Some(name) => request.map(|b| mend_zipkin(b, name)),
-            None => request,
-        };
-        let send = async move { tokio::time::timeout(EXPORT_TIMEOUT, post(&wp, &c, request)).await };
-        match self.runtime.spawn(send).await {
-            Ok(Ok(r)) => r.map_err(HttpError::from),
-            Ok(Err(_)) => Err("collector timed out".into()),
-            Err(e) => Err(e.to_string().into()),
-        }
-    }
-}
-
-async fn post(wp: &Waypoint, c: &api::TraceCollector, request: Request<Bytes>) -> Result<Response<Bytes>, String> {
-    let cluster = format!("tracing/{}", c.name);
-    let (up, sender, cluster) = crate::upstream::connect_host(wp, &cluster, &c.host, c.port, false).await?;
-    let Sender::H1(mut s, uses, permit) = sender else { return Err("expected an HTTP/1.1 connection".into()) };
-    let (mut parts, body) = request.into_parts();
-    // Origin form, with Host: the collector's own name.
-    parts.uri = parts.uri.path_and_query().map_or("/", |p| p.as_str()).parse().map_err(|_| "bad path")?;
-    let host = format!("{}:{}", c.host, c.port);
-    parts.headers.insert(http::header::HOST, host.parse().map_err(|_| "bad host")?);
-    parts.headers.insert(http::header::CONTENT_LENGTH, body.len().into());
-    let response = s.send_request(Request::from_parts(parts, full(body))).await;
-    wp.upstreams.release(up.addr(), Sender::H1(s, uses + 1, permit), &cluster, None);
-    let (parts, body) = response.map_err(|e| e.to_string())?.into_parts();
-    let body = Limited::new(body, MAX_ANSWER_BYTES).collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok(Response::from_parts(parts, body))
-}
-
-/// Zipkin v2 JSON spans with `localEndpoint.serviceName` set and no
-/// all-zero `parentId`.
-fn mend_zipkin(body: Bytes, name: &str) -> Bytes {
-    let Ok(serde_json::Value::Array(mut spans)) = serde_json::from_slice(&body) else { return body };
-    for span in spans.iter_mut().filter_map(serde_json::Value::as_object_mut) {
-        if span.get("parentId").and_then(|p| p.as_str()).is_some_and(|p| p.bytes().all(|b| b == b'0')) {
-            span.remove("parentId");
-        }
-        let endpoint = span.entry("localEndpoint").or_insert_with(|| serde_json::json!({}));
-        if let Some(e) = endpoint.as_object_mut() {
-            e.entry("serviceName").or_insert_with(|| name.into());
-        }
-    }
-    serde_json::to_vec(&spans).map(Bytes::from).unwrap_or(body)
-}
-
+mod export;
 #[cfg(test)]
 mod tests;

@@ -222,9 +222,19 @@ pub async fn connect_host(
     port: u32,
     h2: bool,
 ) -> Result<(Upstream, Sender, Arc<Cluster>), String> {
+    let up = resolve_host(wp, host, port).await?;
+    let me = wp.identity().ok_or("this waypoint has no identity yet")?;
+    let cluster = wp.clusters.get(cluster, "", u16::try_from(port).unwrap_or_default());
+    let sender = wp.upstreams.connect(&wp.proxy, &me, &up, h2, &cluster, None).await.map_err(|e| e.to_string())?;
+    Ok((up, sender, cluster))
+}
+
+/// Where a service the waypoint itself calls is: one of its endpoints in
+/// the mesh, else the host itself (an address, or a name DNS resolves).
+pub async fn resolve_host(wp: &crate::Waypoint, host: &str, port: u32) -> Result<Upstream, String> {
     let port = u16::try_from(port).map_err(|_| "bad port")?;
     let candidates = in_mesh(&wp.proxy.state.view(), host, port)?;
-    let up = match candidates.len() {
+    Ok(match candidates.len() {
         0 => {
             let addr = tokio::net::lookup_host(format!("{host}:{port}"))
                 .await
@@ -234,11 +244,7 @@ pub async fn connect_host(
             Upstream::Plain { workload: None, addr }
         }
         n => candidates[fastrand::usize(..n)].clone(),
-    };
-    let me = wp.identity().ok_or("this waypoint has no identity yet")?;
-    let cluster = wp.clusters.get(cluster, "", port);
-    let sender = wp.upstreams.connect(&wp.proxy, &me, &up, h2, &cluster, None).await.map_err(|e| e.to_string())?;
-    Ok((up, sender, cluster))
+    })
 }
 
 /// A byte stream to `up`: an HBONE tunnel (CONNECT the endpoint's address

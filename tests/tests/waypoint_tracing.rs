@@ -2,11 +2,12 @@
 //! calls `front` (namespace `shop`, waypoint `shop-wp`), whose application
 //! calls `backend` (namespace `default`, waypoint `waypoint`) passing the
 //! trace headers on, as Istio asks applications to. Istio's Telemetry API
-//! and MeshConfig provider name a Zipkin collector; the collector is a small
-//! server in a mesh pod that stores what it is sent (no Zipkin or Jaeger
-//! package exists here), while the sending side is opentelemetry's real
-//! Zipkin v2 exporter. Checked: one trace of four spans with the right
-//! parents; sampling at 0 % and 100 %; W3C, B3 multi and B3 single callers
+//! and MeshConfig providers name a collector; the collector is a small
+//! server in a mesh pod that stores what it is sent (no Zipkin, Jaeger or
+//! OpenTelemetry collector package exists here), while the sending side is
+//! opentelemetry's real Zipkin v2, OTLP/HTTP and OTLP/gRPC exporters.
+//! Checked: one trace of four spans with the right parents, by each
+//! protocol; sampling at 0 % and 100 %; W3C, B3 multi and B3 single callers
 //! continued; a Telemetry change in force within a second; a span joined
 //! with the client node's access-log line by its connection id.
 use std::{
@@ -16,30 +17,112 @@ use std::{
 
 use mesh_tests::{
     Pod, Proc, run_in,
-    waypoint::{BACKEND_VIP, l7_setup, yaml},
+    waypoint::{BACKEND_VIP, SYSTEM_PYTHON, l7_setup, yaml},
 };
 use serde_json::Value;
 
 const FRONT_VIP: &str = "10.96.0.50";
-const ZIPKIN_VIP: &str = "10.96.0.51";
+const COLLECTOR_VIP: &str = "10.96.0.51";
 
-/// A Zipkin v2 collector: every span POSTed to /api/v2/spans is printed as
-/// a JSON line, `span {...}`.
+/// A collector of the three protocols: Zipkin v2 JSON (POST /api/v2/spans
+/// on 9411), OTLP/HTTP protobuf (POST /v1/traces on 4318) and OTLP/gRPC
+/// (TraceService/Export on 4317, grpcio with a generic handler on raw
+/// bytes). Every span it is sent is printed as a JSON line, `span {...}`, in
+/// Zipkin's shape (OTLP's protobuf read with a small wire-format reader, as
+/// no OTLP package is installed), with the protocol it came by.
 const COLLECTOR: &str = r#"
-import json, socket
+import json, socket, struct
+from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import grpc
+
+def varint(b, i):
+    n = s = 0
+    while True:
+        c = b[i]; i += 1; n |= (c & 0x7f) << s; s += 7
+        if c < 0x80: return n, i
+
+def fields(b):
+    i = 0
+    while i < len(b):
+        k, i = varint(b, i)
+        f, t = k >> 3, k & 7
+        if t == 0: v, i = varint(b, i)
+        elif t == 1: v = b[i:i + 8]; i += 8
+        elif t == 2:
+            n, i = varint(b, i); v = b[i:i + n]; i += n
+        elif t == 5: v = b[i:i + 4]; i += 4
+        else: raise ValueError("wire type %d" % t)
+        yield f, v
+
+def any_value(b):
+    for f, v in fields(b):
+        if f == 1: return v.decode()
+        if f == 2: return "true" if v else "false"
+        if f == 3: return str(v)
+        if f == 4: return str(struct.unpack("<d", v)[0])
+    return ""
+
+def attributes(items):
+    out = {}
+    for b in items:
+        kv = dict(fields(b))
+        out[kv[1].decode()] = any_value(kv.get(2, b""))
+    return out
+
+KINDS = {1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
+
+def otlp(body, via):
+    for f, rs in fields(body):
+        if f != 1: continue
+        service = ""
+        for g, v in fields(rs):
+            if g == 1:
+                service = attributes([a for h, a in fields(v) if h == 1]).get("service.name", "")
+            if g != 2: continue
+            for h, sp in fields(v):
+                if h != 2: continue
+                span = {"localEndpoint": {"serviceName": service}, "tags": {}, "via": via}
+                attrs = []
+                for k, x in fields(sp):
+                    if k == 1: span["traceId"] = x.hex()
+                    elif k == 2: span["id"] = x.hex()
+                    elif k == 4 and x: span["parentId"] = x.hex()
+                    elif k == 5: span["name"] = x.decode()
+                    elif k == 6: span["kind"] = KINDS.get(x, str(x))
+                    elif k == 9: attrs.append(x)
+                span["tags"] = attributes(attrs)
+                print("span " + json.dumps(span), flush=True)
+
+def export(req, ctx):
+    otlp(req, "otlp-grpc")
+    return b""
+
+g = grpc.server(futures.ThreadPoolExecutor(4))
+g.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+    "opentelemetry.proto.collector.trace.v1.TraceService",
+    {"Export": grpc.unary_unary_rpc_method_handler(export)}),))
+g.add_insecure_port("[::]:4317")
+g.start()
+
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def log_message(self, *a): pass
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("content-length", "0")))
-        ok = self.path == "/api/v2/spans" and self.headers.get("content-type") == "application/json"
-        if ok:
+        ctype = self.headers.get("content-type")
+        code = 200
+        if self.path == "/api/v2/spans" and ctype == "application/json":
             for s in json.loads(body):
+                s["via"] = "zipkin"
                 print("span " + json.dumps(s), flush=True)
+        elif self.path == "/v1/traces" and ctype == "application/x-protobuf":
+            otlp(body, "otlp-http")
         else:
-            print("refused %s %s" % (self.path, self.headers.get("content-type")), flush=True)
-        self.send_response(202 if ok else 400)
+            print("refused %s %s" % (self.path, ctype), flush=True)
+            code = 400
+        self.send_response(code)
+        self.send_header("content-type", "application/x-protobuf")
         self.send_header("content-length", "0")
         self.end_headers()
 class S(ThreadingHTTPServer):
@@ -48,8 +131,11 @@ class S(ThreadingHTTPServer):
     def server_bind(self):
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
+import threading
+for port in (9411, 4318):
+    threading.Thread(target=S(("::", port), H).serve_forever, daemon=True).start()
 print("listening", flush=True)
-S(("::", 9411), H).serve_forever()
+threading.Event().wait()
 "#;
 
 /// `front`'s application: calls `argv[1]` passing the trace headers on and
@@ -85,21 +171,25 @@ print("listening", flush=True)
 S(("::", PORT), H).serve_forever()
 "#;
 
-/// Istio's MeshConfig naming the collector, and its Service.
-fn provider() -> String {
+/// Istio's MeshConfig naming the collector by its three protocols, and its Service.
+fn providers() -> String {
+    let host = "collector.default.svc.cluster.local";
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: zipkin, namespace: default}}\n\
-         spec: {{clusterIP: {ZIPKIN_VIP}, selector: {{app: other}}, ports: [{{name: http-zipkin, port: 9411}}]}}\n---\n\
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: collector, namespace: default}}\n\
+         spec: {{clusterIP: {COLLECTOR_VIP}, selector: {{app: other}}, ports: [{{name: http-zipkin, port: 9411}}, \
+         {{name: grpc-otlp, port: 4317}}, {{name: http-otlp, port: 4318}}]}}\n---\n\
          apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |-\n    \
-         extensionProviders:\n    - name: zipkin\n      zipkin: {{service: zipkin.default.svc.cluster.local, port: 9411}}\n---\n"
+         extensionProviders:\n    - name: zipkin\n      zipkin: {{service: {host}, port: 9411}}\n    \
+         - name: otel-http\n      opentelemetry: {{service: {host}, port: 4318, http: {{path: /v1/traces}}}}\n    \
+         - name: otel-grpc\n      opentelemetry: {{service: {host}, port: 4317}}\n---\n"
     )
 }
 
-/// The mesh-wide Telemetry, tracing `percentage` of new traces.
-fn telemetry(percentage: u32) -> String {
+/// The mesh-wide Telemetry: `provider`, tracing `percentage` of new traces.
+fn telemetry(provider: &str, percentage: u32) -> String {
     format!(
         "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: mesh-default, namespace: istio-system}}\n\
-         spec:\n  tracing:\n  - providers: [{{name: zipkin}}]\n    randomSamplingPercentage: {percentage}\n    \
+         spec:\n  tracing:\n  - providers: [{{name: {provider}}}]\n    randomSamplingPercentage: {percentage}\n    \
          customTags: {{team: {{literal: {{value: checkout}}}}}}\n---\n"
     )
 }
@@ -188,12 +278,16 @@ fn one_trace_across_two_waypoints() {
         + &yaml::instance(&shop_wp, "shop-wp", "wp-2")
         + &mesh_tests::mesh::yaml::pod(&front, "node2", "front", "front")
         + &yaml::http_service("shop", "front", FRONT_VIP, "app: front", 80, 8081)
-        + &provider();
+        + &providers();
     s.mesh.apply("shop.yaml", &config);
-    s.mesh.apply("telemetry.yaml", &telemetry(100));
+    s.mesh.apply("telemetry.yaml", &telemetry("zipkin", 100));
     s.mesh.wait_ready(&[(&front, "node2", "front")]);
-    let collector =
-        Proc::spawn_in("zipkin", &s.other.netns, &["python3", "-u", "-c", COLLECTOR], &t.dir.join("zipkin.log"));
+    let collector = Proc::spawn_in(
+        "collector",
+        &s.other.netns,
+        &[SYSTEM_PYTHON, "-u", "-c", COLLECTOR],
+        &t.dir.join("collector.log"),
+    );
     collector.wait_for_log("listening", Duration::from_secs(20));
     let backend = format!("http://{BACKEND_VIP}/echo");
     let front_app = Proc::spawn_in(
@@ -240,7 +334,7 @@ fn one_trace_across_two_waypoints() {
 
     // --- 0 %, and a change in force within a second.
     let applied = Instant::now();
-    s.mesh.apply("telemetry.yaml", &telemetry(0));
+    s.mesh.apply("telemetry.yaml", &telemetry("zipkin", 0));
     s.mesh.wait_waypoint_current(&shop_wp);
     s.mesh.wait_waypoint_current(&s.wp_pod);
     let took = applied.elapsed();
@@ -286,6 +380,18 @@ fn one_trace_across_two_waypoints() {
     assert_eq!(all.len(), before + callers.len(), "only the callers' traces were reported at 0 %");
     for id in &unsampled {
         assert!(!all.contains_key(id), "unsampled trace {id} was reported");
+    }
+
+    // --- OTLP, over HTTP and over gRPC: the same trace, the same spans.
+    for (provider, via) in [("otel-http", "otlp-http"), ("otel-grpc", "otlp-grpc")] {
+        s.mesh.apply("telemetry.yaml", &telemetry(provider, 100));
+        s.mesh.wait_waypoint_current(&shop_wp);
+        s.mesh.wait_waypoint_current(&s.wp_pod);
+        let seen = call(&s.client, &[]);
+        let trace = seen["backend"]["traceparent"].as_str().unwrap().split('-').nth(1).unwrap().to_owned();
+        let spans = wait_trace(&collector, &trace, 4, &logs);
+        assert!(spans.iter().all(|s| s["via"] == via), "{provider}: {spans:#?}");
+        assert_eq!(check_chain(&spans), None, "{provider}");
     }
     assert!(!collector.log_text().contains("refused"), "{}", collector.log_text());
 }

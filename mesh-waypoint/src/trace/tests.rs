@@ -1,4 +1,6 @@
 //! Propagation and sampling, by the headers a hop sends on.
+use bytes::Bytes;
+
 use super::*;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -132,7 +134,7 @@ fn custom_tags_and_zipkin_service_name() {
     let body = Bytes::from(
         r#"[{"id":"a","parentId":"0000000000000000","localEndpoint":{"ipv4":"10.0.0.1"}},{"id":"b","parentId":"00f067aa0ba902b7"}]"#,
     );
-    let v: serde_json::Value = serde_json::from_slice(&mend_zipkin(body, "waypoint.default")).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&export::mend_zipkin(body, "waypoint.default")).unwrap();
     assert_eq!(v[0]["localEndpoint"]["serviceName"], "waypoint.default");
     assert_eq!(v[0]["localEndpoint"]["ipv4"], "10.0.0.1");
     assert!(v[0].get("parentId").is_none(), "a root span has no parent");
