@@ -15,6 +15,11 @@
 //! (Envoy: `jwt_authn`, the key set inline in both) verifies and an ALLOW
 //! AuthorizationPolicy on its principal and method (Envoy: `rbac` on the
 //! jwt_authn metadata, as Istio translates it) admits; measured the same way.
+//!
+//! Tracing cost: two more waypoint listeners whose services a Telemetry
+//! traces at 1 % and at 100 %, spans exported with the Zipkin exporter to a
+//! collector beside nginx (it reads and counts them); measured the same way,
+//! against the plain listener (tracing off) in the same run.
 use std::{path::Path, thread, time::Duration};
 
 use mesh_tests::{
@@ -90,10 +95,25 @@ fn main() {
          spec:\n  targetRefs: [{{kind: Service, group: '', name: web-secure}}]\n  action: ALLOW\n  rules:\n  \
          - from: [{{source: {{requestPrincipals: ['{ISSUER}/alice']}}}}]\n    to: [{{operation: {{methods: [GET]}}}}]\n---\n"
     );
+    let traced = |name: &str, percentage: u32| {
+        format!(
+            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: {name}, namespace: plain}}\n\
+             spec:\n  targetRefs: [{{kind: Service, group: '', name: {name}}}]\n  tracing:\n  \
+             - {{providers: [{{name: zipkin}}], randomSamplingPercentage: {percentage}}}\n---\n"
+        )
+    };
+    let tracing = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: collector, namespace: plain}}\n\
+         spec: {{clusterIP: 10.96.0.66, selector: {{app: web}}, ports: [{{name: http-zipkin, port: 9411}}]}}\n---\n\
+         apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |-\n    \
+         extensionProviders:\n    - {{name: zipkin, zipkin: {{service: collector.plain.svc.cluster.local, port: 9411}}}}\n---\n{}{}",
+        traced("web-trace1", 1),
+        traced("web-trace100", 100)
+    );
     let mut proxy_yaml = l7::instance(&proxy_pod, "waypoint", "wp");
     proxy_yaml = proxy_yaml.replace("namespace: default", "namespace: plain");
     let config = format!(
-        "{}{}{}{}{}{}{}{}{}{}{secured}",
+        "{}{}{}{}{}{}{}{}{}{}{}{}{}{}{secured}{tracing}",
         yaml::namespace("plain", false),
         l7::gateway("plain", "waypoint"),
         proxy_yaml,
@@ -102,11 +122,22 @@ fn main() {
         service("web-a", "10.96.0.61"),
         service("web-b", "10.96.0.62"),
         service("web-secure", "10.96.0.63"),
+        service("web-trace1", "10.96.0.64"),
+        service("web-trace100", "10.96.0.65"),
         split("web"),
         split("web-secure"),
+        split("web-trace1"),
+        split("web-trace100"),
     );
     mesh.controller.write("bench.yaml", &config);
     let nginx = pinned_nginx(&mesh, &server);
+    let collector = Proc::spawn_in(
+        "collector",
+        &server.netns,
+        &["taskset", "-c", "0", "python3", "-u", "-c", COLLECTOR],
+        &mesh.t.dir.join("collector.log"),
+    );
+    collector.wait_for_log("listening", Duration::from_secs(20));
     mesh.reach_controller(&proxy_pod);
     let waypoint = {
         let p = mesh.start_waypoint_with(
@@ -117,6 +148,10 @@ fn main() {
                 &format!("0.0.0.0:{PORT}=plain/web:80"),
                 "--listen-plain",
                 &format!("0.0.0.0:{}=plain/web-secure:80", PORT + 4),
+                "--listen-plain",
+                &format!("0.0.0.0:{}=plain/web-trace1:80", PORT + 6),
+                "--listen-plain",
+                &format!("0.0.0.0:{}=plain/web-trace100:80", PORT + 7),
                 "--concurrency",
                 "1",
             ],
@@ -141,6 +176,8 @@ fn main() {
         proxy("haproxy", &haproxy, PORT + 2, &vec![]),
         proxy("mesh-waypoint+jwt", &waypoint, PORT + 4, &bearer),
         proxy("envoy-1.40+jwt", &envoy, PORT + 5, &bearer),
+        proxy("mesh-waypoint+trace1%", &waypoint, PORT + 6, &vec![]),
+        proxy("mesh-waypoint+trace100%", &waypoint, PORT + 7, &vec![]),
     ];
     for p in &proxies {
         let url = format!("http://{}:{}/", proxy_pod.ip4, p.port);
@@ -196,6 +233,9 @@ fn main() {
         drop(hold);
     }
     drop(nginx);
+    let spans_received = run_in(&server.netns, &["curl", "-s", "http://127.0.0.1:9411/count"]);
+    let spans_received: u64 = String::from_utf8_lossy(&spans_received.stdout).trim().parse().unwrap_or(0);
+    drop(collector);
 
     let direct = median_all(&direct);
     let summary: Vec<Value> = results.iter().map(median_all).collect();
@@ -263,6 +303,11 @@ fn main() {
     let report = json!({
         "rounds": rounds,
         "policy_and_jwt_cost": { "mesh-waypoint": cost(&rows[3], &rows[0]), "envoy-1.40": cost(&rows[4], &rows[1]) },
+        "tracing_cost": {
+            "sampled_1_percent": cost(&rows[5], &rows[0]),
+            "sampled_100_percent": cost(&rows[6], &rows[0]),
+            "spans_received_by_the_collector": spans_received,
+        },
         "setup": "one worker each, proxy pinned to CPU 1, client and nginx on CPU 0, 90/10 weighted route, metrics on, access logs off",
         "direct": direct,
         "proxies": rows,
@@ -272,12 +317,44 @@ fn main() {
     println!("waypoint vs envoy: {}", report["waypoint_vs_envoy"]);
     println!("waypoint vs haproxy: {}", report["waypoint_vs_haproxy"]);
     println!("policy and JWT cost: {}", report["policy_and_jwt_cost"]);
+    println!("tracing cost: {}", report["tracing_cost"]);
     drop((waypoint, envoy, haproxy));
     let dir = Path::new("/var/tmp/mesh-bench");
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("l7.json"), serde_json::to_string_pretty(&report).unwrap()).unwrap();
     println!("report: {}", dir.join("l7.json").display());
 }
+
+/// A Zipkin collector on 9411 that counts the spans it is sent (GET /count).
+const COLLECTOR: &str = r#"
+import socket, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+count, lock = [0], threading.Lock()
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        with lock:
+            count[0] += body.count(b'"traceId"')
+        self.send_response(202)
+        self.send_header("content-length", "0")
+        self.end_headers()
+    def do_GET(self):
+        body = str(count[0]).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+class S(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+print("listening", flush=True)
+S(("::", 9411), H).serve_forever()
+"#;
 
 /// nginx in `server` on port 80, one worker on CPU 0.
 fn pinned_nginx(mesh: &Mesh, server: &Pod) -> Proc {
