@@ -77,10 +77,17 @@ pub struct ConnInfo {
     pub src_namespace: Option<String>,
     pub src_principal: Option<String>,
     pub src_canonical: Option<String>,
+    /// Istio's canonical revision, `app` and `version` of the source.
+    pub src_revision: Option<String>,
+    pub src_app: Option<String>,
+    pub src_version: Option<String>,
     pub dst_workload: Option<String>,
     pub dst_namespace: Option<String>,
     pub dst_principal: Option<String>,
     pub dst_canonical: Option<String>,
+    pub dst_revision: Option<String>,
+    pub dst_app: Option<String>,
+    pub dst_version: Option<String>,
     pub dst_service: Option<String>,
     pub dst_service_name: Option<String>,
     pub dst_service_namespace: Option<String>,
@@ -109,10 +116,16 @@ impl ConnInfo {
             src_namespace: None,
             src_principal: None,
             src_canonical: None,
+            src_revision: None,
+            src_app: None,
+            src_version: None,
             dst_workload: None,
             dst_namespace: None,
             dst_principal: None,
             dst_canonical: None,
+            dst_revision: None,
+            dst_app: None,
+            dst_version: None,
             dst_service: None,
             dst_service_name: None,
             dst_service_namespace: None,
@@ -132,6 +145,9 @@ impl ConnInfo {
         self.src_namespace = Some(w.wire.namespace.clone());
         self.src_principal = Some(w.identity.to_string());
         self.src_canonical = Some(w.canonical_service().to_owned());
+        self.src_revision = Some(w.canonical_revision().to_owned());
+        let (app, version) = w.app_and_version();
+        (self.src_app, self.src_version) = (Some(app.to_owned()), Some(version.to_owned()));
     }
 
     /// The source as a tunnel's `baggage` tells a peer of it.
@@ -157,6 +173,7 @@ impl ConnInfo {
         {
             self.src_workload = b.workload.clone();
             self.src_canonical = b.service.clone();
+            self.src_revision = b.revision.clone();
         }
         if self.dst_service.is_none() {
             self.dst_service = service_host.map(str::to_owned);
@@ -168,6 +185,9 @@ impl ConnInfo {
         self.dst_namespace = Some(w.wire.namespace.clone());
         self.dst_principal = Some(w.identity.to_string());
         self.dst_canonical = Some(w.canonical_service().to_owned());
+        self.dst_revision = Some(w.canonical_revision().to_owned());
+        let (app, version) = w.app_and_version();
+        (self.dst_app, self.dst_version) = (Some(app.to_owned()), Some(version.to_owned()));
     }
 
     pub fn set_service(&mut self, s: &ServiceInfo) {
@@ -185,10 +205,18 @@ impl ConnInfo {
             source_workload_namespace: v(&self.src_namespace),
             source_principal: v(&self.src_principal),
             source_canonical_service: v(&self.src_canonical),
+            source_canonical_revision: v(&self.src_revision),
+            source_app: v(&self.src_app),
+            source_version: v(&self.src_version),
+            source_cluster: DEFAULT_CLUSTER,
             destination_workload: v(&self.dst_workload),
             destination_workload_namespace: v(&self.dst_namespace),
             destination_principal: v(&self.dst_principal),
             destination_canonical_service: v(&self.dst_canonical),
+            destination_canonical_revision: v(&self.dst_revision),
+            destination_app: v(&self.dst_app),
+            destination_version: v(&self.dst_version),
+            destination_cluster: DEFAULT_CLUSTER,
             destination_service: v(&self.dst_service),
             destination_service_name: v(&self.dst_service_name),
             destination_service_namespace: v(&self.dst_service_namespace),
@@ -207,10 +235,18 @@ pub struct TcpLabels {
     source_workload_namespace: String,
     source_principal: String,
     source_canonical_service: String,
+    source_canonical_revision: String,
+    source_app: String,
+    source_version: String,
+    source_cluster: &'static str,
     destination_workload: String,
     destination_workload_namespace: String,
     destination_principal: String,
     destination_canonical_service: String,
+    destination_canonical_revision: String,
+    destination_app: String,
+    destination_version: String,
+    destination_cluster: &'static str,
     destination_service: String,
     destination_service_name: String,
     destination_service_namespace: String,

@@ -19,7 +19,10 @@ use mesh_common::{
     identity::SpiffeId,
     routing::{self, HeaderEdit, Headers, RequestFacts},
 };
-use mesh_proxy::state::view::{MeshView, ServiceInfo, Upstream, WorkloadInfo};
+use mesh_proxy::{
+    hbone::headers::DEFAULT_CLUSTER,
+    state::view::{MeshView, ServiceInfo, Upstream, WorkloadInfo},
+};
 use tracing::info;
 
 use crate::{
@@ -970,10 +973,18 @@ fn labels(
         source_workload_namespace: ds.peer.as_ref().map_or_else(unknown, |p| p.namespace().to_owned()),
         source_principal: ds.peer.as_ref().map_or_else(unknown, ToString::to_string),
         source_canonical_service: source.map_or_else(unknown, |w| w.canonical_service().to_owned()),
+        source_canonical_revision: source.map_or_else(unknown, |w| w.canonical_revision().to_owned()),
+        source_app: source.map_or_else(unknown, |w| w.app_and_version().0.to_owned()),
+        source_version: source.map_or_else(unknown, |w| w.app_and_version().1.to_owned()),
+        source_cluster: DEFAULT_CLUSTER,
         destination_workload: dst.map_or_else(unknown, |w| w.wire.name.clone()),
         destination_workload_namespace: dst.map_or_else(unknown, |w| w.wire.namespace.clone()),
         destination_principal: dst.map_or_else(unknown, |w| w.identity.to_string()),
         destination_canonical_service: dst.map_or_else(unknown, |w| w.canonical_service().to_owned()),
+        destination_canonical_revision: dst.map_or_else(unknown, |w| w.canonical_revision().to_owned()),
+        destination_app: dst.map_or_else(unknown, |w| w.app_and_version().0.to_owned()),
+        destination_version: dst.map_or_else(unknown, |w| w.app_and_version().1.to_owned()),
+        destination_cluster: DEFAULT_CLUSTER,
         destination_service: svc.host.clone(),
         destination_service_name: svc.name.clone(),
         destination_service_namespace: svc.namespace.clone(),

@@ -39,6 +39,23 @@ impl WorkloadInfo {
             .or_else(|| l.get("app"))
             .unwrap_or(&self.wire.name)
     }
+
+    /// Istio's canonical revision: `service.istio.io/canonical-revision`,
+    /// else `app.kubernetes.io/version`, else `version`, else `latest`.
+    pub fn canonical_revision(&self) -> &str {
+        let l = &self.wire.labels;
+        l.get("service.istio.io/canonical-revision")
+            .or_else(|| l.get("app.kubernetes.io/version"))
+            .or_else(|| l.get("version"))
+            .map_or("latest", String::as_str)
+    }
+
+    /// Istio's `*_app` and `*_version` labels: the workload's `app` and
+    /// `version` labels, else `unknown`.
+    pub fn app_and_version(&self) -> (&str, &str) {
+        let get = |k: &str| self.wire.labels.get(k).map_or("unknown", String::as_str);
+        (get("app"), get("version"))
+    }
 }
 
 #[derive(Debug)]
