@@ -60,7 +60,7 @@ impl Mesh {
 }
 
 /// A waypoint pod's address on the nodes' subnet ([`Mesh::reach_controller`]).
-fn nodes_side(pod: &Pod) -> String {
+pub fn nodes_side(pod: &Pod) -> String {
     format!("10.201.0.{}", 100 + pod.ip4.octets()[3])
 }
 

@@ -385,7 +385,12 @@ fn the_manifests_in_deploy_are_accepted_by_the_api_server() {
     // The namespaces they go to (a dry run creates none): mesh-system, and
     // the example namespace of the waypoint template.
     kube.apply_ok("apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh-system}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n");
-    for file in ["controller/mesh-controller.yaml", "daemonset/mesh-node.yaml", "waypoint/waypoint.yaml"] {
+    for file in [
+        "controller/mesh-controller.yaml",
+        "daemonset/mesh-node.yaml",
+        "waypoint/waypoint.yaml",
+        "prometheus/scrape-config.yaml",
+    ] {
         // The manifests target current Kubernetes; the one thing this 1.20
         // server lacks (a DaemonSet's maxSurge, 1.22+, without which
         // maxUnavailable must be at least 1) is replaced here, so everything
@@ -396,6 +401,12 @@ fn the_manifests_in_deploy_are_accepted_by_the_api_server() {
         std::fs::write(&copy, text).unwrap();
         let out = kube.kubectl_ok(&["apply", "--dry-run=server", "-f", copy.to_str().unwrap()]);
         assert!(out.contains("(server dry run)"), "{file}: {out}");
+    }
+    // (Its scrape job uses Kubernetes service discovery, which Debian's
+    // Prometheus is built without: promtool here cannot load it.)
+    // Every mesh process is annotated for it.
+    for file in ["controller/mesh-controller.yaml", "daemonset/mesh-node.yaml", "waypoint/waypoint.yaml"] {
+        assert!(deploy(file).contains("prometheus.io/scrape: \"true\""), "{file} is not annotated for Prometheus");
     }
 }
 

@@ -1,7 +1,11 @@
 //! `cargo xtask quickstart` on this host, every `mesh-ctl` command against the
 //! mesh it leaves running (each output checked against what is known to be
 //! true), an unenroll/enroll round trip seen on the wire, and `--down`
-//! leaving nothing behind. One test: the quickstart has fixed names.
+//! leaving nothing behind; Istio's dashboards' queries answered by the
+//! Prometheus it starts. One test: the quickstart has fixed names.
+#[path = "quickstart/dashboards.rs"]
+mod dashboards;
+
 use std::{
     collections::BTreeSet,
     path::Path,
@@ -134,6 +138,7 @@ fn quickstart_then_every_mesh_ctl_command_then_down() {
         "10 requests with x-tester: yes  ->  backend-v2 on node2",
         "1. VirtualService/demo/backend/marked-tester: MATCHES",
         "the mesh keeps running",
+        "http://127.0.0.1:19090/",
         &format!("alias mesh-ctl='MESH_ADMIN_TOKEN_FILE={ADMIN_TOKEN} "),
     ] {
         assert!(tour.contains(want), "the tour lacks {want:?}:\n{tour}");
@@ -141,6 +146,7 @@ fn quickstart_then_every_mesh_ctl_command_then_down() {
 
     let pods = config_pods();
     assert_eq!(pods.len(), 7, "five demo pods, the canary and the waypoint's");
+    dashboards::istio_dashboards_on_prometheus(&pod("tester", &pods));
     mesh_ctl_views(&pods);
     without_the_admin_token();
     mesh_ctl_connections(&pods);
@@ -161,6 +167,7 @@ fn quickstart_then_every_mesh_ctl_command_then_down() {
         .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
     assert!(!pins.iter().any(|p| p.starts_with("mq-")), "pins left: {pins:?}");
+    assert!(std::net::TcpStream::connect("127.0.0.1:19090").is_err(), "Prometheus still listens");
     for path in [DIR, "/run/mesh-tests/mq"] {
         assert!(!Path::new(path).exists(), "{path} is left");
     }

@@ -35,6 +35,7 @@ const PACKAGES: &[&str] = &[
     "python3-pip",    // the external authorizers' Python packages (below)
     "umoci",          // cargo xtask image writes OCI images with it
     "skopeo",         // the image test reads them back as a user's push would
+    "prometheus",     // the quickstart's metrics store; its test runs Istio's dashboards' queries on it
 ];
 
 /// Envoy's generated data-plane API for Python (PyPI's `xds-protos`, with the

@@ -4,9 +4,10 @@
 //! namespace `demo` runs in pods: nginx (frontend) calls a Python backend
 //! service (two replicas, one per node), which counts visits in redis. It
 //! drives traffic, shows the tour (identities, HBONE on the wire, a policy
-//! that blocks a caller, metrics), and leaves everything running until
-//! `cargo xtask quickstart --down`.
+//! that blocks a caller, metrics), starts a real Prometheus scraping it all,
+//! and leaves everything running until `cargo xtask quickstart --down`.
 mod app;
+mod prometheus;
 mod tour;
 
 use std::{
@@ -83,7 +84,20 @@ pub fn up(no_build: bool, debug: bool) -> anyhow::Result<()> {
     let servers = app.start_servers()?;
 
     let ctl = Ctl::new(mesh_tests::mesh::admin_token_file(&mesh.t));
-    let l7 = tour::run(&mesh, &app, &ctl)?;
+    let (l7, waypoint) = tour::run(&mesh, &app, &ctl)?;
+
+    step(&format!(
+        "Prometheus (Debian's package) on http://{}, scraping the controller, both nodes and the waypoint",
+        prometheus::ADDR
+    ));
+    let nodes: Vec<String> = mesh.nodes.iter().map(|n| format!("{}:15020", mesh.t.node_ip(&n.netns))).collect();
+    let targets = [
+        ("mesh-controller", vec![METRICS_ADDR.to_owned()]),
+        ("mesh-node", nodes),
+        ("mesh-waypoint", vec![format!("{}:15020", mesh_tests::waypoint::nodes_side(&waypoint))]),
+    ];
+    let prometheus = prometheus::start(&targets)?;
+    prometheus.leave_running();
 
     let Mesh { controller, nodes, t, .. } = mesh;
     controller.proc.leave_running();
@@ -109,9 +123,11 @@ pub fn down() -> anyhow::Result<()> {
 /// Removes everything a quickstart made; says what. `false`: there was nothing.
 fn down_quietly() -> anyhow::Result<bool> {
     let mut removed = Vec::new();
-    if let Some(pid) = quickstart_controller() {
-        stop(pid);
-        removed.push(format!("mesh-controller (pid {pid})"));
+    for (name, pid_file) in [("mesh-controller", pid_file()), ("prometheus", prometheus::pid_file())] {
+        if let Some(pid) = quickstart_process(&pid_file, name) {
+            stop(pid);
+            removed.push(format!("{name} (pid {pid})"));
+        }
     }
     removed.extend(remove_named(ID));
     // The veth goes with the bridge's namespace; this is in case that failed.
@@ -129,13 +145,13 @@ fn down_quietly() -> anyhow::Result<bool> {
     Ok(!removed.is_empty())
 }
 
-/// The pid of the controller a quickstart started, if it still runs (and is
-/// still that controller: pids are reused).
-fn quickstart_controller() -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pid_file()).ok()?.trim().parse().ok()?;
+/// The pid of the program `name` a quickstart started, if it still runs
+/// (and is still that program: pids are reused).
+fn quickstart_process(pid_file: &Path, name: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let cmdline = String::from_utf8_lossy(&cmdline);
-    (cmdline.contains("mesh-controller") && cmdline.contains(DIR)).then_some(pid)
+    (cmdline.contains(name) && cmdline.contains(DIR)).then_some(pid)
 }
 
 /// SIGTERM, then SIGKILL after 5 s.

@@ -18,8 +18,9 @@ use super::{
 };
 use crate::step;
 
-/// The tour; returns the processes it started (the waypoint, the canary), to leave running.
-pub fn run(mesh: &Mesh, app: &App, ctl: &Ctl) -> anyhow::Result<Vec<Proc>> {
+/// The tour; returns the processes it started (the waypoint, the canary), to
+/// leave running, and the waypoint's pod.
+pub fn run(mesh: &Mesh, app: &App, ctl: &Ctl) -> anyhow::Result<(Vec<Proc>, mesh_tests::Pod)> {
     step("traffic: 20 requests from demo/tester to the frontend service; frontend -> backend service -> redis");
     let tester = &app.member("tester").pod;
     let replies = requests(tester, 20);
@@ -73,7 +74,7 @@ pub fn run(mesh: &Mesh, app: &App, ctl: &Ctl) -> anyhow::Result<Vec<Proc>> {
 
 /// L7: a waypoint for the backend service, a canary v2 at 10 %, the tester's
 /// marked requests always to v2; the split as the waypoint counted it.
-fn canary(mesh: &Mesh, app: &App, ctl: &Ctl) -> anyhow::Result<Vec<Proc>> {
+fn canary(mesh: &Mesh, app: &App, ctl: &Ctl) -> anyhow::Result<(Vec<Proc>, mesh_tests::Pod)> {
     step(
         "L7: a waypoint for the backend service (Gateway demo/waypoint, class istio-waypoint), and a canary backend-v2",
     );
@@ -126,7 +127,7 @@ fn canary(mesh: &Mesh, app: &App, ctl: &Ctl) -> anyhow::Result<Vec<Proc>> {
     );
     println!("    why (mesh-ctl route explain --to demo/backend:80 --header x-tester=yes):");
     indent(&ctl.run(&["route", "explain", "--to", "demo/backend:80", "--header", "x-tester=yes"])?);
-    Ok(procs)
+    Ok((procs, wp))
 }
 
 /// `n` requests to the frontend from `pod`; each reply's text.
@@ -262,5 +263,10 @@ pub fn next_steps(ctl: &Ctl) {
     println!("    mesh-ctl unenroll demo; mesh-ctl enroll demo      # take the namespace out of the mesh and back");
     println!("    {:<50}# more traffic", format!("ip netns exec mq-tester curl -s http://{FRONTEND_VIP}/"));
     println!("    {:<50}# a node agent's log (JSON; access lines too)", format!("tail -f {DIR}/agent-node1-*.log"));
+    println!("    {:<50}# Prometheus, scraping the mesh every 5 s", format!("http://{}/", super::prometheus::ADDR));
+    println!(
+        "    {:<50}# e.g. requests per second by backend workload",
+        "  sum by (destination_workload) (rate(istio_requests_total[1m]))"
+    );
     println!("    cargo xtask quickstart --down                     # remove everything");
 }
