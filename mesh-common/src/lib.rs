@@ -10,6 +10,8 @@
 pub mod admin;
 #[cfg(feature = "authz")]
 pub mod authz;
+#[cfg(feature = "cel")]
+pub mod cel;
 #[cfg(feature = "std")]
 mod duration;
 #[cfg(feature = "std")]

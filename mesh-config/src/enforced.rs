@@ -228,13 +228,14 @@ fn mesh_config(cm: &ConfigMap, out: &mut Vec<(Option<String>, String)>) {
 
 /// What of a Telemetry mesh does not honour: tracing happens at waypoints
 /// (node proxies stay L4 and make no spans), with the first tracing entry
-/// and its first provider, as Istio's proxies do.
+/// and its first provider, as Istio's proxies do; access lines go to the
+/// proxies' own log; metrics are Istio's standard ones, for Prometheus.
 fn telemetry(spec: &crate::objects::telemetry::TelemetrySpec, out: &mut Vec<(Option<String>, String)>) {
-    if spec.selector.is_some() {
+    if spec.selector.is_some() && !spec.tracing.is_empty() {
         out.push((
             Some("spec.selector".into()),
-            "tracing happens at waypoints: this Telemetry applies to the services of the waypoints whose pods it \
-             selects"
+            "tracing happens at waypoints: this Telemetry's tracing applies to the services of the waypoints whose \
+             pods it selects"
                 .into(),
         ));
     }
@@ -271,17 +272,47 @@ fn telemetry(spec: &crate::objects::telemetry::TelemetrySpec, out: &mut Vec<(Opt
             ));
         }
     }
-    if !spec.metrics.is_empty() {
-        out.push((
-            Some("spec.metrics".into()),
-            "not honoured yet: every Istio metric is reported with all its labels".into(),
-        ));
+    for (i, l) in spec.access_logging.iter().enumerate() {
+        for (j, p) in l.providers.iter().enumerate().filter(|(_, p)| p.name != "envoy") {
+            out.push((
+                Some(format!("spec.accessLogging[{i}].providers[{j}]")),
+                format!("{:?}: access lines go to the proxies' own JSON log whatever the provider; its sink and format are not used", p.name),
+            ));
+        }
     }
-    if !spec.access_logging.is_empty() {
-        out.push((
-            Some("spec.accessLogging".into()),
-            "not honoured yet: node proxies and waypoints log every connection and request".into(),
-        ));
+    for (i, m) in spec.metrics.iter().enumerate() {
+        let at = format!("spec.metrics[{i}]");
+        for (j, p) in m.providers.iter().enumerate().filter(|(_, p)| p.name != "prometheus") {
+            out.push((
+                Some(format!("{at}.providers[{j}]")),
+                format!("{:?}: metrics are exposed for Prometheus (port 15020) only", p.name),
+            ));
+        }
+        if m.reporting_interval.is_some() {
+            out.push((
+                Some(format!("{at}.reportingInterval")),
+                "not read: Prometheus scrapes at its own interval".into(),
+            ));
+        }
+        for (j, o) in m.overrides.iter().enumerate() {
+            let at = format!("{at}.overrides[{j}]");
+            if o.match_.as_ref().is_some_and(|s| s.custom_metric.is_some()) {
+                out.push((
+                    Some(format!("{at}.match.customMetric")),
+                    "mesh reports Istio's standard metrics only: this override applies to none".into(),
+                ));
+            }
+            for (tag, t) in &o.tag_overrides {
+                if t.operation.as_deref().unwrap_or("UPSERT") == "UPSERT"
+                    && !crate::objects::telemetry::STANDARD_TAGS.contains(&tag.as_str())
+                {
+                    out.push((
+                        Some(format!("{at}.tagOverrides[{tag}]")),
+                        "not applied yet: mesh can set Istio's standard tags, not add new ones".into(),
+                    ));
+                }
+            }
+        }
     }
 }
 

@@ -374,7 +374,9 @@ spec:\n  accessLogging:\n  - providers: [{name: envoy}]\n\
     assert!(store.problems().is_empty(), "{:?}", store.problems());
     assert_eq!(store.objects().len(), 4, "{} documents: {docs:#?}", docs.len());
     let warnings: Vec<String> = store.warnings().iter().map(ToString::to_string).collect();
-    assert_eq!(warnings.len(), 4, "{warnings:#?}");
+    // The Telemetry is enforced (access logs at node proxies and waypoints): no warning.
+    assert_eq!(warnings.len(), 3, "{warnings:#?}");
+    assert!(!warnings.iter().any(|w| w.contains("Telemetry")), "{warnings:#?}");
     assert!(
         warnings.iter().any(|w| w.starts_with(
             "istio.yaml:1: Gateway.networking.istio.io default/bookinfo-gateway: accepted, not enforced: mesh does not implement"

@@ -84,6 +84,16 @@ fn what_istio_rejects_is_rejected_with_line_and_field() {
         ("  metrics:\n  - reportingInterval: often\n", "spec.metrics[0].reportingInterval", "expected a number"),
         ("  accessLogging:\n  - filter: {expression: ''}\n", "spec.accessLogging[0].filter.expression", "empty"),
         (
+            "  accessLogging:\n  - filter: {expression: 'response.code >='}\n",
+            "spec.accessLogging[0].filter.expression",
+            "not a CEL expression",
+        ),
+        (
+            "  metrics:\n  - overrides: [{tagOverrides: {request_host: {value: 'request.'}}}]\n",
+            "spec.metrics[0].overrides[0].tagOverrides[request_host].value",
+            "not a CEL expression",
+        ),
+        (
             "  selector: {matchLabels: {app: a}}\n  targetRefs: [{kind: Service, group: '', name: a}]\n",
             "spec.selector",
             "only one of",
@@ -116,6 +126,25 @@ fn what_mesh_does_not_honour_is_said() {
     assert!(w.iter().any(|(f, _)| f.as_deref() == Some("spec.tracing[0].providers")), "{w:?}");
     let w = warned("  targetRefs: [{kind: Deployment, name: web}]\n  tracing: [{randomSamplingPercentage: 5}]\n");
     assert!(w.iter().any(|(f, m)| f.as_deref() == Some("spec.targetRefs[0].kind") && m.contains("nowhere")), "{w:?}");
+    let w = warned(
+        "  accessLogging: [{providers: [{name: otel-als}]}]\n  metrics:\n  - providers: [{name: stackdriver}]\n    \
+         reportingInterval: 15s\n    overrides:\n    - match: {customMetric: my_metric}\n      disabled: true\n    \
+         - tagOverrides: {request_host: {value: request.host}, request_protocol: {operation: REMOVE}}\n",
+    );
+    for field in [
+        "spec.accessLogging[0].providers[0]",
+        "spec.metrics[0].providers[0]",
+        "spec.metrics[0].reportingInterval",
+        "spec.metrics[0].overrides[0].match.customMetric",
+        "spec.metrics[0].overrides[1].tagOverrides[request_host]",
+    ] {
+        assert!(w.iter().any(|(f, _)| f.as_deref() == Some(field)), "no warning at {field}: {w:?}");
+    }
+    assert!(!w.iter().any(|(f, _)| f.as_deref().is_some_and(|f| f.contains("request_protocol"))), "{w:?}");
+    // Istio's own examples for the default providers warn of nothing.
+    let istio = "  accessLogging: [{providers: [{name: envoy}], filter: {expression: 'response.code >= 400'}}]\n  \
+                 metrics: [{providers: [{name: prometheus}], overrides: [{match: {metric: REQUEST_COUNT}, disabled: true}]}]\n";
+    assert_eq!(warned(istio), vec![]);
     // A plain tracing Telemetry has nothing to warn about.
     assert_eq!(warned("  tracing:\n  - providers: [{name: zipkin}]\n    randomSamplingPercentage: 10\n"), vec![]);
 }

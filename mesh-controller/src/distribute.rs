@@ -79,8 +79,8 @@ impl WireSet {
         use imbl::ordmap::DiffItem;
         let mut set = Changes::from(self);
         set.revoked(revoked);
-        // A workload's entry carries its PeerAuthentication modes.
-        if old.same_peer_authentications(new) {
+        // A workload's entry carries its PeerAuthentication modes and Telemetry rules.
+        if old.same_peer_authentications(new) && old.same_telemetries(new) {
             for item in old.workloads.diff(&new.workloads) {
                 match item {
                     DiffItem::Add(_, w) | DiffItem::Update { new: (_, w), .. } => {
@@ -290,6 +290,7 @@ fn workload(model: &MeshModel, w: &Workload) -> api::Workload {
         // The default port 0 never carries traffic: this asks for the workload-wide mode.
         mtls_mode: mtls(model.mtls_mode(w, 0)),
         port_mtls: model.mtls_port_modes(w).into_iter().map(|(p, m)| (u32::from(p), mtls(m))).collect(),
+        telemetry: model.telemetry_for(w),
     }
 }
 
@@ -326,6 +327,7 @@ fn service(s: &Service) -> api::Service {
         rate_limit: s.rate_limit.clone(),
         jwt_rules: s.jwt_rules.clone(),
         tracing: s.tracing.clone(),
+        telemetry: s.telemetry.clone(),
         waypoint: s.waypoint.as_ref().map(|w| {
             let (namespace, name) = w.gateway.split_once('/').unwrap_or_default();
             api::WaypointRef { namespace: namespace.into(), name: name.into(), workloads: w.instances.clone() }

@@ -106,6 +106,8 @@ impl OutboundPlan {
         info.dst = Some(self.dst);
         if let Some(w) = &self.source {
             info.set_source(w);
+            // The source is this node's pod: its Telemetry decides what is logged and counted.
+            info.rules.clone_from(&w.telemetry);
         }
         if let Some(s) = &self.service {
             info.set_service(s);
@@ -238,6 +240,8 @@ impl InboundPlan {
         }
         if let Some(w) = &self.destination {
             info.set_destination(w);
+            // The destination is this node's pod: its Telemetry decides.
+            info.rules.clone_from(&w.telemetry);
         }
         if let Some((allowed, policy)) = &self.decision {
             info.decision = Some(if *allowed { "allow" } else { "deny" });

@@ -28,10 +28,15 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::info;
 
+use mesh_common::cel::Attributes;
+
 use crate::{
     error::{Flag, ProxyError},
     hbone::headers::{Baggage, DEFAULT_CLUSTER},
-    state::view::{ServiceInfo, WorkloadInfo},
+    state::{
+        telemetry_rules::{Side, TelemetryRules},
+        view::{ServiceInfo, WorkloadInfo},
+    },
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -100,6 +105,9 @@ pub struct ConnInfo {
     /// The connection's id in access logs: this proxy's own, or, for a
     /// tunnel from another mesh proxy, the one that proxy logs it by.
     pub connection_id: String,
+    /// The enrolled pod's Telemetry rules (access log, metric overrides).
+    #[serde(skip)]
+    pub rules: Option<Arc<TelemetryRules>>,
 }
 
 impl ConnInfo {
@@ -137,6 +145,7 @@ impl ConnInfo {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             connection_id: crate::hbone::headers::new_connection_id(),
+            rules: None,
         }
     }
 
@@ -200,7 +209,7 @@ impl ConnInfo {
     fn labels(&self) -> TcpLabels {
         let v = |o: &Option<String>| o.clone().unwrap_or_else(|| "unknown".into());
         TcpLabels {
-            reporter: self.direction.reporter(),
+            reporter: self.direction.reporter().into(),
             source_workload: v(&self.src_workload),
             source_workload_namespace: v(&self.src_namespace),
             source_principal: v(&self.src_principal),
@@ -208,7 +217,7 @@ impl ConnInfo {
             source_canonical_revision: v(&self.src_revision),
             source_app: v(&self.src_app),
             source_version: v(&self.src_version),
-            source_cluster: DEFAULT_CLUSTER,
+            source_cluster: DEFAULT_CLUSTER.into(),
             destination_workload: v(&self.dst_workload),
             destination_workload_namespace: v(&self.dst_namespace),
             destination_principal: v(&self.dst_principal),
@@ -216,21 +225,77 @@ impl ConnInfo {
             destination_canonical_revision: v(&self.dst_revision),
             destination_app: v(&self.dst_app),
             destination_version: v(&self.dst_version),
-            destination_cluster: DEFAULT_CLUSTER,
+            destination_cluster: DEFAULT_CLUSTER.into(),
             destination_service: v(&self.dst_service),
             destination_service_name: v(&self.dst_service_name),
             destination_service_namespace: v(&self.dst_service_namespace),
-            request_protocol: "tcp",
-            response_flags: "-",
-            connection_security_policy: self.security,
+            request_protocol: "tcp".into(),
+            response_flags: "-".into(),
+            connection_security_policy: self.security.into(),
         }
+    }
+
+    /// The side the enrolled pod is on: an outbound connection's client, an
+    /// inbound one's server.
+    fn side(&self) -> Side {
+        match self.direction {
+            Direction::Outbound => Side::Client,
+            Direction::Inbound => Side::Server,
+        }
+    }
+
+    /// Envoy's attributes of this connection, for Telemetry's expressions.
+    fn attributes(&self, received: u64, sent: u64) -> Attributes {
+        let mut a = Attributes::default();
+        a.set("source", "address", self.src.ip().to_string())
+            .set("source", "port", i64::from(self.src.port()))
+            .set("connection", "mtls", self.security == "mutual_tls")
+            .set("connection", "id", self.connection_id.clone())
+            .set("connection", "received_bytes", received)
+            .set("connection", "sent_bytes", sent);
+        if let Some(dst) = self.dst {
+            a.set("destination", "address", dst.ip().to_string()).set("destination", "port", i64::from(dst.port()));
+        }
+        if let Some(up) = self.upstream {
+            a.set("upstream", "address", up.to_string());
+        }
+        a
+    }
+
+    /// [`Self::labels`] for `metric` (Istio's name) as the pod's Telemetry
+    /// has it: `None` when it is not counted, removed tags emptied,
+    /// upserted ones given their expression's value.
+    fn labels_for(&self, metric: &str, flags: &str, received: u64, sent: u64) -> Option<TcpLabels> {
+        let mut labels = TcpLabels { response_flags: flags.into(), ..self.labels() };
+        let Some(rules) = &self.rules else { return Some(labels) };
+        let rule = rules.metric(self.side(), metric);
+        if rule.disabled {
+            return None;
+        }
+        for tag in rule.removed {
+            labels.set(tag, String::new());
+        }
+        if !rule.upserted.is_empty() {
+            let attributes = self.attributes(received, sent);
+            for (tag, e) in rule.upserted {
+                if let Some(v) = attributes.text(e) {
+                    labels.set(tag, v);
+                }
+            }
+        }
+        Some(labels)
+    }
+
+    /// Whether the pod's Telemetry has this connection's access-log line written.
+    fn logged(&self, received: u64, sent: u64) -> bool {
+        self.rules.as_ref().is_none_or(|r| r.logs(self.side(), || self.attributes(received, sent)))
     }
 }
 
 /// Istio's standard labels on `istio_tcp_*`, exactly as Istio names them.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
-    reporter: &'static str,
+    reporter: String,
     source_workload: String,
     source_workload_namespace: String,
     source_principal: String,
@@ -238,7 +303,7 @@ pub struct TcpLabels {
     source_canonical_revision: String,
     source_app: String,
     source_version: String,
-    source_cluster: &'static str,
+    source_cluster: String,
     destination_workload: String,
     destination_workload_namespace: String,
     destination_principal: String,
@@ -246,13 +311,46 @@ pub struct TcpLabels {
     destination_canonical_revision: String,
     destination_app: String,
     destination_version: String,
-    destination_cluster: &'static str,
+    destination_cluster: String,
     destination_service: String,
     destination_service_name: String,
     destination_service_namespace: String,
-    request_protocol: &'static str,
-    response_flags: &'static str,
-    connection_security_policy: &'static str,
+    request_protocol: String,
+    response_flags: String,
+    connection_security_policy: String,
+}
+
+impl TcpLabels {
+    /// Sets a standard tag (Telemetry's tagOverrides); other names are not Istio's TCP tags.
+    fn set(&mut self, tag: &str, value: String) {
+        let field = match tag {
+            "reporter" => &mut self.reporter,
+            "source_workload" => &mut self.source_workload,
+            "source_workload_namespace" => &mut self.source_workload_namespace,
+            "source_principal" => &mut self.source_principal,
+            "source_canonical_service" => &mut self.source_canonical_service,
+            "source_canonical_revision" => &mut self.source_canonical_revision,
+            "source_app" => &mut self.source_app,
+            "source_version" => &mut self.source_version,
+            "source_cluster" => &mut self.source_cluster,
+            "destination_workload" => &mut self.destination_workload,
+            "destination_workload_namespace" => &mut self.destination_workload_namespace,
+            "destination_principal" => &mut self.destination_principal,
+            "destination_canonical_service" => &mut self.destination_canonical_service,
+            "destination_canonical_revision" => &mut self.destination_canonical_revision,
+            "destination_app" => &mut self.destination_app,
+            "destination_version" => &mut self.destination_version,
+            "destination_cluster" => &mut self.destination_cluster,
+            "destination_service" => &mut self.destination_service,
+            "destination_service_name" => &mut self.destination_service_name,
+            "destination_service_namespace" => &mut self.destination_service_namespace,
+            "request_protocol" => &mut self.request_protocol,
+            "response_flags" => &mut self.response_flags,
+            "connection_security_policy" => &mut self.connection_security_policy,
+            _ => return,
+        };
+        *field = value;
+    }
 }
 
 /// The `istio_tcp_*` families, owned here and registered in the process's registry.
@@ -403,8 +501,10 @@ impl Tracked {
 
     /// Counts it opened (once), with the labels its facts give now.
     fn opened(&mut self) {
-        if !std::mem::replace(&mut self.0.opened, true) {
-            self.0.table.metrics.opened.get_or_create(&self.0.info.labels()).inc();
+        if !std::mem::replace(&mut self.0.opened, true)
+            && let Some(labels) = self.0.info.labels_for("TCP_OPENED_CONNECTIONS", "-", 0, 0)
+        {
+            self.0.table.metrics.opened.get_or_create(&labels).inc();
         }
     }
 
@@ -447,12 +547,28 @@ impl Tracked {
         let sent = self.0.bytes.sent.load(Ordering::Relaxed);
         let flags = error.as_ref().map_or("-", |(f, _)| f.as_str());
         self.opened();
-        let labels = TcpLabels { response_flags: flags, ..self.0.info.labels() };
-        let m = &self.0.table.metrics;
-        m.closed.get_or_create(&labels).inc();
-        m.received.get_or_create(&labels).inc_by(received);
-        m.sent.get_or_create(&labels).inc_by(sent);
-        access_log(&self.0.info, received, sent, self.0.started.elapsed().as_secs_f64() * 1e3, flags, error);
+        let (info, m) = (&self.0.info, &self.0.table.metrics);
+        let families = [
+            (&m.closed, "TCP_CLOSED_CONNECTIONS", 1),
+            (&m.received, "TCP_RECEIVED_BYTES", received),
+            (&m.sent, "TCP_SENT_BYTES", sent),
+        ];
+        if info.rules.is_none() {
+            // No Telemetry for the pod: one label set for the three.
+            let labels = TcpLabels { response_flags: flags.into(), ..info.labels() };
+            for (family, _, n) in families {
+                family.get_or_create(&labels).inc_by(n);
+            }
+        } else {
+            for (family, metric, n) in families {
+                if let Some(labels) = info.labels_for(metric, flags, received, sent) {
+                    family.get_or_create(&labels).inc_by(n);
+                }
+            }
+        }
+        if info.logged(received, sent) {
+            access_log(info, received, sent, self.0.started.elapsed().as_secs_f64() * 1e3, flags, error);
+        }
     }
 }
 

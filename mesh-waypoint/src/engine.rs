@@ -21,7 +21,10 @@ use mesh_common::{
 };
 use mesh_proxy::{
     hbone::headers::DEFAULT_CLUSTER,
-    state::view::{MeshView, ServiceInfo, Upstream, WorkloadInfo},
+    state::{
+        telemetry_rules::{Side, TelemetryRules},
+        view::{MeshView, ServiceInfo, Upstream, WorkloadInfo},
+    },
 };
 use tracing::info;
 
@@ -94,6 +97,10 @@ struct Record {
     ext_authz_headers: Vec<(HeaderName, HeaderValue)>,
     /// Its spans, when its service's Telemetry traces it.
     trace: Option<crate::trace::RequestTrace>,
+    /// Its service's Telemetry access-log and metric rules, and then the
+    /// request's headers (what their expressions may read).
+    rules: Option<Arc<TelemetryRules>>,
+    headers: Option<HeaderMap>,
 }
 
 pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Incoming>) -> Response<HttpBody> {
@@ -114,7 +121,10 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Inc
     // Normalized once (Istio's BASE): policies, routes and the upstream all see the same path.
     let path = authz::normalize_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
     let grpc = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let trace = ds.service.tracing.as_ref().map(|tracing| {
+    // Telemetry as configured now: a tunnel (and its HTTP/2 connection) may
+    // have been opened under an older configuration.
+    let current = view.service(ds.service.key()).cloned().unwrap_or_else(|| ds.service.clone());
+    let trace = current.tracing.as_ref().map(|tracing| {
         let start = crate::trace::Start {
             service: &ds.service.host,
             port: ds.port,
@@ -148,6 +158,8 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Inc
         set_cookie: None,
         ext_authz_headers: Vec::new(),
         trace,
+        headers: current.telemetry.is_some().then(|| parts.headers.clone()),
+        rules: current.telemetry.clone(),
     };
     let (body, recorded) = Recording::new(body);
     let mut response = route_and_send(&wp, &ds, &view, &mut parts, body, &recorded, &mut rec).await;
@@ -471,9 +483,9 @@ async fn route_and_send(
         _ => false,
     };
     if let Some(t) = &mut rec.trace {
-        let cluster = upstream_cluster(svc, port, &backend.subset);
-        let url = format!("http://{}{}", rec.authority, rec.path);
-        t.start_client(&mut parts.headers, &cluster, parts.method.as_str(), url);
+        let upstream =
+            || (upstream_cluster(svc, port, &backend.subset), format!("http://{}{}", rec.authority, rec.path));
+        t.start_client(&mut parts.headers, parts.method.as_str(), upstream);
     }
     let policy = route.retry();
     let per_try = Duration::from_millis(policy.per_try_timeout_ms);
@@ -904,13 +916,45 @@ fn finish(
             flags,
             grpc: rec.grpc,
         };
-        let pins = (rec.upstream_workload.clone(), rec.backend_service.clone());
-        let (series, labels) = ds.series.get(key, pins, || {
-            let labels = labels(&wp, &ds, &rec, status, grpc_status.clone(), flags);
-            (wp.metrics.series(&labels), labels)
-        });
         let ms = rec.started.elapsed().as_secs_f64() * 1000.0;
-        series.record(ms, recorded.bytes(), ended.bytes);
+        let sizes = (recorded.bytes(), ended.bytes);
+        let labels = match rec.rules.as_deref() {
+            None => {
+                let pins = (rec.upstream_workload.clone(), rec.backend_service.clone());
+                let (series, labels) = ds.series.get(key, pins, || {
+                    let labels = labels(&wp, &ds, &rec, status, grpc_status.clone(), flags);
+                    (wp.metrics.series(&labels), labels)
+                });
+                series.record(ms, sizes.0, sizes.1);
+                labels
+            }
+            // The service's Telemetry edits the label sets (never cached:
+            // the rules are the configuration's of the moment).
+            Some(rules) => {
+                let labels = labels(&wp, &ds, &rec, status, grpc_status.clone(), flags);
+                let each = |metric| {
+                    let rule = rules.metric(Side::Server, metric);
+                    if rule.disabled {
+                        return None;
+                    }
+                    let mut l = labels.clone();
+                    for tag in rule.removed {
+                        l.set(tag, String::new());
+                    }
+                    if !rule.upserted.is_empty() {
+                        let a = request_attributes(&ds, &rec, status, &grpc_status, sizes);
+                        for (tag, e) in rule.upserted {
+                            if let Some(v) = a.text(e) {
+                                l.set(tag, v);
+                            }
+                        }
+                    }
+                    Some(l)
+                };
+                wp.metrics.record_each(each, ms, sizes.0, sizes.1);
+                Arc::new(labels)
+            }
+        };
         if let Some(t) = rec.trace.take() {
             t.end(crate::trace::End {
                 status,
@@ -921,12 +965,19 @@ fn finish(
                 destination_principal: rec.upstream_workload.as_ref().map(|_| labels.destination_principal.as_str()),
             });
         }
+        if rec
+            .rules
+            .as_ref()
+            .is_some_and(|r| !r.logs(Side::Server, || request_attributes(&ds, &rec, status, &grpc_status, sizes)))
+        {
+            return;
+        }
         info!(
             target: "access",
             method = %rec.method,
             authority = %rec.authority,
             path = %rec.path,
-            protocol = labels.request_protocol,
+            protocol = %labels.request_protocol,
             status,
             grpc_status = %grpc_status,
             response_flags = flags,
@@ -946,6 +997,48 @@ fn finish(
         );
     });
     Response::from_parts(parts, body.boxed())
+}
+
+/// Envoy's attributes of a request that has ended, for Telemetry's
+/// expressions (access-log filters, tag values).
+fn request_attributes(
+    ds: &Downstream,
+    rec: &Record,
+    status: u16,
+    grpc_status: &str,
+    (request_size, response_size): (u64, u64),
+) -> mesh_common::cel::Attributes {
+    let mut a = mesh_common::cel::Attributes::default();
+    let url_path = rec.path.split('?').next().unwrap_or_default();
+    a.set("request", "method", rec.method.as_str())
+        .set("request", "path", rec.path.as_str())
+        .set("request", "url_path", url_path)
+        .set("request", "host", rec.authority.as_str())
+        .set("request", "scheme", "http")
+        .set("request", "id", rec.request_id())
+        .set("request", "size", request_size)
+        .set("request", "duration_ms", rec.started.elapsed().as_secs_f64() * 1000.0)
+        .set("response", "code", i64::from(status))
+        .set("response", "size", response_size)
+        .set("response", "flags", rec.flags)
+        .set("source", "address", ds.peer_addr.ip().to_string())
+        .set("source", "port", i64::from(ds.peer_addr.port()))
+        .set("destination", "address", ds.destination.ip().to_string())
+        .set("destination", "port", i64::from(ds.port))
+        .set("connection", "mtls", ds.peer.is_some());
+    if !grpc_status.is_empty() {
+        a.set("response", "grpc_status", grpc_status);
+    }
+    if let Some(p) = &ds.peer {
+        a.set("source", "principal", p.to_string());
+    }
+    if let Some(u) = rec.upstream {
+        a.set("upstream", "address", u.to_string());
+    }
+    if let Some(h) = &rec.headers {
+        a.set_map("request", "headers", h.iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))));
+    }
+    a
 }
 
 /// Envoy's name for the cluster of a service's port (and subset):
@@ -968,7 +1061,7 @@ fn labels(
     let dst = rec.upstream_workload.as_ref();
     let svc = rec.backend_service.as_ref().unwrap_or(&ds.service);
     RequestLabels {
-        reporter: "waypoint",
+        reporter: "waypoint".into(),
         source_workload: source.map_or_else(unknown, |w| w.wire.name.clone()),
         source_workload_namespace: ds.peer.as_ref().map_or_else(unknown, |p| p.namespace().to_owned()),
         source_principal: ds.peer.as_ref().map_or_else(unknown, ToString::to_string),
@@ -976,7 +1069,7 @@ fn labels(
         source_canonical_revision: source.map_or_else(unknown, |w| w.canonical_revision().to_owned()),
         source_app: source.map_or_else(unknown, |w| w.app_and_version().0.to_owned()),
         source_version: source.map_or_else(unknown, |w| w.app_and_version().1.to_owned()),
-        source_cluster: DEFAULT_CLUSTER,
+        source_cluster: DEFAULT_CLUSTER.into(),
         destination_workload: dst.map_or_else(unknown, |w| w.wire.name.clone()),
         destination_workload_namespace: dst.map_or_else(unknown, |w| w.wire.namespace.clone()),
         destination_principal: dst.map_or_else(unknown, |w| w.identity.to_string()),
@@ -984,15 +1077,15 @@ fn labels(
         destination_canonical_revision: dst.map_or_else(unknown, |w| w.canonical_revision().to_owned()),
         destination_app: dst.map_or_else(unknown, |w| w.app_and_version().0.to_owned()),
         destination_version: dst.map_or_else(unknown, |w| w.app_and_version().1.to_owned()),
-        destination_cluster: DEFAULT_CLUSTER,
+        destination_cluster: DEFAULT_CLUSTER.into(),
         destination_service: svc.host.clone(),
         destination_service_name: svc.name.clone(),
         destination_service_namespace: svc.namespace.clone(),
-        request_protocol: if rec.grpc { "grpc" } else { "http" },
-        response_code: status,
+        request_protocol: if rec.grpc { "grpc" } else { "http" }.into(),
+        response_code: status.to_string(),
         grpc_response_status,
-        response_flags,
-        connection_security_policy: if ds.peer.is_some() { "mutual_tls" } else { "none" },
+        response_flags: response_flags.into(),
+        connection_security_policy: if ds.peer.is_some() { "mutual_tls" } else { "none" }.into(),
     }
 }
 

@@ -13,7 +13,7 @@ use prometheus_client::{
 /// Istio's labels on the request metrics, exactly as Istio names them.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub reporter: &'static str,
+    pub reporter: String,
     pub source_workload: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
@@ -21,7 +21,7 @@ pub struct RequestLabels {
     pub source_canonical_revision: String,
     pub source_app: String,
     pub source_version: String,
-    pub source_cluster: &'static str,
+    pub source_cluster: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
@@ -29,15 +29,50 @@ pub struct RequestLabels {
     pub destination_canonical_revision: String,
     pub destination_app: String,
     pub destination_version: String,
-    pub destination_cluster: &'static str,
+    pub destination_cluster: String,
     pub destination_service: String,
     pub destination_service_name: String,
     pub destination_service_namespace: String,
-    pub request_protocol: &'static str,
-    pub response_code: u16,
+    pub request_protocol: String,
+    pub response_code: String,
     pub grpc_response_status: String,
-    pub response_flags: &'static str,
-    pub connection_security_policy: &'static str,
+    pub response_flags: String,
+    pub connection_security_policy: String,
+}
+
+impl RequestLabels {
+    /// Sets a standard tag (Telemetry's tagOverrides); other names are not Istio's request tags.
+    pub fn set(&mut self, tag: &str, value: String) {
+        let field = match tag {
+            "reporter" => &mut self.reporter,
+            "source_workload" => &mut self.source_workload,
+            "source_workload_namespace" => &mut self.source_workload_namespace,
+            "source_principal" => &mut self.source_principal,
+            "source_canonical_service" => &mut self.source_canonical_service,
+            "source_canonical_revision" => &mut self.source_canonical_revision,
+            "source_app" => &mut self.source_app,
+            "source_version" => &mut self.source_version,
+            "source_cluster" => &mut self.source_cluster,
+            "destination_workload" => &mut self.destination_workload,
+            "destination_workload_namespace" => &mut self.destination_workload_namespace,
+            "destination_principal" => &mut self.destination_principal,
+            "destination_canonical_service" => &mut self.destination_canonical_service,
+            "destination_canonical_revision" => &mut self.destination_canonical_revision,
+            "destination_app" => &mut self.destination_app,
+            "destination_version" => &mut self.destination_version,
+            "destination_cluster" => &mut self.destination_cluster,
+            "destination_service" => &mut self.destination_service,
+            "destination_service_name" => &mut self.destination_service_name,
+            "destination_service_namespace" => &mut self.destination_service_namespace,
+            "request_protocol" => &mut self.request_protocol,
+            "response_code" => &mut self.response_code,
+            "grpc_response_status" => &mut self.grpc_response_status,
+            "response_flags" => &mut self.response_flags,
+            "connection_security_policy" => &mut self.connection_security_policy,
+            _ => return,
+        };
+        *field = value;
+    }
 }
 
 /// Istio's duration buckets (milliseconds).
@@ -250,6 +285,32 @@ pub struct Series {
     response_bytes: Histogram,
 }
 
+impl RequestMetrics {
+    /// One request, as a service's Telemetry has it counted: `labels` gives
+    /// each family's label set by Istio's metric name (`REQUEST_COUNT`,
+    /// ...), `None` for a family it turns off.
+    pub fn record_each(
+        &self,
+        labels: impl Fn(&'static str) -> Option<RequestLabels>,
+        duration_ms: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        if let Some(l) = labels("REQUEST_COUNT") {
+            self.requests.get_or_create(&l).inc();
+        }
+        if let Some(l) = labels("REQUEST_DURATION") {
+            self.duration.get_or_create(&l).observe(duration_ms);
+        }
+        if let Some(l) = labels("REQUEST_SIZE") {
+            self.request_bytes.get_or_create(&l).observe(request_bytes as f64);
+        }
+        if let Some(l) = labels("RESPONSE_SIZE") {
+            self.response_bytes.get_or_create(&l).observe(response_bytes as f64);
+        }
+    }
+}
+
 impl Series {
     pub fn record(&self, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
         self.requests.inc();
@@ -315,7 +376,7 @@ mod tests {
 
     fn labels(code: u16) -> RequestLabels {
         RequestLabels {
-            reporter: "waypoint",
+            reporter: "waypoint".into(),
             source_workload: "a".into(),
             source_workload_namespace: "ns".into(),
             source_principal: "p".into(),
@@ -323,7 +384,7 @@ mod tests {
             source_canonical_revision: "v1".into(),
             source_app: "a".into(),
             source_version: "v1".into(),
-            source_cluster: "Kubernetes",
+            source_cluster: "Kubernetes".into(),
             destination_workload: "b".into(),
             destination_workload_namespace: "ns".into(),
             destination_principal: "q".into(),
@@ -331,15 +392,15 @@ mod tests {
             destination_canonical_revision: "latest".into(),
             destination_app: "unknown".into(),
             destination_version: "unknown".into(),
-            destination_cluster: "Kubernetes",
+            destination_cluster: "Kubernetes".into(),
             destination_service: "b.ns.svc.cluster.local".into(),
             destination_service_name: "b".into(),
             destination_service_namespace: "ns".into(),
-            request_protocol: "http",
-            response_code: code,
+            request_protocol: "http".into(),
+            response_code: code.to_string(),
             grpc_response_status: String::new(),
-            response_flags: "-",
-            connection_security_policy: "mutual_tls",
+            response_flags: "-".into(),
+            connection_security_policy: "mutual_tls".into(),
         }
     }
 
@@ -355,7 +416,7 @@ mod tests {
                 made += 1;
                 (m.series(&labels(status)), labels(status))
             });
-            assert_eq!(l.response_code, status);
+            assert_eq!(l.response_code, status.to_string());
             s.record(1.0, 10, 20);
         }
         assert_eq!(made, 2, "one label set built per distinct key");

@@ -49,11 +49,12 @@ const B3_HEADERS: [&str; 6] = ["b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parent
 /// when a service's Telemetry first asks for it.
 #[derive(Default)]
 pub struct Tracers {
-    by_setting: Mutex<HashMap<Setting, Arc<Traced>>>,
+    /// By the setting's hash, the setting beside (a lookup allocates nothing).
+    by_setting: Mutex<HashMap<u64, (Setting, Arc<Traced>)>>,
 }
 
 /// What a tracer provider is built for.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug)]
 struct Setting {
     collector: Option<(i32, String, u32, String, u32, String)>,
     /// Sampling percentage, in hundredths of a percent (Istio's precision).
@@ -79,31 +80,42 @@ impl Drop for Traced {
 impl Tracers {
     /// The tracer for a service's `tracing`.
     pub fn traced(&self, wp: &Arc<Waypoint>, tracing: &api::Tracing) -> Arc<Traced> {
+        use std::hash::{Hash as _, Hasher as _};
         let c = tracing.collector.as_ref();
         let report = !tracing.disable_reporting && c.is_some();
-        let setting = Setting {
-            collector: c
-                .filter(|_| report)
-                .map(|c| (c.protocol, c.host.clone(), c.port, c.path.clone(), c.max_tag_length, c.name.clone())),
-            per_10k: (tracing.sampling_percentage.clamp(0.0, 100.0) * 100.0).round() as u32,
-            report,
-        };
+        let collector = c
+            .filter(|_| report)
+            .map(|c| (c.protocol, c.host.as_str(), c.port, c.path.as_str(), c.max_tag_length, c.name.as_str()));
+        let per_10k = (tracing.sampling_percentage.clamp(0.0, 100.0) * 100.0).round() as u32;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (collector, per_10k, report).hash(&mut h);
+        let key = h.finish();
         let mut map = lock(&self.by_setting);
-        if let Some(t) = map.get(&setting) {
+        if let Some((s, t)) = map.get(&key)
+            && s.per_10k == per_10k
+            && s.report == report
+            && s.collector.as_ref().map(|c| (c.0, c.1.as_str(), c.2, c.3.as_str(), c.4, c.5.as_str())) == collector
+        {
             return t.clone();
         }
+        let setting = Setting {
+            collector: collector
+                .map(|(p, h, port, path, m, n)| (p, h.to_owned(), port, path.to_owned(), m, n.to_owned())),
+            per_10k,
+            report,
+        };
         let traced = Arc::new(build(Some(wp), &setting, c));
         // Settings no service uses any more are dropped (their spans flushed).
         if map.len() >= 16 {
             map.clear();
         }
-        map.insert(setting, traced.clone());
+        map.insert(key, (setting, traced.clone()));
         traced
     }
 
     /// Flushes every batch (at shutdown).
     pub fn flush(&self) {
-        for t in lock(&self.by_setting).values() {
+        for (_, t) in lock(&self.by_setting).values() {
             let _ = t.provider.force_flush();
         }
     }
@@ -146,11 +158,14 @@ fn unreported(percentage: f64) -> Arc<Traced> {
 
 /// Extracts and injects W3C trace context and B3 (single and multi).
 #[allow(deprecated)]
-fn propagator() -> TextMapCompositePropagator {
-    TextMapCompositePropagator::new(vec![
-        Box::new(TraceContextPropagator::new()),
-        Box::new(B3Propagator::with_encoding(B3Encoding::SingleAndMultiHeader)),
-    ])
+fn propagator() -> &'static TextMapCompositePropagator {
+    static PROPAGATOR: std::sync::LazyLock<TextMapCompositePropagator> = std::sync::LazyLock::new(|| {
+        TextMapCompositePropagator::new(vec![
+            Box::new(TraceContextPropagator::new()),
+            Box::new(B3Propagator::with_encoding(B3Encoding::SingleAndMultiHeader)),
+        ])
+    });
+    &PROPAGATOR
 }
 
 /// One request's spans.
@@ -192,6 +207,16 @@ impl RequestTrace {
     /// Continues (or begins) the request's trace with its SERVER span.
     pub fn start(traced: Arc<Traced>, tracing: &api::Tracing, headers: &HeaderMap, s: Start<'_>) -> Self {
         let parent = propagator().extract(&HeaderExtractor(headers));
+        let mut server = traced
+            .tracer
+            .span_builder(format!("{}:{}/*", s.service, s.port))
+            .with_kind(SpanKind::Server)
+            .with_start_time(SystemTime::now())
+            .start_with_context(&traced.tracer, &parent);
+        // An unsampled span only carries the trace on: its attributes would be dropped.
+        if !server.is_recording() {
+            return RequestTrace { traced, server, client: None, cluster: None, tags: Vec::new() };
+        }
         let mut attributes = vec![
             KeyValue::new("http.method", s.method.to_owned()),
             KeyValue::new("http.url", format!("http://{}{}", s.authority, s.path)),
@@ -211,45 +236,48 @@ impl RequestTrace {
         }
         let tags: Vec<KeyValue> = tracing.custom_tags.iter().filter_map(|t| custom_tag(t, headers)).collect();
         attributes.extend(tags.iter().cloned());
-        let server = traced
-            .tracer
-            .span_builder(format!("{}:{}/*", s.service, s.port))
-            .with_kind(SpanKind::Server)
-            .with_start_time(SystemTime::now())
-            .with_attributes(attributes)
-            .start_with_context(&traced.tracer, &parent);
+        server.set_attributes(attributes);
         RequestTrace { traced, server, client: None, cluster: None, tags }
     }
 
-    /// The CLIENT span of the request's way upstream to `cluster`; its
-    /// context replaces the caller's in `headers`.
-    pub fn start_client(&mut self, headers: &mut HeaderMap, cluster: &str, method: &str, url: String) {
+    /// The CLIENT span of the request's way upstream (`upstream` gives its
+    /// cluster and URL, asked only for a sampled request); its context
+    /// replaces the caller's in `headers`.
+    pub fn start_client(&mut self, headers: &mut HeaderMap, method: &str, upstream: impl FnOnce() -> (String, String)) {
         let parent = Context::new().with_remote_span_context(self.server.span_context().clone());
-        let mut attributes = vec![
-            KeyValue::new("http.method", method.to_owned()),
-            KeyValue::new("http.url", url),
-            KeyValue::new("upstream_cluster", cluster.to_owned()),
-            KeyValue::new("component", "proxy"),
-        ];
-        attributes.extend(self.tags.iter().cloned());
-        let client = self
-            .traced
-            .tracer
-            .span_builder(format!("router {cluster} egress"))
-            .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
-            .start_with_context(&self.traced.tracer, &parent);
+        let tracer = &self.traced.tracer;
+        let client = if self.server.is_recording() {
+            let (cluster, url) = upstream();
+            let mut attributes = vec![
+                KeyValue::new("http.method", method.to_owned()),
+                KeyValue::new("http.url", url),
+                KeyValue::new("upstream_cluster", cluster.clone()),
+                KeyValue::new("component", "proxy"),
+            ];
+            attributes.extend(self.tags.iter().cloned());
+            let client = tracer
+                .span_builder(format!("router {cluster} egress"))
+                .with_kind(SpanKind::Client)
+                .with_attributes(attributes)
+                .start_with_context(tracer, &parent);
+            self.cluster = Some(cluster);
+            client
+        } else {
+            tracer.span_builder("egress").with_kind(SpanKind::Client).start_with_context(tracer, &parent)
+        };
         for h in B3_HEADERS {
             headers.remove(h);
         }
         let cx = Context::new().with_remote_span_context(client.span_context().clone());
         propagator().inject_context(&cx, &mut HeaderInjector(headers));
         self.client = Some(client);
-        self.cluster = Some(cluster.to_owned());
     }
 
     /// Ends the spans (when the response has ended).
     pub fn end(mut self, e: End<'_>) {
+        if !self.server.is_recording() {
+            return; // dropped unsampled: nothing is exported
+        }
         let now = SystemTime::now();
         let status = i64::from(e.status);
         let failed = e.status >= 500 || e.status == 0;

@@ -192,5 +192,34 @@ pub const ISTIO_METRICS: &[&str] = &[
     "GRPC_RESPONSE_MESSAGES",
 ];
 
+/// The tags of Istio's standard metrics (what a tagOverride can set or remove).
+pub const STANDARD_TAGS: &[&str] = &[
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+];
+
 /// Istio's `WorkloadMode` values.
 pub const WORKLOAD_MODES: &[&str] = &["CLIENT_AND_SERVER", "CLIENT", "SERVER"];

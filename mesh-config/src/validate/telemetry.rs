@@ -1,7 +1,8 @@
 //! What Istio's admission rejects in a Telemetry (its `validateTelemetry`):
 //! a selector beside targetRefs, a provider without a name, a sampling
 //! percentage outside [0, 100], custom tags without their value or name,
-//! tag overrides whose value does not fit their operation; and what its
+//! tag overrides whose value does not fit their operation, filter and tag
+//! expressions that are not CEL (Istio compiles them); and what its
 //! protobuf schema rejects: enum values it does not define.
 use mesh_common::parse_duration;
 
@@ -81,10 +82,15 @@ pub(super) fn check_telemetry(spec: &TelemetrySpec, out: &mut Issues) {
                     "UPSERT" if op.value.as_deref().is_none_or(str::is_empty) => {
                         out.push((format!("{field}.value"), "must be set when operation is UPSERT".into()));
                     }
+                    "UPSERT" => {
+                        if let Err(e) = mesh_common::cel::compile(op.value.as_deref().unwrap_or_default()) {
+                            out.push((format!("{field}.value"), format!("not a CEL expression: {e}")));
+                        }
+                    }
                     "REMOVE" if op.value.as_deref().is_some_and(|v| !v.is_empty()) => {
                         out.push((format!("{field}.value"), "must not be set when operation is REMOVE".into()));
                     }
-                    "UPSERT" | "REMOVE" => {}
+                    "REMOVE" => {}
                     other => {
                         out.push((format!("{field}.operation"), format!("{other:?}: expected UPSERT or REMOVE")));
                     }
@@ -96,8 +102,12 @@ pub(super) fn check_telemetry(spec: &TelemetrySpec, out: &mut Issues) {
         let at = format!("spec.accessLogging[{i}]");
         check_match(&l.match_, &at, out);
         check_providers(&l.providers, &at, out);
-        if l.filter.as_ref().is_some_and(|f| f.expression.trim().is_empty()) {
-            out.push((format!("{at}.filter.expression"), "must not be empty".into()));
+        if let Some(f) = &l.filter {
+            if f.expression.trim().is_empty() {
+                out.push((format!("{at}.filter.expression"), "must not be empty".into()));
+            } else if let Err(e) = mesh_common::cel::compile(&f.expression) {
+                out.push((format!("{at}.filter.expression"), format!("not a CEL expression: {e}")));
+            }
         }
     }
 }

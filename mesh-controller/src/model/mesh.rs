@@ -160,6 +160,8 @@ pub struct Service {
     pub jwt_rules: Vec<mesh_common::api::JwtRule>,
     /// Tracing at its waypoint (the Telemetry that applies there).
     pub tracing: Option<mesh_common::api::Tracing>,
+    /// Access-log and metric rules at its waypoint (Telemetry).
+    pub telemetry: Option<mesh_common::api::TelemetryPolicy>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -192,6 +194,8 @@ pub struct MeshModel {
     /// Policies the node proxy enforces, by `namespace/name`, with their scope.
     pub policies: imbl::OrdMap<String, ScopedPolicy>,
     peer_authentications: imbl::Vector<PeerAuthentication>,
+    /// Telemetry with `accessLogging` or `metrics` (a workload's entry carries its rules).
+    pub(super) telemetries: imbl::Vector<crate::config::objects::telemetry::Telemetry>,
     pub root_namespace: String,
     /// Waypoint Gateways by `namespace/name`.
     pub waypoints: imbl::OrdMap<String, Waypoint>,
@@ -486,6 +490,7 @@ impl MeshModel {
                 super::jwt::apply(&mut model, ra);
             }
         }
+        model.telemetries = super::telemetry::logging_and_metrics(store);
         super::telemetry::apply(&mut model, store);
         super::bypass::guard_waypoint_services(&mut model);
         model
@@ -572,6 +577,16 @@ impl MeshModel {
     /// workload's entry for the nodes carries).
     pub fn same_peer_authentications(&self, other: &MeshModel) -> bool {
         self.peer_authentications == other.peer_authentications
+    }
+
+    /// Whether the Telemetry that workloads' entries carry is the same.
+    pub fn same_telemetries(&self, other: &MeshModel) -> bool {
+        self.telemetries == other.telemetries
+    }
+
+    /// Workload `w`'s access-log and metric rules at its node proxy.
+    pub fn telemetry_for(&self, w: &Workload) -> Option<mesh_common::api::TelemetryPolicy> {
+        super::telemetry::for_workload(&self.telemetries, &self.root_namespace, w)
     }
 
     /// Policies that apply to `w`: mesh-wide ones in the root namespace, and

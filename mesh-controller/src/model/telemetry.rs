@@ -1,10 +1,16 @@
-//! Telemetry `tracing` onto the services whose waypoint traces them.
-//! Istio's order: the mesh's Telemetry (root namespace, no selector), then
-//! the namespace's, then those that select or target; each more specific
-//! one overrides the fields it sets (providers, sampling, reporting) and
-//! adds its custom tags. Only a Telemetry's first `tracing` entry and that
-//! entry's first provider apply, as in Istio. Where no Telemetry names a
-//! provider, MeshConfig's `defaultProviders.tracing` does.
+//! Telemetry onto what enforces it. Istio's order: the mesh's Telemetry
+//! (root namespace, no selector), then the namespace's, then those that
+//! select or target; each more specific one overrides what it sets.
+//!
+//! - `tracing`, onto the services whose waypoint traces them: the fields
+//!   it sets (providers, sampling, reporting) override, its custom tags
+//!   add. Only a Telemetry's first `tracing` entry and that entry's first
+//!   provider apply, as in Istio. Where no Telemetry names a provider,
+//!   MeshConfig's `defaultProviders.tracing` does.
+//! - `accessLogging` and `metrics`, onto workloads (their node proxy:
+//!   namespace-wide and selecting Telemetry) and services (their waypoint:
+//!   as `tracing`), as ordered rules the proxy reads last-first
+//!   ([`policy`]).
 use std::collections::BTreeMap;
 
 use mesh_common::api;
@@ -18,7 +24,7 @@ use crate::config::{
     objects::{
         IntOrString,
         mesh_config::ExtensionProvider,
-        telemetry::{CustomTag, Telemetry, Tracing},
+        telemetry::{CustomTag, Telemetry, TelemetrySpec, Tracing},
     },
 };
 
@@ -45,6 +51,91 @@ impl Merged {
     }
 }
 
+/// A Telemetry's level: 0 the mesh's, 1 a namespace's, 2 selecting or targeting.
+fn level(t: &Telemetry, root: &str) -> usize {
+    match (t.spec.is_namespace_wide(), t.metadata.namespace() == root) {
+        (true, true) => 0,
+        (true, false) => 1,
+        (false, _) => 2,
+    }
+}
+
+/// The Telemetry objects with `accessLogging` or `metrics` (what node
+/// proxies and waypoints enforce besides tracing), in the store's order.
+pub(super) fn logging_and_metrics(store: &ConfigStore) -> imbl::Vector<Telemetry> {
+    store
+        .objects()
+        .values()
+        .filter_map(|s| match s.resource.as_ref() {
+            Resource::Telemetry(t) if !t.spec.access_logging.is_empty() || !t.spec.metrics.is_empty() => {
+                Some(t.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The access-log and metric rules of `specs`, least specific first.
+pub(super) fn policy<'a>(specs: impl Iterator<Item = &'a TelemetrySpec>) -> Option<api::TelemetryPolicy> {
+    let mode = |m: Option<&str>| match m {
+        Some("CLIENT") => api::TrafficMode::Client,
+        Some("SERVER") => api::TrafficMode::Server,
+        _ => api::TrafficMode::ClientAndServer,
+    } as i32;
+    let mut p = api::TelemetryPolicy::default();
+    for spec in specs {
+        for l in &spec.access_logging {
+            p.access_logs.push(api::AccessLogRule {
+                mode: mode(l.match_.as_ref().and_then(|m| m.mode.as_deref())),
+                disabled: l.disabled.unwrap_or(false),
+                filter: l.filter.as_ref().map(|f| f.expression.clone()).unwrap_or_default(),
+            });
+        }
+        for o in spec.metrics.iter().flat_map(|m| &m.overrides) {
+            let selector = o.match_.as_ref();
+            // mesh reports Istio's standard metrics only: a custom one's override matches none.
+            if selector.is_some_and(|s| s.custom_metric.is_some()) {
+                continue;
+            }
+            let tags = |op: &'static str| {
+                o.tag_overrides.iter().filter(move |(_, t)| t.operation.as_deref().unwrap_or("UPSERT") == op)
+            };
+            p.metric_overrides.push(api::MetricOverride {
+                mode: mode(selector.and_then(|s| s.mode.as_deref())),
+                metric: selector.and_then(|s| s.metric.clone()).unwrap_or_else(|| "ALL_METRICS".into()),
+                disabled: o.disabled,
+                removed_tags: tags("REMOVE").map(|(k, _)| k.clone()).collect(),
+                upserted_tags: tags("UPSERT").map(|(k, t)| (k.clone(), t.value.clone().unwrap_or_default())).collect(),
+            });
+        }
+    }
+    (!p.access_logs.is_empty() || !p.metric_overrides.is_empty()).then_some(p)
+}
+
+/// The rules for workload `w` at its node proxy: the mesh's and its
+/// namespace's Telemetry, then those whose selector picks it (targetRefs
+/// name waypoints' Gateways and Services: not node proxies').
+pub(super) fn for_workload(
+    telemetries: &imbl::Vector<Telemetry>,
+    root: &str,
+    w: &super::mesh::Workload,
+) -> Option<api::TelemetryPolicy> {
+    let mut applying: Vec<(usize, &Telemetry)> = telemetries
+        .iter()
+        .filter(|t| {
+            let spec = &t.spec;
+            let ns = t.metadata.namespace();
+            if spec.target_ref.is_some() || !spec.target_refs.is_empty() || (ns != root && ns != w.namespace) {
+                return false;
+            }
+            spec.selector.as_ref().is_none_or(|s| super::mesh::selector_matches(&s.match_labels, &w.labels))
+        })
+        .map(|t| (level(t, root), t))
+        .collect();
+    applying.sort_by_key(|(l, _)| *l);
+    policy(applying.iter().map(|(_, t)| &t.spec))
+}
+
 pub(super) fn apply(model: &mut MeshModel, store: &ConfigStore) {
     let root = model.root_namespace.clone();
     let config = mesh_config(store, &root);
@@ -61,14 +152,10 @@ pub(super) fn apply(model: &mut MeshModel, store: &ConfigStore) {
         if let Resource::Telemetry(t) = stored.resource.as_ref()
             && !t.spec.tracing.is_empty()
         {
-            let level = match (t.spec.is_namespace_wide(), t.metadata.namespace() == root) {
-                (true, true) => 0,
-                (true, false) => 1,
-                (false, _) => 2,
-            };
-            levels[level].push(t);
+            levels[level(t, &root)].push(t);
         }
     }
+    services_logging_and_metrics(model, &root);
     let mut merged: BTreeMap<String, Merged> = BTreeMap::new();
     if default_provider.is_some() {
         // Every waypoint traces with the default provider, Telemetry or not.
@@ -99,6 +186,26 @@ pub(super) fn apply(model: &mut MeshModel, store: &ConfigStore) {
                 custom_tags: m.tags.iter().filter_map(|(name, tag)| custom_tag(name, tag)).collect(),
                 disable_reporting: m.disable_reporting.unwrap_or(false),
             });
+        }
+    }
+}
+
+/// Each service's access-log and metric rules at its waypoint.
+fn services_logging_and_metrics(model: &mut MeshModel, root: &str) {
+    let mut by_service: BTreeMap<String, Vec<(usize, &Telemetry)>> = BTreeMap::new();
+    let telemetries = model.telemetries.clone();
+    for t in telemetries.iter() {
+        let spec = &t.spec;
+        let targets: Vec<_> = spec.target_ref.iter().chain(&spec.target_refs).collect();
+        let selector = spec.selector.as_ref().map(|s| &s.match_labels);
+        for key in super::at_waypoint::services(model, t.metadata.namespace(), selector, &targets) {
+            by_service.entry(key).or_default().push((level(t, root), t));
+        }
+    }
+    for (key, mut applying) in by_service {
+        applying.sort_by_key(|(l, _)| *l);
+        if let Some(svc) = model.services.get_mut(&key) {
+            svc.telemetry = policy(applying.iter().map(|(_, t)| &t.spec));
         }
     }
 }
@@ -265,6 +372,69 @@ spec: {clusterIP: 10.96.0.3, selector: {app: db}, ports: [{name: tcp, port: 5432
         assert_eq!(api.0, "otel@otel.istio-system.svc.cluster.local:4318/v1/traces");
         assert_eq!((api.1, api.2, api.3), (1, 100.0, true));
         assert_eq!(api.4, ["cluster=east", "pod=env:POD_NAME:unknown", "who=header:x-user"]);
+    }
+
+    #[test]
+    fn access_logs_and_metric_overrides_per_workload_and_per_service() {
+        let pod = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: default, labels: {app: web}}\n\
+                   spec: {nodeName: n1, serviceAccountName: web}\nstatus: {podIPs: [{ip: 10.0.0.5}]}\n";
+        let mesh =
+            telemetry("istio-system", "mesh", "{accessLogging: [{filter: {expression: 'response.code >= 400'}}]}");
+        let ns = telemetry(
+            "default",
+            "ns",
+            "{metrics: [{overrides: [{match: {metric: REQUEST_COUNT, mode: SERVER}, tagOverrides: {request_protocol: {operation: REMOVE}}}]}]}",
+        );
+        let web = telemetry(
+            "default",
+            "web",
+            "{selector: {matchLabels: {app: web}}, accessLogging: [{disabled: true, match: {mode: CLIENT}}], metrics: [{overrides: [{disabled: true}, {match: {customMetric: my_metric}, disabled: false}]}]}",
+        );
+        let api = telemetry(
+            "default",
+            "api",
+            "{targetRefs: [{kind: Service, group: '', name: api}], accessLogging: [{disabled: true}]}",
+        );
+        let model = from_yaml(&format!("{BASE}{pod}{mesh}{ns}{web}{api}"));
+        let show = |p: Option<mesh_common::api::TelemetryPolicy>| -> Vec<String> {
+            let Some(p) = p else { return vec![] };
+            let logs = p
+                .access_logs
+                .iter()
+                .map(|r| format!("log mode={} disabled={} filter={:?}", r.mode, r.disabled, r.filter));
+            let metrics = p.metric_overrides.iter().map(|o| {
+                format!("metric {} mode={} disabled={:?} removed={:?}", o.metric, o.mode, o.disabled, o.removed_tags)
+            });
+            logs.chain(metrics).collect()
+        };
+        // The pod: the mesh's, the namespace's, then its selector's (the
+        // custom metric's override is left out: mesh has none).
+        let w = &model.workloads["Pod/default/web-1"];
+        assert_eq!(
+            show(model.telemetry_for(w)),
+            [
+                "log mode=0 disabled=false filter=\"response.code >= 400\"",
+                "log mode=1 disabled=true filter=\"\"",
+                "metric REQUEST_COUNT mode=2 disabled=None removed=[\"request_protocol\"]",
+                "metric ALL_METRICS mode=0 disabled=Some(true) removed=[]",
+            ]
+        );
+        // The waypoint's pod is not selected by `app: web`: mesh and namespace only.
+        let wp = &model.workloads["Pod/default/wp-1"];
+        assert_eq!(show(model.telemetry_for(wp)).len(), 2);
+        // Services at the waypoint: `api` also gets its targeting Telemetry;
+        // a service without a waypoint gets nothing.
+        let get = |k: &str| show(model.services[k].telemetry.clone());
+        assert_eq!(get("default/web").len(), 2);
+        assert_eq!(
+            get("default/api"),
+            [
+                "log mode=0 disabled=false filter=\"response.code >= 400\"",
+                "log mode=0 disabled=true filter=\"\"",
+                "metric REQUEST_COUNT mode=2 disabled=None removed=[\"request_protocol\"]",
+            ]
+        );
+        assert!(get("other/db").is_empty());
     }
 
     #[test]

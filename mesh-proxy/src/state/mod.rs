@@ -11,6 +11,7 @@
 #[cfg(test)]
 pub(crate) mod fixtures;
 pub mod store;
+pub mod telemetry_rules;
 pub mod view;
 
 use std::{

@@ -19,7 +19,7 @@ use mesh_common::{
     routing::CompiledRoutes,
 };
 
-use super::store::NodeStore;
+use super::{store::NodeStore, telemetry_rules::TelemetryRules};
 use crate::error::ProxyError;
 
 /// A workload as the proxy uses it.
@@ -27,6 +27,8 @@ use crate::error::ProxyError;
 pub struct WorkloadInfo {
     pub wire: api::Workload,
     pub identity: SpiffeId,
+    /// Its Telemetry access-log and metric rules (at its node proxy).
+    pub telemetry: Option<Arc<TelemetryRules>>,
 }
 
 impl WorkloadInfo {
@@ -86,6 +88,8 @@ pub struct ServiceInfo {
     pub jwt_rules: Vec<api::JwtRule>,
     /// How its waypoint traces its requests (Telemetry), if it does.
     pub tracing: Option<api::Tracing>,
+    /// Its Telemetry access-log and metric rules (at its waypoint).
+    pub telemetry: Option<Arc<TelemetryRules>>,
 }
 
 /// A service's waypoint: its Gateway (`namespace/name`) and running instances.
@@ -209,7 +213,8 @@ impl MeshView {
         let mut view = MeshView { version: store.version.clone(), ..MeshView::default() };
         for w in store.workloads.values() {
             let Ok(identity) = w.identity.parse() else { continue };
-            let info = Arc::new(WorkloadInfo { wire: w.clone(), identity });
+            let telemetry = w.telemetry.as_ref().map(|t| Arc::new(TelemetryRules::new(t)));
+            let info = Arc::new(WorkloadInfo { wire: w.clone(), identity, telemetry });
             for ip in w.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
                 view.by_ip.insert(ip, info.clone());
             }
@@ -243,6 +248,7 @@ impl MeshView {
                 rate_limit: s.rate_limit.clone(),
                 jwt_rules: s.jwt_rules.clone(),
                 tracing: s.tracing.clone(),
+                telemetry: s.telemetry.as_ref().map(|t| Arc::new(TelemetryRules::new(t))),
             });
             for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
                 view.by_vip.insert(vip, info.clone());
@@ -488,6 +494,7 @@ mod tests {
                 rate_limit: None,
                 jwt_rules: vec![],
                 tracing: None,
+                telemetry: None,
             },
         );
         store.services.insert(

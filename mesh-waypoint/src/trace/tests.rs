@@ -27,7 +27,7 @@ fn hop(percentage: f64, incoming: &[(&str, &str)]) -> HeaderMap {
         connection_id: None,
     };
     let mut t = RequestTrace::start(unreported(percentage), &tracing, &h, start);
-    t.start_client(&mut h, "outbound|80||web.default.svc.cluster.local", "GET", "http://web/".into());
+    t.start_client(&mut h, "GET", || ("outbound|80||web.default.svc.cluster.local".into(), "http://web/".into()));
     t.end(End {
         status: 200,
         response_flags: "-",
