@@ -128,7 +128,20 @@ const CONFIG_MAP: &[&str] = &["binaryData", "immutable"];
 pub fn remove(kind: Kind, object: &mut Value) {
     let Some(top) = object.as_mapping_mut() else { return };
     if let Some(Value::Mapping(meta)) = top.get_mut("metadata") {
-        drop_from(meta, METADATA);
+        if kind == Kind::Pod {
+            // A pod's workload is named after its controller (Istio's rule):
+            // the owners are kept, as far as that needs them.
+            let keep = ["generateName", "ownerReferences"];
+            let drop: Vec<&str> = METADATA.iter().copied().filter(|k| !keep.contains(k)).collect();
+            drop_from(meta, &drop);
+            if let Some(Value::Sequence(owners)) = meta.get_mut("ownerReferences") {
+                for owner in owners {
+                    drop_keys(Some(owner), &["apiVersion", "uid", "blockOwnerDeletion"]);
+                }
+            }
+        } else {
+            drop_from(meta, METADATA);
+        }
         // kubectl's copy of the object as last applied: not the object's meaning.
         if let Some(Value::Mapping(annotations)) = meta.get_mut("annotations") {
             annotations.remove(LAST_APPLIED);
@@ -190,10 +203,12 @@ mod tests {
         let cases: &[(Kind, &str, &str)] = &[
             (
                 Kind::Pod,
-                "metadata: {name: a, ownerReferences: [], labels: {app: a}}\n\
+                "metadata: {name: a-1-x, uid: u1, generateName: a-1-, labels: {app: a}, ownerReferences: [{apiVersion: apps/v1, \
+                 kind: ReplicaSet, name: a-1, uid: u2, controller: true, blockOwnerDeletion: true}]}\n\
                  spec: {nodeName: n, volumes: [], restartPolicy: Always, nodeNme: typo}\n\
                  status: {podIP: 10.0.0.1, conditions: [], hostIP: 1.2.3.4}",
-                "metadata: {name: a, labels: {app: a}}\nspec: {nodeName: n, nodeNme: typo}\nstatus: {podIP: 10.0.0.1}",
+                "metadata: {name: a-1-x, generateName: a-1-, labels: {app: a}, ownerReferences: [{kind: ReplicaSet, name: a-1, \
+                 controller: true}]}\nspec: {nodeName: n, nodeNme: typo}\nstatus: {podIP: 10.0.0.1}",
             ),
             (
                 Kind::Service,
@@ -211,7 +226,7 @@ mod tests {
             ),
             (
                 Kind::AuthorizationPolicy,
-                "metadata: {name: p, finalizers: [x], annotations: {kubectl.kubernetes.io/last-applied-configuration: '{}', a: b}}\n\
+                "metadata: {name: p, finalizers: [x], ownerReferences: [{kind: X, name: y}], annotations: {kubectl.kubernetes.io/last-applied-configuration: '{}', a: b}}\n\
                  spec: {}\nstatus: {validationMessages: []}",
                 "metadata: {name: p, annotations: {a: b}}\nspec: {}",
             ),

@@ -46,3 +46,44 @@ fn a_misspelt_field_of_a_kubernetes_kind_is_still_refused_with_line_and_field() 
     assert_eq!((p.line, p.field.as_deref()), (5, Some("spec.nodeNme")), "{problems:?}");
     assert!(p.to_string().starts_with("k8s.yaml:5: Pod default/a: spec.nodeNme: unknown field `nodeNme`"), "{p}");
 }
+
+/// Istio's workload names, from pods as an API server returns them: a
+/// Deployment's (its ReplicaSet's name less the pod-template-hash), a
+/// CronJob's (its Job's less the timestamp), a StatefulSet's, a DeploymentConfig's, a bare pod's own.
+#[test]
+fn a_pods_workload_is_named_as_istio_names_it() {
+    use mesh_config::Resource;
+    let pod = |name: &str, generate: &str, owner: Option<(&str, &str)>, labels: &str| {
+        let owners = owner.map_or(String::new(), |(kind, owner)| {
+            format!(
+                "  ownerReferences:\n  - {{apiVersion: apps/v1, kind: {kind}, name: {owner}, uid: 1f2e, controller: true, blockOwnerDeletion: true}}\n"
+            )
+        });
+        let generate = if generate.is_empty() { String::new() } else { format!("  generateName: {generate}\n") };
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: shop\n  uid: 9a8b\n{generate}{owners}  labels: {{{labels}}}\nspec: {{}}\n"
+        )
+    };
+    for (text, want) in [
+        (
+            pod(
+                "reviews-v1-5f9b8c7d4-x2k4z",
+                "reviews-v1-5f9b8c7d4-",
+                Some(("ReplicaSet", "reviews-v1-5f9b8c7d4")),
+                "app: reviews, pod-template-hash: 5f9b8c7d4",
+            ),
+            "reviews-v1",
+        ),
+        (pod("rs-only-abcde", "rs-only-", Some(("ReplicaSet", "rs-only")), "app: x"), "rs-only"),
+        (pod("report-28391520-q7d2x", "report-28391520-", Some(("Job", "report-28391520")), "app: report"), "report"),
+        (pod("backup-x7q2z", "backup-", Some(("Job", "backup")), "app: backup"), "backup"),
+        (pod("db-0", "db-", Some(("StatefulSet", "db")), "app: db"), "db"),
+        (pod("web-1-abcde", "web-1-", Some(("ReplicationController", "web-1")), "deploymentconfig: web"), "web"),
+        (pod("debug", "", Some(("ReplicaSet", "debug-rs")), "app: debug"), "debug"),
+        (pod("plain", "", None, "app: plain"), "plain"),
+    ] {
+        let (_, resource) = parse_document(&doc(&text)).unwrap_or_else(|(_, p)| panic!("rejected:\n{text}\n{p:?}"));
+        let Resource::Pod(p) = resource else { panic!("not a pod") };
+        assert_eq!(p.workload_name(), want, "{text}");
+    }
+}

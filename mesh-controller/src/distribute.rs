@@ -291,6 +291,7 @@ fn workload(model: &MeshModel, w: &Workload) -> api::Workload {
         mtls_mode: mtls(model.mtls_mode(w, 0)),
         port_mtls: model.mtls_port_modes(w).into_iter().map(|(p, m)| (u32::from(p), mtls(m))).collect(),
         telemetry: model.telemetry_for(w),
+        workload_name: w.workload_name.clone(),
     }
 }
 

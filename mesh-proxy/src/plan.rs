@@ -233,7 +233,7 @@ impl InboundPlan {
                 info.src_namespace = Some(id.namespace().to_owned());
             }
             (Arrival::Plaintext, Some(w)) => {
-                info.src_workload = Some(w.wire.name.clone());
+                info.src_workload = Some(w.workload_name().to_owned());
                 info.src_namespace = Some(w.wire.namespace.clone());
             }
             (Arrival::Plaintext, None) => {}

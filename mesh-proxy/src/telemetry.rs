@@ -150,7 +150,7 @@ impl ConnInfo {
     }
 
     pub fn set_source(&mut self, w: &WorkloadInfo) {
-        self.src_workload = Some(w.wire.name.clone());
+        self.src_workload = Some(w.workload_name().to_owned());
         self.src_namespace = Some(w.wire.namespace.clone());
         self.src_principal = Some(w.identity.to_string());
         self.src_canonical = Some(w.canonical_service().to_owned());
@@ -190,7 +190,7 @@ impl ConnInfo {
     }
 
     pub fn set_destination(&mut self, w: &WorkloadInfo) {
-        self.dst_workload = Some(w.wire.name.clone());
+        self.dst_workload = Some(w.workload_name().to_owned());
         self.dst_namespace = Some(w.wire.namespace.clone());
         self.dst_principal = Some(w.identity.to_string());
         self.dst_canonical = Some(w.canonical_service().to_owned());

@@ -1062,7 +1062,7 @@ fn labels(
     let svc = rec.backend_service.as_ref().unwrap_or(&ds.service);
     RequestLabels {
         reporter: "waypoint".into(),
-        source_workload: source.map_or_else(unknown, |w| w.wire.name.clone()),
+        source_workload: source.map_or_else(unknown, |w| w.workload_name().to_owned()),
         source_workload_namespace: ds.peer.as_ref().map_or_else(unknown, |p| p.namespace().to_owned()),
         source_principal: ds.peer.as_ref().map_or_else(unknown, ToString::to_string),
         source_canonical_service: source.map_or_else(unknown, |w| w.canonical_service().to_owned()),
@@ -1070,7 +1070,7 @@ fn labels(
         source_app: source.map_or_else(unknown, |w| w.app_and_version().0.to_owned()),
         source_version: source.map_or_else(unknown, |w| w.app_and_version().1.to_owned()),
         source_cluster: DEFAULT_CLUSTER.into(),
-        destination_workload: dst.map_or_else(unknown, |w| w.wire.name.clone()),
+        destination_workload: dst.map_or_else(unknown, |w| w.workload_name().to_owned()),
         destination_workload_namespace: dst.map_or_else(unknown, |w| w.wire.namespace.clone()),
         destination_principal: dst.map_or_else(unknown, |w| w.identity.to_string()),
         destination_canonical_service: dst.map_or_else(unknown, |w| w.canonical_service().to_owned()),

@@ -24,8 +24,25 @@ pub struct ObjectMeta {
     pub labels: Labels,
     #[serde(default)]
     pub annotations: Labels,
+    /// Pods: the prefix Kubernetes generated the name from, and the
+    /// owners (Istio names a pod's workload after its controller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owner_references: Vec<OwnerReference>,
     // What else Kubernetes keeps in `metadata` (uid, resourceVersion, ...)
     // is removed before this is read: `unmodelled.rs`.
+}
+
+/// `metadata.ownerReferences[]`, as far as a workload's name needs it (the
+/// rest is removed before this is read).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OwnerReference {
+    pub kind: String,
+    pub name: String,
+    #[serde(default)]
+    pub controller: Option<bool>,
 }
 
 impl ObjectMeta {
@@ -77,6 +94,39 @@ pub struct Pod {
     pub spec: PodSpec,
     #[serde(default)]
     pub status: PodStatus,
+}
+
+impl Pod {
+    /// Istio's workload name (`source_workload`, `destination_workload`):
+    /// for a pod whose name Kubernetes generated, its controller's name, a
+    /// ReplicaSet's less its pod-template-hash (the Deployment), a Job's
+    /// less a CronJob's timestamp; else the pod's own name.
+    pub fn workload_name(&self) -> String {
+        let m = &self.metadata;
+        let Some(owner) = m.generate_name.as_ref().and(m.owner_references.iter().find(|o| o.controller == Some(true)))
+        else {
+            return m.name.clone();
+        };
+        let hash = |label: &str| m.labels.get(label).filter(|h| !h.is_empty());
+        match owner.kind.as_str() {
+            "ReplicaSet" => {
+                for label in ["pod-template-hash", "rollouts-pod-template-hash"] {
+                    if let Some(deployment) = hash(label).and_then(|h| owner.name.strip_suffix(&format!("-{h}"))) {
+                        return deployment.to_owned();
+                    }
+                }
+                owner.name.clone()
+            }
+            "ReplicationController" => m.labels.get("deploymentconfig").cloned().unwrap_or_else(|| owner.name.clone()),
+            "Job" => match owner.name.rsplit_once('-') {
+                Some((cron, stamp)) if (8..=10).contains(&stamp.len()) && stamp.bytes().all(|b| b.is_ascii_digit()) => {
+                    cron.to_owned()
+                }
+                _ => owner.name.clone(),
+            },
+            _ => owner.name.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]

@@ -39,6 +39,8 @@ pub struct Workload {
     pub native_tunnel: bool,
     /// `region/zone/subzone`, empty when unknown.
     pub locality: String,
+    /// Istio's workload name (a pod's controller, e.g. its Deployment).
+    pub workload_name: String,
 }
 
 /// Whether a Namespace's labels enrol its pods in the ambient mesh.
@@ -82,6 +84,7 @@ pub(super) fn pod_workload(pod: &crate::config::objects::Pod, cx: &PodContext) -
     Some(Workload {
         uid: format!("Pod/{namespace}/{}", pod.metadata.name),
         name: pod.metadata.name.clone(),
+        workload_name: pod.workload_name(),
         captured: (cx.ambient)(&namespace) && !opted_out && !native_tunnel,
         native_tunnel,
         namespace,
@@ -299,6 +302,7 @@ impl MeshModel {
                         Workload {
                             uid,
                             name: we.metadata.name.clone(),
+                            workload_name: we.metadata.name.clone(),
                             namespace,
                             service_account: sa,
                             identity,
@@ -705,6 +709,21 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_deployments_pods_are_its_workload_in_metrics() {
+        let model = super::super::from_yaml(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: reviews-v1-5f9b8c7d4-x2k4z\n  namespace: shop\n  \
+             generateName: reviews-v1-5f9b8c7d4-\n  labels: {app: reviews, pod-template-hash: 5f9b8c7d4}\n  \
+             ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: reviews-v1-5f9b8c7d4, uid: u, controller: true}]\n\
+             spec: {nodeName: n1, serviceAccountName: reviews}\nstatus: {podIPs: [{ip: 10.0.0.7}]}\n",
+        );
+        let w = &model.workloads["Pod/shop/reviews-v1-5f9b8c7d4-x2k4z"];
+        assert_eq!((w.name.as_str(), w.workload_name.as_str()), ("reviews-v1-5f9b8c7d4-x2k4z", "reviews-v1"));
+        let wire = crate::distribute::WireSet::from_model(&model);
+        let sent = format!("{:?}", wire);
+        assert!(sent.contains("workload_name: \"reviews-v1\""), "{sent}");
     }
 
     #[test]

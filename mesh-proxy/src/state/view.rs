@@ -42,6 +42,12 @@ impl WorkloadInfo {
             .unwrap_or(&self.wire.name)
     }
 
+    /// Istio's workload name (a pod's Deployment, ...), as metrics and
+    /// access logs name the workload; the pod's own from older controllers.
+    pub fn workload_name(&self) -> &str {
+        if self.wire.workload_name.is_empty() { &self.wire.name } else { &self.wire.workload_name }
+    }
+
     /// Istio's canonical revision: `service.istio.io/canonical-revision`,
     /// else `app.kubernetes.io/version`, else `version`, else `latest`.
     pub fn canonical_revision(&self) -> &str {
