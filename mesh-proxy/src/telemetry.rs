@@ -206,9 +206,9 @@ impl ConnInfo {
     }
 
     /// Istio's labels for this connection (built once per connection).
-    fn labels(&self) -> TcpLabels {
+    fn labels(&self) -> IstioLabels {
         let v = |o: &Option<String>| o.clone().unwrap_or_else(|| "unknown".into());
-        TcpLabels {
+        IstioLabels {
             reporter: self.direction.reporter().into(),
             source_workload: v(&self.src_workload),
             source_workload_namespace: v(&self.src_namespace),
@@ -265,8 +265,8 @@ impl ConnInfo {
     /// [`Self::labels`] for `metric` (Istio's name) as the pod's Telemetry
     /// has it: `None` when it is not counted, removed tags emptied,
     /// upserted ones given their expression's value.
-    fn labels_for(&self, metric: &str, flags: &str, received: u64, sent: u64) -> Option<TcpLabels> {
-        let mut labels = TcpLabels { response_flags: flags.into(), ..self.labels() };
+    fn labels_for(&self, metric: &str, flags: &str, received: u64, sent: u64) -> Option<IstioLabels> {
+        let mut labels = IstioLabels { response_flags: flags.into(), ..self.labels() };
         let Some(rules) = &self.rules else { return Some(labels) };
         let rule = rules.metric(self.side(), metric);
         if rule.disabled {
@@ -292,37 +292,39 @@ impl ConnInfo {
     }
 }
 
-/// Istio's standard labels on `istio_tcp_*`, exactly as Istio names them.
+/// Istio's standard labels, exactly as Istio names them: the whole set of
+/// `istio_tcp_*`, and of `istio_requests_*` but the response's code and gRPC
+/// status (the waypoint's `RequestLabels` adds them).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    reporter: String,
-    source_workload: String,
-    source_workload_namespace: String,
-    source_principal: String,
-    source_canonical_service: String,
-    source_canonical_revision: String,
-    source_app: String,
-    source_version: String,
-    source_cluster: String,
-    destination_workload: String,
-    destination_workload_namespace: String,
-    destination_principal: String,
-    destination_canonical_service: String,
-    destination_canonical_revision: String,
-    destination_app: String,
-    destination_version: String,
-    destination_cluster: String,
-    destination_service: String,
-    destination_service_name: String,
-    destination_service_namespace: String,
-    request_protocol: String,
-    response_flags: String,
-    connection_security_policy: String,
+pub struct IstioLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub request_protocol: String,
+    pub response_flags: String,
+    pub connection_security_policy: String,
 }
 
-impl TcpLabels {
-    /// Sets a standard tag (Telemetry's tagOverrides); other names are not Istio's TCP tags.
-    fn set(&mut self, tag: &str, value: String) {
+impl IstioLabels {
+    /// Sets a standard tag (Telemetry's tagOverrides); other names are not Istio's tags.
+    pub fn set(&mut self, tag: &str, value: String) {
         let field = match tag {
             "reporter" => &mut self.reporter,
             "source_workload" => &mut self.source_workload,
@@ -356,10 +358,10 @@ impl TcpLabels {
 /// The `istio_tcp_*` families, owned here and registered in the process's registry.
 #[derive(Clone, Default)]
 pub struct TcpMetrics {
-    opened: Family<TcpLabels, Counter>,
-    closed: Family<TcpLabels, Counter>,
-    received: Family<TcpLabels, Counter>,
-    sent: Family<TcpLabels, Counter>,
+    opened: Family<IstioLabels, Counter>,
+    closed: Family<IstioLabels, Counter>,
+    received: Family<IstioLabels, Counter>,
+    sent: Family<IstioLabels, Counter>,
 }
 
 impl TcpMetrics {
@@ -555,7 +557,7 @@ impl Tracked {
         ];
         if info.rules.is_none() {
             // No Telemetry for the pod: one label set for the three.
-            let labels = TcpLabels { response_flags: flags.into(), ..info.labels() };
+            let labels = IstioLabels { response_flags: flags.into(), ..info.labels() };
             for (family, _, n) in families {
                 family.get_or_create(&labels).inc_by(n);
             }

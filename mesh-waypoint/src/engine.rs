@@ -25,6 +25,7 @@ use mesh_proxy::{
         telemetry_rules::{Side, TelemetryRules},
         view::{MeshView, ServiceInfo, Upstream, WorkloadInfo},
     },
+    telemetry::IstioLabels,
 };
 use tracing::info;
 
@@ -962,7 +963,10 @@ fn finish(
                 request_size: recorded.bytes(),
                 response_size: ended.bytes,
                 upstream_address: rec.upstream,
-                destination_principal: rec.upstream_workload.as_ref().map(|_| labels.destination_principal.as_str()),
+                destination_principal: rec
+                    .upstream_workload
+                    .as_ref()
+                    .map(|_| labels.istio.destination_principal.as_str()),
             });
         }
         if rec
@@ -977,7 +981,7 @@ fn finish(
             method = %rec.method,
             authority = %rec.authority,
             path = %rec.path,
-            protocol = %labels.request_protocol,
+            protocol = %labels.istio.request_protocol,
             status,
             grpc_status = %grpc_status,
             response_flags = flags,
@@ -989,8 +993,8 @@ fn finish(
             attempts = rec.attempts,
             denied_by = rec.denied_by.as_deref().unwrap_or(""),
             source = %ds.peer.as_ref().map(ToString::to_string).unwrap_or_default(),
-            destination = %labels.destination_principal,
-            destination_service = %labels.destination_service,
+            destination = %labels.istio.destination_principal,
+            destination_service = %labels.istio.destination_service,
             request_id = rec.request_id(),
             connection_id = ds.connection_id.as_deref().unwrap_or(""),
             "request"
@@ -1061,31 +1065,33 @@ fn labels(
     let dst = rec.upstream_workload.as_ref();
     let svc = rec.backend_service.as_ref().unwrap_or(&ds.service);
     RequestLabels {
-        reporter: "waypoint".into(),
-        source_workload: source.map_or_else(unknown, |w| w.workload_name().to_owned()),
-        source_workload_namespace: ds.peer.as_ref().map_or_else(unknown, |p| p.namespace().to_owned()),
-        source_principal: ds.peer.as_ref().map_or_else(unknown, ToString::to_string),
-        source_canonical_service: source.map_or_else(unknown, |w| w.canonical_service().to_owned()),
-        source_canonical_revision: source.map_or_else(unknown, |w| w.canonical_revision().to_owned()),
-        source_app: source.map_or_else(unknown, |w| w.app_and_version().0.to_owned()),
-        source_version: source.map_or_else(unknown, |w| w.app_and_version().1.to_owned()),
-        source_cluster: DEFAULT_CLUSTER.into(),
-        destination_workload: dst.map_or_else(unknown, |w| w.workload_name().to_owned()),
-        destination_workload_namespace: dst.map_or_else(unknown, |w| w.wire.namespace.clone()),
-        destination_principal: dst.map_or_else(unknown, |w| w.identity.to_string()),
-        destination_canonical_service: dst.map_or_else(unknown, |w| w.canonical_service().to_owned()),
-        destination_canonical_revision: dst.map_or_else(unknown, |w| w.canonical_revision().to_owned()),
-        destination_app: dst.map_or_else(unknown, |w| w.app_and_version().0.to_owned()),
-        destination_version: dst.map_or_else(unknown, |w| w.app_and_version().1.to_owned()),
-        destination_cluster: DEFAULT_CLUSTER.into(),
-        destination_service: svc.host.clone(),
-        destination_service_name: svc.name.clone(),
-        destination_service_namespace: svc.namespace.clone(),
-        request_protocol: if rec.grpc { "grpc" } else { "http" }.into(),
+        istio: IstioLabels {
+            reporter: "waypoint".into(),
+            source_workload: source.map_or_else(unknown, |w| w.workload_name().to_owned()),
+            source_workload_namespace: ds.peer.as_ref().map_or_else(unknown, |p| p.namespace().to_owned()),
+            source_principal: ds.peer.as_ref().map_or_else(unknown, ToString::to_string),
+            source_canonical_service: source.map_or_else(unknown, |w| w.canonical_service().to_owned()),
+            source_canonical_revision: source.map_or_else(unknown, |w| w.canonical_revision().to_owned()),
+            source_app: source.map_or_else(unknown, |w| w.app_and_version().0.to_owned()),
+            source_version: source.map_or_else(unknown, |w| w.app_and_version().1.to_owned()),
+            source_cluster: DEFAULT_CLUSTER.into(),
+            destination_workload: dst.map_or_else(unknown, |w| w.workload_name().to_owned()),
+            destination_workload_namespace: dst.map_or_else(unknown, |w| w.wire.namespace.clone()),
+            destination_principal: dst.map_or_else(unknown, |w| w.identity.to_string()),
+            destination_canonical_service: dst.map_or_else(unknown, |w| w.canonical_service().to_owned()),
+            destination_canonical_revision: dst.map_or_else(unknown, |w| w.canonical_revision().to_owned()),
+            destination_app: dst.map_or_else(unknown, |w| w.app_and_version().0.to_owned()),
+            destination_version: dst.map_or_else(unknown, |w| w.app_and_version().1.to_owned()),
+            destination_cluster: DEFAULT_CLUSTER.into(),
+            destination_service: svc.host.clone(),
+            destination_service_name: svc.name.clone(),
+            destination_service_namespace: svc.namespace.clone(),
+            request_protocol: if rec.grpc { "grpc" } else { "http" }.into(),
+            response_flags: response_flags.into(),
+            connection_security_policy: if ds.peer.is_some() { "mutual_tls" } else { "none" }.into(),
+        },
         response_code: status.to_string(),
         grpc_response_status,
-        response_flags: response_flags.into(),
-        connection_security_policy: if ds.peer.is_some() { "mutual_tls" } else { "none" }.into(),
     }
 }
 

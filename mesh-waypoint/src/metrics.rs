@@ -4,74 +4,31 @@
 //! buckets, so existing dashboards' queries work on them. One observation per
 //! request, when its response has ended (or the client went away).
 use mesh_proxy::state::view::{ServiceInfo, WorkloadInfo};
+use mesh_proxy::telemetry::IstioLabels;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
 
-/// Istio's labels on the request metrics, exactly as Istio names them.
+/// Istio's labels on the request metrics, exactly as Istio names them: the
+/// standard set, with the response's code and gRPC status.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub reporter: String,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
-    pub request_protocol: String,
+    #[prometheus(flatten)]
+    pub istio: IstioLabels,
     pub response_code: String,
     pub grpc_response_status: String,
-    pub response_flags: String,
-    pub connection_security_policy: String,
 }
 
 impl RequestLabels {
-    /// Sets a standard tag (Telemetry's tagOverrides); other names are not Istio's request tags.
+    /// Sets a standard tag (Telemetry's tagOverrides).
     pub fn set(&mut self, tag: &str, value: String) {
-        let field = match tag {
-            "reporter" => &mut self.reporter,
-            "source_workload" => &mut self.source_workload,
-            "source_workload_namespace" => &mut self.source_workload_namespace,
-            "source_principal" => &mut self.source_principal,
-            "source_canonical_service" => &mut self.source_canonical_service,
-            "source_canonical_revision" => &mut self.source_canonical_revision,
-            "source_app" => &mut self.source_app,
-            "source_version" => &mut self.source_version,
-            "source_cluster" => &mut self.source_cluster,
-            "destination_workload" => &mut self.destination_workload,
-            "destination_workload_namespace" => &mut self.destination_workload_namespace,
-            "destination_principal" => &mut self.destination_principal,
-            "destination_canonical_service" => &mut self.destination_canonical_service,
-            "destination_canonical_revision" => &mut self.destination_canonical_revision,
-            "destination_app" => &mut self.destination_app,
-            "destination_version" => &mut self.destination_version,
-            "destination_cluster" => &mut self.destination_cluster,
-            "destination_service" => &mut self.destination_service,
-            "destination_service_name" => &mut self.destination_service_name,
-            "destination_service_namespace" => &mut self.destination_service_namespace,
-            "request_protocol" => &mut self.request_protocol,
-            "response_code" => &mut self.response_code,
-            "grpc_response_status" => &mut self.grpc_response_status,
-            "response_flags" => &mut self.response_flags,
-            "connection_security_policy" => &mut self.connection_security_policy,
-            _ => return,
-        };
-        *field = value;
+        match tag {
+            "response_code" => self.response_code = value,
+            "grpc_response_status" => self.grpc_response_status = value,
+            _ => self.istio.set(tag, value),
+        }
     }
 }
 
@@ -376,31 +333,33 @@ mod tests {
 
     fn labels(code: u16) -> RequestLabels {
         RequestLabels {
-            reporter: "waypoint".into(),
-            source_workload: "a".into(),
-            source_workload_namespace: "ns".into(),
-            source_principal: "p".into(),
-            source_canonical_service: "a".into(),
-            source_canonical_revision: "v1".into(),
-            source_app: "a".into(),
-            source_version: "v1".into(),
-            source_cluster: "Kubernetes".into(),
-            destination_workload: "b".into(),
-            destination_workload_namespace: "ns".into(),
-            destination_principal: "q".into(),
-            destination_canonical_service: "b".into(),
-            destination_canonical_revision: "latest".into(),
-            destination_app: "unknown".into(),
-            destination_version: "unknown".into(),
-            destination_cluster: "Kubernetes".into(),
-            destination_service: "b.ns.svc.cluster.local".into(),
-            destination_service_name: "b".into(),
-            destination_service_namespace: "ns".into(),
-            request_protocol: "http".into(),
+            istio: IstioLabels {
+                reporter: "waypoint".into(),
+                source_workload: "a".into(),
+                source_workload_namespace: "ns".into(),
+                source_principal: "p".into(),
+                source_canonical_service: "a".into(),
+                source_canonical_revision: "v1".into(),
+                source_app: "a".into(),
+                source_version: "v1".into(),
+                source_cluster: "Kubernetes".into(),
+                destination_workload: "b".into(),
+                destination_workload_namespace: "ns".into(),
+                destination_principal: "q".into(),
+                destination_canonical_service: "b".into(),
+                destination_canonical_revision: "latest".into(),
+                destination_app: "unknown".into(),
+                destination_version: "unknown".into(),
+                destination_cluster: "Kubernetes".into(),
+                destination_service: "b.ns.svc.cluster.local".into(),
+                destination_service_name: "b".into(),
+                destination_service_namespace: "ns".into(),
+                request_protocol: "http".into(),
+                response_flags: "-".into(),
+                connection_security_policy: "mutual_tls".into(),
+            },
             response_code: code.to_string(),
             grpc_response_status: String::new(),
-            response_flags: "-".into(),
-            connection_security_policy: "mutual_tls".into(),
         }
     }
 

@@ -4,7 +4,7 @@
 //! empty token locations, output headers that are not header names.
 use mesh_common::parse_duration;
 
-use super::{Issues, check_labels};
+use super::{Issues, check_selection};
 use crate::objects::{JwtRule, RequestAuthenticationSpec};
 
 /// The JWS algorithms (RFC 7518, RFC 8037) a key may name.
@@ -13,19 +13,8 @@ const ALGORITHMS: &[&str] = &[
 ];
 
 pub(super) fn check_request_authentication(spec: &RequestAuthenticationSpec, out: &mut Issues) {
-    if spec.selector.is_some() && (spec.target_ref.is_some() || !spec.target_refs.is_empty()) {
-        out.push(("spec.selector".into(), "cannot be combined with targetRef/targetRefs".into()));
-    }
-    if let Some(sel) = &spec.selector {
-        check_labels(&sel.match_labels, "spec.selector.matchLabels", out);
-    }
-    for (i, t) in spec.target_ref.iter().chain(&spec.target_refs).enumerate() {
-        let field =
-            if spec.target_ref.is_some() { "spec.targetRef".to_owned() } else { format!("spec.targetRefs[{i}]") };
-        if t.name.is_empty() {
-            out.push((format!("{field}.name"), "is required".into()));
-        }
-    }
+    let both = "cannot be combined with targetRef/targetRefs";
+    check_selection(spec.selector.as_ref(), spec.target_ref.as_ref(), &spec.target_refs, both, out);
     for (i, rule) in spec.jwt_rules.iter().enumerate() {
         check_rule(rule, &format!("spec.jwtRules[{i}]"), out);
     }

@@ -8,7 +8,10 @@ use mesh_common::identity::valid_segment;
 
 use super::{
     Resource,
-    objects::{AuthorizationPolicySpec, IntOrString, Labels, ObjectMeta, Rule, WorkloadEntrySpec},
+    objects::{
+        AuthorizationPolicySpec, IntOrString, Labels, ObjectMeta, PolicyTargetReference, Rule, WorkloadEntrySpec,
+        WorkloadSelector,
+    },
 };
 
 mod jwt;
@@ -221,13 +224,8 @@ fn check_authorization(spec: &AuthorizationPolicySpec, out: &mut Issues) {
     if !matches!(action, "ALLOW" | "DENY" | "AUDIT" | "CUSTOM") {
         out.push(("spec.action".into(), format!("{action:?}: expected ALLOW, DENY, AUDIT or CUSTOM")));
     }
-    let targeted = spec.target_ref.is_some() || !spec.target_refs.is_empty();
-    if targeted && spec.selector.is_some() {
-        out.push(("spec.selector".into(), "cannot be combined with targetRef/targetRefs".into()));
-    }
-    if let Some(sel) = &spec.selector {
-        check_labels(&sel.match_labels, "spec.selector.matchLabels", out);
-    }
+    let both = "cannot be combined with targetRef/targetRefs";
+    check_selection(spec.selector.as_ref(), spec.target_ref.as_ref(), &spec.target_refs, both, out);
     if action == "CUSTOM" {
         if spec.provider.as_ref().is_none_or(|p| p.name.is_empty()) {
             out.push((
@@ -422,6 +420,30 @@ fn check_cidr(v: &str, field: &str, out: &mut Issues) {
 pub(super) fn check_port(p: i64, field: &str, out: &mut Issues) {
     if !(1..=65535).contains(&p) {
         out.push((field.into(), format!("{p} is not a port (1-65535)")));
+    }
+}
+
+/// A policy's workload selector and its targetRefs: Istio takes one or the
+/// other (`both` is its message when both are set), and a reference names
+/// something.
+pub(super) fn check_selection(
+    selector: Option<&WorkloadSelector>,
+    target_ref: Option<&PolicyTargetReference>,
+    target_refs: &[PolicyTargetReference],
+    both: &str,
+    out: &mut Issues,
+) {
+    if selector.is_some() && (target_ref.is_some() || !target_refs.is_empty()) {
+        out.push(("spec.selector".into(), both.into()));
+    }
+    if let Some(sel) = selector {
+        check_labels(&sel.match_labels, "spec.selector.matchLabels", out);
+    }
+    for (i, t) in target_ref.into_iter().chain(target_refs).enumerate() {
+        let field = if target_ref.is_some() { "spec.targetRef".to_owned() } else { format!("spec.targetRefs[{i}]") };
+        if t.name.is_empty() {
+            out.push((format!("{field}.name"), "is required".into()));
+        }
     }
 }
 

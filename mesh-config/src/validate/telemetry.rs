@@ -6,23 +6,12 @@
 //! protobuf schema rejects: enum values it does not define.
 use mesh_common::parse_duration;
 
-use super::{Issues, check_labels};
+use super::{Issues, check_selection};
 use crate::objects::telemetry::{ISTIO_METRICS, ProviderRef, TelemetrySpec, TrafficMatch, WORKLOAD_MODES};
 
 pub(super) fn check_telemetry(spec: &TelemetrySpec, out: &mut Issues) {
-    if spec.selector.is_some() && (spec.target_ref.is_some() || !spec.target_refs.is_empty()) {
-        out.push(("spec.selector".into(), "only one of targetRefs or workloadSelector can be set".into()));
-    }
-    if let Some(sel) = &spec.selector {
-        check_labels(&sel.match_labels, "spec.selector.matchLabels", out);
-    }
-    for (i, t) in spec.target_ref.iter().chain(&spec.target_refs).enumerate() {
-        let field =
-            if spec.target_ref.is_some() { "spec.targetRef".to_owned() } else { format!("spec.targetRefs[{i}]") };
-        if t.name.is_empty() {
-            out.push((format!("{field}.name"), "is required".into()));
-        }
-    }
+    let both = "only one of targetRefs or workloadSelector can be set";
+    check_selection(spec.selector.as_ref(), spec.target_ref.as_ref(), &spec.target_refs, both, out);
     for (i, t) in spec.tracing.iter().enumerate() {
         let at = format!("spec.tracing[{i}]");
         check_match(&t.match_, &at, out);

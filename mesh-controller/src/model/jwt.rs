@@ -48,33 +48,7 @@ fn to_wire(policy: &str, r: &JwtRule) -> api::JwtRule {
 mod tests {
     use super::super::from_yaml;
 
-    const BASE: &str = "\
-apiVersion: v1
-kind: Namespace
-metadata: {name: default, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: default, labels: {istio.io/waypoint-for: service}}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: wp-1, namespace: default, labels: {gateway.networking.k8s.io/gateway-name: waypoint}, annotations: {ambient.istio.io/redirection: disabled}}
-spec: {nodeName: n1, serviceAccountName: waypoint}
-status: {podIPs: [{ip: 10.0.0.9}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{name: http, port: 80}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: default}
-spec: {clusterIP: 10.96.0.2, selector: {app: api}, ports: [{name: http, port: 80}]}
----
-";
+    use super::super::WAYPOINT_NAMESPACE as BASE;
 
     fn rules(policy: &str) -> Vec<(String, Vec<String>)> {
         let m = from_yaml(&format!("{BASE}{policy}"));

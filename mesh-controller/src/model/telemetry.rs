@@ -249,7 +249,12 @@ mod tests {
     use super::super::from_yaml;
     use mesh_common::api::custom_tag::Value;
 
-    const BASE: &str = "\
+    /// The test namespace, MeshConfig's tracing providers, and a service without a waypoint.
+    static BASE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "{}{}",
+            super::super::WAYPOINT_NAMESPACE,
+            "\
 apiVersion: v1
 kind: ConfigMap
 metadata: {name: istio, namespace: istio-system}
@@ -264,35 +269,12 @@ data:
       opentelemetry: {service: otel.istio-system.svc.cluster.local, port: 4317}
 ---
 apiVersion: v1
-kind: Namespace
-metadata: {name: default, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: default, labels: {istio.io/waypoint-for: service}}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: wp-1, namespace: default, labels: {gateway.networking.k8s.io/gateway-name: waypoint}, annotations: {ambient.istio.io/redirection: disabled}}
-spec: {nodeName: n1, serviceAccountName: waypoint}
-status: {podIPs: [{ip: 10.0.0.9}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{name: http, port: 80}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: default}
-spec: {clusterIP: 10.96.0.2, selector: {app: api}, ports: [{name: http, port: 80}]}
----
-apiVersion: v1
 kind: Service
 metadata: {name: db, namespace: other}
 spec: {clusterIP: 10.96.0.3, selector: {app: db}, ports: [{name: tcp, port: 5432}]}
-";
+"
+        )
+    });
 
     fn telemetry(ns: &str, name: &str, spec: &str) -> String {
         format!(
@@ -305,7 +287,7 @@ spec: {clusterIP: 10.96.0.3, selector: {app: db}, ports: [{name: tcp, port: 5432
 
     /// Per service, its tracing.
     fn traced(extra: &str) -> Vec<(String, Option<Traced>)> {
-        let model = from_yaml(&format!("{BASE}{extra}"));
+        let model = from_yaml(&format!("{}{extra}", *BASE));
         model
             .services
             .iter()
@@ -395,7 +377,7 @@ spec: {clusterIP: 10.96.0.3, selector: {app: db}, ports: [{name: tcp, port: 5432
             "api",
             "{targetRefs: [{kind: Service, group: '', name: api}], accessLogging: [{disabled: true}]}",
         );
-        let model = from_yaml(&format!("{BASE}{pod}{mesh}{ns}{web}{api}"));
+        let model = from_yaml(&format!("{}{pod}{mesh}{ns}{web}{api}", *BASE));
         let show = |p: Option<mesh_common::api::TelemetryPolicy>| -> Vec<String> {
             let Some(p) = p else { return vec![] };
             let logs = p
