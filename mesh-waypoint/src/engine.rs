@@ -98,8 +98,8 @@ struct Record {
     ext_authz_headers: Vec<(HeaderName, HeaderValue)>,
     /// Its spans, when its service's Telemetry traces it.
     trace: Option<crate::trace::RequestTrace>,
-    /// Its service's Telemetry access-log and metric rules, and then the
-    /// request's headers (what their expressions may read).
+    /// Its service's Telemetry access-log and metric rules, and, when they
+    /// have expressions, the request's headers (what those may read).
     rules: Option<Arc<TelemetryRules>>,
     headers: Option<HeaderMap>,
 }
@@ -159,7 +159,7 @@ pub async fn handle(wp: Arc<Waypoint>, ds: Arc<Downstream>, mut req: Request<Inc
         set_cookie: None,
         ext_authz_headers: Vec::new(),
         trace,
-        headers: current.telemetry.is_some().then(|| parts.headers.clone()),
+        headers: current.telemetry.as_ref().filter(|r| r.has_expressions()).map(|_| parts.headers.clone()),
         rules: current.telemetry.clone(),
     };
     let (body, recorded) = Recording::new(body);
@@ -919,6 +919,8 @@ fn finish(
         };
         let ms = rec.started.elapsed().as_secs_f64() * 1000.0;
         let sizes = (recorded.bytes(), ended.bytes);
+        // What Telemetry's expressions read: made once, when one is evaluated.
+        let attributes = std::cell::OnceCell::new();
         let labels = match rec.rules.as_deref() {
             None => {
                 let pins = (rec.upstream_workload.clone(), rec.backend_service.clone());
@@ -943,7 +945,7 @@ fn finish(
                         l.set(tag, String::new());
                     }
                     if !rule.upserted.is_empty() {
-                        let a = request_attributes(&ds, &rec, status, &grpc_status, sizes);
+                        let a = attributes.get_or_init(|| request_attributes(&ds, &rec, status, &grpc_status, sizes));
                         for (tag, e) in rule.upserted {
                             if let Some(v) = a.text(e) {
                                 l.set(tag, v);
@@ -956,12 +958,16 @@ fn finish(
                 Arc::new(labels)
             }
         };
+        let logged = rec.rules.as_ref().is_none_or(|r| {
+            let made = || request_attributes(&ds, &rec, status, &grpc_status, sizes);
+            r.logs(Side::Server, || attributes.into_inner().unwrap_or_else(made))
+        });
         if let Some(t) = rec.trace.take() {
             t.end(crate::trace::End {
                 status,
                 response_flags: flags,
-                request_size: recorded.bytes(),
-                response_size: ended.bytes,
+                request_size: sizes.0,
+                response_size: sizes.1,
                 upstream_address: rec.upstream,
                 destination_principal: rec
                     .upstream_workload
@@ -969,11 +975,7 @@ fn finish(
                     .map(|_| labels.istio.destination_principal.as_str()),
             });
         }
-        if rec
-            .rules
-            .as_ref()
-            .is_some_and(|r| !r.logs(Side::Server, || request_attributes(&ds, &rec, status, &grpc_status, sizes)))
-        {
+        if !logged {
             return;
         }
         info!(

@@ -56,10 +56,10 @@ pub struct Tracers {
 /// What a tracer provider is built for.
 #[derive(Clone, Debug)]
 struct Setting {
-    collector: Option<(i32, String, u32, String, u32, String)>,
+    /// Unset when spans are not reported.
+    collector: Option<api::TraceCollector>,
     /// Sampling percentage, in hundredths of a percent (Istio's precision).
     per_10k: u32,
-    report: bool,
 }
 
 pub struct Traced {
@@ -81,30 +81,21 @@ impl Tracers {
     /// The tracer for a service's `tracing`.
     pub fn traced(&self, wp: &Arc<Waypoint>, tracing: &api::Tracing) -> Arc<Traced> {
         use std::hash::{Hash as _, Hasher as _};
-        let c = tracing.collector.as_ref();
-        let report = !tracing.disable_reporting && c.is_some();
-        let collector = c
-            .filter(|_| report)
-            .map(|c| (c.protocol, c.host.as_str(), c.port, c.path.as_str(), c.max_tag_length, c.name.as_str()));
+        let collector = tracing.collector.as_ref().filter(|_| !tracing.disable_reporting);
         let per_10k = (tracing.sampling_percentage.clamp(0.0, 100.0) * 100.0).round() as u32;
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (collector, per_10k, report).hash(&mut h);
+        let fields = collector.map(|c| (c.protocol, &c.host, c.port, &c.path, c.max_tag_length, &c.name));
+        (fields, per_10k).hash(&mut h);
         let key = h.finish();
         let mut map = lock(&self.by_setting);
         if let Some((s, t)) = map.get(&key)
             && s.per_10k == per_10k
-            && s.report == report
-            && s.collector.as_ref().map(|c| (c.0, c.1.as_str(), c.2, c.3.as_str(), c.4, c.5.as_str())) == collector
+            && s.collector.as_ref() == collector
         {
             return t.clone();
         }
-        let setting = Setting {
-            collector: collector
-                .map(|(p, h, port, path, m, n)| (p, h.to_owned(), port, path.to_owned(), m, n.to_owned())),
-            per_10k,
-            report,
-        };
-        let traced = Arc::new(build(Some(wp), &setting, c));
+        let setting = Setting { collector: collector.cloned(), per_10k };
+        let traced = Arc::new(build(Some(wp), &setting));
         // Settings no service uses any more are dropped (their spans flushed).
         if map.len() >= 16 {
             map.clear();
@@ -121,7 +112,7 @@ impl Tracers {
     }
 }
 
-fn build(wp: Option<&Arc<Waypoint>>, s: &Setting, collector: Option<&api::TraceCollector>) -> Traced {
+fn build(wp: Option<&Arc<Waypoint>>, s: &Setting) -> Traced {
     let ratio = f64::from(s.per_10k) / 10_000.0;
     // The caller's decision first; a new trace's by its id.
     let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)));
@@ -129,7 +120,7 @@ fn build(wp: Option<&Arc<Waypoint>>, s: &Setting, collector: Option<&api::TraceC
     let mut builder = SdkTracerProvider::builder()
         .with_sampler(sampler)
         .with_resource(Resource::builder_empty().with_service_name(name.clone()).build());
-    if let (Some(c), Some(wp)) = (collector.filter(|_| s.report), wp) {
+    if let (Some(c), Some(wp)) = (&s.collector, wp) {
         match export::exporter(wp, c, &name) {
             Ok(exporter) => {
                 let config = BatchConfigBuilder::default().with_scheduled_delay(EXPORT_DELAY).build();
@@ -152,8 +143,8 @@ fn service_name(wp: &Waypoint) -> String {
 /// A tracer that reports nowhere (for tests of propagation and sampling).
 #[cfg(test)]
 fn unreported(percentage: f64) -> Arc<Traced> {
-    let setting = Setting { collector: None, per_10k: (percentage * 100.0) as u32, report: false };
-    Arc::new(build(None, &setting, None))
+    let setting = Setting { collector: None, per_10k: (percentage * 100.0) as u32 };
+    Arc::new(build(None, &setting))
 }
 
 /// Extracts and injects W3C trace context and B3 (single and multi).

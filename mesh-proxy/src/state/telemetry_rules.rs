@@ -92,6 +92,12 @@ impl TelemetryRules {
         }
     }
 
+    /// Whether any rule has an expression (which may read the request's
+    /// attributes, its headers among them).
+    pub fn has_expressions(&self) -> bool {
+        self.access_logs.iter().any(|r| r.filter.is_some()) || self.overrides.iter().any(|o| !o.upserted.is_empty())
+    }
+
     /// Whether an access-log line is written: the last rule for `side`
     /// decides (disabled, or its filter over `attributes`); none: yes.
     pub fn logs(&self, side: Side, attributes: impl FnOnce() -> Attributes) -> bool {
