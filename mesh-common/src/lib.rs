@@ -16,6 +16,8 @@ pub mod cel;
 mod duration;
 #[cfg(feature = "std")]
 pub mod files;
+#[cfg(feature = "graph")]
+pub mod graph;
 #[cfg(feature = "heap")]
 pub mod heap;
 #[cfg(feature = "std")]
