@@ -45,6 +45,9 @@ pub struct NodeStatus {
     /// `waypoint` for a waypoint instance; empty for a node agent.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub role: String,
+    /// Where the controller scrapes its metrics for the service graph (empty: it does not).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub metrics_addr: String,
     pub version_sent: String,
     pub version_acked: String,
     pub last_push_unix: u64,

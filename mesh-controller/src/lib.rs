@@ -6,6 +6,7 @@ pub mod admission;
 pub mod ca;
 pub use mesh_config as config;
 pub mod distribute;
+pub mod graph;
 pub mod istio_ca;
 pub mod kubernetes;
 pub mod leader;

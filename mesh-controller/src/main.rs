@@ -134,6 +134,10 @@ struct Args {
     /// AuthorizationPolicies and PeerAuthentications here without a selector apply mesh-wide.
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
+    /// How often the service graph (`/graph`) scrapes the proxies' metrics
+    /// while someone looks at it (it does not otherwise).
+    #[arg(long, default_value = "5s", value_parser = |s: &str| mesh_common::parse_duration(s))]
+    graph_scrape_interval: Duration,
     /// How often the directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 100)]
     poll_ms: u64,
@@ -318,7 +322,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {} (use --metrics-addr)", args.metrics_addr))?;
     let addr = listener.local_addr()?;
-    let router = server::router(state.clone(), ca, hub.clone(), args.node_token_ttl);
+    let graphs = mesh_controller::graph::Collector::new(hub.clone(), args.graph_scrape_interval);
+    tokio::spawn(graphs.clone().run());
+    let router = server::router(state.clone(), ca, hub.clone(), args.node_token_ttl, graphs);
     let service = router.into_make_service_with_connect_info::<server::Caller>();
     tokio::spawn(async move { axum::serve(listener, service).await });
     info!(metrics_addr = %addr, grpc_addr = %grpc_addr, source = %source, "mesh-controller ready");

@@ -1,6 +1,9 @@
 //! The controller's HTTP port: readiness (with rejected objects), Prometheus
 //! metrics, JSON dumps of the configuration and the model, and the node
-//! registry (`/nodes`: adding a node and removing one only from this host).
+//! registry (`/nodes`: adding a node and removing one only from this host),
+//! and the live service graph (`/graph`).
+mod graph;
+
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -29,7 +32,13 @@ use crate::State;
 
 type Shared = Arc<RwLock<State>>;
 
-pub fn router(state: Shared, ca: Arc<CertificateAuthority>, hub: Arc<Hub>, token_ttl: Duration) -> Router {
+pub fn router(
+    state: Shared,
+    ca: Arc<CertificateAuthority>,
+    hub: Arc<Hub>,
+    token_ttl: Duration,
+    graphs: Arc<mesh_controller::graph::Collector>,
+) -> Router {
     let nodes_hub = hub.clone();
     let registry_routes = Router::new()
         .route("/nodes", get(registered))
@@ -47,6 +56,7 @@ pub fn router(state: Shared, ca: Arc<CertificateAuthority>, hub: Arc<Hub>, token
         .route("/debug/ca", get(move || async move { ca.trust_bundle() }))
         .route("/debug/nodes", get(move || nodes(nodes_hub)))
         .merge(registry_routes)
+        .merge(graph::routes(graphs))
 }
 
 /// Both ends of a connection to this port.

@@ -215,6 +215,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 server_name: args.controller_name.clone(),
                 state_dir: state_dir.clone(),
                 admin_addr: Some(args.admin_addr).filter(|a| !a.ip().is_loopback()),
+                metrics_addr: Some(args.metrics_addr).filter(|a| !a.ip().is_loopback()),
                 role: "",
             },
             proxy.clone(),

@@ -97,6 +97,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             server_name: args.controller_name.clone(),
             state_dir: args.state_dir.clone(),
             admin_addr: args.announce_addr,
+            // The announced address is its metrics port.
+            metrics_addr: args.announce_addr.or(Some(args.metrics_addr)),
             role: "waypoint",
         },
         proxy.clone(),

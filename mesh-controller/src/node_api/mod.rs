@@ -354,6 +354,7 @@ impl NodeControl for NodeService {
         req: Request<Streaming<api::NodeMessage>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let node = self.node_of(&req)?;
+        let peer = req.remote_addr();
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {
             Some(api::NodeMessage { kind: Some(Msg::Hello(hello)) }) => hello,
@@ -368,6 +369,7 @@ impl NodeControl for NodeService {
                 s.disconnected_unix = 0;
                 s.admin_addr = hello.admin_addr;
                 s.role = hello.role;
+                s.metrics_addr = metrics_target(&hello.metrics_addr, peer);
             });
             tokio::select! {
                 result = hub.session(&node, hello.known, &mut inbound, &tx) => {
@@ -389,6 +391,34 @@ impl NodeControl for NodeService {
     }
 }
 
+/// Where to scrape a node's metrics: as announced, an unspecified host
+/// taken as the address its stream comes from.
+fn metrics_target(announced: &str, peer: Option<std::net::SocketAddr>) -> String {
+    match (announced.parse::<std::net::SocketAddr>(), peer) {
+        (Ok(a), Some(peer)) if a.ip().is_unspecified() => std::net::SocketAddr::new(peer.ip(), a.port()).to_string(),
+        (Ok(a), _) if a.ip().is_unspecified() => String::new(),
+        _ => announced.to_owned(),
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metrics_targets_as_announced_or_from_the_peer() {
+        let peer = Some("10.0.0.7:40312".parse().unwrap());
+        for (announced, peer, want) in [
+            ("10.0.0.9:15020", peer, "10.0.0.9:15020"),
+            ("0.0.0.0:15020", peer, "10.0.0.7:15020"),
+            ("[::]:15020", peer, "10.0.0.7:15020"),
+            ("0.0.0.0:15020", None, ""),
+            ("", peer, ""),
+            ("pod.example:15020", peer, "pod.example:15020"),
+        ] {
+            assert_eq!(super::metrics_target(announced, peer), want, "{announced}");
+        }
+    }
 }

@@ -48,6 +48,8 @@ pub struct ControlConfig {
     /// The admin API's address, announced to the controller so `mesh-ctl`
     /// finds this node; `None` when it listens on loopback only.
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// Its `/metrics`, announced for the controller's service graph.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Announced to the controller: `waypoint`, or empty for a node agent.
     pub role: &'static str,
 }

@@ -34,7 +34,9 @@ impl Control {
         *lock(&self.channel) = Some(channel.clone());
         let (tx, rx) = mpsc::channel(8);
         let admin_addr = self.config.admin_addr.map(|a| a.to_string()).unwrap_or_default();
-        let hello = api::Hello { known: self.proxy.state.known(), admin_addr, role: self.config.role.into() };
+        let metrics_addr = self.config.metrics_addr.map(|a| a.to_string()).unwrap_or_default();
+        let hello =
+            api::Hello { known: self.proxy.state.known(), admin_addr, role: self.config.role.into(), metrics_addr };
         tx.send(api::NodeMessage { kind: Some(Msg::Hello(hello)) }).await?;
         let mut client = NodeControlClient::new(channel);
         let mut updates = client
