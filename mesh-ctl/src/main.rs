@@ -8,6 +8,7 @@ mod endpoints;
 mod enroll;
 mod explain;
 mod explain_l7;
+mod graph;
 mod kubernetes;
 mod node;
 mod output;
@@ -120,6 +121,22 @@ enum Cmd {
     /// The nodes allowed to join: add one (a single-use join token), remove one (revoked at once), list them.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Who talks to whom, live: services and workloads with request and connection rates, errors,
+    /// p99, bytes, mTLS and policy denials, from the proxies' own metrics (the controller's /graph).
+    #[command(
+        after_help = "Examples:\n  mesh-ctl graph\n  mesh-ctl graph --namespace demo --window 1m\n  mesh-ctl graph -o svg > mesh.svg\n  mesh-ctl graph -o png --file mesh.png\n  mesh-ctl graph -o dot | dot -Tpdf > mesh.pdf\n\nThe page with the same graph, refreshing itself: http://CONTROLLER/graph"
+    )]
+    Graph {
+        /// The window the rates are over (at most 1m).
+        #[arg(long, default_value = "30s")]
+        window: String,
+        /// Only edges with an end in this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Write the drawing (-o dot|svg|png) here instead of to standard output.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  mesh-ctl completion bash > /etc/bash_completion.d/mesh-ctl\n  mesh-ctl completion zsh > \"${fpath[1]}/_mesh-ctl\""
@@ -286,6 +303,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
+    if cli.output.is_drawing() && !matches!(cli.command, Cmd::Graph { .. }) {
+        eprintln!("error: -o dot, svg and png draw `mesh-ctl graph`; this command prints table, json or yaml");
+        return ExitCode::from(2);
+    }
     let result = match &cli.command {
         Cmd::Status => status::status(&client),
         Cmd::Workloads(sel) => views::workloads(&client, sel),
@@ -344,6 +365,10 @@ fn main() -> ExitCode {
         }
         Cmd::Node(NodeCmd::Remove { name }) => node::remove(&client, name),
         Cmd::Node(NodeCmd::List) => node::list(&client),
+        Cmd::Graph { window, namespace, file } => {
+            let q = graph::Query { window, namespace: namespace.as_deref() };
+            graph::graph(&client, &q, cli.output, file.as_deref())
+        }
         Cmd::Completion { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "mesh-ctl", &mut std::io::stdout());
             return ExitCode::SUCCESS;

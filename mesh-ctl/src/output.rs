@@ -11,6 +11,16 @@ pub enum Format {
     Table,
     Json,
     Yaml,
+    /// Drawings, for `mesh-ctl graph` only: Graphviz DOT, SVG, PNG.
+    Dot,
+    Svg,
+    Png,
+}
+
+impl Format {
+    pub fn is_drawing(self) -> bool {
+        matches!(self, Format::Dot | Format::Svg | Format::Png)
+    }
 }
 
 /// What a command found: `data` for JSON and YAML, `text` for the table form.
@@ -29,7 +39,7 @@ impl Report {
 
     pub fn render(&self, format: Format) -> String {
         match format {
-            Format::Table => self.text.clone(),
+            Format::Table | Format::Dot | Format::Svg | Format::Png => self.text.clone(),
             Format::Json => serde_json::to_string_pretty(&self.data).unwrap_or_default() + "\n",
             Format::Yaml => serde_yaml_ng::to_string(&self.data).unwrap_or_default(),
         }
