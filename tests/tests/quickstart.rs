@@ -2,9 +2,12 @@
 //! mesh it leaves running (each output checked against what is known to be
 //! true), an unenroll/enroll round trip seen on the wire, and `--down`
 //! leaving nothing behind; Istio's dashboards' queries answered by the
-//! Prometheus it starts. One test: the quickstart has fixed names.
+//! Prometheus it starts; the live service graph in Chromium and drawn by
+//! `mesh-ctl graph`. One test: the quickstart has fixed names.
 #[path = "quickstart/dashboards.rs"]
 mod dashboards;
+#[path = "quickstart/graph.rs"]
+mod graph;
 
 use std::{
     collections::BTreeSet,
@@ -139,6 +142,7 @@ fn quickstart_then_every_mesh_ctl_command_then_down() {
         "1. VirtualService/demo/backend/marked-tester: MATCHES",
         "the mesh keeps running",
         "http://127.0.0.1:19090/",
+        "http://127.0.0.1:15014/graph",
         &format!("alias mesh-ctl='MESH_ADMIN_TOKEN_FILE={ADMIN_TOKEN} "),
     ] {
         assert!(tour.contains(want), "the tour lacks {want:?}:\n{tour}");
@@ -147,6 +151,7 @@ fn quickstart_then_every_mesh_ctl_command_then_down() {
     let pods = config_pods();
     assert_eq!(pods.len(), 7, "five demo pods, the canary and the waypoint's");
     dashboards::istio_dashboards_on_prometheus(&pod("tester", &pods));
+    graph::live_graph_page_and_mesh_ctl_graph(&pod("tester", &pods));
     mesh_ctl_views(&pods);
     without_the_admin_token();
     mesh_ctl_connections(&pods);

@@ -73,6 +73,8 @@ pub fn ensure() -> anyhow::Result<()> {
 /// the quickstart, which would wait minutes for a build it does not use).
 pub fn ensure_for_tests() -> anyhow::Result<()> {
     ensure()?;
+    // The quickstart test loads the /graph page in a real browser, headless.
+    ensure_debian(&["chromium"])?;
     ensure_kubernetes()
 }
 

@@ -29,7 +29,7 @@ pub const DIR: &str = "/var/tmp/mesh-quickstart";
 pub const HOST_IF: &str = "mq-host";
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 254);
 /// Where `mesh-ctl`'s default `--controller` finds it.
-const METRICS_ADDR: &str = "127.0.0.1:15014";
+pub const METRICS_ADDR: &str = "127.0.0.1:15014";
 
 fn pid_file() -> PathBuf {
     Path::new(DIR).join("controller.pid")

@@ -259,13 +259,15 @@ pub fn next_steps(ctl: &Ctl) {
     println!("    mesh-ctl authz explain --from demo/frontend --to demo/redis:6379");
     println!("    mesh-ctl routes                                   # the waypoint's routes for the backend service");
     println!("    mesh-ctl route explain --to demo/backend:80 --path /");
-    println!("    {:<50}# validate configuration offline", format!("mesh-ctl check {DIR}/config"));
+    println!("    {:<49} # validate configuration offline", format!("mesh-ctl check {DIR}/config"));
     println!("    mesh-ctl unenroll demo; mesh-ctl enroll demo      # take the namespace out of the mesh and back");
-    println!("    {:<50}# more traffic", format!("ip netns exec mq-tester curl -s http://{FRONTEND_VIP}/"));
-    println!("    {:<50}# a node agent's log (JSON; access lines too)", format!("tail -f {DIR}/agent-node1-*.log"));
-    println!("    {:<50}# Prometheus, scraping the mesh every 5 s", format!("http://{}/", super::prometheus::ADDR));
+    println!("    {:<49} # more traffic", format!("ip netns exec mq-tester curl -s http://{FRONTEND_VIP}/"));
+    println!("    {:<49} # the live service graph (a browser page)", format!("http://{}/graph", super::METRICS_ADDR));
+    println!("    {:<49} # the same graph, as text or drawn", "mesh-ctl graph; mesh-ctl graph -o svg > g.svg");
+    println!("    {:<49} # a node agent's log (JSON; access lines too)", format!("tail -f {DIR}/agent-node1-*.log"));
+    println!("    {:<49} # Prometheus, scraping the mesh every 5 s", format!("http://{}/", super::prometheus::ADDR));
     println!(
-        "    {:<50}# e.g. requests per second by backend workload",
+        "    {:<49} # e.g. requests per second by backend workload",
         "  sum by (destination_workload) (rate(istio_requests_total[1m]))"
     );
     println!("    cargo xtask quickstart --down                     # remove everything");
