@@ -5,8 +5,10 @@
 //! controller's memory; once from a directory of YAML, once from a real
 //! kube-apiserver (the same objects created through its API, the edit a
 //! PATCH of a pod's labels), where it also counts the requests the
-//! controller makes of the API server per edit. Writes a JSON report;
-//! asserts nothing on time.
+//! controller makes of the API server per edit. From the directory, also
+//! the service graph: the controller's CPU and memory with nobody looking,
+//! then while `/graph.json` is polled over the 100 nodes' metrics
+//! (`scale/graph.rs`). Writes a JSON report; asserts nothing on time.
 use std::{
     collections::BTreeMap,
     fs,
@@ -23,6 +25,8 @@ use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use tokio::sync::{Barrier, mpsc};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
+#[path = "scale/graph.rs"]
+mod graph;
 #[path = "scale/kubernetes.rs"]
 mod kubernetes;
 
@@ -66,7 +70,13 @@ fn directory() -> anyhow::Result<Report> {
     let mut controller = Started::spawn(&["--config-dir", config.to_str().unwrap()], &dir.join("state"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let state = dir.join("state");
-    let result = runtime.block_on(run(&state, &controller, &Edits::Directory(config.clone())));
+    let result = runtime.block_on(async {
+        let node_metrics = graph::serve_nodes().await?;
+        let mut report = run(&state, &controller, &Edits::Directory(config.clone()), &node_metrics).await?;
+        let graph = graph::measure(controller.metrics, controller.pid()).await?;
+        report.insert("graph".into(), serde_json::Value::Object(graph));
+        anyhow::Ok(report)
+    });
     controller.stop();
     let _ = fs::remove_dir_all(&dir);
     let mut report = result?;
@@ -147,7 +157,13 @@ impl Edits {
 
 type Report = serde_json::Map<String, serde_json::Value>;
 
-async fn run(state: &Path, controller: &Started, editor: &Edits) -> anyhow::Result<Report> {
+/// `node_metrics`: where each simulated node's `/metrics` is (announced in its Hello), if anywhere.
+async fn run(
+    state: &Path,
+    controller: &Started,
+    editor: &Edits,
+    node_metrics: &[SocketAddr],
+) -> anyhow::Result<Report> {
     let (grpc, metrics, pid) = (controller.grpc, controller.metrics, controller.pid());
     // The trust bundle it serves (on Kubernetes its CA is in a Secret).
     let root = http_get(metrics, "/debug/ca").await?;
@@ -164,6 +180,7 @@ async fn run(state: &Path, controller: &Started, editor: &Edits) -> anyhow::Resu
         let (root, token, barrier) = (root.clone(), token.clone(), barrier.clone());
         let mut edits = edits_tx.subscribe();
         let seen = seen_tx.clone();
+        let metrics_addr = node_metrics.get(n).map(ToString::to_string).unwrap_or_default();
         snapshots.push(tokio::spawn(async move {
             let tls =
                 ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&root)).domain_name("mesh-controller");
@@ -177,7 +194,7 @@ async fn run(state: &Path, controller: &Started, editor: &Edits) -> anyhow::Resu
             let t = Instant::now();
             let (tx, rx) = mpsc::channel(4);
             tx.send(NodeMessage {
-                kind: Some(Msg::Hello(api::Hello { known: BTreeMap::new(), ..Default::default() })),
+                kind: Some(Msg::Hello(api::Hello { known: BTreeMap::new(), metrics_addr, ..Default::default() })),
             })
             .await?;
             let mut updates = NodeControlClient::new(channel)

@@ -64,7 +64,7 @@ fn in_namespace(t: &mesh_tests::Topology, kube: &mesh_tests::kube::Kube) -> anyh
     let status_writes = runtime.block_on(quiet(&client));
     let status_seconds = marked.elapsed().as_secs_f64();
     let before = runtime.block_on(requests(&client));
-    let result = runtime.block_on(run(&state, &controller, &Edits::Kubernetes(client.clone())));
+    let result = runtime.block_on(run(&state, &controller, &Edits::Kubernetes(client.clone()), &[]));
     // The last edit's consequences (status writes, if any) land first.
     std::thread::sleep(Duration::from_secs(2));
     let after = runtime.block_on(requests(&client));
