@@ -64,6 +64,8 @@ pub struct Snapshot {
 
 impl Collector {
     pub fn new(hub: Arc<Hub>, interval: Duration) -> Arc<Collector> {
+        // Not more often than a first rate's scrapes (0 would spin).
+        let interval = interval.max(FIRST_RATE);
         Arc::new(Collector { hub, interval, state: Mutex::default(), looked: Notify::new() })
     }
 
