@@ -18,6 +18,7 @@ use kube::{
     core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
 };
 use mesh_config::{Kind, not_enforced, parse_document};
+use prometheus_client::metrics::counter::Counter;
 use tracing::info;
 
 use crate::{
@@ -78,6 +79,12 @@ async fn validate(Json(body): Json<AdmissionReview<DynamicObject>>) -> Json<Admi
     let response = match request {
         Ok(request) => {
             let response = review(&request);
+            let (passed, failed) = &*VALIDATIONS;
+            if response.allowed {
+                passed.inc()
+            } else {
+                failed.inc()
+            };
             if !response.allowed {
                 info!(
                     kind = %request.kind.kind,
@@ -95,6 +102,10 @@ async fn validate(Json(body): Json<AdmissionReview<DynamicObject>>) -> Json<Admi
 }
 
 /// Serves the webhook on `listener` over TLS with `cert`, until the process ends.
+/// Reviews that admitted and refused an object (Galley's
+/// `galley_validation_passed` and `_failed`, which the HTTP port exposes).
+pub static VALIDATIONS: std::sync::LazyLock<(Counter, Counter)> = std::sync::LazyLock::new(Default::default);
+
 pub fn serve(listener: tokio::net::TcpListener, cert: Arc<ServingCert>) -> anyhow::Result<SocketAddr> {
     let local = listener.local_addr()?;
     let config = Arc::new(serving::webhook_config(cert)?);

@@ -21,7 +21,10 @@ use axum::{
 };
 use serde_json::json;
 
-use mesh_controller::{ca::CertificateAuthority, node_api::Hub};
+use mesh_controller::{
+    ca::CertificateAuthority,
+    node_api::{Hub, IstiodCounter},
+};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -204,6 +207,13 @@ struct KindLabel {
     kind: String,
 }
 
+/// Istio's `istio_build` labels: which component, which version.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub component: &'static str,
+    pub tag: &'static str,
+}
+
 /// The process's one registry: the hub's families, the reload counter and
 /// the configuration gauges.
 fn registry(hub: &Hub, reloads: &Counter) -> (Registry, ConfigGauges) {
@@ -228,6 +238,14 @@ fn registry(hub: &Hub, reloads: &Counter) -> (Registry, ConfigGauges) {
     );
     registry.register("mesh_controller_workloads", "Workloads in the model.", g.workloads.clone());
     registry.register("mesh_controller_nodes_connected", "Nodes with an open stream.", g.nodes_connected.clone());
+    // istiod's names for what Istio's Control Plane and Mesh dashboards read.
+    registry.register("pilot_xds", "Nodes with an open stream (istiod's name).", g.nodes_connected.clone());
+    let build = Family::<BuildLabels, Gauge>::default();
+    build.get_or_create(&BuildLabels { component: "pilot", tag: env!("CARGO_PKG_VERSION") }).set(1);
+    registry.register("istio_build", "The running build (Istio's istio_build, component pilot).", build);
+    let (passed, failed) = &*mesh_controller::admission::VALIDATIONS;
+    registry.register("galley_validation_passed", "Admission reviews that admitted.", IstiodCounter(passed.clone()));
+    registry.register("galley_validation_failed", "Admission reviews that refused.", IstiodCounter(failed.clone()));
     hub.metrics.register(&mut registry);
     (registry, g)
 }

@@ -174,6 +174,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         inbound_bypass_port: mesh_common::HBONE_PORT,
     })?;
     let mut registry = prometheus_client::registry::Registry::default();
+    mesh_proxy::telemetry::register_build(&mut registry, "ztunnel");
     let proxy = Arc::new(mesh_proxy::Proxy::new(&mut registry));
     proxy.spawn_reaper();
     let open_files = open_file_limit();

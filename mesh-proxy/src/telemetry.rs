@@ -355,6 +355,22 @@ impl IstioLabels {
     }
 }
 
+/// Istio's `istio_build` labels: which component runs, which version.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: &'static str,
+}
+
+/// `istio_build{component, tag} 1`, as every Istio component exposes it
+/// (the Mesh dashboard's "Istio Component Versions"): `ztunnel` for a node
+/// proxy, `proxy` for a waypoint, as Istio's ambient mode names them.
+pub fn register_build(registry: &mut Registry, component: &'static str) {
+    let build = Family::<BuildLabels, prometheus_client::metrics::gauge::Gauge>::default();
+    build.get_or_create(&BuildLabels { component, tag: env!("CARGO_PKG_VERSION") }).set(1);
+    registry.register("istio_build", "The running build.", build);
+}
+
 /// The `istio_tcp_*` families, owned here and registered in the process's registry.
 #[derive(Clone, Default)]
 pub struct TcpMetrics {

@@ -84,6 +84,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
     let mut registry = Registry::default();
+    mesh_proxy::telemetry::register_build(&mut registry, "proxy");
     let proxy = Arc::new(Proxy::new(&mut registry));
     proxy.spawn_reaper();
     let wp = Waypoint::new(proxy.clone(), RequestMetrics::register(&mut registry));

@@ -1,7 +1,7 @@
 //! The node API's metric families.
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder},
+    metrics::{MetricType, TypedMetric, counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
 
@@ -61,11 +61,46 @@ impl HubMetrics {
             "Node requests refused (bad token, not a node certificate, identity not on the node).",
             self.refused.clone(),
         );
+        // The same counts under istiod's names, for Istio's Control Plane
+        // dashboard (istiod's counters carry no `_total`).
+        registry.register(
+            "pilot_xds_pushes",
+            "Updates sent to nodes (istiod's name).",
+            IstiodCounter(self.pushes.clone()),
+        );
+        registry.register(
+            "pilot_total_xds_rejects",
+            "Updates nodes rejected (istiod's name).",
+            IstiodCounter(self.nacks.clone()),
+        );
+        registry.register(
+            "pilot_xds_push_time",
+            "From a configuration change to its update sent on a node's stream, seconds (istiod's name).",
+            self.push_latency.clone(),
+        );
         registry.register(
             "mesh_controller_node_refusals",
             "Joins and node certificates refused by the node registry (unknown_node, bad_token, token_used, \
              token_expired, unknown_certificate, revoked).",
             self.node_refusals.clone(),
         );
+    }
+}
+
+/// A counter exposed as istiod exposes its own: its plain name, no
+/// `_total` (OpenCensus' habit), so Istio's dashboards' queries find it.
+/// It shares the value of the counter it wraps.
+#[derive(Clone, Debug)]
+pub struct IstiodCounter(pub Counter);
+
+impl TypedMetric for IstiodCounter {}
+
+impl EncodeMetric for IstiodCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&self.0.get())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Unknown
     }
 }

@@ -29,7 +29,7 @@ mod session;
 use self::auth::{ca_status, same_token, uri_san};
 pub use self::{
     auth::{join_token, valid_node_name},
-    metrics::{HubMetrics, LATENCY_BUCKETS},
+    metrics::{HubMetrics, IstiodCounter, LATENCY_BUCKETS},
     registry::Registry,
 };
 use crate::{

@@ -1,6 +1,7 @@
 //! Istio's Grafana dashboards on the quickstart's data: the panel queries of
-//! Istio's Service and Workload dashboards (manifests/addons/dashboards in
-//! istio/istio), their variables filled in as Grafana would, asked of the
+//! Istio's Service, Workload and Mesh dashboards, and the Control Plane
+//! dashboard's panels about what the controller does as istiod
+//! (manifests/addons/dashboards in istio/istio), their variables filled in as Grafana would, asked of the
 //! real Prometheus the quickstart started while traffic runs. Each query
 //! must return series, with the labels its legend reads.
 //!
@@ -287,6 +288,106 @@ fn workload_dashboard() -> Vec<Panel> {
     out
 }
 
+/// The Mesh dashboard's queries (`reporter=~"source|waypoint"` is its own
+/// choice: it reads waypoints in ambient), as its tables ask them.
+fn mesh_dashboard() -> Vec<Panel> {
+    let r = "reporter=~\"source|waypoint\"";
+    let join = |q: String| {
+        format!(
+            "label_join({q}, \"destination_workload_var\", \".\", \"destination_workload\", \"destination_workload_namespace\")"
+        )
+    };
+    let mut out = vec![
+        panel("Traffic Volume", format!("round(sum(rate(istio_requests_total{{{r}}}[1m])), 0.01)"), &[]),
+        panel(
+            "Success Rate",
+            format!(
+                "sum(rate(istio_requests_total{{{r},response_code!~\"5..\"}}[1m])) / sum(rate(istio_requests_total{{{r}}}[1m]))"
+            ),
+            &[],
+        ),
+        panel(
+            "4xxs",
+            format!("round(sum(rate(istio_requests_total{{{r},response_code=~\"4..\"}}[1m])), 0.01)or vector(0)"),
+            &[],
+        ),
+        panel(
+            "5xxs",
+            format!("round(sum(rate(istio_requests_total{{{r},response_code=~\"5..\"}}[1m])), 0.01)or vector(0)"),
+            &[],
+        ),
+        panel(
+            "HTTP/gRPC Workloads: requests",
+            join(format!(
+                "sum(rate(istio_requests_total{{{r}}}[1m])) by (destination_workload, destination_workload_namespace, destination_service)"
+            )),
+            &[("destination_workload", "backend-1"), ("destination_service", BACKEND)],
+        ),
+        panel(
+            "HTTP/gRPC Workloads: success",
+            join(format!(
+                "sum(rate(istio_requests_total{{{r},response_code!~\"5..\"}}[1m])) by (destination_workload, destination_workload_namespace) / \
+                 sum(rate(istio_requests_total{{{r}}}[1m])) by (destination_workload, destination_workload_namespace)"
+            )),
+            &[("destination_workload_var", "backend-1.demo")],
+        ),
+        panel(
+            "TCP Workloads: received",
+            join(format!(
+                "sum(rate(istio_tcp_received_bytes_total{{{r}}}[1m])) by (destination_workload, destination_workload_namespace, destination_service)"
+            )),
+            &[("destination_workload", "redis"), ("destination_service", REDIS)],
+        ),
+        panel(
+            "TCP Workloads: sent",
+            join(format!(
+                "sum(rate(istio_tcp_sent_bytes_total{{{r}}}[1m])) by (destination_workload, destination_workload_namespace, destination_service)"
+            )),
+            &[("destination_workload", "redis")],
+        ),
+        panel(
+            "Istio Component Versions (pilot)",
+            "sum(istio_build) by (component, tag)".into(),
+            &[("component", "pilot")],
+        ),
+        panel(
+            "Istio Component Versions (ztunnel)",
+            "sum(istio_build) by (component, tag)".into(),
+            &[("component", "ztunnel")],
+        ),
+        panel(
+            "Istio Component Versions (proxy)",
+            "sum(istio_build) by (component, tag)".into(),
+            &[("component", "proxy")],
+        ),
+    ];
+    for q in ["0.5", "0.9", "0.99"] {
+        out.push(panel(
+            "HTTP/gRPC Workloads: latency",
+            join(format!(
+                "histogram_quantile({q}, sum(rate(istio_request_duration_milliseconds_bucket{{{r}}}[1m])) by (le, destination_workload, destination_workload_namespace))"
+            )),
+            &[("destination_workload_var", "backend-1.demo")],
+        ));
+    }
+    out
+}
+
+/// The Control Plane dashboard's queries that concern what mesh-controller
+/// does as istiod (its pushes, connections, push time and version). Its
+/// Go runtime and kubelet (cAdvisor) panels have no equivalent in a Rust
+/// process outside Kubernetes; its webhook panels count admission reviews,
+/// which the quickstart (a directory of YAML) does not make.
+fn control_plane_dashboard() -> Vec<Panel> {
+    vec![
+        panel("Pilot Versions", "sum(istio_build{component=\"pilot\"}) by (tag)".into(), &[]),
+        panel("XDS Pushes", "sum(irate(pilot_xds_pushes[1m])) by (type)".into(), &[]),
+        panel("Connections (server reported)", "sum(pilot_xds)".into(), &[]),
+        panel("Push Time", "sum(rate(pilot_xds_push_time_bucket{}[1m])) by (le)".into(), &[("le", "0.01")]),
+        panel("Push Errors: rejected config", "sum(pilot_total_xds_rejects) by (type)".into(), &[]),
+    ]
+}
+
 /// The plaintext variants: empty, as every connection of the demo is mTLS.
 fn plaintext_panels() -> Vec<String> {
     vec![
@@ -330,6 +431,8 @@ pub fn istio_dashboards_on_prometheus(tester: &Pod) {
         .into_iter()
         .map(|p| ("Istio Service Dashboard", p))
         .chain(workload_dashboard().into_iter().map(|p| ("Istio Workload Dashboard", p)))
+        .chain(mesh_dashboard().into_iter().map(|p| ("Istio Mesh Dashboard", p)))
+        .chain(control_plane_dashboard().into_iter().map(|p| ("Istio Control Plane Dashboard", p)))
         .collect();
     let deadline = Instant::now() + mesh_tests::patience(Duration::from_secs(60));
     loop {
@@ -350,5 +453,8 @@ pub fn istio_dashboards_on_prometheus(tester: &Pod) {
     for q in plaintext_panels() {
         assert_eq!(query(&q), Vec::<Value>::new(), "{q}: no plaintext connection in the demo");
     }
-    eprintln!("{} panel queries of Istio's Service and Workload dashboards answered on Prometheus", panels.len());
+    eprintln!(
+        "{} panel queries of Istio's Service, Workload, Mesh and Control Plane dashboards answered",
+        panels.len()
+    );
 }
