@@ -377,6 +377,11 @@ fn kubectl_apply_of_an_invalid_object_is_refused_at_admission_with_its_field() {
 
     // Deleting is never refused.
     kube.kubectl_ok(&["delete", "authorizationpolicy", "-n", "shop", "deny-9000"]);
+
+    // Counted under Galley's names, which Istio's Control Plane dashboard reads.
+    let (refused, admitted) =
+        (controller.metric("galley_validation_failed"), controller.metric("galley_validation_passed"));
+    assert!(refused >= 2.0 && admitted >= 2.0, "refused {refused}, admitted {admitted}");
 }
 
 #[test]
