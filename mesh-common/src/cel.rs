@@ -11,7 +11,16 @@ use cel::{Context, Value};
 
 /// Parses a CEL expression.
 pub fn compile(expr: &str) -> Result<Program, String> {
-    Program::compile(expr).map_err(|e| e.to_string().trim().to_owned())
+    Program::compile(expr).map_err(|e| one_line(&e.to_string()))
+}
+
+/// cel-rust's parse errors on one line, for admission warnings, `mesh-ctl
+/// check` and logs: each `ERROR: <input>:L:C: message` as `at L:C:
+/// message`, without the caret diagram under the expression.
+fn one_line(text: &str) -> String {
+    let errors: Vec<String> =
+        text.lines().filter_map(|l| l.strip_prefix("ERROR: <input>:")).map(|l| format!("at {}", l.trim())).collect();
+    if errors.is_empty() { text.split_whitespace().collect::<Vec<_>>().join(" ") } else { errors.join("; ") }
 }
 
 /// A compiled expression with its text (shown in logs and debug views).
@@ -90,6 +99,17 @@ impl Attributes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_errors_are_one_line_with_their_place() {
+        for (expr, want) in [
+            ("response.code >=", "at 1:17: Syntax error: mismatched input '<EOF>' expecting {"),
+            ("1 +* 2", "at 1:4: Syntax error: extraneous input '*'"),
+        ] {
+            let e = compile(expr).err().expect("refused");
+            assert!(e.starts_with(want) && !e.contains('\n') && !e.contains('^'), "{expr}: {e}");
+        }
+    }
 
     fn request(code: i64, mtls: bool) -> Attributes {
         let mut a = Attributes::default();
