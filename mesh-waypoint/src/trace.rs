@@ -194,6 +194,22 @@ pub struct End<'a> {
     pub destination_principal: Option<&'a str>,
 }
 
+/// Envoy's `max_path_tag_length` (Istio's ProxyConfig
+/// `tracing.maxPathTagLength`), at its default: a span's `http.url` is cut
+/// there, so a long query string does not bloat every span.
+const MAX_PATH_TAG_LENGTH: usize = 256;
+
+fn url_tag(mut url: String) -> String {
+    if url.len() > MAX_PATH_TAG_LENGTH {
+        let mut end = MAX_PATH_TAG_LENGTH;
+        while !url.is_char_boundary(end) {
+            end -= 1;
+        }
+        url.truncate(end);
+    }
+    url
+}
+
 impl RequestTrace {
     /// Continues (or begins) the request's trace with its SERVER span.
     pub fn start(traced: Arc<Traced>, tracing: &api::Tracing, headers: &HeaderMap, s: Start<'_>) -> Self {
@@ -210,7 +226,7 @@ impl RequestTrace {
         }
         let mut attributes = vec![
             KeyValue::new("http.method", s.method.to_owned()),
-            KeyValue::new("http.url", format!("http://{}{}", s.authority, s.path)),
+            KeyValue::new("http.url", url_tag(format!("http://{}{}", s.authority, s.path))),
             KeyValue::new("http.protocol", s.protocol.to_owned()),
             KeyValue::new("guid:x-request-id", s.request_id.to_owned()),
             KeyValue::new("peer.address", s.peer_addr.ip().to_string()),
@@ -241,7 +257,7 @@ impl RequestTrace {
             let (cluster, url) = upstream();
             let mut attributes = vec![
                 KeyValue::new("http.method", method.to_owned()),
-                KeyValue::new("http.url", url),
+                KeyValue::new("http.url", url_tag(url)),
                 KeyValue::new("upstream_cluster", cluster.clone()),
                 KeyValue::new("component", "proxy"),
             ];

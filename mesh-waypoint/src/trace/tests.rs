@@ -141,3 +141,15 @@ fn custom_tags_and_zipkin_service_name() {
     assert_eq!(v[1]["localEndpoint"]["serviceName"], "waypoint.default");
     assert_eq!(v[1]["parentId"], SPAN);
 }
+
+#[test]
+fn a_long_url_tag_is_cut_as_envoy_cuts_it() {
+    let short = "http://web/".to_owned();
+    assert_eq!(url_tag(short.clone()), short);
+    let long = format!("http://web/?q={}", "a".repeat(400));
+    assert_eq!(url_tag(long.clone()), long[..MAX_PATH_TAG_LENGTH]);
+    // Never inside a character.
+    let wide = format!("http://web/{}", "é".repeat(200));
+    let cut = url_tag(wide);
+    assert!(cut.len() <= MAX_PATH_TAG_LENGTH && cut.len() >= MAX_PATH_TAG_LENGTH - 1, "{}", cut.len());
+}
