@@ -65,6 +65,9 @@ struct Setting {
 pub struct Traced {
     provider: SdkTracerProvider,
     tracer: Tracer,
+    /// The provider's `maxTagLength` (Istio: "currently only controls max
+    /// length of the path tag"), else Envoy's default.
+    max_path_tag: usize,
 }
 
 impl Drop for Traced {
@@ -132,7 +135,9 @@ fn build(wp: Option<&Arc<Waypoint>>, s: &Setting) -> Traced {
     }
     let provider = builder.build();
     let tracer = provider.tracer("mesh-waypoint");
-    Traced { provider, tracer }
+    let max_path_tag =
+        s.collector.as_ref().map(|c| c.max_tag_length as usize).filter(|n| *n > 0).unwrap_or(MAX_PATH_TAG_LENGTH);
+    Traced { provider, tracer, max_path_tag }
 }
 
 /// `<name>.<namespace>` of the waypoint's identity, as Istio names a proxy's spans.
@@ -194,14 +199,14 @@ pub struct End<'a> {
     pub destination_principal: Option<&'a str>,
 }
 
-/// Envoy's `max_path_tag_length` (Istio's ProxyConfig
-/// `tracing.maxPathTagLength`), at its default: a span's `http.url` is cut
-/// there, so a long query string does not bloat every span.
+/// Envoy's default `max_path_tag_length`: a span's `http.url` is cut there
+/// (or at the provider's `maxTagLength`), so a long query string does not
+/// bloat every span.
 const MAX_PATH_TAG_LENGTH: usize = 256;
 
-fn url_tag(mut url: String) -> String {
-    if url.len() > MAX_PATH_TAG_LENGTH {
-        let mut end = MAX_PATH_TAG_LENGTH;
+fn url_tag(mut url: String, max: usize) -> String {
+    if url.len() > max {
+        let mut end = max;
         while !url.is_char_boundary(end) {
             end -= 1;
         }
@@ -226,7 +231,7 @@ impl RequestTrace {
         }
         let mut attributes = vec![
             KeyValue::new("http.method", s.method.to_owned()),
-            KeyValue::new("http.url", url_tag(format!("http://{}{}", s.authority, s.path))),
+            KeyValue::new("http.url", url_tag(format!("http://{}{}", s.authority, s.path), traced.max_path_tag)),
             KeyValue::new("http.protocol", s.protocol.to_owned()),
             KeyValue::new("guid:x-request-id", s.request_id.to_owned()),
             KeyValue::new("peer.address", s.peer_addr.ip().to_string()),
@@ -257,7 +262,7 @@ impl RequestTrace {
             let (cluster, url) = upstream();
             let mut attributes = vec![
                 KeyValue::new("http.method", method.to_owned()),
-                KeyValue::new("http.url", url_tag(url)),
+                KeyValue::new("http.url", url_tag(url, self.traced.max_path_tag)),
                 KeyValue::new("upstream_cluster", cluster.clone()),
                 KeyValue::new("component", "proxy"),
             ];

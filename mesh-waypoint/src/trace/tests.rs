@@ -144,12 +144,14 @@ fn custom_tags_and_zipkin_service_name() {
 
 #[test]
 fn a_long_url_tag_is_cut_as_envoy_cuts_it() {
+    // Envoy's default, or the provider's maxTagLength.
     let short = "http://web/".to_owned();
-    assert_eq!(url_tag(short.clone()), short);
+    assert_eq!(url_tag(short.clone(), MAX_PATH_TAG_LENGTH), short);
     let long = format!("http://web/?q={}", "a".repeat(400));
-    assert_eq!(url_tag(long.clone()), long[..MAX_PATH_TAG_LENGTH]);
+    assert_eq!(url_tag(long.clone(), MAX_PATH_TAG_LENGTH), long[..MAX_PATH_TAG_LENGTH]);
+    assert_eq!(url_tag(long.clone(), 20), long[..20], "a provider's maxTagLength");
     // Never inside a character.
     let wide = format!("http://web/{}", "é".repeat(200));
-    let cut = url_tag(wide);
+    let cut = url_tag(wide, MAX_PATH_TAG_LENGTH);
     assert!(cut.len() <= MAX_PATH_TAG_LENGTH && cut.len() >= MAX_PATH_TAG_LENGTH - 1, "{}", cut.len());
 }
