@@ -106,7 +106,7 @@ mod tests {
             ("response.code >=", "at 1:17: Syntax error: mismatched input '<EOF>' expecting {"),
             ("1 +* 2", "at 1:4: Syntax error: extraneous input '*'"),
         ] {
-            let e = compile(expr).err().expect("refused");
+            let Err(e) = compile(expr) else { panic!("{expr} was accepted") };
             assert!(e.starts_with(want) && !e.contains('\n') && !e.contains('^'), "{expr}: {e}");
         }
     }
