@@ -9,7 +9,9 @@
 //! Checked: one trace of four spans with the right parents, by each
 //! protocol; sampling at 0 % and 100 %; W3C, B3 multi and B3 single callers
 //! continued; a Telemetry change in force within a second; a span joined
-//! with the client node's access-log line by its connection id.
+//! with the client node's access-log line by its connection id; the
+//! OTLP providers' `http.headers` and `grpc.initialMetadata` sent with
+//! every export (the collector refuses an export without them).
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
@@ -95,6 +97,9 @@ def otlp(body, via):
                 print("span " + json.dumps(span), flush=True)
 
 def export(req, ctx):
+    if dict(ctx.invocation_metadata()).get("x-tenant") != "blue":
+        print("refused otlp-grpc without its metadata", flush=True)
+        ctx.abort(grpc.StatusCode.PERMISSION_DENIED, "x-tenant: blue expected")
     otlp(req, "otlp-grpc")
     return b""
 
@@ -116,7 +121,7 @@ class H(BaseHTTPRequestHandler):
             for s in json.loads(body):
                 s["via"] = "zipkin"
                 print("span " + json.dumps(s), flush=True)
-        elif self.path == "/v1/traces" and ctype == "application/x-protobuf":
+        elif self.path == "/v1/traces" and ctype == "application/x-protobuf" and self.headers.get("x-tenant") == "blue":
             otlp(body, "otlp-http")
         else:
             print("refused %s %s" % (self.path, ctype), flush=True)
@@ -180,8 +185,10 @@ fn providers() -> String {
          {{name: grpc-otlp, port: 4317}}, {{name: http-otlp, port: 4318}}]}}\n---\n\
          apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |-\n    \
          extensionProviders:\n    - name: zipkin\n      zipkin: {{service: {host}, port: 9411}}\n    \
-         - name: otel-http\n      opentelemetry: {{service: {host}, port: 4318, http: {{path: /v1/traces}}}}\n    \
-         - name: otel-grpc\n      opentelemetry: {{service: {host}, port: 4317}}\n---\n"
+         - name: otel-http\n      opentelemetry: {{service: {host}, port: 4318, http: {{path: /v1/traces, timeout: 5s, \
+         headers: [{{name: x-tenant, value: blue}}]}}}}\n    \
+         - name: otel-grpc\n      opentelemetry: {{service: {host}, port: 4317, grpc: {{timeout: 5s, \
+         initialMetadata: [{{name: x-tenant, value: blue}}]}}}}\n---\n"
     )
 }
 

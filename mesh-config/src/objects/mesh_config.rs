@@ -155,7 +155,7 @@ pub struct TracingProvider {
     #[serde(default)]
     pub http: Option<OtlpHttp>,
     #[serde(default)]
-    pub grpc: Option<Value>,
+    pub grpc: Option<OtlpGrpc>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
 }
@@ -169,7 +169,29 @@ pub struct OtlpHttp {
     #[serde(default)]
     pub timeout: Option<String>,
     #[serde(default)]
-    pub headers: Vec<Value>,
+    pub headers: Vec<HttpHeader>,
+}
+
+/// `OpenTelemetryTracingProvider.grpc` (Istio's `GrpcService`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OtlpGrpc {
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub initial_metadata: Vec<HttpHeader>,
+}
+
+/// Istio's `HttpHeader`: a value, or the proxy's environment variable `envName`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpHeader {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default)]
+    pub env_name: Option<String>,
 }
 
 /// `EnvoyExternalAuthorizationHttpProvider`.

@@ -223,6 +223,13 @@ fn collector(p: &ExtensionProvider) -> Option<api::TraceCollector> {
     };
     let port = t.port.as_ref().and_then(IntOrString::as_number).unwrap_or(0) as u32;
     let path = if path.is_empty() || path.starts_with('/') { path } else { format!("/{path}") };
+    // OTLP's headers and deadline: `http`'s, or `grpc`'s initial metadata and timeout.
+    let (headers, timeout) = match (protocol, &t.http, &t.grpc) {
+        (Protocol::OtlpHttp, Some(h), _) => (&h.headers[..], h.timeout.as_deref()),
+        (Protocol::OtlpGrpc, _, Some(g)) => (&g.initial_metadata[..], g.timeout.as_deref()),
+        _ => (&[][..], None),
+    };
+    let timeout = timeout.and_then(|t| mesh_common::parse_duration(t).ok());
     Some(api::TraceCollector {
         name: p.name.clone(),
         protocol: protocol as i32,
@@ -230,6 +237,15 @@ fn collector(p: &ExtensionProvider) -> Option<api::TraceCollector> {
         port,
         path,
         max_tag_length: t.max_tag_length.unwrap_or(0),
+        headers: headers
+            .iter()
+            .map(|h| api::CollectorHeader {
+                name: h.name.clone(),
+                value: h.value.clone().unwrap_or_default(),
+                env_name: h.env_name.clone().unwrap_or_default(),
+            })
+            .collect(),
+        timeout_ms: timeout.map_or(0, |t| t.as_millis().min(u128::from(u32::MAX)) as u32),
     })
 }
 
@@ -354,6 +370,34 @@ spec: {clusterIP: 10.96.0.3, selector: {app: db}, ports: [{name: tcp, port: 5432
         assert_eq!(api.0, "otel@otel.istio-system.svc.cluster.local:4318/v1/traces");
         assert_eq!((api.1, api.2, api.3), (1, 100.0, true));
         assert_eq!(api.4, ["cluster=east", "pod=env:POD_NAME:unknown", "who=header:x-user"]);
+    }
+
+    /// An OTLP provider's headers (gRPC: initial metadata) and timeout reach the waypoint.
+    #[test]
+    fn otlp_http_headers_and_timeout() {
+        let provider = |yaml: &str| -> super::ExtensionProvider { serde_yaml_ng::from_str(yaml).unwrap() };
+        let otel = super::collector(&provider(
+            "{name: otel, opentelemetry: {service: otel.o.svc.cluster.local, port: 4318, http: {path: /v1/traces, \
+             timeout: 3s, headers: [{name: x-tenant, value: blue}, {name: authorization, envName: OTEL_TOKEN}]}}}",
+        ))
+        .unwrap();
+        assert_eq!(otel.timeout_ms, 3000);
+        let headers: Vec<(&str, &str, &str)> =
+            otel.headers.iter().map(|h| (h.name.as_str(), h.value.as_str(), h.env_name.as_str())).collect();
+        assert_eq!(headers, [("x-tenant", "blue", ""), ("authorization", "", "OTEL_TOKEN")]);
+        let grpc =
+            super::collector(&provider("{name: g, opentelemetry: {service: otel.o.svc.cluster.local, port: 4317}}"));
+        let grpc = grpc.unwrap();
+        assert!(grpc.headers.is_empty() && grpc.timeout_ms == 0);
+        let grpc = super::collector(&provider(
+            "{name: g, opentelemetry: {service: otel.o.svc.cluster.local, port: 4317, \
+             grpc: {timeout: 250ms, initialMetadata: [{name: x-tenant, value: blue}]}}}",
+        ))
+        .unwrap();
+        assert_eq!(
+            (grpc.timeout_ms, grpc.headers[0].name.as_str(), grpc.headers[0].value.as_str()),
+            (250, "x-tenant", "blue")
+        );
     }
 
     #[test]

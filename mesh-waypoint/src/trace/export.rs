@@ -58,7 +58,8 @@ pub(super) fn exporter(wp: &Arc<Waypoint>, c: &api::TraceCollector, service_name
                 .with_http_client(client())
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
                 .with_endpoint(url)
-                .with_timeout(EXPORT_TIMEOUT)
+                .with_headers(headers(c))
+                .with_timeout(timeout(c))
                 .build()
                 .map_err(|e| e.to_string())?,
         ),
@@ -66,12 +67,45 @@ pub(super) fn exporter(wp: &Arc<Waypoint>, c: &api::TraceCollector, service_name
             opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_channel(grpc_channel(wp, c)?)
-                .with_timeout(EXPORT_TIMEOUT)
+                .with_metadata(metadata(c)?)
+                .with_timeout(timeout(c))
                 .build()
                 .map_err(|e| e.to_string())?,
         ),
     };
     Ok(OnRuntime { inner: Arc::new(inner), runtime })
+}
+
+/// The provider's `http.timeout`, else [`EXPORT_TIMEOUT`].
+fn timeout(c: &api::TraceCollector) -> std::time::Duration {
+    match c.timeout_ms {
+        0 => EXPORT_TIMEOUT,
+        ms => std::time::Duration::from_millis(u64::from(ms)),
+    }
+}
+
+/// The provider's `http.headers`: a value, or this process's environment
+/// variable `envName` (a header whose variable is unset is not sent).
+fn headers(c: &api::TraceCollector) -> std::collections::HashMap<String, String> {
+    c.headers
+        .iter()
+        .filter_map(|h| match h.env_name.as_str() {
+            "" => Some((h.name.clone(), h.value.clone())),
+            var => std::env::var(var).ok().map(|v| (h.name.clone(), v)),
+        })
+        .collect()
+}
+
+/// The headers as gRPC's initial metadata.
+fn metadata(c: &api::TraceCollector) -> Result<tonic::metadata::MetadataMap, String> {
+    let mut m = tonic::metadata::MetadataMap::new();
+    for (name, value) in headers(c) {
+        let key = tonic::metadata::MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())
+            .map_err(|_| format!("{name:?} is not a metadata name"))?;
+        let value = value.parse().map_err(|_| format!("the value of {name:?} is not a metadata value"))?;
+        m.insert(key, value);
+    }
+    Ok(m)
 }
 
 #[allow(deprecated)]
@@ -123,7 +157,7 @@ impl SpanExporter for OnRuntime {
 fn grpc_channel(wp: &Arc<Waypoint>, c: &api::TraceCollector) -> Result<tonic::transport::Channel, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}:{}", c.host, c.port))
         .map_err(|e| e.to_string())?
-        .timeout(EXPORT_TIMEOUT);
+        .timeout(timeout(c));
     let (wp, c) = (Arc::downgrade(wp), c.clone());
     let connect = tower::service_fn(move |_: Uri| {
         let (wp, c) = (wp.clone(), c.clone());
@@ -163,7 +197,7 @@ impl HttpClient for CollectorClient {
             Some(name) => request.map(|b| mend_zipkin(b, name)),
             None => request,
         };
-        match tokio::time::timeout(EXPORT_TIMEOUT, post(&wp, &self.collector, request)).await {
+        match tokio::time::timeout(timeout(&self.collector), post(&wp, &self.collector, request)).await {
             Ok(r) => r.map_err(HttpError::from),
             Err(_) => Err("collector timed out".into()),
         }
